@@ -1,0 +1,51 @@
+# secfed — every target sets up what it needs on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: all venv test test-slow lint bench demo utility clean browser
+
+all: test
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first and pinned: the CPU wheel on this machine's disk; an unpinned torch pulls CUDA.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,bench]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check secfed crypto cli tests bench
+	$(BIN)/lint-imports
+	$(BIN)/mypy crypto
+
+test: lint
+	$(BIN)/python -c "import secfed.crypto, sys; assert 'torch' not in sys.modules, 'secfed.crypto imported torch'"
+	$(BIN)/pytest -m "not slow" -q -p no:cacheprovider --timeout=900
+
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test-slow: $(STAMP) browser
+	$(BIN)/pytest -m "slow" -q -p no:cacheprovider --timeout=3600
+
+bench: $(STAMP)
+	$(BIN)/python bench/keystream.py
+
+demo: $(STAMP)
+	$(BIN)/secfed demo run --out demo-out
+
+utility: $(STAMP)
+	$(BIN)/python bench/utility.py
+
+clean:
+	rm -rf demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,203 @@
+"""Key agreement (X25519), identities (Ed25519) and labelled key derivation (HKDF-SHA256).
+
+Sharp layer: no protocol logic. Every derived key uses ``HKDF(salt=session_id,
+info=b"secfed/v1/<purpose>" + context)``; the purposes are the constants below, one per use.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature as _PycaInvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from secfed.crypto.errors import ConfigError, CryptoError, InvalidSignature
+
+__all__ = [
+    "LABEL_PAIRWISE_MASK",
+    "LABEL_SHARE_ENCRYPTION",
+    "LABEL_SELF_MASK",
+    "LABEL_NOISE",
+    "LABEL_LEDGER",
+    "LABELS",
+    "KEY_BYTES",
+    "X25519KeyPair",
+    "IdentityKey",
+    "agree",
+    "hkdf",
+    "derive_key",
+    "verify_signature",
+    "constant_time_equal",
+]
+
+KEY_BYTES = 32  # X25519 / Ed25519 raw key size and every derived key (AES-256).
+
+# One HKDF info label per purpose (CONVENTIONS.md: "key derivation is labelled").
+LABEL_PAIRWISE_MASK = b"secfed/v1/pairwise-mask"  # seed of the AES-CTR pairwise mask
+LABEL_SHARE_ENCRYPTION = b"secfed/v1/share-encryption"  # AES-GCM key for Shamir shares
+LABEL_SELF_MASK = b"secfed/v1/self-mask"  # expansion of a self-mask seed
+LABEL_NOISE = b"secfed/v1/noise"  # distributed-DP noise stream (reserved)
+LABEL_LEDGER = b"secfed/v1/ledger"  # ledger entry signatures (domain separation)
+LABELS = frozenset(
+    {LABEL_PAIRWISE_MASK, LABEL_SHARE_ENCRYPTION, LABEL_SELF_MASK, LABEL_NOISE, LABEL_LEDGER}
+)
+
+
+def _check_len(name: str, value: bytes, expected: int) -> None:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise ConfigError(f"{name} must be bytes (got {type(value).__name__})")
+    if len(value) != expected:
+        raise ConfigError(f"{name} must be {expected} bytes (got {len(value)})")
+
+
+@dataclass(frozen=True, slots=True)
+class X25519KeyPair:
+    """An ephemeral X25519 key pair (fresh per session; never persisted by the protocol)."""
+
+    private: X25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> X25519KeyPair:
+        """A new key pair from the OS CSPRNG."""
+        return cls(X25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> X25519KeyPair:
+        """Rebuild from the 32-byte raw private key (for Shamir recovery and test vectors)."""
+        _check_len("x25519 private key", raw, KEY_BYTES)
+        return cls(X25519PrivateKey.from_private_bytes(bytes(raw)))
+
+    def private_bytes(self) -> bytes:
+        """The raw 32-byte private key. Secret: never log it."""
+        return self.private.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
+    def public_bytes(self) -> bytes:
+        """The raw 32-byte public key."""
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"X25519KeyPair(public={self.public_bytes().hex()[:16]}...)"
+
+
+def agree(private: X25519KeyPair, peer_public: bytes) -> bytes:
+    """X25519 shared secret with ``peer_public`` (raw 32 bytes).
+
+    Raises:
+        ConfigError: ``peer_public`` is not 32 bytes.
+        CryptoError: the agreement yields the all-zero secret (small-order point).
+    """
+    _check_len("peer public key", peer_public, KEY_BYTES)
+    try:
+        shared = private.private.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
+    except ValueError as exc:  # pyca raises on an all-zero shared secret
+        raise CryptoError("x25519 agreement rejected a small-order public key") from exc
+    return shared
+
+
+def hkdf(ikm: bytes, *, salt: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
+    """HKDF-SHA256 (RFC 5869) extract-and-expand."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def derive_key(
+    shared_secret: bytes,
+    *,
+    session_id: bytes,
+    purpose: bytes,
+    context: bytes = b"",
+    length: int = KEY_BYTES,
+) -> bytes:
+    """A key for one ``purpose`` (a ``LABEL_*`` constant) bound to ``session_id`` and ``context``.
+
+    Raises:
+        ConfigError: ``purpose`` is not one of the registered labels or session id is empty.
+    """
+    if purpose not in LABELS:
+        raise ConfigError(f"purpose must be one of the registered secfed/v1 labels (got {purpose!r})")
+    if not session_id:
+        raise ConfigError("session_id must be non-empty (it salts every derived key)")
+    return hkdf(shared_secret, salt=session_id, info=purpose + context, length=length)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityKey:
+    """A long-term Ed25519 identity (an enterprise's or the coordinator's), pinned in the roster."""
+
+    private: Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> IdentityKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> IdentityKey:
+        _check_len("ed25519 private key", raw, KEY_BYTES)
+        return cls(Ed25519PrivateKey.from_private_bytes(bytes(raw)))
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> IdentityKey:
+        """Load a PKCS#8 PEM private key (unencrypted, as written to a startup kit)."""
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError("identity key file is not an unencrypted PKCS#8 PEM key") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"identity key must be Ed25519 (got {type(key).__name__})")
+        return cls(key)
+
+    def to_pem(self) -> bytes:
+        return self.private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def private_bytes(self) -> bytes:
+        return self.private.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
+    def public_bytes(self) -> bytes:
+        """The raw 32-byte public key (what the roster pins)."""
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def sign(self, message: bytes) -> bytes:
+        """A 64-byte Ed25519 signature over ``message``."""
+        return self.private.sign(bytes(message))
+
+    def __repr__(self) -> str:
+        return f"IdentityKey(public={self.public_bytes().hex()[:16]}...)"
+
+
+def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> None:
+    """Verify an Ed25519 signature; returns ``None`` or raises.
+
+    Raises:
+        InvalidSignature: for any failure (bad key encoding, bad length, wrong signature) --
+            one opaque error at the trust boundary.
+    """
+    try:
+        if len(public_key) != KEY_BYTES or len(signature) != 64:
+            raise InvalidSignature()
+        Ed25519PublicKey.from_public_bytes(bytes(public_key)).verify(bytes(signature), bytes(message))
+    except (_PycaInvalidSignature, ValueError, TypeError) as exc:
+        raise InvalidSignature() from exc
+
+
+def constant_time_equal(a: bytes, b: bytes) -> bool:
+    """Compare two secrets (or MACs, hashes of secrets) in constant time."""
+    return hmac.compare_digest(bytes(a), bytes(b))

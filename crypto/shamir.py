@@ -1,0 +1,128 @@
+"""Shamir secret sharing of 32-byte secrets, t-of-n, over the prime field GF(2^256 + 297).
+
+Sharp layer. The prime exceeds 2^256 so any 32-byte seed or X25519 private key is a single
+field element; share indices are x = 1..n. Coefficients come from :mod:`secrets` (OS CSPRNG).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from secfed.crypto.errors import ShamirError
+
+__all__ = [
+    "PRIME",
+    "SECRET_BYTES",
+    "SHARE_Y_BYTES",
+    "MAX_SHARES",
+    "Share",
+    "split_secret",
+    "combine_shares",
+    "split_int",
+    "combine_int",
+]
+
+PRIME = 2**256 + 297  # smallest prime above 2^256 (checked in tests/crypto/test_shamir.py)
+SECRET_BYTES = 32
+SHARE_Y_BYTES = 33  # y < PRIME < 2^264
+MAX_SHARES = 65535  # x fits the 2-byte wire field
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """One share: the evaluation point ``x`` (1..n) and ``y = f(x)`` in GF(PRIME)."""
+
+    x: int
+    y: int
+
+    def to_bytes(self) -> bytes:
+        """2-byte big-endian x then 33-byte big-endian y."""
+        return self.x.to_bytes(2, "big") + self.y.to_bytes(SHARE_Y_BYTES, "big")
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Share:
+        """Parse :meth:`to_bytes` output. Raises ShamirError on a bad length or range."""
+        if len(raw) != 2 + SHARE_Y_BYTES:
+            raise ShamirError(f"share must be {2 + SHARE_Y_BYTES} bytes (got {len(raw)})")
+        x = int.from_bytes(raw[:2], "big")
+        y = int.from_bytes(raw[2:], "big")
+        if not 1 <= x <= MAX_SHARES or y >= PRIME:
+            raise ShamirError(f"share index must be in [1, {MAX_SHARES}] and value below the prime (got x={x})")
+        return cls(x, y)
+
+    def __repr__(self) -> str:  # a share is secret material
+        return f"Share(x={self.x}, y=<redacted>)"
+
+
+def _check_params(threshold: int, n_shares: int) -> None:
+    if not 1 <= n_shares <= MAX_SHARES:
+        raise ShamirError(f"n_shares must be in [1, {MAX_SHARES}] (got {n_shares})")
+    if not 1 <= threshold <= n_shares:
+        raise ShamirError(f"threshold must be in [1, {n_shares}] (got {threshold})")
+
+
+def split_int(secret: int, *, threshold: int, n_shares: int, prime: int = PRIME) -> list[Share]:
+    """Split a field element into ``n_shares`` shares, any ``threshold`` of which reconstruct it."""
+    _check_params(threshold, n_shares)
+    if not 0 <= secret < prime:
+        raise ShamirError("secret must be a field element (0 <= s < prime)")
+    coeffs = [secret] + [secrets.randbelow(prime) for _ in range(threshold - 1)]
+    shares = []
+    for x in range(1, n_shares + 1):
+        y = 0
+        for c in reversed(coeffs):  # Horner
+            y = (y * x + c) % prime
+        shares.append(Share(x, y))
+    return shares
+
+
+def combine_int(shares: Sequence[Share], *, threshold: int, prime: int = PRIME) -> int:
+    """Lagrange-interpolate f(0) from the first ``threshold`` of ``shares``.
+
+    Raises:
+        ShamirError: fewer than ``threshold`` shares, duplicate or out-of-range indices.
+    """
+    if threshold < 1:
+        raise ShamirError(f"threshold must be >= 1 (got {threshold})")
+    if len(shares) < threshold:
+        raise ShamirError(f"need {threshold} shares to reconstruct (got {len(shares)})")
+    xs = [s.x for s in shares]
+    if len(set(xs)) != len(xs):
+        raise ShamirError("duplicate share indices")
+    for s in shares:
+        if not 1 <= s.x < prime or not 1 <= s.x <= MAX_SHARES:
+            raise ShamirError(f"share index must be in [1, {MAX_SHARES}] (got {s.x})")
+        if not 0 <= s.y < prime:
+            raise ShamirError("share value is not a field element")
+    use = shares[:threshold]
+    secret = 0
+    for i, si in enumerate(use):
+        num, den = 1, 1
+        for j, sj in enumerate(use):
+            if i != j:
+                num = (num * -sj.x) % prime
+                den = (den * (si.x - sj.x)) % prime
+        secret = (secret + si.y * num * pow(den, -1, prime)) % prime
+    return secret
+
+
+def split_secret(secret: bytes, *, threshold: int, n_shares: int) -> list[Share]:
+    """Split a 32-byte secret (a seed or a private key) t-of-n."""
+    if not isinstance(secret, bytes | bytearray) or len(secret) != SECRET_BYTES:
+        raise ShamirError(f"secret must be {SECRET_BYTES} bytes")
+    return split_int(int.from_bytes(secret, "big"), threshold=threshold, n_shares=n_shares)
+
+
+def combine_shares(shares: Sequence[Share], *, threshold: int) -> bytes:
+    """Reconstruct a 32-byte secret from ``threshold`` shares.
+
+    Raises:
+        ShamirError: too few / duplicate / out-of-range shares, or shares that are not of one
+            32-byte secret (the interpolated value does not fit in 32 bytes).
+    """
+    value = combine_int(shares, threshold=threshold)
+    if value >= 2 ** (8 * SECRET_BYTES):
+        raise ShamirError("shares are inconsistent: reconstructed value is not a 32-byte secret")
+    return value.to_bytes(SECRET_BYTES, "big")
