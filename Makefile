@@ -24,8 +24,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check secfed crypto cli tests bench
-	$(BIN)/lint-imports
+	$(BIN)/ruff check secfed crypto cli tests bench tools
+	$(BIN)/python tools/check_layers.py
 	$(BIN)/mypy crypto
 
 test: lint

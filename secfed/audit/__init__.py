@@ -1,0 +1,1 @@
+"""Privacy-budget audit reports (HTML + JSON + PNG), independently re-verified."""

@@ -1,0 +1,1 @@
+"""Multimodal (image + text + label) datasets, partitioning and data-quality checks."""

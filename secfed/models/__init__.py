@@ -1,0 +1,1 @@
+"""Load Hugging Face models from local directories, attach LoRA, adapter <-> flat vector."""

@@ -1,0 +1,1 @@
+"""The enterprise side of a federation: the ``secfed join`` loop."""

@@ -1,0 +1,1 @@
+"""Differential-privacy accounting, the per-enterprise privacy ledger, budgets, distributed DP."""

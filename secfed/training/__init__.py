@@ -1,0 +1,1 @@
+"""Local fine-tuning of LoRA adapters with Opacus DP-SGD."""

@@ -1,0 +1,1 @@
+"""HTTPS transport with mutual TLS: the only place in secfed that opens sockets."""
