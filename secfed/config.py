@@ -1,0 +1,420 @@
+"""Federation settings: ``federation.toml`` and each site's ``site.toml`` <-> validated models.
+
+The federation file is shared by every party (roster with pinned identity keys, coordinator URL,
+round schedule, threshold, deadlines, DP settings). The site policy lives only in an enterprise's
+own kit; it is the data owner's floor, and no round spec from the coordinator can weaken it
+(:meth:`SitePolicy.check_round`).
+
+Reading uses :mod:`tomllib`; writing uses the small explicit writer :func:`dump_toml` (strings,
+numbers, booleans, lists of scalars, tables and arrays of tables -- all this file needs).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from secfed.crypto.errors import BudgetExceeded, ConfigError
+
+__all__ = [
+    "AggregationMode",
+    "MODES",
+    "RosterEntry",
+    "Deadlines",
+    "DPSettings",
+    "ModelSettings",
+    "FederationConfig",
+    "SitePolicy",
+    "RoundTerms",
+    "default_threshold",
+    "load_federation",
+    "validated",
+    "load_site_policy",
+    "dump_toml",
+    "federation_to_toml",
+    "site_policy_to_toml",
+]
+
+AggregationMode = Literal["secagg", "secagg+", "ckks"]
+MODES: tuple[str, ...] = ("secagg", "secagg+", "ckks")
+ENTERPRISE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # also a DNS label: CN/SAN of its cert
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def default_threshold(n: int) -> int:
+    """t = floor(2n/3) + 1, at least 2 (DESIGN.md: tolerates a malicious coordinator)."""
+    return max(2, (2 * n) // 3 + 1)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RosterEntry(_Frozen):
+    """One enterprise: its id (= TLS client-certificate CN) and pinned Ed25519 public key."""
+
+    id: str
+    identity_public_key: str = Field(description="Ed25519 public key, 64 lowercase hex digits")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not ENTERPRISE_ID.match(v):
+            raise ValueError(f"must match {ENTERPRISE_ID.pattern} (got {v!r})")
+        return v
+
+    @field_validator("identity_public_key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        if not _HEX64.match(v):
+            raise ValueError(f"must be 64 lowercase hex digits (got {len(v)} characters)")
+        return v
+
+    def public_key_bytes(self) -> bytes:
+        return bytes.fromhex(self.identity_public_key)
+
+
+class Deadlines(_Frozen):
+    """Per-stage deadlines in seconds, measured from the moment the coordinator opens a stage."""
+
+    train: float = Field(600.0, gt=0, description="first stage of a round: covers local training")
+    stage: float = Field(60.0, gt=0, description="every later protocol stage")
+    applied: float = Field(60.0, gt=0, description="signed new-global-hash confirmations")
+    between_rounds: float = Field(0.0, ge=0, description="pause before opening the next round")
+
+
+class DPSettings(_Frozen):
+    """Record-level DP-SGD settings every site trains with (its own policy may be stricter)."""
+
+    max_grad_norm: float = Field(1.0, gt=0)
+    sample_rate: float = Field(0.05, gt=0, le=1)
+    local_steps: int = Field(20, ge=1)
+    learning_rate: float = Field(0.05, gt=0)
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="sigma; None = calibrated once for the planned horizon"
+    )
+    target_epsilon: float = Field(8.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
+class ModelSettings(_Frozen):
+    """What the coordinator needs to know about the shared adapter (never its values)."""
+
+    vector_length: int = Field(ge=1)
+    initial_global_hash: str = Field(description="adapter hash every site starts from (hex)")
+    scale_bits: int = Field(24, ge=8, le=40)
+    ring_bits: Literal[32, 64] = 64
+    clip_bound: float = Field(8.0, gt=0, description="|delta_i| bound assumed by the encoding")
+
+
+class FederationConfig(_Frozen):
+    """The shared federation settings (``federation.toml``)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    coordinator_url: str
+    roster: tuple[RosterEntry, ...]
+    rounds: int = Field(4, ge=1, le=100_000)
+    mode_schedule: tuple[AggregationMode, ...] = ("secagg",)
+    threshold: int
+    min_participants: int
+    neighbours: int = Field(0, ge=0, description="secagg+ graph degree; 0 = protocol default")
+    deadlines: Deadlines = Deadlines()
+    dp: DPSettings = DPSettings()
+    model: ModelSettings
+
+    @field_validator("coordinator_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https://[A-Za-z0-9.\-\[\]:]+:\d{1,5}/?$", v):
+            raise ValueError(f"must be https://HOST:PORT (got {v!r})")
+        return v.rstrip("/")
+
+    @field_validator("mode_schedule")
+    @classmethod
+    def _schedule(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must name at least one mode (got an empty list)")
+        return v
+
+    @model_validator(mode="after")
+    def _counts(self) -> FederationConfig:
+        n = len(self.roster)
+        ids = [e.id for e in self.roster]
+        if n < 2:
+            raise ValueError(f"roster must list at least 2 enterprises (got {n})")
+        if len(set(ids)) != n:
+            raise ValueError(f"roster ids must be unique (got {ids})")
+        if len({e.identity_public_key for e in self.roster}) != n:
+            raise ValueError("roster identity_public_key values must be unique")
+        if not 2 <= self.threshold <= n:
+            raise ValueError(f"threshold must be in [2, {n}] (got {self.threshold})")
+        if not self.threshold <= self.min_participants <= n:
+            raise ValueError(
+                f"min_participants must be in [threshold={self.threshold}, {n}] "
+                f"(got {self.min_participants})"
+            )
+        return self
+
+    def mode_for_round(self, round_number: int) -> str:
+        """Aggregation mode of round ``round_number`` (1-based); the schedule repeats."""
+        if round_number < 1:
+            raise ConfigError(f"round_number must be >= 1 (got {round_number})")
+        return self.mode_schedule[(round_number - 1) % len(self.mode_schedule)]
+
+    def enterprise_ids(self) -> tuple[str, ...]:
+        return tuple(e.id for e in self.roster)
+
+    def public_key_of(self, enterprise_id: str) -> bytes:
+        for e in self.roster:
+            if e.id == enterprise_id:
+                return e.public_key_bytes()
+        raise ConfigError(f"enterprise id must be on the roster (got {enterprise_id!r})")
+
+
+class RoundTerms(_Frozen):
+    """The terms a round asks of a site, checked against its policy before any secret exists."""
+
+    round_number: int = Field(ge=1)
+    mode: AggregationMode
+    participants: tuple[str, ...]
+    threshold: int
+    min_participants: int
+    noise_multiplier: float = Field(gt=0)
+    sample_rate: float = Field(gt=0, le=1)
+    local_steps: int = Field(ge=1)
+    max_grad_norm: float = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+
+
+class SitePolicy(_Frozen):
+    """An enterprise's own floor (``site.toml``, only in its kit)."""
+
+    enterprise_id: str
+    budget_epsilon: float = Field(8.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    min_noise_multiplier: float = Field(0.5, gt=0)
+    allowed_modes: tuple[AggregationMode, ...] = ("secagg", "secagg+", "ckks")
+    min_threshold: int = Field(2, ge=2)
+    min_participants: int = Field(2, ge=2)
+
+    def check_round(self, terms: RoundTerms, *, roster: tuple[str, ...]) -> None:
+        """Refuse a round whose terms are weaker than this site's policy.
+
+        Raises:
+            ConfigError: naming the field, the rule and the value the round asked for.
+        """
+        if self.enterprise_id not in terms.participants:
+            raise ConfigError(
+                f"participants must include {self.enterprise_id!r} (got {list(terms.participants)})"
+            )
+        unknown = sorted(set(terms.participants) - set(roster))
+        if unknown:
+            raise ConfigError(f"participants must all be on the pinned roster (got {unknown})")
+        if len(set(terms.participants)) != len(terms.participants):
+            raise ConfigError(f"participants must be unique (got {list(terms.participants)})")
+        if terms.mode not in self.allowed_modes:
+            raise ConfigError(
+                f"mode must be one of {list(self.allowed_modes)} by site policy (got {terms.mode!r})"
+            )
+        floor_t = max(self.min_threshold, 2)
+        if terms.threshold < floor_t or terms.threshold > len(terms.participants):
+            raise ConfigError(
+                f"threshold must be in [{floor_t}, {len(terms.participants)}] by site policy "
+                f"(got {terms.threshold})"
+            )
+        if terms.min_participants < self.min_participants:
+            raise ConfigError(
+                f"min_participants must be >= {self.min_participants} by site policy "
+                f"(got {terms.min_participants})"
+            )
+        if len(terms.participants) < self.min_participants:
+            raise ConfigError(
+                f"number of participants must be >= {self.min_participants} by site policy "
+                f"(got {len(terms.participants)})"
+            )
+        if terms.noise_multiplier < self.min_noise_multiplier:
+            raise ConfigError(
+                f"noise_multiplier must be >= {self.min_noise_multiplier} by site policy "
+                f"(got {terms.noise_multiplier})"
+            )
+        if terms.delta > self.delta:
+            raise ConfigError(f"delta must be <= {self.delta} by site policy (got {terms.delta})")
+
+    def check_budget(self, *, spent_epsilon: float, round_epsilon_after: float) -> None:
+        """Refuse a round that would take this site past its own budget.
+
+        Raises:
+            BudgetExceeded: naming spent, after-round and budget epsilon.
+        """
+        if not math.isfinite(round_epsilon_after) or round_epsilon_after > self.budget_epsilon:
+            raise BudgetExceeded(
+                f"epsilon after this round must be <= budget {self.budget_epsilon} "
+                f"(spent {spent_epsilon:.4f}, would reach {round_epsilon_after:.4f})"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _validation_message(source: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        parts.append(f"{loc}: {e['msg']}{got_s}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file must exist (not found)") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: must be valid TOML ({exc})") from exc
+
+
+def federation_from_mapping(data: Mapping[str, Any], *, source: str = "federation") -> FederationConfig:
+    """Validate the parsed ``federation.toml`` structure."""
+    body = dict(data.get("federation", {}))
+    for table in ("deadlines", "dp", "model"):
+        if table in data:
+            body[table] = data[table]
+    if "roster" in data:
+        body["roster"] = data["roster"]
+    unknown = set(data) - {"federation", "deadlines", "dp", "model", "roster"}
+    if unknown:
+        raise ConfigError(f"{source}: top-level tables must be known (got {sorted(unknown)})")
+    try:
+        return FederationConfig.model_validate(body)
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(source, exc)) from None
+
+
+def validated(model: type[_M], /, **fields: Any) -> _M:
+    """Build a settings model, turning validation failures into :class:`ConfigError`."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(model.__name__, exc)) from None
+
+
+def load_federation(path: str | Path) -> FederationConfig:
+    """Read and validate ``federation.toml``.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or a field breaks a rule.
+    """
+    p = Path(path)
+    return federation_from_mapping(_read_toml(p), source=str(p))
+
+
+def load_site_policy(path: str | Path) -> SitePolicy:
+    """Read and validate an enterprise's ``site.toml`` (table ``[policy]``).
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or a field breaks a rule.
+    """
+    p = Path(path)
+    data = _read_toml(p)
+    try:
+        return SitePolicy.model_validate(data.get("policy", {}))
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(str(p), exc)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _toml_key(key: str) -> str:
+    return key if re.match(r"^[A-Za-z0-9_-]+$", key) else _toml_scalar(key)
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"TOML values must be finite numbers (got {value})")
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        if any(ord(c) < 0x20 for c in escaped):
+            raise ConfigError(f"TOML strings must not hold control characters (got {value!r})")
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
+    raise ConfigError(f"TOML value must be str/int/float/bool/list (got {type(value).__name__})")
+
+
+def dump_toml(doc: Mapping[str, Any]) -> str:
+    """Write a two-level document: top-level scalars, tables of scalars, arrays of tables."""
+    lines: list[str] = []
+    tables: list[tuple[str, Mapping[str, Any]]] = []
+    arrays: list[tuple[str, list[Mapping[str, Any]]]] = []
+    for key, value in doc.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            tables.append((key, value))
+        elif isinstance(value, list | tuple) and value and isinstance(value[0], Mapping):
+            arrays.append((key, list(value)))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_scalar(value)}")
+    for name, table in tables:
+        lines += ["", f"[{_toml_key(name)}]"]
+        lines += [f"{_toml_key(k)} = {_toml_scalar(v)}" for k, v in table.items() if v is not None]
+    for name, items in arrays:
+        for item in items:
+            lines += ["", f"[[{_toml_key(name)}]]"]
+            lines += [f"{_toml_key(k)} = {_toml_scalar(v)}" for k, v in item.items() if v is not None]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def federation_to_toml(cfg: FederationConfig) -> str:
+    """The ``federation.toml`` text for ``cfg`` (round-trips through :func:`load_federation`)."""
+    data = cfg.model_dump(mode="json")
+    federation = {
+        k: data[k]
+        for k in (
+            "name",
+            "coordinator_url",
+            "rounds",
+            "mode_schedule",
+            "threshold",
+            "min_participants",
+            "neighbours",
+        )
+    }
+    doc = {
+        "federation": federation,
+        "deadlines": data["deadlines"],
+        "dp": data["dp"],
+        "model": data["model"],
+        "roster": data["roster"],
+    }
+    return "# secfed federation settings (shared by every party)\n" + dump_toml(doc)
+
+
+def site_policy_to_toml(policy: SitePolicy) -> str:
+    """The ``site.toml`` text for ``policy``."""
+    return (
+        "# this site's own privacy floor: no round spec from the coordinator can weaken it\n"
+        + dump_toml({"policy": policy.model_dump(mode="json")})
+    )

@@ -1,0 +1,256 @@
+"""What the ``join`` loop trains and updates: the local site's adapter.
+
+:class:`LocalSite` is the small interface the loop needs (current global adapter, train one
+round with DP, apply an aggregate, evaluate). :class:`ModelSite` is the real one (a LoRA
+classifier from a model directory, DP-SGD from :mod:`secfed.training`); :class:`SyntheticSite`
+stands in for it in transport tests and benchmarks: its "update" is a deterministic vector per
+(enterprise, round), so a test can recompute the plaintext FedAvg independently.
+
+The current global adapter is kept on disk (``<kit>/adapter.f32`` + its hash) so a restarted
+participant continues from the last applied round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from secfed.config import ModelSettings, RoundTerms
+from secfed.crypto.errors import ConfigError, ModelError
+
+__all__ = [
+    "TrainOutcome",
+    "LocalSite",
+    "SyntheticSite",
+    "ModelSite",
+    "synthetic_update",
+    "synthetic_layout_digest",
+    "vector_hash",
+    "model_settings_for",
+]
+
+SYNTHETIC_LABEL = b"secfed/v1/synthetic-layout"
+SYNTHETIC_AMPLITUDE = 0.5  # |synthetic delta| < 0.5: well inside the default clip bound of 8
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """One round of local training: the update and the DP mechanism that produced it."""
+
+    delta: np.ndarray  # float32, layout order
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    metrics: dict[str, float]
+
+
+class LocalSite(Protocol):
+    """The join loop's view of the local model."""
+
+    def global_vector(self) -> np.ndarray: ...
+    def global_hash(self) -> str: ...
+    def train(self, terms: RoundTerms) -> TrainOutcome: ...
+    def apply(self, new_global: np.ndarray) -> str: ...
+    def evaluate(self) -> dict[str, float]: ...
+
+
+def vector_hash(layout_digest: bytes, vec: np.ndarray) -> str:
+    """Hex SHA-256 over the layout digest and the little-endian float32 bytes (CONTRACTS.md)."""
+    h = hashlib.sha256(layout_digest)
+    h.update(np.ascontiguousarray(vec, dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+def synthetic_layout_digest(dim: int) -> bytes:
+    return hashlib.sha256(SYNTHETIC_LABEL + dim.to_bytes(8, "big")).digest()
+
+
+def synthetic_update(enterprise_id: str, round_number: int, dim: int) -> np.ndarray:
+    """Deterministic test update (not a secret: numpy's generator is fine for test data)."""
+    seed = int.from_bytes(
+        hashlib.sha256(f"{enterprise_id}/{round_number}".encode()).digest()[:8], "big"
+    )
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-SYNTHETIC_AMPLITUDE, SYNTHETIC_AMPLITUDE, dim).astype(np.float32)
+
+
+class _StoredAdapter:
+    """The global adapter vector persisted in the kit (atomic replace)."""
+
+    def __init__(self, root: Path, layout_digest: bytes, initial: np.ndarray, initial_hash: str):
+        self._path = root / "adapter.f32"
+        self._meta = root / "adapter.json"
+        self._digest = layout_digest
+        if self._path.is_file() and self._meta.is_file():
+            vec = np.fromfile(self._path, dtype="<f4")
+            meta = json.loads(self._meta.read_text())
+            if vector_hash(layout_digest, vec) != meta.get("hash"):
+                raise ModelError(f"{self._path}: stored adapter must match its recorded hash")
+            self.vector = vec.astype(np.float32)
+            self.applied_round = int(meta.get("round", 0))
+        else:
+            if vector_hash(layout_digest, initial) != initial_hash:
+                raise ConfigError(
+                    "model.initial_global_hash must equal the local model's adapter hash "
+                    "(the kit was made for another model)"
+                )
+            self.vector = initial.astype(np.float32)
+            self.applied_round = 0
+
+    def hash(self) -> str:
+        return vector_hash(self._digest, self.vector)
+
+    def store(self, vec: np.ndarray, round_number: int) -> str:
+        vec = np.ascontiguousarray(vec, dtype="<f4")
+        tmp = self._path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(vec.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._path)
+        self.vector = vec.astype(np.float32)
+        self.applied_round = round_number
+        digest = self.hash()
+        tmp_meta = self._meta.with_suffix(".tmp")
+        tmp_meta.write_text(json.dumps({"hash": digest, "round": round_number}))
+        os.replace(tmp_meta, self._meta)
+        return digest
+
+
+class SyntheticSite:
+    """A stand-in site for transport tests and benchmarks (no model, no data)."""
+
+    def __init__(self, kit_root: Path, enterprise_id: str, settings: ModelSettings):
+        self.enterprise_id = enterprise_id
+        dim = settings.vector_length
+        self._store = _StoredAdapter(
+            kit_root, synthetic_layout_digest(dim), np.zeros(dim, np.float32),
+            settings.initial_global_hash,
+        )
+
+    def global_vector(self) -> np.ndarray:
+        return self._store.vector
+
+    def global_hash(self) -> str:
+        return self._store.hash()
+
+    def train(self, terms: RoundTerms) -> TrainOutcome:
+        delta = synthetic_update(self.enterprise_id, terms.round_number, self._store.vector.size)
+        return TrainOutcome(delta, terms.noise_multiplier, terms.sample_rate, terms.local_steps, {})
+
+    def apply(self, new_global: np.ndarray, round_number: int = 0) -> str:
+        return self._store.store(new_global, round_number)
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+
+class ModelSite:
+    """The real site: a LoRA classifier from ``model_dir`` trained with DP-SGD on ``data_dir``."""
+
+    def __init__(
+        self,
+        kit_root: Path,
+        enterprise_id: str,
+        settings: ModelSettings,
+        *,
+        model_dir: Path,
+        data_dir: Path,
+        test_dir: Path | None = None,
+    ):
+        from secfed.data import load_dataset  # torch-heavy: import on use
+        from secfed.models import adapter_layout, get_flat, load_classifier
+
+        self.enterprise_id = enterprise_id
+        self.model, _info = load_classifier(model_dir)
+        self.layout = adapter_layout(self.model)
+        if self.layout.total != settings.vector_length:
+            raise ConfigError(
+                f"model.vector_length must equal the model's adapter size {self.layout.total} "
+                f"(got {settings.vector_length})"
+            )
+        self.dataset = load_dataset(data_dir, model_dir=model_dir)
+        self.test = load_dataset(test_dir, model_dir=model_dir) if test_dir else None
+        self._store = _StoredAdapter(
+            kit_root, self.layout.digest(), get_flat(self.model, self.layout),
+            settings.initial_global_hash,
+        )
+        self._set(self._store.vector)
+
+    def _set(self, vec: np.ndarray) -> None:
+        from secfed.models import set_flat
+
+        set_flat(self.model, self.layout, vec)
+
+    def global_vector(self) -> np.ndarray:
+        return self._store.vector
+
+    def global_hash(self) -> str:
+        return self._store.hash()
+
+    def train(self, terms: RoundTerms) -> TrainOutcome:
+        from secfed.training import DPConfig, train_local
+
+        self._set(self._store.vector)
+        config = DPConfig(
+            noise_multiplier=terms.noise_multiplier,
+            max_grad_norm=terms.max_grad_norm,
+            sample_rate=terms.sample_rate,
+            local_steps=terms.local_steps,
+            learning_rate=terms.learning_rate,
+        )
+        result = train_local(self.model, self.dataset, config=config)
+        self._set(self._store.vector)  # the update leaves only through the protocol
+        return TrainOutcome(
+            np.asarray(result.delta, dtype=np.float32),
+            float(result.noise_multiplier),
+            float(result.sample_rate),
+            int(result.steps),
+            {"train_loss": float(result.mean_loss)},
+        )
+
+    def apply(self, new_global: np.ndarray, round_number: int = 0) -> str:
+        digest = self._store.store(new_global, round_number)
+        self._set(self._store.vector)
+        return digest
+
+    def evaluate(self) -> dict[str, float]:
+        if self.test is None:
+            return {}
+        from secfed.training import evaluate
+
+        out = evaluate(self.model, self.test)
+        return {"accuracy": float(out["accuracy"]), "loss": float(out["loss"])}
+
+
+def model_settings_for(*, model_dir: Path | None, synthetic_dim: int | None) -> ModelSettings:
+    """The ``[model]`` table of a new federation, from a model directory or a synthetic size.
+
+    Raises:
+        ConfigError: neither or both given.
+    """
+    if (model_dir is None) == (synthetic_dim is None):
+        raise ConfigError("exactly one of --model and --synthetic-dim must be given (got "
+                          f"{'both' if model_dir else 'neither'})")
+    if synthetic_dim is not None:
+        if synthetic_dim < 1:
+            raise ConfigError(f"--synthetic-dim must be >= 1 (got {synthetic_dim})")
+        zeros = np.zeros(synthetic_dim, np.float32)
+        return ModelSettings(
+            vector_length=synthetic_dim,
+            initial_global_hash=vector_hash(synthetic_layout_digest(synthetic_dim), zeros),
+        )
+    from secfed.models import adapter_layout, get_flat, load_classifier
+
+    model, _ = load_classifier(model_dir)
+    layout = adapter_layout(model)
+    vec = get_flat(model, layout)
+    return ModelSettings(
+        vector_length=layout.total, initial_global_hash=vector_hash(layout.digest(), vec)
+    )
