@@ -1,1 +1,50 @@
 """Load Hugging Face models from local directories, attach LoRA, adapter <-> flat vector."""
+
+from secfed.models.adapter import (
+    AdapterLayout,
+    LayoutEntry,
+    adapter_hash,
+    adapter_layout,
+    get_flat,
+    set_flat,
+)
+from secfed.models.classifiers import (
+    ClassifierSpec,
+    FusionClassifier,
+    ImageClassifier,
+    TextClassifier,
+)
+from secfed.models.loading import load_tokenizer, load_tower, resolve_model_dir
+from secfed.models.lora import DEFAULT_TARGET_MODULES, LoraSettings, attach_lora, lora_targets
+from secfed.models.storage import (
+    ProcessorInfo,
+    build_classifier,
+    classifier_from_towers,
+    load_classifier,
+    save_classifier,
+)
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "AdapterLayout",
+    "ClassifierSpec",
+    "FusionClassifier",
+    "ImageClassifier",
+    "LayoutEntry",
+    "LoraSettings",
+    "ProcessorInfo",
+    "TextClassifier",
+    "adapter_hash",
+    "adapter_layout",
+    "attach_lora",
+    "build_classifier",
+    "classifier_from_towers",
+    "get_flat",
+    "load_classifier",
+    "load_tokenizer",
+    "load_tower",
+    "lora_targets",
+    "resolve_model_dir",
+    "save_classifier",
+    "set_flat",
+]
