@@ -1,0 +1,455 @@
+"""The coordinator's side of a round: pure state, no secrets, rebuildable from its transcript.
+
+``receive`` validates a message completely before it touches state, so a rejected message leaves
+the round unchanged. ``close_stage`` moves to the next stage and returns the per-recipient
+payloads; it raises :class:`ProtocolAbort` naming the stage and the counts when fewer parties
+than the round's quorum remain. Everything the coordinator learns it could publish: masked
+vectors, sealed shares, and at the end exactly the shares the unmasking needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from secfed.crypto.encoding import decode, ring_dtype
+from secfed.crypto.errors import (
+    CkksError,
+    MessageFormatError,
+    ProtocolAbort,
+    ProtocolError,
+    ShamirError,
+)
+from secfed.crypto.keys import (
+    LABEL_PAIRWISE_MASK,
+    LABEL_SELF_MASK,
+    X25519KeyPair,
+    agree,
+    derive_key,
+    verify_signature,
+)
+from secfed.crypto.masking import DEFAULT_WORKERS, apply_masks
+from secfed.crypto.shamir import Share, combine_shares
+from secfed.protocol.messages import (
+    SHARE_KIND_MASK_KEY,
+    SHARE_KIND_SELF_MASK,
+    AdvertiseKeys,
+    CkksAggregate,
+    CkksUpload,
+    ConsistencyRequest,
+    ConsistencySignature,
+    ForwardedShares,
+    KeyRoster,
+    MaskedAggregate,
+    MaskedUpload,
+    Message,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+    ciphertext_digest,
+    consistency_signed_bytes,
+    decode_message,
+)
+from secfed.protocol.participant import ring_bytes
+from secfed.protocol.spec import MASK_MODES, RoundSpec, Stage, neighbour_graph, session_id
+
+__all__ = ["CoordinatorRound", "CoordinatorResult", "SEALED_SHARE_BYTES"]
+
+SEALED_SHARE_BYTES = 12 + 70 + 16  # GCM nonce + two 35-byte shares + tag
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorResult:
+    """What the coordinator ends with.
+
+    Mask modes: ``aggregate`` (float64 sum) and ``ring_sum``. CKKS: ``ciphertexts`` (the
+    encrypted sum, which it cannot decrypt). ``ledger_heads`` maps each contributor to the
+    opaque ledger-head bytes of its upload (for the transcript).
+    """
+
+    survivors: tuple[str, ...]
+    aggregate: npt.NDArray[np.float64] | None
+    ring_sum: npt.NDArray[np.unsignedinteger] | None
+    ciphertexts: tuple[bytes, ...] | None
+    ledger_heads: Mapping[str, bytes]
+
+
+class CoordinatorRound:
+    """The coordinator of one round.
+
+    Args:
+        spec: the round.
+        roster: enterprise id -> pinned Ed25519 public key.
+        ckks_public_context: serialized public-only CKKS context (ckks mode).
+        workers: threads for mask removal.
+    """
+
+    def __init__(
+        self,
+        spec: RoundSpec,
+        *,
+        roster: Mapping[str, bytes],
+        ckks_public_context: bytes | None = None,
+        workers: int = DEFAULT_WORKERS,
+    ) -> None:
+        spec.validate()
+        missing = [p for p in spec.participants if p not in roster]
+        if missing:
+            raise ProtocolError(f"roster must pin every participant (missing {missing[:3]})")
+        if spec.mode == "ckks" and ckks_public_context is None:
+            raise ProtocolError("mode ckks needs the public CKKS context")
+        self.spec = spec
+        self._roster = dict(roster)
+        self._ckks_ctx = ckks_public_context
+        self._workers = workers
+        self.stage = Stage.ADVERTISE
+        self.records: list[tuple[str, str, bytes]] = []  # accepted (stage, sender, payload)
+        self._expected: frozenset[str] = frozenset(spec.participants)
+        self._adverts: dict[str, AdvertiseKeys] = {}
+        self._sid = b""
+        self._graph: dict[str, frozenset[str]] = {}
+        self._shares: dict[str, ShareKeys] = {}
+        self._u2: tuple[str, ...] = ()
+        self._acc: npt.NDArray[np.unsignedinteger] | None = None
+        self._uploaders: list[str] = []
+        self._heads: dict[str, bytes] = {}
+        self._ckks_uploads: dict[str, CkksUpload] = {}
+        self._survivors: tuple[str, ...] = ()
+        self._consistency: dict[str, bytes] = {}
+        self._asked: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._unmask: dict[str, UnmaskResponse] = {}
+        self._result: CoordinatorResult | None = None
+
+    # -- public API ---------------------------------------------------------------------------
+    @property
+    def session_id(self) -> bytes:
+        return self._sid
+
+    def expected(self) -> frozenset[str]:
+        """Who the current stage still waits for."""
+        return self._expected - self._received()
+
+    def complete(self) -> bool:
+        """True when everyone expected in this stage has been heard."""
+        return not self.expected()
+
+    def received(self) -> frozenset[str]:
+        """Who has sent an accepted message in the current stage."""
+        return self._received()
+
+    def receive(self, sender: str, payload: bytes) -> None:
+        """Validate and accept ``sender``'s message for the current stage.
+
+        Raises:
+            MessageFormatError: malformed bytes.
+            InvalidSignature: a signature did not verify against the pinned key.
+            ProtocolError: a well-formed message that must not be accepted now (wrong stage,
+                round, session, sender, duplicate). The state is unchanged in every case.
+        """
+        if self.stage in (Stage.DONE, Stage.ABORTED):
+            raise ProtocolError(f"round is {self.stage.value}; no message is accepted")
+        if sender not in self._expected:
+            raise ProtocolError(f"sender {sender!r} is not expected in stage {self.stage.value}")
+        if sender in self._received():
+            raise ProtocolError(f"sender {sender!r} already sent its {self.stage.value} message")
+        message = decode_message(payload)
+        if message.round_number != self.spec.round_number:
+            raise ProtocolError(
+                f"round_number must be {self.spec.round_number} (got {message.round_number}): "
+                "a message from another round is refused"
+            )
+        self._accept(sender, message)
+        self.records.append((self.stage.value, sender, bytes(payload)))
+
+    def close_stage(self) -> dict[str, bytes]:
+        """End the current stage; returns the next stage's payload for each recipient.
+
+        Raises:
+            ProtocolAbort: fewer parties than the quorum remain (names stage and counts).
+        """
+        stage = self.stage
+        try:
+            if stage is Stage.ADVERTISE:
+                return self._close_advertise()
+            if stage is Stage.SHARE:
+                return self._close_share()
+            if stage is Stage.UPLOAD:
+                return self._close_upload()
+            if stage is Stage.CONSISTENCY:
+                return self._close_consistency()
+            if stage is Stage.UNMASK:
+                return self._close_unmask()
+        except ProtocolAbort as exc:
+            self.stage = Stage.ABORTED
+            if exc.stage is None:
+                exc.stage = stage.value
+            raise
+        raise ProtocolError(f"no stage to close (stage is {stage.value})")
+
+    def result(self) -> CoordinatorResult:
+        if self._result is None:
+            raise ProtocolError(f"round is not done (stage is {self.stage.value})")
+        return self._result
+
+    @classmethod
+    def replay(
+        cls,
+        spec: RoundSpec,
+        *,
+        roster: Mapping[str, bytes],
+        records: Iterable[tuple[str, str, bytes]],
+        ckks_public_context: bytes | None = None,
+        workers: int = DEFAULT_WORKERS,
+    ) -> CoordinatorRound:
+        """Rebuild a coordinator after a crash from its accepted ``(stage, sender, payload)`` records."""
+        round_ = cls(spec, roster=roster, ckks_public_context=ckks_public_context, workers=workers)
+        for stage, sender, payload in records:
+            target = Stage(stage)
+            while round_.stage is not target:
+                if round_.stage in (Stage.DONE, Stage.ABORTED):
+                    raise ProtocolError(f"record for stage {stage} comes after the round ended")
+                round_.close_stage()
+            round_.receive(sender, payload)
+        return round_
+
+    # -- internals ----------------------------------------------------------------------------
+    def _received(self) -> frozenset[str]:
+        st = self.stage
+        if st is Stage.ADVERTISE:
+            return frozenset(self._adverts)
+        if st is Stage.SHARE:
+            return frozenset(self._shares)
+        if st is Stage.UPLOAD:
+            return frozenset(self._ckks_uploads if self.spec.mode == "ckks" else self._heads)
+        if st is Stage.CONSISTENCY:
+            return frozenset(self._consistency)
+        if st is Stage.UNMASK:
+            return frozenset(self._unmask)
+        return frozenset()
+
+    def _quorum(self, count: int, what: str) -> None:
+        if count < self.spec.quorum:
+            raise ProtocolAbort(
+                f"stage {self.stage.value}: {count} of {len(self.spec.participants)} participants {what}, "
+                f"below the threshold {self.spec.quorum}",
+                stage=self.stage.value,
+            )
+
+    def _check(self, sender: str, claimed: str, sid: bytes | None) -> None:
+        if claimed != sender:
+            raise ProtocolError(f"message names sender {claimed!r} but came from {sender!r}")
+        if sid is not None and sid != self._sid:
+            raise ProtocolError("session_id does not match this round's session")
+
+    def _accept(self, sender: str, m: Message) -> None:
+        spec = self.spec
+        st = self.stage
+        if st is Stage.ADVERTISE and isinstance(m, AdvertiseKeys):
+            self._check(sender, m.sender, None)
+            if m.spec_digest != spec.digest():
+                raise ProtocolError("advertisement is for another round spec")
+            key_len = 32 if spec.mode in MASK_MODES else 0
+            if len(m.cipher_key) != key_len or len(m.mask_key) != key_len:
+                raise ProtocolError(f"advertisement must carry {key_len}-byte keys")
+            verify_signature(self._roster[sender], m.signature, m.signed_bytes())
+            self._adverts[sender] = m
+        elif st is Stage.SHARE and isinstance(m, ShareKeys):
+            self._check(sender, m.sender, m.session_id)
+            neighbours = self._graph[sender] & self._adverts.keys()
+            got = [r for r, _ in m.sealed]
+            if len(set(got)) != len(got) or set(got) != neighbours:
+                raise ProtocolError(f"shares from {sender!r} must go to each advertised neighbour once")
+            if any(len(blob) != SEALED_SHARE_BYTES for _, blob in m.sealed):
+                raise ProtocolError(f"sealed shares must be {SEALED_SHARE_BYTES} bytes")
+            self._shares[sender] = m
+        elif st is Stage.UPLOAD and isinstance(m, MaskedUpload):
+            self._check(sender, m.sender, m.session_id)
+            width = spec.ring_bits // 8
+            if m.ring_bits != spec.ring_bits or len(m.vector) != spec.vector_length * width:
+                raise ProtocolError(
+                    f"masked upload must hold {spec.vector_length} words of Z_2^{spec.ring_bits} "
+                    f"(got {len(m.vector)} bytes at ring_bits {m.ring_bits})"
+                )
+            vec = np.frombuffer(m.vector, dtype=np.dtype(f"<u{width}"))
+            if self._acc is None:
+                self._acc = np.zeros(spec.vector_length, dtype=ring_dtype(spec.ring_bits))
+            np.add(self._acc, vec, out=self._acc, casting="unsafe")
+            self._heads[sender] = m.ledger_head
+        elif st is Stage.UPLOAD and isinstance(m, CkksUpload):
+            self._check(sender, m.sender, m.session_id)
+            # Signature first, over the raw bytes: nothing is parsed before it verifies.
+            verify_signature(self._roster[sender], m.signature, m.signed_bytes())
+            self._ckks_uploads[sender] = m
+            self._heads[sender] = m.ledger_head
+        elif st is Stage.CONSISTENCY and isinstance(m, ConsistencySignature):
+            self._check(sender, m.sender, m.session_id)
+            signed = consistency_signed_bytes(
+                session_id=self._sid, round_number=spec.round_number, survivors=self._survivors
+            )
+            verify_signature(self._roster[sender], m.signature, signed)
+            self._consistency[sender] = m.signature
+        elif st is Stage.UNMASK and isinstance(m, UnmaskResponse):
+            self._check(sender, m.sender, m.session_id)
+            self_of, key_of = self._asked[sender]
+            want = [(o, SHARE_KIND_SELF_MASK) for o in self_of] + [(o, SHARE_KIND_MASK_KEY) for o in key_of]
+            if [(o, k) for o, k, _ in m.shares] != want:
+                raise ProtocolError(f"unmask response of {sender!r} must answer exactly what was asked")
+            x = spec.index(sender) + 1
+            for _, _, raw in m.shares:
+                try:
+                    share = Share.from_bytes(raw)
+                except ShamirError as exc:
+                    raise MessageFormatError(f"unmask response of {sender!r}: {exc}") from exc
+                if share.x != x:
+                    raise ProtocolError(f"share from {sender!r} must be at x={x} (got {share.x})")
+            self._unmask[sender] = m
+        else:
+            raise ProtocolError(f"message {type(m).__name__} is not accepted in stage {st.value}")
+
+    def _close_advertise(self) -> dict[str, bytes]:
+        spec = self.spec
+        self._quorum(len(self._adverts), "advertised keys")
+        order = [p for p in spec.participants if p in self._adverts]
+        self._adverts = {p: self._adverts[p] for p in order}
+        self._sid = session_id(
+            spec, [(p, self._roster[p], a.cipher_key, a.mask_key) for p, a in self._adverts.items()]
+        )
+        payload = KeyRoster(spec.round_number, tuple(self._adverts.values())).to_bytes()
+        if spec.mode in MASK_MODES:
+            self._graph = neighbour_graph(spec, self._sid)
+            self.stage = Stage.SHARE
+        else:
+            self.stage = Stage.UPLOAD
+        self._expected = frozenset(order)
+        return {p: payload for p in order}
+
+    def _close_share(self) -> dict[str, bytes]:
+        spec = self.spec
+        self._quorum(len(self._shares), "sent shares")
+        self._u2 = tuple(p for p in spec.participants if p in self._shares)
+        inbox: dict[str, list[tuple[str, bytes]]] = {p: [] for p in self._u2}
+        for sender in self._u2:
+            for receiver, blob in self._shares[sender].sealed:
+                if receiver in inbox:
+                    inbox[receiver].append((sender, blob))
+        self.stage = Stage.UPLOAD
+        self._expected = frozenset(self._u2)
+        return {
+            p: ForwardedShares(spec.round_number, self._sid, p, tuple(items)).to_bytes()
+            for p, items in inbox.items()
+        }
+
+    def _close_upload(self) -> dict[str, bytes]:
+        spec = self.spec
+        if spec.mode == "ckks":
+            return self._close_ckks()
+        self._quorum(len(self._heads), "uploaded")
+        self._survivors = tuple(p for p in spec.participants if p in self._heads)
+        self.stage = Stage.CONSISTENCY
+        self._expected = frozenset(self._survivors)
+        payload = ConsistencyRequest(spec.round_number, self._sid, self._survivors).to_bytes()
+        return {p: payload for p in self._survivors}
+
+    def _knows(self, holder: str) -> frozenset[str]:
+        """Owners whose shares ``holder`` received: itself and its neighbours that sent shares."""
+        return frozenset((self._graph[holder] & set(self._u2)) | {holder})
+
+    def _close_consistency(self) -> dict[str, bytes]:
+        spec = self.spec
+        self._quorum(len(self._consistency), "signed the survivor set")
+        survivors = set(self._survivors)
+        dropped = [p for p in self._u2 if p not in survivors]
+        out: dict[str, bytes] = {}
+        for holder in self._survivors:
+            if holder not in self._consistency:
+                continue
+            knows = self._knows(holder)
+            sigs = tuple((s, self._consistency[s]) for s in self._survivors if s in self._consistency and s in knows)
+            if len(sigs) < spec.threshold:
+                continue  # this holder would (rightly) refuse: too few neighbours confirmed the set
+            self_of = tuple(o for o in self._survivors if o in knows)
+            key_of = tuple(o for o in dropped if o in knows and o != holder)
+            self._asked[holder] = (self_of, key_of)
+            out[holder] = UnmaskRequest(
+                spec.round_number, self._sid, self._survivors, sigs, self_of, key_of
+            ).to_bytes()
+        self._quorum(len(out), "can be asked to unmask")
+        self.stage = Stage.UNMASK
+        self._expected = frozenset(out)
+        return out
+
+    def _combine(self, owner: str, kind: int) -> bytes:
+        shares = [
+            Share.from_bytes(raw)
+            for resp in self._unmask.values()
+            for o, k, raw in resp.shares
+            if o == owner and k == kind
+        ]
+        what = "self-mask seed" if kind == SHARE_KIND_SELF_MASK else "mask key"
+        if len(shares) < self.spec.threshold:
+            raise ProtocolAbort(
+                f"stage unmask: {len(shares)} shares of the {what} of {owner!r} arrived, "
+                f"below the threshold {self.spec.threshold}",
+                stage="unmask",
+            )
+        return bytes(combine_shares(shares, threshold=self.spec.threshold))
+
+    def _close_unmask(self) -> dict[str, bytes]:
+        spec = self.spec
+        self._quorum(len(self._unmask), "sent unmask shares")
+        assert self._acc is not None
+        survivors = set(self._survivors)
+        masks: list[tuple[bytes, int]] = []
+        for owner in self._survivors:
+            seed = self._combine(owner, SHARE_KIND_SELF_MASK)
+            masks.append((derive_key(seed, session_id=self._sid, purpose=LABEL_SELF_MASK), -1))
+        for owner in self._u2:
+            if owner in survivors:
+                continue
+            peers = [u for u in self._survivors if u in self._graph[owner]]
+            if not peers:
+                continue
+            key = X25519KeyPair.from_private_bytes(self._combine(owner, SHARE_KIND_MASK_KEY))
+            if key.public_bytes() != self._adverts[owner].mask_key:
+                raise ProtocolAbort(f"stage unmask: shares of the mask key of {owner!r} are inconsistent")
+            v_pos = spec.index(owner)
+            for u in peers:
+                seed = derive_key(agree(key, self._adverts[u].mask_key), session_id=self._sid, purpose=LABEL_PAIRWISE_MASK)
+                # u added +PRG if u precedes owner, -PRG otherwise; remove exactly that.
+                masks.append((seed, -1 if spec.index(u) < v_pos else 1))
+        acc = self._acc
+        apply_masks(acc, masks, workers=self._workers)
+        aggregate = decode(acc, scale_bits=spec.scale_bits)
+        self._result = CoordinatorResult(self._survivors, aggregate, acc, None, dict(self._heads))
+        self.stage = Stage.DONE
+        self._expected = frozenset()
+        payload = MaskedAggregate(spec.round_number, self._sid, self._survivors, spec.ring_bits, ring_bytes(acc)).to_bytes()
+        return {p: payload for p in self._survivors}
+
+    def _close_ckks(self) -> dict[str, bytes]:
+        from secfed.crypto import ckks
+
+        spec = self.spec
+        self._quorum(len(self._ckks_uploads), "uploaded")
+        members = tuple(p for p in spec.participants if p in self._ckks_uploads)
+        try:
+            total = tuple(ckks.add_encrypted(self._ckks_ctx, [list(self._ckks_uploads[p].ciphertexts) for p in members]))
+        except CkksError as exc:
+            raise ProtocolAbort(f"stage upload: ciphertexts could not be added: {exc}", stage="upload") from exc
+        self._survivors = members
+        self._result = CoordinatorResult(members, None, None, total, dict(self._heads))
+        self.stage = Stage.DONE
+        self._expected = frozenset()
+        payload = CkksAggregate(
+            spec.round_number, self._sid,
+            tuple(
+                (p, self._ckks_uploads[p].ledger_head, ciphertext_digest(self._ckks_uploads[p].ciphertexts),
+                 self._ckks_uploads[p].signature)
+                for p in members
+            ),
+            total,
+        ).to_bytes()
+        return {p: payload for p in members}

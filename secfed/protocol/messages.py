@@ -1,0 +1,491 @@
+"""Wire messages of a round: frozen dataclasses with one versioned binary encoding.
+
+Every message starts ``version:u8 type:u8 round_number:u64`` and then its own fields (see each
+class); integers are big-endian, ids are length-prefixed UTF-8, vectors little-endian words.
+:func:`decode_message` (and each ``from_bytes``) raises :class:`MessageFormatError` for any
+malformed input and nothing else. Signed payloads are built by the ``*_signed_bytes`` helpers
+with a distinct domain label each, so a signature for one purpose never verifies for another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar, Union
+
+from secfed.crypto.errors import MessageFormatError
+from secfed.protocol.wire import Reader, Writer
+
+__all__ = [
+    "WIRE_VERSION",
+    "SIGNATURE_BYTES",
+    "SHARE_KIND_SELF_MASK",
+    "SHARE_KIND_MASK_KEY",
+    "AdvertiseKeys",
+    "KeyRoster",
+    "ShareKeys",
+    "ForwardedShares",
+    "MaskedUpload",
+    "CkksUpload",
+    "ConsistencyRequest",
+    "ConsistencySignature",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "MaskedAggregate",
+    "CkksAggregate",
+    "Message",
+    "MESSAGE_TYPES",
+    "decode_message",
+    "encode_message",
+    "advert_signed_bytes",
+    "consistency_signed_bytes",
+    "ckks_upload_signed_bytes",
+    "ciphertext_digest",
+]
+
+WIRE_VERSION = 1
+SIGNATURE_BYTES = 64  # Ed25519
+KEY_BYTES = 32
+DIGEST_BYTES = 32
+SHARE_BYTES = 35  # secfed.crypto.shamir.Share.to_bytes
+SHARE_KIND_SELF_MASK = 0  # share of a survivor's self-mask seed
+SHARE_KIND_MASK_KEY = 1  # share of a dropout's pairwise-mask X25519 private key
+
+_ADVERT_LABEL = b"secfed/v1/advertise"
+_CONSISTENCY_LABEL = b"secfed/v1/consistency"
+_CKKS_UPLOAD_LABEL = b"secfed/v1/ckks-upload"
+
+
+def _id_list(w: Writer, ids: tuple[str, ...]) -> None:
+    w.texts(ids)
+
+
+def advert_signed_bytes(
+    *, spec_digest: bytes, round_number: int, sender: str, cipher_key: bytes, mask_key: bytes
+) -> bytes:
+    """What an enterprise's identity key signs when it advertises its ephemeral keys."""
+    w = Writer().fixed(spec_digest, DIGEST_BYTES).u64(round_number).text(sender)
+    return _ADVERT_LABEL + w.blob(cipher_key).blob(mask_key).getvalue()
+
+
+def consistency_signed_bytes(*, session_id: bytes, round_number: int, survivors: tuple[str, ...]) -> bytes:
+    """What each survivor signs in the consistency check (the survivor set, in spec order)."""
+    w = Writer().fixed(session_id, DIGEST_BYTES).u64(round_number)
+    _id_list(w, survivors)
+    return _CONSISTENCY_LABEL + w.getvalue()
+
+
+def ciphertext_digest(ciphertexts: tuple[bytes, ...]) -> bytes:
+    """SHA-256 over the length-prefixed ciphertext bytes, exactly as uploaded."""
+    h = hashlib.sha256(b"secfed/v1/ckks-ciphertexts")
+    for ct in ciphertexts:
+        h.update(len(ct).to_bytes(8, "big"))
+        h.update(ct)
+    return h.digest()
+
+
+def ckks_upload_signed_bytes(
+    *, session_id: bytes, round_number: int, sender: str, ledger_head: bytes, ct_digest: bytes
+) -> bytes:
+    """What an enterprise signs over its CKKS upload (its ledger head and ciphertext digest)."""
+    w = Writer().fixed(session_id, DIGEST_BYTES).u64(round_number).text(sender)
+    w.blob(ledger_head).fixed(ct_digest, DIGEST_BYTES)
+    return _CKKS_UPLOAD_LABEL + w.getvalue()
+
+
+def _header(type_code: int, round_number: int) -> Writer:
+    return Writer().u8(WIRE_VERSION).u8(type_code).u64(round_number)
+
+
+class _Wire:
+    """Mixin: ``to_bytes`` / ``from_bytes`` through the one framing of this module."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int]
+    round_number: int
+
+    def write(self, w: Writer) -> None:  # pragma: no cover - every message overrides
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        """``version:u8 type:u8 round:u64`` then the message's fields."""
+        w = _header(self.TYPE, self.round_number)
+        self.write(w)
+        return w.getvalue()
+
+    @classmethod
+    def from_bytes(cls: type[W], data: bytes) -> W:
+        """Parse bytes that must hold exactly this message type.
+
+        Raises:
+            MessageFormatError: for any malformed input.
+        """
+        msg = decode_message(data)
+        if not isinstance(msg, cls):
+            raise MessageFormatError(
+                f"message type must be {cls.__name__} (got {type(msg).__name__})"
+            )
+        return msg
+
+
+W = TypeVar("W", bound=_Wire)
+
+
+@dataclass(frozen=True, slots=True)
+class AdvertiseKeys(_Wire):
+    """Participant -> coordinator: fresh X25519 keys (share encryption, masks), signed.
+
+    Fields after the header: spec_digest[32], sender, cipher_key blob, mask_key blob,
+    signature[64]. In ckks mode both keys are empty (a signed hello).
+    """
+
+    TYPE: ClassVar[int] = 1
+    round_number: int
+    spec_digest: bytes
+    sender: str
+    cipher_key: bytes
+    mask_key: bytes
+    signature: bytes
+
+    def signed_bytes(self) -> bytes:
+        return advert_signed_bytes(
+            spec_digest=self.spec_digest, round_number=self.round_number, sender=self.sender,
+            cipher_key=self.cipher_key, mask_key=self.mask_key,
+        )
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.spec_digest, DIGEST_BYTES).text(self.sender)
+        w.blob(self.cipher_key).blob(self.mask_key).fixed(self.signature, SIGNATURE_BYTES)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> AdvertiseKeys:
+        digest, sender = r.fixed(DIGEST_BYTES), r.text()
+        cpk, spk = r.blob(), r.blob()
+        for key in (cpk, spk):
+            if len(key) not in (0, KEY_BYTES):
+                raise MessageFormatError(f"AdvertiseKeys: key must be 0 or 32 bytes (got {len(key)})")
+        return cls(round_number, digest, sender, cpk, spk, r.fixed(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRoster(_Wire):
+    """Coordinator -> participants: every advertisement received (spec order), to verify."""
+
+    TYPE: ClassVar[int] = 2
+    round_number: int
+    adverts: tuple[AdvertiseKeys, ...]
+
+    def write(self, w: Writer) -> None:
+        w.u32(len(self.adverts))
+        for a in self.adverts:
+            if a.round_number != self.round_number:
+                raise MessageFormatError("KeyRoster: every advertisement must carry the roster's round")
+            a.write(w)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> KeyRoster:
+        return cls(round_number, tuple(AdvertiseKeys.read(r, round_number) for _ in range(r.count())))
+
+
+@dataclass(frozen=True, slots=True)
+class ShareKeys(_Wire):
+    """Participant -> coordinator: AES-GCM sealed share pairs, one per neighbour.
+
+    Fields: session_id[32], sender, count:u32, then (receiver, sealed blob) pairs.
+    """
+
+    TYPE: ClassVar[int] = 3
+    round_number: int
+    session_id: bytes
+    sender: str
+    sealed: tuple[tuple[str, bytes], ...]
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES).text(self.sender).u32(len(self.sealed))
+        for receiver, blob in self.sealed:
+            w.text(receiver).blob(blob)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> ShareKeys:
+        sid, sender = r.fixed(DIGEST_BYTES), r.text()
+        items = tuple((r.text(), r.blob()) for _ in range(r.count()))
+        return cls(round_number, sid, sender, items)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedShares(_Wire):
+    """Coordinator -> one participant: the sealed shares addressed to it, by sender."""
+
+    TYPE: ClassVar[int] = 4
+    round_number: int
+    session_id: bytes
+    receiver: str
+    sealed: tuple[tuple[str, bytes], ...]
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES).text(self.receiver).u32(len(self.sealed))
+        for sender, blob in self.sealed:
+            w.text(sender).blob(blob)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> ForwardedShares:
+        sid, receiver = r.fixed(DIGEST_BYTES), r.text()
+        items = tuple((r.text(), r.blob()) for _ in range(r.count()))
+        return cls(round_number, sid, receiver, items)
+
+
+def _read_vector(r: Reader, ring_bits: int, what: str) -> bytes:
+    if ring_bits not in (32, 64):
+        raise MessageFormatError(f"{what}: ring_bits must be 32 or 64 (got {ring_bits})")
+    vec = r.blob()
+    if len(vec) % (ring_bits // 8):
+        raise MessageFormatError(f"{what}: vector bytes {len(vec)} not a multiple of {ring_bits // 8}")
+    return vec
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedUpload(_Wire):
+    """Participant -> coordinator: the masked ring vector (little-endian words).
+
+    Fields: session_id[32], sender, ledger_head blob (opaque), ring_bits:u8, vector blob.
+    """
+
+    TYPE: ClassVar[int] = 5
+    round_number: int
+    session_id: bytes
+    sender: str
+    ledger_head: bytes
+    ring_bits: int
+    vector: bytes
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES).text(self.sender).blob(self.ledger_head)
+        w.u8(self.ring_bits).blob(self.vector)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> MaskedUpload:
+        sid, sender, head, bits = r.fixed(DIGEST_BYTES), r.text(), r.blob(), r.u8()
+        return cls(round_number, sid, sender, head, bits, _read_vector(r, bits, "MaskedUpload"))
+
+
+@dataclass(frozen=True, slots=True)
+class CkksUpload(_Wire):
+    """Participant -> coordinator: serialized CKKS ciphertexts plus a signature over them.
+
+    Fields: session_id[32], sender, ledger_head blob, count:u32 + ciphertext blobs, signature[64].
+    """
+
+    TYPE: ClassVar[int] = 6
+    round_number: int
+    session_id: bytes
+    sender: str
+    ledger_head: bytes
+    ciphertexts: tuple[bytes, ...]
+    signature: bytes
+
+    def signed_bytes(self) -> bytes:
+        return ckks_upload_signed_bytes(
+            session_id=self.session_id, round_number=self.round_number, sender=self.sender,
+            ledger_head=self.ledger_head, ct_digest=ciphertext_digest(self.ciphertexts),
+        )
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES).text(self.sender).blob(self.ledger_head)
+        w.u32(len(self.ciphertexts))
+        for ct in self.ciphertexts:
+            w.blob(ct)
+        w.fixed(self.signature, SIGNATURE_BYTES)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> CkksUpload:
+        sid, sender, head = r.fixed(DIGEST_BYTES), r.text(), r.blob()
+        cts = tuple(r.blob() for _ in range(r.count()))
+        return cls(round_number, sid, sender, head, cts, r.fixed(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencyRequest(_Wire):
+    """Coordinator -> survivors: the set of parties whose masked input is in the sum."""
+
+    TYPE: ClassVar[int] = 7
+    round_number: int
+    session_id: bytes
+    survivors: tuple[str, ...]
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES)
+        _id_list(w, self.survivors)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> ConsistencyRequest:
+        return cls(round_number, r.fixed(DIGEST_BYTES), r.texts())
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencySignature(_Wire):
+    """Survivor -> coordinator: its Ed25519 signature over the survivor set it was shown."""
+
+    TYPE: ClassVar[int] = 8
+    round_number: int
+    session_id: bytes
+    sender: str
+    signature: bytes
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES).text(self.sender).fixed(self.signature, SIGNATURE_BYTES)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> ConsistencySignature:
+        return cls(round_number, r.fixed(DIGEST_BYTES), r.text(), r.fixed(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskRequest(_Wire):
+    """Coordinator -> one survivor: the signed survivor set and which shares it asks for.
+
+    ``self_mask_of``: owners whose self-mask seed share is asked (must be survivors);
+    ``mask_key_of``: owners whose pairwise-mask key share is asked (must be dropouts).
+    """
+
+    TYPE: ClassVar[int] = 9
+    round_number: int
+    session_id: bytes
+    survivors: tuple[str, ...]
+    signatures: tuple[tuple[str, bytes], ...]
+    self_mask_of: tuple[str, ...]
+    mask_key_of: tuple[str, ...]
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES)
+        _id_list(w, self.survivors)
+        w.u32(len(self.signatures))
+        for signer, sig in self.signatures:
+            w.text(signer).fixed(sig, SIGNATURE_BYTES)
+        _id_list(w, self.self_mask_of)
+        _id_list(w, self.mask_key_of)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> UnmaskRequest:
+        sid, survivors = r.fixed(DIGEST_BYTES), r.texts()
+        sigs = tuple((r.text(), r.fixed(SIGNATURE_BYTES)) for _ in range(r.count()))
+        return cls(round_number, sid, survivors, sigs, r.texts(), r.texts())
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskResponse(_Wire):
+    """Survivor -> coordinator: (owner, kind, 35-byte Shamir share) triples."""
+
+    TYPE: ClassVar[int] = 10
+    round_number: int
+    session_id: bytes
+    sender: str
+    shares: tuple[tuple[str, int, bytes], ...]
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES).text(self.sender).u32(len(self.shares))
+        for owner, kind, share in self.shares:
+            w.text(owner).u8(kind).fixed(share, SHARE_BYTES)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> UnmaskResponse:
+        sid, sender = r.fixed(DIGEST_BYTES), r.text()
+        items = []
+        for _ in range(r.count()):
+            owner, kind = r.text(), r.u8()
+            if kind not in (SHARE_KIND_SELF_MASK, SHARE_KIND_MASK_KEY):
+                raise MessageFormatError(f"UnmaskResponse: share kind must be 0 or 1 (got {kind})")
+            items.append((owner, kind, r.fixed(SHARE_BYTES)))
+        return cls(round_number, sid, sender, tuple(items))
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedAggregate(_Wire):
+    """Coordinator -> participants: the unmasked ring sum and the survivors it contains."""
+
+    TYPE: ClassVar[int] = 11
+    round_number: int
+    session_id: bytes
+    survivors: tuple[str, ...]
+    ring_bits: int
+    vector: bytes
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES)
+        _id_list(w, self.survivors)
+        w.u8(self.ring_bits).blob(self.vector)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> MaskedAggregate:
+        sid, survivors, bits = r.fixed(DIGEST_BYTES), r.texts(), r.u8()
+        return cls(round_number, sid, survivors, bits, _read_vector(r, bits, "MaskedAggregate"))
+
+
+@dataclass(frozen=True, slots=True)
+class CkksAggregate(_Wire):
+    """Coordinator -> participants: the encrypted sum and the signed set it contains.
+
+    ``members`` holds (id, ledger_head, ciphertext digest, signature) for each contributor so
+    every participant can check that each listed enterprise really uploaded in this round.
+    """
+
+    TYPE: ClassVar[int] = 12
+    round_number: int
+    session_id: bytes
+    members: tuple[tuple[str, bytes, bytes, bytes], ...]
+    ciphertexts: tuple[bytes, ...]
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES).u32(len(self.members))
+        for sender, head, digest, sig in self.members:
+            w.text(sender).blob(head).fixed(digest, DIGEST_BYTES).fixed(sig, SIGNATURE_BYTES)
+        w.u32(len(self.ciphertexts))
+        for ct in self.ciphertexts:
+            w.blob(ct)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> CkksAggregate:
+        sid = r.fixed(DIGEST_BYTES)
+        members = tuple(
+            (r.text(), r.blob(), r.fixed(DIGEST_BYTES), r.fixed(SIGNATURE_BYTES))
+            for _ in range(r.count())
+        )
+        return cls(round_number, sid, members, tuple(r.blob() for _ in range(r.count())))
+
+
+Message = Union[  # noqa: UP007 - a runtime alias, kept readable
+    AdvertiseKeys, KeyRoster, ShareKeys, ForwardedShares, MaskedUpload, CkksUpload,
+    ConsistencyRequest, ConsistencySignature, UnmaskRequest, UnmaskResponse,
+    MaskedAggregate, CkksAggregate,
+]
+MESSAGE_TYPES: dict[int, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        AdvertiseKeys, KeyRoster, ShareKeys, ForwardedShares, MaskedUpload, CkksUpload,
+        ConsistencyRequest, ConsistencySignature, UnmaskRequest, UnmaskResponse,
+        MaskedAggregate, CkksAggregate,
+    )
+}
+
+def encode_message(message: Message) -> bytes:
+    """The versioned wire form of ``message``."""
+    return message.to_bytes()
+
+
+def decode_message(data: bytes) -> Message:
+    """Parse one message of any type.
+
+    Raises:
+        MessageFormatError: for any malformed input (version, type, lengths, trailing bytes).
+    """
+    r = Reader(data, "message")
+    version = r.u8()
+    if version != WIRE_VERSION:
+        raise MessageFormatError(f"message version must be {WIRE_VERSION} (got {version})")
+    code = r.u8()
+    cls = MESSAGE_TYPES.get(code)
+    if cls is None:
+        raise MessageFormatError(f"message type must be one of {sorted(MESSAGE_TYPES)} (got {code})")
+    round_number = r.u64()
+    msg = cls.read(r, round_number)
+    r.end()
+    return msg

@@ -1,0 +1,508 @@
+"""The enterprise's side of a round: a state machine, messages in, messages out.
+
+Secrets (ephemeral X25519 keys, the self-mask seed, received shares) live only in this object's
+memory and are dropped as soon as the unmask response leaves. Every check runs before the
+message it guards is answered; any failure aborts the round (:class:`ProtocolAbort`, naming the
+stage) and the object answers nothing afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from secfed.crypto.aead import binding_ad, open_sealed, seal
+from secfed.crypto.encoding import decode, encode
+from secfed.crypto.errors import ProtocolAbort, ProtocolError, SecfedError
+from secfed.crypto.keys import (
+    LABEL_PAIRWISE_MASK,
+    LABEL_SELF_MASK,
+    LABEL_SHARE_ENCRYPTION,
+    IdentityKey,
+    X25519KeyPair,
+    agree,
+    derive_key,
+    verify_signature,
+)
+from secfed.crypto.masking import DEFAULT_WORKERS, apply_masks
+from secfed.crypto.shamir import Share, split_secret
+from secfed.protocol.messages import (
+    SHARE_KIND_MASK_KEY,
+    SHARE_KIND_SELF_MASK,
+    AdvertiseKeys,
+    CkksAggregate,
+    CkksUpload,
+    ConsistencyRequest,
+    ConsistencySignature,
+    ForwardedShares,
+    KeyRoster,
+    MaskedAggregate,
+    MaskedUpload,
+    Message,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+    ciphertext_digest,
+    ckks_upload_signed_bytes,
+    consistency_signed_bytes,
+    decode_message,
+)
+from secfed.protocol.spec import (
+    MASK_MODES,
+    ParticipantPolicy,
+    RoundSpec,
+    Stage,
+    neighbour_graph,
+    session_id,
+)
+
+__all__ = ["ParticipantRound", "ParticipantResult", "NoiseHook", "CKKS_NORM_SLACK", "ring_bytes"]
+
+CKKS_NORM_SLACK = 1e-3  # relative slack on the norm check: CKKS at scale 2^40 adds ~1e-9 noise
+
+
+class NoiseHook(Protocol):
+    """Adds integer noise shares in place to the encoded ring vector before masking."""
+
+    def __call__(self, encoded: npt.NDArray[np.unsignedinteger], *, spec: RoundSpec, me: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantResult:
+    """The decoded float sum (float64) over ``survivors`` (enterprise ids, spec order)."""
+
+    aggregate: npt.NDArray[np.float64]
+    survivors: tuple[str, ...]
+
+
+def ring_bytes(vec: npt.NDArray[np.unsignedinteger]) -> bytes:
+    """Little-endian words of a ring vector (the wire byte order)."""
+    return vec.astype(vec.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _shares_plaintext(b_share: Share, s_share: Share) -> bytes:
+    return bytes(b_share.to_bytes()) + bytes(s_share.to_bytes())
+
+
+class ParticipantRound:
+    """One enterprise in one round.
+
+    Args:
+        spec: the announced round.
+        me: this enterprise's id (must be in ``spec.participants`` and ``roster``).
+        identity: its pinned Ed25519 identity key.
+        roster: enterprise id -> pinned Ed25519 public key (raw 32 bytes).
+        policy: what this enterprise accepts (checked in :meth:`start`, before any secret).
+        ckks_context: a secret-key ``secfed.crypto.ckks`` context (ckks mode only).
+        noise_hook: optional distributed-DP hook on the encoded vector (mask modes).
+        workers: threads used to generate masks.
+    """
+
+    def __init__(
+        self,
+        spec: RoundSpec,
+        *,
+        me: str,
+        identity: IdentityKey,
+        roster: Mapping[str, bytes],
+        policy: ParticipantPolicy | None = None,
+        ckks_context: Any = None,
+        noise_hook: NoiseHook | Callable[..., None] | None = None,
+        workers: int = DEFAULT_WORKERS,
+    ) -> None:
+        self.spec = spec
+        self.me = me
+        self._identity = identity
+        self._roster = dict(roster)
+        self._policy = policy or ParticipantPolicy()
+        self._ckks = ckks_context
+        self._noise_hook = noise_hook
+        self._workers = workers
+        self.stage: Stage | None = None  # None until start(); then the stage it answers next
+        self._update: npt.NDArray[np.float32] | None = None
+        self._ledger_head = b""
+        # Ephemeral secrets: memory only, dropped after the unmask response.
+        self._cipher_keys: X25519KeyPair | None = None
+        self._mask_keys: X25519KeyPair | None = None
+        self._self_seed: bytes | None = None
+        self._held: dict[str, tuple[Share, Share]] = {}
+        # Public round state.
+        self._advert: AdvertiseKeys | None = None
+        self._adverts: dict[str, AdvertiseKeys] = {}
+        self._sid = b""
+        self._holders: frozenset[str] = frozenset()  # me + advertised neighbours
+        self._peers: frozenset[str] = frozenset()  # neighbours whose shares reached me
+        self._signed_survivors: tuple[str, ...] | None = None
+        self._result: ParticipantResult | None = None
+
+    # -- public API ---------------------------------------------------------------------------
+    @property
+    def session_id(self) -> bytes:
+        """The session id (empty before the key roster arrives)."""
+        return self._sid
+
+    def start(self) -> bytes:
+        """Check the spec against policy, then create this round's keys and advertise them.
+
+        Raises:
+            ProtocolAbort: the spec is unsafe or this identity is not the pinned one.
+        """
+        if self.stage is not None:
+            raise ProtocolError(f"start() may be called once (stage is {self.stage.value})")
+        self._policy.check(self.spec, me=self.me, roster=self._roster)
+        if self._roster[self.me] != self._identity.public_bytes():
+            raise ProtocolAbort(
+                f"identity key of {self.me!r} does not match the roster's pinned key", stage="advertise"
+            )
+        if self.spec.mode == "ckks" and self._ckks is None:
+            raise ProtocolAbort("mode ckks needs a secret-key CKKS context", stage="advertise")
+        cpk = spk = b""
+        if self.spec.mode in MASK_MODES:
+            self._cipher_keys = X25519KeyPair.generate()
+            self._mask_keys = X25519KeyPair.generate()
+            cpk, spk = self._cipher_keys.public_bytes(), self._mask_keys.public_bytes()
+        unsigned = AdvertiseKeys(
+            self.spec.round_number, self.spec.digest(), self.me, cpk, spk, bytes(64)
+        )
+        sig = self._identity.sign(unsigned.signed_bytes())
+        self._advert = AdvertiseKeys(self.spec.round_number, self.spec.digest(), self.me, cpk, spk, sig)
+        self.stage = Stage.SHARE if self.spec.mode in MASK_MODES else Stage.UPLOAD
+        return self._advert.to_bytes()
+
+    def set_update(self, update: npt.ArrayLike, *, ledger_head: bytes = b"") -> None:
+        """The float update to aggregate and the opaque ledger-head bytes the upload carries.
+
+        Raises:
+            ProtocolError: wrong length or non-finite values.
+        """
+        vec = np.ascontiguousarray(update, dtype=np.float32)
+        if vec.ndim != 1 or vec.shape[0] != self.spec.vector_length:
+            raise ProtocolError(
+                f"update must be a 1-D vector of length {self.spec.vector_length} (got shape {vec.shape})"
+            )
+        if not np.all(np.isfinite(vec)):
+            raise ProtocolError("update must be finite (got NaN or infinity)")
+        self._update = vec
+        self._ledger_head = bytes(ledger_head)
+
+    def handle(self, stage: Stage | str, payload: bytes) -> bytes | None:
+        """Answer the coordinator's message for ``stage``; ``None`` when nothing is sent back.
+
+        Raises:
+            ProtocolAbort: any check failed; the round is over for this enterprise.
+            ProtocolError: called out of order (e.g. before :meth:`set_update`); state unchanged.
+        """
+        stage = Stage(stage)
+        if self.stage is None or self.stage in (Stage.ABORTED,) or self._result is not None:
+            raise ProtocolError(
+                f"participant {self.me!r} cannot handle {stage.value}: "
+                f"stage is {self.stage.value if self.stage else 'not started'}"
+            )
+        if stage is not self.stage:
+            want = self.stage.value
+            self._abort_now()
+            raise ProtocolAbort(f"stage must be {want} (got {stage.value}) for {self.me!r}", stage=stage.value)
+        if stage is Stage.UPLOAD and self._update is None:
+            raise ProtocolError("set_update() must be called before the upload stage")
+        try:
+            message = decode_message(payload)
+            if message.round_number != self.spec.round_number:
+                raise ProtocolAbort(
+                    f"round_number must be {self.spec.round_number} (got {message.round_number}): "
+                    "a message from another round is refused"
+                )
+            return self._dispatch(stage, message)
+        except ProtocolAbort as exc:
+            self._abort_now()
+            raise ProtocolAbort(f"{self.me}: {stage.value}: {exc}", stage=stage.value) from exc
+        except SecfedError as exc:
+            self._abort_now()
+            raise ProtocolAbort(
+                f"{self.me}: {stage.value}: {type(exc).__name__}: {exc}", stage=stage.value
+            ) from exc
+
+    def result(self) -> ParticipantResult:
+        """The decoded sum and the survivors, once the round is done."""
+        if self._result is None:
+            raise ProtocolError(f"round is not done for {self.me!r}")
+        return self._result
+
+    # -- internals ----------------------------------------------------------------------------
+    def _abort_now(self) -> None:
+        self.stage = Stage.ABORTED
+        self._forget_secrets()
+
+    def _forget_secrets(self) -> None:
+        self._cipher_keys = None
+        self._mask_keys = None
+        self._self_seed = None
+        self._held = {}
+
+    def _dispatch(self, stage: Stage, message: Message) -> bytes | None:
+        expected: dict[Stage, type] = {
+            Stage.SHARE: KeyRoster,
+            Stage.UPLOAD: KeyRoster if self.spec.mode == "ckks" else ForwardedShares,
+            Stage.CONSISTENCY: ConsistencyRequest,
+            Stage.UNMASK: UnmaskRequest,
+            Stage.DONE: CkksAggregate if self.spec.mode == "ckks" else MaskedAggregate,
+        }
+        want = expected[stage]
+        if not isinstance(message, want):
+            raise ProtocolAbort(f"message must be {want.__name__} (got {type(message).__name__})")
+        if isinstance(message, KeyRoster):
+            self._on_roster(message)
+            if self.spec.mode == "ckks":
+                return self._ckks_upload()
+            return self._share_keys()
+        if isinstance(message, ForwardedShares):
+            return self._masked_upload(message)
+        if isinstance(message, ConsistencyRequest):
+            return self._consistency(message)
+        if isinstance(message, UnmaskRequest):
+            return self._unmask(message)
+        if isinstance(message, MaskedAggregate):
+            self._masked_result(message)
+            return None
+        assert isinstance(message, CkksAggregate)
+        self._ckks_result(message)
+        return None
+
+    def _check_sid(self, sid: bytes) -> None:
+        if sid != self._sid:
+            raise ProtocolAbort("session_id does not match this round's session")
+
+    def _on_roster(self, roster: KeyRoster) -> None:
+        spec, digest = self.spec, self.spec.digest()
+        last = -1
+        adverts: dict[str, AdvertiseKeys] = {}
+        key_len = 32 if spec.mode in MASK_MODES else 0
+        for a in roster.adverts:
+            if a.spec_digest != digest:
+                raise ProtocolAbort(f"advertisement of {a.sender!r} is for another round spec")
+            pos = spec.index(a.sender)
+            if pos <= last:
+                raise ProtocolAbort("key roster must list each participant once, in spec order")
+            last = pos
+            if len(a.cipher_key) != key_len or len(a.mask_key) != key_len:
+                raise ProtocolAbort(f"advertisement of {a.sender!r} must carry {key_len}-byte keys")
+            verify_signature(self._roster[a.sender], a.signature, a.signed_bytes())
+            adverts[a.sender] = a
+        mine = adverts.get(self.me)
+        if mine is None or mine != self._advert:
+            raise ProtocolAbort("key roster must carry this enterprise's own advertisement unchanged")
+        if key_len:
+            mask_keys = [a.mask_key for a in adverts.values()]
+            if len(set(mask_keys)) != len(mask_keys) or len({a.cipher_key for a in adverts.values()}) != len(adverts):
+                raise ProtocolAbort("key roster repeats an ephemeral public key")
+        if len(adverts) < spec.quorum:
+            raise ProtocolAbort(f"key roster names {len(adverts)} participants, below the quorum {spec.quorum}")
+        self._adverts = adverts
+        self._sid = session_id(
+            spec, [(p, self._roster[p], a.cipher_key, a.mask_key) for p, a in adverts.items()]
+        )
+        if spec.mode in MASK_MODES:
+            graph = neighbour_graph(spec, self._sid)
+            self._holders = frozenset((graph[self.me] & adverts.keys()) | {self.me})
+            if len(self._holders) < spec.threshold:
+                raise ProtocolAbort(
+                    f"{len(self._holders)} share holders advertised, below the threshold {spec.threshold}"
+                )
+
+    def _share_key(self, peer: str) -> bytes:
+        assert self._cipher_keys is not None
+        shared = agree(self._cipher_keys, self._adverts[peer].cipher_key)
+        return bytes(derive_key(shared, session_id=self._sid, purpose=LABEL_SHARE_ENCRYPTION))
+
+    def _share_keys(self) -> bytes:
+        assert self._mask_keys is not None
+        spec = self.spec
+        n = len(spec.participants)
+        self._self_seed = secrets.token_bytes(32)
+        b_shares = split_secret(self._self_seed, threshold=spec.threshold, n_shares=n)
+        s_shares = split_secret(self._mask_keys.private_bytes(), threshold=spec.threshold, n_shares=n)
+        sealed = []
+        for peer in spec.participants:
+            if peer not in self._holders:
+                continue
+            i = spec.index(peer)
+            if peer == self.me:
+                self._held[self.me] = (b_shares[i], s_shares[i])
+                continue
+            ad = binding_ad(session_id=self._sid, round_number=spec.round_number, sender=self.me, receiver=peer)
+            sealed.append((peer, seal(self._share_key(peer), _shares_plaintext(b_shares[i], s_shares[i]), associated_data=ad)))
+        self.stage = Stage.UPLOAD
+        return ShareKeys(spec.round_number, self._sid, self.me, tuple(sealed)).to_bytes()
+
+    def _masked_upload(self, fwd: ForwardedShares) -> bytes:
+        spec = self.spec
+        self._check_sid(fwd.session_id)
+        if fwd.receiver != self.me:
+            raise ProtocolAbort(f"forwarded shares are addressed to {fwd.receiver!r}, not {self.me!r}")
+        my_x = spec.index(self.me) + 1
+        seen: set[str] = set()
+        for sender, blob in fwd.sealed:
+            if sender in seen or sender == self.me or sender not in self._holders:
+                raise ProtocolAbort(f"forwarded share from {sender!r} is not from a distinct neighbour")
+            seen.add(sender)
+            ad = binding_ad(session_id=self._sid, round_number=spec.round_number, sender=sender, receiver=self.me)
+            plain = open_sealed(self._share_key(sender), blob, associated_data=ad)
+            if len(plain) != 70:
+                raise ProtocolAbort(f"share pair from {sender!r} must be 70 bytes (got {len(plain)})")
+            b_share, s_share = Share.from_bytes(plain[:35]), Share.from_bytes(plain[35:])
+            if b_share.x != my_x or s_share.x != my_x:
+                raise ProtocolAbort(f"share from {sender!r} is not at this enterprise's index")
+            self._held[sender] = (b_share, s_share)
+        self._peers = frozenset(seen)
+        if len(seen) + 1 < spec.threshold:
+            raise ProtocolAbort(f"{len(seen) + 1} share holders remain, below the threshold {spec.threshold}")
+        assert self._update is not None and self._self_seed is not None and self._mask_keys is not None
+        encoded = encode(
+            self._update, scale_bits=spec.scale_bits, ring_bits=spec.ring_bits,
+            n_participants=len(spec.participants),
+        )
+        if self._noise_hook is not None:
+            self._noise_hook(encoded, spec=spec, me=self.me)
+        my_pos = spec.index(self.me)
+        masks = [(derive_key(self._self_seed, session_id=self._sid, purpose=LABEL_SELF_MASK), 1)]
+        for peer in sorted(self._peers, key=spec.index):
+            shared = agree(self._mask_keys, self._adverts[peer].mask_key)
+            seed = derive_key(shared, session_id=self._sid, purpose=LABEL_PAIRWISE_MASK)
+            masks.append((seed, 1 if my_pos < spec.index(peer) else -1))
+        apply_masks(encoded, masks, workers=self._workers)
+        self.stage = Stage.CONSISTENCY
+        return MaskedUpload(
+            spec.round_number, self._sid, self.me, self._ledger_head, spec.ring_bits, ring_bytes(encoded)
+        ).to_bytes()
+
+    def _check_survivor_list(self, survivors: tuple[str, ...]) -> None:
+        spec = self.spec
+        last = -1
+        for s in survivors:
+            pos = spec.index(s)
+            if pos <= last:
+                raise ProtocolAbort("survivor set must list each participant once, in spec order")
+            last = pos
+            if s not in self._adverts:
+                raise ProtocolAbort(f"survivor {s!r} never advertised keys")
+            if s in self._holders and s != self.me and s not in self._peers:
+                raise ProtocolAbort(f"survivor {s!r} is a neighbour that never sent this enterprise shares")
+        if self.me not in survivors:
+            raise ProtocolAbort("survivor set must include this enterprise, which uploaded")
+        if len(survivors) < spec.quorum:
+            raise ProtocolAbort(
+                f"survivor set names {len(survivors)} participants, below the threshold {spec.quorum}"
+            )
+
+    def _consistency(self, req: ConsistencyRequest) -> bytes:
+        self._check_sid(req.session_id)
+        self._check_survivor_list(req.survivors)
+        self._signed_survivors = req.survivors
+        sig = self._identity.sign(
+            consistency_signed_bytes(session_id=self._sid, round_number=self.spec.round_number, survivors=req.survivors)
+        )
+        self.stage = Stage.UNMASK
+        return ConsistencySignature(self.spec.round_number, self._sid, self.me, sig).to_bytes()
+
+    def _unmask(self, req: UnmaskRequest) -> bytes:
+        spec = self.spec
+        self._check_sid(req.session_id)
+        if req.survivors != self._signed_survivors:
+            raise ProtocolAbort("unmask request's survivor set differs from the set this enterprise signed")
+        survivors = frozenset(req.survivors)
+        signed = consistency_signed_bytes(session_id=self._sid, round_number=spec.round_number, survivors=req.survivors)
+        signers: set[str] = set()
+        for signer, sig in req.signatures:
+            if signer in signers or signer not in survivors or signer not in self._holders:
+                raise ProtocolAbort(f"consistency signature from {signer!r} is not from a distinct survivor neighbour")
+            verify_signature(self._roster[signer], sig, signed)
+            signers.add(signer)
+        if len(signers) < spec.threshold:
+            raise ProtocolAbort(
+                f"unmask request carries {len(signers)} valid consistency signatures, "
+                f"below the threshold {spec.threshold}"
+            )
+        both = set(req.self_mask_of) & set(req.mask_key_of)
+        if both:
+            raise ProtocolAbort(f"unmask request asks both shares of {sorted(both)[:3]}")
+        if len(set(req.self_mask_of)) != len(req.self_mask_of) or len(set(req.mask_key_of)) != len(req.mask_key_of):
+            raise ProtocolAbort("unmask request repeats an owner")
+        not_survivor = [o for o in req.self_mask_of if o not in survivors]
+        if not_survivor:
+            raise ProtocolAbort(f"unmask request asks self-mask shares of non-survivors {not_survivor[:3]}")
+        survivor_keys = [o for o in req.mask_key_of if o in survivors]
+        if survivor_keys:
+            raise ProtocolAbort(f"unmask request asks mask-key shares of survivors {survivor_keys[:3]}")
+        unknown = [o for o in (*req.self_mask_of, *req.mask_key_of) if o not in self._held]
+        if unknown:
+            raise ProtocolAbort(f"unmask request asks shares this enterprise does not hold {unknown[:3]}")
+        out = [(o, SHARE_KIND_SELF_MASK, self._held[o][0].to_bytes()) for o in req.self_mask_of]
+        out += [(o, SHARE_KIND_MASK_KEY, self._held[o][1].to_bytes()) for o in req.mask_key_of]
+        self._forget_secrets()
+        self.stage = Stage.DONE
+        return UnmaskResponse(spec.round_number, self._sid, self.me, tuple(out)).to_bytes()
+
+    def _masked_result(self, agg: MaskedAggregate) -> None:
+        spec = self.spec
+        self._check_sid(agg.session_id)
+        if agg.survivors != self._signed_survivors:
+            raise ProtocolAbort("aggregate's survivor set differs from the signed set")
+        width = spec.ring_bits // 8
+        if agg.ring_bits != spec.ring_bits or len(agg.vector) != spec.vector_length * width:
+            raise ProtocolAbort(f"aggregate must hold {spec.vector_length} words of Z_2^{spec.ring_bits}")
+        dtype = np.dtype(f"<u{width}")
+        total = np.frombuffer(agg.vector, dtype=dtype).astype(dtype.newbyteorder("="))
+        self._result = ParticipantResult(decode(total, scale_bits=spec.scale_bits), agg.survivors)
+
+    def _ckks_upload(self) -> bytes:
+        from secfed.crypto import ckks
+
+        assert self._update is not None
+        cts = tuple(ckks.encrypt(self._ckks, self._update))
+        digest = ciphertext_digest(cts)
+        sig = self._identity.sign(
+            ckks_upload_signed_bytes(
+                session_id=self._sid, round_number=self.spec.round_number, sender=self.me,
+                ledger_head=self._ledger_head, ct_digest=digest,
+            )
+        )
+        self.stage = Stage.DONE
+        return CkksUpload(self.spec.round_number, self._sid, self.me, self._ledger_head, cts, sig).to_bytes()
+
+    def _ckks_result(self, agg: CkksAggregate) -> None:
+        from secfed.crypto import ckks
+
+        spec = self.spec
+        self._check_sid(agg.session_id)
+        last = -1
+        for sender, head, digest, sig in agg.members:
+            pos = spec.index(sender)
+            if pos <= last:
+                raise ProtocolAbort("aggregate's member set must list each participant once, in spec order")
+            last = pos
+            verify_signature(
+                self._roster[sender], sig,
+                ckks_upload_signed_bytes(
+                    session_id=self._sid, round_number=spec.round_number, sender=sender,
+                    ledger_head=head, ct_digest=digest,
+                ),
+            )
+        if len(agg.members) < spec.min_participants:
+            raise ProtocolAbort(
+                f"aggregate holds {len(agg.members)} members, below the minimum {spec.min_participants}"
+            )
+        total = np.asarray(ckks.decrypt(self._ckks, list(agg.ciphertexts), spec.vector_length), dtype=np.float64)
+        if spec.clip_bound > 0:
+            norm = float(np.linalg.norm(total))
+            bound = len(agg.members) * spec.clip_bound
+            if not math.isfinite(norm) or norm > bound * (1 + CKKS_NORM_SLACK):
+                raise ProtocolAbort(
+                    f"decrypted sum has L2 norm {norm:.6g}, above {len(agg.members)} x clip bound "
+                    f"{spec.clip_bound:.6g}"
+                )
+        self._result = ParticipantResult(total, tuple(m[0] for m in agg.members))

@@ -1,0 +1,440 @@
+"""In-process simulation of whole rounds: every party, every dropout, every coordinator attack.
+
+:func:`simulate` runs the real state machines of :mod:`secfed.protocol` (no shortcuts): fresh
+identities, one :class:`ParticipantRound` per update, one :class:`CoordinatorRound`, payloads
+passed as bytes. A named ``adversary`` rewrites the coordinator's outgoing payloads the way a
+malicious coordinator would; every attack must end in a :class:`ProtocolAbort` raised by the
+honest participants before they release a secret.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from secfed.crypto.errors import ConfigError, ProtocolAbort, SecfedError
+from secfed.crypto.keys import IdentityKey, X25519KeyPair
+from secfed.protocol.coordinator import CoordinatorRound
+from secfed.protocol.messages import (
+    AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
+    KeyRoster,
+    UnmaskRequest,
+    decode_message,
+)
+from secfed.protocol.participant import NoiseHook, ParticipantRound
+from secfed.protocol.spec import MODES, ParticipantPolicy, RoundSpec, Stage
+
+__all__ = ["simulate", "SimulationResult", "ADVERSARIES", "DROP_STAGES", "SentRecord"]
+
+ADVERSARIES = (
+    "request-both-shares",
+    "inconsistent-survivors",
+    "substitute-key",
+    "below-threshold",
+    "replay-previous-round",
+)
+DROP_STAGES = ("advertise", "share", "upload", "consistency", "unmask")
+_FEDERATION = "simulation"
+
+SentRecord = tuple[str, int, str, bytes]  # (stage, participant index, message type, payload)
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Outcome of :func:`simulate`.
+
+    ``aggregate`` is the decoded float sum over ``survivors`` (participant indices); ``timings``
+    holds ``participant_protect`` (mean seconds one participant spends encoding and masking or
+    encrypting), ``coordinator_unmask`` (seconds to recover and decode the sum) and per-stage
+    totals; ``bytes_per_participant`` holds mean ``sent``, ``received`` and ``upload`` bytes.
+    """
+
+    aggregate: npt.NDArray[np.float64]
+    survivors: tuple[int, ...]
+    timings: Mapping[str, float]
+    bytes_per_participant: Mapping[str, float]
+    mode: str
+    threshold: int
+    neighbours: int
+    participants_agree: bool = True
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _ids(n: int) -> list[str]:
+    return [f"enterprise-{i:04d}" for i in range(n)]
+
+
+def _parse_dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> dict[Stage, set[int]]:
+    out: dict[Stage, set[int]] = {}
+    for name, idx in (dropouts or {}).items():
+        if name not in DROP_STAGES:
+            raise ConfigError(f"dropout stage must be one of {DROP_STAGES} (got {name!r})")
+        bad = [i for i in idx if not 0 <= int(i) < n]
+        if bad:
+            raise ConfigError(f"dropout indices must be in [0, {n - 1}] (got {bad[:3]})")
+        out[Stage(name)] = {int(i) for i in idx}
+    return out
+
+
+class _Network:
+    """Delivers bytes, counts them, and records what each participant sent."""
+
+    def __init__(self, n: int, transcript: list[SentRecord] | None) -> None:
+        self.sent = [0] * n
+        self.received = [0] * n
+        self.upload = [0] * n
+        self.transcript = transcript
+
+    def note_sent(self, stage: Stage, i: int, payload: bytes) -> None:
+        self.sent[i] += len(payload)
+        if stage is Stage.UPLOAD:
+            self.upload[i] = len(payload)
+        if self.transcript is not None:
+            self.transcript.append((stage.value, i, type(decode_message(payload)).__name__, payload))
+
+
+Adversary = Callable[[Stage, dict[str, bytes], "_AttackContext"], dict[str, bytes]]
+
+
+@dataclass
+class _AttackContext:
+    spec: RoundSpec
+    ids: list[str]
+    previous_round: dict[Stage, dict[str, bytes]]
+    raw_consistency: dict[str, bytes] = field(default_factory=dict)
+
+
+def simulate(
+    updates: Sequence[npt.ArrayLike],
+    *,
+    mode: str = "secagg",
+    threshold: int | None = None,
+    dropouts: Mapping[str, Sequence[int]] | None = None,
+    adversary: str | None = None,
+    neighbours: int | None = None,
+    min_participants: int | None = None,
+    ring_bits: int = 64,
+    scale_bits: int = 24,
+    round_number: int = 1,
+    noise_hook: NoiseHook | None = None,
+    workers: int = 2,
+    transcript: list[SentRecord] | None = None,
+    ckks_context: Any = None,
+) -> SimulationResult:
+    """Run one full round in-process over ``updates`` (participant i = ``updates[i]``).
+
+    Args:
+        updates: float vectors of one length.
+        mode: ``"secagg"``, ``"secagg+"`` or ``"ckks"``.
+        threshold: Shamir threshold (default floor(2n/3)+1; secagg+: of a neighbourhood).
+        dropouts: stage name -> indices that vanish before sending that stage's message
+            (stages: advertise, share, upload, consistency, unmask).
+        adversary: one of :data:`ADVERSARIES` (the coordinator plays that attack).
+        transcript: if a list, every participant message is appended as
+            ``(stage, index, type name, payload)`` -- tests inspect it for leaked secrets.
+        ckks_context: a secret-key CKKS context shared by the enterprises (made if ``None``).
+
+    Raises:
+        ProtocolAbort: the round aborted (too many dropouts, or an attack was detected); the
+            message names the stage and the counts or the refused request.
+        ConfigError: bad arguments.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES} (got {mode!r})")
+    if adversary is not None and adversary not in ADVERSARIES:
+        raise ConfigError(f"adversary must be one of {ADVERSARIES} (got {adversary!r})")
+    vecs = [np.ascontiguousarray(u, dtype=np.float32) for u in updates]
+    n = len(vecs)
+    if n < 2:
+        raise ConfigError(f"updates must hold at least 2 vectors (got {n})")
+    d = vecs[0].shape[0] if vecs[0].ndim == 1 else -1
+    if d < 1 or any(v.shape != (d,) for v in vecs):
+        raise ConfigError("updates must be non-empty 1-D vectors of one length")
+    drops = _parse_dropouts(dropouts, n)
+    ids = _ids(n)
+    identities = [IdentityKey.generate() for _ in range(n)]
+    roster = {p: k.public_bytes() for p, k in zip(ids, identities)}
+    clip = 0.0
+    ctx_secret: Any = None
+    ctx_public: bytes | None = None
+    if mode == "ckks":
+        from secfed.crypto import ckks
+
+        ctx_secret = ckks_context if ckks_context is not None else ckks.new_context()
+        ctx_public = ctx_secret.serialize(secret=False)
+        clip = max(float(np.linalg.norm(v.astype(np.float64))) for v in vecs) * (1 + 1e-6) + 1e-6
+    spec = RoundSpec.create(
+        federation=_FEDERATION, round_number=round_number, mode=mode, participants=ids,
+        vector_length=d, threshold=threshold, neighbours=neighbours,
+        min_participants=min_participants, scale_bits=scale_bits, ring_bits=ring_bits, clip_bound=clip,
+    )
+    ctx = _AttackContext(spec, ids, {})
+    if adversary == "replay-previous-round":
+        ctx.previous_round = _record_round(spec, ids, identities, roster, vecs, ctx_secret, ctx_public)
+    policy = ParticipantPolicy(min_threshold_fraction=0.0 if threshold is not None else 2 / 3)
+    parties = [
+        ParticipantRound(
+            spec, me=p, identity=k, roster=roster, policy=policy, ckks_context=ctx_secret,
+            noise_hook=noise_hook, workers=workers,
+        )
+        for p, k in zip(ids, identities)
+    ]
+    coord = CoordinatorRound(spec, roster=roster, ckks_public_context=ctx_public, workers=workers)
+    net = _Network(n, transcript)
+    timings: dict[str, float] = {}
+    alive = set(range(n))
+    index = {p: i for i, p in enumerate(ids)}
+    attack = _ATTACKS.get(adversary) if adversary else None
+
+    # advertise
+    t_part = 0.0
+    for i in sorted(alive):
+        if i in drops.get(Stage.ADVERTISE, ()):
+            alive.discard(i)
+            continue
+        parties[i].set_update(vecs[i])
+        t0 = time.perf_counter()
+        msg = parties[i].start()
+        t_part += time.perf_counter() - t0
+        net.note_sent(Stage.ADVERTISE, i, msg)
+        coord.receive(ids[i], msg)
+    timings["participant_advertise"] = t_part / max(1, n)
+
+    aborts: list[ProtocolAbort] = []
+    while not _finished(coord):
+        closing = coord.stage
+        t0 = time.perf_counter()
+        try:
+            outgoing = coord.close_stage()  # raises ProtocolAbort below the quorum
+        except ProtocolAbort:
+            if not (adversary == "inconsistent-survivors" and closing is Stage.CONSISTENCY):
+                raise
+            # The lying coordinator ignores its own (honest) bookkeeping and forges requests.
+            outgoing, coord.stage = {}, Stage.UNMASK
+        timings[f"coordinator_close_{closing.value}"] = time.perf_counter() - t0
+        if closing is Stage.UNMASK or (mode == "ckks" and closing is Stage.UPLOAD):
+            timings["coordinator_unmask"] = timings[f"coordinator_close_{closing.value}"]
+        stage = coord.stage
+        if attack is not None:
+            outgoing = attack(stage, outgoing, ctx)
+        replies: dict[int, bytes] = {}
+        times: list[float] = []
+        for p, payload in outgoing.items():
+            i = index[p]
+            if i not in alive:
+                continue
+            net.received[i] += len(payload)
+            if stage in drops and i in drops[stage]:
+                alive.discard(i)
+                continue
+            t0 = time.perf_counter()
+            try:
+                reply = parties[i].handle(stage, payload)
+            except ProtocolAbort as exc:
+                aborts.append(exc)
+                alive.discard(i)
+                continue
+            times.append(time.perf_counter() - t0)
+            if reply is not None:
+                net.note_sent(stage, i, reply)
+                replies[i] = reply
+        if times:
+            timings[f"participant_{stage.value}"] = float(np.mean(times))
+            if stage is Stage.UPLOAD:
+                timings["participant_protect"] = float(np.mean(times))
+        if aborts:
+            first = aborts[0]
+            raise ProtocolAbort(
+                f"{len(aborts)} participant(s) aborted at stage {stage.value}: {first}",
+                stage=first.stage,
+            ) from first
+        if _finished(coord):
+            break
+        t0 = time.perf_counter()
+        for i, reply in replies.items():
+            if adversary == "inconsistent-survivors" and stage is Stage.CONSISTENCY:
+                ctx.raw_consistency[ids[i]] = reply
+                try:
+                    coord.receive(ids[i], reply)
+                except SecfedError:
+                    pass  # signed a set the (lying) coordinator did not expect
+                continue
+            coord.receive(ids[i], reply)
+        timings[f"coordinator_receive_{stage.value}"] = time.perf_counter() - t0
+
+    result = coord.result()
+    survivors = tuple(index[p] for p in result.survivors)
+    agree = True
+    aggregate: npt.NDArray[np.float64]
+    if mode == "ckks":
+        outs = [parties[i].result().aggregate for i in sorted(alive)]
+        aggregate = outs[0]
+        agree = all(np.array_equal(o, aggregate) or np.allclose(o, aggregate, atol=1e-6) for o in outs)
+    else:
+        assert result.aggregate is not None
+        aggregate = result.aggregate
+        agree = all(np.array_equal(parties[i].result().aggregate, aggregate) for i in sorted(alive))
+    return SimulationResult(
+        aggregate=aggregate,
+        survivors=survivors,
+        timings=timings,
+        bytes_per_participant={
+            "sent": float(np.mean(net.sent)),
+            "received": float(np.mean(net.received)),
+            "upload": float(np.mean([b for b in net.upload if b] or [0])),
+        },
+        mode=mode,
+        threshold=spec.threshold,
+        neighbours=spec.neighbours,
+        participants_agree=agree,
+    )
+
+
+def _finished(coord: CoordinatorRound) -> bool:
+    return coord.stage in (Stage.DONE, Stage.ABORTED)
+
+
+def _record_round(
+    spec: RoundSpec, ids: list[str], identities: list[IdentityKey], roster: Mapping[str, bytes],
+    vecs: list[npt.NDArray[np.float32]], ctx_secret: Any, ctx_public: bytes | None,
+) -> dict[Stage, dict[str, bytes]]:
+    """Run the previous round honestly and keep the coordinator's payloads (for replay)."""
+    prev = RoundSpec.create(
+        federation=spec.federation, round_number=spec.round_number - 1, mode=spec.mode,
+        participants=ids, vector_length=spec.vector_length, threshold=spec.threshold,
+        neighbours=spec.neighbours or None, min_participants=spec.min_participants,
+        scale_bits=spec.scale_bits, ring_bits=spec.ring_bits, clip_bound=spec.clip_bound,
+    )
+    policy = ParticipantPolicy(min_threshold_fraction=0.0)
+    parties = {
+        p: ParticipantRound(prev, me=p, identity=k, roster=roster, policy=policy, ckks_context=ctx_secret)
+        for p, k in zip(ids, identities)
+    }
+    coord = CoordinatorRound(prev, roster=roster, ckks_public_context=ctx_public)
+    for p, v in zip(ids, vecs):
+        parties[p].set_update(v)
+        coord.receive(p, parties[p].start())
+    seen: dict[Stage, dict[str, bytes]] = {}
+    while coord.stage not in (Stage.DONE, Stage.ABORTED):
+        out = coord.close_stage()
+        seen[coord.stage] = out
+        for p, payload in out.items():
+            reply = parties[p].handle(coord.stage, payload)
+            if reply is not None:
+                coord.receive(p, reply)
+    return seen
+
+
+# -- the malicious coordinator's playbook ---------------------------------------------------------
+
+
+def _substitute_key(stage: Stage, out: dict[str, bytes], ctx: _AttackContext) -> dict[str, bytes]:
+    """Swap the first participant's mask key for one the coordinator knows (signature kept)."""
+    if not out or stage not in (Stage.SHARE, Stage.UPLOAD) or ctx.spec.mode == "ckks":
+        return out
+    victim = ctx.ids[0]
+    evil = X25519KeyPair.generate().public_bytes()
+    forged: dict[str, bytes] = {}
+    for p, payload in out.items():
+        msg = decode_message(payload)
+        if not isinstance(msg, KeyRoster):
+            return out
+        adverts = tuple(
+            AdvertiseKeys(a.round_number, a.spec_digest, a.sender, a.cipher_key, evil, a.signature)
+            if a.sender == victim and p != victim else a
+            for a in msg.adverts
+        )
+        forged[p] = KeyRoster(msg.round_number, adverts).to_bytes()
+    return forged
+
+
+def _request_both_shares(stage: Stage, out: dict[str, bytes], ctx: _AttackContext) -> dict[str, bytes]:
+    """Ask every holder for the mask-key share of a survivor whose self-mask share it also asks."""
+    if stage is not Stage.UNMASK:
+        return out
+    forged: dict[str, bytes] = {}
+    for p, payload in out.items():
+        msg = decode_message(payload)
+        assert isinstance(msg, UnmaskRequest)
+        victim = msg.survivors[0] if msg.survivors[0] != p else msg.survivors[-1]
+        forged[p] = UnmaskRequest(
+            msg.round_number, msg.session_id, msg.survivors, msg.signatures,
+            msg.self_mask_of, (*msg.mask_key_of, victim),
+        ).to_bytes()
+    return forged
+
+
+def _below_threshold(stage: Stage, out: dict[str, bytes], ctx: _AttackContext) -> dict[str, bytes]:
+    """Claim that only t-1 parties uploaded, hoping they unmask a small sum."""
+    if stage is not Stage.CONSISTENCY:
+        return out
+    msg = decode_message(next(iter(out.values())))
+    assert isinstance(msg, ConsistencyRequest)
+    few = msg.survivors[: ctx.spec.quorum - 1]
+    payload = ConsistencyRequest(msg.round_number, msg.session_id, few).to_bytes()
+    return {p: payload for p in few}
+
+
+def _inconsistent_survivors(stage: Stage, out: dict[str, bytes], ctx: _AttackContext) -> dict[str, bytes]:
+    """Show half the survivors the full set and half a set without a victim; then unmask."""
+    if stage is Stage.CONSISTENCY:
+        msg = decode_message(next(iter(out.values())))
+        assert isinstance(msg, ConsistencyRequest)
+        full = msg.survivors
+        victim = full[0]
+        partial = tuple(s for s in full if s != victim)
+        forged = {}
+        for j, p in enumerate(full):
+            surv = full if j % 2 == 0 else partial
+            if p == victim:
+                surv = full
+            forged[p] = ConsistencyRequest(msg.round_number, msg.session_id, surv).to_bytes()
+        ctx.raw_consistency.clear()
+        ctx.previous_round[Stage.CONSISTENCY] = forged
+        return forged
+    if stage is Stage.UNMASK and ctx.raw_consistency:
+        shown = ctx.previous_round[Stage.CONSISTENCY]
+        sigs: dict[tuple[str, ...], list[tuple[str, bytes]]] = {}
+        for p, raw in ctx.raw_consistency.items():
+            req = decode_message(shown[p])
+            sig = decode_message(raw)
+            assert isinstance(req, ConsistencyRequest) and isinstance(sig, ConsistencySignature)
+            sigs.setdefault(req.survivors, []).append((p, sig.signature))
+        forged = {}
+        for p in ctx.raw_consistency:
+            req = decode_message(shown[p])
+            assert isinstance(req, ConsistencyRequest)
+            full = max(sigs, key=len)
+            hidden: tuple[str, ...] = ()
+            if req.survivors != full:
+                hidden = tuple(s for s in full if s not in req.survivors)
+            forged[p] = UnmaskRequest(
+                req.round_number, req.session_id, req.survivors, tuple(sigs[req.survivors]),
+                req.survivors, hidden,
+            ).to_bytes()
+        return forged
+    return out
+
+
+def _replay_previous_round(stage: Stage, out: dict[str, bytes], ctx: _AttackContext) -> dict[str, bytes]:
+    """Deliver the previous round's payloads for this stage instead of this round's."""
+    old = ctx.previous_round.get(stage)
+    if not old or stage is Stage.DONE:
+        return out
+    return {p: old.get(p, payload) for p, payload in out.items()}
+
+
+_ATTACKS: dict[str, Adversary] = {
+    "substitute-key": _substitute_key,
+    "request-both-shares": _request_both_shares,
+    "below-threshold": _below_threshold,
+    "inconsistent-survivors": _inconsistent_survivors,
+    "replay-previous-round": _replay_previous_round,
+}

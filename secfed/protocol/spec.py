@@ -1,0 +1,381 @@
+"""Round parameters, stages, the participant's safety policy, session ids and the SecAgg+ graph.
+
+``RoundSpec`` is what the coordinator announces; ``ParticipantPolicy.check`` is what every
+enterprise runs on it *before* it creates any secret. The SecAgg+ neighbour graph (Bell et al.,
+CCS 2020) is a Harary graph over a permutation drawn from an AES-CTR stream keyed by a hash of
+the public session id, so every party computes the same graph and the coordinator cannot pick it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from secfed.crypto.encoding import check_headroom
+from secfed.crypto.errors import ConfigError, HeadroomError, MessageFormatError, ProtocolAbort
+from secfed.crypto.prg import keystream
+from secfed.protocol.wire import Reader, Writer
+
+__all__ = [
+    "Stage",
+    "MODES",
+    "MASK_MODES",
+    "SPEC_VERSION",
+    "RoundSpec",
+    "ParticipantPolicy",
+    "default_threshold",
+    "default_neighbours",
+    "neighbour_graph",
+    "session_id",
+    "neighbourhood_failure_bound",
+]
+
+SPEC_VERSION = 1
+MODES = ("secagg", "secagg+", "ckks")
+MASK_MODES = ("secagg", "secagg+")
+_MODE_CODE = {m: i for i, m in enumerate(MODES)}
+_SPEC_LABEL = b"secfed/v1/round-spec"
+_SESSION_LABEL = b"secfed/v1/session"
+_GRAPH_LABEL = b"secfed/v1/secagg+-graph"
+MIN_THRESHOLD = 2  # t = 1 would let the coordinator unmask a single party's input
+MAX_PARTICIPANTS = 65535  # Shamir x-coordinates are 2 bytes on the wire
+
+
+class Stage(enum.Enum):
+    """Stages of a round, in order. The coordinator collects the messages of its current stage."""
+
+    ADVERTISE = "advertise"  # signed ephemeral X25519 keys (ckks: a signed hello)
+    SHARE = "share"  # encrypted Shamir shares of the self-mask seed and the mask key
+    UPLOAD = "upload"  # masked vector (ckks: signed ciphertexts)
+    CONSISTENCY = "consistency"  # each survivor signs the survivor set
+    UNMASK = "unmask"  # shares of survivors' seeds / dropouts' keys, never both
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+def default_threshold(n: int) -> int:
+    """t = floor(2n/3) + 1, at least 2 and at most n (Bonawitz et al. 2017, malicious server)."""
+    return min(n, max(MIN_THRESHOLD, (2 * n) // 3 + 1))
+
+
+def default_neighbours(n: int) -> int:
+    """SecAgg+ degree k: even, near 4*log2(n), at most n-1 (Bell et al. 2020, k = O(log n)).
+
+    With k = 4*log2(n) the neighbourhood (k+1 parties) keeps a share threshold of 2/3 of
+    itself; :func:`neighbourhood_failure_bound` gives the probability that random dropouts or
+    corruptions break some neighbourhood.
+    """
+    if n <= 2:
+        return 0
+    k = 2 * math.ceil(2 * math.log2(n))
+    return min(k, (n - 1) - (n - 1) % 2)
+
+
+def neighbourhood_failure_bound(*, n: int, k: int, t: int, fraction: float, bad_at_least: int) -> float:
+    """Union bound over the n neighbourhoods that ``bad_at_least`` of k+1 members are "bad".
+
+    Members are bad independently with probability ``fraction`` (a random dropout or a random
+    corrupted enterprise). For dropouts use ``bad_at_least = k + 2 - t`` (the neighbourhood can
+    no longer reach t shares); for corruption use ``bad_at_least = t`` (the colluders could
+    reconstruct a seed by themselves).
+    """
+    m = k + 1
+    tail = sum(
+        math.comb(m, j) * fraction**j * (1 - fraction) ** (m - j)
+        for j in range(max(0, bad_at_least), m + 1)
+    )
+    return min(1.0, n * tail)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSpec:
+    """One round's public parameters, announced by the coordinator and checked by everyone.
+
+    ``threshold`` is the Shamir threshold: over all participants for ``secagg``, within each
+    neighbourhood (a party and its ``neighbours``) for ``secagg+``; for ``ckks`` it is unused
+    (0) and ``min_participants`` is the minimum set size.
+    """
+
+    federation: str
+    round_number: int
+    mode: str
+    participants: tuple[str, ...]
+    threshold: int
+    vector_length: int
+    scale_bits: int = 24
+    ring_bits: int = 64
+    clip_bound: float = 0.0
+    min_participants: int = 2
+    neighbours: int = 0
+    global_hash: str = ""
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        federation: str,
+        round_number: int,
+        mode: str,
+        participants: Sequence[str],
+        vector_length: int,
+        threshold: int | None = None,
+        neighbours: int | None = None,
+        min_participants: int | None = None,
+        scale_bits: int = 24,
+        ring_bits: int = 64,
+        clip_bound: float = 0.0,
+        global_hash: str = "",
+    ) -> RoundSpec:
+        """A spec with the privacy-first defaults filled in (t = floor(2n/3)+1, k = O(log n))."""
+        n = len(participants)
+        k = 0
+        if mode == "secagg+":
+            k = default_neighbours(n) if neighbours is None else neighbours
+            t = default_threshold(k + 1) if threshold is None else threshold
+            mp = default_threshold(n) if min_participants is None else min_participants
+        elif mode == "secagg":
+            t = default_threshold(n) if threshold is None else threshold
+            mp = t if min_participants is None else min_participants
+        else:
+            t = 0 if threshold is None else threshold
+            mp = min(n, 2) if min_participants is None else min_participants
+        spec = cls(
+            federation=federation,
+            round_number=round_number,
+            mode=mode,
+            participants=tuple(participants),
+            threshold=t,
+            vector_length=vector_length,
+            scale_bits=scale_bits,
+            ring_bits=ring_bits,
+            clip_bound=clip_bound,
+            min_participants=mp,
+            neighbours=k,
+            global_hash=global_hash,
+        )
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        """Structural checks every party runs (not the policy; see :class:`ParticipantPolicy`).
+
+        Raises:
+            ConfigError: naming the field, the rule and the value.
+        """
+        n = len(self.participants)
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES} (got {self.mode!r})")
+        if not 2 <= n <= MAX_PARTICIPANTS:
+            raise ConfigError(f"participants must number 2..{MAX_PARTICIPANTS} (got {n})")
+        if len(set(self.participants)) != n:
+            raise ConfigError("participants must be distinct enterprise ids (got duplicates)")
+        if self.round_number < 0:
+            raise ConfigError(f"round_number must be >= 0 (got {self.round_number})")
+        if self.vector_length < 1:
+            raise ConfigError(f"vector_length must be >= 1 (got {self.vector_length})")
+        if self.ring_bits not in (64, 32):
+            raise ConfigError(f"ring_bits must be 64 or 32 (got {self.ring_bits})")
+        if not 0 <= self.scale_bits <= self.ring_bits - 2:
+            raise ConfigError(f"scale_bits must be in [0, {self.ring_bits - 2}] (got {self.scale_bits})")
+        if not math.isfinite(self.clip_bound) or self.clip_bound < 0:
+            raise ConfigError(f"clip_bound must be finite and >= 0 (got {self.clip_bound})")
+        if not 1 <= self.min_participants <= n:
+            raise ConfigError(f"min_participants must be in [1, {n}] (got {self.min_participants})")
+        if self.mode == "secagg":
+            if not MIN_THRESHOLD <= self.threshold <= n:
+                raise ConfigError(f"threshold must be in [{MIN_THRESHOLD}, {n}] (got {self.threshold})")
+            if self.neighbours != 0:
+                raise ConfigError(f"neighbours must be 0 for mode secagg (got {self.neighbours})")
+        elif self.mode == "secagg+":
+            if not 2 <= self.neighbours <= n - 1 or self.neighbours % 2:
+                raise ConfigError(
+                    f"neighbours must be even and in [2, {n - 1}] for secagg+ (got {self.neighbours})"
+                )
+            if not MIN_THRESHOLD <= self.threshold <= self.neighbours + 1:
+                raise ConfigError(
+                    f"threshold must be in [{MIN_THRESHOLD}, {self.neighbours + 1}] "
+                    f"(the neighbourhood size) (got {self.threshold})"
+                )
+        elif self.threshold != 0 or self.neighbours != 0:
+            raise ConfigError("threshold and neighbours must be 0 for mode ckks")
+
+    @property
+    def quorum(self) -> int:
+        """Fewest parties any stage may continue with."""
+        if self.mode == "secagg":
+            return max(self.threshold, self.min_participants)
+        return self.min_participants
+
+    def index(self, enterprise: str) -> int:
+        """Position of ``enterprise`` in the ordered participant list (Shamir x = index + 1)."""
+        try:
+            return self.participants.index(enterprise)
+        except ValueError:
+            raise ProtocolAbort(f"sender {enterprise!r} is not a participant of this round") from None
+
+    def to_bytes(self) -> bytes:
+        """Versioned canonical encoding (also what :meth:`digest` hashes)."""
+        w = Writer().u8(SPEC_VERSION).blob(self.federation.encode("utf-8")).u64(self.round_number)
+        w.u8(_MODE_CODE[self.mode]).texts(self.participants).u32(self.threshold)
+        w.u64(self.vector_length).u8(self.scale_bits).u8(self.ring_bits).f64(self.clip_bound)
+        w.u32(self.min_participants).u32(self.neighbours).blob(self.global_hash.encode("utf-8"))
+        return w.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RoundSpec:
+        """Decode :meth:`to_bytes` output.
+
+        Raises:
+            MessageFormatError: malformed bytes or an invalid spec.
+        """
+        r = Reader(data, "RoundSpec")
+        version = r.u8()
+        if version != SPEC_VERSION:
+            raise MessageFormatError(f"RoundSpec version must be {SPEC_VERSION} (got {version})")
+        try:
+            federation = r.blob().decode("utf-8")
+            round_number = r.u64()
+            code = r.u8()
+            if code >= len(MODES):
+                raise MessageFormatError(f"RoundSpec mode code must be < {len(MODES)} (got {code})")
+            participants = r.texts()
+            threshold = r.u32()
+            vector_length = r.u64()
+            scale_bits, ring_bits = r.u8(), r.u8()
+            clip_bound = r.f64()
+            min_participants, neighbours = r.u32(), r.u32()
+            global_hash = r.blob().decode("utf-8")
+            r.end()
+            spec = cls(
+                federation, round_number, MODES[code], participants, threshold, vector_length,
+                scale_bits, ring_bits, clip_bound, min_participants, neighbours, global_hash,
+            )
+            spec.validate()
+        except (UnicodeDecodeError, ConfigError) as exc:
+            raise MessageFormatError(f"RoundSpec is invalid: {exc}") from exc
+        return spec
+
+    def digest(self) -> bytes:
+        """SHA-256 over the canonical encoding: binds advertisements to these exact parameters."""
+        return hashlib.sha256(_SPEC_LABEL + self.to_bytes()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantPolicy:
+    """What an enterprise accepts. Checked before any secret of the round exists.
+
+    ``min_threshold_fraction``: the Shamir threshold must exceed this fraction of the share
+    holders (2/3 keeps a malicious coordinator that lies about dropouts from reaching t with
+    the honest parties' shares, Bonawitz et al. 2017 sec. 6).
+    """
+
+    allowed_modes: tuple[str, ...] = MODES
+    min_threshold_fraction: float = 2 / 3
+    min_participants: int = 2
+    max_participants: int = MAX_PARTICIPANTS
+    max_vector_length: int = 1 << 31
+    min_neighbours: int = 2
+    last_round: int = -1  # the newest round this enterprise already took part in
+    federation: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def check(self, spec: RoundSpec, *, me: str, roster: Mapping[str, bytes]) -> None:
+        """Refuse an unsafe or foreign round.
+
+        Raises:
+            ProtocolAbort: naming the field, the rule and the value received.
+        """
+        try:
+            spec.validate()
+        except ConfigError as exc:
+            raise ProtocolAbort(f"round spec refused: {exc}", stage="advertise") from exc
+        n = len(spec.participants)
+
+        def refuse(msg: str) -> None:
+            raise ProtocolAbort(f"round spec refused: {msg}", stage="advertise")
+
+        if self.federation is not None and spec.federation != self.federation:
+            refuse(f"federation must be {self.federation!r} (got {spec.federation!r})")
+        if spec.mode not in self.allowed_modes:
+            refuse(f"mode must be one of {self.allowed_modes} (got {spec.mode!r})")
+        if spec.round_number <= self.last_round:
+            refuse(f"round_number must be > {self.last_round} (got {spec.round_number}): replay")
+        if me not in spec.participants:
+            refuse(f"participants must include this enterprise {me!r}")
+        unknown = [p for p in spec.participants if p not in roster]
+        if unknown:
+            refuse(f"participants must all be pinned in the roster (unknown: {unknown[:3]})")
+        if not self.min_participants <= n <= self.max_participants:
+            refuse(f"participants must number {self.min_participants}..{self.max_participants} (got {n})")
+        if spec.min_participants < min(n, self.min_participants):
+            refuse(f"min_participants must be >= {min(n, self.min_participants)} (got {spec.min_participants})")
+        if spec.vector_length > self.max_vector_length:
+            refuse(f"vector_length must be <= {self.max_vector_length} (got {spec.vector_length})")
+        if spec.mode in MASK_MODES:
+            holders = n if spec.mode == "secagg" else spec.neighbours + 1
+            floor_t = max(MIN_THRESHOLD, math.floor(self.min_threshold_fraction * holders) + 1)
+            floor_t = min(floor_t, holders)
+            if spec.threshold < floor_t:
+                refuse(
+                    f"threshold must be >= {floor_t} of {holders} share holders "
+                    f"(got {spec.threshold})"
+                )
+            if spec.mode == "secagg+" and spec.neighbours < min(self.min_neighbours, n - 1):
+                refuse(f"neighbours must be >= {self.min_neighbours} (got {spec.neighbours})")
+            if spec.clip_bound > 0:
+                try:
+                    check_headroom(
+                        n_participants=n, max_abs=spec.clip_bound,
+                        scale_bits=spec.scale_bits, ring_bits=spec.ring_bits,
+                    )
+                except HeadroomError as exc:
+                    refuse(f"ring headroom: {exc}")
+
+
+def session_id(spec: RoundSpec, adverts: Sequence[tuple[str, bytes, bytes, bytes]]) -> bytes:
+    """SHA-256 over the spec digest, the round number and the ordered (id, public keys) list.
+
+    ``adverts`` holds ``(enterprise id, identity key, cipher key, mask key)`` in spec order.
+    """
+    h = hashlib.sha256(_SESSION_LABEL)
+    h.update(spec.digest())
+    h.update(spec.round_number.to_bytes(8, "big"))
+    for enterprise, identity, cpk, spk in adverts:
+        raw = enterprise.encode("utf-8")
+        h.update(len(raw).to_bytes(1, "big") + raw)
+        for key in (identity, cpk, spk):
+            h.update(len(key).to_bytes(1, "big") + key)
+    return h.digest()
+
+
+def neighbour_graph(spec: RoundSpec, sid: bytes) -> dict[str, frozenset[str]]:
+    """Each participant's neighbours (excluding itself).
+
+    ``secagg``: everyone. ``secagg+``: a k-regular Harary graph (each node joined to the k/2
+    nearest on each side of a ring) over a permutation seeded by SHA-256(label || session id).
+    """
+    parts = spec.participants
+    n = len(parts)
+    if spec.mode != "secagg+":
+        everyone = frozenset(parts)
+        return {p: everyone - {p} for p in parts}
+    seed = hashlib.sha256(_GRAPH_LABEL + sid).digest()
+    draws = keystream(seed, n, np.uint64)
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):  # Fisher-Yates; modulo bias < n/2^64, irrelevant for a public graph
+        j = int(draws[i]) % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    half = spec.neighbours // 2
+    graph: dict[str, set[str]] = {p: set() for p in parts}
+    for pos in range(n):
+        u = parts[order[pos]]
+        for step in range(1, half + 1):
+            v = parts[order[(pos + step) % n]]
+            graph[u].add(v)
+            graph[v].add(u)
+    return {p: frozenset(s) for p, s in graph.items()}
