@@ -103,7 +103,15 @@ class CoordinatorRound:
             raise ProtocolError("mode ckks needs the public CKKS context")
         self.spec = spec
         self._roster = dict(roster)
-        self._ckks_ctx = ckks_public_context
+        self._ckks_ctx: object = None
+        if spec.mode == "ckks":
+            from secfed.crypto import ckks
+
+            try:
+                self._ckks_ctx = ckks.load_context(ckks_public_context, expect_secret=False)
+            except CkksError as exc:
+                raise ProtocolError(f"ckks_public_context is unusable: {exc}") from exc
+            self._n_ciphertexts = int(ckks.n_ciphertexts(spec.vector_length))
         self._workers = workers
         self.stage = Stage.ADVERTISE
         self.records: list[tuple[str, str, bytes]] = []  # accepted (stage, sender, payload)
@@ -282,6 +290,10 @@ class CoordinatorRound:
             self._check(sender, m.sender, m.session_id)
             # Signature first, over the raw bytes: nothing is parsed before it verifies.
             verify_signature(self._roster[sender], m.signature, m.signed_bytes())
+            if len(m.ciphertexts) != self._n_ciphertexts:
+                raise ProtocolError(
+                    f"ckks upload must hold {self._n_ciphertexts} ciphertexts (got {len(m.ciphertexts)})"
+                )
             self._ckks_uploads[sender] = m
             self._heads[sender] = m.ledger_head
         elif st is Stage.CONSISTENCY and isinstance(m, ConsistencySignature):
@@ -436,7 +448,14 @@ class CoordinatorRound:
         self._quorum(len(self._ckks_uploads), "uploaded")
         members = tuple(p for p in spec.participants if p in self._ckks_uploads)
         try:
-            total = tuple(ckks.add_encrypted(self._ckks_ctx, [list(self._ckks_uploads[p].ciphertexts) for p in members]))
+            total = tuple(
+                ckks.add_encrypted(
+                    self._ckks_ctx,
+                    [list(self._ckks_uploads[p].ciphertexts) for p in members],
+                    length=spec.vector_length,
+                    workers=self._workers,
+                )
+            )
         except CkksError as exc:
             raise ProtocolAbort(f"stage upload: ciphertexts could not be added: {exc}", stage="upload") from exc
         self._survivors = members

@@ -336,18 +336,23 @@ def _record_round(
 
 
 def _substitute_key(stage: Stage, out: dict[str, bytes], ctx: _AttackContext) -> dict[str, bytes]:
-    """Swap the first participant's mask key for one the coordinator knows (signature kept)."""
+    """Swap the first participant's keys for ones the coordinator holds (signature kept).
+
+    With the victim's cipher key it could open every share sent to the victim; with its mask
+    key it could strip the victim's pairwise masks.
+    """
     if not out or stage not in (Stage.SHARE, Stage.UPLOAD) or ctx.spec.mode == "ckks":
         return out
     victim = ctx.ids[0]
-    evil = X25519KeyPair.generate().public_bytes()
+    evil_cipher = X25519KeyPair.generate().public_bytes()
+    evil_mask = X25519KeyPair.generate().public_bytes()
     forged: dict[str, bytes] = {}
     for p, payload in out.items():
         msg = decode_message(payload)
         if not isinstance(msg, KeyRoster):
             return out
         adverts = tuple(
-            AdvertiseKeys(a.round_number, a.spec_digest, a.sender, a.cipher_key, evil, a.signature)
+            AdvertiseKeys(a.round_number, a.spec_digest, a.sender, evil_cipher, evil_mask, a.signature)
             if a.sender == victim and p != victim else a
             for a in msg.adverts
         )

@@ -1,0 +1,200 @@
+"""A malicious coordinator: every attack ends in a typed abort before any secret leaves."""
+
+from __future__ import annotations
+
+import pytest
+
+from secfed.errors import InvalidSignature, ProtocolAbort, ProtocolError
+from secfed.protocol import CoordinatorRound, ParticipantRound, Stage, simulate
+from secfed.protocol.messages import (
+    ConsistencyRequest,
+    ForwardedShares,
+    UnmaskRequest,
+    decode_message,
+)
+
+from .harness import make_harness, make_updates
+
+UPDATES = make_updates(10, 32, seed=21)
+
+
+def _attack(name: str, mode: str = "secagg"):
+    sent: list = []
+    with pytest.raises(ProtocolAbort) as info:
+        simulate(UPDATES, mode=mode, adversary=name, transcript=sent)
+    kinds = [(stage, i, kind) for stage, i, kind, _ in sent]
+    return info.value, kinds
+
+
+def _released_shares(kinds) -> list:
+    return [k for k in kinds if k[2] == "UnmaskResponse"]
+
+
+@pytest.mark.parametrize("mode", ["secagg", "secagg+"])
+def test_request_both_shares(mode: str) -> None:
+    exc, kinds = _attack("request-both-shares", mode)
+    assert exc.stage == "unmask" and "both shares" in str(exc)
+    assert _released_shares(kinds) == []
+
+
+@pytest.mark.parametrize("mode", ["secagg", "secagg+"])
+def test_inconsistent_survivors(mode: str) -> None:
+    exc, kinds = _attack("inconsistent-survivors", mode)
+    assert exc.stage == "unmask" and "consistency signatures" in str(exc)
+    assert _released_shares(kinds) == []
+
+
+@pytest.mark.parametrize("mode", ["secagg", "secagg+"])
+def test_substitute_key(mode: str) -> None:
+    exc, kinds = _attack("substitute-key", mode)
+    assert exc.stage == "share"
+    assert isinstance(exc.__cause__, ProtocolAbort)
+    assert isinstance(exc.__cause__.__cause__, InvalidSignature)
+    # Nobody but the victim (whose own view was untouched) sealed shares to anyone.
+    share_senders = {i for stage, i, kind in kinds if kind == "ShareKeys"}
+    assert share_senders <= {0}
+    assert _released_shares(kinds) == []
+
+
+@pytest.mark.parametrize("mode", ["secagg", "secagg+"])
+def test_below_threshold(mode: str) -> None:
+    exc, kinds = _attack("below-threshold", mode)
+    assert exc.stage == "consistency" and "below the threshold 7" in str(exc)
+    assert [k for k in kinds if k[2] in ("ConsistencySignature", "UnmaskResponse")] == []
+
+
+@pytest.mark.parametrize("mode", ["secagg", "secagg+"])
+def test_replay_previous_round(mode: str) -> None:
+    exc, kinds = _attack("replay-previous-round", mode)
+    assert exc.stage == "share" and "another round" in str(exc)
+    assert [k for k in kinds if k[2] != "AdvertiseKeys"] == []
+
+
+# -- the participant's unmask rules, one by one, on a hand-driven round ---------------------------
+
+
+def _to_unmask(n: int = 5, drop_upload=()):
+    h = make_harness(n=n, d=16)
+    h.advertise()
+    h.step()  # key roster -> shares
+    h.step(skip=drop_upload)  # forwarded shares -> uploads
+    h.step()  # consistency request -> signatures
+    requests = h.coord.close_stage()  # unmask requests (not delivered yet)
+    assert h.coord.stage is Stage.UNMASK
+    return h, {p: decode_message(b) for p, b in requests.items()}
+
+
+def _forge(req: UnmaskRequest, **changes) -> bytes:
+    fields = dict(
+        round_number=req.round_number, session_id=req.session_id, survivors=req.survivors,
+        signatures=req.signatures, self_mask_of=req.self_mask_of, mask_key_of=req.mask_key_of,
+    )
+    fields.update(changes)
+    return UnmaskRequest(**fields).to_bytes()
+
+
+def test_participant_refuses_both_shares_of_a_dropout() -> None:
+    h, reqs = _to_unmask(drop_upload=("org-4",))
+    req = reqs["org-0"]
+    assert req.mask_key_of == ("org-4",)
+    with pytest.raises(ProtocolAbort, match="both shares"):
+        h.parties["org-0"].handle("unmask", _forge(req, self_mask_of=(*req.self_mask_of, "org-4")))
+
+
+def test_participant_refuses_a_survivor_set_differing_from_the_signed_one() -> None:
+    h, reqs = _to_unmask()
+    req = reqs["org-1"]
+    with pytest.raises(ProtocolAbort, match="differs from the set"):
+        h.parties["org-1"].handle("unmask", _forge(req, survivors=req.survivors[:-1]))
+
+
+def test_participant_refuses_too_few_signatures() -> None:
+    h, reqs = _to_unmask()
+    req = reqs["org-2"]
+    t = h.spec.threshold
+    with pytest.raises(ProtocolAbort, match="valid consistency signatures"):
+        h.parties["org-2"].handle("unmask", _forge(req, signatures=req.signatures[: t - 1]))
+
+
+def test_participant_refuses_a_forged_signature() -> None:
+    h, reqs = _to_unmask()
+    req = reqs["org-2"]
+    signer, sig = req.signatures[0]
+    bad = ((signer, bytes([sig[0] ^ 1]) + sig[1:]),) + req.signatures[1:]
+    with pytest.raises(ProtocolAbort):
+        h.parties["org-2"].handle("unmask", _forge(req, signatures=bad))
+
+
+def test_participant_refuses_to_sign_fewer_than_t_survivors() -> None:
+    h = make_harness(n=5, d=16)
+    h.advertise()
+    h.step()
+    h.step()
+    out = h.coord.close_stage()
+    req = decode_message(out["org-0"])
+    assert isinstance(req, ConsistencyRequest)
+    few = ConsistencyRequest(req.round_number, req.session_id, req.survivors[: h.spec.threshold - 1])
+    with pytest.raises(ProtocolAbort, match="below the threshold"):
+        h.parties["org-0"].handle("consistency", few.to_bytes())
+
+
+def test_participant_answers_unmask_once_and_forgets_secrets() -> None:
+    h, reqs = _to_unmask()
+    party = h.parties["org-3"]
+    reply = party.handle("unmask", reqs["org-3"].to_bytes())
+    assert reply is not None
+    assert party._self_seed is None and party._mask_keys is None and party._held == {}
+    with pytest.raises(ProtocolAbort):
+        party.handle("unmask", reqs["org-3"].to_bytes())
+
+
+def test_tampered_sealed_share_aborts() -> None:
+    h = make_harness(n=4, d=8)
+    h.advertise()
+    h.step()
+    out = h.coord.close_stage()
+    fwd = decode_message(out["org-1"])
+    assert isinstance(fwd, ForwardedShares)
+    sender, blob = fwd.sealed[0]
+    flipped = blob[:-1] + bytes([blob[-1] ^ 1])
+    bad = ForwardedShares(fwd.round_number, fwd.session_id, fwd.receiver, ((sender, flipped),) + fwd.sealed[1:])
+    with pytest.raises(ProtocolAbort, match="DecryptionError"):
+        h.parties["org-1"].handle("upload", bad.to_bytes())
+
+
+def test_share_redirected_to_another_receiver_aborts() -> None:
+    h = make_harness(n=4, d=8)
+    h.advertise()
+    h.step()
+    out = h.coord.close_stage()
+    fwd1, fwd2 = decode_message(out["org-1"]), decode_message(out["org-2"])
+    # the share org-0 sealed for org-2, delivered to org-1: AD binds the receiver
+    stolen = dict(fwd2.sealed)["org-0"]
+    sealed = tuple((s, stolen if s == "org-0" else b) for s, b in fwd1.sealed)
+    bad = ForwardedShares(fwd1.round_number, fwd1.session_id, "org-1", sealed)
+    with pytest.raises(ProtocolAbort, match="DecryptionError"):
+        h.parties["org-1"].handle("upload", bad.to_bytes())
+
+
+def test_coordinator_refuses_previous_round_messages() -> None:
+    old = make_harness(n=3, d=8, round_number=4)
+    old.run()
+    # Round 5 with the same enterprises and identities.
+    new = make_harness(n=3, d=8, round_number=5)
+    new.identities = old.identities
+    new.coord = CoordinatorRound(new.spec, roster=old.roster)
+    for p, k in zip(new.ids, old.identities):
+        new.parties[p] = ParticipantRound(new.spec, me=p, identity=k, roster=old.roster)
+        new.parties[p].set_update(make_updates(1, 8)[0])
+    old_advert = next(b for stage, p, b in old.sent if stage == "advertise" and p == "org-0")
+    with pytest.raises(ProtocolError, match="another round"):
+        new.coord.receive("org-0", old_advert)
+    assert new.coord.records == []
+    new.advertise()
+    new.step()
+    new.step(skip=("org-0",))  # org-0 has not uploaded in round 5 yet
+    old_upload = next(b for stage, p, b in old.sent if stage == "upload" and p == "org-0")
+    before = list(new.coord.records)
+    with pytest.raises(ProtocolError, match="another round"):
+        new.coord.receive("org-0", old_upload)
+    assert new.coord.records == before
