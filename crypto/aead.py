@@ -29,8 +29,15 @@ def _field(value: bytes) -> bytes:
 
 def binding_ad(*, session_id: bytes, round_number: int, sender: str, receiver: str) -> bytes:
     """Canonical associated data binding (session id, round, sender, receiver)."""
-    if round_number < 0:
-        raise ConfigError(f"round_number must be >= 0 (got {round_number})")
+    if isinstance(round_number, bool) or not isinstance(round_number, int):
+        raise ConfigError(f"round_number must be an int (got {type(round_number).__name__})")
+    if not 0 <= round_number < 2**64:
+        raise ConfigError(f"round_number must be in [0, 2^64) (got {round_number})")
+    if not isinstance(session_id, bytes | bytearray) or not session_id:
+        raise ConfigError("session_id must be non-empty bytes")
+    for name, party in (("sender", sender), ("receiver", receiver)):
+        if not isinstance(party, str) or not party:
+            raise ConfigError(f"{name} must be a non-empty str (got {party!r})")
     return (
         _AD_LABEL
         + _field(bytes(session_id))
@@ -41,8 +48,12 @@ def binding_ad(*, session_id: bytes, round_number: int, sender: str, receiver: s
 
 
 def seal(key: bytes, plaintext: bytes, *, associated_data: bytes) -> bytes:
-    """Encrypt and authenticate; returns ``nonce || ciphertext || tag``."""
-    if len(key) != KEY_BYTES:
+    """Encrypt and authenticate; returns ``nonce || ciphertext || tag``.
+
+    Raises:
+        ConfigError: the key is not 32 bytes.
+    """
+    if not isinstance(key, bytes | bytearray) or len(key) != KEY_BYTES:
         raise ConfigError(f"AES-256-GCM key must be {KEY_BYTES} bytes (got {len(key)})")
     nonce = os.urandom(NONCE_BYTES)
     return nonce + AESGCM(bytes(key)).encrypt(nonce, bytes(plaintext), bytes(associated_data))
@@ -54,11 +65,13 @@ def open_sealed(key: bytes, blob: bytes, *, associated_data: bytes) -> bytes:
     Raises:
         DecryptionError: for any failure at all.
     """
-    if len(key) != KEY_BYTES or len(blob) < NONCE_BYTES + TAG_BYTES:
-        raise DecryptionError()
     try:
+        if len(key) != KEY_BYTES or len(blob) < NONCE_BYTES + TAG_BYTES:
+            raise DecryptionError()
         return AESGCM(bytes(key)).decrypt(
             bytes(blob[:NONCE_BYTES]), bytes(blob[NONCE_BYTES:]), bytes(associated_data)
         )
+    except DecryptionError:
+        raise
     except (InvalidTag, ValueError, TypeError) as exc:
         raise DecryptionError() from exc

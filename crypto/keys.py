@@ -10,6 +10,7 @@ import hmac
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature as _PycaInvalidSignature
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -104,9 +105,20 @@ def agree(private: X25519KeyPair, peer_public: bytes) -> bytes:
     return shared
 
 
+_HKDF_MAX_LENGTH = 255 * 32  # RFC 5869: L <= 255 * HashLen
+
+
 def hkdf(ikm: bytes, *, salt: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
-    """HKDF-SHA256 (RFC 5869) extract-and-expand."""
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+    """HKDF-SHA256 (RFC 5869) extract-and-expand.
+
+    Raises:
+        ConfigError: ``length`` outside [1, 8160].
+    """
+    if not 1 <= length <= _HKDF_MAX_LENGTH:
+        raise ConfigError(f"hkdf length must be in [1, {_HKDF_MAX_LENGTH}] (got {length})")
+    return HKDF(
+        algorithm=hashes.SHA256(), length=length, salt=bytes(salt), info=bytes(info)
+    ).derive(bytes(ikm))
 
 
 def derive_key(
@@ -123,7 +135,9 @@ def derive_key(
         ConfigError: ``purpose`` is not one of the registered labels or session id is empty.
     """
     if purpose not in LABELS:
-        raise ConfigError(f"purpose must be one of the registered secfed/v1 labels (got {purpose!r})")
+        raise ConfigError(
+            f"purpose must be one of the registered secfed/v1 labels (got {purpose!r})"
+        )
     if not session_id:
         raise ConfigError("session_id must be non-empty (it salts every derived key)")
     return hkdf(shared_secret, salt=session_id, info=purpose + context, length=length)
@@ -149,7 +163,7 @@ class IdentityKey:
         """Load a PKCS#8 PEM private key (unencrypted, as written to a startup kit)."""
         try:
             key = serialization.load_pem_private_key(pem, password=None)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise ConfigError("identity key file is not an unencrypted PKCS#8 PEM key") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError(f"identity key must be Ed25519 (got {type(key).__name__})")
@@ -193,7 +207,8 @@ def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> Non
     try:
         if len(public_key) != KEY_BYTES or len(signature) != 64:
             raise InvalidSignature()
-        Ed25519PublicKey.from_public_bytes(bytes(public_key)).verify(bytes(signature), bytes(message))
+        key = Ed25519PublicKey.from_public_bytes(bytes(public_key))
+        key.verify(bytes(signature), bytes(message))
     except (_PycaInvalidSignature, ValueError, TypeError) as exc:
         raise InvalidSignature() from exc
 

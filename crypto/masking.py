@@ -15,12 +15,21 @@ import numpy as np
 import numpy.typing as npt
 
 from secfed.crypto.errors import ConfigError
-from secfed.crypto.prg import AES_BLOCK, keystream_into
+from secfed.crypto.prg import AES_BLOCK, SEED_BYTES, keystream_into
 
-__all__ = ["add_mod_", "sub_mod_", "apply_masks", "DEFAULT_WORKERS", "CHUNK_BYTES"]
+__all__ = [
+    "add_mod_",
+    "sub_mod_",
+    "apply_masks",
+    "split_points",
+    "DEFAULT_WORKERS",
+    "CHUNK_BYTES",
+    "MIN_WORDS_PER_WORKER",
+]
 
 DEFAULT_WORKERS = 2  # this product's reference machine has two cores
 CHUNK_BYTES = 1 << 18  # 256 KiB: keystream chunk stays in L2 while it is added
+MIN_WORDS_PER_WORKER = 1 << 16  # below ~0.5 MiB per thread, starting the thread costs more
 
 UArray = npt.NDArray[np.unsignedinteger]
 
@@ -48,21 +57,46 @@ def sub_mod_(acc: UArray, other: UArray) -> UArray:
 
 
 def _apply_range(acc: UArray, masks: Sequence[tuple[bytes, int]], start: int, stop: int) -> None:
+    """Apply every mask to ``acc[start:stop]``, one cache-sized chunk at a time."""
     item = acc.dtype.itemsize
     step = CHUNK_BYTES // item
-    tmp = np.empty(min(step, stop - start), dtype=acc.dtype)
-    pos = start
-    while pos < stop:
+    keystream_chunk = np.empty(min(step, stop - start), dtype=acc.dtype)
+    for pos in range(start, stop, step):
         end = min(pos + step, stop)
         chunk = acc[pos:end]
-        buf = tmp[: end - pos]
+        buf = keystream_chunk[: end - pos]
         for seed, sign in masks:
             keystream_into(seed, buf, offset_bytes=pos * item)
             if sign > 0:
                 np.add(chunk, buf, out=chunk)
             else:
                 np.subtract(chunk, buf, out=chunk)
-        pos = end
+
+
+def _check_masks(masks: Sequence[tuple[bytes, int]]) -> None:
+    # Every check happens before the first write, so a bad entry leaves ``acc`` untouched.
+    for index, entry in enumerate(masks):
+        if not isinstance(entry, tuple) or len(entry) != 2:
+            raise ConfigError(f"masks[{index}] must be a (seed, sign) pair (got {type(entry).__name__})")
+        seed, sign = entry
+        if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
+            got = len(seed) if isinstance(seed, bytes | bytearray) else type(seed).__name__
+            raise ConfigError(f"masks[{index}] seed must be {SEED_BYTES} bytes (got {got})")
+        if isinstance(sign, bool) or sign not in (1, -1):
+            raise ConfigError(f"masks[{index}] sign must be +1 or -1 (got {sign!r})")
+
+
+def split_points(n: int, itemsize: int, workers: int) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into at most ``workers`` contiguous ranges on keystream-block bounds.
+
+    Each range gets at least :data:`MIN_WORDS_PER_WORKER` words, so a short vector is not
+    split at all (a second thread costs more than it saves there).
+    """
+    align = AES_BLOCK // itemsize  # words per AES block: ranges must start on a block
+    workers = max(1, min(workers, n // MIN_WORDS_PER_WORKER))
+    per = -(-n // workers)
+    per += (-per) % align
+    return [(a, min(a + per, n)) for a in range(0, n, per)] if n else []
 
 
 def apply_masks(
@@ -75,29 +109,31 @@ def apply_masks(
 
     ``sign`` is +1 or -1. Equivalent to generating each full mask with
     :func:`secfed.crypto.prg.keystream` and adding/subtracting it, but in cache-sized chunks
-    and split over ``workers`` threads.
+    and split over ``workers`` threads (pyca and numpy release the GIL; the threads write
+    disjoint ranges of ``acc``). Returns ``acc``.
 
     Raises:
-        ConfigError: bad dtype/layout, a sign other than +-1, or a bad seed.
+        ConfigError: bad dtype/layout, a sign other than +-1, or a bad seed -- before any write.
     """
-    if acc.dtype not in (np.uint64, np.uint32) or not acc.flags.c_contiguous:
-        raise ConfigError(f"accumulator must be a contiguous uint64/uint32 array (got {acc.dtype})")
-    for _, sign in masks:
-        if sign not in (1, -1):
-            raise ConfigError(f"mask sign must be +1 or -1 (got {sign})")
+    if not isinstance(acc, np.ndarray) or acc.ndim != 1 or acc.dtype not in (np.uint64, np.uint32):
+        got = f"{acc.dtype}{acc.shape}" if isinstance(acc, np.ndarray) else type(acc).__name__
+        raise ConfigError(f"accumulator must be a 1-D uint64/uint32 array (got {got})")
+    if not acc.flags.c_contiguous or not acc.flags.writeable:
+        raise ConfigError("accumulator must be C-contiguous and writeable")
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1 (got {workers})")
+    _check_masks(masks)
     n = acc.shape[0]
     if n == 0 or not masks:
         return acc
-    item = acc.dtype.itemsize
-    align = AES_BLOCK // item  # split points must fall on keystream block boundaries
-    workers = max(1, min(workers, n // max(align, 1 << 14) or 1))
-    if workers == 1:
+    bounds = split_points(n, acc.dtype.itemsize, workers)
+    if len(bounds) == 1:
         _apply_range(acc, masks, 0, n)
         return acc
-    per = -(-n // workers)
-    per += (-per) % align
-    bounds = [(i * per, min((i + 1) * per, n)) for i in range(workers) if i * per < n]
-    with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
-        for fut in [pool.submit(_apply_range, acc, masks, a, b) for a, b in bounds]:
-            fut.result()
+    # The calling thread takes the first range itself: one thread start instead of two.
+    with ThreadPoolExecutor(max_workers=len(bounds) - 1) as pool:
+        futures = [pool.submit(_apply_range, acc, masks, a, b) for a, b in bounds[1:]]
+        _apply_range(acc, masks, *bounds[0])
+        for future in futures:
+            future.result()
     return acc

@@ -12,31 +12,30 @@ predictable (Flower issue #7522 folds a seed to 32 bits).
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import numpy.typing as npt
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from secfed.crypto.errors import ConfigError
 
-__all__ = ["SEED_BYTES", "AES_BLOCK", "keystream_into", "keystream", "chacha20_keystream_into"]
+__all__ = [
+    "SEED_BYTES",
+    "AES_BLOCK",
+    "ZERO_PIECE_BYTES",
+    "keystream_into",
+    "keystream",
+    "chacha20_keystream_into",
+]
 
 SEED_BYTES = 32  # AES-256 key: 256-bit seeds, never folded
 AES_BLOCK = 16  # bytes per CTR counter increment
 
-_zero_lock = threading.Lock()
-_zero_buf: bytes = bytes(1 << 20)
-
-
-def _zeros(nbytes: int) -> memoryview:
-    """A read-only view of ``nbytes`` zero bytes from one shared, grown-on-demand buffer."""
-    global _zero_buf
-    if nbytes > len(_zero_buf):
-        with _zero_lock:
-            if nbytes > len(_zero_buf):
-                _zero_buf = bytes(max(nbytes, 2 * len(_zero_buf)))
-    return memoryview(_zero_buf)[:nbytes]
+# Fixed, immutable zero input for update_into. CPython allocates it with calloc, so its pages are
+# the kernel's shared zero page: reading it touches no memory bandwidth. Outputs larger than it
+# are produced in pieces (one pyca call per MiB costs ~1 us), so nothing grows, nothing is locked
+# and concurrent threads can share it.
+ZERO_PIECE_BYTES = 1 << 20
+_ZEROS = memoryview(bytes(ZERO_PIECE_BYTES))
 
 
 def _check_seed(seed: bytes) -> None:
@@ -50,6 +49,22 @@ def _check_out(out: npt.NDArray[np.unsignedinteger]) -> None:
         raise ConfigError(f"mask buffer dtype must be uint64 or uint32 (got {out.dtype})")
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ConfigError("mask buffer must be C-contiguous and writeable")
+
+
+_COUNTER_LIMIT = 1 << 128  # the 128-bit CTR counter must never wrap inside one stream
+
+
+def _blocks(nbytes: int) -> int:
+    return -(-nbytes // AES_BLOCK)
+
+
+def _fill(enc: CipherContext, out: npt.NDArray[np.unsignedinteger]) -> None:
+    """Encrypt zeros into ``out`` piece by piece: ``out`` then holds the raw keystream."""
+    view = out.data.cast("B")
+    total = view.nbytes
+    for start in range(0, total, ZERO_PIECE_BYTES):
+        stop = min(start + ZERO_PIECE_BYTES, total)
+        enc.update_into(_ZEROS[: stop - start], view[start:stop])
 
 
 def keystream_into(
@@ -67,28 +82,37 @@ def keystream_into(
     _check_out(out)
     if offset_bytes % AES_BLOCK:
         raise ConfigError(f"keystream offset must be a multiple of {AES_BLOCK} (got {offset_bytes})")
+    if offset_bytes < 0 or offset_bytes // AES_BLOCK + _blocks(out.nbytes) > _COUNTER_LIMIT:
+        raise ConfigError(
+            f"keystream offset must be >= 0 and the stream must end below block 2^128 "
+            f"(got offset {offset_bytes} for {out.nbytes} bytes)"
+        )
     counter = (offset_bytes // AES_BLOCK).to_bytes(AES_BLOCK, "big")
     enc = Cipher(algorithms.AES(bytes(seed)), modes.CTR(counter)).encryptor()
-    view = memoryview(out).cast("B")
-    enc.update_into(_zeros(view.nbytes), view)
+    _fill(enc, out)
 
 
-def keystream(seed: bytes, n: int, dtype: type[np.unsignedinteger] = np.uint64) -> npt.NDArray[np.unsignedinteger]:
+def keystream(
+    seed: bytes, n: int, dtype: type[np.unsignedinteger] = np.uint64
+) -> npt.NDArray[np.unsignedinteger]:
     """A new array of ``n`` keystream words (convenience over :func:`keystream_into`)."""
+    if n < 0:
+        raise ConfigError(f"keystream length must be >= 0 (got {n})")
     out = np.empty(n, dtype=dtype)
     keystream_into(seed, out)
     return out
 
 
-def chacha20_keystream_into(seed: bytes, nonce: bytes, out: npt.NDArray[np.unsignedinteger]) -> None:
+def chacha20_keystream_into(
+    seed: bytes, nonce: bytes, out: npt.NDArray[np.unsignedinteger]
+) -> None:
     """ChaCha20 keystream into ``out`` (RFC 8439 test vectors and the benchmark's comparison).
 
     ``nonce`` is pyca's 16-byte form: 4-byte little-endian block counter then 12-byte nonce.
     """
     _check_seed(seed)
     _check_out(out)
-    if len(nonce) != 16:
+    if not isinstance(nonce, bytes | bytearray) or len(nonce) != 16:
         raise ConfigError(f"chacha20 nonce must be 16 bytes (got {len(nonce)})")
     enc = Cipher(algorithms.ChaCha20(bytes(seed), bytes(nonce)), mode=None).encryptor()
-    view = memoryview(out).cast("B")
-    enc.update_into(_zeros(view.nbytes), view)
+    _fill(enc, out)

@@ -7,6 +7,7 @@ field element; share indices are x = 1..n. Coefficients come from :mod:`secrets`
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ __all__ = [
     "combine_shares",
     "split_int",
     "combine_int",
+    "evaluate_polynomial",
 ]
 
 PRIME = 2**256 + 297  # smallest prime above 2^256 (checked in tests/crypto/test_shamir.py)
@@ -49,33 +51,49 @@ class Share:
         x = int.from_bytes(raw[:2], "big")
         y = int.from_bytes(raw[2:], "big")
         if not 1 <= x <= MAX_SHARES or y >= PRIME:
-            raise ShamirError(f"share index must be in [1, {MAX_SHARES}] and value below the prime (got x={x})")
+            raise ShamirError(
+                f"share index must be in [1, {MAX_SHARES}] and value below the prime (got x={x})"
+            )
         return cls(x, y)
 
     def __repr__(self) -> str:  # a share is secret material
         return f"Share(x={self.x}, y=<redacted>)"
 
 
-def _check_params(threshold: int, n_shares: int) -> None:
-    if not 1 <= n_shares <= MAX_SHARES:
-        raise ShamirError(f"n_shares must be in [1, {MAX_SHARES}] (got {n_shares})")
+def _check_params(threshold: int, n_shares: int, prime: int) -> None:
+    # x must stay below the prime: x = prime would be x = 0, the share that IS the secret.
+    top = min(MAX_SHARES, prime - 1)
+    if not 1 <= n_shares <= top:
+        raise ShamirError(f"n_shares must be in [1, {top}] (got {n_shares})")
     if not 1 <= threshold <= n_shares:
         raise ShamirError(f"threshold must be in [1, {n_shares}] (got {threshold})")
 
 
+def evaluate_polynomial(coefficients: Sequence[int], x: int, *, prime: int = PRIME) -> int:
+    """f(x) mod ``prime`` for f = c0 + c1 x + ... (Horner). The share computation, exposed so
+    tests can enumerate every polynomial over a toy field."""
+    y = 0
+    for c in reversed(coefficients):
+        y = (y * x + c) % prime
+    return y
+
+
 def split_int(secret: int, *, threshold: int, n_shares: int, prime: int = PRIME) -> list[Share]:
-    """Split a field element into ``n_shares`` shares, any ``threshold`` of which reconstruct it."""
-    _check_params(threshold, n_shares)
-    if not 0 <= secret < prime:
+    """Split a field element into ``n_shares`` shares, any ``threshold`` of which reconstruct it.
+
+    The ``threshold - 1`` higher coefficients are uniform in GF(prime) from the OS CSPRNG, so
+    any ``threshold - 1`` shares are independent of the secret.
+
+    Raises:
+        ShamirError: threshold/n_shares out of range, or the secret is not a field element.
+    """
+    _check_params(threshold, n_shares, prime)
+    if isinstance(secret, bool) or not isinstance(secret, int) or not 0 <= secret < prime:
         raise ShamirError("secret must be a field element (0 <= s < prime)")
-    coeffs = [secret] + [secrets.randbelow(prime) for _ in range(threshold - 1)]
-    shares = []
-    for x in range(1, n_shares + 1):
-        y = 0
-        for c in reversed(coeffs):  # Horner
-            y = (y * x + c) % prime
-        shares.append(Share(x, y))
-    return shares
+    coefficients = [secret] + [secrets.randbelow(prime) for _ in range(threshold - 1)]
+    return [
+        Share(x, evaluate_polynomial(coefficients, x, prime=prime)) for x in range(1, n_shares + 1)
+    ]
 
 
 def combine_int(shares: Sequence[Share], *, threshold: int, prime: int = PRIME) -> int:
@@ -88,14 +106,18 @@ def combine_int(shares: Sequence[Share], *, threshold: int, prime: int = PRIME) 
         raise ShamirError(f"threshold must be >= 1 (got {threshold})")
     if len(shares) < threshold:
         raise ShamirError(f"need {threshold} shares to reconstruct (got {len(shares)})")
+    top = min(MAX_SHARES, prime - 1)
+    for s in shares:
+        if not isinstance(s, Share):
+            raise ShamirError(f"shares must be Share objects (got {type(s).__name__})")
+        if not 1 <= s.x <= top:
+            raise ShamirError(f"share index must be in [1, {top}] (got {s.x})")
+        if not 0 <= s.y < prime:
+            raise ShamirError("share value must be a field element (0 <= y < prime)")
     xs = [s.x for s in shares]
     if len(set(xs)) != len(xs):
-        raise ShamirError("duplicate share indices")
-    for s in shares:
-        if not 1 <= s.x < prime or not 1 <= s.x <= MAX_SHARES:
-            raise ShamirError(f"share index must be in [1, {MAX_SHARES}] (got {s.x})")
-        if not 0 <= s.y < prime:
-            raise ShamirError("share value is not a field element")
+        duplicates = sorted(x for x, count in Counter(xs).items() if count > 1)
+        raise ShamirError(f"share indices must be distinct (got duplicates {duplicates})")
     use = shares[:threshold]
     secret = 0
     for i, si in enumerate(use):
@@ -111,7 +133,8 @@ def combine_int(shares: Sequence[Share], *, threshold: int, prime: int = PRIME) 
 def split_secret(secret: bytes, *, threshold: int, n_shares: int) -> list[Share]:
     """Split a 32-byte secret (a seed or a private key) t-of-n."""
     if not isinstance(secret, bytes | bytearray) or len(secret) != SECRET_BYTES:
-        raise ShamirError(f"secret must be {SECRET_BYTES} bytes")
+        got = len(secret) if isinstance(secret, bytes | bytearray) else type(secret).__name__
+        raise ShamirError(f"secret must be {SECRET_BYTES} bytes (got {got})")
     return split_int(int.from_bytes(secret, "big"), threshold=threshold, n_shares=n_shares)
 
 
