@@ -1,1 +1,44 @@
-"""The enterprise side of a federation: the ``secfed join`` loop."""
+"""The enterprise side of a federation: the ``secfed join`` loop.
+
+Front door: :func:`run_participant` (what ``secfed join`` calls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from secfed.participant.adapter import ModelSite, SyntheticSite
+from secfed.participant.loop import Participant, RoundReport
+from secfed.transport.kits import EnterpriseKit
+
+__all__ = ["Participant", "RoundReport", "run_participant"]
+
+
+def run_participant(
+    kit_dir: str | Path,
+    *,
+    model_dir: Path | None = None,
+    data_dir: Path | None = None,
+    test_dir: Path | None = None,
+    synthetic: bool = False,
+    events: Callable[[dict[str, Any]], None] | None = None,
+    max_rounds: int | None = None,
+) -> list[RoundReport]:
+    """Join the federation of the kit at ``kit_dir`` and take part until it is finished."""
+    kit = EnterpriseKit.load(kit_dir)
+    if synthetic:
+        site: Any = SyntheticSite(kit.root, kit.enterprise_id, kit.federation.model)
+    else:
+        if model_dir is None or data_dir is None:
+            from secfed.crypto.errors import ConfigError
+
+            raise ConfigError("--model and --data must both be given (or --synthetic)")
+        site = ModelSite(kit.root, kit.enterprise_id, kit.federation.model,
+                         model_dir=model_dir, data_dir=data_dir, test_dir=test_dir)
+    participant = Participant(kit, site, events=events)
+    try:
+        return participant.run(max_rounds=max_rounds)
+    finally:
+        participant.close()

@@ -1,0 +1,37 @@
+"""``secfed join --kit DIR --model DIR --data DIR``: take part in a federation as one site."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from secfed.cli.options import json_option
+
+_dir = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+@click.command("join")
+@click.option("--kit", "kit_dir", type=_dir, required=True, help="This enterprise's startup kit.")
+@click.option("--model", "model_dir", type=_dir, default=None, help="Model directory.")
+@click.option("--data", "data_dir", type=_dir, default=None, help="This site's dataset.")
+@click.option("--test-data", "test_dir", type=_dir, default=None, help="Held-out set to report.")
+@click.option("--synthetic", is_flag=True, hidden=True, help="Stand-in updates (tests, benches).")
+@click.option("--max-rounds", type=int, default=None)
+@json_option
+def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_dir: Path | None,
+            synthetic: bool, max_rounds: int | None, as_json: bool) -> None:
+    """Fetch, check, train with DP, charge the ledger, protect, upload, apply -- every round."""
+    from secfed.participant import run_participant
+
+    def show(event: dict) -> None:
+        if as_json:
+            click.echo(json.dumps(event, sort_keys=True, default=str))
+        elif event["event"] in ("round_report", "round_refused", "round_aborted", "charged",
+                                "training", "peers_disagree"):
+            rest = {k: v for k, v in event.items() if k not in ("event", "at", "enterprise")}
+            click.echo(f"[{event['enterprise']}] {event['event']}: {rest}")
+
+    run_participant(kit_dir, model_dir=model_dir, data_dir=data_dir, test_dir=test_dir,
+                    synthetic=synthetic, events=show, max_rounds=max_rounds)

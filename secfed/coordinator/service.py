@@ -1,0 +1,454 @@
+"""The coordinator: drives :class:`secfed.protocol.coordinator.CoordinatorRound` over HTTPS.
+
+One asyncio task (:meth:`Coordinator.run`) opens rounds, closes each stage when every expected
+participant has been heard or at the stage deadline (the protocol decides whether the survivors
+still reach the quorum or the round aborts), then collects the survivors' signed confirmations of
+the new global adapter hash. The HTTP handlers call :meth:`submit`, :meth:`inbox`,
+:meth:`round_info`, :meth:`confirm`, :meth:`outcome`.
+
+Every accepted message is committed to SQLite before it is acknowledged. After a crash the
+round in flight is rebuilt by replaying the accepted messages stage by stage (closing each stage
+that had been closed, so the per-recipient payloads are regenerated identically); if that fails
+the round is aborted cleanly and the next one starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from secfed.config import FederationConfig, RoundTerms
+from secfed.coordinator.state import CoordinatorState
+from secfed.crypto.errors import (
+    ConfigError,
+    InvalidSignature,
+    ProtocolAbort,
+    ProtocolError,
+    SecfedError,
+)
+from secfed.crypto.keys import constant_time_equal, verify_signature
+from secfed.protocol.coordinator import CoordinatorRound
+from secfed.protocol.spec import RoundSpec, Stage
+from secfed.transport.api import (
+    AppliedConfirmation,
+    Envelope,
+    RoundInfo,
+    RoundOutcome,
+    SubmitAck,
+    applied_signed_bytes,
+)
+from secfed.transport.kits import CoordinatorKit
+
+__all__ = ["Coordinator", "EventSink"]
+
+EventSink = Callable[[dict[str, Any]], None]
+RESTART_GRACE_S = 30.0  # after a restart, give participants this long to re-send before closing
+TICK_S = 0.05  # deadline check period of the driver loop
+
+
+@dataclass
+class _Live:
+    """The round in flight (memory)."""
+
+    spec: RoundSpec
+    machine: CoordinatorRound
+    status: str = "open"  # open | confirming | done | aborted
+    outbox: dict[str, dict[str, bytes]] = field(default_factory=dict)  # stage -> recipient -> bytes
+    deadline: float = 0.0
+    abort_reason: str | None = None
+
+
+def noise_multiplier_for(fed: FederationConfig) -> float:
+    """sigma from the settings, or calibrated once for the planned horizon (DESIGN.md)."""
+    if fed.dp.noise_multiplier is not None:
+        return fed.dp.noise_multiplier
+    try:
+        from secfed.privacy import calibrate_noise
+    except ImportError:
+        raise ConfigError("dp.noise_multiplier must be set (no calibration available)") from None
+    return float(
+        calibrate_noise(
+            target_epsilon=fed.dp.target_epsilon, delta=fed.dp.delta,
+            sample_rate=fed.dp.sample_rate, steps=fed.rounds * fed.dp.local_steps,
+            accountant="rdp",
+        )
+    )
+
+
+class Coordinator:
+    """Runs the federation's rounds from a coordinator kit.
+
+    Args:
+        kit: the coordinator's startup kit.
+        events: receives one dict per event (round opened, stage closed, ...).
+    """
+
+    def __init__(self, kit: CoordinatorKit, *, events: EventSink | None = None):
+        self.kit = kit
+        self.fed = kit.federation
+        self.roster = {e.id: e.public_key_bytes() for e in self.fed.roster}
+        self.state = CoordinatorState(kit.state)
+        self._events = events or (lambda _e: None)
+        self._ckks_public = kit.ckks_public.read_bytes() if kit.ckks_public.is_file() else None
+        self._sigma = noise_multiplier_for(self.fed)
+        self._live: _Live | None = None
+        self._finished = False
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Condition()
+        self._global_hash = self.fed.model.initial_global_hash
+
+    # ------------------------------------------------------------------ events
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self._events({"event": kind, "at": round(time.time(), 3), **fields})
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _wait_change(self, predicate: Callable[[], bool], wait: float) -> bool:
+        end = time.monotonic() + wait
+        async with self._changed:
+            while not predicate():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout=left)
+                except TimeoutError:
+                    return predicate()
+        return True
+
+    # ------------------------------------------------------------------ round building
+
+    def terms(self, round_number: int) -> RoundTerms:
+        spec_mode = self.fed.mode_for_round(round_number)
+        dp = self.fed.dp
+        return RoundTerms(
+            round_number=round_number, mode=spec_mode, participants=self.fed.enterprise_ids(),  # type: ignore[arg-type]
+            threshold=self.fed.threshold, min_participants=self.fed.min_participants,
+            noise_multiplier=self._sigma, sample_rate=dp.sample_rate, local_steps=dp.local_steps,
+            max_grad_norm=dp.max_grad_norm, learning_rate=dp.learning_rate, delta=dp.delta,
+        )
+
+    def _spec(self, round_number: int) -> RoundSpec:
+        mode = self.fed.mode_for_round(round_number)
+        m = self.fed.model
+        return RoundSpec.create(
+            federation=self.fed.name, round_number=round_number, mode=mode,
+            participants=self.fed.enterprise_ids(), vector_length=m.vector_length,
+            threshold=self.fed.threshold if mode == "secagg" else None,
+            neighbours=(self.fed.neighbours or None) if mode == "secagg+" else None,
+            min_participants=self.fed.min_participants if mode != "secagg+" else None,
+            scale_bits=m.scale_bits, ring_bits=m.ring_bits, clip_bound=m.clip_bound,
+            global_hash=self._global_hash,
+        )
+
+    def _machine(self, spec: RoundSpec) -> CoordinatorRound:
+        return CoordinatorRound(
+            spec, roster=self.roster,
+            ckks_public_context=self._ckks_public if spec.mode == "ckks" else None,
+        )
+
+    def _deadline_for(self, stage: Stage) -> float:
+        d = self.fed.deadlines
+        if stage is Stage.ADVERTISE:
+            return time.time() + d.train
+        if stage is Stage.DONE:
+            return time.time() + d.applied
+        return time.time() + d.stage
+
+    def _open_round(self, round_number: int) -> None:
+        spec = self._spec(round_number)
+        self.state.open_round(
+            round_number=round_number, mode=spec.mode, participants=spec.participants,
+            threshold=spec.threshold, global_hash_before=spec.global_hash, spec=spec.to_bytes(),
+        )
+        live = _Live(spec, self._machine(spec))
+        live.deadline = self._deadline_for(Stage.ADVERTISE)
+        self.state.open_stage(round_number, Stage.ADVERTISE.value, live.deadline)
+        self._live = live
+        self.emit("round_opened", round=round_number, mode=spec.mode,
+                  participants=list(spec.participants), threshold=spec.threshold,
+                  global_hash=spec.global_hash)
+
+    def _recover(self) -> int:
+        """Rebuild the state after a restart; returns the next round number to open."""
+        rows = self.state.rounds()
+        done = [r for r in rows if r.status == "done" and r.global_hash_after]
+        if done:
+            self._global_hash = done[-1].global_hash_after or self._global_hash
+        open_rows = [r for r in rows if r.status == "open"]
+        for row in open_rows[:-1]:
+            self.state.abort_round(row.round, "superseded after restart")
+        if not open_rows:
+            return (rows[-1].round + 1) if rows else 1
+        row = open_rows[-1]
+        try:
+            self._live = self._replay(row.round, RoundSpec.from_bytes(row.spec))
+            self.emit("round_resumed", round=row.round, stage=self._live.machine.stage.value,
+                      messages=len(self.state.transcript(row.round)))
+            return row.round
+        except SecfedError as exc:
+            reason = f"could not be rebuilt after restart: {type(exc).__name__}: {exc}"
+            self.state.abort_round(row.round, reason)
+            self.emit("round_aborted", round=row.round, reason=reason)
+            return row.round + 1
+
+    def _replay(self, round_number: int, spec: RoundSpec) -> _Live:
+        live = _Live(spec, self._machine(spec))
+        records = self.state.transcript(round_number)
+        stages = self.state.stages(round_number)
+        machine = live.machine
+        for srow in stages:
+            if srow.stage == Stage.DONE.value:
+                live.status = "confirming"
+                live.deadline = max(srow.deadline, time.time() + RESTART_GRACE_S)
+                break
+            if machine.stage.value != srow.stage:
+                raise ProtocolError(
+                    f"replayed stage must be {srow.stage} (got {machine.stage.value})"
+                )
+            for rec in records:
+                if rec.stage == srow.stage:
+                    machine.receive(rec.sender, rec.payload)
+            if srow.closed_at is None:
+                live.deadline = max(srow.deadline, time.time() + RESTART_GRACE_S)
+                self.state.extend_stage(round_number, srow.stage, live.deadline)
+                break
+            out = machine.close_stage()
+            live.outbox[machine.stage.value] = out
+        if machine.stage is Stage.DONE:
+            live.status = "confirming"
+        return live
+
+    # ------------------------------------------------------------------ driver
+
+    async def run(self) -> None:
+        """Open and drive every round of the federation, then mark it finished."""
+        async with self._lock:
+            first = self._recover()
+        self.emit("coordinator_started", federation=self.fed.name, rounds=self.fed.rounds,
+                  next_round=first)
+        await self._notify()
+        r = first
+        while r <= self.fed.rounds:
+            if self._live is None or self._live.spec.round_number != r:
+                async with self._lock:
+                    self._open_round(r)
+                await self._notify()
+            await self._drive()
+            r += 1
+            if r <= self.fed.rounds and self.fed.deadlines.between_rounds:
+                await asyncio.sleep(self.fed.deadlines.between_rounds)
+        self._finished = True
+        self.emit("federation_finished", rounds=self.fed.rounds, global_hash=self._global_hash)
+        await self._notify()
+
+    async def _drive(self) -> None:
+        live = self._live
+        assert live is not None
+        machine = live.machine
+        while live.status == "open":
+            await self._wait_change(
+                lambda: machine.complete() or time.time() >= live.deadline,
+                max(0.0, live.deadline - time.time()) + TICK_S,
+            )
+            if not (machine.complete() or time.time() >= live.deadline):
+                continue
+            async with self._lock:
+                await asyncio.to_thread(self._close_stage, live)
+            await self._notify()
+        if live.status == "confirming":
+            await self._wait_change(
+                lambda: self._all_confirmed(live) or time.time() >= live.deadline,
+                max(0.0, live.deadline - time.time()) + TICK_S,
+            )
+            async with self._lock:
+                self._finish(live)
+            await self._notify()
+
+    def _close_stage(self, live: _Live) -> None:
+        machine = live.machine
+        closing = machine.stage
+        n = len(machine.received())
+        late = sorted(machine.expected())
+        try:
+            out = machine.close_stage()
+        except ProtocolAbort as exc:
+            self.state.close_stage(live.spec.round_number, closing.value, n)
+            self.state.abort_round(live.spec.round_number, str(exc))
+            live.status, live.abort_reason = "aborted", str(exc)
+            self.emit("round_aborted", round=live.spec.round_number, stage=closing.value,
+                      reason=str(exc))
+            return
+        self.state.close_stage(live.spec.round_number, closing.value, n)
+        live.outbox[machine.stage.value] = out
+        live.deadline = self._deadline_for(machine.stage)
+        self.state.open_stage(live.spec.round_number, machine.stage.value, live.deadline)
+        self.emit("stage_closed", round=live.spec.round_number, stage=closing.value,
+                  received=n, missing=late, next=machine.stage.value)
+        if machine.stage is Stage.DONE:
+            result = machine.result()
+            self.state.set_survivors(live.spec.round_number, result.survivors)
+            live.status = "confirming"
+            self.emit("aggregated", round=live.spec.round_number, mode=live.spec.mode,
+                      survivors=list(result.survivors))
+
+    def _all_confirmed(self, live: _Live) -> bool:
+        survivors = set(live.machine.result().survivors)
+        return survivors <= set(self.state.confirmations(live.spec.round_number))
+
+    def _finish(self, live: _Live) -> None:
+        confirmations = self.state.confirmations(live.spec.round_number)
+        counts = Counter(h for h, _sig in confirmations.values())
+        agreed = counts.most_common(1)[0][0] if counts else None
+        if len(counts) > 1:
+            self.emit("hash_disagreement", round=live.spec.round_number, hashes=dict(counts))
+        self.state.finish_round(live.spec.round_number, global_hash_after=agreed)
+        if agreed:
+            self._global_hash = agreed
+        live.status = "done"
+        self.emit("round_done", round=live.spec.round_number, global_hash=agreed,
+                  confirmed=sorted(confirmations))
+
+    # ------------------------------------------------------------------ service (HTTP side)
+
+    def _current(self, round_number: int) -> _Live:
+        live = self._live
+        if live is None or round_number > live.spec.round_number:
+            raise ProtocolError(f"round {round_number} is not open yet")
+        if round_number < live.spec.round_number:
+            row = self.state.round(round_number)
+            status = row.status if row else "unknown"
+            raise ProtocolAbort(
+                f"round_number must be the current round {live.spec.round_number} "
+                f"(got {round_number}, {status}): a message for an earlier round is refused"
+            )
+        return live
+
+    def _info(self) -> RoundInfo:
+        live = self._live
+        if live is None:
+            return RoundInfo(round_number=0, status="finished" if self._finished else "waiting")
+        status = {"open": "open", "confirming": "open", "done": "done", "aborted": "aborted"}[
+            live.status
+        ]
+        if self._finished:
+            status = "finished"
+        return RoundInfo(
+            round_number=live.spec.round_number, status=status,  # type: ignore[arg-type]
+            stage=live.machine.stage.value, spec_hex=live.spec.to_bytes().hex(),
+            terms=self.terms(live.spec.round_number), stage_deadline_unix=live.deadline,
+            abort_reason=live.abort_reason,
+        )
+
+    async def round_info(self, *, after: int, wait: float) -> RoundInfo:
+        def ready() -> bool:
+            return self._finished or (
+                self._live is not None and self._live.spec.round_number > after
+            )
+
+        await self._wait_change(ready, wait)
+        return self._info()
+
+    async def inbox(self, *, sender: str, round_number: int, stage: str, wait: float) -> bytes | None:
+        def ready() -> bool:
+            live = self._live
+            if live is None or live.spec.round_number < round_number:
+                return False
+            if live.spec.round_number > round_number or live.status == "aborted":
+                return True
+            return stage in live.outbox
+
+        await self._wait_change(ready, wait)
+        if not ready():
+            return None
+        live = self._current(round_number)
+        if live.status == "aborted" and stage not in live.outbox:
+            raise ProtocolAbort(f"round {round_number} was aborted: {live.abort_reason}")
+        box = live.outbox[stage]
+        if sender not in box:
+            raise ProtocolAbort(
+                f"stage {stage} of round {round_number} has no message for {sender!r}: "
+                "not a survivor of the previous stage"
+            )
+        return box[sender]
+
+    async def submit(self, *, sender: str, envelope: Envelope) -> SubmitAck:
+        async with self._lock:
+            live = self._current(envelope.round_number)
+            digest = envelope.payload_sha256()
+            ack = SubmitAck(accepted=True, round_number=envelope.round_number,
+                            stage=envelope.stage, sha256=digest)
+            prior = self.state.accepted_sha(envelope.round_number, envelope.stage, sender)
+            if prior is not None:
+                if constant_time_equal(prior.encode(), digest.encode()):
+                    return ack.model_copy(update={"duplicate": True})
+                raise ProtocolError(
+                    f"{sender!r} already sent a different {envelope.stage} message in round "
+                    f"{envelope.round_number}"
+                )
+            if live.status != "open" or live.machine.stage.value != envelope.stage:
+                raise ProtocolError(
+                    f"stage must be the open stage {live.machine.stage.value} "
+                    f"(got {envelope.stage}): late or early message refused"
+                )
+            await asyncio.to_thread(live.machine.receive, sender, envelope.payload)
+            self.state.record(
+                round_number=envelope.round_number, stage=envelope.stage, sender=sender,
+                payload=envelope.payload, sha256=digest,
+                ledger_head=envelope.ledger_head or None,
+            )
+        self.emit("message", round=envelope.round_number, stage=envelope.stage, sender=sender,
+                  bytes=len(envelope.payload))
+        await self._notify()
+        return ack
+
+    async def confirm(
+        self, *, sender: str, round_number: int, confirmation: AppliedConfirmation
+    ) -> SubmitAck:
+        async with self._lock:
+            live = self._current(round_number)
+            if live.status not in ("confirming", "done"):
+                raise ProtocolError(f"round {round_number} has no aggregate to confirm yet")
+            if sender not in live.machine.result().survivors:
+                raise ProtocolError(f"{sender!r} is not a survivor of round {round_number}")
+            message = applied_signed_bytes(
+                federation=self.fed.name, round_number=round_number,
+                global_hash=confirmation.global_hash,
+            )
+            try:
+                verify_signature(self.roster[sender], bytes.fromhex(confirmation.signature_hex),
+                                 message)
+            except InvalidSignature:
+                raise InvalidSignature() from None
+            prior = self.state.confirmations(round_number).get(sender)
+            if prior is not None and prior[0] != confirmation.global_hash:
+                raise ProtocolError(f"{sender!r} already confirmed another hash for this round")
+            self.state.confirm(round_number, sender, confirmation.global_hash,
+                               bytes.fromhex(confirmation.signature_hex))
+        await self._notify()
+        return SubmitAck(accepted=True, duplicate=prior is not None, round_number=round_number,
+                         stage="done", sha256=hashlib.sha256(message).hexdigest())
+
+    async def outcome(self, *, round_number: int) -> RoundOutcome:
+        row = self.state.round(round_number)
+        if row is None:
+            raise ProtocolError(f"round {round_number} is not open yet")
+        status = row.status
+        confirmations = {
+            s: AppliedConfirmation(global_hash=h, signature_hex=sig.hex())
+            for s, (h, sig) in self.state.confirmations(round_number).items()
+        }
+        return RoundOutcome(
+            round_number=round_number, status=status, mode=row.mode,  # type: ignore[arg-type]
+            survivors=row.survivors or (), global_hash_before=row.global_hash_before,
+            global_hash_after=row.global_hash_after, confirmations=confirmations,
+            abort_reason=row.abort_reason,
+        )

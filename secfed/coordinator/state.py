@@ -1,0 +1,220 @@
+"""The coordinator's crash-safe state: SQLite in WAL mode, ``synchronous=FULL``.
+
+A message is acknowledged only after its transcript row is committed, so nothing accepted is
+lost when the process is killed. The schema (documented in docs/CONTRACTS.md, "Federation
+state") is read by the audit report.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round              INTEGER PRIMARY KEY,
+    mode               TEXT NOT NULL,
+    participants       TEXT NOT NULL,          -- JSON list, spec order
+    threshold          INTEGER NOT NULL,
+    status             TEXT NOT NULL CHECK (status IN ('open', 'done', 'aborted')),
+    survivors          TEXT,                   -- JSON list, set when the protocol is done
+    global_hash_before TEXT NOT NULL,
+    global_hash_after  TEXT,                   -- agreed hash from signed confirmations
+    spec               BLOB NOT NULL,          -- RoundSpec.to_bytes()
+    opened_at          REAL NOT NULL,
+    closed_at          REAL,
+    abort_reason       TEXT
+);
+CREATE TABLE IF NOT EXISTS stages (
+    round     INTEGER NOT NULL REFERENCES rounds(round),
+    stage     TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    deadline  REAL NOT NULL,                   -- unix seconds
+    closed_at REAL,
+    received  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (round, stage)
+);
+CREATE TABLE IF NOT EXISTS transcript (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    round       INTEGER NOT NULL REFERENCES rounds(round),
+    stage       TEXT NOT NULL,
+    sender      TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    bytes       INTEGER NOT NULL,              -- length of payload
+    sha256      TEXT NOT NULL,                 -- hex SHA-256 of payload
+    ledger_head BLOB,                          -- LedgerHead bytes (uploads)
+    payload     BLOB NOT NULL,                 -- the protocol message, replayed after a crash
+    UNIQUE (round, stage, sender)
+);
+CREATE TABLE IF NOT EXISTS confirmations (
+    round       INTEGER NOT NULL REFERENCES rounds(round),
+    sender      TEXT NOT NULL,
+    global_hash TEXT NOT NULL,
+    signature   BLOB NOT NULL,                 -- Ed25519 over applied_signed_bytes(...)
+    received_at REAL NOT NULL,
+    PRIMARY KEY (round, sender)
+);
+"""
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    mode: str
+    participants: tuple[str, ...]
+    threshold: int
+    status: str
+    survivors: tuple[str, ...] | None
+    global_hash_before: str
+    global_hash_after: str | None
+    spec: bytes
+    abort_reason: str | None
+
+
+@dataclass(frozen=True)
+class StageRow:
+    stage: str
+    opened_at: float
+    deadline: float
+    closed_at: float | None
+
+
+@dataclass(frozen=True)
+class TranscriptRow:
+    seq: int
+    stage: str
+    sender: str
+    sha256: str
+    ledger_head: bytes | None
+    payload: bytes
+
+
+class CoordinatorState:
+    """Thin, explicit SQL over the coordinator's state file (one writer: the coordinator)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+        self.db.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+    # rounds
+    def open_round(self, *, round_number: int, mode: str, participants: tuple[str, ...],
+                   threshold: int, global_hash_before: str, spec: bytes) -> None:
+        self.db.execute(
+            "INSERT INTO rounds(round, mode, participants, threshold, status, global_hash_before,"
+            " spec, opened_at) VALUES (?, ?, ?, ?, 'open', ?, ?, ?)",
+            (round_number, mode, json.dumps(list(participants)), threshold, global_hash_before,
+             spec, time.time()),
+        )
+
+    def set_survivors(self, round_number: int, survivors: tuple[str, ...]) -> None:
+        self.db.execute("UPDATE rounds SET survivors = ? WHERE round = ?",
+                        (json.dumps(list(survivors)), round_number))
+
+    def finish_round(self, round_number: int, *, global_hash_after: str | None) -> None:
+        self.db.execute(
+            "UPDATE rounds SET status = 'done', global_hash_after = ?, closed_at = ? WHERE round = ?",
+            (global_hash_after, time.time(), round_number),
+        )
+
+    def abort_round(self, round_number: int, reason: str) -> None:
+        self.db.execute(
+            "UPDATE rounds SET status = 'aborted', abort_reason = ?, closed_at = ? WHERE round = ?",
+            (reason, time.time(), round_number),
+        )
+
+    def rounds(self) -> list[RoundRow]:
+        rows = self.db.execute(
+            "SELECT round, mode, participants, threshold, status, survivors, global_hash_before,"
+            " global_hash_after, spec, abort_reason FROM rounds ORDER BY round"
+        ).fetchall()
+        return [
+            RoundRow(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4],
+                     tuple(json.loads(r[5])) if r[5] else None, r[6], r[7], bytes(r[8]), r[9])
+            for r in rows
+        ]
+
+    def round(self, round_number: int) -> RoundRow | None:
+        return next((r for r in self.rounds() if r.round == round_number), None)
+
+    # stages
+    def open_stage(self, round_number: int, stage: str, deadline: float) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO stages(round, stage, opened_at, deadline) VALUES (?, ?, ?, ?)",
+            (round_number, stage, time.time(), deadline),
+        )
+
+    def extend_stage(self, round_number: int, stage: str, deadline: float) -> None:
+        self.db.execute("UPDATE stages SET deadline = ? WHERE round = ? AND stage = ?",
+                        (deadline, round_number, stage))
+
+    def close_stage(self, round_number: int, stage: str, received: int) -> None:
+        self.db.execute(
+            "UPDATE stages SET closed_at = ?, received = ? WHERE round = ? AND stage = ?",
+            (time.time(), received, round_number, stage),
+        )
+
+    def stages(self, round_number: int) -> list[StageRow]:
+        rows = self.db.execute(
+            "SELECT stage, opened_at, deadline, closed_at FROM stages WHERE round = ?"
+            " ORDER BY opened_at, rowid", (round_number,)
+        ).fetchall()
+        return [StageRow(*r) for r in rows]
+
+    # transcript
+    def record(self, *, round_number: int, stage: str, sender: str, payload: bytes,
+               sha256: str, ledger_head: bytes | None) -> None:
+        self.db.execute(
+            "INSERT INTO transcript(round, stage, sender, received_at, bytes, sha256, ledger_head,"
+            " payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (round_number, stage, sender, time.time(), len(payload), sha256, ledger_head, payload),
+        )
+
+    def transcript(self, round_number: int) -> list[TranscriptRow]:
+        rows = self.db.execute(
+            "SELECT seq, stage, sender, sha256, ledger_head, payload FROM transcript"
+            " WHERE round = ? ORDER BY seq", (round_number,)
+        ).fetchall()
+        return [TranscriptRow(r[0], r[1], r[2], r[3], bytes(r[4]) if r[4] else None, bytes(r[5]))
+                for r in rows]
+
+    def accepted_sha(self, round_number: int, stage: str, sender: str) -> str | None:
+        row = self.db.execute(
+            "SELECT sha256 FROM transcript WHERE round = ? AND stage = ? AND sender = ?",
+            (round_number, stage, sender),
+        ).fetchone()
+        return row[0] if row else None
+
+    # confirmations
+    def confirm(self, round_number: int, sender: str, global_hash: str, signature: bytes) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO confirmations(round, sender, global_hash, signature, received_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (round_number, sender, global_hash, signature, time.time()),
+        )
+
+    def confirmations(self, round_number: int) -> dict[str, tuple[str, bytes]]:
+        rows = self.db.execute(
+            "SELECT sender, global_hash, signature FROM confirmations WHERE round = ?",
+            (round_number,),
+        ).fetchall()
+        return {r[0]: (r[1], bytes(r[2])) for r in rows}

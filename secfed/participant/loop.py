@@ -1,0 +1,316 @@
+"""The ``secfed join`` loop: one enterprise taking part in every round it safely can.
+
+Per round: fetch the spec -> check it against the site's own policy, the pinned roster, its
+current global adapter hash and its remaining budget (before any secret exists) -> train with
+DP -> charge the ledger (committed) -> protect (protocol) -> upload with the signed ledger head
+-> answer the later stages -> decode the sum, apply sum / survivors (FedAvg) -> sign and send the
+new global hash -> check the peers' signed hashes. Every outbound message is recorded in the
+site's own SQLite ``outbound`` table.
+
+A participant restarted mid-round cannot continue that round (its ephemeral secrets lived only in
+memory, by design): the round counts as lost for it -- its charge stays in the ledger -- and it
+joins the next one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from secfed.crypto.errors import (
+    ConfigError,
+    InvalidSignature,
+    PrivacyError,
+    ProtocolAbort,
+    ProtocolError,
+    SecfedError,
+    TransportError,
+)
+from secfed.crypto.keys import verify_signature
+from secfed.participant.adapter import LocalSite
+from secfed.participant.ledger import open_site_ledger
+from secfed.participant.state import ParticipantState
+from secfed.protocol.participant import ParticipantRound
+from secfed.protocol.spec import ParticipantPolicy, RoundSpec, Stage
+from secfed.transport.api import (
+    AppliedConfirmation,
+    Envelope,
+    RoundInfo,
+    applied_signed_bytes,
+)
+from secfed.transport.client import CoordinatorClient
+from secfed.transport.kits import EnterpriseKit
+
+__all__ = ["Participant", "RoundReport"]
+
+POLL_S = 20.0  # long-poll length; the server answers as soon as something changes
+STAGE_SLACK_S = 30.0  # how long past the announced deadline to keep asking for a stage
+
+
+def _protection(stage: Stage, mode: str) -> str:
+    if stage is Stage.ADVERTISE:
+        return "signed"  # public keys signed with the identity key
+    if stage is Stage.SHARE:
+        return "encrypted"  # AES-GCM sealed Shamir shares
+    if stage is Stage.UPLOAD:
+        return "encrypted" if mode == "ckks" else "masked"
+    if stage is Stage.CONSISTENCY:
+        return "signed"
+    return "control"  # unmask shares: released by design for the survivors / dropouts
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    round_number: int
+    status: str
+    mode: str
+    survivors: tuple[str, ...] = ()
+    epsilon: float | None = None
+    metrics: dict[str, float] | None = None
+    detail: str = ""
+
+
+class Participant:
+    """One enterprise's loop over the federation's rounds.
+
+    Args:
+        kit: the enterprise's startup kit.
+        site: its local model (or a stand-in).
+        events: receives one dict per event.
+    """
+
+    def __init__(self, kit: EnterpriseKit, site: LocalSite, *,
+                 events: Callable[[dict[str, Any]], None] | None = None,
+                 retry_for: float = 180.0):
+        self.kit = kit
+        self.me = kit.enterprise_id
+        self.fed = kit.federation
+        self.site = site
+        self.identity = kit.identity()
+        self.roster = {e.id: e.public_key_bytes() for e in self.fed.roster}
+        self.state = ParticipantState(kit.state)
+        self.ledger = open_site_ledger(
+            kit.ledger, enterprise_id=self.me, identity=self.identity,
+            budget_epsilon=kit.policy.budget_epsilon, delta=kit.policy.delta,
+        )
+        self._events = events or (lambda _e: None)
+        self.client = CoordinatorClient(
+            base_url=self.fed.coordinator_url, cert=kit.cert, key=kit.key, ca=kit.ca,
+            retry_for=retry_for, on_retry=lambda m: self.emit("retry", detail=m),
+        )
+        self._ckks: Any = None
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        self._events({"event": kind, "enterprise": self.me, "at": round(time.time(), 3), **fields})
+
+    def close(self) -> None:
+        self.client.close()
+        self.state.close()
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, *, max_rounds: int | None = None) -> list[RoundReport]:
+        """Take part in rounds until the federation is finished (or ``max_rounds`` were seen)."""
+        reports: list[RoundReport] = []
+        after = self.state.last_round()
+        while max_rounds is None or len(reports) < max_rounds:
+            info = self.client.round_info(after=after, wait=POLL_S)
+            if info.round_number <= after:
+                if info.status == "finished":
+                    break
+                continue
+            self._verify_previous(reports)
+            after = info.round_number
+            report = self._round(info)
+            reports.append(report)
+            self.emit("round_report", round=report.round_number, status=report.status,
+                      mode=report.mode, survivors=list(report.survivors), epsilon=report.epsilon,
+                      metrics=report.metrics, detail=report.detail)
+            if info.status == "finished":
+                break
+        self._verify_previous(reports)
+        return reports
+
+    def _verify_previous(self, reports: list[RoundReport]) -> None:
+        if reports and reports[-1].status == "done" and not getattr(self, "_verified", None) == (
+            reports[-1].round_number
+        ):
+            self._verified = reports[-1].round_number
+            try:
+                agree = self.check_peers(reports[-1].round_number)
+                self.emit("peers_agree", round=reports[-1].round_number, signatures=agree)
+            except ProtocolAbort as exc:
+                self.emit("peers_disagree", round=reports[-1].round_number, reason=str(exc))
+
+    def _round(self, info: RoundInfo) -> RoundReport:
+        r = info.round_number
+        mode = info.terms.mode if info.terms else "?"
+        if self.state.round_status(r) is not None:
+            self.state.set_round(r, "lost", detail="restarted mid-round; secrets were not kept")
+            return RoundReport(r, "lost", mode, detail="restarted mid-round")
+        if info.status != "open" or info.stage != Stage.ADVERTISE.value:
+            return RoundReport(r, "missed", mode, detail=f"joined at stage {info.stage}")
+        try:
+            spec, terms = self._check(info)
+        except (ConfigError, PrivacyError, ProtocolAbort) as exc:
+            self.state.set_round(r, "refused", mode=mode, detail=str(exc))
+            self.emit("round_refused", round=r, reason=str(exc))
+            return RoundReport(r, "refused", mode, detail=str(exc))
+        try:
+            return self._take_part(spec, terms)
+        except (ProtocolAbort, ProtocolError, TransportError) as exc:
+            self.state.set_round(r, "aborted", detail=str(exc))
+            self.emit("round_aborted", round=r, reason=str(exc))
+            return RoundReport(r, "aborted", spec.mode, epsilon=self.ledger.epsilon(),
+                               detail=str(exc))
+
+    def _check(self, info: RoundInfo) -> tuple[RoundSpec, Any]:
+        """Every check that can refuse the round, before training and before any secret."""
+        if info.spec_hex is None or info.terms is None:
+            raise ConfigError("round info must carry spec and terms (got none)")
+        spec = RoundSpec.from_bytes(bytes.fromhex(info.spec_hex))
+        terms = info.terms
+        if spec.round_number != info.round_number or terms.round_number != spec.round_number:
+            raise ConfigError(f"round_number must agree in info/spec/terms (got {spec.round_number})")
+        if spec.mode != terms.mode or spec.participants != terms.participants:
+            raise ConfigError("spec and terms must agree on mode and participants")
+        if spec.federation != self.fed.name:
+            raise ConfigError(f"federation must be {self.fed.name!r} (got {spec.federation!r})")
+        if spec.vector_length != self.fed.model.vector_length:
+            raise ConfigError(
+                f"vector_length must be {self.fed.model.vector_length} (got {spec.vector_length})"
+            )
+        self.kit.policy.check_round(terms, roster=self.fed.enterprise_ids())
+        self._policy(spec).check(spec, me=self.me, roster=self.roster)
+        mine = self.site.global_hash()
+        if spec.global_hash != mine:
+            raise ProtocolAbort(
+                f"global_hash must be this site's adapter hash {mine[:12]}... "
+                f"(got {spec.global_hash[:12]}...)", stage="advertise",
+            )
+        if spec.mode == "ckks" and self._ckks_context() is None:
+            raise ConfigError("mode ckks needs ckks_secret.ctx in the kit (missing)")
+        eps_after = self.ledger.check(noise_multiplier=terms.noise_multiplier,
+                                      sample_rate=terms.sample_rate, steps=terms.local_steps)
+        self.kit.policy.check_budget(spent_epsilon=self.ledger.epsilon(),
+                                     round_epsilon_after=eps_after)
+        return spec, terms
+
+    def _policy(self, spec: RoundSpec) -> ParticipantPolicy:
+        p = self.kit.policy
+        return ParticipantPolicy(
+            allowed_modes=tuple(p.allowed_modes), min_participants=p.min_participants,
+            federation=self.fed.name, last_round=self.state.last_round(),
+        )
+
+    def _ckks_context(self) -> Any:
+        if self._ckks is None and self.kit.ckks_secret.is_file():
+            from secfed.crypto import ckks
+
+            self._ckks = ckks.load_context(self.kit.ckks_secret.read_bytes(), expect_secret=True)
+        return self._ckks
+
+    def _send(self, spec: RoundSpec, stage: Stage, payload: bytes, ledger_head: bytes = b"") -> None:
+        envelope = Envelope(round_number=spec.round_number, stage=stage.value,
+                            ledger_head=ledger_head, payload=payload)
+        self.state.sent(round_number=spec.round_number, stage=stage.value,
+                        destination="coordinator", payload=payload,
+                        protection=_protection(stage, spec.mode))
+        self.client.submit(envelope)
+
+    def _await_stage(self, spec: RoundSpec, stage: Stage) -> bytes:
+        while True:
+            data = self.client.inbox(round_number=spec.round_number, stage=stage.value, wait=POLL_S)
+            if data is not None:
+                return data
+            info = self.client.round_info(after=0, wait=0)
+            if info.round_number != spec.round_number or info.status == "aborted":
+                raise ProtocolAbort(f"round {spec.round_number} ended before stage {stage.value}")
+            if info.stage_deadline_unix and time.time() > info.stage_deadline_unix + STAGE_SLACK_S:
+                raise TransportError(f"stage {stage.value} did not open before its deadline")
+
+    def _take_part(self, spec: RoundSpec, terms: Any) -> RoundReport:
+        r = spec.round_number
+        policy = self._policy(spec)  # before this round is recorded (replay floor = last round)
+        self.emit("training", round=r, mode=spec.mode)
+        outcome = self.site.train(terms)
+        # Charged when the update leaves the site, committed before it does.
+        head = self.ledger.charge(
+            round_number=r, session_id=spec.digest(), noise_multiplier=outcome.noise_multiplier,
+            sample_rate=outcome.sample_rate, steps=outcome.steps,
+        )
+        epsilon = self.ledger.epsilon()
+        self.state.set_round(r, "charged", mode=spec.mode, epsilon_rdp=epsilon)
+        self.emit("charged", round=r, epsilon=epsilon)
+        machine = ParticipantRound(
+            spec, me=self.me, identity=self.identity, roster=self.roster,
+            policy=policy,
+            ckks_context=self._ckks_context() if spec.mode == "ckks" else None,
+        )
+        advert = machine.start()
+        machine.set_update(outcome.delta, ledger_head=head)
+        self._send(spec, Stage.ADVERTISE, advert)
+        while not _has_result(machine):
+            stage = machine.stage
+            assert stage is not None
+            payload = self._await_stage(spec, stage)
+            reply = machine.handle(stage, payload)
+            if reply is not None:
+                self._send(spec, stage, reply, ledger_head=head if stage is Stage.UPLOAD else b"")
+            self.emit("stage", round=r, stage=stage.value)
+        result = machine.result()
+        new_global = (
+            self.site.global_vector().astype(np.float64) + result.aggregate / len(result.survivors)
+        ).astype(np.float32)
+        new_hash = self.site.apply(new_global, r)
+        signature = self.identity.sign(
+            applied_signed_bytes(federation=self.fed.name, round_number=r, global_hash=new_hash)
+        )
+        confirmation = AppliedConfirmation(global_hash=new_hash, signature_hex=signature.hex())
+        self.state.sent(round_number=r, stage="applied", destination="coordinator",
+                        payload=confirmation.model_dump_json().encode(), protection="signed")
+        self.client.confirm(round_number=r, confirmation=confirmation)
+        metrics = self.site.evaluate()
+        self.state.set_round(
+            r, "done", survivors=result.survivors, global_hash_after=new_hash,
+            accuracy=metrics.get("accuracy"),
+        )
+        return RoundReport(r, "done", spec.mode, result.survivors, epsilon, metrics)
+
+    def check_peers(self, round_number: int) -> int:
+        """Verify the peers' signed confirmations of round ``round_number``'s new global hash.
+
+        Returns the number of agreeing signatures. Raises ProtocolAbort on a disagreeing or
+        badly signed confirmation.
+        """
+        out = self.client.outcome(round_number=round_number)
+        mine = self.site.global_hash()
+        agree = 0
+        for peer, conf in out.confirmations.items():
+            try:
+                verify_signature(
+                    self.roster[peer], bytes.fromhex(conf.signature_hex),
+                    applied_signed_bytes(federation=self.fed.name, round_number=round_number,
+                                         global_hash=conf.global_hash),
+                )
+            except (InvalidSignature, KeyError):
+                raise ProtocolAbort(f"confirmation of {peer!r} does not verify") from None
+            if conf.global_hash != mine:
+                raise ProtocolAbort(
+                    f"peer {peer!r} reports global hash {conf.global_hash[:12]}... "
+                    f"(this site has {mine[:12]}...)"
+                )
+            agree += 1
+        return agree
+
+
+def _has_result(machine: ParticipantRound) -> bool:
+    try:
+        machine.result()
+    except SecfedError:
+        return False
+    return True

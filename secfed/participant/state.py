@@ -1,0 +1,99 @@
+"""An enterprise's own SQLite state: every outbound message, and the rounds it took part in.
+
+Schema (docs/CONTRACTS.md, "Federation state")::
+
+    outbound(seq, round, stage, destination, bytes, protection, sha256, sent_at)
+        protection in {masked, encrypted, signed, control}
+    rounds(round, status, mode, survivors, global_hash_after, epsilon_prv, epsilon_rdp,
+           accuracy, detail, updated_at)
+        status in {charged, done, aborted, lost, refused}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+PROTECTIONS = ("masked", "encrypted", "signed", "control")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbound (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    round       INTEGER NOT NULL,
+    stage       TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    bytes       INTEGER NOT NULL,
+    protection  TEXT NOT NULL CHECK (protection IN ('masked', 'encrypted', 'signed', 'control')),
+    sha256      TEXT NOT NULL,
+    sent_at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round             INTEGER PRIMARY KEY,
+    status            TEXT NOT NULL,
+    mode              TEXT,
+    survivors         TEXT,
+    global_hash_after TEXT,
+    epsilon_prv       REAL,
+    epsilon_rdp       REAL,
+    accuracy          REAL,
+    detail            TEXT,
+    updated_at        REAL NOT NULL
+);
+"""
+
+
+class ParticipantState:
+    """The participant's state file (WAL, synchronous=FULL)."""
+
+    def __init__(self, path: Path):
+        self.db = sqlite3.connect(str(path), isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def sent(self, *, round_number: int, stage: str, destination: str, payload: bytes,
+             protection: str) -> None:
+        if protection not in PROTECTIONS:
+            raise ValueError(f"protection must be one of {PROTECTIONS} (got {protection!r})")
+        self.db.execute(
+            "INSERT INTO outbound(round, stage, destination, bytes, protection, sha256, sent_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (round_number, stage, destination, len(payload), protection,
+             hashlib.sha256(payload).hexdigest(), time.time()),
+        )
+
+    def set_round(self, round_number: int, status: str, **fields: object) -> None:
+        cols = {"mode", "survivors", "global_hash_after", "epsilon_prv", "epsilon_rdp",
+                "accuracy", "detail"}
+        bad = set(fields) - cols
+        if bad:
+            raise ValueError(f"round fields must be among {sorted(cols)} (got {sorted(bad)})")
+        if "survivors" in fields and fields["survivors"] is not None:
+            fields["survivors"] = json.dumps(list(fields["survivors"]))  # type: ignore[call-overload]
+        self.db.execute(
+            "INSERT INTO rounds(round, status, updated_at) VALUES (?, ?, ?) ON CONFLICT(round)"
+            " DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
+            (round_number, status, time.time()),
+        )
+        for key, value in fields.items():
+            self.db.execute(f"UPDATE rounds SET {key} = ? WHERE round = ?", (value, round_number))
+
+    def last_round(self) -> int:
+        row = self.db.execute("SELECT MAX(round) FROM rounds").fetchone()
+        return int(row[0] or 0)
+
+    def round_status(self, round_number: int) -> str | None:
+        row = self.db.execute("SELECT status FROM rounds WHERE round = ?",
+                              (round_number,)).fetchone()
+        return row[0] if row else None
+
+    def outbound(self) -> list[tuple]:
+        return self.db.execute(
+            "SELECT round, stage, destination, bytes, protection, sha256 FROM outbound ORDER BY seq"
+        ).fetchall()

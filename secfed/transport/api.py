@@ -1,0 +1,211 @@
+"""The coordinator's HTTP API contract: control models (JSON), the binary upload envelope, the
+service interface the server calls, and the mapping of typed errors to HTTP statuses.
+
+Routes (all under mutual TLS; the caller's identity is its verified client certificate)::
+
+    GET  /v1/health                                    liveness
+    GET  /v1/round?after=R&wait=S                      RoundInfo of the newest round > R (long poll)
+    GET  /v1/rounds/{r}/inbox/{stage}?wait=S           this caller's protocol input for a stage
+    POST /v1/rounds/{r}/stages/{stage}                 Envelope(ledger head, protocol message)
+    POST /v1/rounds/{r}/applied                        AppliedConfirmation (signed new global hash)
+    GET  /v1/rounds/{r}/outcome                        RoundOutcome (survivors, agreed hash)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from secfed.config import RoundTerms
+from secfed.crypto import errors as E
+from secfed.crypto.errors import MessageFormatError
+
+__all__ = [
+    "API_VERSION",
+    "STAGES",
+    "ENVELOPE_MAGIC",
+    "Envelope",
+    "RoundInfo",
+    "SubmitAck",
+    "AppliedConfirmation",
+    "RoundOutcome",
+    "ErrorBody",
+    "FederationService",
+    "STATUS_OF",
+    "status_for",
+    "error_from_body",
+    "applied_signed_bytes",
+]
+
+API_VERSION = 1
+# Protocol stages a participant posts to, in order, plus the transport's own "applied" step.
+STAGES: tuple[str, ...] = ("advertise", "share", "upload", "consistency", "unmask", "done")
+ENVELOPE_MAGIC = b"SFE1"  # secfed envelope, format 1
+_HEADER = struct.Struct(">4sBQBI")  # magic, version, round, stage code, ledger-head length
+MAX_LEDGER_HEAD = 4096  # a LedgerHead is ~150 bytes; bound the allocation on bad input
+_APPLIED_LABEL = b"secfed/v1/applied-global-hash"
+
+
+class Envelope:
+    """A participant's stage message: ``magic | version u8 | round u64 | stage u8 |
+    head_len u32 | ledger head | protocol message`` (big-endian header)."""
+
+    __slots__ = ("round_number", "stage", "ledger_head", "payload")
+
+    def __init__(self, *, round_number: int, stage: str, ledger_head: bytes, payload: bytes):
+        if stage not in STAGES:
+            raise MessageFormatError(f"envelope stage must be one of {STAGES} (got {stage!r})")
+        self.round_number = round_number
+        self.stage = stage
+        self.ledger_head = bytes(ledger_head)
+        self.payload = bytes(payload)
+
+    def to_bytes(self) -> bytes:
+        if len(self.ledger_head) > MAX_LEDGER_HEAD:
+            raise MessageFormatError(
+                f"ledger head must be <= {MAX_LEDGER_HEAD} bytes (got {len(self.ledger_head)})"
+            )
+        head = _HEADER.pack(
+            ENVELOPE_MAGIC, API_VERSION, self.round_number, STAGES.index(self.stage),
+            len(self.ledger_head),
+        )
+        return head + self.ledger_head + self.payload
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Envelope:
+        """Raises: MessageFormatError for any malformed envelope."""
+        if len(data) < _HEADER.size:
+            raise MessageFormatError(
+                f"envelope must be >= {_HEADER.size} bytes (got {len(data)})"
+            )
+        magic, version, round_number, code, head_len = _HEADER.unpack_from(data)
+        if magic != ENVELOPE_MAGIC:
+            raise MessageFormatError(f"envelope magic must be {ENVELOPE_MAGIC!r} (got {magic!r})")
+        if version != API_VERSION:
+            raise MessageFormatError(f"envelope version must be {API_VERSION} (got {version})")
+        if code >= len(STAGES):
+            raise MessageFormatError(f"envelope stage code must be < {len(STAGES)} (got {code})")
+        if head_len > MAX_LEDGER_HEAD or _HEADER.size + head_len > len(data):
+            raise MessageFormatError(
+                f"envelope ledger head length must fit the body (got {head_len})"
+            )
+        start = _HEADER.size
+        return cls(
+            round_number=round_number,
+            stage=STAGES[code],
+            ledger_head=data[start : start + head_len],
+            payload=data[start + head_len :],
+        )
+
+    def payload_sha256(self) -> str:
+        return hashlib.sha256(self.payload).hexdigest()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RoundInfo(_Model):
+    """What the coordinator announces about a round."""
+
+    round_number: int = Field(ge=0, description="0 = no round opened yet")
+    status: Literal["waiting", "open", "done", "aborted", "finished"]
+    stage: str | None = None
+    spec_hex: str | None = Field(None, description="RoundSpec.to_bytes(), hex")
+    terms: RoundTerms | None = None
+    stage_deadline_unix: float | None = None
+    abort_reason: str | None = None
+
+
+class SubmitAck(_Model):
+    accepted: bool
+    duplicate: bool = False
+    round_number: int
+    stage: str
+    sha256: str
+
+
+class AppliedConfirmation(_Model):
+    """A survivor's signed statement: after round r the global adapter hash is ``global_hash``."""
+
+    global_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    signature_hex: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+class RoundOutcome(_Model):
+    round_number: int
+    status: Literal["open", "done", "aborted"]
+    mode: str
+    survivors: tuple[str, ...] = ()
+    global_hash_before: str = ""
+    global_hash_after: str | None = None
+    confirmations: dict[str, AppliedConfirmation] = {}
+    abort_reason: str | None = None
+
+
+class ErrorBody(_Model):
+    error: str = Field(description="secfed error class name, e.g. MessageFormatError")
+    message: str
+
+
+def applied_signed_bytes(*, federation: str, round_number: int, global_hash: str) -> bytes:
+    """Domain-separated bytes an enterprise signs to confirm the new global adapter hash."""
+    fed = federation.encode("utf-8")
+    return (
+        _APPLIED_LABEL + struct.pack(">H", len(fed)) + fed + struct.pack(">Q", round_number)
+        + bytes.fromhex(global_hash)
+    )
+
+
+class FederationService(Protocol):
+    """What the HTTP layer calls; implemented by :mod:`secfed.coordinator`. Raise typed errors."""
+
+    async def round_info(self, *, after: int, wait: float) -> RoundInfo: ...
+
+    async def inbox(
+        self, *, sender: str, round_number: int, stage: str, wait: float
+    ) -> bytes | None: ...
+
+    async def submit(self, *, sender: str, envelope: Envelope) -> SubmitAck: ...
+
+    async def confirm(
+        self, *, sender: str, round_number: int, confirmation: AppliedConfirmation
+    ) -> SubmitAck: ...
+
+    async def outcome(self, *, round_number: int) -> RoundOutcome: ...
+
+
+# Typed errors -> HTTP status. The most specific class wins (checked in this order).
+STATUS_OF: tuple[tuple[type[E.SecfedError], int], ...] = (
+    (E.MessageFormatError, 400),
+    (E.InvalidSignature, 400),
+    (E.DecryptionError, 400),
+    (E.ConfigError, 400),
+    (E.ProtocolAbort, 410),
+    (E.ProtocolError, 409),
+    (E.TransportError, 403),
+    (E.SecfedError, 422),
+)
+
+
+def status_for(exc: E.SecfedError) -> int:
+    for cls, status in STATUS_OF:
+        if isinstance(exc, cls):
+            return status
+    return 422
+
+
+def error_from_body(status: int, body: ErrorBody) -> E.SecfedError:
+    """Rebuild the typed error a server reported (only classes of the secfed family)."""
+    cls = getattr(E, body.error, None) if body.error in E.__all__ else None
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, E.SecfedError)):
+        return E.TransportError(f"coordinator answered {status}: {body.message}")
+    if cls in (E.InvalidSignature, E.DecryptionError):
+        return cls()
+    try:
+        return cls(f"coordinator answered {status}: {body.message}")
+    except TypeError:
+        return E.TransportError(f"coordinator answered {status}: {body.message}")

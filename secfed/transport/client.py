@@ -1,0 +1,171 @@
+"""The enterprise side of the transport: an httpx client with mutual TLS and retries.
+
+It pins the federation CA (no system roots), presents the enterprise's client certificate, puts
+a timeout on every call, and retries connection failures and 5xx answers with capped
+exponential backoff and jitter until ``retry_for`` seconds have passed, so a coordinator restart
+is ridden out. Uploads are idempotent on the server side (same bytes -> same acknowledgement), so
+retrying a POST whose answer was lost is safe. Typed errors from the server are raised again as
+the same :mod:`secfed.errors` class.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from secfed.crypto.errors import TransportError
+from secfed.transport.api import (
+    AppliedConfirmation,
+    Envelope,
+    ErrorBody,
+    RoundInfo,
+    RoundOutcome,
+    SubmitAck,
+    error_from_body,
+)
+from secfed.transport.pki import client_ssl_context
+
+__all__ = ["CoordinatorClient"]
+
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+
+
+class CoordinatorClient:
+    """Calls the coordinator's API as one enterprise.
+
+    Args:
+        base_url: ``https://HOST:PORT`` from ``federation.toml``.
+        cert, key, ca: the enterprise's client certificate, key and the federation CA.
+        timeout: seconds for connect/read/write of one call (long polls add their wait).
+        retry_for: total seconds to keep retrying transient failures of one call.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        cert: Path,
+        key: Path,
+        ca: Path,
+        timeout: float = 30.0,
+        retry_for: float = 120.0,
+        backoff: float = 0.1,
+        max_backoff: float = 2.0,
+        on_retry: Callable[[str], None] | None = None,
+    ):
+        self._ssl = client_ssl_context(cert=cert, key=key, ca=ca)
+        self._timeout = timeout
+        self._retry_for = retry_for
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._on_retry = on_retry
+        self._http = httpx.Client(
+            base_url=base_url, verify=self._ssl, timeout=timeout, http2=False, trust_env=False
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, method: str, url: str, *, extra_timeout: float = 0.0, **kw: Any) -> httpx.Response:
+        deadline = time.monotonic() + self._retry_for
+        delay = self._backoff
+        timeout = httpx.Timeout(self._timeout + extra_timeout, connect=self._timeout)
+        while True:
+            try:
+                response = self._http.request(method, url, timeout=timeout, **kw)
+            except httpx.TransportError as exc:
+                reason = f"{type(exc).__name__}"
+                if _is_tls_refusal(exc):
+                    raise TransportError(f"TLS handshake with the coordinator failed ({exc})") from None
+            else:
+                if response.status_code not in RETRY_STATUSES:
+                    return response
+                reason = f"HTTP {response.status_code}"
+            if time.monotonic() + delay > deadline:
+                raise TransportError(
+                    f"{method} {url} must succeed within {self._retry_for:.0f} s (last: {reason})"
+                )
+            if self._on_retry:
+                self._on_retry(f"{method} {url}: {reason}; retrying in {delay:.2f} s")
+            time.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
+            delay = min(delay * 2, self._max_backoff)
+
+    @staticmethod
+    def _raise_for(response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        try:
+            body = ErrorBody.model_validate_json(response.content)
+        except Exception:  # not our error format (e.g. FastAPI's 422 validation list)
+            raise TransportError(
+                f"coordinator answered {response.status_code}: {response.text[:200]}"
+            ) from None
+        raise error_from_body(response.status_code, body)
+
+    # ------------------------------------------------------------------ API
+
+    def health(self) -> dict[str, str]:
+        r = self._call("GET", "/v1/health")
+        self._raise_for(r)
+        return r.json()
+
+    def round_info(self, *, after: int = 0, wait: float = 0.0) -> RoundInfo:
+        r = self._call("GET", "/v1/round", params={"after": after, "wait": wait}, extra_timeout=wait)
+        self._raise_for(r)
+        return RoundInfo.model_validate_json(r.content)
+
+    def inbox(self, *, round_number: int, stage: str, wait: float = 0.0) -> bytes | None:
+        """This enterprise's input for ``stage``; None while the stage is not open yet."""
+        r = self._call(
+            "GET", f"/v1/rounds/{round_number}/inbox/{stage}", params={"wait": wait},
+            extra_timeout=wait,
+        )
+        if r.status_code == 425:
+            return None
+        self._raise_for(r)
+        return r.content
+
+    def submit(self, envelope: Envelope) -> SubmitAck:
+        r = self._call(
+            "POST",
+            f"/v1/rounds/{envelope.round_number}/stages/{envelope.stage}",
+            content=envelope.to_bytes(),
+            headers={"content-type": "application/octet-stream"},
+        )
+        self._raise_for(r)
+        return SubmitAck.model_validate_json(r.content)
+
+    def confirm(self, *, round_number: int, confirmation: AppliedConfirmation) -> SubmitAck:
+        r = self._call(
+            "POST", f"/v1/rounds/{round_number}/applied", json=confirmation.model_dump()
+        )
+        self._raise_for(r)
+        return SubmitAck.model_validate_json(r.content)
+
+    def outcome(self, *, round_number: int) -> RoundOutcome:
+        r = self._call("GET", f"/v1/rounds/{round_number}/outcome")
+        self._raise_for(r)
+        return RoundOutcome.model_validate_json(r.content)
+
+    def raw(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        """One call without retries (tests and probes)."""
+        return self._http.request(method, url, **kw)
+
+
+def _is_tls_refusal(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("certificate", "alert unknown ca", "alert bad", "alert expired"))
+

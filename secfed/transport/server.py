@@ -1,0 +1,287 @@
+"""The coordinator's HTTPS server: FastAPI on uvicorn with mutual TLS.
+
+uvicorn does not put the peer certificate into the ASGI scope, so :class:`PeerCertH11Protocol`
+reads it from the TLS transport when the connection is made (the handshake has completed and
+the chain was verified against the federation CA by ``ssl.CERT_REQUIRED``) and wraps the app for
+that connection so every request's scope carries ``extensions["secfed.peer"]``: the enterprise id
+(CN = only DNS SAN), or the reason there is none. Routes then check the id against the allow-list.
+
+Request bodies are bounded by :class:`BodyLimit` (413 before the app sees an oversized body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from secfed.crypto.errors import SecfedError, TransportError
+from secfed.transport.api import (
+    STAGES,
+    AppliedConfirmation,
+    Envelope,
+    ErrorBody,
+    FederationService,
+    RoundInfo,
+    RoundOutcome,
+    SubmitAck,
+    status_for,
+)
+from secfed.transport.pki import peer_identity
+
+__all__ = ["create_app", "serve", "PeerCertH11Protocol", "BodyLimit", "PEER_KEY"]
+
+PEER_KEY = "secfed.peer"
+MAX_WAIT_S = 60.0  # longest long-poll a client may ask for
+OCTET = "application/octet-stream"
+
+ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
+
+
+class _WithPeer:
+    """Per-connection wrapper adding the verified peer identity to each request scope."""
+
+    def __init__(self, app: ASGIApp, peer: dict[str, str]):
+        self._app = app
+        self._peer = peer
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        scope.setdefault("extensions", {})[PEER_KEY] = self._peer
+        await self._app(scope, receive, send)
+
+
+class PeerCertH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus the verified client identity in the scope."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        try:
+            identity = peer_identity(ssl_object.getpeercert() if ssl_object else None)
+            peer = {"id": identity}
+        except TransportError as exc:
+            peer = {"error": str(exc)}
+        self.app = _WithPeer(self.app, peer)  # type: ignore[assignment]
+
+
+class BodyLimit:
+    """ASGI middleware: reject request bodies over ``max_bytes`` with 413 and a typed error."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int):
+        self._app = app
+        self.max_bytes = max_bytes
+
+    async def _too_large(self, send: Callable, got: str) -> None:
+        body = ErrorBody(
+            error="MessageFormatError",
+            message=f"request body must be <= {self.max_bytes} bytes (got {got})",
+        ).model_dump_json().encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self._app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.max_bytes:
+                    await self._too_large(send, f"{declared}")
+                    return
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                await self._too_large(send, f"more than {self.max_bytes}")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self._app(scope, replay, send)
+
+
+def _error(exc: SecfedError) -> JSONResponse:
+    body = ErrorBody(error=type(exc).__name__, message=str(exc))
+    return JSONResponse(status_code=status_for(exc), content=body.model_dump())
+
+
+def create_app(
+    service: FederationService,
+    *,
+    allowed: frozenset[str],
+    max_body: int,
+    background: Callable[[], Awaitable[None]] | None = None,
+    title: str = "secfed coordinator",
+) -> Any:
+    """The coordinator's ASGI app (FastAPI wrapped in :class:`BodyLimit`).
+
+    ``background`` (the coordinator's round driver) runs for the app's lifetime.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(background()) if background else None
+        try:
+            yield
+        finally:
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    app = FastAPI(title=title, version="1", lifespan=lifespan)
+
+    @app.exception_handler(SecfedError)
+    async def _typed(_request: Request, exc: SecfedError) -> JSONResponse:
+        return _error(exc)
+
+    def caller(request: Request) -> str:
+        peer = request.scope.get("extensions", {}).get(PEER_KEY)
+        if peer is None:
+            raise TransportError("client certificate must be presented over TLS (got none)")
+        if "id" not in peer:
+            raise TransportError(peer.get("error", "client identity must be verifiable"))
+        if peer["id"] not in allowed:
+            raise TransportError(f"enterprise id must be on the allow-list (got {peer['id']!r})")
+        return peer["id"]
+
+    def check_stage(stage: str) -> None:
+        if stage not in STAGES:
+            from secfed.crypto.errors import MessageFormatError
+
+            raise MessageFormatError(f"stage must be one of {STAGES} (got {stage!r})")
+
+    @app.get("/v1/health")
+    async def health(request: Request) -> dict[str, str]:
+        return {"status": "ok", "caller": caller(request)}
+
+    @app.get("/v1/round", response_model=RoundInfo,
+             responses={403: {"model": ErrorBody}, 400: {"model": ErrorBody}})
+    async def current_round(
+        request: Request,
+        after: int = Query(0, ge=0, le=2**62),
+        wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S),
+    ) -> RoundInfo:
+        caller(request)
+        return await service.round_info(after=after, wait=wait)
+
+    @app.get("/v1/rounds/{round_number}/inbox/{stage}",
+             responses={200: {"content": {OCTET: {}}}, 425: {"description": "stage not open yet"},
+                        409: {"model": ErrorBody}, 410: {"model": ErrorBody},
+                        403: {"model": ErrorBody}})
+    async def inbox(
+        request: Request,
+        round_number: int,
+        stage: str,
+        wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S),
+    ) -> Response:
+        sender = caller(request)
+        check_stage(stage)
+        data = await service.inbox(sender=sender, round_number=round_number, stage=stage, wait=wait)
+        if data is None:
+            return Response(status_code=425)
+        return Response(content=data, media_type=OCTET)
+
+    @app.post("/v1/rounds/{round_number}/stages/{stage}", response_model=SubmitAck,
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {OCTET: {"schema": {"type": "string",
+                                                                           "format": "binary"}}}}},
+              responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody},
+                         409: {"model": ErrorBody}, 410: {"model": ErrorBody},
+                         413: {"model": ErrorBody}})
+    async def submit(request: Request, round_number: int, stage: str) -> SubmitAck:
+        sender = caller(request)
+        check_stage(stage)
+        from secfed.crypto.errors import MessageFormatError
+
+        body = await request.body()
+        envelope = Envelope.from_bytes(body)
+        if envelope.round_number != round_number or envelope.stage != stage:
+            raise MessageFormatError(
+                f"envelope round/stage must match the URL ({round_number}/{stage}) "
+                f"(got {envelope.round_number}/{envelope.stage})"
+            )
+        return await service.submit(sender=sender, envelope=envelope)
+
+    @app.post("/v1/rounds/{round_number}/applied", response_model=SubmitAck,
+              responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody},
+                         409: {"model": ErrorBody}})
+    async def applied(request: Request, round_number: int,
+                      confirmation: AppliedConfirmation) -> SubmitAck:
+        sender = caller(request)
+        return await service.confirm(sender=sender, round_number=round_number,
+                                     confirmation=confirmation)
+
+    @app.get("/v1/rounds/{round_number}/outcome", response_model=RoundOutcome,
+             responses={403: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+    async def outcome(request: Request, round_number: int) -> RoundOutcome:
+        caller(request)
+        return await service.outcome(round_number=round_number)
+
+    return BodyLimit(app, max_bytes=max_body)
+
+
+async def serve(
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    cert: Path,
+    key: Path,
+    ca: Path,
+    stop: asyncio.Event,
+    log_level: str = "warning",
+) -> None:
+    """Run ``app`` on ``host:port`` with mutual TLS until ``stop`` is set."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=PeerCertH11Protocol,
+        ssl_certfile=str(cert),
+        ssl_keyfile=str(key),
+        ssl_ca_certs=str(ca),
+        ssl_cert_reqs=ssl.CERT_REQUIRED,
+        log_level=log_level,
+        lifespan="on",
+        timeout_keep_alive=30,
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    stopper.cancel()
+    await task
