@@ -176,6 +176,10 @@ class PrivateTrainer:
             )
         except NotImplementedError as exc:
             raise ModelError(f"model has a trainable layer Opacus cannot handle: {exc}") from None
+        except ValueError as exc:
+            raise DPGuardError(f"guard hooks: model already carries Opacus hooks ({exc}); "
+                               "close the previous trainer") from None
+        self._closed = False
         if config.optimizer == "sgd":
             inner: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.learning_rate)
         else:
@@ -197,8 +201,10 @@ class PrivateTrainer:
         )
 
     def close(self) -> None:
-        """Remove Opacus hooks and per-sample attributes from the model."""
-        self.grad_sample_module._close()
+        """Remove Opacus hooks and per-sample attributes from the model (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self.grad_sample_module._close()
 
     def _step(self, indices: list[int]) -> float | None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -222,21 +228,25 @@ class PrivateTrainer:
     def train(self) -> TrainResult:
         """Run ``local_steps`` DP-SGD steps; leave the model at global + delta.
 
+        If a delta guard trips, the adapter is put back to its global value before raising.
+
         Raises:
             DPGuardError: a guard tripped (see :mod:`secfed.training.guards`).
         """
         config = self.config
-        check_accounting(
-            accounted=self.accounted, config=config, optimizer=self.optimizer,
-            batch_sampler=self.batch_sampler, grad_sample_module=self.grad_sample_module,
-            dataset_size=self.dataset_size,
-        )
+        if self._closed:
+            raise DPGuardError("guard trainer: a PrivateTrainer trains once; build a new one")
         global_vec = get_flat(self.model, self.layout)
         was_training = self.model.training
-        self.model.train()  # Opacus' per-sample gradients assume train mode
         losses: list[float] = []
         batch_sizes: list[int] = []
         try:
+            check_accounting(
+                accounted=self.accounted, config=config, optimizer=self.optimizer,
+                batch_sampler=self.batch_sampler, grad_sample_module=self.grad_sample_module,
+                dataset_size=self.dataset_size,
+            )
+            self.model.train()  # Opacus' per-sample gradients assume train mode
             with torch.random.fork_rng(devices=[]):
                 if self.seed is not None:
                     torch.manual_seed(self.seed)  # dropout masks, reproducible in tests
@@ -260,11 +270,14 @@ class PrivateTrainer:
             config=config, batch_sizes=batch_sizes, dimension=self.layout.total,
             dataset_size=self.dataset_size,
         )
-        norm = check_delta(delta, bound=bound)
-        if np.isfinite(delta).all():
-            # float32: global + (local - global) may differ from local in the last bit; the
-            # contract is that the model is exactly global + delta.
-            set_flat(self.model, self.layout, global_vec + delta)
+        try:
+            norm = check_delta(delta, bound=bound)
+        except DPGuardError:
+            set_flat(self.model, self.layout, global_vec)  # never leave a corrupted adapter
+            raise
+        # float32: global + (local - global) may differ from local in the last bit; the
+        # contract is that the model is exactly global + delta.
+        set_flat(self.model, self.layout, global_vec + delta)
         return TrainResult(
             delta=delta,
             layout=self.layout,
