@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from secfed.crypto.errors import ConfigError
-from secfed.crypto.prg import AES_BLOCK, SEED_BYTES, keystream_into
+from secfed.crypto.prg import AES_BLOCK, SEED_BYTES, KeystreamReader
 
 __all__ = [
     "add_mod_",
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 DEFAULT_WORKERS = 2  # this product's reference machine has two cores
-CHUNK_BYTES = 1 << 18  # 256 KiB: keystream chunk stays in L2 while it is added
+CHUNK_BYTES = 1 << 18  # 256 KiB: chunk + keystream stay in L2; must be <= prg.ZERO_PIECE_BYTES
 MIN_WORDS_PER_WORKER = 1 << 16  # below ~0.5 MiB per thread, starting the thread costs more
 
 UArray = npt.NDArray[np.unsignedinteger]
@@ -57,20 +57,28 @@ def sub_mod_(acc: UArray, other: UArray) -> UArray:
 
 
 def _apply_range(acc: UArray, masks: Sequence[tuple[bytes, int]], start: int, stop: int) -> None:
-    """Apply every mask to ``acc[start:stop]``, one cache-sized chunk at a time."""
+    """Apply every mask to ``acc[start:stop]``, one cache-sized chunk at a time.
+
+    One keystream reader per mask streams through the range, so the per-chunk cost is two C
+    calls per mask (keystream into the chunk buffer, then add/subtract), both releasing the GIL.
+    """
     item = acc.dtype.itemsize
     step = CHUNK_BYTES // item
+    readers = [
+        (KeystreamReader(seed, offset_bytes=start * item, length_bytes=(stop - start) * item),
+         np.add if sign > 0 else np.subtract)
+        for seed, sign in masks
+    ]
     keystream_chunk = np.empty(min(step, stop - start), dtype=acc.dtype)
+    chunk_bytes = keystream_chunk.data.cast("B")
     for pos in range(start, stop, step):
         end = min(pos + step, stop)
         chunk = acc[pos:end]
         buf = keystream_chunk[: end - pos]
-        for seed, sign in masks:
-            keystream_into(seed, buf, offset_bytes=pos * item)
-            if sign > 0:
-                np.add(chunk, buf, out=chunk)
-            else:
-                np.subtract(chunk, buf, out=chunk)
+        view = chunk_bytes[: (end - pos) * item]
+        for reader, combine in readers:
+            reader.read_into(view)
+            combine(chunk, buf, out=chunk)
 
 
 def _check_masks(masks: Sequence[tuple[bytes, int]]) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "SEED_BYTES",
     "AES_BLOCK",
     "ZERO_PIECE_BYTES",
+    "KeystreamReader",
     "keystream_into",
     "keystream",
     "chacha20_keystream_into",
@@ -67,6 +68,51 @@ def _fill(enc: CipherContext, out: npt.NDArray[np.unsignedinteger]) -> None:
         enc.update_into(_ZEROS[: stop - start], view[start:stop])
 
 
+def _check_offset(offset_bytes: int, nbytes: int) -> None:
+    if offset_bytes % AES_BLOCK:
+        raise ConfigError(f"keystream offset must be a multiple of {AES_BLOCK} (got {offset_bytes})")
+    if offset_bytes < 0 or offset_bytes // AES_BLOCK + _blocks(nbytes) > _COUNTER_LIMIT:
+        raise ConfigError(
+            f"keystream offset must be >= 0 and the stream must end below block 2^128 "
+            f"(got offset {offset_bytes} for {nbytes} bytes)"
+        )
+
+
+class KeystreamReader:
+    """A positioned AES-256-CTR keystream read forward into successive buffers.
+
+    ``KeystreamReader(seed, offset_bytes=o, length_bytes=L)`` yields exactly the bytes
+    ``o .. o+L`` of the stream that :func:`keystream_into` writes; each :meth:`read_into`
+    continues where the previous one stopped. The cipher is set up once, so a caller that
+    consumes a long stream in cache-sized chunks (``masking.apply_masks``) pays no per-chunk
+    setup. Not thread-safe: one reader per thread.
+    """
+
+    __slots__ = ("_enc", "_left")
+
+    def __init__(self, seed: bytes, *, offset_bytes: int = 0, length_bytes: int) -> None:
+        _check_seed(seed)
+        _check_offset(offset_bytes, length_bytes)
+        counter = (offset_bytes // AES_BLOCK).to_bytes(AES_BLOCK, "big")
+        self._enc = Cipher(algorithms.AES(bytes(seed)), modes.CTR(counter)).encryptor()
+        self._left = length_bytes
+
+    def read_into(self, view: memoryview) -> None:
+        """Overwrite the byte view ``view`` (at most ZERO_PIECE_BYTES long) with the next bytes.
+
+        Raises:
+            ConfigError: the read would pass the length given at construction.
+        """
+        nbytes = view.nbytes
+        if nbytes > self._left or nbytes > ZERO_PIECE_BYTES:
+            raise ConfigError(
+                f"keystream read of {nbytes} bytes exceeds the {self._left} bytes left "
+                f"or the {ZERO_PIECE_BYTES}-byte piece"
+            )
+        self._left -= nbytes
+        self._enc.update_into(_ZEROS[:nbytes], view)
+
+
 def keystream_into(
     seed: bytes, out: npt.NDArray[np.unsignedinteger], *, offset_bytes: int = 0
 ) -> None:
@@ -80,13 +126,7 @@ def keystream_into(
     """
     _check_seed(seed)
     _check_out(out)
-    if offset_bytes % AES_BLOCK:
-        raise ConfigError(f"keystream offset must be a multiple of {AES_BLOCK} (got {offset_bytes})")
-    if offset_bytes < 0 or offset_bytes // AES_BLOCK + _blocks(out.nbytes) > _COUNTER_LIMIT:
-        raise ConfigError(
-            f"keystream offset must be >= 0 and the stream must end below block 2^128 "
-            f"(got offset {offset_bytes} for {out.nbytes} bytes)"
-        )
+    _check_offset(offset_bytes, out.nbytes)
     counter = (offset_bytes // AES_BLOCK).to_bytes(AES_BLOCK, "big")
     enc = Cipher(algorithms.AES(bytes(seed)), modes.CTR(counter)).encryptor()
     _fill(enc, out)

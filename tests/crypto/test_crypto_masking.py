@@ -202,3 +202,24 @@ def test_keystream_larger_than_zero_piece_equals_piecewise() -> None:
     tail = np.empty(n - prg.ZERO_PIECE_BYTES // 8, dtype=np.uint64)
     prg.keystream_into(seed, tail, offset_bytes=prg.ZERO_PIECE_BYTES)
     assert np.array_equal(whole[prg.ZERO_PIECE_BYTES // 8 :], tail)
+
+
+@pytest.mark.parametrize("offset_blocks", [0, 1, 4097])
+def test_keystream_reader_continues_the_same_stream(offset_blocks) -> None:
+    seed = secrets.token_bytes(32)
+    total = 3 * 1000 + 8
+    whole = np.empty(total, dtype=np.uint32)
+    prg.keystream_into(seed, whole, offset_bytes=offset_blocks * 16)
+    reader = prg.KeystreamReader(seed, offset_bytes=offset_blocks * 16, length_bytes=total * 4)
+    pieces = np.empty(total, dtype=np.uint32)
+    view = pieces.data.cast("B")
+    for start, stop in ((0, 1000 * 4), (1000 * 4, 2000 * 4), (2000 * 4, total * 4)):
+        reader.read_into(view[start:stop])
+    assert np.array_equal(pieces, whole)
+    with pytest.raises(ConfigError, match="exceeds the 0 bytes left"):
+        reader.read_into(view[:16])
+
+
+def test_chunk_fits_one_zero_piece() -> None:
+    assert masking.CHUNK_BYTES <= prg.ZERO_PIECE_BYTES
+    assert masking.CHUNK_BYTES % prg.AES_BLOCK == 0
