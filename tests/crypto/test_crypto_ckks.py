@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tenseal as ts
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from secfed.crypto import ckks
 from secfed.crypto.errors import CkksError
@@ -182,3 +184,44 @@ def test_repr_says_which_kind(secret_ctx, public_ctx) -> None:
     assert "secret" in repr(secret_ctx) and "public" in repr(public_ctx)
     assert secret_ctx.has_secret and not public_ctx.has_secret
     assert not secret_ctx.public().has_secret
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_mutated_ciphertexts_raise_only_ckks_error(secret_ctx, public_ctx, data) -> None:
+    """Fuzz the coordinator's parser: truncated, extended or bit-flipped ciphertext bytes either
+    add (HE ciphertexts are malleable; uploads are signed one layer up) or raise CkksError --
+    never another exception, never a crash."""
+    blob = _fuzz_base(secret_ctx)
+    mutated = bytearray(blob)
+    kind = data.draw(st.sampled_from(["truncate", "extend", "flip", "header"]))
+    if kind == "truncate":
+        mutated = mutated[: data.draw(st.integers(0, len(blob) - 1))]
+    elif kind == "extend":
+        mutated += data.draw(st.binary(min_size=1, max_size=64))
+    else:
+        limit = 256 if kind == "header" else len(blob)
+        for index in data.draw(st.lists(st.integers(0, limit - 1), min_size=1, max_size=8)):
+            mutated[index] ^= data.draw(st.integers(1, 255))
+    try:
+        ckks.add_encrypted(public_ctx, [[bytes(mutated)], [blob]], length=ckks.SLOTS, workers=1)
+    except CkksError:
+        pass
+
+
+_FUZZ_BASE: dict[str, bytes] = {}
+
+
+def _fuzz_base(secret_ctx: ckks.CkksContext) -> bytes:
+    if "blob" not in _FUZZ_BASE:
+        _FUZZ_BASE["blob"] = ckks.encrypt(secret_ctx, np.ones(ckks.SLOTS))[0]
+    return _FUZZ_BASE["blob"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_arbitrary_context_bytes_raise_only_ckks_error(data) -> None:
+    with pytest.raises(CkksError):
+        ckks.load_context(data, expect_secret=False)

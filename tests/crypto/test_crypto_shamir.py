@@ -165,3 +165,14 @@ def test_shares_of_a_secret_differ_between_splits() -> None:
     a = shamir.split_secret(secret, threshold=2, n_shares=2)
     b = shamir.split_secret(secret, threshold=2, n_shares=2)
     assert a[0].y != b[0].y  # fresh CSPRNG coefficients each time
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=40))
+def test_share_parser_accepts_only_well_formed_shares(raw) -> None:
+    try:
+        share = shamir.Share.from_bytes(raw)
+    except ShamirError:
+        assert len(raw) != 35 or raw[:2] == b"\x00\x00" or int.from_bytes(raw[2:], "big") >= shamir.PRIME
+        return
+    assert share.to_bytes() == raw
