@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -220,7 +221,11 @@ class PrivateTrainer:
             raise ModelError(f"model must return logits [B, C] (got {tuple(logits.shape)})")
         per_example = F.cross_entropy(logits, labels, reduction="none")
         loss = per_example.mean()  # matches loss_reduction="mean" (see module docstring)
-        loss.backward()
+        with warnings.catch_warnings():
+            # Opacus' full backward hooks on the first LoRA layer, whose input (frozen
+            # embeddings) needs no gradient: harmless, the weight's per-sample grad is complete.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
         check_per_sample_grads(self.named_trainable, len(indices))
         self.optimizer.step()
         return float(loss.detach())
