@@ -9,7 +9,7 @@ vectors, sealed shares, and at the end exactly the shares the unmasking needs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +85,8 @@ class CoordinatorRound:
         roster: enterprise id -> pinned Ed25519 public key.
         ckks_public_context: serialized public-only CKKS context (ckks mode).
         workers: threads for mask removal.
+        clock: optional ``() -> seconds``; when given, :attr:`timings` records ``unmask`` (seed
+            recovery, mask removal, decoding) or, for ckks, ``aggregate`` (homomorphic sum).
     """
 
     def __init__(
@@ -94,8 +96,11 @@ class CoordinatorRound:
         roster: Mapping[str, bytes],
         ckks_public_context: bytes | None = None,
         workers: int = DEFAULT_WORKERS,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         spec.validate()
+        self._clock = clock
+        self.timings: dict[str, float] = {}
         missing = [p for p in spec.participants if p not in roster]
         if missing:
             raise ProtocolError(f"roster must pin every participant (missing {missing[:3]})")
@@ -373,17 +378,19 @@ class CoordinatorRound:
         spec = self.spec
         self._quorum(len(self._consistency), "signed the survivor set")
         survivors = set(self._survivors)
-        dropped = [p for p in self._u2 if p not in survivors]
+        dropped = {p for p in self._u2 if p not in survivors}
         out: dict[str, bytes] = {}
         for holder in self._survivors:
             if holder not in self._consistency:
                 continue
             knows = self._knows(holder)
-            sigs = tuple((s, self._consistency[s]) for s in self._survivors if s in self._consistency and s in knows)
+            sigs = tuple(
+                (s, self._consistency[s]) for s in sorted(knows, key=spec.index) if s in self._consistency
+            )
             if len(sigs) < spec.threshold:
                 continue  # this holder would (rightly) refuse: too few neighbours confirmed the set
-            self_of = tuple(o for o in self._survivors if o in knows)
-            key_of = tuple(o for o in dropped if o in knows and o != holder)
+            self_of = tuple(o for o in sorted(knows, key=spec.index) if o in survivors)
+            key_of = tuple(o for o in sorted(knows, key=spec.index) if o in dropped and o != holder)
             self._asked[holder] = (self_of, key_of)
             out[holder] = UnmaskRequest(
                 spec.round_number, self._sid, self._survivors, sigs, self_of, key_of
@@ -393,13 +400,8 @@ class CoordinatorRound:
         self._expected = frozenset(out)
         return out
 
-    def _combine(self, owner: str, kind: int) -> bytes:
-        shares = [
-            Share.from_bytes(raw)
-            for resp in self._unmask.values()
-            for o, k, raw in resp.shares
-            if o == owner and k == kind
-        ]
+    def _combine(self, owner: str, kind: int, pool: Mapping[tuple[str, int], list[bytes]]) -> bytes:
+        shares = [Share.from_bytes(raw) for raw in pool.get((owner, kind), [])]
         what = "self-mask seed" if kind == SHARE_KIND_SELF_MASK else "mask key"
         if len(shares) < self.spec.threshold:
             raise ProtocolAbort(
@@ -413,18 +415,23 @@ class CoordinatorRound:
         spec = self.spec
         self._quorum(len(self._unmask), "sent unmask shares")
         assert self._acc is not None
+        started = self._clock() if self._clock else 0.0
         survivors = set(self._survivors)
+        pool: dict[tuple[str, int], list[bytes]] = {}
+        for resp in self._unmask.values():
+            for o, k, raw in resp.shares:
+                pool.setdefault((o, k), []).append(raw)
         masks: list[tuple[bytes, int]] = []
         for owner in self._survivors:
-            seed = self._combine(owner, SHARE_KIND_SELF_MASK)
+            seed = self._combine(owner, SHARE_KIND_SELF_MASK, pool)
             masks.append((derive_key(seed, session_id=self._sid, purpose=LABEL_SELF_MASK), -1))
         for owner in self._u2:
             if owner in survivors:
                 continue
-            peers = [u for u in self._survivors if u in self._graph[owner]]
+            peers = sorted(self._graph[owner] & survivors, key=spec.index)
             if not peers:
                 continue
-            key = X25519KeyPair.from_private_bytes(self._combine(owner, SHARE_KIND_MASK_KEY))
+            key = X25519KeyPair.from_private_bytes(self._combine(owner, SHARE_KIND_MASK_KEY, pool))
             if key.public_bytes() != self._adverts[owner].mask_key:
                 raise ProtocolAbort(f"stage unmask: shares of the mask key of {owner!r} are inconsistent")
             v_pos = spec.index(owner)
@@ -435,6 +442,8 @@ class CoordinatorRound:
         acc = self._acc
         apply_masks(acc, masks, workers=self._workers)
         aggregate = decode(acc, scale_bits=spec.scale_bits)
+        if self._clock:
+            self.timings["unmask"] = self._clock() - started
         self._result = CoordinatorResult(self._survivors, aggregate, acc, None, dict(self._heads))
         self.stage = Stage.DONE
         self._expected = frozenset()
@@ -447,6 +456,7 @@ class CoordinatorRound:
         spec = self.spec
         self._quorum(len(self._ckks_uploads), "uploaded")
         members = tuple(p for p in spec.participants if p in self._ckks_uploads)
+        started = self._clock() if self._clock else 0.0
         try:
             total = tuple(
                 ckks.add_encrypted(
@@ -458,6 +468,8 @@ class CoordinatorRound:
             )
         except CkksError as exc:
             raise ProtocolAbort(f"stage upload: ciphertexts could not be added: {exc}", stage="upload") from exc
+        if self._clock:
+            self.timings["aggregate"] = self._clock() - started
         self._survivors = members
         self._result = CoordinatorResult(members, None, None, total, dict(self._heads))
         self.stage = Stage.DONE

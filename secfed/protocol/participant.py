@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -102,6 +102,8 @@ class ParticipantRound:
         ckks_context: a secret-key ``secfed.crypto.ckks`` context (ckks mode only).
         noise_hook: optional distributed-DP hook on the encoded vector (mask modes).
         workers: threads used to generate masks.
+        clock: optional ``() -> seconds``; when given, :attr:`timings` records ``protect``
+            (encode + noise + mask, or encrypt + sign). The state machine never reads time itself.
     """
 
     def __init__(
@@ -115,9 +117,12 @@ class ParticipantRound:
         ckks_context: Any = None,
         noise_hook: NoiseHook | Callable[..., None] | None = None,
         workers: int = DEFAULT_WORKERS,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.spec = spec
         self.me = me
+        self._clock = clock
+        self.timings: dict[str, float] = {}
         self._identity = identity
         self._roster = dict(roster)
         self._policy = policy or ParticipantPolicy()
@@ -291,7 +296,6 @@ class ParticipantRound:
             last = pos
             if len(a.cipher_key) != key_len or len(a.mask_key) != key_len:
                 raise ProtocolAbort(f"advertisement of {a.sender!r} must carry {key_len}-byte keys")
-            verify_signature(self._roster[a.sender], a.signature, a.signed_bytes())
             adverts[a.sender] = a
         mine = adverts.get(self.me)
         if mine is None or mine != self._advert:
@@ -313,6 +317,14 @@ class ParticipantRound:
                 raise ProtocolAbort(
                     f"{len(self._holders)} share holders advertised, below the threshold {spec.threshold}"
                 )
+            # Only neighbours' keys are ever used; SecAgg+ checks just those (Bell et al. 2020).
+            # A forged key elsewhere changes the session id, which the consistency check binds.
+            checked: Iterable[str] = sorted(self._holders - {self.me}, key=spec.index)
+        else:
+            checked = [p for p in adverts if p != self.me]
+        for p in checked:
+            a = adverts[p]
+            verify_signature(self._roster[p], a.signature, a.signed_bytes())
 
     def _share_key(self, peer: str) -> bytes:
         assert self._cipher_keys is not None
@@ -362,6 +374,7 @@ class ParticipantRound:
         if len(seen) + 1 < spec.threshold:
             raise ProtocolAbort(f"{len(seen) + 1} share holders remain, below the threshold {spec.threshold}")
         assert self._update is not None and self._self_seed is not None and self._mask_keys is not None
+        started = self._clock() if self._clock else 0.0
         encoded = encode(
             self._update, scale_bits=spec.scale_bits, ring_bits=spec.ring_bits,
             n_participants=len(spec.participants),
@@ -375,6 +388,8 @@ class ParticipantRound:
             seed = derive_key(shared, session_id=self._sid, purpose=LABEL_PAIRWISE_MASK)
             masks.append((seed, 1 if my_pos < spec.index(peer) else -1))
         apply_masks(encoded, masks, workers=self._workers)
+        if self._clock:
+            self.timings["protect"] = self._clock() - started
         self.stage = Stage.CONSISTENCY
         return MaskedUpload(
             spec.round_number, self._sid, self.me, self._ledger_head, spec.ring_bits, ring_bytes(encoded)
@@ -463,7 +478,8 @@ class ParticipantRound:
         from secfed.crypto import ckks
 
         assert self._update is not None
-        cts = tuple(ckks.encrypt(self._ckks, self._update))
+        started = self._clock() if self._clock else 0.0
+        cts = tuple(ckks.encrypt(self._ckks, self._update, workers=self._workers))
         digest = ciphertext_digest(cts)
         sig = self._identity.sign(
             ckks_upload_signed_bytes(
@@ -471,6 +487,8 @@ class ParticipantRound:
                 ledger_head=self._ledger_head, ct_digest=digest,
             )
         )
+        if self._clock:
+            self.timings["protect"] = self._clock() - started
         self.stage = Stage.DONE
         return CkksUpload(self.spec.round_number, self._sid, self.me, self._ledger_head, cts, sig).to_bytes()
 

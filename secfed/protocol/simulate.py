@@ -29,7 +29,7 @@ from secfed.protocol.messages import (
     decode_message,
 )
 from secfed.protocol.participant import NoiseHook, ParticipantRound
-from secfed.protocol.spec import MODES, ParticipantPolicy, RoundSpec, Stage
+from secfed.protocol.spec import MODES, ParticipantPolicy, RoundSpec, Stage, neighbour_graph
 
 __all__ = ["simulate", "SimulationResult", "ADVERSARIES", "DROP_STAGES", "SentRecord"]
 
@@ -182,11 +182,13 @@ def simulate(
     parties = [
         ParticipantRound(
             spec, me=p, identity=k, roster=roster, policy=policy, ckks_context=ctx_secret,
-            noise_hook=noise_hook, workers=workers,
+            noise_hook=noise_hook, workers=workers, clock=time.perf_counter,
         )
         for p, k in zip(ids, identities)
     ]
-    coord = CoordinatorRound(spec, roster=roster, ckks_public_context=ctx_public, workers=workers)
+    coord = CoordinatorRound(
+        spec, roster=roster, ckks_public_context=ctx_public, workers=workers, clock=time.perf_counter
+    )
     net = _Network(n, transcript)
     timings: dict[str, float] = {}
     alive = set(range(n))
@@ -219,8 +221,8 @@ def simulate(
             # The lying coordinator ignores its own (honest) bookkeeping and forges requests.
             outgoing, coord.stage = {}, Stage.UNMASK
         timings[f"coordinator_close_{closing.value}"] = time.perf_counter() - t0
-        if closing is Stage.UNMASK or (mode == "ckks" and closing is Stage.UPLOAD):
-            timings["coordinator_unmask"] = timings[f"coordinator_close_{closing.value}"]
+        if "unmask" in coord.timings or "aggregate" in coord.timings:
+            timings["coordinator_unmask"] = coord.timings.get("unmask", coord.timings.get("aggregate", 0.0))
         stage = coord.stage
         if attack is not None:
             outgoing = attack(stage, outgoing, ctx)
@@ -247,8 +249,9 @@ def simulate(
                 replies[i] = reply
         if times:
             timings[f"participant_{stage.value}"] = float(np.mean(times))
-            if stage is Stage.UPLOAD:
-                timings["participant_protect"] = float(np.mean(times))
+            protect = [parties[i].timings["protect"] for i in replies if "protect" in parties[i].timings]
+            if stage is Stage.UPLOAD and protect:
+                timings["participant_protect"] = float(np.mean(protect))
         if aborts:
             first = aborts[0]
             raise ProtocolAbort(
@@ -368,7 +371,7 @@ def _request_both_shares(stage: Stage, out: dict[str, bytes], ctx: _AttackContex
     for p, payload in out.items():
         msg = decode_message(payload)
         assert isinstance(msg, UnmaskRequest)
-        victim = msg.survivors[0] if msg.survivors[0] != p else msg.survivors[-1]
+        victim = next(o for o in msg.self_mask_of if o != p)  # a survivor whose seed it asks
         forged[p] = UnmaskRequest(
             msg.round_number, msg.session_id, msg.survivors, msg.signatures,
             msg.self_mask_of, (*msg.mask_key_of, victim),
@@ -420,8 +423,10 @@ def _inconsistent_survivors(stage: Stage, out: dict[str, bytes], ctx: _AttackCon
             hidden: tuple[str, ...] = ()
             if req.survivors != full:
                 hidden = tuple(s for s in full if s not in req.survivors)
+            near = neighbour_graph(ctx.spec, req.session_id)[p] | {p}
             forged[p] = UnmaskRequest(
-                req.round_number, req.session_id, req.survivors, tuple(sigs[req.survivors]),
+                req.round_number, req.session_id, req.survivors,
+                tuple((s, sig) for s, sig in sigs[req.survivors] if s in near),
                 req.survivors, hidden,
             ).to_bytes()
         return forged

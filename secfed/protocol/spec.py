@@ -9,6 +9,7 @@ the public session id, so every party computes the same graph and the coordinato
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,11 @@ class Stage(enum.Enum):
     UNMASK = "unmask"  # shares of survivors' seeds / dropouts' keys, never both
     DONE = "done"
     ABORTED = "aborted"
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(participants: tuple[str, ...]) -> dict[str, int]:
+    return {p: i for i, p in enumerate(participants)}
 
 
 def default_threshold(n: int) -> int:
@@ -213,10 +219,10 @@ class RoundSpec:
 
     def index(self, enterprise: str) -> int:
         """Position of ``enterprise`` in the ordered participant list (Shamir x = index + 1)."""
-        try:
-            return self.participants.index(enterprise)
-        except ValueError:
-            raise ProtocolAbort(f"sender {enterprise!r} is not a participant of this round") from None
+        pos = _positions(self.participants).get(enterprise)
+        if pos is None:
+            raise ProtocolAbort(f"sender {enterprise!r} is not a participant of this round")
+        return pos
 
     def to_bytes(self) -> bytes:
         """Versioned canonical encoding (also what :meth:`digest` hashes)."""
