@@ -1,0 +1,202 @@
+"""Read-only access to the federation's records the audit cross-checks.
+
+The coordinator's transcript and a participant's outbound log are SQLite files written by
+``secfed.coordinator`` / ``secfed.participant`` (schema in CONTRACTS.md "Federation state"). The
+audit sits below those packages, so it reads the tables directly, read-only, and never trusts
+them: every ledger head found here is verified against the enterprise's pinned identity.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from secfed.audit.model import OutboundLog, OutboundMessage, RoundRecord
+from secfed.crypto.errors import AuditError
+
+__all__ = ["TranscriptUpload", "Transcript", "read_transcript", "read_outbound"]
+
+# Column names accepted for each field (first match wins); the contract's name comes first.
+_ROUND = ("round", "round_number")
+_BYTES = ("bytes", "size_bytes", "size", "nbytes")
+
+
+@contextmanager
+def _open_readonly(path: Path, what: str) -> Iterator[sqlite3.Connection]:
+    if not path.is_file():
+        raise AuditError(f"{what} must be an existing SQLite file (got {str(path)!r})")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise AuditError(f"{what} {str(path)!r} cannot be opened read-only: {exc}") from exc
+    try:
+        yield conn
+    except sqlite3.DatabaseError as exc:
+        raise AuditError(f"{what} {str(path)!r} is not a readable SQLite database: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+
+
+def _pick(columns: list[str], names: tuple[str, ...], *, table: str, what: str) -> str:
+    for name in names:
+        if name in columns:
+            return name
+    raise AuditError(f"{what}: table {table!r} must have a column {names[0]!r} (got {columns})")
+
+
+def _optional(columns: list[str], *names: str) -> str | None:
+    return next((n for n in names if n in columns), None)
+
+
+def _id_list(value: object) -> tuple[str, ...]:
+    """participants/survivors: a JSON list, or comma-separated ids, or empty."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    text = str(value).strip()
+    if text.startswith("["):
+        return tuple(str(v) for v in json.loads(text))
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _when(value: object) -> str | None:
+    """A timestamp as ISO 8601 UTC (unix seconds are converted; text is kept)."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(float(value), tz=UTC).isoformat(timespec="milliseconds")
+    return str(value)
+
+
+def _hex(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    return str(value)
+
+
+@dataclass(frozen=True)
+class TranscriptUpload:
+    """One upload the coordinator accepted, with the signed ledger head it carried."""
+
+    round_number: int
+    stage: str
+    sender: str
+    ledger_head: bytes
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What the audit uses from the coordinator's state: rounds and uploaded ledger heads."""
+
+    source: str
+    rounds: tuple[RoundRecord, ...]
+    uploads: tuple[TranscriptUpload, ...]
+
+
+def read_transcript(path: str | Path) -> Transcript:
+    """Read the ``rounds`` and ``transcript`` tables of a coordinator state database.
+
+    Raises:
+        AuditError: the file is missing, unreadable, or lacks a required table or column.
+    """
+    path = Path(path)
+    what = "--transcript"
+    with _open_readonly(path, what) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for table in ("rounds", "transcript"):
+            if table not in tables:
+                raise AuditError(
+                    f"{what}: database must have a {table!r} table (got {sorted(tables)})"
+                )
+        cols = _columns(conn, "rounds")
+        rc = _pick(cols, _ROUND, table="rounds", what=what)
+        mode = _pick(cols, ("mode",), table="rounds", what=what)
+        status = _optional(cols, "status")
+        threshold = _optional(cols, "threshold")
+        parts = _pick(cols, ("participants",), table="rounds", what=what)
+        surv = _optional(cols, "survivors")
+        before = _optional(cols, "global_hash_before")
+        after = _optional(cols, "global_hash_after")
+        select = ", ".join(
+            c or "NULL" for c in (rc, mode, status, threshold, parts, surv, before, after)
+        )
+        rounds = tuple(
+            RoundRecord(
+                round_number=int(r[0]),
+                mode=str(r[1]),
+                status=str(r[2]) if r[2] is not None else "unknown",
+                threshold=int(r[3]) if r[3] is not None else None,
+                participants=_id_list(r[4]),
+                survivors=_id_list(r[5]),
+                global_hash_before=_hex(r[6]),
+                global_hash_after=_hex(r[7]),
+            )
+            for r in conn.execute(f"SELECT {select} FROM rounds ORDER BY {rc}")
+        )
+        cols = _columns(conn, "transcript")
+        tc = _pick(cols, _ROUND, table="transcript", what=what)
+        stage = _pick(cols, ("stage",), table="transcript", what=what)
+        sender = _pick(cols, ("sender",), table="transcript", what=what)
+        head = _pick(cols, ("ledger_head",), table="transcript", what=what)
+        order = _optional(cols, "id", "seq", "received_at") or "rowid"
+        uploads = tuple(
+            TranscriptUpload(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]))
+            for r in conn.execute(
+                f"SELECT {tc}, {stage}, {sender}, {head} FROM transcript "
+                f"WHERE {head} IS NOT NULL AND length({head}) > 0 ORDER BY {order}"
+            )
+        )
+    return Transcript(source=str(path), rounds=rounds, uploads=uploads)
+
+
+def read_outbound(path: str | Path) -> OutboundLog:
+    """Read a participant's ``outbound`` table: every message that left the site.
+
+    Raises:
+        AuditError: the file is missing, unreadable, or lacks a required column.
+    """
+    path = Path(path)
+    what = "--outbound"
+    with _open_readonly(path, what) as conn:
+        cols = _columns(conn, "outbound")
+        if not cols:
+            raise AuditError(f"{what}: database {str(path)!r} must have an 'outbound' table")
+        names = (
+            _pick(cols, _ROUND, table="outbound", what=what),
+            _pick(cols, ("stage",), table="outbound", what=what),
+            _pick(cols, ("destination",), table="outbound", what=what),
+            _pick(cols, _BYTES, table="outbound", what=what),
+            _pick(cols, ("protection",), table="outbound", what=what),
+            _optional(cols, "sha256") or "NULL",
+            _optional(cols, "sent_at") or "NULL",
+        )
+        order = _optional(cols, "id", "seq", "sent_at") or "rowid"
+        messages = tuple(
+            OutboundMessage(
+                round_number=int(r[0]),
+                stage=str(r[1]),
+                destination=str(r[2]),
+                size_bytes=int(r[3]) if not isinstance(r[3], bytes) else len(r[3]),
+                protection=str(r[4]),
+                sha256=_hex(r[5]) or "",
+                sent_at=_when(r[6]),
+            )
+            for r in conn.execute(f"SELECT {', '.join(names)} FROM outbound ORDER BY {order}")
+        )
+    counts = Counter(m.protection for m in messages)
+    return OutboundLog(
+        source=str(path), messages=messages, by_protection=dict(sorted(counts.items()))
+    )
