@@ -310,9 +310,14 @@ class Coordinator:
         agreed = counts.most_common(1)[0][0] if counts else None
         if len(counts) > 1:
             self.emit("hash_disagreement", round=live.spec.round_number, hashes=dict(counts))
+        if agreed is None:
+            reason = "no survivor confirmed a new global hash before the deadline"
+            self.state.abort_round(live.spec.round_number, reason)
+            live.status, live.abort_reason = "aborted", reason
+            self.emit("round_aborted", round=live.spec.round_number, stage="done", reason=reason)
+            return
         self.state.finish_round(live.spec.round_number, global_hash_after=agreed)
-        if agreed:
-            self._global_hash = agreed
+        self._global_hash = agreed
         live.status = "done"
         self.emit("round_done", round=live.spec.round_number, global_hash=agreed,
                   confirmed=sorted(confirmations))

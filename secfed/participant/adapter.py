@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 SYNTHETIC_LABEL = b"secfed/v1/synthetic-layout"
-SYNTHETIC_AMPLITUDE = 0.5  # |synthetic delta| < 0.5: well inside the default clip bound of 8
+SYNTHETIC_NORM = 1.0  # L2 norm of a synthetic delta: well inside the default clip bound of 8
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ def synthetic_update(enterprise_id: str, round_number: int, dim: int) -> np.ndar
         hashlib.sha256(f"{enterprise_id}/{round_number}".encode()).digest()[:8], "big"
     )
     rng = np.random.default_rng(seed)
-    return rng.uniform(-SYNTHETIC_AMPLITUDE, SYNTHETIC_AMPLITUDE, dim).astype(np.float32)
+    vec = rng.uniform(-1.0, 1.0, dim)
+    return (vec * (SYNTHETIC_NORM / np.linalg.norm(vec))).astype(np.float32)
 
 
 class _StoredAdapter:

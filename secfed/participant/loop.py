@@ -233,6 +233,14 @@ class Participant:
             if info.stage_deadline_unix and time.time() > info.stage_deadline_unix + STAGE_SLACK_S:
                 raise TransportError(f"stage {stage.value} did not open before its deadline")
 
+    def _clip(self, spec: RoundSpec, delta: np.ndarray) -> np.ndarray:
+        """Scale the update into the round's L2 clip bound (the bound the sum is checked with)."""
+        norm = float(np.linalg.norm(delta.astype(np.float64)))
+        if spec.clip_bound > 0 and norm > spec.clip_bound:
+            self.emit("update_clipped", round=spec.round_number, norm=norm, bound=spec.clip_bound)
+            return (delta * (spec.clip_bound / norm)).astype(np.float32)
+        return delta
+
     def _take_part(self, spec: RoundSpec, terms: Any) -> RoundReport:
         r = spec.round_number
         policy = self._policy(spec)  # before this round is recorded (replay floor = last round)
@@ -252,7 +260,7 @@ class Participant:
             ckks_context=self._ckks_context() if spec.mode == "ckks" else None,
         )
         advert = machine.start()
-        machine.set_update(outcome.delta, ledger_head=head)
+        machine.set_update(self._clip(spec, outcome.delta), ledger_head=head)
         self._send(spec, Stage.ADVERTISE, advert)
         while not _has_result(machine):
             stage = machine.stage
