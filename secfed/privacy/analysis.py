@@ -1,0 +1,66 @@
+"""Pure privacy maths: RDP curves of our mechanisms and the RDP -> (ε, δ) conversion.
+
+No bookkeeping here; :mod:`secfed.privacy.accounting` composes events with these functions and
+with Opacus' analysis modules.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from opacus.accountants.analysis import rdp as opacus_rdp
+
+__all__ = ["RDP_ORDERS", "subsampled_gaussian_rdp", "skellam_rdp", "rdp_to_epsilon"]
+
+# Opacus' RDPAccountant.DEFAULT_ALPHAS, so the reference values of its docs reproduce exactly.
+RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+
+
+def subsampled_gaussian_rdp(
+    *, sample_rate: float, noise_multiplier: float, steps: int, orders: Sequence[float] = RDP_ORDERS
+) -> np.ndarray:
+    """RDP of ``steps`` Poisson-subsampled Gaussian steps (Mironov et al. 2019, via Opacus)."""
+    return np.asarray(
+        opacus_rdp.compute_rdp(
+            q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=list(orders)
+        ),
+        dtype=np.float64,
+    )
+
+
+def skellam_rdp(
+    *, l2_sensitivity: float, l1_sensitivity: float, variance: float, count: int = 1,
+    orders: Sequence[float] = RDP_ORDERS,
+) -> np.ndarray:
+    """RDP of ``count`` releases of the multi-dimensional Skellam mechanism.
+
+    Agarwal, Kairouz, Liu, "The Skellam Mechanism for Differentially Private Federated
+    Learning" (NeurIPS 2021), Theorem 3.5 / Corollary 3.6: for integer α > 1, per-coordinate
+    noise variance μ and integer-grid sensitivities Δ1, Δ2,
+    ``ε(α) ≤ α Δ2² / (2μ) + min(((2α − 1) Δ2² + 6 Δ1) / (4 μ²), 3 Δ1 / (2μ))``.
+    The bound is only proven for integer orders: other orders get +inf (never chosen).
+    """
+    out = np.empty(len(orders), dtype=np.float64)
+    d2sq = float(l2_sensitivity) ** 2
+    d1 = float(l1_sensitivity)
+    mu = float(variance)
+    for i, alpha in enumerate(orders):
+        if alpha <= 1 or float(alpha) != math.floor(alpha):
+            out[i] = math.inf
+            continue
+        out[i] = alpha * d2sq / (2 * mu) + min(((2 * alpha - 1) * d2sq + 6 * d1) / (4 * mu**2),
+                                               3 * d1 / (2 * mu))
+    return out * count
+
+
+def rdp_to_epsilon(rdp: np.ndarray, *, delta: float, orders: Sequence[float] = RDP_ORDERS) -> float:
+    """(ε, δ) from an RDP curve (Balle et al. 2020, Theorem 21, as in Opacus)."""
+    if not np.any(rdp):
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns when the optimum sits at an end of the orders
+        eps, _ = opacus_rdp.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
+    return float(eps)
