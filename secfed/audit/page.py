@@ -115,7 +115,7 @@ def _checks(checks: tuple[Check, ...]) -> str:
 
 def _mechanism(mech: dict[str, Any]) -> str:
     kind = mech.get("kind", "?")
-    params = ", ".join(f"{k}={v}" for k, v in mech.items() if k not in ("kind", "version"))
+    params = ", ".join(f"{k}={v}" for k, v in mech.items() if k not in ("kind", "v"))
     return f"<code>{_e(kind)}</code> {_e(params)}"
 
 

@@ -1,0 +1,614 @@
+"""Independent re-verification of privacy ledgers, transcripts and outbound logs.
+
+Nothing recorded is taken on trust. Each ledger goes through the privacy package's one
+verification path (:func:`secfed.privacy.verify_ledger`: contiguous indices, hash chain, each
+Ed25519 signature under the identity *pinned in the federation file*, δ and budget, ε); on top of
+that this module recomputes every entry's ε (PRV and RDP) from the recorded mechanism events with
+the accountant and reports each mismatch, checks the spend against the budget, projects the
+rounds the budget still allows, matches every signed ledger head the coordinator stored against
+the ledger, and checks how every outbound message was protected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from secfed.audit.model import (
+    BudgetOutlook,
+    Check,
+    CheckStatus,
+    EnterpriseReport,
+    EntryRecord,
+    OutboundLog,
+)
+from secfed.audit.sources import Transcript
+from secfed.crypto.errors import (
+    AuditError,
+    InvalidSignature,
+    LedgerError,
+    LedgerVerificationError,
+    MessageFormatError,
+    SecfedError,
+)
+from secfed.crypto.keys import constant_time_equal
+from secfed.privacy import (
+    DistributedDPEvent,
+    DPSGDEvent,
+    GaussianEvent,
+    LedgerEntry,
+    LedgerHead,
+    LedgerReport,
+    MechanismEvent,
+    compose_epsilon,
+    read_ledger,
+    verify_ledger,
+)
+
+__all__ = [
+    "EPSILON_RTOL",
+    "UPDATE_STAGES",
+    "UPDATE_PROTECTIONS",
+    "PROTECTIONS",
+    "LedgerAudit",
+    "read_enterprise_id",
+    "audit_ledger",
+    "rounds_remaining",
+    "check_transcript",
+    "check_outbound",
+]
+
+# A recorded ε must equal the recomputed one to this relative tolerance (plus 1e-9 absolute):
+# both come from the same deterministic accountant over the same events, so any larger gap means
+# the record and the events disagree.
+EPSILON_RTOL = 1e-6
+# Stages whose message carries the model update (secfed.protocol.Stage.UPLOAD).
+UPDATE_STAGES = frozenset({"upload"})
+# How an update may leave a site: masked (secagg/secagg+) or CKKS-encrypted. Never in clear.
+UPDATE_PROTECTIONS = frozenset({"masked", "encrypted"})
+PROTECTIONS = frozenset({"masked", "encrypted", "signed", "control"})
+# Cap on the "rounds still allowed" projection (a budget that never runs out at this σ).
+MAX_PROJECTED_ROUNDS = 1_000_000
+# Accountant of the online budget check when the ledger's own setting cannot be read (a ledger
+# that failed verification): RDP, the ledger's default and the larger (more cautious) ε.
+FALLBACK_BUDGET_ACCOUNTANT = "rdp"
+
+
+@dataclass(frozen=True)
+class LedgerAudit:
+    """One ledger's report and checks, plus what the transcript cross-check needs."""
+
+    report: EnterpriseReport
+    checks: tuple[Check, ...]
+    entries: tuple[LedgerEntry, ...]
+    verify_key: bytes | None  # pinned key, else the ledger's own recorded key (when readable)
+
+
+def _fail(name: str, subject: str, detail: str, **where: Any) -> Check:
+    return Check(name, subject, CheckStatus.FAIL, detail, **where)
+
+
+def _pass(name: str, subject: str, detail: str) -> Check:
+    return Check(name, subject, CheckStatus.PASS, detail)
+
+
+def _skip(name: str, subject: str, detail: str) -> Check:
+    return Check(name, subject, CheckStatus.SKIPPED, detail)
+
+
+def _close(recorded: float, recomputed: float) -> bool:
+    return math.isclose(recorded, recomputed, rel_tol=EPSILON_RTOL, abs_tol=1e-9)
+
+
+def read_enterprise_id(path: Path) -> str:
+    """The enterprise a ledger file belongs to (from its entries, or its header when empty).
+
+    Raises:
+        AuditError: the file is not a readable secfed ledger.
+    """
+    try:
+        entries = read_ledger(path)
+        if entries:
+            return entries[0].enterprise_id
+        return verify_ledger(path, public_key=None).enterprise_id
+    except LedgerVerificationError as exc:
+        raise AuditError(
+            f"--ledger {str(path)!r}: cannot tell whose ledger this is: {exc}"
+        ) from exc
+    except LedgerError as exc:
+        raise AuditError(f"--ledger {str(path)!r} is not a readable secfed ledger: {exc}") from exc
+
+
+def _scaled(event: MechanismEvent, k: int) -> MechanismEvent:
+    """``k`` repetitions of ``event`` as one event (steps/count multiply; the accountants agree)."""
+    if isinstance(event, DPSGDEvent):
+        return dataclasses.replace(event, steps=event.steps * k)
+    if isinstance(event, GaussianEvent | DistributedDPEvent):
+        return dataclasses.replace(event, count=event.count * k)
+    raise AuditError(
+        f"mechanism event kind must be known to the audit (got {type(event).__name__})"
+    )
+
+
+def rounds_remaining(
+    events: Sequence[MechanismEvent], *, budget: float, delta: float, accountant: str
+) -> int | None:
+    """How many more rounds like the newest one keep ε (``accountant``) within ``budget``.
+
+    ``None`` for an empty ledger (no current σ). Capped at :data:`MAX_PROJECTED_ROUNDS`.
+    """
+    if not events:
+        return None
+    last = events[-1]
+
+    def fits(k: int) -> bool:
+        eps = compose_epsilon((*events, _scaled(last, k)), delta=delta, accountant=accountant)
+        return eps <= budget
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= MAX_PROJECTED_ROUNDS and fits(hi):
+        lo, hi = hi, hi * 2
+    if hi > MAX_PROJECTED_ROUNDS:
+        return MAX_PROJECTED_ROUNDS
+    while hi - lo > 1:  # fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _mechanism(entry: LedgerEntry) -> dict[str, Any]:
+    return dict(entry.event.to_dict())
+
+
+def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool) -> LedgerAudit:
+    """Re-verify one ledger; failures become checks naming the entry, never exceptions.
+
+    Args:
+        path: the ledger file.
+        pinned_key: the enterprise's Ed25519 key from federation.toml (None: not pinned).
+        federation_given: whether a federation file was given (an unlisted enterprise fails).
+
+    Raises:
+        AuditError: the file is not a readable secfed ledger at all.
+    """
+    checks: list[Check] = []
+    eid = read_enterprise_id(path)
+
+    # -- identity ----------------------------------------------------------------------------
+    if pinned_key is not None:
+        checks.append(_pass("identity_pinned", eid, "Ed25519 key pinned in the federation file"))
+    elif federation_given:
+        checks.append(
+            _fail(
+                "identity_pinned", eid, f"enterprise {eid!r} is not on the federation file's roster"
+            )
+        )
+    else:
+        checks.append(
+            _skip(
+                "identity_pinned",
+                eid,
+                "no federation file (--federation): signatures checked only against "
+                "the key the ledger records for itself",
+            )
+        )
+
+    # -- the privacy package's verification path ----------------------------------------------
+    verified: LedgerReport | None = None
+    try:
+        verified = verify_ledger(path, public_key=pinned_key)
+        checks.append(
+            _pass(
+                "ledger_integrity",
+                eid,
+                f"{len(verified.entries)} entries: indices contiguous, hash chain intact, every "
+                "signature verifies under the "
+                + ("pinned identity" if pinned_key is not None else "ledger's own recorded key"),
+            )
+        )
+    except LedgerVerificationError as exc:
+        checks.append(_fail("ledger_integrity", eid, str(exc), entry=exc.entry))
+    except LedgerError as exc:
+        checks.append(_fail("ledger_integrity", eid, str(exc)))
+
+    try:
+        entries = tuple(read_ledger(path))
+    except LedgerVerificationError as exc:
+        entries = ()
+        checks.append(_fail("ledger_readable", eid, str(exc), entry=exc.entry))
+    except LedgerError as exc:
+        entries = ()
+        checks.append(_fail("ledger_readable", eid, str(exc)))
+
+    if verified is not None:
+        budget, delta = verified.budget, verified.delta
+        accountant = verified.budget_accountant
+        verify_key: bytes | None = verified.public_key
+    elif entries:
+        # Unverified ledger: take the newest entry's recorded budget and δ to show *something*;
+        # the verdict is already FAIL.
+        budget, delta = entries[-1].budget, entries[-1].delta
+        accountant = FALLBACK_BUDGET_ACCOUNTANT
+        verify_key = pinned_key
+    else:
+        raise AuditError(
+            f"--ledger {str(path)!r} of {eid!r} failed verification and has no readable entry: "
+            + "; ".join(c.detail for c in checks if c.status is CheckStatus.FAIL)
+        )
+
+    # -- ε recomputed from the events, entry by entry ----------------------------------------------
+    records: list[EntryRecord] = []
+    events: list[MechanismEvent] = []
+    eps_prv = eps_rdp = 0.0
+    mismatches = 0
+    for entry in entries:
+        events.append(entry.event)
+        try:
+            eps_prv = compose_epsilon(events, delta=delta, accountant="prv")
+            eps_rdp = compose_epsilon(events, delta=delta, accountant="rdp")
+        except SecfedError as exc:
+            checks.append(
+                _fail(
+                    "epsilon_recomputed",
+                    eid,
+                    f"entry {entry.index}: accountant refused the events: {exc}",
+                    entry=entry.index,
+                    round_number=entry.round_number,
+                )
+            )
+            mismatches += 1
+            eps_prv = eps_rdp = float("nan")
+        else:
+            for name, recorded, recomputed in (
+                ("PRV", entry.eps_prv, eps_prv),
+                ("RDP", entry.eps_rdp, eps_rdp),
+            ):
+                if not _close(recorded, recomputed):
+                    mismatches += 1
+                    checks.append(
+                        _fail(
+                            "epsilon_recomputed",
+                            eid,
+                            f"entry {entry.index} (round {entry.round_number}): recorded ε {name} "
+                            f"{recorded!r} but the recorded events give {recomputed!r}",
+                            entry=entry.index,
+                            round_number=entry.round_number,
+                        )
+                    )
+        records.append(
+            EntryRecord(
+                index=entry.index,
+                round_number=entry.round_number,
+                session_id=entry.session_id.hex(),
+                mechanism=_mechanism(entry),
+                recorded_epsilon_prv=entry.eps_prv,
+                recorded_epsilon_rdp=entry.eps_rdp,
+                recomputed_epsilon_prv=eps_prv if math.isfinite(eps_prv) else None,
+                recomputed_epsilon_rdp=eps_rdp if math.isfinite(eps_rdp) else None,
+                entry_hash=entry.entry_hash.hex(),
+                timestamp=datetime.fromtimestamp(entry.timestamp, tz=UTC).isoformat(
+                    timespec="milliseconds"
+                )
+                if math.isfinite(entry.timestamp) and 0 <= entry.timestamp < 1e11
+                else None,
+            )
+        )
+    if not mismatches:
+        checks.append(
+            _pass(
+                "epsilon_recomputed",
+                eid,
+                f"every recorded ε (PRV and RDP) of {len(entries)} entries equals the "
+                "accountant's recomputation from the recorded events",
+            )
+        )
+
+    # -- budget --------------------------------------------------------------------------------
+    spent = eps_rdp if accountant == "rdp" else eps_prv
+    if entries and not (spent <= budget):
+
+        def over(r: EntryRecord) -> bool:
+            eps = r.recomputed_epsilon_rdp if accountant == "rdp" else r.recomputed_epsilon_prv
+            return eps is None or eps > budget
+
+        first = next((r for r in records if over(r)), records[-1])
+        checks.append(
+            _fail(
+                "budget",
+                eid,
+                f"ε spent {spent:.4f} ({accountant.upper()}) exceeds the budget "
+                f"{budget:g}; first over at entry {first.index}",
+                entry=first.index,
+                round_number=first.round_number,
+            )
+        )
+    else:
+        checks.append(
+            _pass(
+                "budget",
+                eid,
+                f"ε spent {spent:.4f} ({accountant.upper()}) within budget {budget:g}",
+            )
+        )
+
+    last = entries[-1].event if entries else None
+    remaining = None
+    if entries and math.isfinite(spent):
+        try:
+            remaining = rounds_remaining(events, budget=budget, delta=delta, accountant=accountant)
+        except SecfedError:
+            remaining = None
+    outlook = BudgetOutlook(
+        remaining_epsilon=max(0.0, budget - spent) if math.isfinite(spent) else 0.0,
+        rounds_remaining=remaining,
+        accountant=accountant,
+        noise_multiplier=None if last is None else float(last.noise_multiplier),
+        sample_rate=float(last.sample_rate) if isinstance(last, DPSGDEvent) else None,
+        steps_per_round=int(last.steps) if isinstance(last, DPSGDEvent) else None,
+    )
+    report = EnterpriseReport(
+        enterprise_id=eid,
+        ledger_path=str(path),
+        identity_public_key=None if verify_key is None else verify_key.hex(),
+        identity_pinned=pinned_key is not None,
+        budget_epsilon=budget,
+        delta=delta,
+        epsilon_prv=eps_prv if math.isfinite(eps_prv) else 0.0,
+        epsilon_rdp=eps_rdp if math.isfinite(eps_rdp) else 0.0,
+        recorded_epsilon_prv=entries[-1].eps_prv if entries else 0.0,
+        recorded_epsilon_rdp=entries[-1].eps_rdp if entries else 0.0,
+        rounds=tuple(e.round_number for e in entries),
+        entries=tuple(records),
+        outlook=outlook,
+        head_hash=entries[-1].entry_hash.hex() if entries else None,
+    )
+    return LedgerAudit(report=report, checks=tuple(checks), entries=entries, verify_key=verify_key)
+
+
+def check_transcript(
+    audits: Sequence[LedgerAudit], transcript: Transcript, roster: Mapping[str, bytes]
+) -> list[Check]:
+    """Match each signed ledger head the coordinator stored with the audited ledgers.
+
+    Flags: a head that does not parse or is not signed by the enterprise's key, a head naming an
+    entry the ledger no longer has (truncated), a head whose entry hash differs from the ledger's
+    (rewritten), a head pointing at an entry charged for another round, and an upload round with
+    no ledger entry at all.
+    """
+    checks: list[Check] = []
+    by_id = {a.report.enterprise_id: a for a in audits}
+    for audit in audits:
+        eid = audit.report.enterprise_id
+        uploads = [u for u in transcript.uploads if u.sender == eid]
+        key = roster.get(eid, audit.verify_key)
+        failures: list[Check] = []
+        entries = audit.entries
+        for up in uploads:
+            where = {"round_number": up.round_number}
+            try:
+                head = LedgerHead.from_bytes(up.ledger_head)
+            except MessageFormatError as exc:
+                failures.append(
+                    _fail(
+                        "transcript_heads",
+                        eid,
+                        f"round {up.round_number}: stored ledger head is malformed ({exc})",
+                        **where,
+                    )
+                )
+                continue
+            if head.enterprise_id != eid:
+                failures.append(
+                    _fail(
+                        "transcript_heads",
+                        eid,
+                        f"round {up.round_number}: upload carries the head of "
+                        f"{head.enterprise_id!r}",
+                        **where,
+                    )
+                )
+                continue
+            try:
+                if key is None:
+                    raise InvalidSignature()
+                head.verify(key)
+            except InvalidSignature:
+                failures.append(
+                    _fail(
+                        "transcript_heads",
+                        eid,
+                        f"round {up.round_number}: ledger head (entry {head.index}) "
+                        "is not signed by the enterprise's identity key",
+                        entry=head.index,
+                        **where,
+                    )
+                )
+                continue
+            if head.index == 0 or head.index > len(entries):
+                failures.append(
+                    _fail(
+                        "transcript_heads",
+                        eid,
+                        f"round {up.round_number}: the coordinator holds a signed head for entry "
+                        f"{head.index} but the ledger has {len(entries)} entries "
+                        + (
+                            "(no charge recorded for an upload)"
+                            if head.index == 0
+                            else "(ledger truncated: an entry was deleted)"
+                        ),
+                        entry=head.index,
+                        **where,
+                    )
+                )
+                continue
+            entry = entries[head.index - 1]
+            if entry.index != head.index or not constant_time_equal(
+                entry.entry_hash, head.entry_hash
+            ):
+                failures.append(
+                    _fail(
+                        "transcript_heads",
+                        eid,
+                        f"round {up.round_number}: entry {head.index}'s hash differs from the signed "
+                        "head the coordinator stored (ledger rewritten after the upload)",
+                        entry=head.index,
+                        **where,
+                    )
+                )
+                continue
+            if entry.round_number != up.round_number:
+                failures.append(
+                    _fail(
+                        "transcript_heads",
+                        eid,
+                        f"round {up.round_number}: upload's ledger head points at entry {head.index}, "
+                        f"charged for round {entry.round_number}",
+                        entry=head.index,
+                        **where,
+                    )
+                )
+        charged_rounds = {e.round_number for e in entries}
+        for r in sorted({u.round_number for u in uploads} - charged_rounds):
+            failures.append(
+                _fail(
+                    "transcript_rounds",
+                    eid,
+                    f"round {r}: the coordinator accepted an upload from {eid!r} "
+                    "but the ledger has no charge for that round",
+                    round_number=r,
+                )
+            )
+        for rnd in transcript.rounds:
+            if eid in rnd.survivors and rnd.round_number not in {u.round_number for u in uploads}:
+                failures.append(
+                    _fail(
+                        "transcript_rounds",
+                        eid,
+                        f"round {rnd.round_number}: {eid!r} is a survivor but no "
+                        "upload with a ledger head is in the transcript",
+                        round_number=rnd.round_number,
+                    )
+                )
+        checks.extend(failures)
+        if not any(c.name == "transcript_heads" for c in failures):
+            checks.append(
+                _pass(
+                    "transcript_heads",
+                    eid,
+                    f"{len(uploads)} signed ledger heads in the transcript match the ledger",
+                )
+            )
+        if not any(c.name == "transcript_rounds" for c in failures):
+            checks.append(
+                _pass(
+                    "transcript_rounds",
+                    eid,
+                    "every round the coordinator took an upload from is charged in the ledger",
+                )
+            )
+    strangers = sorted({u.sender for u in transcript.uploads} - set(by_id))
+    if strangers:
+        checks.append(
+            _skip(
+                "transcript_heads",
+                "federation",
+                f"uploads from enterprises whose ledgers were not given: {strangers}",
+            )
+        )
+    return checks
+
+
+def _instant(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def check_outbound(enterprise_id: str, log: OutboundLog, audit: LedgerAudit) -> list[Check]:
+    """Every message that left the site: a known protection, updates only masked or encrypted,
+    and each round's update sent only after that round was charged in the ledger."""
+    failures: list[Check] = []
+    for m in log.messages:
+        if m.protection not in PROTECTIONS:
+            failures.append(
+                _fail(
+                    "outbound_protection",
+                    enterprise_id,
+                    f"round {m.round_number} {m.stage} message to {m.destination}: "
+                    f"protection must be one of {sorted(PROTECTIONS)} "
+                    f"(got {m.protection!r})",
+                    round_number=m.round_number,
+                )
+            )
+        elif m.stage in UPDATE_STAGES and m.protection not in UPDATE_PROTECTIONS:
+            failures.append(
+                _fail(
+                    "outbound_protection",
+                    enterprise_id,
+                    f"round {m.round_number}: the update left as {m.protection!r}, "
+                    f"not {sorted(UPDATE_PROTECTIONS)}",
+                    round_number=m.round_number,
+                )
+            )
+    checks = list(failures)
+    if not failures:
+        updates = sum(1 for m in log.messages if m.stage in UPDATE_STAGES)
+        checks.append(
+            _pass(
+                "outbound_protection",
+                enterprise_id,
+                f"{len(log.messages)} outbound messages; all {updates} updates left "
+                "masked or encrypted; no raw update left the site",
+            )
+        )
+    charged = {}
+    for e in audit.entries:
+        charged.setdefault(e.round_number, e)
+    late: list[Check] = []
+    for m in log.messages:
+        if m.stage not in UPDATE_STAGES:
+            continue
+        entry = charged.get(m.round_number)
+        if entry is None:
+            late.append(
+                _fail(
+                    "charged_before_send",
+                    enterprise_id,
+                    f"round {m.round_number}: an update left the site but the ledger "
+                    "has no charge for that round",
+                    round_number=m.round_number,
+                )
+            )
+            continue
+        sent = _instant(m.sent_at)
+        if sent is not None and entry.timestamp > sent + 1e-3:
+            late.append(
+                _fail(
+                    "charged_before_send",
+                    enterprise_id,
+                    f"round {m.round_number}: entry {entry.index} was charged after "
+                    "the update left",
+                    entry=entry.index,
+                    round_number=m.round_number,
+                )
+            )
+    checks.extend(late)
+    if not late:
+        checks.append(
+            _pass(
+                "charged_before_send",
+                enterprise_id,
+                "every update that left the site was charged in the ledger first",
+            )
+        )
+    return checks
