@@ -28,6 +28,7 @@ from secfed.privacy.ledger import (
     LedgerHead,
     LedgerReport,
     read_ledger,
+    read_ledger_meta,
     verify_ledger,
 )
 
@@ -50,5 +51,6 @@ __all__ = [
     "LedgerHead",
     "LedgerReport",
     "read_ledger",
+    "read_ledger_meta",
     "verify_ledger",
 ]

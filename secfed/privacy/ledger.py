@@ -56,6 +56,7 @@ __all__ = [
     "LedgerReport",
     "Ledger",
     "read_ledger",
+    "read_ledger_meta",
     "verify_ledger",
     "entry_hash",
     "head_message",
@@ -498,6 +499,27 @@ def read_ledger(path: str | Path) -> list[LedgerEntry]:
         LedgerError: missing or unreadable file.
     """
     return list(_read(Path(path))[1])
+
+
+def read_ledger_meta(path: str | Path) -> dict[str, str]:
+    """The ledger's header (``enterprise_id``, ``public_key``, ``budget_epsilon``, ``delta``,
+    ``budget_accountant``, ``format``), read even when an entry is unreadable. Unverified: the
+    entries are checked against it by :func:`verify_ledger`.
+
+    Raises:
+        LedgerError: missing file, not a ledger, or another format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LedgerError(f"ledger {path} does not exist")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"ledger {path} cannot be opened ({exc})") from exc
+    try:
+        return _read_meta(conn, path)
+    finally:
+        conn.close()
 
 
 def _read(path: Path) -> tuple[dict[str, str], list[LedgerEntry]]:
