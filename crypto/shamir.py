@@ -6,6 +6,7 @@ field element; share indices are x = 1..n. Coefficients come from :mod:`secrets`
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections import Counter
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ __all__ = [
     "split_int",
     "combine_int",
     "evaluate_polynomial",
+    "lagrange_weights_at_zero",
 ]
 
 PRIME = 2**256 + 297  # smallest prime above 2^256 (checked in tests/crypto/test_shamir.py)
@@ -118,16 +120,41 @@ def combine_int(shares: Sequence[Share], *, threshold: int, prime: int = PRIME) 
     if len(set(xs)) != len(xs):
         duplicates = sorted(x for x, count in Counter(xs).items() if count > 1)
         raise ShamirError(f"share indices must be distinct (got duplicates {duplicates})")
-    use = shares[:threshold]
+    use = sorted(shares[:threshold], key=lambda s: s.x)
+    weights = lagrange_weights_at_zero(tuple(s.x for s in use), prime)
     secret = 0
-    for i, si in enumerate(use):
-        num, den = 1, 1
-        for j, sj in enumerate(use):
-            if i != j:
-                num = (num * -sj.x) % prime
-                den = (den * (si.x - sj.x)) % prime
-        secret = (secret + si.y * num * pow(den, -1, prime)) % prime
+    for share, weight in zip(use, weights, strict=True):
+        secret = (secret + share.y * weight) % prime
     return secret
+
+
+@functools.lru_cache(maxsize=256)
+def lagrange_weights_at_zero(xs: tuple[int, ...], prime: int = PRIME) -> tuple[int, ...]:
+    """Weights w_i with f(0) = sum(w_i * f(x_i)) for distinct nonzero ``xs`` in GF(prime).
+
+    w_i = prod_{j != i} x_j / (x_j - x_i). Depends on the public indices only (never on share
+    values), so it is cached: a coordinator that reconstructs one secret per enterprise from the
+    same responders computes the O(t^2) weights once, then pays t multiplications per secret.
+    The t denominators are inverted together (Montgomery's trick: one modular inversion).
+    """
+    numerators, denominators = [], []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                num = num * xj % prime
+                den = den * (xj - xi) % prime
+        numerators.append(num)
+        denominators.append(den)
+    prefix = [1]
+    for den in denominators:
+        prefix.append(prefix[-1] * den % prime)
+    inverse = pow(prefix[-1], -1, prime)
+    weights = [0] * len(xs)
+    for i in range(len(xs) - 1, -1, -1):
+        weights[i] = numerators[i] * inverse * prefix[i] % prime  # inverse * prefix = 1/den_i
+        inverse = inverse * denominators[i] % prime
+    return tuple(weights)
 
 
 def split_secret(secret: bytes, *, threshold: int, n_shares: int) -> list[Share]:

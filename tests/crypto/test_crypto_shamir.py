@@ -176,3 +176,24 @@ def test_share_parser_accepts_only_well_formed_shares(raw) -> None:
         assert len(raw) != 35 or raw[:2] == b"\x00\x00" or int.from_bytes(raw[2:], "big") >= shamir.PRIME
         return
     assert share.to_bytes() == raw
+
+
+@settings(max_examples=40, deadline=None)
+@given(xs=st.lists(st.integers(1, 500), min_size=1, max_size=12, unique=True))
+def test_lagrange_weights_reproduce_low_degree_polynomials_at_zero(xs) -> None:
+    """f(0) = sum w_i f(x_i) for every polynomial of degree < t: checked on 1, x, ..., x^(t-1)
+    (for x^k, k >= 1, the value at zero is 0; for the constant, 1)."""
+    p = shamir.PRIME
+    weights = shamir.lagrange_weights_at_zero(tuple(xs), p)
+    for k in range(len(xs)):
+        value = sum(w * pow(x, k, p) for w, x in zip(weights, xs, strict=True)) % p
+        assert value == (1 if k == 0 else 0)
+
+
+def test_cached_weights_serve_many_secrets_and_any_share_order() -> None:
+    secrets_ = [secrets.token_bytes(32) for _ in range(6)]
+    splits = [shamir.split_secret(s, threshold=4, n_shares=7) for s in secrets_]
+    for secret, shares in zip(secrets_, splits, strict=True):
+        chosen = [shares[6], shares[2], shares[4], shares[0]]  # same x-set, shuffled order
+        assert shamir.combine_shares(chosen, threshold=4) == secret
+        assert shamir.combine_shares(sorted(chosen, key=lambda s: s.x), threshold=4) == secret
