@@ -29,7 +29,7 @@ __all__ = [
 
 DEFAULT_WORKERS = 2  # this product's reference machine has two cores
 CHUNK_BYTES = 1 << 18  # 256 KiB: chunk + keystream stay in L2; must be <= prg.ZERO_PIECE_BYTES
-MIN_WORDS_PER_WORKER = 1 << 16  # below ~0.5 MiB per thread, starting the thread costs more
+MIN_WORDS_PER_WORKER = 1 << 16  # fewer words per thread: starting it costs more than it saves
 
 UArray = npt.NDArray[np.unsignedinteger]
 
