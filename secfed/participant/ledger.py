@@ -52,8 +52,7 @@ class _PrivacyLedger(SiteLedger):
 
     def check(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         event = self._event(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
-        self._ledger.check_budget(event)
-        return self.epsilon()
+        return float(self._ledger.check_budget(event))
 
     def charge(self, *, round_number: int, session_id: bytes, noise_multiplier: float,
                sample_rate: float, steps: int) -> bytes:

@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 def make_federation(root: Path, *, enterprises: list[str], dim: int, schedule: tuple[str, ...],
-                    rounds: int, stage: float = 20.0, train: float = 30.0,
+                    rounds: int, stage: float = 20.0, train: float = 120.0,
                     applied: float = 20.0, between: float = 0.0, threshold: int | None = None,
                     min_participants: int | None = None) -> KitPaths:
     return create_kits(

@@ -17,6 +17,8 @@ from e2e.harness import (
     make_federation,
     wait_for,
 )
+from secfed.privacy import LedgerHead, read_ledger, verify_ledger
+from secfed.transport.kits import EnterpriseKit
 
 DIM = 3000
 ENTERPRISES = ["energy-utility", "security-operator", "city-ops"]
@@ -73,9 +75,16 @@ def test_happy_path_equals_plaintext_fedavg(tmp_path) -> None:
         assert (1, "upload", "masked") in out and (2, "upload", "encrypted") in out
         assert (1, "advertise", "signed") in out and (2, "applied", "signed") in out
         assert not any(p == "control" and st in ("upload", "share") for _, st, p in out)
-        led = sqlite3.connect(kits.enterprises[eid] / "ledger.sqlite")
-        tables = {r[0] for r in led.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert tables
+        entries = read_ledger(kits.enterprises[eid] / "ledger.sqlite")
+        assert [e.round_number for e in entries] == [1, 2]
+        pinned = EnterpriseKit.load(kits.enterprises[eid]).identity().public_bytes()
+        verify_ledger(kits.enterprises[eid] / "ledger.sqlite", public_key=pinned)
+        # the head the coordinator stored with the round-2 upload is this ledger's newest entry
+        head = LedgerHead.from_bytes(db.execute(
+            "SELECT ledger_head FROM transcript WHERE round=2 AND stage='upload' AND sender=?",
+            (eid,)).fetchone()[0])
+        head.verify(pinned)
+        assert head.index == entries[-1].index
         # a peer confirmation round-trip happened and agreed
         assert '"peers_agree"' in procs.log(eid)
 
@@ -147,6 +156,8 @@ def _kill_coordinator_at(tmp_path, stage: str) -> None:
         charged = {r for (r,) in state.execute(
             "SELECT round FROM rounds WHERE status IN ('charged','done','aborted','lost')")}
         assert charged == {1, 2}
+        ledger_rounds = [e.round_number for e in read_ledger(kits.enterprises[eid] / "ledger.sqlite")]
+        assert sorted(ledger_rounds) == [1, 2]
         heads = db.execute("SELECT round FROM transcript WHERE stage='upload' AND sender=?",
                            (eid,)).fetchall()
         assert {r for (r,) in heads} <= charged
