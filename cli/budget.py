@@ -1,0 +1,105 @@
+"""``secfed budget status``: an enterprise's privacy budget, from its verified ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from secfed.cli.options import emit_json, json_option
+from secfed.crypto.errors import ConfigError, LedgerVerificationError, SecfedError
+
+
+def load_public_key(value: str) -> bytes:
+    """A 32-byte Ed25519 public key from 64 hex characters or a file (hex, raw, or PEM).
+
+    Raises:
+        ConfigError: not a key in any of those forms.
+    """
+    text = value.strip()
+    if len(text) == 64:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            pass
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"--identity must be 64 hex characters or a key file (got {value!r})")
+    data = path.read_bytes()
+    if len(data) == 32:
+        return data
+    if b"-----BEGIN" in data:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        from secfed.crypto.keys import IdentityKey
+
+        if b"PRIVATE KEY" in data:
+            return IdentityKey.from_pem(data).public_bytes()
+        try:
+            key = serialization.load_pem_public_key(data)
+        except ValueError as exc:
+            raise ConfigError(f"--identity file {path} is not a PEM public key") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigError(f"--identity file {path} must hold an Ed25519 key (got {type(key).__name__})")
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    try:
+        raw = bytes.fromhex(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"--identity file {path} is not hex, raw 32 bytes or PEM") from exc
+    if len(raw) != 32:
+        raise ConfigError(f"--identity key must be 32 bytes (got {len(raw)})")
+    return raw
+
+
+@click.group(name="budget")
+def command() -> None:
+    """Privacy budget of an enterprise (from its signed ledger)."""
+
+
+@command.command(name="status")
+@click.option("--ledger", "ledger_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The enterprise's ledger.sqlite.")
+@click.option("--identity", default=None,
+              help="Pinned Ed25519 public key: 64 hex chars or a file (hex/raw/PEM). "
+                   "Without it the key recorded in the ledger is used (not pinned).")
+@click.option("--fast", is_flag=True, default=False,
+              help="Recompute PRV epsilon for the newest entry only (RDP is always recomputed for all).")
+@json_option
+def status(ledger_path: Path, identity: str | None, fast: bool, as_json: bool) -> None:
+    """Budget, spent (PRV, RDP), delta, remaining, rounds and the verification verdict.
+
+    Exits 1 when the ledger fails verification (the failing entry is named).
+    """
+    from secfed.privacy.ledger import read_ledger, verify_ledger
+
+    public_key = load_public_key(identity) if identity is not None else None
+    try:
+        report = verify_ledger(ledger_path, public_key=public_key, recompute_prv=not fast)
+    except LedgerVerificationError as exc:
+        entries = []
+        try:
+            entries = read_ledger(ledger_path)
+        except SecfedError:  # unreadable rows: the verdict below is what matters
+            pass
+        result = {"ledger": str(ledger_path), "verified": False, "failed_entry": exc.entry,
+                  "reason": str(exc), "entries": len(entries)}
+        if as_json:
+            emit_json(result)
+        else:
+            click.echo(f"ledger      {ledger_path}")
+            click.echo(f"verdict     FAILED at entry {exc.entry}: {exc}")
+        raise SystemExit(1) from None
+    result = {"ledger": str(ledger_path), "verified": True, **report.to_dict()}
+    if as_json:
+        emit_json(result)
+        return
+    pinned = "pinned key" if report.key_pinned else "key from the ledger file (NOT pinned)"
+    rounds = report.rounds
+    click.echo(f"ledger      {ledger_path}")
+    click.echo(f"enterprise  {report.enterprise_id}")
+    click.echo(f"budget      epsilon {report.budget:g} at delta {report.delta:.3g} ({report.budget_accountant} enforces)")
+    click.echo(f"spent       epsilon {report.eps_prv:.4f} (PRV), {report.eps_rdp:.4f} (RDP)")
+    click.echo(f"remaining   epsilon {report.remaining:.4f}")
+    click.echo(f"rounds      {len(rounds)}" + (f" (rounds {rounds[0]}..{rounds[-1]})" if rounds else ""))
+    click.echo(f"verdict     OK: {len(report.entries)} entries, hash chain, signatures ({pinned}) and epsilon verified")
