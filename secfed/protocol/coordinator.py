@@ -87,6 +87,9 @@ class CoordinatorRound:
         workers: threads for mask removal.
         clock: optional ``() -> seconds``; when given, :attr:`timings` records ``unmask`` (seed
             recovery, mask removal, decoding) or, for ckks, ``aggregate`` (homomorphic sum).
+        keep_records: keep every accepted payload in :attr:`records` (for :meth:`replay`). A
+            driver that persists each accepted payload itself passes ``False``: the masked
+            uploads are then summed and dropped, so memory stays O(d + n k), not O(n d).
     """
 
     def __init__(
@@ -97,9 +100,11 @@ class CoordinatorRound:
         ckks_public_context: bytes | None = None,
         workers: int = DEFAULT_WORKERS,
         clock: Callable[[], float] | None = None,
+        keep_records: bool = True,
     ) -> None:
         spec.validate()
         self._clock = clock
+        self._keep_records = keep_records
         self.timings: dict[str, float] = {}
         missing = [p for p in spec.participants if p not in roster]
         if missing:
@@ -175,7 +180,8 @@ class CoordinatorRound:
                 "a message from another round is refused"
             )
         self._accept(sender, message)
-        self.records.append((self.stage.value, sender, bytes(payload)))
+        if self._keep_records:
+            self.records.append((self.stage.value, sender, bytes(payload)))
 
     def close_stage(self) -> dict[str, bytes]:
         """End the current stage; returns the next stage's payload for each recipient.

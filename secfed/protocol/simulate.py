@@ -187,7 +187,8 @@ def simulate(
         for p, k in zip(ids, identities)
     ]
     coord = CoordinatorRound(
-        spec, roster=roster, ckks_public_context=ctx_public, workers=workers, clock=time.perf_counter
+        spec, roster=roster, ckks_public_context=ctx_public, workers=workers, clock=time.perf_counter,
+        keep_records=False,
     )
     net = _Network(n, transcript)
     timings: dict[str, float] = {}
