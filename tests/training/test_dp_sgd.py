@@ -112,3 +112,18 @@ def test_adam_runs_within_its_bound(build):
     assert 0 < result.delta_norm <= result.delta_norm_bound
     # Adam moves each coordinate by about lr per step: the delta is far from zero
     assert result.delta_norm > 0.01 * np.sqrt(result.layout.total)
+
+
+@pytest.mark.parametrize("kind", ["text", "fusion"])
+def test_lora_dropout_and_repeated_rounds_on_one_model(kind, build):
+    """LoRA dropout is active in train(); a second round on the same model re-attaches hooks."""
+    from secfed.models import LoraSettings
+
+    model = build(kind, lora=LoraSettings(rank=4, alpha=8.0, dropout=0.1))
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in model.modules())
+    data = make_items(model, 12, missing=(kind == "fusion"))
+    config = DPConfig(noise_multiplier=1.0, sample_rate=0.5, local_steps=2, learning_rate=0.05)
+    first = train_local(model, data, config=config)
+    second = train_local(model, data, config=config)
+    assert first.layout == second.layout
+    assert 0 < second.delta_norm <= second.delta_norm_bound
