@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,6 +141,10 @@ def build_report(
         eid = owners[p]
         pinned = roster.get(eid)
         audit = audit_ledger(p, pinned_key=pinned, federation_given=federation is not None)
+        if eid in logs:
+            audit = dataclasses.replace(
+                audit, report=dataclasses.replace(audit.report, outbound=logs[eid])
+            )
         audits.append(audit)
         checks.extend(audit.checks)
         if eid in logs:

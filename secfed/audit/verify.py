@@ -47,6 +47,7 @@ from secfed.privacy import (
     MechanismEvent,
     compose_epsilon,
     read_ledger,
+    read_ledger_meta,
     verify_ledger,
 )
 
@@ -106,22 +107,22 @@ def _close(recorded: float, recomputed: float) -> bool:
 
 
 def read_enterprise_id(path: Path) -> str:
-    """The enterprise a ledger file belongs to (from its entries, or its header when empty).
+    """The enterprise a ledger file belongs to (its header, unverified).
 
     Raises:
         AuditError: the file is not a readable secfed ledger.
     """
+    return _header(path)["enterprise_id"]
+
+
+def _header(path: Path) -> dict[str, str]:
     try:
-        entries = read_ledger(path)
-        if entries:
-            return entries[0].enterprise_id
-        return verify_ledger(path, public_key=None).enterprise_id
-    except LedgerVerificationError as exc:
-        raise AuditError(
-            f"--ledger {str(path)!r}: cannot tell whose ledger this is: {exc}"
-        ) from exc
+        meta = read_ledger_meta(path)
     except LedgerError as exc:
         raise AuditError(f"--ledger {str(path)!r} is not a readable secfed ledger: {exc}") from exc
+    if not meta.get("enterprise_id"):
+        raise AuditError(f"--ledger {str(path)!r}: header names no enterprise_id")
+    return meta
 
 
 def _scaled(event: MechanismEvent, k: int) -> MechanismEvent:
@@ -179,7 +180,8 @@ def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool
         AuditError: the file is not a readable secfed ledger at all.
     """
     checks: list[Check] = []
-    eid = read_enterprise_id(path)
+    header = _header(path)
+    eid = header["enterprise_id"]
 
     # -- identity ----------------------------------------------------------------------------
     if pinned_key is not None:
@@ -231,17 +233,19 @@ def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool
         budget, delta = verified.budget, verified.delta
         accountant = verified.budget_accountant
         verify_key: bytes | None = verified.public_key
-    elif entries:
-        # Unverified ledger: take the newest entry's recorded budget and δ to show *something*;
-        # the verdict is already FAIL.
-        budget, delta = entries[-1].budget, entries[-1].delta
-        accountant = FALLBACK_BUDGET_ACCOUNTANT
-        verify_key = pinned_key
     else:
-        raise AuditError(
-            f"--ledger {str(path)!r} of {eid!r} failed verification and has no readable entry: "
-            + "; ".join(c.detail for c in checks if c.status is CheckStatus.FAIL)
-        )
+        # Unverified ledger (the verdict is already FAIL): show its header's budget and δ.
+        try:
+            budget, delta = float(header["budget_epsilon"]), float(header["delta"])
+        except (KeyError, ValueError) as exc:
+            raise AuditError(
+                f"--ledger {str(path)!r}: header budget/delta unreadable ({exc}); "
+                + "; ".join(c.detail for c in checks if c.status is CheckStatus.FAIL)
+            ) from exc
+        accountant = header.get("budget_accountant", FALLBACK_BUDGET_ACCOUNTANT)
+        if accountant not in ("prv", "rdp"):
+            accountant = FALLBACK_BUDGET_ACCOUNTANT
+        verify_key = pinned_key
 
     # -- ε recomputed from the events, entry by entry ----------------------------------------------
     records: list[EntryRecord] = []
