@@ -43,7 +43,7 @@ __all__ = [
 
 AggregationMode = Literal["secagg", "secagg+", "ckks"]
 MODES: tuple[str, ...] = ("secagg", "secagg+", "ckks")
-ENTERPRISE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # also a DNS label: CN/SAN of its cert
+ENTERPRISE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # also a DNS label: CN/SAN of its cert
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 

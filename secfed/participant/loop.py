@@ -259,6 +259,7 @@ class Participant:
             policy=policy,
             ckks_context=self._ckks_context() if spec.mode == "ckks" else None,
         )
+        self.emit("protocol_started", round=r)
         advert = machine.start()
         machine.set_update(self._clip(spec, outcome.delta), ledger_head=head)
         self._send(spec, Stage.ADVERTISE, advert)
