@@ -141,9 +141,7 @@ def measure(*, quick: bool, with_ckks: bool) -> dict[str, Any]:
         results[f"apply_masks_ms_{workers}w"] = seconds * 1e3
         results[f"apply_masks_cpu_per_wall_{workers}w"] = cpu_per_wall
         results[f"apply_masks_gb_s_{workers}w"] = mask_bytes / seconds / 1e9
-    results["apply_masks_speedup_2w"] = (
-        results["apply_masks_ms_1w"] / results["apply_masks_ms_2w"]
-    )
+    results["apply_masks_speedup_2w"] = results["apply_masks_ms_1w"] / results["apply_masks_ms_2w"]
     flower = flower_mask_seconds(n, n_masks, runs)
     results["flower_masks_ms"] = None if flower is None else flower * 1e3
     results["encode_1e6_f32_ms"] = encode_seconds(n, runs) * 1e3
@@ -156,36 +154,61 @@ def measure(*, quick: bool, with_ckks: bool) -> dict[str, Any]:
 def print_table(r: dict[str, Any]) -> None:
     rows: list[tuple[str, str, str]] = [
         ("memory bandwidth (numpy copy)", f"{r['memcpy_gb_s']:.2f} GB/s", "hardware limit"),
-        ("AES-256-CTR keystream, 1 core", f"{r['aes256_ctr_gb_s']:.2f} GB/s",
-         f"{r['aes256_ctr_gb_s'] / r['memcpy_gb_s']:.2f} x memcpy"),
-        ("ChaCha20 keystream, 1 core", f"{r['chacha20_gb_s']:.2f} GB/s",
-         f"AES/ChaCha = {r['aes_over_chacha']:.2f}"),
-        ("apply_masks 1e6 x 10, 1 thread", f"{r['apply_masks_ms_1w']:.1f} ms",
-         f"{r['apply_masks_gb_s_1w']:.2f} GB/s of masks, "
-         f"cpu/wall {r['apply_masks_cpu_per_wall_1w']:.2f}"),
-        ("apply_masks 1e6 x 10, 2 threads", f"{r['apply_masks_ms_2w']:.1f} ms",
-         f"{r['apply_masks_gb_s_2w']:.2f} GB/s, speedup {r['apply_masks_speedup_2w']:.2f}, "
-         f"cpu/wall {r['apply_masks_cpu_per_wall_2w']:.2f}"),
+        (
+            "AES-256-CTR keystream, 1 core",
+            f"{r['aes256_ctr_gb_s']:.2f} GB/s",
+            f"{r['aes256_ctr_gb_s'] / r['memcpy_gb_s']:.2f} x memcpy",
+        ),
+        (
+            "ChaCha20 keystream, 1 core",
+            f"{r['chacha20_gb_s']:.2f} GB/s",
+            f"AES/ChaCha = {r['aes_over_chacha']:.2f}",
+        ),
+        (
+            "apply_masks 1e6 x 10, 1 thread",
+            f"{r['apply_masks_ms_1w']:.1f} ms",
+            f"{r['apply_masks_gb_s_1w']:.2f} GB/s of masks, "
+            f"cpu/wall {r['apply_masks_cpu_per_wall_1w']:.2f}",
+        ),
+        (
+            "apply_masks 1e6 x 10, 2 threads",
+            f"{r['apply_masks_ms_2w']:.1f} ms",
+            f"{r['apply_masks_gb_s_2w']:.2f} GB/s, speedup {r['apply_masks_speedup_2w']:.2f}, "
+            f"cpu/wall {r['apply_masks_cpu_per_wall_2w']:.2f}",
+        ),
     ]
     if r["flower_masks_ms"] is not None:
-        rows.append(("Flower 1.42 pseudo_rand_gen, same job", f"{r['flower_masks_ms']:.1f} ms",
-                     f"ours (2 thr) is {r['flower_masks_ms'] / r['apply_masks_ms_2w']:.1f}x faster"))
+        rows.append(
+            (
+                "Flower 1.42 pseudo_rand_gen, same job",
+                f"{r['flower_masks_ms']:.1f} ms",
+                f"ours (2 thr) is {r['flower_masks_ms'] / r['apply_masks_ms_2w']:.1f}x faster",
+            )
+        )
     else:
         rows.append(("Flower 1.42 pseudo_rand_gen, same job", "n/a", "flwr not installed"))
     rows.append(("encode 1e6 float32 -> Z_2^64", f"{r['encode_1e6_f32_ms']:.2f} ms", ""))
     if "ckks" in r:
         c = r["ckks"]
         rows += [
-            ("CKKS encrypt, 1 thread", f"{c['encrypt_values_per_s_1w'] / 1e6:.2f} M values/s",
-             f"{c['bytes_per_value']:.1f} B/value ({c['bytes_per_value'] / 4:.1f}x fp32)"),
-            ("CKKS encrypt, 2 threads", f"{c['encrypt_values_per_s_2w'] / 1e6:.2f} M values/s",
-             f"speedup {c['encrypt_values_per_s_2w'] / c['encrypt_values_per_s_1w']:.2f}"),
+            (
+                "CKKS encrypt, 1 thread",
+                f"{c['encrypt_values_per_s_1w'] / 1e6:.2f} M values/s",
+                f"{c['bytes_per_value']:.1f} B/value ({c['bytes_per_value'] / 4:.1f}x fp32)",
+            ),
+            (
+                "CKKS encrypt, 2 threads",
+                f"{c['encrypt_values_per_s_2w'] / 1e6:.2f} M values/s",
+                f"speedup {c['encrypt_values_per_s_2w'] / c['encrypt_values_per_s_1w']:.2f}",
+            ),
             ("CKKS decrypt, 2 threads", f"{c['decrypt_values_per_s_2w'] / 1e6:.2f} M values/s", ""),
         ]
     width = max(len(name) for name, _, _ in rows)
-    print(f"secfed keystream bench: {r['cpus_available']} CPUs, load average "
-          f"{r['load_average_before']:.2f} before / {r['load_average_after']:.2f} after, "
-          f"{r['buffer_mib']} MiB buffers, median of {r['runs']} warm runs")
+    print(
+        f"secfed keystream bench: {r['cpus_available']} CPUs, load average "
+        f"{r['load_average_before']:.2f} before / {r['load_average_after']:.2f} after, "
+        f"{r['buffer_mib']} MiB buffers, median of {r['runs']} warm runs"
+    )
     for name, value, note in rows:
         print(f"  {name:<{width}}  {value:>18}  {note}")
     if r["load_average_before"] > 0.5:

@@ -72,9 +72,7 @@ def _check_parameters(ctx: ts.Context) -> None:
         raise CkksError(f"ckks context scheme must be CKKS (got {scheme})")
     degree = int(parms.poly_modulus_degree())
     if degree != POLY_MODULUS_DEGREE:
-        raise CkksError(
-            f"ckks poly_modulus_degree must be {POLY_MODULUS_DEGREE} (got {degree})"
-        )
+        raise CkksError(f"ckks poly_modulus_degree must be {POLY_MODULUS_DEGREE} (got {degree})")
     bits = tuple(int(q.bit_count()) for q in parms.coeff_modulus())
     if bits != COEFF_MOD_BIT_SIZES:
         raise CkksError(
@@ -117,7 +115,9 @@ class CkksContext:
             CkksError: ``secret=True`` on a context that holds no secret key.
         """
         if secret and not self.has_secret:
-            raise CkksError("cannot serialise a secret ckks context: this context has no secret key")
+            raise CkksError(
+                "cannot serialise a secret ckks context: this context has no secret key"
+            )
         return bytes(
             self._ctx.serialize(
                 save_public_key=False,
@@ -195,7 +195,9 @@ def _load_ciphertext(ctx: ts.Context, blob: bytes, *, slots: int, where: str) ->
     try:
         vec = ts.ckks_vector_from(ctx, bytes(blob))
     except Exception as exc:
-        raise CkksError(f"{where}: ciphertext bytes could not be parsed ({type(exc).__name__})") from exc
+        raise CkksError(
+            f"{where}: ciphertext bytes could not be parsed ({type(exc).__name__})"
+        ) from exc
     if vec.size() != slots:
         raise CkksError(f"{where}: ciphertext must hold {slots} values (got {vec.size()})")
     inner = vec.ciphertext()
@@ -203,7 +205,9 @@ def _load_ciphertext(ctx: ts.Context, blob: bytes, *, slots: int, where: str) ->
         raise CkksError(f"{where}: must be exactly one SEAL ciphertext (got {len(inner)})")
     ct = inner[0]
     if ct.size() != _CIPHERTEXT_POLYS:
-        raise CkksError(f"{where}: ciphertext must have {_CIPHERTEXT_POLYS} polynomials (got {ct.size()})")
+        raise CkksError(
+            f"{where}: ciphertext must have {_CIPHERTEXT_POLYS} polynomials (got {ct.size()})"
+        )
     if ct.scale != float(2**SCALE_BITS):
         raise CkksError(f"{where}: ciphertext scale must be 2^{SCALE_BITS} (got {ct.scale:.6g})")
     if list(ct.parms_id()) != list(ctx.seal_context().data.first_parms_id()):
@@ -218,9 +222,7 @@ def _slot_counts(length: int) -> list[int]:
     return [SLOTS] * (n - 1) + [length - SLOTS * (n - 1)]
 
 
-def encrypt(
-    ctx: CkksContext, vec: npt.ArrayLike, *, workers: int = DEFAULT_WORKERS
-) -> list[bytes]:
+def encrypt(ctx: CkksContext, vec: npt.ArrayLike, *, workers: int = DEFAULT_WORKERS) -> list[bytes]:
     """Encrypt a flat vector with the secret key; one serialised ciphertext per 4096 values.
 
     Raises:
@@ -275,16 +277,15 @@ def add_encrypted(
     tctx = ctx.tenseal
 
     def one(position: int) -> bytes:
-        total = None
-        for i, cts in enumerate(contributions):
-            vec = _load_ciphertext(
+        vectors = (
+            _load_ciphertext(
                 tctx, cts[position], slots=counts[position], where=f"contribution {i}[{position}]"
             )
-            if total is None:
-                total = vec
-            else:
-                total.add_(vec)
-        assert total is not None
+            for i, cts in enumerate(contributions)
+        )
+        total = next(vectors)
+        for vec in vectors:
+            total.add_(vec)
         return bytes(total.serialize())
 
     return _map(one, list(range(len(counts))), workers)
@@ -296,7 +297,9 @@ def _infer_length(ctx: CkksContext, cts: Sequence[bytes]) -> int:
     try:
         last = ts.ckks_vector_from(ctx.tenseal, bytes(cts[-1]))
     except Exception as exc:
-        raise CkksError(f"contribution 0[-1]: ciphertext bytes could not be parsed ({type(exc).__name__})") from exc
+        raise CkksError(
+            f"contribution 0[-1]: ciphertext bytes could not be parsed ({type(exc).__name__})"
+        ) from exc
     tail = int(last.size())
     if not 1 <= tail <= SLOTS:
         raise CkksError(f"contribution 0[-1]: ciphertext must hold 1..{SLOTS} values (got {tail})")

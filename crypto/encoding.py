@@ -52,7 +52,11 @@ def _max_units(max_abs: float, scale_bits: int) -> int:
 
 
 def check_headroom(
-    *, n_participants: int, max_abs: float, scale_bits: int = DEFAULT_SCALE_BITS, ring_bits: int = 64
+    *,
+    n_participants: int,
+    max_abs: float,
+    scale_bits: int = DEFAULT_SCALE_BITS,
+    ring_bits: int = 64,
 ) -> None:
     """Raise exactly when ``n_participants`` encodings of magnitude <= ``max_abs`` could wrap.
 

@@ -65,8 +65,10 @@ def _apply_range(acc: UArray, masks: Sequence[tuple[bytes, int]], start: int, st
     item = acc.dtype.itemsize
     step = CHUNK_BYTES // item
     readers = [
-        (KeystreamReader(seed, offset_bytes=start * item, length_bytes=(stop - start) * item),
-         np.add if sign > 0 else np.subtract)
+        (
+            KeystreamReader(seed, offset_bytes=start * item, length_bytes=(stop - start) * item),
+            np.add if sign > 0 else np.subtract,
+        )
         for seed, sign in masks
     ]
     keystream_chunk = np.empty(min(step, stop - start), dtype=acc.dtype)
@@ -85,7 +87,9 @@ def _check_masks(masks: Sequence[tuple[bytes, int]]) -> None:
     # Every check happens before the first write, so a bad entry leaves ``acc`` untouched.
     for index, entry in enumerate(masks):
         if not isinstance(entry, tuple) or len(entry) != 2:
-            raise ConfigError(f"masks[{index}] must be a (seed, sign) pair (got {type(entry).__name__})")
+            raise ConfigError(
+                f"masks[{index}] must be a (seed, sign) pair (got {type(entry).__name__})"
+            )
         seed, sign = entry
         if not isinstance(seed, bytes | bytearray) or len(seed) != SEED_BYTES:
             got = len(seed) if isinstance(seed, bytes | bytearray) else type(seed).__name__

@@ -70,7 +70,9 @@ def _fill(enc: CipherContext, out: npt.NDArray[np.unsignedinteger]) -> None:
 
 def _check_offset(offset_bytes: int, nbytes: int) -> None:
     if offset_bytes % AES_BLOCK:
-        raise ConfigError(f"keystream offset must be a multiple of {AES_BLOCK} (got {offset_bytes})")
+        raise ConfigError(
+            f"keystream offset must be a multiple of {AES_BLOCK} (got {offset_bytes})"
+        )
     if offset_bytes < 0 or offset_bytes // AES_BLOCK + _blocks(nbytes) > _COUNTER_LIMIT:
         raise ConfigError(
             f"keystream offset must be >= 0 and the stream must end below block 2^128 "

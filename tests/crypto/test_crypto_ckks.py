@@ -93,7 +93,9 @@ def test_public_serialisation_carries_no_keys(secret_ctx) -> None:
 
 
 def test_loading_refuses_the_wrong_kind_of_context(secret_ctx) -> None:
-    with pytest.raises(CkksError, match="expected a public ckks context \\(got one with the secret"):
+    with pytest.raises(
+        CkksError, match="expected a public ckks context \\(got one with the secret"
+    ):
         ckks.load_context(secret_ctx.serialize(secret=True), expect_secret=False)
     with pytest.raises(CkksError, match="expected a secret ckks context \\(got one without"):
         ckks.load_context(secret_ctx.serialize(secret=False), expect_secret=True)
@@ -103,7 +105,10 @@ def test_loading_refuses_the_wrong_kind_of_context(secret_ctx) -> None:
     ("kwargs", "pattern"),
     [
         ({"degree": 16384}, "poly_modulus_degree must be 8192 \\(got 16384\\)"),
-        ({"bits": (60, 40, 60)}, "coefficient moduli must be \\[60, 60\\] bits \\(got \\[60, 40, 60\\]\\)"),
+        (
+            {"bits": (60, 40, 60)},
+            "coefficient moduli must be \\[60, 60\\] bits \\(got \\[60, 40, 60\\]\\)",
+        ),
         ({"bits": (50, 50)}, "coefficient moduli must be \\[60, 60\\]"),
         ({"scale_bits": 30}, "global scale must be 2\\^40 \\(got 2\\^30\\)"),
         ({"encryption": ts.ENCRYPTION_TYPE.ASYMMETRIC}, "must use symmetric encryption"),
@@ -113,7 +118,9 @@ def test_wrong_parameter_contexts_are_refused(kwargs, pattern) -> None:
     raw = raw_context(**kwargs)
     for secret in (True, False):
         data = raw.serialize(
-            save_public_key=False, save_secret_key=secret, save_galois_keys=False,
+            save_public_key=False,
+            save_secret_key=secret,
+            save_galois_keys=False,
             save_relin_keys=False,
         )
         with pytest.raises(CkksError, match=pattern):
@@ -147,7 +154,9 @@ def test_add_refuses_bad_contributions(secret_ctx, public_ctx) -> None:
     short = ckks.encrypt(secret_ctx, np.ones(10))
     with pytest.raises(CkksError, match="contribution 1\\[0\\]: ciphertext must hold 4096 values"):
         ckks.add_encrypted(public_ctx, [good, [short[0], good[1]]], length=5000)
-    with pytest.raises(CkksError, match="contribution 0\\[1\\]: ciphertext bytes could not be parsed"):
+    with pytest.raises(
+        CkksError, match="contribution 0\\[1\\]: ciphertext bytes could not be parsed"
+    ):
         ckks.add_encrypted(public_ctx, [[good[0], b"\x01\x02garbage"], good], length=5000)
     # Same parameters but another scale: loads in SEAL, refused by secfed.
     other = raw_context(scale_bits=30)
@@ -160,7 +169,9 @@ def test_decrypt_refuses_mismatched_length(secret_ctx) -> None:
     cts = ckks.encrypt(secret_ctx, np.ones(5000))
     with pytest.raises(CkksError, match="must have 1 ciphertexts \\(got 2\\)"):
         ckks.decrypt(secret_ctx, cts, 4096)
-    with pytest.raises(CkksError, match="ciphertext 1: ciphertext must hold 905 values \\(got 904\\)"):
+    with pytest.raises(
+        CkksError, match="ciphertext 1: ciphertext must hold 905 values \\(got 904\\)"
+    ):
         ckks.decrypt(secret_ctx, cts, 5001)
 
 

@@ -64,8 +64,9 @@ def test_headroom_raises_exactly_when_n_copies_could_wrap(n, units, ring_bits, s
     x = np.array([max_abs, -max_abs], dtype=np.float64)
     if wraps:
         with pytest.raises(HeadroomError) as info:
-            check_headroom(n_participants=n, max_abs=max_abs, scale_bits=scale_bits,
-                           ring_bits=ring_bits)
+            check_headroom(
+                n_participants=n, max_abs=max_abs, scale_bits=scale_bits, ring_bits=ring_bits
+            )
         message = str(info.value)
         assert str(n) in message and f"2^{scale_bits}" in message and f"2^{ring_bits}" in message
         with pytest.raises(HeadroomError):
@@ -73,8 +74,9 @@ def test_headroom_raises_exactly_when_n_copies_could_wrap(n, units, ring_bits, s
         # The wrap is real: the true sum leaves the centred interval.
         assert n * units > limit
     else:
-        check_headroom(n_participants=n, max_abs=max_abs, scale_bits=scale_bits,
-                       ring_bits=ring_bits)
+        check_headroom(
+            n_participants=n, max_abs=max_abs, scale_bits=scale_bits, ring_bits=ring_bits
+        )
         v = encode(x, n_participants=n, scale_bits=scale_bits, ring_bits=ring_bits)
         total = np.zeros(2, dtype=np.uint32)
         for _ in range(min(n, 3)):
@@ -94,8 +96,9 @@ def test_headroom_raises_exactly_when_n_copies_could_wrap(n, units, ring_bits, s
 def test_headroom_boundary_is_tight(ring_bits, n, largest_ok, first_bad) -> None:
     check_headroom(n_participants=n, max_abs=float(largest_ok), scale_bits=0, ring_bits=ring_bits)
     with pytest.raises(HeadroomError, match=f"sum of {n} participants"):
-        check_headroom(n_participants=n, max_abs=float(first_bad), scale_bits=0,
-                       ring_bits=ring_bits)
+        check_headroom(
+            n_participants=n, max_abs=float(first_bad), scale_bits=0, ring_bits=ring_bits
+        )
 
 
 def test_default_scale_headroom_for_a_clipped_update() -> None:

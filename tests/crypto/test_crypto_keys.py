@@ -25,9 +25,7 @@ def test_small_order_public_key_is_rejected() -> None:
 
 def test_derived_keys_are_separated_by_purpose_session_and_context() -> None:
     shared = b"\x42" * 32
-    derived = {
-        keys.derive_key(shared, session_id=SESSION, purpose=label) for label in keys.LABELS
-    }
+    derived = {keys.derive_key(shared, session_id=SESSION, purpose=label) for label in keys.LABELS}
     assert len(derived) == len(keys.LABELS)
     base = keys.derive_key(shared, session_id=SESSION, purpose=keys.LABEL_PAIRWISE_MASK)
     assert base != keys.derive_key(

@@ -85,8 +85,10 @@ def test_pairwise_masks_cancel_for_any_survivor_subset(n_parties, length, dtype,
         (i, j): data.draw(seeds) for i in range(n_parties) for j in range(i + 1, n_parties)
     }
     updates = [
-        np.array(data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=length, max_size=length)),
-                 dtype=np.uint64).astype(dtype)
+        np.array(
+            data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=length, max_size=length)),
+            dtype=np.uint64,
+        ).astype(dtype)
         for _ in range(n_parties)
     ]
     survivors = data.draw(

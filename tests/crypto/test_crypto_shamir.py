@@ -91,9 +91,7 @@ def test_toy_field_every_secret_equally_consistent_with_any_t_minus_1_shares(t, 
     for indices in itertools.combinations(range(1, n + 1), t - 1):
         seen: dict[tuple[int, ...], Counter[int]] = {}
         for coefficients in itertools.product(range(p), repeat=t):
-            values = tuple(
-                shamir.evaluate_polynomial(coefficients, x, prime=p) for x in indices
-            )
+            values = tuple(shamir.evaluate_polynomial(coefficients, x, prime=p) for x in indices)
             seen.setdefault(values, Counter())[coefficients[0]] += 1
         assert len(seen) == p ** (t - 1)  # every share tuple occurs
         for counts in seen.values():
@@ -173,7 +171,11 @@ def test_share_parser_accepts_only_well_formed_shares(raw) -> None:
     try:
         share = shamir.Share.from_bytes(raw)
     except ShamirError:
-        assert len(raw) != 35 or raw[:2] == b"\x00\x00" or int.from_bytes(raw[2:], "big") >= shamir.PRIME
+        assert (
+            len(raw) != 35
+            or raw[:2] == b"\x00\x00"
+            or int.from_bytes(raw[2:], "big") >= shamir.PRIME
+        )
         return
     assert share.to_bytes() == raw
 

@@ -21,7 +21,9 @@ SHAMIR = load_vectors("secfed_shamir.json")
 
 
 def _generator_module():
-    spec = importlib.util.spec_from_file_location("secfed_vector_generator", VECTORS / "generate.py")
+    spec = importlib.util.spec_from_file_location(
+        "secfed_vector_generator", VECTORS / "generate.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -101,7 +103,9 @@ def independent_interpolate_at_zero(points: list[tuple[int, int]], prime: int) -
         for r in range(t):
             if r != col and rows[r][col]:
                 factor = rows[r][col]
-                rows[r] = [(a - factor * b) % prime for a, b in zip(rows[r], rows[col], strict=True)]
+                rows[r] = [
+                    (a - factor * b) % prime for a, b in zip(rows[r], rows[col], strict=True)
+                ]
     return rows[0][t]
 
 
@@ -111,7 +115,9 @@ def parse_share(hex_share: str) -> tuple[int, int]:
     return int.from_bytes(raw[:2], "big"), int.from_bytes(raw[2:], "big")
 
 
-@pytest.mark.parametrize("case", SHAMIR["cases"], ids=lambda c: f"{c['threshold']}-of-{c['n_shares']}")
+@pytest.mark.parametrize(
+    "case", SHAMIR["cases"], ids=lambda c: f"{c['threshold']}-of-{c['n_shares']}"
+)
 def test_shamir_vector_every_threshold_subset(case: dict) -> None:
     prime = int(SHAMIR["prime"], 16)
     assert prime == shamir.PRIME
