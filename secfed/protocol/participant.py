@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -317,14 +317,12 @@ class ParticipantRound:
                 raise ProtocolAbort(
                     f"{len(self._holders)} share holders advertised, below the threshold {spec.threshold}"
                 )
-            # Only neighbours' keys are ever used; SecAgg+ checks just those (Bell et al. 2020).
-            # A forged key elsewhere changes the session id, which the consistency check binds.
-            checked: Iterable[str] = sorted(self._holders - {self.me}, key=spec.index)
-        else:
-            checked = [p for p in adverts if p != self.me]
-        for p in checked:
-            a = adverts[p]
-            verify_signature(self._roster[p], a.signature, a.signed_bytes())
+        # Every advertisement is checked, not only the neighbours': the session id (and so the
+        # SecAgg+ graph) depends on all of them, and an unchecked key would let the coordinator
+        # grind session ids until a victim's neighbourhood suits it.
+        for p, a in adverts.items():
+            if p != self.me:
+                verify_signature(self._roster[p], a.signature, a.signed_bytes())
 
     def _share_key(self, peer: str) -> bytes:
         assert self._cipher_keys is not None
