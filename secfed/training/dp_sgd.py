@@ -42,7 +42,7 @@ from secfed.training.guards import (
     AccountedRelease,
     check_accountant_history,
     check_accounting,
-    check_delta,
+    check_adapter_delta,
     check_per_sample_grads,
     check_sampler,
     delta_norm_bound,
@@ -276,7 +276,7 @@ class PrivateTrainer:
             dataset_size=self.dataset_size,
         )
         try:
-            norm = check_delta(delta, bound=bound)
+            norm = check_adapter_delta(delta, bound=bound)
         except DPGuardError:
             set_flat(self.model, self.layout, global_vec)  # never leave a corrupted adapter
             raise

@@ -23,7 +23,7 @@ __all__ = [
     "AccountedRelease",
     "check_accountant_history",
     "check_accounting",
-    "check_delta",
+    "check_adapter_delta",
     "check_per_sample_grads",
     "check_sampler",
     "delta_norm_bound",
@@ -99,38 +99,38 @@ def check_accounting(
     dataset_size: int,
 ) -> None:
     """Before training: q, sigma, steps the accountant is charged with, and C, are what the
-    optimizer and sampler will use; gradients are averaged by the fixed q*N (Opacus #819).
+    optimizer and sampler will use (``secfed.privacy.check_accounting_matches``); gradients are
+    averaged by the fixed q*N (Opacus #819).
 
     Raises:
-        DPGuardError: naming ``noise_multiplier``, ``sample_rate``, ``steps``,
-            ``max_grad_norm``, ``normalisation`` or ``optimizer``.
+        DPGuardError: ``accounting`` (naming the field), ``sample_rate``, ``normalisation`` or
+            ``optimizer``.
     """
-    if not _same(optimizer.noise_multiplier, accounted.noise_multiplier):
-        raise _fail(
-            "noise_multiplier",
-            f"optimizer's noise_multiplier must equal the accounted sigma="
-            f"{accounted.noise_multiplier!r} (got {optimizer.noise_multiplier!r})",
-        )
-    if not _same(batch_sampler.sample_rate, accounted.sample_rate) or not _same(
-        config.sample_rate, accounted.sample_rate
-    ):
+    from secfed.privacy import check_accounting_matches
+
+    if not _same(config.sample_rate, batch_sampler.sample_rate):
         raise _fail(
             "sample_rate",
-            f"sampler's sample_rate must equal the accounted q={accounted.sample_rate!r} "
+            f"sampler's sample_rate must equal config.sample_rate={config.sample_rate!r} "
             f"(got {batch_sampler.sample_rate!r})",
         )
-    if len(batch_sampler) != accounted.steps or config.local_steps != accounted.steps:
-        raise _fail(
-            "steps",
-            f"local steps must equal the accounted steps={accounted.steps!r} "
-            f"(got {len(batch_sampler)})",
+    try:
+        check_accounting_matches(
+            accountant_params={
+                "noise_multiplier": accounted.noise_multiplier,
+                "sample_rate": accounted.sample_rate,
+                "steps": accounted.steps,
+                "max_grad_norm": config.max_grad_norm,
+            },
+            optimizer_params={
+                "noise_multiplier": optimizer.noise_multiplier,
+                "sample_rate": batch_sampler.sample_rate,
+                "steps": len(batch_sampler),
+                "max_grad_norm": optimizer.max_grad_norm,
+            },
         )
-    if not _same(optimizer.max_grad_norm, config.max_grad_norm):
-        raise _fail(
-            "max_grad_norm",
-            f"optimizer's clip bound must equal max_grad_norm={config.max_grad_norm!r} "
-            f"(got {optimizer.max_grad_norm!r})",
-        )
+    except DPGuardError as exc:
+        raise _fail("accounting", str(exc)) from None
     expected = accounted.sample_rate * dataset_size
     if (
         optimizer.loss_reduction != "mean"
@@ -205,7 +205,7 @@ def delta_norm_bound(
     return total * (1 + _ROUNDING) + 1e-12
 
 
-def check_delta(delta: np.ndarray, *, bound: float) -> float:
+def check_adapter_delta(delta: np.ndarray, *, bound: float) -> float:
     """The delta must be finite, not all zero, and within ``bound``; returns its L2 norm.
 
     Raises:

@@ -1,7 +1,5 @@
 """Each DP guardrail trips on the mistake it exists for, with an error naming the check."""
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
@@ -14,19 +12,15 @@ from training_items import make_items
 from secfed.errors import ConfigError, DPGuardError
 from secfed.models import adapter_layout, get_flat
 from secfed.models.classifiers import TextClassifier
+from secfed.privacy import DPSGDEvent
 from secfed.training import DPConfig, collate_examples, make_private_trainer, train_local
-from secfed.training.guards import check_accountant_history, check_delta, delta_norm_bound
+from secfed.training.guards import (
+    check_accountant_history,
+    check_adapter_delta,
+    delta_norm_bound,
+)
 
 CONFIG = DPConfig(noise_multiplier=1.0, sample_rate=0.25, local_steps=3, learning_rate=0.1)
-
-
-@dataclass(frozen=True)
-class Charged:
-    """The shape of secfed.privacy's DP-SGD event: what the ledger was charged with."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
 
 
 @pytest.fixture
@@ -65,16 +59,17 @@ def test_poisson_loader_with_another_rate_is_refused(text_model, items):
 @pytest.mark.parametrize(
     ("charged", "check"),
     [
-        (Charged(0.8, 0.25, 3), "noise_multiplier"),
-        (Charged(1.0, 0.2, 3), "sample_rate"),
-        (Charged(1.0, 0.25, 4), "steps"),
+        (DPSGDEvent(0.8, 0.25, 3), "noise_multiplier"),
+        (DPSGDEvent(1.0, 0.2, 3), "sample_rate"),
+        (DPSGDEvent(1.0, 0.25, 4), "steps"),
     ],
 )
 def test_accounted_release_must_match_the_optimizer(text_model, items, charged, check):
-    with pytest.raises(DPGuardError, match=f"guard {check}"):
+    """The ledger's DP-SGD event (secfed.privacy) against what the optimizer and sampler use."""
+    with pytest.raises(DPGuardError, match=f"guard accounting: {check}"):
         train_local(text_model, items, config=CONFIG, accounted=charged)
     # the matching release passes
-    result = train_local(text_model, items, config=CONFIG, accounted=Charged(1.0, 0.25, 3))
+    result = train_local(text_model, items, config=CONFIG, accounted=DPSGDEvent(1.0, 0.25, 3))
     assert result.steps == 3
 
 
@@ -156,16 +151,16 @@ def test_update_that_never_reaches_the_adapter_is_refused(text_model, items):
 
 
 def test_accountant_history_and_delta_checks_directly():
-    charged = Charged(1.0, 0.25, 3)
+    charged = DPSGDEvent(1.0, 0.25, 3)
     check_accountant_history([(1.0, 0.25, 3)], charged)
     with pytest.raises(DPGuardError, match="guard accountant"):
         check_accountant_history([(1.0, 0.25, 2), (1.0, 0.25, 1)], charged)
     bound = delta_norm_bound(config=CONFIG, batch_sizes=[4, 4, 4], dimension=100, dataset_size=16)
     # per step: lr (B C + sigma C (sqrt(d) + 10)) / (q N) = 0.1 (4 + 20) / 4
     assert bound == pytest.approx(3 * 0.1 * (4 + 20) / 4, rel=2e-4)
-    assert check_delta(np.full(100, 0.1, np.float32), bound=bound) == pytest.approx(1.0)
+    assert check_adapter_delta(np.full(100, 0.1, np.float32), bound=bound) == pytest.approx(1.0)
     with pytest.raises(DPGuardError, match="guard delta_norm"):
-        check_delta(np.full(100, 1.0, np.float32), bound=bound)
+        check_adapter_delta(np.full(100, 1.0, np.float32), bound=bound)
 
 
 def test_config_refuses_zero_noise_and_bad_values():
