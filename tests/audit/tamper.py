@@ -29,6 +29,7 @@ COLUMNS = (
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path)
+    conn.execute("PRAGMA synchronous=OFF")  # test copies: no fsync needed
     for trigger in ("entries_no_update", "entries_no_delete", "meta_no_update", "meta_no_delete"):
         conn.execute(f"DROP TRIGGER IF EXISTS {trigger}")
     return conn
@@ -59,9 +60,9 @@ def row_bytes(path: Path, index: int) -> dict[str, bytes]:
 def flip_byte(path: Path, index: int, column: str, position: int) -> bool:
     """Flip the low bit of one byte of one column of entry ``index``; False if SQLite refuses
     the result (a duplicate index, NaN in a NOT NULL column, invalid UTF-8)."""
-    raw = bytearray(row_bytes(path, index)[column])
-    raw[position] ^= 0x01
     original = row_bytes(path, index)[column]
+    raw = bytearray(original)
+    raw[position] ^= 0x01
     kind = {
         "idx": "int",
         "round_number": "int",
