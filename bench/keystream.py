@@ -197,7 +197,7 @@ def print_table(r: dict[str, Any]) -> None:
                 f"{c['bytes_per_value']:.1f} B/value ({c['bytes_per_value'] / 4:.1f}x fp32)",
             ),
             (
-                "CKKS encrypt, 2 threads",
+                "CKKS encrypt, 2 threads (GIL held)",
                 f"{c['encrypt_values_per_s_2w'] / 1e6:.2f} M values/s",
                 f"speedup {c['encrypt_values_per_s_2w'] / c['encrypt_values_per_s_1w']:.2f}",
             ),
