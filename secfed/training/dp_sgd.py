@@ -15,8 +15,9 @@ noise multiplier sigma, learning rate lr:
 4. optimizer step: SGD moves by -lr * (sum_i clip(g_i) + z) / (q N).
 
 An empty batch still takes a step (pure noise), as the accounting assumes. The pieces are
-Opacus' own (GradSampleModule, DPOptimizer, the Poisson sampler, an RDP accountant hooked to the
-optimizer); they are assembled here instead of through ``PrivacyEngine.make_private`` because
+Opacus' own (GradSampleModule with its grad samplers -- backprops captured by output tensor hooks,
+see :mod:`secfed.training.grad_sample` --, DPOptimizer, the Poisson sampler, an RDP accountant
+hooked to the optimizer); they are assembled here instead of through ``PrivacyEngine.make_private`` because
 that derives q = 1/len(data_loader), which only matches the ledger's q when 1/q is an integer.
 """
 
@@ -38,6 +39,7 @@ from torch.utils.data import Dataset
 from secfed.errors import DataError, DPGuardError, ModelError
 from secfed.models import AdapterLayout, adapter_layout, get_flat, set_flat
 from secfed.training.config import DPConfig
+from secfed.training.grad_sample import OutputHookGradSampleModule
 from secfed.training.guards import (
     AccountedRelease,
     check_accountant_history,
@@ -135,7 +137,6 @@ class PrivateTrainer:
         seed: int | None = None,
     ) -> None:
         from opacus.accountants import RDPAccountant
-        from opacus.grad_sample import GradSampleModule
         from opacus.optimizers import DPOptimizer
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
@@ -172,9 +173,11 @@ class PrivateTrainer:
                                 for e in self.layout.entries]
         params = [p for _, p in self.named_trainable]
         try:
-            self.grad_sample_module = GradSampleModule(
+            self.grad_sample_module = OutputHookGradSampleModule(
                 model, batch_first=True, loss_reduction="mean", strict=True
             )
+        except ModelError:
+            raise
         except NotImplementedError as exc:
             raise ModelError(f"model has a trainable layer Opacus cannot handle: {exc}") from None
         except ValueError as exc:

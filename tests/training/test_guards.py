@@ -172,3 +172,34 @@ def test_config_refuses_zero_noise_and_bad_values():
         DPConfig(noise_multiplier=1.0, sample_rate=0.1, local_steps=0)
     with pytest.raises(ConfigError, match="optimizer"):
         DPConfig(noise_multiplier=1.0, sample_rate=0.1, local_steps=1, optimizer="adagrad")
+
+
+class BareParameterScale(nn.Module):
+    """A trainable bare nn.Parameter: Opacus has no per-sample gradient for it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, **batch):
+        return self.inner(**batch) * self.scale
+
+
+class ConvHead(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.mix = nn.Conv1d(1, 1, 1)
+
+    def forward(self, **batch):
+        return self.mix(self.inner(**batch).unsqueeze(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("wrapper", [BareParameterScale, ConvHead])
+def test_trainable_layers_without_supported_grad_sampler_are_refused(text_model, items, wrapper):
+    from secfed.errors import ModelError
+
+    with pytest.raises(ModelError):
+        train_local(wrapper(text_model), items, config=CONFIG)
+    assert not hasattr(text_model, "autograd_grad_sample_hooks")
