@@ -319,3 +319,82 @@ def test_exception_injected_at_every_statement_never_under_reports(tmp_path: Pat
             report = verify_ledger(path, public_key=identity.public_bytes(), recompute_prv=False)
             assert len(report.entries) >= sent  # never under-reports what was sent
             assert len(report.entries) <= sent + 1  # at most the one in-flight charge extra
+
+
+def _forked(child) -> int:
+    """Run ``child()`` in a forked process that dies with ``os._exit``; return its exit status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns into pytest
+        code = 0
+        try:
+            child()
+        except BaseException:  # noqa: BLE001 - any failure is reported by the exit status
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_process_killed_at_every_statement_leaves_a_verifiable_ledger(tmp_path: Path,
+                                                                      identity: IdentityKey) -> None:
+    """A hard crash (``os._exit``, no cleanup, no rollback) before/after each SQL statement."""
+    path = tmp_path / "killed.sqlite"
+    make_ledger(path, identity, rounds=1).close()
+    committed = 1
+    for fail_at in range(1, 5):  # BEGIN IMMEDIATE, SELECT tail, INSERT, COMMIT
+        for after in (False, True):
+
+            class Dying(_FailingConnection):
+                def execute(self, *args):
+                    self.calls += 1
+                    if self.calls == self._fail_at and not self._after:
+                        os._exit(137)
+                    result = self._conn.execute(*args)
+                    if self.calls == self._fail_at and self._after:
+                        os._exit(137)
+                    return result
+
+            def child(fail_at: int = fail_at, after: bool = after) -> None:
+                ledger = Ledger.open(path, enterprise_id="acme", identity=identity, delta=1e-5)
+                ledger._conn = Dying(ledger._conn, fail_at, after)  # type: ignore[assignment]
+                ledger.charge(round_number=10 + fail_at, session_id=os.urandom(32), event=EVENT)
+
+            assert _forked(child) == 137
+            report = verify_ledger(path, public_key=identity.public_bytes(), recompute_prv=False)
+            # Only a process that got past COMMIT may have sent; it must be on disk.
+            expect_new = 1 if (fail_at == 4 and after) else 0
+            assert len(report.entries) == committed + expect_new
+            committed = len(report.entries)
+    assert committed == 2
+
+
+def test_sigkill_during_a_charge_loop_never_under_reports(tmp_path: Path, identity: IdentityKey) -> None:
+    import signal
+    import time
+
+    path = tmp_path / "sigkill.sqlite"
+    make_ledger(path, identity, rounds=1).close()
+    small = GaussianEvent(noise_multiplier=50.0)
+    for attempt in range(3):
+        start = len(read_ledger(path))
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            os.close(read_fd)
+            ledger = Ledger.open(path, enterprise_id="acme", identity=identity, delta=1e-5)
+            for r in range(10_000):
+                ledger.charge(round_number=100 * attempt + r, session_id=os.urandom(32), event=small)
+                os.write(write_fd, b"s")  # "the update left": only after charge() returned
+            os._exit(0)
+        os.close(write_fd)
+        time.sleep(0.5 + 0.4 * attempt)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        with os.fdopen(read_fd, "rb") as pipe:
+            sent = len(pipe.read())
+        report = verify_ledger(path, public_key=identity.public_bytes(), recompute_prv=False)
+        charged = len(report.entries) - start
+        assert sent >= 1
+        assert sent <= charged <= sent + 1  # never under-reports; at most the in-flight charge extra
+        with Ledger.open(path, enterprise_id="acme", identity=identity, delta=1e-5) as ledger:
+            ledger.charge(round_number=10**6 + attempt, session_id=b"x" * 32, event=small)  # still writable
