@@ -81,6 +81,9 @@ def command(
         emit_json(report.to_json_dict())
     else:
         _print_summary(report, written)
+    for check in report.failures:
+        where = f" entry {check.entry}" if check.entry is not None else ""
+        click.echo(f"FAIL {check.subject} {check.name}{where}: {check.detail}", err=True)
     if report.failures:
         raise SystemExit(1)
 
@@ -93,9 +96,6 @@ def _print_summary(report: AuditReport, written: dict[str, Path]) -> None:
             f"{'—' if ent.outlook.rounds_remaining is None else ent.outlook.rounds_remaining} "
             "more rounds allowed"
         )
-    for check in report.failures:
-        where = f" entry {check.entry}" if check.entry is not None else ""
-        click.echo(f"FAIL {check.subject} {check.name}{where}: {check.detail}", err=True)
     click.echo(
         f"verdict: {report.verdict.upper()} ({len(report.failures)} of {len(report.checks)} checks failed)"
     )
