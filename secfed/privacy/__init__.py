@@ -8,12 +8,14 @@ from their modules.
 from secfed.privacy.accounting import (
     ACCOUNTANTS,
     DEFAULT_BUDGET_EPSILON,
+    NoisePlan,
     calibrate_noise,
     check_accounting_matches,
     check_delta,
     compose_epsilon,
     compute_epsilon,
     default_delta,
+    plan_noise,
 )
 from secfed.privacy.events import (
     DistributedDPEvent,
@@ -41,6 +43,8 @@ __all__ = [
     "compose_epsilon",
     "compute_epsilon",
     "default_delta",
+    "NoisePlan",
+    "plan_noise",
     "DistributedDPEvent",
     "DPSGDEvent",
     "GaussianEvent",

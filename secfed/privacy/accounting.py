@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
@@ -47,6 +48,8 @@ __all__ = [
     "calibrate_noise",
     "prv_eps_error",
     "check_accounting_matches",
+    "NoisePlan",
+    "plan_noise",
 ]
 
 Accountant = Literal["prv", "rdp"]
@@ -242,6 +245,55 @@ def calibrate_noise(
         else:
             lo = mid
     return hi
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """σ chosen once for an enterprise's planned horizon, and what it buys."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    rounds: int
+    delta: float
+    budget_epsilon: float
+    accountant: str
+    epsilon_at_horizon: float
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.steps_per_round
+
+    def round_event(self) -> DPSGDEvent:
+        """The event one round of local training charges."""
+        return DPSGDEvent(self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+
+def plan_noise(
+    *, n_records: int, sample_rate: float, steps_per_round: int, rounds: int,
+    budget_epsilon: float = DEFAULT_BUDGET_EPSILON, delta: float | None = None,
+    accountant: Accountant = "rdp",
+) -> NoisePlan:
+    """Calibrate σ once so that ``rounds`` × ``steps_per_round`` DP-SGD steps fit the budget.
+
+    δ defaults to ``min(1e-5, 0.1 / n_records)`` and is refused if ≥ 1/N.
+
+    Raises:
+        ConfigError: bad horizon or unreachable budget.
+        DPGuardError: δ not below 1/N.
+    """
+    for name, value in (("steps_per_round", steps_per_round), ("rounds", rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1 (got {value!r})")
+    delta = default_delta(n_records) if delta is None else delta
+    check_delta(delta, n_records=n_records)
+    steps = rounds * steps_per_round
+    sigma = calibrate_noise(target_epsilon=budget_epsilon, delta=delta, sample_rate=sample_rate,
+                            steps=steps, accountant=accountant)
+    eps = compute_epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
+                          accountant=accountant)
+    return NoisePlan(sigma, sample_rate, steps_per_round, rounds, delta, float(budget_epsilon),
+                     accountant, eps)
 
 
 # Fields whose value the accountant and the optimizer must agree on, and the tolerance.

@@ -23,6 +23,7 @@ from secfed.privacy import (
     compute_epsilon,
     default_delta,
     event_from_json,
+    plan_noise,
 )
 from secfed.privacy.analysis import skellam_rdp
 
@@ -188,3 +189,16 @@ def test_accounting_guard_names_the_mismatching_field() -> None:
     partial = {k: v for k, v in same.items() if k != "sample_rate"}
     with pytest.raises(DPGuardError, match="sample_rate is missing on the optimizer side"):
         check_accounting_matches(accountant_params=same, optimizer_params=partial)
+
+
+def test_plan_noise_fits_the_whole_horizon_into_the_budget() -> None:
+    plan = plan_noise(n_records=5000, sample_rate=0.01, steps_per_round=50, rounds=20)
+    assert plan.delta == 1e-5 and plan.total_steps == 1000 and plan.budget_epsilon == 8.0
+    events = [plan.round_event()] * plan.rounds
+    assert compose_epsilon(events, delta=plan.delta, accountant="rdp") == pytest.approx(plan.epsilon_at_horizon)
+    assert plan.epsilon_at_horizon <= 8.0
+    one_more = compose_epsilon([*events, plan.round_event()], delta=plan.delta, accountant="rdp")
+    assert one_more > 8.0 * 0.99  # sigma is not wastefully large: the horizon uses the budget
+    with pytest.raises(DPGuardError, match="1/N_records"):
+        plan_noise(n_records=100, sample_rate=0.1, steps_per_round=5, rounds=2, delta=0.05)
+    assert plan_noise(n_records=10**7, sample_rate=0.001, steps_per_round=10, rounds=2).delta == pytest.approx(1e-8)

@@ -8,6 +8,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from secfed.crypto.keys import IdentityKey
 from secfed.errors import (
@@ -23,6 +25,7 @@ from secfed.privacy import (
     Ledger,
     LedgerHead,
     compose_epsilon,
+    event_from_json,
     read_ledger,
     verify_ledger,
 )
@@ -398,3 +401,47 @@ def test_sigkill_during_a_charge_loop_never_under_reports(tmp_path: Path, identi
         assert sent <= charged <= sent + 1  # never under-reports; at most the in-flight charge extra
         with Ledger.open(path, enterprise_id="acme", identity=identity, delta=1e-5) as ledger:
             ledger.charge(round_number=10**6 + attempt, session_id=b"x" * 32, event=small)  # still writable
+
+
+def test_a_second_writer_cannot_fork_the_chain(ledger_path: Path, identity: IdentityKey) -> None:
+    first = Ledger.open(ledger_path, enterprise_id="acme", identity=identity, delta=1e-5)
+    second = Ledger.open(ledger_path, enterprise_id="acme", identity=identity, delta=1e-5)
+    first.charge(round_number=10, session_id=b"a" * 32, event=EVENT)
+    with pytest.raises(LedgerError, match="changed under this writer"):
+        second.charge(round_number=10, session_id=b"b" * 32, event=EVENT)
+    first.close()
+    second.close()
+    assert len(verify_ledger(ledger_path, public_key=identity.public_bytes()).entries) == 5
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=200), flips=st.lists(st.integers(0, 10_000), max_size=4))
+def test_head_parser_fuzz_only_raises_message_format_error(data: bytes, flips: list[int]) -> None:
+    key = _FUZZ_KEY
+    good = LedgerHead("acme", 7, b"\x11" * 32, key.sign(b"x")).to_bytes()
+    mutated = bytearray(good)
+    for f in flips:
+        mutated[f % len(mutated)] ^= 1 + f % 255
+    for blob in (data, bytes(mutated), good[: len(data) % len(good)]):
+        try:
+            head = LedgerHead.from_bytes(blob)
+        except MessageFormatError:
+            continue
+        assert head.to_bytes() == blob  # anything accepted re-encodes to the same bytes
+        with pytest.raises(InvalidSignature):
+            head.verify(key.public_bytes())
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=120) | st.sampled_from([DPSGDEvent(1.5, 0.01, 3).to_json()]),
+       cut=st.integers(0, 200))
+def test_event_parser_fuzz_only_raises_message_format_error(text: str, cut: int) -> None:
+    for candidate in (text, text[:cut], text.replace("1", "9")):
+        try:
+            event = event_from_json(candidate)
+        except MessageFormatError:
+            continue
+        assert event.to_json() == candidate
+
+
+_FUZZ_KEY = IdentityKey.generate()
