@@ -91,7 +91,7 @@ def command(
 def _print_summary(report: AuditReport, written: dict[str, Path]) -> None:
     for ent in report.enterprises:
         click.echo(
-            f"{ent.enterprise_id}: ε={ent.epsilon_prv:.4f} (PRV) {ent.epsilon_rdp:.4f} (RDP) "
+            f"{ent.enterprise_id}: ε={_eps(ent.epsilon_prv)} (PRV) {_eps(ent.epsilon_rdp)} (RDP) "
             f"of budget {ent.budget_epsilon:g}, δ={ent.delta:.3g}, {len(ent.rounds)} rounds, "
             f"{'—' if ent.outlook.rounds_remaining is None else ent.outlook.rounds_remaining} "
             "more rounds allowed"
@@ -101,3 +101,7 @@ def _print_summary(report: AuditReport, written: dict[str, Path]) -> None:
     )
     for kind, path in written.items():
         click.echo(f"wrote {kind}: {path}")
+
+
+def _eps(value: float | None) -> str:
+    return "unreadable" if value is None else f"{value:.4f}"

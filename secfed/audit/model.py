@@ -94,7 +94,7 @@ class OutboundLog:
 class BudgetOutlook:
     """What is left and how many more rounds like the last one the budget still allows."""
 
-    remaining_epsilon: float
+    remaining_epsilon: float | None  # None: the ledger's entries could not be read
     rounds_remaining: int | None  # None: no entry yet, so no "current σ" to project
     accountant: str
     noise_multiplier: float | None
@@ -112,8 +112,8 @@ class EnterpriseReport:
     identity_pinned: bool
     budget_epsilon: float
     delta: float
-    epsilon_prv: float  # recomputed by the auditor over every event
-    epsilon_rdp: float
+    epsilon_prv: float | None  # recomputed by the auditor over every event; None: unreadable
+    epsilon_rdp: float | None
     recorded_epsilon_prv: float  # what the newest entry claims
     recorded_epsilon_rdp: float
     rounds: tuple[int, ...]

@@ -167,8 +167,8 @@ def _enterprise(ent: EnterpriseReport) -> str:
         f'<section class="enterprise" id="enterprise-{_e(ent.enterprise_id)}">'
         f"<h3>{_e(ent.enterprise_id)}</h3>"
         f"<p>Ledger <code>{_e(ent.ledger_path)}</code>; identity {ident}.<br>"
-        f"Budget ε={ent.budget_epsilon:g}, δ={ent.delta:.3g}; spent ε={ent.epsilon_prv:.4f} (PRV), "
-        f"{ent.epsilon_rdp:.4f} (RDP); remaining {o.remaining_epsilon:.4f}, which allows "
+        f"Budget ε={ent.budget_epsilon:g}, δ={ent.delta:.3g}; spent ε={_num(ent.epsilon_prv)} (PRV), "
+        f"{_num(ent.epsilon_rdp)} (RDP); remaining {_num(o.remaining_epsilon)}, which allows "
         f"<b>{_e('—' if o.rounds_remaining is None else o.rounds_remaining)}</b> more rounds "
         f"{_e(basis)}.</p>"
         "<h4>Mechanism per round (ε after the entry: recorded vs recomputed)</h4>"

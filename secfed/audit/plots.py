@@ -50,7 +50,7 @@ def epsilon_plot(report: AuditReport) -> bytes:
     ax.set_title("Privacy spent over rounds")
     top = max(
         [e.budget_epsilon for e in report.enterprises]
-        + [e.epsilon_prv for e in report.enterprises]
+        + [e.epsilon_prv for e in report.enterprises if e.epsilon_prv is not None]
         + [1.0]
     )
     ax.set_ylim(0, top * 1.1)

@@ -250,7 +250,8 @@ def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool
     # -- ε recomputed from the events, entry by entry ----------------------------------------------
     records: list[EntryRecord] = []
     events: list[MechanismEvent] = []
-    eps_prv = eps_rdp = 0.0
+    unreadable = any(c.name == "ledger_readable" for c in checks)
+    eps_prv = eps_rdp = float("nan") if unreadable else 0.0
     mismatches = 0
     for entry in entries:
         events.append(entry.event)
@@ -304,7 +305,9 @@ def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool
                 else None,
             )
         )
-    if not mismatches:
+    if unreadable:
+        checks.append(_skip("epsilon_recomputed", eid, "the ledger's entries cannot be read"))
+    elif not mismatches:
         checks.append(
             _pass(
                 "epsilon_recomputed",
@@ -316,7 +319,9 @@ def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool
 
     # -- budget --------------------------------------------------------------------------------
     spent = eps_rdp if accountant == "rdp" else eps_prv
-    if entries and not (spent <= budget):
+    if not math.isfinite(spent):
+        checks.append(_skip("budget", eid, "ε spent unknown: the ledger's entries cannot be read"))
+    elif entries and not (spent <= budget):
 
         def over(r: EntryRecord) -> bool:
             eps = r.recomputed_epsilon_rdp if accountant == "rdp" else r.recomputed_epsilon_prv
@@ -350,7 +355,7 @@ def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool
         except SecfedError:
             remaining = None
     outlook = BudgetOutlook(
-        remaining_epsilon=max(0.0, budget - spent) if math.isfinite(spent) else 0.0,
+        remaining_epsilon=max(0.0, budget - spent) if math.isfinite(spent) else None,
         rounds_remaining=remaining,
         accountant=accountant,
         noise_multiplier=None if last is None else float(last.noise_multiplier),
@@ -364,8 +369,8 @@ def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool
         identity_pinned=pinned_key is not None,
         budget_epsilon=budget,
         delta=delta,
-        epsilon_prv=eps_prv if math.isfinite(eps_prv) else 0.0,
-        epsilon_rdp=eps_rdp if math.isfinite(eps_rdp) else 0.0,
+        epsilon_prv=eps_prv if math.isfinite(eps_prv) else None,
+        epsilon_rdp=eps_rdp if math.isfinite(eps_rdp) else None,
         recorded_epsilon_prv=entries[-1].eps_prv if entries else 0.0,
         recorded_epsilon_rdp=entries[-1].eps_rdp if entries else 0.0,
         rounds=tuple(e.round_number for e in entries),

@@ -206,3 +206,43 @@ def test_an_update_that_left_unprotected_is_flagged(federation, protection):
     report = audit_one(federation)
     bad = [c for c in failures(report) if c.name == "outbound_protection"]
     assert [c.round_number for c in bad] == [3] and protection in bad[0].detail
+
+
+def test_an_unreadable_entry_still_gives_a_report_naming_it(federation, tmp_path):
+    import json
+
+    import jsonschema
+
+    from secfed.audit import load_schema, write_report
+
+    set_column(federation.ledgers[VICTIM], MIDDLE, "event", '{"kind": "dpsgd", "v": 1')
+    report = audit_one(federation)
+    assert report.verdict == "fail"
+    readable = next(c for c in report.checks if c.name == "ledger_readable")
+    assert readable.status is CheckStatus.FAIL and readable.entry == MIDDLE
+    ent = report.enterprises[0]
+    # nothing is claimed about ε when the events cannot be read
+    assert ent.epsilon_prv is None and ent.epsilon_rdp is None
+    assert ent.outlook.remaining_epsilon is None and ent.outlook.rounds_remaining is None
+    written = write_report(report, tmp_path / "out")
+    jsonschema.validate(json.loads(written["json"].read_text()), load_schema())
+    assert "(entry 2)" in written["html"].read_text()
+
+
+def test_an_empty_ledger_spends_nothing(tmp_path):
+    from secfed.privacy import Ledger
+
+    key = IdentityKey.generate()
+    path = tmp_path / "ledger.sqlite"
+    Ledger.open(
+        path, enterprise_id="newcomer", identity=key, budget_epsilon=3.0, delta=1e-6
+    ).close()
+    report = build_report(ledgers=[path])
+    ent = report.enterprises[0]
+    assert report.verdict == "pass"
+    assert (ent.epsilon_prv, ent.epsilon_rdp, ent.rounds) == (0.0, 0.0, ())
+    assert ent.outlook.remaining_epsilon == 3.0 and ent.outlook.rounds_remaining is None
+    from secfed.audit import write_report
+
+    written = write_report(report, tmp_path / "out")
+    assert written["epsilon"].stat().st_size > 0 and "newcomer" in written["html"].read_text()
