@@ -531,9 +531,10 @@ def _read(path: Path) -> tuple[dict[str, str], list[LedgerEntry]]:
         raise LedgerError(f"ledger {path} cannot be opened ({exc})") from exc
     try:
         meta = _read_meta(conn, path)
-        rows = conn.execute(_SELECT).fetchall()
-    except sqlite3.DatabaseError as exc:
-        raise LedgerError(f"ledger {path} is not a readable secfed ledger ({exc})") from exc
+        try:
+            rows = conn.execute(_SELECT).fetchall()
+        except sqlite3.DatabaseError as exc:  # a corrupted page: the file was altered
+            raise LedgerVerificationError(f"ledger {path}: entries table unreadable ({exc})") from exc
     finally:
         conn.close()
     entries = []
@@ -567,10 +568,7 @@ def verify_ledger(
         LedgerError: the file is missing or not a ledger.
     """
     path = Path(path)
-    try:
-        meta, entries = _read(path)
-    except LedgerVerificationError:
-        raise
+    meta, entries = _read(path)
     try:
         enterprise_id = meta["enterprise_id"]
         file_key = bytes.fromhex(meta["public_key"])

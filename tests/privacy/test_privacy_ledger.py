@@ -126,20 +126,24 @@ def test_flipping_any_field_of_a_row_names_the_entry(ledger_path: Path, identity
     assert f"entry {info.value.entry}" in str(info.value)
 
 
-def test_flipping_a_byte_of_the_file_is_detected(ledger_path: Path, identity: IdentityKey) -> None:
-    signature = read_ledger(ledger_path)[1].signature
-    Ledger.open(ledger_path, enterprise_id="acme", identity=None).close()  # checkpoint the WAL
+def test_flipping_any_byte_of_a_row_in_the_file_is_detected(ledger_path: Path, identity: IdentityKey) -> None:
+    """Every byte of entry 2's record body in the SQLite file, from session_id to signature."""
+    entry = read_ledger(ledger_path)[1]
     conn = sqlite3.connect(ledger_path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
-    blob = bytearray(ledger_path.read_bytes())
-    pos = blob.find(signature)
-    assert pos > 0
-    blob[pos + 10] ^= 0x80
-    ledger_path.write_bytes(bytes(blob))
-    with pytest.raises(LedgerVerificationError) as info:
-        verify_ledger(ledger_path, public_key=identity.public_bytes())
-    assert info.value.entry == 2 and "signature" in str(info.value)
+    original = ledger_path.read_bytes()
+    start, sig = original.find(entry.session_id), original.find(entry.signature)
+    assert 0 < start < sig
+    for pos in range(start, sig + len(entry.signature)):
+        blob = bytearray(original)
+        blob[pos] ^= 0x01
+        ledger_path.write_bytes(bytes(blob))
+        with pytest.raises(LedgerVerificationError) as info:
+            verify_ledger(ledger_path, public_key=identity.public_bytes(), recompute_prv=False)
+        assert info.value.entry in (2, 3), (pos - start, str(info.value))
+    ledger_path.write_bytes(original)
+    verify_ledger(ledger_path, public_key=identity.public_bytes())
 
 
 def test_deleting_a_row_is_detected(ledger_path: Path, identity: IdentityKey) -> None:
