@@ -202,3 +202,11 @@ def test_plan_noise_fits_the_whole_horizon_into_the_budget() -> None:
     with pytest.raises(DPGuardError, match="1/N_records"):
         plan_noise(n_records=100, sample_rate=0.1, steps_per_round=5, rounds=2, delta=0.05)
     assert plan_noise(n_records=10**7, sample_rate=0.001, steps_per_round=10, rounds=2).delta == pytest.approx(1e-8)
+
+
+@pytest.mark.slow
+def test_prv_at_large_step_counts_stays_an_upper_bound_below_rdp() -> None:
+    for steps in (50_000, 200_000):
+        kwargs = {"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": steps, "delta": 1e-5}
+        prv, rdp = compute_epsilon(accountant="prv", **kwargs), compute_epsilon(accountant="rdp", **kwargs)
+        assert 0 < prv < rdp

@@ -125,3 +125,20 @@ def test_charge_before_send_is_conservative() -> None:
     assert gauss <= eps_planned < gauss * 1.05
     with pytest.raises(DPGuardError):
         hook.releases[0].event(shares=2, colluders=2)
+
+
+def test_distributed_charge_goes_through_the_ledger(tmp_path) -> None:
+    from secfed.crypto.keys import IdentityKey
+    from secfed.privacy import DPSGDEvent, Ledger, verify_ledger
+
+    spec = RoundSpec.create(federation="f", round_number=3, mode="secagg",
+                            participants=[f"p{i}" for i in range(12)], vector_length=5000)
+    hook = DistributedDP(clip_norm=0.5, noise_multiplier=2.0, min_participants=10)
+    key = IdentityKey.generate()
+    path = tmp_path / "ledger.sqlite"
+    with Ledger.open(path, enterprise_id="p0", identity=key, delta=1e-5) as ledger:
+        ledger.charge(round_number=2, session_id=b"a" * 32, event=DPSGDEvent(1.0, 0.01, 100))
+        ledger.charge(round_number=3, session_id=b"b" * 32, event=hook.planned_event(spec))
+    report = verify_ledger(path, public_key=key.public_bytes())
+    assert report.entries[1].event == hook.planned_event(spec)
+    assert report.eps_prv == report.eps_rdp  # a Skellam event makes PRV fall back to RDP
