@@ -210,6 +210,8 @@ class DistributedDP:
         signed = np.int64 if ring_bits == 64 else np.int32
         if encoded.dtype != (np.uint64 if ring_bits == 64 else np.uint32):
             raise ConfigError(f"encoded vector must be uint{ring_bits} (got {encoded.dtype})")
+        if encoded.shape != (spec.vector_length,):
+            raise ConfigError(f"encoded vector must have shape ({spec.vector_length},) (got {encoded.shape})")
         x = encoded.view(signed).astype(np.float64) / 2.0**spec.scale_bits
         norm = float(np.linalg.norm(x))
         clipped = norm > self.clip_norm

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ def canonical_json(obj: dict[str, Any]) -> str:
 
 
 def _positive_float(kind: str, name: str, value: object, *, upper: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{kind}.{name} must be a number (got {value!r})")
     value = float(value)
     if not math.isfinite(value) or value <= 0 or (upper is not None and value > upper):
@@ -44,7 +45,7 @@ def _positive_float(kind: str, name: str, value: object, *, upper: float | None 
 
 
 def _positive_int(kind: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ConfigError(f"{kind}.{name} must be an integer >= 1 (got {value!r})")
     return int(value)
 

@@ -210,3 +210,9 @@ def test_prv_at_large_step_counts_stays_an_upper_bound_below_rdp() -> None:
         kwargs = {"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": steps, "delta": 1e-5}
         prv, rdp = compute_epsilon(accountant="prv", **kwargs), compute_epsilon(accountant="rdp", **kwargs)
         assert 0 < prv < rdp
+
+
+def test_events_accept_numpy_scalars_and_stay_canonical() -> None:
+    event = DPSGDEvent(np.float32(1.5), np.float64(0.01), np.int64(40))
+    assert event == DPSGDEvent(1.5, 0.01, 40) and type(event.steps) is int
+    assert event_from_json(event.to_json()) == event
