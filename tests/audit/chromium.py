@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -116,11 +118,29 @@ def _devtools_port(profile: Path, proc: subprocess.Popen[bytes], timeout: float)
     raise TimeoutError("chromium did not open its DevTools port")
 
 
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """End the chromium we started and the helper processes in its own process group."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+    time.sleep(0.2)  # helpers of the group exit after the browser; let them release the profile
+
+
 def visit(page: Path, probe_js: str, *, width: int = 1200, timeout: float = 60) -> PageVisit:
     """Load ``page`` (a local file) in headless Chromium; return errors, requests, probe, screenshot."""
     binary = ensure_chromium()
     result = PageVisit()
-    with tempfile.TemporaryDirectory(prefix="secfed-chromium-") as profile_dir:
+    with tempfile.TemporaryDirectory(
+        prefix="secfed-chromium-", ignore_cleanup_errors=True
+    ) as profile_dir:
         profile = Path(profile_dir)
         proc = subprocess.Popen(
             [
@@ -133,6 +153,7 @@ def visit(page: Path, probe_js: str, *, width: int = 1200, timeout: float = 60) 
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: renderers are ended with it
         )
         try:
             port = _devtools_port(profile, proc, timeout)
@@ -178,10 +199,5 @@ def visit(page: Path, probe_js: str, *, width: int = 1200, timeout: float = 60) 
             finally:
                 session.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _end(proc)
     return result
