@@ -289,6 +289,16 @@ def _read_frame(stream: Any) -> bytes:
     return bytes(data)
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM): unlike ru_maxrss it starts afresh at exec, so
+    it does not count the parent's pages the child held between fork and exec."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def coordinator_worker() -> int:
     """The coordinator in its own process: framed bytes on stdin/stdout, no pickle.
 
@@ -296,8 +306,6 @@ def coordinator_worker() -> int:
     id + payload (receive), ``C`` (close stage; answers the per-recipient payloads framed with
     ``secfed.protocol.wire``), ``S`` (answers JSON stats and exits).
     """
-    import resource
-
     from secfed.protocol.wire import Reader, Writer
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -329,7 +337,7 @@ def coordinator_worker() -> int:
             stats = {
                 "coordinator_s": spent,
                 "coordinator_unmask_s": coord.timings.get("unmask"),
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mib": _peak_rss_mib(),
                 "survivors": len(res.survivors),
                 "aggregate_head": [float(x) for x in res.aggregate[:8]],
             }
@@ -342,11 +350,11 @@ def _idle_worker_rss() -> float:
     import subprocess
 
     code = (
-        "import resource, numpy, secfed.protocol, secfed.crypto.masking;"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "import numpy, secfed.protocol, secfed.crypto.masking;"
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip())
+    return int(out.stdout.strip()) / 1024
 
 
 def scale_point(n: int, d: int, drop_fraction: float = 0.05) -> dict[str, Any]:

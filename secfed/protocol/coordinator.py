@@ -112,6 +112,8 @@ class CoordinatorRound:
         if spec.mode == "ckks" and ckks_public_context is None:
             raise ProtocolError("mode ckks needs the public CKKS context")
         self.spec = spec
+        self._spec_digest = spec.digest()  # O(n) to compute; checked on every advertisement
+        self._consistency_bytes = b""  # what survivors sign; fixed when the upload stage closes
         self._roster = dict(roster)
         self._ckks_ctx: object = None
         if spec.mode == "ckks":
@@ -268,7 +270,7 @@ class CoordinatorRound:
         st = self.stage
         if st is Stage.ADVERTISE and isinstance(m, AdvertiseKeys):
             self._check(sender, m.sender, None)
-            if m.spec_digest != spec.digest():
+            if m.spec_digest != self._spec_digest:
                 raise ProtocolError("advertisement is for another round spec")
             key_len = 32 if spec.mode in MASK_MODES else 0
             if len(m.cipher_key) != key_len or len(m.mask_key) != key_len:
@@ -309,10 +311,7 @@ class CoordinatorRound:
             self._heads[sender] = m.ledger_head
         elif st is Stage.CONSISTENCY and isinstance(m, ConsistencySignature):
             self._check(sender, m.sender, m.session_id)
-            signed = consistency_signed_bytes(
-                session_id=self._sid, round_number=spec.round_number, survivors=self._survivors
-            )
-            verify_signature(self._roster[sender], m.signature, signed)
+            verify_signature(self._roster[sender], m.signature, self._consistency_bytes)
             self._consistency[sender] = m.signature
         elif st is Stage.UNMASK and isinstance(m, UnmaskResponse):
             self._check(sender, m.sender, m.session_id)
@@ -371,6 +370,9 @@ class CoordinatorRound:
             return self._close_ckks()
         self._quorum(len(self._heads), "uploaded")
         self._survivors = tuple(p for p in spec.participants if p in self._heads)
+        self._consistency_bytes = consistency_signed_bytes(
+            session_id=self._sid, round_number=spec.round_number, survivors=self._survivors
+        )
         self.stage = Stage.CONSISTENCY
         self._expected = frozenset(self._survivors)
         payload = ConsistencyRequest(spec.round_number, self._sid, self._survivors).to_bytes()
@@ -378,7 +380,7 @@ class CoordinatorRound:
 
     def _knows(self, holder: str) -> frozenset[str]:
         """Owners whose shares ``holder`` received: itself and its neighbours that sent shares."""
-        return frozenset((self._graph[holder] & set(self._u2)) | {holder})
+        return frozenset({p for p in self._graph[holder] if p in self._shares} | {holder})
 
     def _close_consistency(self) -> dict[str, bytes]:
         spec = self.spec
