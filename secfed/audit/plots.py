@@ -73,18 +73,28 @@ def participants_by_round(report: AuditReport) -> dict[int, tuple[int, int]]:
 
 
 def participants_plot(report: AuditReport) -> bytes:
-    """Participants per round (opened vs survived to the sum)."""
+    """Participants per round: invited vs survived to the sum (transcript), else charged (ledgers)."""
     counts = participants_by_round(report)
     rounds = sorted(counts)
+    from_transcript = report.federation is not None and bool(report.federation.rounds)
     fig, ax = plt.subplots(figsize=(7.0, 3.0))
-    width = 0.4
-    ax.bar([r - width / 2 for r in rounds], [counts[r][0] for r in rounds], width, label="invited")
-    ax.bar(
-        [r + width / 2 for r in rounds], [counts[r][1] for r in rounds], width, label="survivors"
-    )
+    if from_transcript:
+        width = 0.4
+        ax.bar(
+            [r - width / 2 for r in rounds], [counts[r][0] for r in rounds], width, label="invited"
+        )
+        ax.bar(
+            [r + width / 2 for r in rounds],
+            [counts[r][1] for r in rounds],
+            width,
+            label="survivors",
+        )
+        ax.set_title("Participants per round (coordinator transcript)")
+    else:
+        ax.bar(rounds, [counts[r][0] for r in rounds], 0.6, label="charged in audited ledgers")
+        ax.set_title("Participants per round (from the audited ledgers)")
     ax.set_xlabel("round")
     ax.set_ylabel("enterprises")
-    ax.set_title("Participants per round")
     ax.set_xticks(rounds)
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, axis="y", alpha=0.3)

@@ -12,6 +12,7 @@ from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from secfed.audit import CheckStatus, build_report, load_schema, write_report
+from secfed.audit.plots import participants_by_round
 from secfed.cli.main import cli
 from secfed.privacy import Ledger
 from secfed.privacy.analysis import RDP_ORDERS
@@ -79,6 +80,9 @@ def test_report_of_a_real_federation_passes_every_check(federation_master):
     assert [len(r.survivors) for r in fed.rounds] == [
         3 - (r in run.dropped) for r in range(1, len(run.modes) + 1)
     ]
+    assert participants_by_round(report) == {
+        r: (3, 3 - (r in run.dropped)) for r in range(1, len(run.modes) + 1)
+    }
     assert any("shared CKKS key" == a.key for a in report.assumptions)
     assert any("privacy unit" == a.key for a in report.assumptions)
 
