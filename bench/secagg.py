@@ -327,9 +327,20 @@ def coordinator_worker() -> int:
             t0 = time.perf_counter()
             out = coord.close_stage()
             spent += time.perf_counter() - t0
-            w = Writer().u8(1 if coord.stage is Stage.DONE else 0).u32(len(out))
+            # A payload shared by many recipients (key roster, aggregate) is one object in the
+            # coordinator; frame it once so the pipe does not multiply it.
+            unique: dict[int, int] = {}
+            blobs: list[bytes] = []
+            for payload in out.values():
+                if id(payload) not in unique:
+                    unique[id(payload)] = len(blobs)
+                    blobs.append(payload)
+            w = Writer().u8(1 if coord.stage is Stage.DONE else 0).u32(len(blobs))
+            for blob in blobs:
+                w.blob(blob)
+            w.u32(len(out))
             for p, payload in out.items():
-                w.text(p).blob(payload)
+                w.text(p).u32(unique[id(payload)])
             _write_frame(stdout, w.getvalue())
         elif op == b"S":
             res = coord.result()
@@ -395,10 +406,11 @@ def scale_point(n: int, d: int, drop_fraction: float = 0.05) -> dict[str, Any]:
         _write_frame(worker.stdin, b"C")
         r = Reader(_read_frame(worker.stdout), "worker reply")
         done = r.u8() == 1
+        blobs = [r.blob() for _ in range(r.count())]
         out = {}
         for _ in range(r.count()):
             p = r.text()
-            out[p] = r.blob()
+            out[p] = blobs[r.u32()]
         stage = Stage.DONE if done else None
         for p, payload in out.items():
             party = parties[p]
