@@ -7,6 +7,7 @@ validated against ``report.schema.json`` shipped next to this module.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum, StrEnum
 from importlib import resources
@@ -187,6 +188,8 @@ class AuditReport:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # a tampered record can hold inf/NaN; JSON has no such numbers
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections import Counter
 
 import matplotlib
@@ -38,6 +39,8 @@ def epsilon_plot(report: AuditReport) -> bytes:
             for e in ent.entries
         ]
         ax.plot(xs, ys, marker="o", color=colour, label=f"{ent.enterprise_id} ε (PRV)")
+        if not math.isfinite(ent.budget_epsilon):
+            continue  # a tampered header; the checks table says so
         ax.axhline(
             ent.budget_epsilon,
             color=colour,
@@ -51,8 +54,10 @@ def epsilon_plot(report: AuditReport) -> bytes:
     top = max(
         [e.budget_epsilon for e in report.enterprises]
         + [e.epsilon_prv for e in report.enterprises if e.epsilon_prv is not None]
-        + [1.0]
+        + [1.0],
+        key=lambda v: v if math.isfinite(v) else 0.0,
     )
+    top = top if math.isfinite(top) else 1.0
     ax.set_ylim(0, top * 1.1)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)

@@ -246,3 +246,28 @@ def test_an_empty_ledger_spends_nothing(tmp_path):
 
     written = write_report(report, tmp_path / "out")
     assert written["epsilon"].stat().st_size > 0 and "newcomer" in written["html"].read_text()
+
+
+def test_infinite_values_in_a_tampered_ledger_still_give_a_valid_report(federation, tmp_path):
+    import json
+    import sqlite3
+
+    import jsonschema
+
+    from secfed.audit import load_schema, write_report
+
+    path = federation.ledgers[VICTIM]
+    set_column(path, MIDDLE, "eps_prv", float("inf"))
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = 'inf' WHERE key = 'budget_epsilon'")
+    conn.commit()
+    conn.close()
+    report = audit_one(federation)
+    integrity = next(c for c in report.checks if c.name == "ledger_integrity")
+    assert integrity.status is CheckStatus.FAIL and integrity.entry == 1  # budget differs
+    eps = [c for c in failures(report) if c.name == "epsilon_recomputed"]
+    assert [c.entry for c in eps] == [MIDDLE]
+    written = write_report(report, tmp_path / "out")
+    doc = json.loads(written["json"].read_text())
+    jsonschema.validate(doc, load_schema())
+    assert doc["enterprises"][0]["budget_epsilon"] is None
