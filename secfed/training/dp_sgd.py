@@ -184,25 +184,29 @@ class PrivateTrainer:
             raise DPGuardError(f"guard hooks: model already carries Opacus hooks ({exc}); "
                                "close the previous trainer") from None
         self._closed = False
-        if config.optimizer == "sgd":
-            inner: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.learning_rate)
-        else:
-            inner = torch.optim.Adam(params, lr=config.learning_rate)
-        self.expected_batch_size = config.sample_rate * self.dataset_size
-        self.optimizer = DPOptimizer(
-            inner,
-            noise_multiplier=config.noise_multiplier,
-            max_grad_norm=config.max_grad_norm,
-            expected_batch_size=self.expected_batch_size,  # type: ignore[arg-type]
-            loss_reduction="mean",
-            generator=_csprng_generator(),
-            # sums 4 Gaussians: robust to floating-point attacks on the noise (Opacus notes)
-            secure_mode=True,
-        )
-        self.accountant = RDPAccountant()
-        self.optimizer.attach_step_hook(
-            self.accountant.get_optimizer_hook_fn(sample_rate=config.sample_rate)
-        )
+        try:
+            if config.optimizer == "sgd":
+                inner: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.learning_rate)
+            else:
+                inner = torch.optim.Adam(params, lr=config.learning_rate)
+            self.expected_batch_size = config.sample_rate * self.dataset_size
+            self.optimizer = DPOptimizer(
+                inner,
+                noise_multiplier=config.noise_multiplier,
+                max_grad_norm=config.max_grad_norm,
+                expected_batch_size=self.expected_batch_size,  # type: ignore[arg-type]
+                loss_reduction="mean",
+                generator=_csprng_generator(),
+                # sums 4 Gaussians: robust to floating-point attacks on the noise (Opacus notes)
+                secure_mode=True,
+            )
+            self.accountant = RDPAccountant()
+            self.optimizer.attach_step_hook(
+                self.accountant.get_optimizer_hook_fn(sample_rate=config.sample_rate)
+            )
+        except BaseException:
+            self.close()  # never leave Opacus hooks on the caller's model
+            raise
 
     def close(self) -> None:
         """Remove Opacus hooks and per-sample attributes from the model (idempotent)."""

@@ -106,9 +106,11 @@ def test_training_learns_and_evaluate_reports(build):
 def test_adam_runs_within_its_bound(build):
     model = build("image")
     data = make_items(model, 16)
-    config = DPConfig(noise_multiplier=1.0, sample_rate=0.5, local_steps=3, optimizer="adam",
+    # q = 0.3: not 1/k, which PrivacyEngine.make_private could not express (q = 1/len(loader))
+    config = DPConfig(noise_multiplier=1.0, sample_rate=0.3, local_steps=3, optimizer="adam",
                       learning_rate=0.01)
     result = train_local(model, data, config=config)
+    assert result.sample_rate == 0.3 and result.expected_batch_size == pytest.approx(0.3 * 16)
     assert 0 < result.delta_norm <= result.delta_norm_bound
     # Adam moves each coordinate by about lr per step: the delta is far from zero
     assert result.delta_norm > 0.01 * np.sqrt(result.layout.total)
