@@ -26,7 +26,7 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check secfed crypto cli tests bench tools
 	$(BIN)/python tools/check_layers.py
-	$(BIN)/mypy crypto
+	$(BIN)/mypy crypto secfed/protocol
 
 test: lint
 	$(BIN)/python -c "import secfed.crypto, sys; assert 'torch' not in sys.modules, 'secfed.crypto imported torch'"
