@@ -129,3 +129,21 @@ def test_lora_dropout_and_repeated_rounds_on_one_model(kind, build):
     second = train_local(model, data, config=config)
     assert first.layout == second.layout
     assert 0 < second.delta_norm <= second.delta_norm_bound
+
+
+def test_seed_fixes_sampling_but_never_the_noise(build):
+    """A test seed reproduces Poisson sampling and dropout; the DP noise stays unpredictable."""
+    runs = {}
+    for sigma in (0.0, 1.0):
+        deltas = []
+        for _ in range(2):
+            model = build("text")
+            data = RecordingDataset(make_items(model, 12))
+            config = DPConfig(noise_multiplier=sigma, allow_zero_noise=True, sample_rate=0.5,
+                              local_steps=2, learning_rate=0.1)
+            deltas.append((train_local(model, data, config=config, seed=7).delta, data.reads))
+        runs[sigma] = deltas
+    (a, reads_a), (b, reads_b) = runs[0.0]
+    assert reads_a == reads_b and np.array_equal(a, b)
+    (a, reads_a), (b, reads_b) = runs[1.0]
+    assert reads_a == reads_b and not np.array_equal(a, b)
