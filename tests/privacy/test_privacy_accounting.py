@@ -165,10 +165,10 @@ def test_calibration_refuses_unreachable_target() -> None:
         calibrate_noise(target_epsilon=1e-6, delta=1e-5, sample_rate=1.0, steps=10**6)
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     target=st.floats(min_value=0.3, max_value=20.0),
-    q=st.floats(min_value=1e-3, max_value=0.5),
+    q=st.floats(min_value=1e-3, max_value=0.1),  # realistic DP-SGD rates (larger q: slow RDP series)
     steps=st.integers(min_value=1, max_value=20_000),
     delta_exp=st.integers(min_value=5, max_value=9),
 )
