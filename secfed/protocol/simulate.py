@@ -133,7 +133,8 @@ def simulate(
     Args:
         updates: float vectors of one length.
         mode: ``"secagg"``, ``"secagg+"`` or ``"ckks"``.
-        threshold: Shamir threshold (default floor(2n/3)+1; secagg+: of a neighbourhood).
+        threshold: Shamir threshold (default floor(2n/3)+1; secagg+: of a neighbourhood); in
+            ckks mode the minimum number of uploads in the sum (default 2).
         dropouts: stage name -> indices that vanish before sending that stage's message
             (stages: advertise, share, upload, consistency, unmask).
         adversary: one of :data:`ADVERSARIES` (the coordinator plays that attack).
@@ -158,6 +159,12 @@ def simulate(
     if d < 1 or any(v.shape != (d,) for v in vecs):
         raise ConfigError("updates must be non-empty 1-D vectors of one length")
     drops = _parse_dropouts(dropouts, n)
+    if mode == "ckks":
+        absent = sorted(s.value for s in drops if s not in (Stage.ADVERTISE, Stage.UPLOAD))
+        if absent:
+            raise ConfigError(f"dropout stages {absent} do not exist in mode ckks (advertise, upload)")
+        # In ckks mode the "threshold" is the minimum number of uploads the sum must contain.
+        min_participants, threshold = (threshold if threshold is not None else min_participants), None
     ids = _ids(n)
     identities = [IdentityKey.generate() for _ in range(n)]
     roster = {p: k.public_bytes() for p, k in zip(ids, identities)}

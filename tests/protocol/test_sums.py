@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from secfed.errors import ConfigError, ProtocolAbort
 from secfed.protocol import simulate
 
 from .harness import make_updates, plain_sum
@@ -59,7 +60,7 @@ def test_secagg_plus_n100() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", [3, 10])
+@pytest.mark.parametrize("n", [2, 3, 10, 50])
 def test_secagg_d1e6(n: int) -> None:
     updates = make_updates(n, 1_000_000, seed=5)
     drops = {"upload": [1]} if n == 10 else None
@@ -78,6 +79,13 @@ def test_noise_hook_adds_into_the_sum() -> None:
     result = simulate(updates, mode="secagg", noise_hook=hook)
     assert len(calls) == 4
     np.testing.assert_allclose(result.aggregate, plain_sum(updates, range(4)) + 4.0, atol=1e-6)
+
+
+def test_ckks_minimum_applies() -> None:
+    with pytest.raises(ProtocolAbort, match="2 of 4 participants uploaded, below the threshold 3"):
+        simulate(make_updates(4, 100), mode="ckks", threshold=3, dropouts={"upload": [0, 1]})
+    with pytest.raises(ConfigError, match="do not exist in mode ckks"):
+        simulate(make_updates(4, 100), mode="ckks", dropouts={"unmask": [0]})
 
 
 def test_ckks_sum_excludes_dropouts() -> None:
