@@ -86,7 +86,8 @@ class CoordinatorRound:
         ckks_public_context: serialized public-only CKKS context (ckks mode).
         workers: threads for mask removal.
         clock: optional ``() -> seconds``; when given, :attr:`timings` records ``unmask`` (seed
-            recovery, mask removal, decoding) or, for ckks, ``aggregate`` (homomorphic sum).
+            recovery, mask removal, decoding) or, for ckks, ``aggregate`` (homomorphic additions,
+            done as uploads arrive).
         keep_records: keep every accepted payload in :attr:`records` (for :meth:`replay`). A
             driver that persists each accepted payload itself passes ``False``: the masked
             uploads are then summed and dropped, so memory stays O(d + n k), not O(n d).
@@ -136,7 +137,8 @@ class CoordinatorRound:
         self._acc: npt.NDArray[np.unsignedinteger] | None = None
         self._uploaders: list[str] = []
         self._heads: dict[str, bytes] = {}
-        self._ckks_uploads: dict[str, CkksUpload] = {}
+        self._ckks_uploads: dict[str, tuple[bytes, bytes, bytes]] = {}  # head, digest, signature
+        self._ckks_sum: list[bytes] | None = None
         self._survivors: tuple[str, ...] = ()
         self._consistency: dict[str, bytes] = {}
         self._asked: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
@@ -307,7 +309,17 @@ class CoordinatorRound:
                 raise ProtocolError(
                     f"ckks upload must hold {self._n_ciphertexts} ciphertexts (got {len(m.ciphertexts)})"
                 )
-            self._ckks_uploads[sender] = m
+            # Then fold it into the running encrypted sum: a ciphertext that does not parse or
+            # has other parameters is rejected here (CkksError), so it cannot spoil the round.
+            from secfed.crypto import ckks
+
+            started = self._clock() if self._clock else 0.0
+            parts = [list(m.ciphertexts)] if self._ckks_sum is None else [self._ckks_sum, list(m.ciphertexts)]
+            total = ckks.add_encrypted(self._ckks_ctx, parts, length=spec.vector_length, workers=self._workers)
+            if self._clock:
+                self.timings["aggregate"] = self.timings.get("aggregate", 0.0) + self._clock() - started
+            self._ckks_sum = list(total)
+            self._ckks_uploads[sender] = (m.ledger_head, ciphertext_digest(m.ciphertexts), m.signature)
             self._heads[sender] = m.ledger_head
         elif st is Stage.CONSISTENCY and isinstance(m, ConsistencySignature):
             self._check(sender, m.sender, m.session_id)
@@ -459,36 +471,16 @@ class CoordinatorRound:
         return {p: payload for p in self._survivors}
 
     def _close_ckks(self) -> dict[str, bytes]:
-        from secfed.crypto import ckks
-
         spec = self.spec
         self._quorum(len(self._ckks_uploads), "uploaded")
         members = tuple(p for p in spec.participants if p in self._ckks_uploads)
-        started = self._clock() if self._clock else 0.0
-        try:
-            total = tuple(
-                ckks.add_encrypted(
-                    self._ckks_ctx,
-                    [list(self._ckks_uploads[p].ciphertexts) for p in members],
-                    length=spec.vector_length,
-                    workers=self._workers,
-                )
-            )
-        except CkksError as exc:
-            raise ProtocolAbort(f"stage upload: ciphertexts could not be added: {exc}", stage="upload") from exc
-        if self._clock:
-            self.timings["aggregate"] = self._clock() - started
+        assert self._ckks_sum is not None
+        total = tuple(self._ckks_sum)
         self._survivors = members
         self._result = CoordinatorResult(members, None, None, total, dict(self._heads))
         self.stage = Stage.DONE
         self._expected = frozenset()
         payload = CkksAggregate(
-            spec.round_number, self._sid,
-            tuple(
-                (p, self._ckks_uploads[p].ledger_head, ciphertext_digest(self._ckks_uploads[p].ciphertexts),
-                 self._ckks_uploads[p].signature)
-                for p in members
-            ),
-            total,
+            spec.round_number, self._sid, tuple((p, *self._ckks_uploads[p]) for p in members), total
         ).to_bytes()
         return {p: payload for p in members}

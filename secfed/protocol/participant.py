@@ -388,6 +388,7 @@ class ParticipantRound:
         apply_masks(encoded, masks, workers=self._workers)
         if self._clock:
             self.timings["protect"] = self._clock() - started
+        self._update = None  # the plaintext update is not needed any more
         self.stage = Stage.CONSISTENCY
         return MaskedUpload(
             spec.round_number, self._sid, self.me, self._ledger_head, spec.ring_bits, ring_bytes(encoded)
@@ -487,6 +488,7 @@ class ParticipantRound:
         )
         if self._clock:
             self.timings["protect"] = self._clock() - started
+        self._update = None
         self.stage = Stage.DONE
         return CkksUpload(self.spec.round_number, self._sid, self.me, self._ledger_head, cts, sig).to_bytes()
 

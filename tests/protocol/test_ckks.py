@@ -9,7 +9,7 @@ import pytest
 
 from secfed.crypto import ckks
 from secfed.crypto.keys import IdentityKey
-from secfed.errors import InvalidSignature, ProtocolAbort
+from secfed.errors import CkksError, InvalidSignature, ProtocolAbort
 from secfed.protocol import CoordinatorRound, ParticipantRound, RoundSpec, Stage
 from secfed.protocol.messages import CkksAggregate, CkksUpload, decode_message
 
@@ -103,3 +103,26 @@ def test_norm_check_refuses_an_inflated_sum() -> None:
     with pytest.raises(ProtocolAbort, match="L2 norm"):
         h2.parties["org-1"].handle(Stage.DONE, bad.to_bytes())
     assert h2.parties["org-2"].handle(Stage.DONE, out["org-2"]) is None  # the honest sum passes
+
+
+def test_signed_garbage_is_rejected_and_the_round_goes_on() -> None:
+    h, updates = ckks_harness()
+    h.advertise()
+    out = h.coord.close_stage()
+    # org-0 (a malicious enterprise) signs ciphertext bytes that are not a ciphertext
+    good = decode_message(h.parties["org-0"].handle(Stage.UPLOAD, out["org-0"]))
+    assert isinstance(good, CkksUpload)
+    garbage_cts = tuple(b"\x00" * len(ct) for ct in good.ciphertexts)
+    unsigned = dataclasses.replace(good, ciphertexts=garbage_cts)
+    identity = h.identities[0]
+    signed = dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
+    with pytest.raises(CkksError):
+        h.coord.receive("org-0", signed.to_bytes())
+    assert "org-0" not in h.coord.received()
+    for p in ("org-1", "org-2"):
+        h.coord.receive(p, h.parties[p].handle(Stage.UPLOAD, out[p]))
+    final = h.coord.close_stage()
+    assert h.coord.result().survivors == ("org-1", "org-2")
+    res = h.parties["org-1"].handle(Stage.DONE, final["org-1"])
+    assert res is None
+    np.testing.assert_allclose(h.parties["org-1"].result().aggregate, plain_sum(updates, [1, 2]), atol=1e-6)
