@@ -38,16 +38,20 @@ def command() -> None:
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
 @click.option("--train-deadline", type=float, default=600.0, show_default=True)
 @click.option("--stage-deadline", type=float, default=60.0, show_default=True)
+@click.option("--clip-bound", type=float, default=None,
+              help="L2 bound on one site's update (default 8); larger updates are scaled down.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
 @json_option
 def init(**opts: object) -> None:
     """Create the CA, certificates, identity keys, federation.toml and CKKS contexts."""
-    from secfed.config import Deadlines, DPSettings, validated
+    from secfed.config import Deadlines, DPSettings, ModelSettings, validated
     from secfed.participant.adapter import model_settings_for
     from secfed.transport.kits import create_kits
 
     modes = tuple(m.strip() for m in str(opts["mode_schedule"]).split(",") if m.strip())
     model = model_settings_for(model_dir=opts["model_dir"], synthetic_dim=opts["synthetic_dim"])
+    if opts["clip_bound"] is not None:
+        model = validated(ModelSettings, **{**model.model_dump(), "clip_bound": opts["clip_bound"]})
     paths = create_kits(
         opts["out"],  # type: ignore[arg-type]
         name=str(opts["name"]),

@@ -117,13 +117,12 @@ class Participant:
         """Take part in rounds until the federation is finished (or ``max_rounds`` were seen)."""
         reports: list[RoundReport] = []
         after = self.state.last_round()
-        while max_rounds is None or len(reports) < max_rounds:
+        while (max_rounds is None or len(reports) < max_rounds) and after < self.fed.rounds:
             info = self.client.round_info(after=after, wait=POLL_S)
             if info.round_number <= after:
                 if info.status == "finished":
                     break
                 continue
-            self._verify_previous(reports)
             after = info.round_number
             report = self._round(info)
             reports.append(report)
@@ -132,19 +131,7 @@ class Participant:
                       metrics=report.metrics, detail=report.detail)
             if info.status == "finished":
                 break
-        self._verify_previous(reports)
         return reports
-
-    def _verify_previous(self, reports: list[RoundReport]) -> None:
-        if reports and reports[-1].status == "done" and not getattr(self, "_verified", None) == (
-            reports[-1].round_number
-        ):
-            self._verified = reports[-1].round_number
-            try:
-                agree = self.check_peers(reports[-1].round_number)
-                self.emit("peers_agree", round=reports[-1].round_number, signatures=agree)
-            except ProtocolAbort as exc:
-                self.emit("peers_disagree", round=reports[-1].round_number, reason=str(exc))
 
     def _round(self, info: RoundInfo) -> RoundReport:
         r = info.round_number
@@ -283,6 +270,11 @@ class Participant:
         self.state.sent(round_number=r, stage="applied", destination="coordinator",
                         payload=confirmation.model_dump_json().encode(), protection="signed")
         self.client.confirm(round_number=r, confirmation=confirmation)
+        self.client.round_info(after=r, wait=POLL_S)  # answers once round r is settled
+        try:
+            self.emit("peers_agree", round=r, signatures=self.check_peers(r))
+        except ProtocolAbort as exc:
+            self.emit("peers_disagree", round=r, reason=str(exc))
         metrics = self.site.evaluate()
         self.state.set_round(
             r, "done", survivors=result.survivors, global_hash_after=new_hash,
