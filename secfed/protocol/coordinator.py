@@ -28,6 +28,7 @@ from secfed.crypto.keys import (
     LABEL_SELF_MASK,
     X25519KeyPair,
     agree,
+    constant_time_equal,
     derive_key,
     verify_signature,
 )
@@ -52,6 +53,7 @@ from secfed.protocol.messages import (
     ciphertext_digest,
     consistency_signed_bytes,
     decode_message,
+    seed_commitment,
 )
 from secfed.protocol.participant import ring_bytes
 from secfed.protocol.spec import MASK_MODES, RoundSpec, Stage, neighbour_graph, session_id
@@ -444,6 +446,13 @@ class CoordinatorRound:
         masks: list[tuple[bytes, int]] = []
         for owner in self._survivors:
             seed = self._combine(owner, SHARE_KIND_SELF_MASK, pool)
+            committed = self._shares[owner].seed_commitment
+            if not constant_time_equal(seed_commitment(session_id=self._sid, owner=owner, seed=seed), committed):
+                raise ProtocolAbort(
+                    f"stage unmask: shares of the self-mask seed of {owner!r} do not match its "
+                    "commitment (a share holder sent a wrong share)",
+                    stage="unmask",
+                )
             masks.append((derive_key(seed, session_id=self._sid, purpose=LABEL_SELF_MASK), -1))
         for owner in self._u2:
             if owner in survivors:

@@ -41,6 +41,7 @@ __all__ = [
     "consistency_signed_bytes",
     "ckks_upload_signed_bytes",
     "ciphertext_digest",
+    "seed_commitment",
 ]
 
 WIRE_VERSION = 1
@@ -54,6 +55,7 @@ SHARE_KIND_MASK_KEY = 1  # share of a dropout's pairwise-mask X25519 private key
 _ADVERT_LABEL = b"secfed/v1/advertise"
 _CONSISTENCY_LABEL = b"secfed/v1/consistency"
 _CKKS_UPLOAD_LABEL = b"secfed/v1/ckks-upload"
+_SEED_COMMIT_LABEL = b"secfed/v1/self-seed-commitment"
 
 
 def _id_list(w: Writer, ids: tuple[str, ...]) -> None:
@@ -73,6 +75,12 @@ def consistency_signed_bytes(*, session_id: bytes, round_number: int, survivors:
     w = Writer().fixed(session_id, DIGEST_BYTES).u64(round_number)
     _id_list(w, survivors)
     return _CONSISTENCY_LABEL + w.getvalue()
+
+
+def seed_commitment(*, session_id: bytes, owner: str, seed: bytes) -> bytes:
+    """SHA-256 commitment to a 256-bit self-mask seed (hiding: the seed is uniformly random)."""
+    w = Writer().fixed(session_id, DIGEST_BYTES).text(owner).fixed(seed, 32)
+    return hashlib.sha256(_SEED_COMMIT_LABEL + w.getvalue()).digest()
 
 
 def ciphertext_digest(ciphertexts: tuple[bytes, ...]) -> bytes:
@@ -189,27 +197,31 @@ class KeyRoster(_Wire):
 
 @dataclass(frozen=True, slots=True)
 class ShareKeys(_Wire):
-    """Participant -> coordinator: AES-GCM sealed share pairs, one per neighbour.
+    """Participant -> coordinator: AES-GCM sealed share pairs, one per neighbour, and a hash
+    commitment to the self-mask seed (so a wrong share cannot silently corrupt the sum).
 
-    Fields: session_id[32], sender, count:u32, then (receiver, sealed blob) pairs.
+    Fields: session_id[32], sender, seed_commitment[32], count:u32, then (receiver, sealed
+    blob) pairs.
     """
 
     TYPE: ClassVar[int] = 3
     round_number: int
     session_id: bytes
     sender: str
+    seed_commitment: bytes
     sealed: tuple[tuple[str, bytes], ...]
 
     def write(self, w: Writer) -> None:
-        w.fixed(self.session_id, DIGEST_BYTES).text(self.sender).u32(len(self.sealed))
+        w.fixed(self.session_id, DIGEST_BYTES).text(self.sender)
+        w.fixed(self.seed_commitment, DIGEST_BYTES).u32(len(self.sealed))
         for receiver, blob in self.sealed:
             w.text(receiver).blob(blob)
 
     @classmethod
     def read(cls, r: Reader, round_number: int) -> ShareKeys:
-        sid, sender = r.fixed(DIGEST_BYTES), r.text()
+        sid, sender, commitment = r.fixed(DIGEST_BYTES), r.text(), r.fixed(DIGEST_BYTES)
         items = tuple((r.text(), r.blob()) for _ in range(r.count()))
-        return cls(round_number, sid, sender, items)
+        return cls(round_number, sid, sender, commitment, items)
 
 
 @dataclass(frozen=True, slots=True)

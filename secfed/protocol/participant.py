@@ -52,6 +52,7 @@ from secfed.protocol.messages import (
     ckks_upload_signed_bytes,
     consistency_signed_bytes,
     decode_message,
+    seed_commitment,
 )
 from secfed.protocol.spec import (
     MASK_MODES,
@@ -347,7 +348,8 @@ class ParticipantRound:
             ad = binding_ad(session_id=self._sid, round_number=spec.round_number, sender=self.me, receiver=peer)
             sealed.append((peer, seal(self._share_key(peer), _shares_plaintext(b_shares[i], s_shares[i]), associated_data=ad)))
         self.stage = Stage.UPLOAD
-        return ShareKeys(spec.round_number, self._sid, self.me, tuple(sealed)).to_bytes()
+        commitment = seed_commitment(session_id=self._sid, owner=self.me, seed=self._self_seed)
+        return ShareKeys(spec.round_number, self._sid, self.me, commitment, tuple(sealed)).to_bytes()
 
     def _masked_upload(self, fwd: ForwardedShares) -> bytes:
         spec = self.spec

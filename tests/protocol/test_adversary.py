@@ -10,6 +10,7 @@ from secfed.protocol.messages import (
     ConsistencyRequest,
     ForwardedShares,
     UnmaskRequest,
+    UnmaskResponse,
     decode_message,
 )
 
@@ -205,3 +206,22 @@ def test_coordinator_refuses_previous_round_messages() -> None:
     with pytest.raises(ProtocolError, match="another round"):
         new.coord.receive("org-0", old_upload)
     assert new.coord.records == before
+
+
+def test_wrong_share_from_a_holder_aborts_instead_of_corrupting_the_sum() -> None:
+    from secfed.crypto.shamir import PRIME, Share
+
+    h, reqs = _to_unmask()
+    replies = {p: h.parties[p].handle("unmask", reqs[p].to_bytes()) for p in reqs}
+    bad = decode_message(replies["org-0"])
+    assert isinstance(bad, UnmaskResponse)
+    owner, kind, raw = bad.shares[1]
+    assert kind == 0  # a survivor's self-mask seed share
+    share = Share.from_bytes(raw)
+    forged = Share(share.x, (share.y + 1) % PRIME).to_bytes()
+    shares = (bad.shares[0], (owner, kind, forged), *bad.shares[2:])
+    h.coord.receive("org-0", UnmaskResponse(bad.round_number, bad.session_id, "org-0", shares).to_bytes())
+    for p in ("org-1", "org-2", "org-3", "org-4"):
+        h.coord.receive(p, replies[p])
+    with pytest.raises(ProtocolAbort, match=f"self-mask seed of '{owner}' do not match its commitment"):
+        h.coord.close_stage()

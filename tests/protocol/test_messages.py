@@ -33,7 +33,7 @@ SAMPLES = [
     ADV,
     AdvertiseKeys(7, SID, "org-ckks", b"", b"", SIG),
     KeyRoster(7, (ADV, AdvertiseKeys(7, SID, "org-b", os.urandom(32), os.urandom(32), SIG))),
-    ShareKeys(7, SID, "org-a", (("org-b", os.urandom(98)), ("org-c", os.urandom(98)))),
+    ShareKeys(7, SID, "org-a", os.urandom(32), (("org-b", os.urandom(98)), ("org-c", os.urandom(98)))),
     ForwardedShares(7, SID, "org-b", (("org-a", os.urandom(98)),)),
     MaskedUpload(7, SID, "org-a", b"ledger-head", 64, os.urandom(8 * 5)),
     MaskedUpload(7, SID, "org-a", b"", 32, os.urandom(4 * 5)),
