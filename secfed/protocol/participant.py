@@ -210,6 +210,11 @@ class ParticipantRound:
                 f"participant {self.me!r} cannot handle {stage.value}: "
                 f"stage is {self.stage.value if self.stage else 'not started'}"
             )
+        if stage is Stage.DONE and self.stage is Stage.UNMASK:
+            # The coordinator unmasked without this party (its signature came late or enough
+            # others answered); it may still take the result. Its shares are never needed now.
+            self._forget_secrets()
+            self.stage = Stage.DONE
         if stage is not self.stage:
             want = self.stage.value
             self._abort_now()

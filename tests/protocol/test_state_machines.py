@@ -185,3 +185,25 @@ def test_documented_tolerance_for_default_k() -> None:
     assert neighbourhood_failure_bound(n=n, k=k, t=t, fraction=0.10, bad_at_least=k + 2 - t) > 0.01
     corrupt = neighbourhood_failure_bound(n=n, k=k, t=t, fraction=0.20, bad_at_least=t)
     assert corrupt < 1e-7  # 20 % random colluders reach t in some neighbourhood: < 1e-7
+
+
+def test_party_not_asked_to_unmask_still_gets_the_result() -> None:
+    h = make_harness(n=6, d=30)
+    h.advertise()
+    h.step()
+    h.step()
+    requests = h.coord.close_stage()  # consistency requests
+    for p, payload in requests.items():
+        reply = h.parties[p].handle(Stage.CONSISTENCY, payload)
+        if p != "org-5":  # org-5 signs, but its signature misses the deadline
+            h.coord.receive(p, reply)
+    late = h.parties["org-5"]
+    assert late.stage is Stage.UNMASK
+    unmask = h.coord.close_stage()
+    assert "org-5" not in unmask
+    for p, payload in unmask.items():
+        h.coord.receive(p, h.parties[p].handle(Stage.UNMASK, payload))
+    final = h.coord.close_stage()
+    assert late.handle(Stage.DONE, final["org-5"]) is None
+    assert late._self_seed is None and late._held == {}
+    assert np.array_equal(late.result().aggregate, h.coord.result().aggregate)
