@@ -19,3 +19,24 @@ def federation(tmp_path_factory):
 
     return generate_federation(tmp_path_factory.mktemp("fed") / "data", seed=FIXED_SEED,
                                scale="tiny")
+
+
+@pytest.fixture(scope="session")
+def model_bundle(tmp_path_factory):
+    """The tiny city-safety classifier: (in-memory model, saved directory)."""
+    from secfed.models import save_classifier
+    from secfed.models.citysafety import build_city_safety_classifier
+
+    model = build_city_safety_classifier(seed=5, size="tiny")
+    model_dir = save_classifier(model, tmp_path_factory.mktemp("model") / "citysafety")
+    return model, model_dir
+
+
+@pytest.fixture(scope="session")
+def quality_reports(federation, model_bundle):
+    """``secfed data check`` results for every enterprise of the tiny federation."""
+    from secfed.data.quality import check_dataset
+
+    model, model_dir = model_bundle
+    return {name: check_dataset(path, model_dir=model_dir, model=model)[0]
+            for name, path in federation.enterprises.items()}

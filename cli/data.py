@@ -1,0 +1,73 @@
+"""``secfed data``: generate the city-safety federation, check a dataset's quality locally."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from secfed.cli.options import emit_json, json_option
+
+_DIR = click.Path(file_okay=False, path_type=Path)
+
+
+@click.group("data")
+def command() -> None:
+    """Datasets: generate the city-safety federation, check and clean a site's data."""
+
+
+@command.command("generate")
+@click.option("--out", "out_dir", type=_DIR, required=True, help="Empty or new directory.")
+@click.option("--seed", type=click.IntRange(min=0), required=True, help="Data seed.")
+@click.option("--scale", type=click.Choice(["tiny", "demo", "full"]), default="demo",
+              show_default=True)
+@json_option
+def generate(out_dir: Path, seed: int, scale: str, as_json: bool) -> None:
+    """Write one dataset per enterprise, the shared test set and the defect truth."""
+    from secfed.data import generate_federation
+
+    fed = generate_federation(out_dir, seed=seed, scale=scale)
+    if as_json:
+        emit_json({"root": str(fed.root), "seed": seed, "scale": scale, "counts": fed.counts})
+        return
+    for name, count in fed.counts.items():
+        click.echo(f"{name:22s} {count:6d} records")
+    click.echo(f"defect truth (keep away from training): {fed.truth_dir}")
+
+
+@command.command("check")
+@click.option("--data", "data_dir", type=_DIR, required=True, help="Dataset directory.")
+@click.option("--model", "model_dir", type=_DIR, required=True, help="Model directory.")
+@click.option("--fix", is_flag=True, help="Write a cleaned copy to --out (original untouched).")
+@click.option("--out", "out_dir", type=_DIR, default=None, help="Where --fix writes.")
+@json_option
+def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
+          as_json: bool) -> None:
+    """Find duplicates, likely mislabels, image/text mismatches, missing modalities."""
+    if fix and out_dir is None:
+        raise click.BadParameter("--fix needs --out DIR (the original is never modified)",
+                                 param_hint="--out")
+    if out_dir is not None and not fix:
+        raise click.BadParameter("--out is only used with --fix", param_hint="--out")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from secfed.data.quality import check_dataset, write_cleaned
+
+    report, _ = check_dataset(data_dir, model_dir=model_dir)
+    cleaned = write_cleaned(data_dir, out_dir, report) if fix else None
+    if as_json:
+        body = report.to_json()
+        body["cleaned"] = str(cleaned) if cleaned else None
+        emit_json(body)
+        return
+    s = report.summary()
+    click.echo(f"{data_dir}: {s['records']} records")
+    click.echo("class balance: " + ", ".join(f"{k}={v}" for k, v in report.class_balance.items()))
+    for key in ("missing_text", "missing_image", "exact_duplicates", "near_duplicates",
+                "mislabels", "mismatches"):
+        click.echo(f"  {key.replace('_', ' '):18s} {s[key]:5d}")
+    for m in report.mislabels[:10]:
+        click.echo(f"  likely mislabel {m['id']}: {m['given_label']} -> "
+                   f"{m['suggested_label']} ({m['confidence']:.2f})")
+    if cleaned is not None:
+        click.echo(f"cleaned copy ({s['records'] - len(report.flagged())} records): {cleaned}")
