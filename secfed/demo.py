@@ -38,7 +38,7 @@ class DemoSettings:
     epsilon: float = 8.0
     sample_rate: float = 0.1
     local_steps: int = 12
-    learning_rate: float = 0.5
+    learning_rate: float = 0.1
     max_grad_norm: float = 1.0
     clip_bound: float = 64.0  # L2 bound on a site's round update (DP noise makes it ~10-30 here)
     timeout_s: float = 540.0

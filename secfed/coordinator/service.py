@@ -296,6 +296,8 @@ class Coordinator:
         if machine.stage is Stage.DONE:
             result = machine.result()
             self.state.set_survivors(live.spec.round_number, result.survivors)
+            if out:
+                self.state.store_aggregate(live.spec.round_number, next(iter(out.values())))
             live.status = "confirming"
             self.emit("aggregated", round=live.spec.round_number, mode=live.spec.mode,
                       survivors=list(result.survivors))
@@ -441,6 +443,18 @@ class Coordinator:
         await self._notify()
         return SubmitAck(accepted=True, duplicate=prior is not None, round_number=round_number,
                          stage="done", sha256=hashlib.sha256(message).hexdigest())
+
+    async def aggregate(self, *, sender: str, round_number: int) -> bytes:
+        """The final protocol message of a finished round, for a participant catching up."""
+        row = self.state.round(round_number)
+        if row is None or row.status != "done":
+            raise ProtocolError(f"round {round_number} must be done to fetch its aggregate")
+        if sender not in row.participants:
+            raise ProtocolError(f"{sender!r} was not a participant of round {round_number}")
+        payload = self.state.aggregate(round_number)
+        if payload is None:
+            raise ProtocolError(f"round {round_number} has no stored aggregate")
+        return payload
 
     async def outcome(self, *, round_number: int) -> RoundOutcome:
         row = self.state.round(round_number)

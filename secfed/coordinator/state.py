@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS transcript (
     payload     BLOB NOT NULL,                 -- the protocol message, replayed after a crash
     UNIQUE (round, stage, sender)
 );
+CREATE TABLE IF NOT EXISTS aggregates (
+    round   INTEGER PRIMARY KEY REFERENCES rounds(round),
+    payload BLOB NOT NULL                      -- the protocol's final message (masked sum or CKKS sum)
+);
 CREATE TABLE IF NOT EXISTS confirmations (
     round       INTEGER NOT NULL REFERENCES rounds(round),
     sender      TEXT NOT NULL,
@@ -203,6 +207,16 @@ class CoordinatorState:
             (round_number, stage, sender),
         ).fetchone()
         return row[0] if row else None
+
+    # aggregates
+    def store_aggregate(self, round_number: int, payload: bytes) -> None:
+        self.db.execute("INSERT OR REPLACE INTO aggregates(round, payload) VALUES (?, ?)",
+                        (round_number, payload))
+
+    def aggregate(self, round_number: int) -> bytes | None:
+        row = self.db.execute("SELECT payload FROM aggregates WHERE round = ?",
+                              (round_number,)).fetchone()
+        return bytes(row[0]) if row else None
 
     # confirmations
     def confirm(self, round_number: int, sender: str, global_hash: str, signature: bytes) -> None:

@@ -55,6 +55,7 @@ class LocalSite(Protocol):
 
     def global_vector(self) -> np.ndarray: ...
     def global_hash(self) -> str: ...
+    def hash_of(self, vec: np.ndarray) -> str: ...
     def train(self, terms: RoundTerms) -> TrainOutcome: ...
     def apply(self, new_global: np.ndarray) -> str: ...
     def evaluate(self) -> dict[str, float]: ...
@@ -107,6 +108,9 @@ class _StoredAdapter:
     def hash(self) -> str:
         return vector_hash(self._digest, self.vector)
 
+    def hash_of(self, vec: np.ndarray) -> str:
+        return vector_hash(self._digest, vec)
+
     def store(self, vec: np.ndarray, round_number: int) -> str:
         vec = np.ascontiguousarray(vec, dtype="<f4")
         tmp = self._path.with_suffix(".tmp")
@@ -140,6 +144,9 @@ class SyntheticSite:
 
     def global_hash(self) -> str:
         return self._store.hash()
+
+    def hash_of(self, vec: np.ndarray) -> str:
+        return self._store.hash_of(vec)
 
     def train(self, terms: RoundTerms) -> TrainOutcome:
         delta = synthetic_update(self.enterprise_id, terms.round_number, self._store.vector.size)
@@ -194,6 +201,9 @@ class ModelSite:
 
     def global_hash(self) -> str:
         return self._store.hash()
+
+    def hash_of(self, vec: np.ndarray) -> str:
+        return self._store.hash_of(vec)
 
     def train(self, terms: RoundTerms) -> TrainOutcome:
         from secfed.training import DPConfig, train_local

@@ -175,6 +175,9 @@ class Participant:
         self._policy(spec).check(spec, me=self.me, roster=self.roster)
         mine = self.site.global_hash()
         if spec.global_hash != mine:
+            self._catch_up(before=spec.round_number)
+            mine = self.site.global_hash()
+        if spec.global_hash != mine:
             raise ProtocolAbort(
                 f"global_hash must be this site's adapter hash {mine[:12]}... "
                 f"(got {spec.global_hash[:12]}...)", stage="advertise",
@@ -282,14 +285,58 @@ class Participant:
         )
         return RoundReport(r, "done", spec.mode, result.survivors, epsilon, metrics)
 
-    def check_peers(self, round_number: int) -> int:
+    def _catch_up(self, *, before: int) -> None:
+        """Apply the rounds this site missed (a dropout, a restart) from their stored aggregates.
+
+        Each missed round is applied only if it starts from this site's current hash and the
+        result matches the hash its survivors signed (:meth:`check_peers`).
+        """
+        for k in range(1, before):
+            out = self.client.outcome(round_number=k)
+            if out.status != "done" or out.global_hash_before != self.site.global_hash():
+                continue
+            payload = self.client.aggregate(round_number=k)
+            total, count = self._decode_aggregate(payload, mode=out.mode, round_number=k)
+            new_global = (
+                self.site.global_vector().astype(np.float64) + total / count
+            ).astype(np.float32)
+            self.check_peers(k, expected_hash=self.site.hash_of(new_global))
+            self.site.apply(new_global, k)
+            self.state.set_round(k, "caught-up", global_hash_after=self.site.global_hash())
+            self.emit("caught_up", round=k, survivors=count)
+
+    def _decode_aggregate(self, payload: bytes, *, mode: str, round_number: int
+                          ) -> tuple[np.ndarray, int]:
+        from secfed.crypto.encoding import decode
+        from secfed.protocol.messages import CkksAggregate, MaskedAggregate, decode_message
+
+        message = decode_message(payload)
+        length = self.fed.model.vector_length
+        if message.round_number != round_number:
+            raise ProtocolAbort(f"aggregate must be for round {round_number}")
+        if isinstance(message, MaskedAggregate) and mode in ("secagg", "secagg+"):
+            dtype = np.dtype(f"<u{message.ring_bits // 8}")
+            ring = np.frombuffer(message.vector, dtype=dtype).astype(dtype.newbyteorder("="))
+            if ring.size != length:
+                raise ProtocolAbort(f"aggregate must hold {length} words (got {ring.size})")
+            return decode(ring, scale_bits=self.fed.model.scale_bits), len(message.survivors)
+        if isinstance(message, CkksAggregate) and mode == "ckks":
+            from secfed.crypto import ckks
+
+            total = ckks.decrypt(self._ckks_context(), list(message.ciphertexts), length)
+            return np.asarray(total, dtype=np.float64), len(message.members)
+        raise ProtocolAbort(f"aggregate of round {round_number} must match its mode {mode}")
+
+    def check_peers(self, round_number: int, *, expected_hash: str | None = None) -> int:
         """Verify the peers' signed confirmations of round ``round_number``'s new global hash.
 
         Returns the number of agreeing signatures. Raises ProtocolAbort on a disagreeing or
-        badly signed confirmation.
+        badly signed confirmation, or when no peer confirmed.
         """
         out = self.client.outcome(round_number=round_number)
-        mine = self.site.global_hash()
+        if not out.confirmations:
+            raise ProtocolAbort(f"round {round_number} has no signed confirmation")
+        mine = expected_hash or self.site.global_hash()
         agree = 0
         for peer, conf in out.confirmations.items():
             try:

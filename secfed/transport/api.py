@@ -9,6 +9,7 @@ Routes (all under mutual TLS; the caller's identity is its verified client certi
     POST /v1/rounds/{r}/stages/{stage}                 Envelope(ledger head, protocol message)
     POST /v1/rounds/{r}/applied                        AppliedConfirmation (signed new global hash)
     GET  /v1/rounds/{r}/outcome                        RoundOutcome (survivors, agreed hash)
+    GET  /v1/rounds/{r}/aggregate                      a done round's final message (catch-up)
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ class FederationService(Protocol):
     ) -> SubmitAck: ...
 
     async def outcome(self, *, round_number: int) -> RoundOutcome: ...
+
+    async def aggregate(self, *, sender: str, round_number: int) -> bytes: ...
 
 
 # Typed errors -> HTTP status. The most specific class wins (checked in this order).

@@ -160,6 +160,11 @@ class CoordinatorClient:
         self._raise_for(r)
         return RoundOutcome.model_validate_json(r.content)
 
+    def aggregate(self, *, round_number: int) -> bytes:
+        r = self._call("GET", f"/v1/rounds/{round_number}/aggregate")
+        self._raise_for(r)
+        return r.content
+
     def raw(self, method: str, url: str, **kw: Any) -> httpx.Response:
         """One call without retries (tests and probes)."""
         return self._http.request(method, url, **kw)

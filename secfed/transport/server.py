@@ -247,6 +247,14 @@ def create_app(
         caller(request)
         return await service.outcome(round_number=round_number)
 
+    @app.get("/v1/rounds/{round_number}/aggregate",
+             responses={200: {"content": {OCTET: {}}}, 403: {"model": ErrorBody},
+                        409: {"model": ErrorBody}})
+    async def aggregate(request: Request, round_number: int) -> Response:
+        sender = caller(request)
+        data = await service.aggregate(sender=sender, round_number=round_number)
+        return Response(content=data, media_type=OCTET)
+
     return BodyLimit(app, max_bytes=max_body)
 
 

@@ -24,7 +24,7 @@ DIM = 3000
 ENTERPRISES = ["energy-utility", "security-operator", "city-ops"]
 
 
-def _run(tmp_path, *, enterprises, schedule, rounds, **kw) -> Processes:
+def _run(tmp_path, *, enterprises, schedule, rounds, **kw) -> Processes:  # noqa: D103
     kits = make_federation(tmp_path / "fed", enterprises=enterprises, dim=DIM,
                            schedule=schedule, rounds=rounds, **kw)
     procs = Processes(kits)
@@ -89,35 +89,45 @@ def test_happy_path_equals_plaintext_fedavg(tmp_path) -> None:
         assert '"peers_agree"' in procs.log(eid)
 
 
-def test_enterprise_killed_mid_round_is_a_dropout(tmp_path) -> None:
+def test_enterprise_killed_mid_round_is_a_dropout_then_catches_up(tmp_path) -> None:
     enterprises = ["a-site", "b-site", "c-site", "d-site"]  # n = 4, t = 3: one dropout tolerated
-    procs = _run(tmp_path, enterprises=enterprises, schedule=("secagg",), rounds=1, stage=4.0)
+    procs = _run(tmp_path, enterprises=enterprises, schedule=("secagg",), rounds=2, stage=4.0,
+                 between=1.0)
     victim = "d-site"
     try:
-        db = None
-
         def advertised() -> bool:
-            nonlocal db
-            db = db or coordinator_db(procs.kits)
-            return db.execute("SELECT 1 FROM transcript WHERE sender=? AND stage='advertise'",
-                              (victim,)).fetchone() is not None
+            with coordinator_db(procs.kits) as db:
+                return db.execute("SELECT 1 FROM transcript WHERE sender=? AND stage='advertise'",
+                                  (victim,)).fetchone() is not None
 
         assert wait_for(advertised, 90), procs.log("coordinator.0")
         procs.joins[victim].kill()
         procs.joins[victim].wait()
-        del procs.joins[victim]
-        codes = procs.wait(90)
+
+        def round_one_over() -> bool:
+            with coordinator_db(procs.kits) as db:
+                row = db.execute("SELECT status FROM rounds WHERE round = 1").fetchone()
+                return row is not None and row[0] != "open"
+
+        assert wait_for(round_one_over, 90), procs.log("coordinator.0")
+        procs.start_join(victim)  # restarted: round 1 is lost for it, it catches up for round 2
+        codes = procs.wait(150)
     finally:
         procs.stop()
     assert set(codes.values()) == {0}, procs.log("coordinator.0")
-    row = coordinator_db(procs.kits).execute(
-        "SELECT status, survivors FROM rounds WHERE round = 1").fetchone()
-    assert row[0] == "done"
-    survivors = tuple(json.loads(row[1]))
-    assert victim not in survivors and len(survivors) == 3
-    want = expected_global([(1, survivors)], DIM)
-    for eid in survivors:
+    db = coordinator_db(procs.kits)
+    rows = db.execute("SELECT round, status, survivors FROM rounds ORDER BY round").fetchall()
+    assert [(r, st) for r, st, _ in rows] == [(1, "done"), (2, "done")], rows
+    first = tuple(json.loads(rows[0][2]))
+    assert victim not in first and len(first) == 3
+    assert tuple(json.loads(rows[1][2])) == tuple(enterprises)  # the victim is back in round 2
+    want = expected_global([(1, first), (2, tuple(enterprises))], DIM)
+    for eid in enterprises:
         np.testing.assert_allclose(adapter_of(procs.kits, eid), want, atol=2e-6, rtol=0)
+    assert '"caught_up"' in procs.log(victim)
+    # the lost round's charge stays in the victim's ledger (charged before it could upload)
+    entries = read_ledger(procs.kits.enterprises[victim] / "ledger.sqlite")
+    assert [e.round_number for e in entries] == [1, 2]
 
 
 def _kill_coordinator_at(tmp_path, stage: str) -> None:
