@@ -67,9 +67,9 @@ class CitySafetySize:
 
 MODEL_SIZES: dict[str, CitySafetySize] = {
     # tests: a ViT that still learns something in a few seconds
-    "tiny": CitySafetySize(48, 8, 64, 2, 4, 32, 6, 4, 32, 512, 2),
+    "tiny": CitySafetySize(48, 8, 64, 2, 4, 32, 2, 4, 32, 512, 2),
     # `make demo`: 3 enterprises x 4 DP rounds in ~10 minutes on 2 CPU cores
-    "demo": CitySafetySize(48, 8, 96, 4, 4, 32, 6, 8, 64, 6000, 4),
+    "demo": CitySafetySize(48, 8, 96, 4, 4, 32, 3, 8, 64, 6000, 4),
     "full": CitySafetySize(48, 8, 128, 6, 4, 48, 6, 8, 64, 20000, 6),
 }
 
