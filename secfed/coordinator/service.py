@@ -276,31 +276,34 @@ class Coordinator:
     def _close_stage(self, live: _Live) -> None:
         machine = live.machine
         closing = machine.stage
+        r = live.spec.round_number
         n = len(machine.received())
         late = sorted(machine.expected())
         try:
             out = machine.close_stage()
         except ProtocolAbort as exc:
-            self.state.close_stage(live.spec.round_number, closing.value, n)
-            self.state.abort_round(live.spec.round_number, str(exc))
+            with self.state.transaction():
+                self.state.close_stage(r, closing.value, n)
+                self.state.abort_round(r, str(exc))
             live.status, live.abort_reason = "aborted", str(exc)
-            self.emit("round_aborted", round=live.spec.round_number, stage=closing.value,
-                      reason=str(exc))
+            self.emit("round_aborted", round=r, stage=closing.value, reason=str(exc))
             return
-        self.state.close_stage(live.spec.round_number, closing.value, n)
+        deadline = self._deadline_for(machine.stage)
+        with self.state.transaction():  # one commit for the whole stage transition
+            self.state.close_stage(r, closing.value, n)
+            self.state.open_stage(r, machine.stage.value, deadline)
+            if machine.stage is Stage.DONE:
+                self.state.set_survivors(r, machine.result().survivors)
+                if out:
+                    self.state.store_aggregate(r, next(iter(out.values())))
         live.outbox[machine.stage.value] = out
-        live.deadline = self._deadline_for(machine.stage)
-        self.state.open_stage(live.spec.round_number, machine.stage.value, live.deadline)
-        self.emit("stage_closed", round=live.spec.round_number, stage=closing.value,
-                  received=n, missing=late, next=machine.stage.value)
+        live.deadline = deadline
+        self.emit("stage_closed", round=r, stage=closing.value, received=n, missing=late,
+                  next=machine.stage.value)
         if machine.stage is Stage.DONE:
-            result = machine.result()
-            self.state.set_survivors(live.spec.round_number, result.survivors)
-            if out:
-                self.state.store_aggregate(live.spec.round_number, next(iter(out.values())))
             live.status = "confirming"
-            self.emit("aggregated", round=live.spec.round_number, mode=live.spec.mode,
-                      survivors=list(result.survivors))
+            self.emit("aggregated", round=r, mode=live.spec.mode,
+                      survivors=list(machine.result().survivors))
 
     def _all_confirmed(self, live: _Live) -> bool:
         survivors = set(live.machine.result().survivors)
