@@ -182,3 +182,31 @@ def test_coordinator_sigkilled_and_restarted(tmp_path, stage) -> None:
 @pytest.mark.parametrize("stage", ["advertise", "share", "upload", "consistency", "unmask"] * 4)
 def test_coordinator_sigkilled_at_each_stage_loop(tmp_path, stage) -> None:
     _kill_coordinator_at(tmp_path, stage)
+
+
+def test_site_policy_refuses_before_any_secret_or_charge(tmp_path) -> None:
+    kits = make_federation(tmp_path / "fed", enterprises=ENTERPRISES, dim=DIM,
+                           schedule=("secagg",), rounds=1, train=15.0)
+    strict = "city-ops"  # its own floor: sigma >= 5, the federation asks for sigma = 1
+    site = kits.enterprises[strict] / "site.toml"
+    site.write_text(site.read_text().replace("min_noise_multiplier = 0.5",
+                                             "min_noise_multiplier = 5.0"))
+    procs = Processes(kits)
+    procs.start_coordinator()
+    for eid in ENTERPRISES:
+        procs.start_join(eid)
+    try:
+        codes = procs.wait(150)
+    finally:
+        procs.stop()
+    assert set(codes.values()) == {0}, procs.log("coordinator.0")
+    state = sqlite3.connect(kits.enterprises[strict] / "state.sqlite")
+    status, detail = state.execute("SELECT status, detail FROM rounds WHERE round = 1").fetchone()
+    assert status == "refused" and "noise_multiplier must be >= 5.0" in detail
+    assert state.execute("SELECT COUNT(*) FROM outbound").fetchone()[0] == 0  # nothing sent
+    ledger = kits.enterprises[strict] / "ledger.sqlite"
+    assert not ledger.exists() or read_ledger(ledger) == []  # nothing charged
+    db = coordinator_db(kits)
+    assert db.execute("SELECT status FROM rounds WHERE round = 1").fetchone()[0] == "aborted"
+    assert db.execute("SELECT COUNT(*) FROM transcript WHERE sender = ?",
+                      (strict,)).fetchone()[0] == 0
