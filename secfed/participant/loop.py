@@ -242,7 +242,7 @@ class Participant:
             sample_rate=outcome.sample_rate, steps=outcome.steps,
         )
         epsilon = self.ledger.epsilon()
-        self.state.set_round(r, "charged", mode=spec.mode, epsilon_rdp=epsilon)
+        self.state.set_round(r, "charged", mode=spec.mode, epsilon_prv=epsilon)
         self.emit("charged", round=r, epsilon=epsilon)
         machine = ParticipantRound(
             spec, me=self.me, identity=self.identity, roster=self.roster,
