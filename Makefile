@@ -40,6 +40,9 @@ test-slow: $(STAMP) browser
 
 bench: $(STAMP)
 	$(BIN)/python bench/keystream.py
+	$(BIN)/python bench/secagg.py
+	$(BIN)/python bench/dp_overhead.py
+	$(BIN)/python bench/round_overhead.py
 
 demo: $(STAMP)
 	$(BIN)/secfed demo run --out demo-out
