@@ -82,6 +82,7 @@ def fresh(base):
 def federated(base, datasets, *, rounds: int, secure: bool, epsilon: float | None, seed: int,
               stats: dict) -> torch.nn.Module:
     """FedAvg over the enterprises: mean of the deltas (fixed denominator n), ``rounds`` rounds."""
+    torch.manual_seed(seed)  # same dropout draws for the plaintext and the secure run
     model = fresh(base)
     layout = adapter_layout(model)
     global_vec = get_flat(model, layout)
