@@ -14,6 +14,28 @@ def command() -> None:
     """The local demo federation."""
 
 
+@command.command("prepare")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
+              show_default=True, help="Where data/ and model/ are written.")
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--scale", type=click.Choice(["tiny", "demo", "full"]), default="demo",
+              show_default=True, help="Data scale and model size.")
+@json_option
+def prepare(out: Path, seed: int, scale: str, as_json: bool) -> None:
+    """Generate the city-safety data and build the model (ViT pre-training) once."""
+    from rich.console import Console
+
+    from secfed.demo import DemoSettings, prepare_demo
+
+    console = Console(highlight=False)
+    data, model = prepare_demo(out, settings=DemoSettings(seed=seed, scale=scale),
+                               say=(lambda m: None) if as_json else (lambda m: console.print(m)))
+    if as_json:
+        emit_json({"data": str(data), "model": str(model)})
+    else:
+        console.print(f"data: {data}\nmodel: {model}")
+
+
 @command.command("run")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Everything the demo writes goes here.")

@@ -88,6 +88,15 @@ def _prepare(out: Path, settings: DemoSettings, say: Callable[[str], None]) -> t
     return data, model
 
 
+def prepare_demo(out: str | Path, *, settings: DemoSettings | None = None,
+                 say: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """``secfed demo prepare``: generate the demo data and build (pre-train) the model once.
+
+    Returns ``(data_dir, model_dir)`` under ``out``; both are reused by a later ``demo run``.
+    """
+    return _prepare(Path(out), settings or DemoSettings(), say)
+
+
 def _enterprise_dirs(data: Path) -> dict[str, Path]:
     from secfed.data import ENTERPRISES
 
