@@ -258,7 +258,10 @@ def test_simulated_federation_1000_rounds_never_over_budget(tmp_path: Path) -> N
                                                  identity=key, budget_epsilon=budget, delta=1e-5))
     # Releases large enough that budgets run out early: most of the 1000 rounds are refusals,
     # which is the path under test (accepted charges each run the PRV accountant).
-    choices = [GaussianEvent(3.0), DPSGDEvent(1.0, 0.02, 300), DPSGDEvent(0.8, 0.05, 100)]
+    # GaussianEvent(8.0) costs 0.48 (RDP) < the smallest budget, so every enterprise gets at
+    # least one charge through (P[never drawn in 1000 rounds] = (3/4)^1000).
+    choices = [GaussianEvent(3.0), DPSGDEvent(1.0, 0.02, 300), DPSGDEvent(0.8, 0.05, 100),
+               GaussianEvent(8.0)]
     sent: dict[str, list] = {name: [] for name in enterprises}
     refused = 0
     for round_number in range(1000):
