@@ -11,8 +11,10 @@ embeddings, MLP head); LoRA goes on both towers' query/value projections; base w
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -20,20 +22,26 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from secfed.errors import ModelError
-from secfed.models.classifiers import ClassifierSpec
+from secfed.models.classifiers import ClassifierSpec, FusionClassifier
 from secfed.models.lora import LoraSettings
 from secfed.models.storage import classifier_from_towers, save_classifier
 
 __all__ = [
     "CITY_SAFETY_CLASSES",
     "MODEL_SIZES",
+    "TRAINABLE_SCOPES",
     "CitySafetySize",
+    "FeatureDataset",
+    "FeatureTower",
     "build_city_safety_classifier",
+    "feature_classifier",
     "generic_pretraining_images",
     "load_minilm",
     "pixels_to_tensor",
     "prepare_demo_model",
     "pretrain_image_tower",
+    "select_trainable",
+    "tower_features",
 ]
 
 #: The hazard taxonomy, in label-index order (kept equal to ``secfed.data.HAZARD_CLASSES``,
@@ -265,3 +273,158 @@ def prepare_demo_model(out_dir: Path | str, *, seed: int, size: str = "demo", lo
     """
     model = build_city_safety_classifier(seed=seed, size=size, log=log)
     return save_classifier(model, out_dir)
+
+
+# ----------------------------------------------------------------------------- trainable sets
+
+#: What training updates (and the federation aggregates), largest first:
+#: ``"adapter"`` LoRA on both towers + the fusion head (as built; the default);
+#: ``"top"`` the fusion head + LoRA on the last layer of each tower only;
+#: ``"head"`` the fusion head only (projections, missing-modality embeddings, MLP);
+#: ``"classifier"`` the head's MLP only (projections and missing embeddings stay as initialised).
+#: The small sets are for DP-SGD, whose noise norm grows with sqrt(trainable dimension).
+TRAINABLE_SCOPES: tuple[str, ...] = ("adapter", "top", "head", "classifier")
+
+_LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def select_trainable(model: nn.Module, scope: str) -> int:
+    """Set ``requires_grad`` so that exactly the ``scope`` set trains; returns its size.
+
+    Works on a fusion classifier with LoRA attached (or on :func:`feature_classifier`'s copy,
+    which has no LoRA: there ``"adapter"``/``"top"`` mean the head). Base weights stay frozen.
+
+    Raises:
+        ModelError: unknown ``scope`` or a model without the fusion head.
+    """
+    if scope not in TRAINABLE_SCOPES:
+        raise ModelError(f"trainable scope must be one of {TRAINABLE_SCOPES} (got {scope!r})")
+    if not isinstance(model, FusionClassifier):
+        raise ModelError(f"trainable scope needs a FusionClassifier (got {type(model).__name__})")
+    head = ("head",) if scope == "classifier" else FusionClassifier.head_modules
+    top: dict[str, int] = {}
+    for name, _ in model.named_parameters():
+        match = _LAYER_INDEX.search(name)
+        if ".lora_" in name and match:
+            tower = name.split(".", 1)[0]
+            top[tower] = max(top.get(tower, -1), int(match.group(1)))
+    total = 0
+    for name, p in model.named_parameters():
+        if name.split(".", 1)[0] in head:
+            train = True
+        elif ".lora_" in name:
+            match = _LAYER_INDEX.search(name)
+            train = scope == "adapter" or (
+                scope == "top" and match is not None
+                and int(match.group(1)) == top[name.split(".", 1)[0]])
+        else:
+            train = False
+        p.requires_grad_(train)
+        total += p.numel() if train else 0
+    return total
+
+
+class FeatureTower(nn.Module):
+    """A stand-in tower that returns precomputed pooled features as a length-1 sequence.
+
+    It takes the features where the real tower takes its input (``input_ids`` for text,
+    ``pixel_values`` for images), so the unchanged :class:`FusionClassifier` forward (mean
+    pooling over a one-token mask, CLS pooling) hands them to the head exactly.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(hidden_size=hidden_size)
+
+    def forward(self, input_ids: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, **unused) -> SimpleNamespace:
+        x = input_ids if input_ids is not None else pixel_values
+        if x is None or x.ndim != 3 or x.shape[1:] != (1, self.config.hidden_size):
+            raise ModelError(f"feature tower expects features [B, 1, {self.config.hidden_size}] "
+                             f"(got {None if x is None else tuple(x.shape)})")
+        return SimpleNamespace(last_hidden_state=x)
+
+
+def feature_classifier(model: nn.Module) -> FusionClassifier:
+    """A copy of ``model``'s fusion head over :class:`FeatureTower` stand-ins.
+
+    With the towers frozen (scope ``"head"`` or ``"classifier"``) and in eval mode, training
+    this on :func:`tower_features` is the same computation, with the same per-example gradients,
+    as training ``model`` itself -- without re-running the towers at every step. Parameter names
+    and shapes of the head equal ``model``'s, so ``adapter_layout``/``get_flat``/``set_flat``
+    vectors move between the two. All head parameters start trainable.
+
+    Raises:
+        ModelError: ``model`` is not a fusion classifier.
+    """
+    if not isinstance(model, FusionClassifier):
+        raise ModelError(f"feature classifier needs a FusionClassifier (got {type(model).__name__})")
+    towers = model.towers()
+    out = FusionClassifier(FeatureTower(towers["text"].config.hidden_size),
+                           FeatureTower(towers["image"].config.hidden_size), model.spec)
+    for name in FusionClassifier.head_modules:
+        getattr(out, name).load_state_dict(getattr(model, name).state_dict())
+    for p in out.parameters():
+        p.requires_grad_(True)
+    return out
+
+
+def tower_features(model: nn.Module, dataset, *, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Pooled tower outputs of every record (towers in eval mode, no gradient).
+
+    ``dataset`` items follow the model input contract. Returns ``text`` ``[N, Ht]``, ``image``
+    ``[N, Hi]``, ``text_present``, ``image_present`` and ``labels`` ``[N]``.
+
+    Raises:
+        ModelError: ``model`` is not a fusion classifier.
+    """
+    from secfed.models.classifiers import _pool
+
+    if not isinstance(model, FusionClassifier):
+        raise ModelError(f"tower features need a FusionClassifier (got {type(model).__name__})")
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                            ("text", "image", "text_present", "image_present",
+                                             "labels")}
+    try:
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+                mask = batch["attention_mask"]
+                hidden = model.text_tower(input_ids=batch["input_ids"], attention_mask=mask)
+                parts["text"].append(_pool(hidden.last_hidden_state, mask, model.spec.text_pooling))
+                image = model.image_tower(pixel_values=batch["pixel_values"]).last_hidden_state
+                parts["image"].append(_pool(image, None, model.spec.image_pooling))
+                for key in ("text_present", "image_present", "labels"):
+                    parts[key].append(batch[key])
+    finally:
+        model.train(was_training)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Items for :func:`feature_classifier` from :func:`tower_features` (the input contract's
+    keys, with the features in ``input_ids``/``pixel_values``)."""
+
+    def __init__(self, features: dict[str, torch.Tensor]) -> None:
+        n = len(features["labels"])
+        for key in ("text", "image", "text_present", "image_present"):
+            if len(features[key]) != n:
+                raise ModelError(f"features[{key!r}] must have {n} rows (got "
+                                 f"{len(features[key])})")
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features["labels"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        f = self.features
+        return {"input_ids": f["text"][i:i + 1], "attention_mask": torch.ones(1, dtype=torch.long),
+                "pixel_values": f["image"][i:i + 1], "text_present": f["text_present"][i],
+                "image_present": f["image_present"][i], "labels": f["labels"][i]}
+
+    def subset(self, keep: list[int]) -> FeatureDataset:
+        idx = torch.as_tensor(keep, dtype=torch.long)
+        return FeatureDataset({k: v[idx] for k, v in self.features.items()})
