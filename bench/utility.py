@@ -4,12 +4,26 @@ Accuracy on the shared held-out test set for: local-only training per enterprise
 non-private training, federated plaintext FedAvg, federated with secure aggregation (the sum
 computed by the real SecAgg state machines in ``secfed.protocol.simulate``), and federated
 DP-SGD + secure aggregation at epsilon in {1, 4, 8} (sigma from ``secfed.privacy.calibrate_noise``
-for the whole horizon), each on the noisy data as generated and on the copy cleaned by
-``secfed data check --fix``. Every run starts from the same prepared model and does the same
-number of local passes over the data. Writes ``bench/results/utility.md`` (rewritten after every
-row, so a partial run still leaves a table) and ``bench/results/utility.png``.
+for the whole horizon of rounds x local steps), each on the noisy data as generated and on the
+copy cleaned by ``secfed data check --fix``.
 
-    .venv/bin/python bench/utility.py [--scale tiny|demo] [--size tiny|demo] [--rounds 4]
+How it trains (the same for every row): the DP-specific trainable set of
+``secfed.models.citysafety.select_trainable`` (default ``head``: the fusion head on the frozen
+pretrained towers, ~40k parameters instead of ~90k with LoRA on both towers), so the towers are
+run once per record (``tower_features``) and every row trains the same head copy
+(``feature_classifier``) -- the same per-example gradients as the full model with frozen towers.
+Non-private rows: Adam on mini-batches. DP rows: Opacus DP-SGD through
+``secfed.training.train_local`` (Poisson sampling, per-example clipping, Gaussian noise).
+
+Hyperparameters are picked once, on a validation set that is generated from another seed and
+shares no record with the test set (``--tune``, on by default): the non-private learning rate by
+centralized training, the DP learning rate by the federated DP run at epsilon 8 on the noisy
+data. The chosen values are used for every row and printed in the table.
+
+Writes ``bench/results/utility.md`` (rewritten after every row) and ``bench/results/utility.png``.
+
+    .venv/bin/python bench/utility.py                  # full scale (thousands of records per site)
+    .venv/bin/python bench/utility.py --scale tiny --size tiny --rounds 3   # quick path
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,81 +49,113 @@ import torch  # noqa: E402
 from secfed.data import generate_federation, load_dataset  # noqa: E402
 from secfed.data.loading import model_inputs  # noqa: E402
 from secfed.data.quality import check_dataset, score_against_truth, write_cleaned  # noqa: E402
+from secfed.data.records import read_records  # noqa: E402
 from secfed.models import adapter_layout, get_flat, load_classifier, set_flat  # noqa: E402
-from secfed.models.citysafety import prepare_demo_model  # noqa: E402
+from secfed.models.citysafety import (  # noqa: E402
+    TRAINABLE_SCOPES,
+    FeatureDataset,
+    feature_classifier,
+    prepare_demo_model,
+    select_trainable,
+    tower_features,
+)
 from secfed.privacy import calibrate_noise  # noqa: E402
 from secfed.protocol.simulate import simulate  # noqa: E402
 from secfed.training import DPConfig, collate_examples, evaluate, train_local  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BATCH = 16
-LEARNING_RATE = 1e-2  # 3e-2 diverged, 3e-3 under-trained in 3 epochs (tiny sweep)
-DP_CLIP = 1.0
-DP_BATCH = 16
-DP_LEARNING_RATE = LEARNING_RATE
-DP_OPTIMIZER = "adam"
-LOCAL_EPOCHS = 1
 EPSILONS = (1.0, 4.0, 8.0)
+PLAIN_LR_GRID = (1e-3, 3e-3, 1e-2)
+DP_LR_GRID = (1e-3, 3e-3, 1e-2)
+VALIDATION_SEED_OFFSET = 1000
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train_plain(model, dataset, *, epochs: int, seed: int) -> None:
-    """Non-private baseline: Adam on mini-batches (batch gradient clipped to ``DP_CLIP``), the
-    same learning rate and passes as the DP runs."""
+class Settings:
+    """The training settings shared by every row (set from the command line and tuning)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.scope = args.scope
+        self.rounds = args.rounds
+        self.local_epochs = args.local_epochs
+        self.batch = args.batch
+        self.lr = args.lr
+        self.clip = args.clip
+        self.dp_batch = args.dp_batch
+        self.dp_lr = args.dp_lr
+        self.dp_optimizer = args.dp_optimizer
+        self.seed = args.seed
+
+    def describe(self) -> str:
+        return (f"trainable set `{self.scope}`; {self.rounds} rounds x {self.local_epochs} local "
+                f"epoch(s) (local-only and centralized: {self.rounds * self.local_epochs} epochs); "
+                f"non-private: Adam lr {self.lr:g}, batch {self.batch}, batch-gradient clip "
+                f"{self.clip:g}; DP-SGD: {self.dp_optimizer} lr {self.dp_lr:g}, expected batch "
+                f"min({self.dp_batch}, N) (Poisson), per-example clip {self.clip:g}, "
+                f"delta = min(1e-5, 0.1/N), sigma calibrated (RDP) for rounds x local steps")
+
+
+def train_plain(model, dataset, *, epochs: int, seed: int, st: Settings) -> None:
+    """Non-private baseline: Adam on shuffled mini-batches (batch gradient clipped)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=LEARNING_RATE)
+    opt = torch.optim.Adam(params, lr=st.lr)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(dataset), generator=gen).tolist()
-        for start in range(0, len(order), BATCH):
-            batch = collate_examples([dataset[i] for i in order[start:start + BATCH]])
+        for start in range(0, len(order), st.batch):
+            batch = collate_examples([dataset[i] for i in order[start:start + st.batch]])
             labels = batch.pop("labels")
             loss = torch.nn.functional.cross_entropy(model(**batch), labels)
             opt.zero_grad()
             loss.backward()
-            # batch-gradient clipping: without it Adam at this rate sometimes diverges
-            torch.nn.utils.clip_grad_norm_(params, DP_CLIP)
+            torch.nn.utils.clip_grad_norm_(params, st.clip)
             opt.step()
 
 
-def fresh(base):
-    return copy.deepcopy(base)
+def dp_plan(n: int, *, epsilon: float, st: Settings) -> tuple[float, int, float, float]:
+    """(q, local steps per round, sigma, delta) for one enterprise of ``n`` records."""
+    q = min(1.0, st.dp_batch / n)
+    steps = max(1, math.ceil(st.local_epochs / q))
+    delta = min(1e-5, 0.1 / n)
+    sigma = calibrate_noise(target_epsilon=epsilon, delta=delta, sample_rate=q,
+                            steps=steps * st.rounds, accountant="rdp")
+    return q, steps, sigma, delta
 
 
-def federated(base, datasets, *, rounds: int, secure: bool, epsilon: float | None, seed: int,
-              stats: dict) -> torch.nn.Module:
-    """FedAvg over the enterprises: mean of the deltas (fixed denominator n), ``rounds`` rounds."""
-    torch.manual_seed(seed)  # same dropout draws for the plaintext and the secure run
-    model = fresh(base)
+def federated(head0, datasets: dict, *, secure: bool, epsilon: float | None, st: Settings,
+              stats: dict):
+    """FedAvg over the enterprises: global += mean of the deltas, ``st.rounds`` rounds.
+
+    Plaintext and secure runs use the same seeds for every local run, so they differ only by
+    the fixed-point quantisation of the secure sum.
+    """
+    model = _copy(head0)
     layout = adapter_layout(model)
     global_vec = get_flat(model, layout)
-    sigmas = {}
+    plans = {}
     if epsilon is not None:
-        for name, ds in datasets.items():
-            q = min(1.0, DP_BATCH / len(ds))
-            steps = max(1, math.ceil(LOCAL_EPOCHS * len(ds) / DP_BATCH))
-            delta = min(1e-5, 0.1 / len(ds))
-            sigmas[name] = (q, steps, calibrate_noise(target_epsilon=epsilon, delta=delta,
-                                                      sample_rate=q, steps=steps * rounds,
-                                                      accountant="rdp"))
-        stats["sigma"] = {k: round(v[2], 3) for k, v in sigmas.items()}
+        plans = {name: dp_plan(len(ds), epsilon=epsilon, st=st) for name, ds in datasets.items()}
+        stats["sigma"] = {k: round(v[2], 3) for k, v in plans.items()}
+        stats["q*N"] = {k: round(v[0] * len(datasets[k])) for k, v in plans.items()}
+        stats["steps"] = {k: v[1] * st.rounds for k, v in plans.items()}
     max_diff = 0.0
-    for r in range(rounds):
+    for r in range(st.rounds):
         deltas = []
         for k, (name, ds) in enumerate(datasets.items()):
-            local = fresh(model)
+            local = _copy(model)
             if epsilon is None:
-                train_plain(local, ds, epochs=LOCAL_EPOCHS, seed=seed * 1000 + r * 10 + k)
+                train_plain(local, ds, epochs=st.local_epochs, seed=st.seed * 1000 + r * 10 + k,
+                            st=st)
                 deltas.append(get_flat(local, layout) - global_vec)
             else:
-                q, steps, sigma = sigmas[name]
+                q, steps, sigma, _ = plans[name]
                 cfg = DPConfig(noise_multiplier=sigma, sample_rate=q, local_steps=steps,
-                               max_grad_norm=DP_CLIP, learning_rate=DP_LEARNING_RATE,
-                               optimizer=DP_OPTIMIZER)
+                               max_grad_norm=st.clip, learning_rate=st.dp_lr,
+                               optimizer=st.dp_optimizer)
                 deltas.append(train_local(local, ds, config=cfg).delta)
         plain_sum = np.sum(np.stack(deltas).astype(np.float64), axis=0)
         if secure:
@@ -120,17 +167,25 @@ def federated(base, datasets, *, rounds: int, secure: bool, epsilon: float | Non
         global_vec = (global_vec.astype(np.float64) + total / len(deltas)).astype(np.float32)
         set_flat(model, layout, global_vec)
     if secure:
-        stats["secure_vs_plain_max_abs_diff"] = max_diff
+        stats["secure_vs_plain_max_abs_diff"] = f"{max_diff:.1e}"
     return model
+
+
+def _copy(model):
+    return copy.deepcopy(model)
+
+
+# ----------------------------------------------------------------------------- output
 
 
 def write_table(rows: list[dict], meta: dict, path: Path) -> None:
     lines = ["# City-safety utility table", "",
-             f"Measured {meta['date']} on {meta['machine']}; data scale `{meta['scale']}`, model "
-             f"size `{meta['size']}`, {meta['rounds']} rounds x {LOCAL_EPOCHS} local epoch(s), batch "
-             f"{BATCH}, Adam lr {LEARNING_RATE}; DP: expected batch {DP_BATCH}, {DP_OPTIMIZER} lr "
-             f"{DP_LEARNING_RATE}, clip {DP_CLIP}, delta = min(1e-5, 0.1/n), RDP-calibrated sigma. Test set: {meta['test_n']} records "
-             "(all 7 classes). Command: `" + meta["command"] + "`.", "",
+             f"Measured {meta['date']} on {meta['machine']}; data scale `{meta['scale']}` "
+             f"({meta['sizes']}), model size `{meta['size']}`. Test set: {meta['test_n']} "
+             "records (all 7 classes, clean labels).", "",
+             f"Training: {meta['settings']}.", "",
+             f"Hyperparameters: {meta['tuning']}", "",
+             "Command: `" + meta["command"] + "`.", "",
              "| setting | noisy data | cleaned data | notes |", "|---|---|---|---|"]
     for row in rows:
         def cell(key, row=row):
@@ -138,6 +193,7 @@ def write_table(rows: list[dict], meta: dict, path: Path) -> None:
             return "-" if v is None else f"{v:.3f}"
         lines.append(f"| {row['name']} | {cell('noisy')} | {cell('clean')} | "
                      f"{row.get('notes', '')} |")
+    lines += ["", *target_lines(rows)]
     if meta.get("quality"):
         lines += ["", "Data check against the injected defects (precision / recall):", "",
                   "| enterprise | duplicates | mislabels | mismatches | records kept |",
@@ -149,6 +205,30 @@ def write_table(rows: list[dict], meta: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def target_lines(rows: list[dict]) -> list[str]:
+    """The issue's targets, checked against the measured rows (whatever they show)."""
+    by = {r["name"]: r for r in rows}
+    out = ["Targets (computed from the rows above):", ""]
+    dp, cen = by.get("DP-SGD + SecAgg, eps=8"), by.get("centralized, non-private")
+    locals_ = [r for r in rows if r["name"].startswith("local only")]
+    for variant in ("noisy", "clean"):
+        if dp and cen and dp.get(variant) is not None and cen.get(variant):
+            ratio = dp[variant] / cen[variant]
+            out.append(f"- {variant}: DP eps=8 / centralized = {ratio:.3f} "
+                       f"({'meets' if ratio >= 0.9 else 'misses'} >= 0.90)")
+            if locals_ and all(r.get(variant) is not None for r in locals_):
+                best = max(r[variant] for r in locals_)
+                out.append(f"- {variant}: DP eps=8 {dp[variant]:.3f} vs best local-only "
+                           f"{best:.3f} ({'beats' if dp[variant] > best else 'does not beat'} "
+                           "every local-only model)")
+    clean_up = [r["name"] for r in rows if r.get("noisy") is not None
+                and r.get("clean") is not None and r["clean"] > r["noisy"]]
+    both = [r for r in rows if r.get("noisy") is not None and r.get("clean") is not None]
+    if both:
+        out.append(f"- cleaning raises accuracy in {len(clean_up)} of {len(both)} rows")
+    return out
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -157,7 +237,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     names = [r["name"] for r in rows]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4.5))
     for off, key in ((-0.2, "noisy"), (0.2, "clean")):
         ax.bar(x + off, [r.get(key) or 0 for r in rows], width=0.4, label=key)
     ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
@@ -169,31 +249,67 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- data
+
+
+def cached_features(model, data_dir: Path, cache: Path, inputs, dataset=None) -> FeatureDataset:
+    """Tower features of every record of ``data_dir`` (cached as safetensors in ``cache``)."""
+    from safetensors.torch import load_file, save_file
+
+    if cache.exists():
+        return FeatureDataset(load_file(str(cache)))
+    t = time.time()
+    if dataset is None:
+        dataset = load_dataset(data_dir, inputs=inputs)
+    features = tower_features(model, dataset)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in features.items()}, str(cache))
+    log(f"features of {data_dir.name}: {len(dataset)} records ({time.time() - t:.0f} s)")
+    return FeatureDataset(features)
+
+
+def record_ids(data_dir: Path) -> list[str]:
+    return [r.id for r in read_records(data_dir, check_images=False)[1]]
+
+
 def main() -> int:
-    global DP_BATCH, DP_LEARNING_RATE, DP_OPTIMIZER, LOCAL_EPOCHS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", default="demo", choices=["tiny", "demo", "full"])
+    ap.add_argument("--scale", default="full", choices=["tiny", "demo", "full"])
     ap.add_argument("--size", default="demo", choices=["tiny", "demo", "full"])
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--scope", default="head", choices=TRAINABLE_SCOPES[2:],
+                    help="trainable set (towers frozen, so features are computed once)")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--local-epochs", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3, help="non-private Adam lr (if no --tune)")
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--dp-batch", type=int, default=256, help="expected Poisson batch q*N")
+    ap.add_argument("--dp-lr", type=float, default=3e-3, help="DP lr (if no --tune)")
+    ap.add_argument("--dp-optimizer", default="adam", choices=["adam", "sgd"])
+    ap.add_argument("--no-tune", dest="tune", action="store_false",
+                    help="use --lr/--dp-lr as given instead of picking them on validation data")
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--work", type=Path, default=None, help="keep data/model here")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--work", type=Path, default=None, help="keep data/model/features here")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--only", default=None, help="run only the rows whose name contains this")
-    ap.add_argument("--dp-batch", type=int, default=16)
-    ap.add_argument("--dp-lr", type=float, default=1e-2)
-    ap.add_argument("--dp-optimizer", default="adam", choices=["adam", "sgd"])
-    ap.add_argument("--local-epochs", type=int, default=1)
     args = ap.parse_args()
-    DP_BATCH, DP_LEARNING_RATE = args.dp_batch, args.dp_lr
-    DP_OPTIMIZER, LOCAL_EPOCHS = args.dp_optimizer, args.local_epochs
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    st = Settings(args)
     torch.manual_seed(args.seed)
     work = args.work or Path(tempfile.mkdtemp(prefix="secfed-utility-"))
     args.out.mkdir(parents=True, exist_ok=True)
     md, png = args.out / "utility.md", args.out / "utility.png"
-    fed_dir, model_dir = work / "data", work / "model"
+    fed_dir, model_dir, val_dir = work / "data", work / "model", work / "validation"
     if not (fed_dir / "federation.json").exists():
-        log(f"generating federation (scale {args.scale}) in {fed_dir}")
+        t = time.time()
         generate_federation(fed_dir, seed=args.seed, scale=args.scale)
+        log(f"generated federation (scale {args.scale}) in {fed_dir} ({time.time() - t:.0f} s)")
+    if args.tune and not (val_dir / "federation.json").exists():
+        # another seed: no record in common with the test set; its clean test split validates
+        generate_federation(val_dir, seed=args.seed + VALIDATION_SEED_OFFSET,
+                            scale="tiny" if args.scale == "tiny" else "demo")
     if not (model_dir / "secfed_model.json").exists():
         log(f"preparing model (size {args.size})")
         prepare_demo_model(model_dir, seed=args.seed, size=args.size, log=log)
@@ -201,29 +317,78 @@ def main() -> int:
     inputs = model_inputs(model_dir)
     fed = json.loads((fed_dir / "federation.json").read_text())
     names = fed["enterprises"]
-    test = load_dataset(fed_dir / "test", inputs=inputs)
-    noisy = {n: load_dataset(fed_dir / n, inputs=inputs) for n in names}
-    clean, quality = {}, {}
+    feats = work / "features"
+    test = cached_features(base, fed_dir / "test", feats / "test.safetensors", inputs)
+    noisy, clean, quality = {}, {}, {}
     for n in names:
-        report, _ = check_dataset(fed_dir / n, model_dir=model_dir, model=base)
         out = work / "clean" / n
-        if not out.exists():
+        qfile = work / "clean" / f"{n}.quality.json"
+        if not qfile.exists():
+            t = time.time()
+            report, dataset = check_dataset(fed_dir / n, model_dir=model_dir, model=base)
+            if out.exists():
+                shutil.rmtree(out)  # a check interrupted before its scores were written
             write_cleaned(fed_dir / n, out, report)
-        clean[n] = load_dataset(out, inputs=inputs)
-        truth = json.loads((fed_dir / "truth" / f"{n}.json").read_text())
-        quality[n] = score_against_truth(report, truth) | {"kept": f"{len(clean[n])}/{len(noisy[n])}"}
-        log(f"data check {n}: {quality[n]}")
+            truth = json.loads((fed_dir / "truth" / f"{n}.json").read_text())
+            scores = score_against_truth(report, truth)
+            qfile.write_text(json.dumps(scores))
+            log(f"data check {n} ({time.time() - t:.0f} s): {scores}")
+        else:
+            dataset = None
+        noisy[n] = cached_features(base, fed_dir / n, feats / f"{n}.safetensors", inputs, dataset)
+        position = {rid: i for i, rid in enumerate(record_ids(fed_dir / n))}
+        clean[n] = noisy[n].subset([position[rid] for rid in record_ids(out)])
+        quality[n] = json.loads(qfile.read_text()) | {"kept": f"{len(clean[n])}/{len(noisy[n])}"}
+    sizes = ", ".join(f"{n} {len(noisy[n])}" for n in names)
+    log(f"records per enterprise: {sizes}; test {len(test)}")
+
+    select_trainable(base, args.scope)
+    head0 = feature_classifier(base)
+    select_trainable(head0, args.scope)
+    dims = adapter_layout(head0).total
+
+    def acc(model, data=test) -> float:
+        return evaluate(model, data, batch_size=512)["accuracy"]
+
+    def centralized(data, stats, epochs=None):
+        model = _copy(head0)
+        union = torch.utils.data.ConcatDataset(list(data.values()))
+        train_plain(model, union, epochs=epochs or st.rounds * st.local_epochs, seed=st.seed,
+                    st=st)
+        return model
+
+    tuning = "as given on the command line (no tuning)"
+    if args.tune:
+        val = cached_features(base, val_dir / "test", feats / "validation.safetensors", inputs)
+        scores = {}
+        for lr in PLAIN_LR_GRID:
+            st.lr = lr
+            scores[lr] = acc(centralized(noisy, {}), val)
+            log(f"tune: centralized non-private lr {lr:g}: validation {scores[lr]:.3f}")
+        st.lr = max(PLAIN_LR_GRID, key=lambda v: (scores[v], -v))
+        dp_scores = {}
+        for lr in DP_LR_GRID:
+            st.dp_lr = lr
+            dp_scores[lr] = acc(federated(head0, noisy, secure=False, epsilon=8.0, st=st,
+                                          stats={}), val)
+            log(f"tune: DP eps=8 lr {lr:g}: validation {dp_scores[lr]:.3f}")
+        st.dp_lr = max(DP_LR_GRID, key=lambda v: (dp_scores[v], -v))
+        tuning = (f"picked on a validation set of {len(val)} records generated from seed "
+                  f"{args.seed + VALIDATION_SEED_OFFSET} (never the test set), noisy data: "
+                  f"non-private Adam lr {st.lr:g} from "
+                  + ", ".join(f"{k:g}: {v:.3f}" for k, v in scores.items())
+                  + f" (centralized); DP lr {st.dp_lr:g} from "
+                  + ", ".join(f"{k:g}: {v:.3f}" for k, v in dp_scores.items())
+                  + " (federated DP, eps=8, plaintext sum). Same values for every row.")
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"CPU ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
-            "scale": args.scale, "size": args.size, "rounds": args.rounds,
-            "test_n": len(test), "quality": quality,
+            "scale": args.scale, "size": args.size, "sizes": f"records per enterprise: {sizes}",
+            "test_n": len(test), "quality": quality, "tuning": tuning,
+            "settings": st.describe() + f"; {dims} trainable parameters",
             "command": "python bench/utility.py " + " ".join(sys.argv[1:])}
     rows: list[dict] = []
 
-    def acc(model) -> float:
-        return evaluate(model, test)["accuracy"]
-
-    def record(name: str, run, notes_key: str | None = None) -> None:
+    def record(name: str, run) -> None:
         row = {"name": name, "notes": ""}
         rows.append(row)
         for variant, data in (("noisy", noisy), ("clean", clean)):
@@ -238,27 +403,21 @@ def main() -> int:
 
     def local_only_run(n):
         def run(data, stats):
-            model = fresh(base)
-            train_plain(model, data[n], epochs=args.rounds * LOCAL_EPOCHS, seed=args.seed)
+            model = _copy(head0)
+            train_plain(model, data[n], epochs=st.rounds * st.local_epochs, seed=st.seed, st=st)
             return model
         return run
 
-    def centralized(data, stats):
-        model = fresh(base)
-        union = torch.utils.data.ConcatDataset(list(data.values()))
-        train_plain(model, union, epochs=args.rounds * LOCAL_EPOCHS, seed=args.seed)
-        return model
-
     def fed_run(secure, eps):
-        return lambda data, stats: federated(base, data, rounds=args.rounds, secure=secure,
-                                             epsilon=eps, seed=args.seed, stats=stats)
+        return lambda data, stats: federated(head0, data, secure=secure, epsilon=eps, st=st,
+                                             stats=stats)
 
     # The rows the targets compare come first, so a run cut short still answers them.
     plan = [("centralized, non-private", centralized),
             ("DP-SGD + SecAgg, eps=8", fed_run(True, 8.0)),
             *[(f"local only: {n}", local_only_run(n)) for n in names],
-            ("FedAvg + SecAgg", fed_run(True, None)),
             ("FedAvg plaintext", fed_run(False, None)),
+            ("FedAvg + SecAgg", fed_run(True, None)),
             *[(f"DP-SGD + SecAgg, eps={e:g}", fed_run(True, e))
               for e in sorted(EPSILONS, reverse=True) if e != 8.0]]
     for name, run in plan:
