@@ -6,26 +6,27 @@ noise multiplier sigma, learning rate lr:
 1. Poisson-sample a batch: each record independently with probability q (Opacus
    ``UniformWithReplacementSampler``, exactly ``local_steps`` draws, empty batches included).
 2. Per-example loss l_i = cross_entropy(logits_i, y_i), computed here from the model's logits
-   (never Hugging Face's ``labels=`` loss). Their batch mean is back-propagated with
-   ``loss_reduction="mean"``; Opacus' hooks multiply by the realised batch size, so each
-   per-sample gradient is exactly grad l_i.
+   (never Hugging Face's ``labels=`` loss); each per-example gradient is exactly grad l_i
+   (gradients of their sum with respect to each trainable layer's output, see below).
 3. Clip each to norm C, sum, add N(0, sigma^2 C^2) noise, and divide by the *fixed* expected
    batch size q*N (not the realised one, whose size would itself leak; not Opacus
    ``make_private``'s int(N / len(loader)), which cannot express an arbitrary accounted q).
 4. optimizer step: SGD moves by -lr * (sum_i clip(g_i) + z) / (q N).
 
-An empty batch still takes a step (pure noise), as the accounting assumes. The pieces are
-Opacus' own (GradSampleModule with its grad samplers -- backprops captured by output tensor hooks,
-see :mod:`secfed.training.grad_sample` --, DPOptimizer, the Poisson sampler, an RDP accountant
-hooked to the optimizer); they are assembled here instead of through ``PrivacyEngine.make_private`` because
-that derives q = 1/len(data_loader), which only matches the ledger's q when 1/q is an integer.
+An empty batch still takes a step (pure noise), as the accounting assumes. Per-example gradients
+come from :mod:`secfed.training.grad_sample` (forward hooks, one ``autograd.grad`` of the summed
+per-example losses, closed-form per-layer gradients, all in one flat ``[B, D]`` tensor); clipping,
+noise and the step are Opacus' ``DPOptimizer`` arithmetic on that tensor
+(:mod:`secfed.training.dp_optimizer`); sampling is Opacus' Poisson sampler and accounting an
+Opacus RDP accountant hooked to the optimizer. They are assembled here instead of through
+``PrivacyEngine.make_private`` because that derives q = 1/len(data_loader), which only matches the
+ledger's q when 1/q is an integer.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,13 +40,13 @@ from torch.utils.data import Dataset
 from secfed.errors import DataError, DPGuardError, ModelError
 from secfed.models import AdapterLayout, adapter_layout, get_flat, set_flat
 from secfed.training.config import DPConfig
-from secfed.training.grad_sample import OutputHookGradSampleModule
+from secfed.training.dp_optimizer import FlatDPOptimizer
+from secfed.training.grad_sample import FlatPerSampleGradients
 from secfed.training.guards import (
     AccountedRelease,
     check_accountant_history,
     check_accounting,
     check_adapter_delta,
-    check_per_sample_grads,
     check_sampler,
     delta_norm_bound,
 )
@@ -137,7 +138,6 @@ class PrivateTrainer:
         seed: int | None = None,
     ) -> None:
         from opacus.accountants import RDPAccountant
-        from opacus.optimizers import DPOptimizer
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
         if not isinstance(config, DPConfig):
@@ -172,17 +172,7 @@ class PrivateTrainer:
         self.named_trainable = [(e.name, dict(model.named_parameters())[e.name])
                                 for e in self.layout.entries]
         params = [p for _, p in self.named_trainable]
-        try:
-            self.grad_sample_module = OutputHookGradSampleModule(
-                model, batch_first=True, loss_reduction="mean", strict=True
-            )
-        except ModelError:
-            raise
-        except NotImplementedError as exc:
-            raise ModelError(f"model has a trainable layer Opacus cannot handle: {exc}") from None
-        except ValueError as exc:
-            raise DPGuardError(f"guard hooks: model already carries Opacus hooks ({exc}); "
-                               "close the previous trainer") from None
+        self.per_sample = FlatPerSampleGradients(model, self.named_trainable)
         self._closed = False
         try:
             if config.optimizer == "sgd":
@@ -190,7 +180,7 @@ class PrivateTrainer:
             else:
                 inner = torch.optim.Adam(params, lr=config.learning_rate)
             self.expected_batch_size = config.sample_rate * self.dataset_size
-            self.optimizer = DPOptimizer(
+            self.optimizer = FlatDPOptimizer(
                 inner,
                 noise_multiplier=config.noise_multiplier,
                 max_grad_norm=config.max_grad_norm,
@@ -205,37 +195,35 @@ class PrivateTrainer:
                 self.accountant.get_optimizer_hook_fn(sample_rate=config.sample_rate)
             )
         except BaseException:
-            self.close()  # never leave Opacus hooks on the caller's model
+            self.close()  # never leave hooks on the caller's model
             raise
 
     def close(self) -> None:
-        """Remove Opacus hooks and per-sample attributes from the model (idempotent)."""
+        """Remove the per-example hooks from the model (idempotent)."""
         if not self._closed:
             self._closed = True
-            self.grad_sample_module._close()
+            self.per_sample.close()
+            for _, p in self.named_trainable:
+                if hasattr(p, "summed_grad"):  # set by DPOptimizer's constructor
+                    del p.summed_grad
 
     def _step(self, indices: list[int]) -> float | None:
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer = self.optimizer
+        optimizer.zero_grad(set_to_none=True)
         if not indices:
             # Empty Poisson batch: no forward pass (towers reject B=0); the step adds noise only.
-            for _, p in self.named_trainable:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            self.optimizer.step()
+            optimizer.set_per_sample_grads(torch.zeros((0, optimizer.dimension)))
+            optimizer.step()
             return None
         inputs, labels = _split(collate_examples([self.dataset[i] for i in indices]))
-        logits = self.grad_sample_module(**inputs)
+        self.per_sample.start()
+        logits = self.model(**inputs)
         if logits.ndim != 2 or logits.shape[0] != len(indices):
             raise ModelError(f"model must return logits [B, C] (got {tuple(logits.shape)})")
         per_example = F.cross_entropy(logits, labels, reduction="none")
-        loss = per_example.mean()  # matches loss_reduction="mean" (see module docstring)
-        with warnings.catch_warnings():
-            # Opacus' full backward hooks on the first LoRA layer, whose input (frozen
-            # embeddings) needs no gradient: harmless, the weight's per-sample grad is complete.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss.backward()
-        check_per_sample_grads(self.named_trainable, len(indices))
-        self.optimizer.step()
-        return float(loss.detach())
+        optimizer.set_per_sample_grads(self.per_sample.compute(per_example))
+        optimizer.step()
+        return float(per_example.detach().mean())
 
     def train(self) -> TrainResult:
         """Run ``local_steps`` DP-SGD steps; leave the model at global + delta.
@@ -255,10 +243,9 @@ class PrivateTrainer:
         try:
             check_accounting(
                 accounted=self.accounted, config=config, optimizer=self.optimizer,
-                batch_sampler=self.batch_sampler, grad_sample_module=self.grad_sample_module,
-                dataset_size=self.dataset_size,
+                batch_sampler=self.batch_sampler, dataset_size=self.dataset_size,
             )
-            self.model.train()  # Opacus' per-sample gradients assume train mode
+            self.model.train()  # dropout as in training
             with torch.random.fork_rng(devices=[]):
                 if self.seed is not None:
                     torch.manual_seed(self.seed)  # dropout masks, reproducible in tests

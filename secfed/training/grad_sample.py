@@ -1,68 +1,164 @@
-"""Opacus' GradSampleModule with cheaper backward capture, for Linear/Embedding/LayerNorm.
+"""Per-example gradients of all trainable parameters as one flat ``[B, D]`` tensor.
 
-Opacus captures each trainable module's output gradient with ``register_full_backward_hook``,
-whose Python wrapping of every input and output costs about 0.5 ms per module per step: on a
-tiny LoRA model that alone made a DP step 1.5x a plain one. Here the same
-``capture_backprops_hook`` (Opacus' grad samplers, batch-size rescaling, accumulation checks)
-runs from a gradient hook on the module's output tensor instead, registered during forward.
-For single-output modules (all secfed trainable modules are nn.Linear, nn.Embedding or
-nn.LayerNorm) the gradient seen is the same; the clipped-sum test in tests/training checks the
-resulting per-sample gradients against one-example-at-a-time ones.
+Forward hooks on each trainable module (nn.Linear, nn.Embedding, nn.LayerNorm) keep its input
+and output. After the forward pass one ``torch.autograd.grad`` of the *summed* per-example losses
+with respect to those outputs gives every module's backprops ``dl_i/dy``; the per-example
+parameter gradients follow in closed form: Linear weight ``g_i^T x_i`` (one batched matmul; Opacus'
+own formula), bias ``sum_t g_i``; Embedding and LayerNorm through Opacus' grad samplers. They are
+written side by side in layout order, so the optimizer clips, sums and noises them with a few
+whole-tensor operations (:mod:`secfed.training.dp_optimizer`).
+
+Against Opacus' GradSampleModule this drops the per-module backward hooks, the parameter ``.grad``
+accumulation autograd would do and the per-parameter ``grad_sample`` bookkeeping, which dominated
+a DP step on a tiny LoRA model. Every trainable parameter must be owned by a supported module and
+receive per-example gradients for the whole batch each step (else ``guard per_sample_grads``, the
+Opacus #820 failure); a module output modified in place after the forward (its recorded
+backprops would be wrong) is refused.
 """
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from opacus.grad_sample import GradSampleModule
 from torch import nn
 
 from secfed.errors import ModelError
+from secfed.training.guards import check_per_sample_grads
 
-__all__ = ["SUPPORTED_TRAINABLE", "OutputHookGradSampleModule"]
+__all__ = ["SUPPORTED_TRAINABLE", "FlatPerSampleGradients"]
 
-# Trainable module types whose forward returns one tensor and has an Opacus grad sampler.
+# Trainable module types whose forward returns one tensor and whose per-example gradient is known.
 SUPPORTED_TRAINABLE = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
 
-class OutputHookGradSampleModule(GradSampleModule):
-    """``GradSampleModule`` (hooks mode) capturing backprops through output tensor hooks."""
+def _linear_grads(module: nn.Linear, x: torch.Tensor, g: torch.Tensor
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    batch = g.shape[0]
+    x = x.to(g.dtype)
+    weight = bias = None
+    if g.dim() == 2:
+        if module.weight.requires_grad:
+            weight = torch.bmm(g.unsqueeze(2), x.unsqueeze(1))
+        if module.bias is not None and module.bias.requires_grad:
+            bias = g
+    else:
+        g3 = g.reshape(batch, -1, g.shape[-1])
+        if module.weight.requires_grad:
+            weight = torch.bmm(g3.transpose(1, 2), x.reshape(batch, -1, x.shape[-1]))
+        if module.bias is not None and module.bias.requires_grad:
+            bias = g3.sum(dim=1)
+    return weight, bias
 
-    def add_hooks(
-        self, *, loss_reduction: str = "mean", batch_first: bool = True,
-        force_functorch: bool = False,
-    ) -> None:
-        if force_functorch:
-            raise ModelError("functorch per-sample gradients are not used by secfed")
-        if hasattr(self._module, "autograd_grad_sample_hooks"):
-            raise ValueError("Trying to add hooks twice to the same model")
-        modules = list(self.iterate_submodules(self._module))
-        for module in modules:  # check all before registering any hook
+
+def _opacus_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    from opacus.grad_sample.embedding import compute_embedding_grad_sample
+    from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
+
+    sampler = (compute_embedding_grad_sample if isinstance(module, nn.Embedding)
+               else compute_layer_norm_grad_sample)
+    out = sampler(module, [x], g)
+    bias = getattr(module, "bias", None)
+    return out.get(module.weight), (out.get(bias) if bias is not None else None)
+
+
+class FlatPerSampleGradients:
+    """Hooks on ``model``'s trainable modules; :meth:`compute` returns ``[B, D]`` per-example
+    gradients, column blocks in the order of ``named_params`` (the adapter layout).
+
+    Raises:
+        ModelError: a trainable parameter is not owned by a supported module.
+    """
+
+    def __init__(self, model: nn.Module, named_params: Sequence[tuple[str, nn.Parameter]]) -> None:
+        self.named_params = list(named_params)
+        slot_of = {id(p): i for i, (_, p) in enumerate(self.named_params)}
+        self.numels = [p.numel() for _, p in self.named_params]
+        self._slots: dict[nn.Module, tuple[int | None, int | None]] = {}
+        owned: set[int] = set()
+        for name, module in model.named_modules():
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
             if type(module) not in SUPPORTED_TRAINABLE:
                 raise ModelError(
-                    f"trainable module {type(module).__name__} is not supported: trainable "
-                    "layers must be nn.Linear, nn.Embedding or nn.LayerNorm"
+                    f"trainable module {name or '<root>'} ({type(module).__name__}) is not "
+                    "supported: trainable layers must be nn.Linear, nn.Embedding or nn.LayerNorm"
                 )
-        self._module.autograd_grad_sample_hooks = []
-        self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
-        for module in modules:
-            capture = partial(self.capture_backprops_hook, module,
-                              loss_reduction=loss_reduction, batch_first=batch_first)
-            self._module.autograd_grad_sample_hooks.append(
-                module.register_forward_hook(partial(self._forward_hook, capture=capture))
-            )
-        self.enable_hooks()
+            slots: dict[str, int] = {}
+            for pname, p in own:
+                if pname not in ("weight", "bias") or id(p) not in slot_of:
+                    raise ModelError(f"trainable parameter {name}.{pname} is not in the layout")
+                slots[pname] = slot_of[id(p)]
+                owned.add(slots[pname])
+            self._slots[module] = (slots.get("weight"), slots.get("bias"))
+        missing = [self.named_params[i][0] for i in range(len(self.named_params))
+                   if i not in owned]
+        if missing:
+            raise ModelError(f"trainable parameters {missing[:3]} belong to no nn.Module layer "
+                             "with per-example gradients")
+        self._records: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor, int]] = []
+        self._recording = False
+        self._handles = [m.register_forward_hook(self._forward_hook) for m in self._slots]
 
-    def _forward_hook(self, module: nn.Module, forward_input: Any, output: torch.Tensor, *,
-                      capture: Any) -> None:
-        self.capture_activations_hook(module, forward_input, output)
-        if (
-            self.hooks_enabled
-            and module.training
-            and torch.is_grad_enabled()
-            and isinstance(output, torch.Tensor)
-            and output.requires_grad
-        ):
-            output.register_hook(lambda grad: capture(None, (grad,)) and None)
+    def close(self) -> None:
+        """Remove the hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._records = []
+
+    def start(self) -> None:
+        """Record the modules' inputs and outputs of the next forward pass."""
+        self._records = []
+        self._recording = True
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if (self._recording and isinstance(output, torch.Tensor) and output.requires_grad):
+            x = inputs[0].detach() if inputs and isinstance(inputs[0], torch.Tensor) else None
+            self._records.append((module, x, output, output._version))
+
+    def compute(self, per_example_loss: torch.Tensor) -> torch.Tensor:
+        """Per-example gradients ``[B, D]`` of ``per_example_loss`` (shape ``[B]``).
+
+        Raises:
+            DPGuardError: ``per_sample_grads`` -- a trainable parameter got none for the batch.
+            ModelError: a module was called without a positional tensor input or its output
+                was modified in place.
+        """
+        self._recording = False
+        records, self._records = self._records, []
+        batch = per_example_loss.shape[0]
+        for module, x, output, version in records:
+            if x is None or output._version != version:
+                raise ModelError(
+                    f"trainable {type(module).__name__} must take its input as a positional "
+                    "tensor and its output must not be modified in place (per-example gradients "
+                    "would be wrong)"
+                )
+        backprops: Sequence[torch.Tensor | None] = (None,) * len(records)
+        if records and per_example_loss.requires_grad:
+            backprops = torch.autograd.grad(per_example_loss.sum(), [r[2] for r in records],
+                                            allow_unused=True)
+        parts: list[torch.Tensor | None] = [None] * len(self.named_params)
+        with torch.no_grad():
+            for (module, x, output, _), g in zip(records, backprops, strict=True):
+                if g is None:  # the output does not reach the loss: zero gradient
+                    g = torch.zeros_like(output)
+                grads = (_linear_grads(module, x, g) if isinstance(module, nn.Linear)  # type: ignore[arg-type]
+                         else _opacus_grads(module, x, g))  # type: ignore[arg-type]
+                for slot, gs in zip(self._slots[module], grads, strict=True):
+                    if slot is None or gs is None:
+                        continue
+                    flat = gs.reshape(gs.shape[0], -1)
+                    if flat.shape[0] != batch:
+                        check_per_sample_grads([(self.named_params[slot][0], flat)], batch)
+                    prev = parts[slot]
+                    parts[slot] = flat if prev is None else prev + flat
+        check_per_sample_grads(
+            [(name, part) for (name, _), part in zip(self.named_params, parts, strict=True)],
+            batch,
+        )
+        return torch.cat(parts, dim=1)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-from torch import nn
+import torch
 
 from secfed.errors import DPGuardError
 from secfed.training.config import DPConfig
@@ -95,7 +95,6 @@ def check_accounting(
     config: DPConfig,
     optimizer: Any,
     batch_sampler: Any,
-    grad_sample_module: Any,
     dataset_size: int,
 ) -> None:
     """Before training: q, sigma, steps the accountant is charged with, and C, are what the
@@ -132,17 +131,12 @@ def check_accounting(
     except DPGuardError as exc:
         raise _fail("accounting", str(exc)) from None
     expected = accounted.sample_rate * dataset_size
-    if (
-        optimizer.loss_reduction != "mean"
-        or grad_sample_module.loss_reduction != "mean"
-        or not _same(optimizer.expected_batch_size, expected)
-    ):
+    if optimizer.loss_reduction != "mean" or not _same(optimizer.expected_batch_size, expected):
         raise _fail(
             "normalisation",
-            "gradients must be averaged over the fixed expected batch q*N="
-            f"{expected!r} with loss_reduction='mean' in both module and optimizer (got "
-            f"{optimizer.expected_batch_size!r}, {optimizer.loss_reduction!r}/"
-            f"{grad_sample_module.loss_reduction!r})",
+            "the clipped, noised gradient sum must be divided by the fixed expected batch q*N="
+            f"{expected!r} (loss_reduction='mean') (got {optimizer.expected_batch_size!r}, "
+            f"{optimizer.loss_reduction!r})",
         )
     inner = optimizer.original_optimizer
     for group in inner.param_groups:
@@ -156,21 +150,23 @@ def check_accounting(
 
 
 def check_per_sample_grads(
-    named_params: Iterable[tuple[str, nn.Parameter]], batch_size: int
+    per_sample: Iterable[tuple[str, torch.Tensor | None]], batch_size: int
 ) -> None:
-    """Every trainable parameter must carry per-sample gradients for the whole batch (#820).
+    """Every trainable parameter must have per-example gradients for the whole batch (#820).
+
+    Args:
+        per_sample: ``(name, [B, ...] tensor or None)`` for each trainable parameter.
 
     Raises:
         DPGuardError: ``per_sample_grads`` naming the first parameter without them.
     """
-    for name, p in named_params:
-        grad_sample = getattr(p, "grad_sample", None)
-        if grad_sample is None or isinstance(grad_sample, list):
+    for name, grad_sample in per_sample:
+        if grad_sample is None:
             raise _fail(
                 "per_sample_grads",
-                f"parameter {name!r} got no per-sample gradient (its module ran without Opacus "
-                "hooks, or it is used outside a module call); DP-SGD would silently skip or "
-                "corrupt it (Opacus #820)",
+                f"parameter {name!r} got no per-sample gradient (its module ran without the "
+                "per-example hooks, or it is used outside a module call); DP-SGD would silently "
+                "skip or corrupt it (Opacus #820)",
             )
         if grad_sample.shape[0] != batch_size:
             raise _fail(

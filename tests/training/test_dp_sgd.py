@@ -100,7 +100,8 @@ def test_training_learns_and_evaluate_reports(build):
     assert result.delta.dtype == np.float32 and result.delta.shape == (result.layout.total,)
     assert 0 < result.delta_norm <= result.delta_norm_bound
     assert model.training is True  # restored
-    assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # hooks cleaned up
+    assert not any(m._forward_hooks for m in model.modules())  # hooks cleaned up
+    assert not any(hasattr(p, "summed_grad") for p in model.parameters())
 
 
 def test_adam_runs_within_its_bound(build):

@@ -202,4 +202,4 @@ def test_trainable_layers_without_supported_grad_sampler_are_refused(text_model,
 
     with pytest.raises(ModelError):
         train_local(wrapper(text_model), items, config=CONFIG)
-    assert not hasattr(text_model, "autograd_grad_sample_hooks")
+    assert not any(m._forward_hooks for m in text_model.modules())  # nothing left behind

@@ -1,0 +1,98 @@
+"""Opacus' ``DPOptimizer`` run on one flat ``[B, D]`` per-example gradient tensor.
+
+The arithmetic is Opacus' (``clip_and_accumulate``, ``add_noise``, ``scale_grad``), done on the
+whole adapter at once instead of parameter by parameter:
+
+- per-example norms ``||g_i||`` over all parameters (one vector norm; Opacus' norm of the
+  per-parameter norms is the same number), clip factor ``min(1, C / (||g_i|| + 1e-6))``;
+- the clipped sum ``sum_i f_i g_i`` as one matrix-vector product;
+- noise ``N(0, (sigma C)^2 I_D)`` drawn for all D coordinates in one call from the optimizer's
+  torch generator; in ``secure_mode`` exactly as Opacus: one Gaussian drawn and thrown away,
+  then the sum of four draws divided by 2 (robust to floating-point attacks on the noise);
+- division by ``expected_batch_size`` (``loss_reduction="mean"``), then each parameter's
+  ``.grad`` is a view of the flat result and the wrapped optimizer steps.
+
+The step hook (the RDP accountant) runs once per step, as in Opacus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from opacus.optimizers import DPOptimizer
+
+from secfed.errors import DPGuardError
+
+__all__ = ["FlatDPOptimizer", "flat_gaussian_noise"]
+
+
+def flat_gaussian_noise(std: float, size: int, *, generator: torch.Generator | None,
+                        secure_mode: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``size`` i.i.d. N(0, std^2) values, drawn as Opacus' ``_generate_noise`` draws them."""
+    if std == 0:
+        return torch.zeros(size, dtype=dtype)
+    if secure_mode:
+        torch.normal(mean=0, std=std, size=(1, 1), generator=generator)  # thrown away (Opacus)
+        draws = torch.normal(mean=0, std=std, size=(4, size), generator=generator)
+        return (draws.sum(dim=0) / 2).to(dtype)
+    return torch.normal(mean=0, std=std, size=(size,), generator=generator, dtype=dtype)
+
+
+class FlatDPOptimizer(DPOptimizer):  # type: ignore[misc]
+    """``DPOptimizer`` whose step takes the flat per-example gradients set by
+    :meth:`set_per_sample_grads` (columns in the order of the wrapped optimizer's parameters)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, **kwargs: object) -> None:
+        super().__init__(optimizer, **kwargs)
+        self._flat: torch.Tensor | None = None
+        self._views = [(p, p.numel()) for p in self.params]
+        self.dimension = sum(n for _, n in self._views)
+
+    @property
+    def accumulated_iterations(self) -> int:
+        return 1  # one batch per step; no gradient accumulation
+
+    def set_per_sample_grads(self, flat: torch.Tensor) -> None:
+        """The ``[B, D]`` per-example gradients of the next step (``B = 0``: empty batch)."""
+        if flat.dim() != 2 or flat.shape[1] != self.dimension:
+            raise DPGuardError(
+                f"guard per_sample_grads: per-example gradients must have shape [B, "
+                f"{self.dimension}] (got {tuple(flat.shape)})"
+            )
+        self._flat = flat
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._flat = None
+        self.original_optimizer.zero_grad(set_to_none)
+
+    def clipped_sum(self, flat: torch.Tensor) -> torch.Tensor:
+        """``sum_i min(1, C / (||g_i|| + 1e-6)) g_i`` over the rows of ``flat``."""
+        if flat.shape[0] == 0:
+            return flat.new_zeros(flat.shape[1])
+        norms = torch.linalg.vector_norm(flat, dim=1)
+        factors = (self.max_grad_norm / (norms + 1e-6)).clamp_(max=1.0)
+        out: torch.Tensor = factors @ flat
+        return out
+
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
+        flat = self._flat
+        if flat is None:
+            raise DPGuardError("guard per_sample_grads: optimizer step without per-example "
+                               "gradients (set_per_sample_grads was not called)")
+        self._flat = None
+        grad = self.clipped_sum(flat)
+        noise = flat_gaussian_noise(self.noise_multiplier * self.max_grad_norm, self.dimension,
+                                    generator=self.generator, secure_mode=self.secure_mode,
+                                    dtype=grad.dtype)
+        grad = grad.add_(noise)
+        if self.loss_reduction == "mean":
+            grad = grad.div_(self.expected_batch_size)
+        offset = 0
+        for p, numel in self._views:
+            p.grad = grad[offset:offset + numel].view_as(p).to(p.dtype)
+            offset += numel
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
