@@ -9,8 +9,9 @@ whole adapter at once instead of parameter by parameter:
 - noise ``N(0, (sigma C)^2 I_D)`` drawn for all D coordinates in one call from the optimizer's
   torch generator; in ``secure_mode`` exactly as Opacus: one Gaussian drawn and thrown away,
   then the sum of four draws divided by 2 (robust to floating-point attacks on the noise);
-- division by ``expected_batch_size`` (``loss_reduction="mean"``), then each parameter's
-  ``.grad`` is a view of the flat result and the wrapped optimizer steps.
+- division by ``expected_batch_size`` (``loss_reduction="mean"``) into one flat gradient buffer
+  whose slices are the parameters' ``.grad`` (reattached if something set them to None); the
+  wrapped optimizer steps.
 
 The step hook (the RDP accountant) runs once per step, as in Opacus.
 """
@@ -22,7 +23,7 @@ from collections.abc import Callable
 import torch
 from opacus.optimizers import DPOptimizer
 
-from secfed.errors import DPGuardError
+from secfed.errors import DPGuardError, ModelError
 
 __all__ = ["FlatDPOptimizer", "flat_gaussian_noise"]
 
@@ -46,8 +47,17 @@ class FlatDPOptimizer(DPOptimizer):  # type: ignore[misc]
     def __init__(self, optimizer: torch.optim.Optimizer, **kwargs: object) -> None:
         super().__init__(optimizer, **kwargs)
         self._flat: torch.Tensor | None = None
-        self._views = [(p, p.numel()) for p in self.params]
-        self.dimension = sum(n for _, n in self._views)
+        params = self.params
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            raise ModelError(f"trainable parameters must share one dtype (got {sorted(map(str, dtypes))})")
+        self.dimension = sum(p.numel() for p in params)
+        self._grad = torch.zeros(self.dimension, dtype=params[0].dtype, device=params[0].device)
+        self._grad_views: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        offset = 0
+        for p in params:
+            self._grad_views.append((p, self._grad[offset:offset + p.numel()].view_as(p)))
+            offset += p.numel()
 
     @property
     def accumulated_iterations(self) -> int:
@@ -81,17 +91,15 @@ class FlatDPOptimizer(DPOptimizer):  # type: ignore[misc]
             raise DPGuardError("guard per_sample_grads: optimizer step without per-example "
                                "gradients (set_per_sample_grads was not called)")
         self._flat = None
-        grad = self.clipped_sum(flat)
         noise = flat_gaussian_noise(self.noise_multiplier * self.max_grad_norm, self.dimension,
                                     generator=self.generator, secure_mode=self.secure_mode,
-                                    dtype=grad.dtype)
-        grad = grad.add_(noise)
-        if self.loss_reduction == "mean":
-            grad = grad.div_(self.expected_batch_size)
-        offset = 0
-        for p, numel in self._views:
-            p.grad = grad[offset:offset + numel].view_as(p).to(p.dtype)
-            offset += numel
+                                    dtype=self._grad.dtype)
+        total = self.clipped_sum(flat).add_(noise)
+        divisor = self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+        torch.div(total, divisor, out=self._grad)
+        for p, view in self._grad_views:
+            if p.grad is not view:
+                p.grad = view
         if self.step_hook:
             self.step_hook(self)
         self._is_last_step_skipped = False

@@ -208,8 +208,7 @@ class PrivateTrainer:
                     del p.summed_grad
 
     def _step(self, indices: list[int]) -> float | None:
-        optimizer = self.optimizer
-        optimizer.zero_grad(set_to_none=True)
+        optimizer = self.optimizer  # overwrites every .grad each step: no zero_grad needed
         if not indices:
             # Empty Poisson batch: no forward pass (towers reject B=0); the step adds noise only.
             optimizer.set_per_sample_grads(torch.zeros((0, optimizer.dimension)))
