@@ -12,8 +12,8 @@ Against Opacus' GradSampleModule this drops the per-module backward hooks, the p
 accumulation autograd would do and the per-parameter ``grad_sample`` bookkeeping, which dominated
 a DP step on a tiny LoRA model. Every trainable parameter must be owned by a supported module and
 receive per-example gradients for the whole batch each step (else ``guard per_sample_grads``, the
-Opacus #820 failure); a module output modified in place after the forward (its recorded
-backprops would be wrong) is refused.
+Opacus #820 failure); a module input or output modified in place after the call (the recorded
+tensors would be wrong) and BatchNorm anywhere in the model (it mixes examples) are refused.
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ class FlatPerSampleGradients:
         self._slots: dict[nn.Module, tuple[int | None, int | None]] = {}
         owned: set[int] = set()
         for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise ModelError(
+                    f"module {name} ({type(module).__name__}) mixes the examples of a batch: "
+                    "per-example gradients (and their clipping) would not be per example"
+                )
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
@@ -103,7 +108,8 @@ class FlatPerSampleGradients:
         if missing:
             raise ModelError(f"trainable parameters {missing[:3]} belong to no nn.Module layer "
                              "with per-example gradients")
-        self._records: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor, int]] = []
+        # (module, input detached, output, input version, output version) per module call
+        self._records: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor, int, int]] = []
         self._recording = False
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._slots]
 
@@ -122,7 +128,8 @@ class FlatPerSampleGradients:
     def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if (self._recording and isinstance(output, torch.Tensor) and output.requires_grad):
             x = inputs[0].detach() if inputs and isinstance(inputs[0], torch.Tensor) else None
-            self._records.append((module, x, output, output._version))
+            version = x._version if x is not None else -1
+            self._records.append((module, x, output, version, output._version))
 
     def compute(self, per_example_loss: torch.Tensor) -> torch.Tensor:
         """Per-example gradients ``[B, D]`` of ``per_example_loss`` (shape ``[B]``).
@@ -135,12 +142,12 @@ class FlatPerSampleGradients:
         self._recording = False
         records, self._records = self._records, []
         batch = per_example_loss.shape[0]
-        for module, x, output, version in records:
-            if x is None or output._version != version:
+        for module, x, output, x_version, out_version in records:
+            if x is None or x._version != x_version or output._version != out_version:
                 raise ModelError(
                     f"trainable {type(module).__name__} must take its input as a positional "
-                    "tensor and its output must not be modified in place (per-example gradients "
-                    "would be wrong)"
+                    "tensor, and neither its input nor its output may be modified in place "
+                    "after the call (per-example gradients would be wrong)"
                 )
         backprops: Sequence[torch.Tensor | None] = (None,) * len(records)
         if records and per_example_loss.requires_grad:
@@ -148,7 +155,7 @@ class FlatPerSampleGradients:
                                             allow_unused=True)
         parts: list[torch.Tensor | None] = [None] * len(self.named_params)
         with torch.no_grad():
-            for (module, x, output, _), g in zip(records, backprops, strict=True):
+            for (module, x, output, _, _), g in zip(records, backprops, strict=True):
                 if g is None:  # the output does not reach the loss: zero gradient
                     g = torch.zeros_like(output)
                 grads = (_linear_grads(module, x, g) if isinstance(module, nn.Linear)  # type: ignore[arg-type]

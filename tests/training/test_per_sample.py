@@ -114,6 +114,48 @@ def test_output_modified_in_place_is_refused():
     assert not model.lin._forward_hooks
 
 
+class InPlaceInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = x * 1.0
+        y = self.lin(h)
+        h.add_(1.0)  # the recorded activation changes after the hook saw it
+        return y + h[:, :2]
+
+
+class WithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+        self.lin = nn.Linear(4, 2)
+        self.norm.requires_grad_(False)  # frozen, yet it still couples the examples
+
+    def forward(self, x):
+        return self.lin(self.norm(x))
+
+
+def test_input_modified_in_place_is_refused():
+    model = InPlaceInput()
+    sampler = FlatPerSampleGradients(model, sorted(model.named_parameters()))
+    sampler.start()
+    x = torch.randn(3, 4, requires_grad=True)
+    per_example = F.cross_entropy(model(x), torch.tensor([0, 1, 0]), reduction="none")
+    with pytest.raises(ModelError, match="modified in place"):
+        sampler.compute(per_example)
+    sampler.close()
+
+
+def test_batch_norm_anywhere_is_refused():
+    model = WithBatchNorm()
+    named = [(n, p) for n, p in sorted(model.named_parameters()) if p.requires_grad]
+    with pytest.raises(ModelError, match="mixes the examples"):
+        FlatPerSampleGradients(model, named)
+    assert not model.lin._forward_hooks
+
+
 def _optimizer(params, *, sigma, clip, expected, generator=None, secure=True):
     return FlatDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma,
                            max_grad_norm=clip, expected_batch_size=expected,
