@@ -212,7 +212,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--quick", action="store_true", help="few steps, one repeat")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run (tiny-bert)")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per run (tiny-bert)")
     parser.add_argument("--fusion-steps", type=int, default=6, help="timed steps per run (fusion)")
     parser.add_argument("--bert-batches", default="32,128", help="records per step, tiny-bert")
     parser.add_argument("--fusion-batches", default="16", help="records per step, fusion")
