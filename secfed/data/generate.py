@@ -181,6 +181,42 @@ def _truth(enterprise: str, drafts: list[_Draft], ids: list[str]) -> dict:
     }
 
 
+def _write_held_out(out: Path, rng: np.random.Generator, *, seed: int, scale: str,
+                    per_class: int) -> int:
+    """Clean records of every class, each drawn in the style of a random enterprise."""
+    drafts, sources = [], []
+    for label in HAZARD_CLASSES:
+        for _ in range(per_class):
+            profile = ENTERPRISES[int(rng.integers(0, len(ENTERPRISES)))]
+            drafts.append(_draft_record(profile, label, rng, text_missing=TEST_TEXT_MISSING,
+                                        image_missing=0.05))
+            sources.append(profile.name)
+    _write_dataset(out, "shared-test", "test", drafts, rng, seed=seed, scale=scale,
+                   sources=sources)
+    return len(drafts)
+
+
+def generate_held_out(out_dir: Path | str, *, seed: int, scale: str = "demo") -> Path:
+    """Write only a held-out set like the federation's ``test/`` (same size for ``scale``).
+
+    With a seed other than the federation's it is a validation set for picking
+    hyperparameters that shares no record with the test set.
+
+    Raises:
+        DataError: bad scale/seed, or ``out_dir`` is not empty.
+    """
+    if scale not in SCALES:
+        raise DataError(f"scale must be one of {list(SCALES)} (got {scale!r})")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise DataError(f"seed must be a non-negative integer (got {seed!r})")
+    root = Path(out_dir)
+    if root.exists() and any(root.iterdir()):
+        raise DataError(f"out_dir must be empty or absent (got {str(root)!r}, not empty)")
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(len(ENTERPRISES) + 1)[-1])
+    _write_held_out(root, rng, seed=seed, scale=scale, per_class=TEST_PER_CLASS[scale])
+    return root
+
+
 def generate_federation(out_dir: Path | str, *, seed: int, scale: str = "demo") -> FederationData:
     """Write the three enterprises' datasets, the shared test set and the defect truth.
 
@@ -219,18 +255,9 @@ def generate_federation(out_dir: Path | str, *, seed: int, scale: str = "demo") 
         write_json(truth_dir / f"{profile.name}.json", _truth(profile.name, drafts, ids))
         paths[profile.name] = out
         counts[profile.name] = len(drafts)
-    rng = np.random.default_rng(seeds[-1])
-    drafts, sources = [], []
-    for label in HAZARD_CLASSES:
-        for _ in range(TEST_PER_CLASS[scale]):
-            profile = ENTERPRISES[int(rng.integers(0, len(ENTERPRISES)))]
-            drafts.append(_draft_record(profile, label, rng, text_missing=TEST_TEXT_MISSING,
-                                        image_missing=0.05))
-            sources.append(profile.name)
     test_dir = root / TEST_DIR
-    _write_dataset(test_dir, "shared-test", "test", drafts, rng, seed=seed, scale=scale,
-                   sources=sources)
-    counts[TEST_DIR] = len(drafts)
+    counts[TEST_DIR] = _write_held_out(test_dir, np.random.default_rng(seeds[-1]), seed=seed,
+                                       scale=scale, per_class=TEST_PER_CLASS[scale])
     write_json(root / "federation.json", {"seed": seed, "scale": scale,
                                           "taxonomy": list(HAZARD_CLASSES),
                                           "enterprises": sorted(paths), "counts": counts})
