@@ -153,8 +153,8 @@ def worker(model_name: str, mode: str, *, steps: int, batch: int, length: int,
     """One measurement in this process.
 
     ``mode="time"``: plain and DP (and stock Opacus) copies of the model step alternately on the
-    same batches, so load changes on a shared machine hit all alike. ``mode="plain"|"dp"``: only that mode, for
-    its peak RSS.
+    same batches, so load changes on a shared machine hit all alike. ``mode="plain"|"dp"``: only
+    that mode, for its peak RSS.
     """
     import torch
 

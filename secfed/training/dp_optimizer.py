@@ -50,7 +50,8 @@ class FlatDPOptimizer(DPOptimizer):  # type: ignore[misc]
         params = self.params
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
-            raise ModelError(f"trainable parameters must share one dtype (got {sorted(map(str, dtypes))})")
+            names = sorted(map(str, dtypes))
+            raise ModelError(f"trainable parameters must share one dtype (got {names})")
         self.dimension = sum(p.numel() for p in params)
         self._grad = torch.zeros(self.dimension, dtype=params[0].dtype, device=params[0].device)
         self._grad_views: list[tuple[torch.nn.Parameter, torch.Tensor]] = []

@@ -79,7 +79,6 @@ class FlatPerSampleGradients:
     def __init__(self, model: nn.Module, named_params: Sequence[tuple[str, nn.Parameter]]) -> None:
         self.named_params = list(named_params)
         slot_of = {id(p): i for i, (_, p) in enumerate(self.named_params)}
-        self.numels = [p.numel() for _, p in self.named_params]
         self._slots: dict[nn.Module, tuple[int | None, int | None]] = {}
         owned: set[int] = set()
         for name, module in model.named_modules():
@@ -158,8 +157,10 @@ class FlatPerSampleGradients:
             for (module, x, output, _, _), g in zip(records, backprops, strict=True):
                 if g is None:  # the output does not reach the loss: zero gradient
                     g = torch.zeros_like(output)
-                grads = (_linear_grads(module, x, g) if isinstance(module, nn.Linear)  # type: ignore[arg-type]
-                         else _opacus_grads(module, x, g))  # type: ignore[arg-type]
+                if isinstance(module, nn.Linear):
+                    grads = _linear_grads(module, x, g)  # type: ignore[arg-type]
+                else:
+                    grads = _opacus_grads(module, x, g)  # type: ignore[arg-type]
                 for slot, gs in zip(self._slots[module], grads, strict=True):
                     if slot is None or gs is None:
                         continue
