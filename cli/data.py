@@ -41,9 +41,12 @@ def generate(out_dir: Path, seed: int, scale: str, as_json: bool) -> None:
 @click.option("--model", "model_dir", type=_DIR, required=True, help="Model directory.")
 @click.option("--fix", is_flag=True, help="Write a cleaned copy to --out (original untouched).")
 @click.option("--out", "out_dir", type=_DIR, default=None, help="Where --fix writes.")
+@click.option("--truth", "truth_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Defect truth of a generated dataset (truth/<enterprise>.json):"
+              " also print precision and recall of each check against it.")
 @json_option
 def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
-          as_json: bool) -> None:
+          truth_path: Path | None, as_json: bool) -> None:
     """Find duplicates, likely mislabels, image/text mismatches, missing modalities."""
     if fix and out_dir is None:
         raise click.BadParameter("--fix needs --out DIR (the original is never modified)",
@@ -51,13 +54,17 @@ def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
     if out_dir is not None and not fix:
         raise click.BadParameter("--out is only used with --fix", param_hint="--out")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from secfed.data.quality import check_dataset, write_cleaned
+    from secfed.data.quality import check_dataset, read_truth, score_against_truth, write_cleaned
 
+    truth = read_truth(truth_path) if truth_path is not None else None
     report, _ = check_dataset(data_dir, model_dir=model_dir)
     cleaned = write_cleaned(data_dir, out_dir, report) if fix else None
+    score = score_against_truth(report, truth) if truth is not None else None
     if as_json:
         body = report.to_json()
         body["cleaned"] = str(cleaned) if cleaned else None
+        if score is not None:
+            body["score"] = score
         emit_json(body)
         return
     s = report.summary()
@@ -69,5 +76,8 @@ def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
     for m in report.mislabels[:10]:
         click.echo(f"  likely mislabel {m['id']}: {m['given_label']} -> "
                    f"{m['suggested_label']} ({m['confidence']:.2f})")
+    for kind, v in (score or {}).items():
+        click.echo(f"  vs truth {kind:10s} precision {v['precision']:.2f} recall "
+                   f"{v['recall']:.2f} ({v['found']} found, {v['expected']} injected)")
     if cleaned is not None:
         click.echo(f"cleaned copy ({s['records'] - len(report.flagged())} records): {cleaned}")

@@ -51,6 +51,7 @@ __all__ = [
     "embed_dataset",
     "find_defects",
     "image_statistics",
+    "read_truth",
     "score_against_truth",
     "write_cleaned",
 ]
@@ -175,15 +176,17 @@ def _sentence_encoder() -> tuple[torch.nn.Module, object]:
 def _encode_sentences(texts: list[str], *, max_tokens: int, batch_size: int = 128) -> np.ndarray:
     """Mean-pooled, L2-normalised MiniLM sentence embeddings (sentence-transformers' recipe)."""
     encoder, tokenizer = _sentence_encoder()
-    out = [np.zeros((0, encoder.config.hidden_size), np.float32)]
+    out = np.zeros((len(texts), encoder.config.hidden_size), np.float32)
+    by_length = np.argsort([len(t) for t in texts], kind="stable")  # less padding per batch
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+        batch = by_length[start:start + batch_size]
+        enc = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
                         max_length=max_tokens, return_tensors="pt")
         hidden = encoder(input_ids=enc["input_ids"],
                          attention_mask=enc["attention_mask"]).last_hidden_state
         w = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append(((hidden * w).sum(1) / w.sum(1).clamp(min=1.0)).numpy())
-    return _unit_rows(np.concatenate(out))
+        out[batch] = ((hidden * w).sum(1) / w.sum(1).clamp(min=1.0)).numpy()
+    return _unit_rows(out)
 
 
 def _clauses(text: str) -> list[str]:
@@ -212,14 +215,16 @@ def _zero_shot(texts: list[str], present: np.ndarray, labels: tuple[str, ...]) -
         sentence[rows] = _encode_sentences([texts[i] for i in rows],
                                            max_tokens=_SENTENCE_MAX_TOKENS)
         whole[rows] = sentence[rows] @ class_emb.T
-        clauses, owner = [], []
+        # reports repeat their field names and sites: encode each distinct clause once
+        clause_index: dict[str, int] = {}
+        owner, which = [], []
         for i in rows:
             for c in _clauses(texts[i]):
-                clauses.append(c)
                 owner.append(i)
-        sims = _encode_sentences(clauses, max_tokens=_CLAUSE_MAX_TOKENS) @ class_emb.T
+                which.append(clause_index.setdefault(c, len(clause_index)))
+        sims = _encode_sentences(list(clause_index), max_tokens=_CLAUSE_MAX_TOKENS) @ class_emb.T
         best_clause[rows] = -np.inf
-        np.maximum.at(best_clause, np.asarray(owner), sims)
+        np.maximum.at(best_clause, np.asarray(owner), sims[np.asarray(which)])
     return sentence, whole, best_clause
 
 
@@ -594,6 +599,32 @@ def write_cleaned(data_dir: Path | str, out_dir: Path | str, report: QualityRepo
     (dst / "quality_report.json").write_text(json.dumps(report.to_json(), indent=1,
                                                         sort_keys=True) + "\n")
     return dst
+
+
+def read_truth(path: Path | str) -> dict:
+    """A generator's defect truth file (``truth/<enterprise>.json``), checked for the keys
+    :func:`score_against_truth` reads.
+
+    Raises:
+        DataError: unreadable, not JSON, or a list/entry missing.
+    """
+    try:
+        truth = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"truth must be a readable JSON file (got {str(path)!r}: "
+                        f"{type(exc).__name__})") from None
+    if not isinstance(truth, dict):
+        raise DataError(f"truth must be a JSON object (got {type(truth).__name__} "
+                        f"in {str(path)!r})")
+    for key, fields in (("mislabels", ("id",)), ("mismatches", ("id",)),
+                        ("duplicates", ("id", "duplicate_of"))):
+        entries = truth.get(key)
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and all(isinstance(e.get(f), str) for f in fields)
+                for e in entries):
+            raise DataError(f"truth.{key} must be a list of objects with string "
+                            f"{'/'.join(fields)} (got {entries!r:.80} in {str(path)!r})")
+    return truth
 
 
 def score_against_truth(report: QualityReport, truth: dict) -> dict[str, dict[str, float]]:
