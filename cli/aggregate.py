@@ -44,9 +44,12 @@ def _printer(as_json: bool):
 @click.command("aggregate")
 @click.option("--kit", "kit_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               required=True, help="The coordinator's startup kit.")
+@click.option("--fsync/--no-fsync", "durable", default=False, show_default=True,
+              help="fsync every state commit (survives power loss; by default commits survive "
+                   "the coordinator process being killed, without an fsync per message).")
 @json_option
-def command(kit_dir: Path, as_json: bool) -> None:
+def command(kit_dir: Path, durable: bool, as_json: bool) -> None:
     """Serve the coordinator API (mutual TLS) and drive every round of the federation."""
     from secfed.coordinator import run_coordinator
 
-    run_coordinator(kit_dir, events=_printer(as_json))
+    run_coordinator(kit_dir, events=_printer(as_json), durable=durable)

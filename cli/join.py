@@ -18,10 +18,12 @@ _dir = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--data", "data_dir", type=_dir, default=None, help="This site's dataset.")
 @click.option("--test-data", "test_dir", type=_dir, default=None, help="Held-out set to report.")
 @click.option("--synthetic", is_flag=True, hidden=True, help="Stand-in updates (tests, benches).")
+@click.option("--synthetic-train-s", type=click.FloatRange(min=0), default=0.0, hidden=True,
+              help="With --synthetic: seconds of CPU work standing in for local training.")
 @click.option("--max-rounds", type=int, default=None)
 @json_option
 def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_dir: Path | None,
-            synthetic: bool, max_rounds: int | None, as_json: bool) -> None:
+            synthetic: bool, synthetic_train_s: float, max_rounds: int | None, as_json: bool) -> None:
     """Fetch, check, train with DP, charge the ledger, protect, upload, apply -- every round."""
     from secfed.participant import run_participant
 
@@ -34,4 +36,5 @@ def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_d
             click.echo(f"[{event['enterprise']}] {event['event']}: {rest}")
 
     run_participant(kit_dir, model_dir=model_dir, data_dir=data_dir, test_dir=test_dir,
-                    synthetic=synthetic, events=show, max_rounds=max_rounds)
+                    synthetic=synthetic, synthetic_train_s=synthetic_train_s,
+                    events=show, max_rounds=max_rounds)

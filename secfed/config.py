@@ -83,7 +83,9 @@ class RosterEntry(_Frozen):
 class Deadlines(_Frozen):
     """Per-stage deadlines in seconds, measured from the moment the coordinator opens a stage."""
 
-    train: float = Field(600.0, gt=0, description="first stage of a round: covers local training")
+    train: float = Field(
+        600.0, gt=0, description="advertise and upload stages: the upload covers local training"
+    )
     stage: float = Field(60.0, gt=0, description="every later protocol stage")
     applied: float = Field(60.0, gt=0, description="signed new-global-hash confirmations")
     between_rounds: float = Field(0.0, ge=0, description="pause before opening the next round")

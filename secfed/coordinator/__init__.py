@@ -27,7 +27,7 @@ def max_body_bytes(vector_length: int) -> int:
 
 
 def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
-                    log_level: str = "warning") -> None:
+                    log_level: str = "warning", durable: bool = False) -> None:
     """Serve the coordinator's HTTPS API and drive every round of the federation in the kit.
 
     Returns when the federation's last round is done (or on KeyboardInterrupt).
@@ -35,7 +35,7 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
     from secfed.transport.server import create_app, serve
 
     kit = CoordinatorKit.load(kit_dir)
-    coordinator = Coordinator(kit, events=events)
+    coordinator = Coordinator(kit, events=events, durable=durable)
     url = urlsplit(kit.federation.coordinator_url)
 
     async def main() -> None:

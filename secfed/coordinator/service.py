@@ -86,13 +86,15 @@ class Coordinator:
     Args:
         kit: the coordinator's startup kit.
         events: receives one dict per event (round opened, stage closed, ...).
+        durable: fsync every commit (survives power loss, not only a killed process).
     """
 
-    def __init__(self, kit: CoordinatorKit, *, events: EventSink | None = None):
+    def __init__(self, kit: CoordinatorKit, *, events: EventSink | None = None,
+                 durable: bool = False):
         self.kit = kit
         self.fed = kit.federation
         self.roster = {e.id: e.public_key_bytes() for e in self.fed.roster}
-        self.state = CoordinatorState(kit.state)
+        self.state = CoordinatorState(kit.state, durable=durable)
         self._events = events or (lambda _e: None)
         self._ckks_public = kit.ckks_public.read_bytes() if kit.ckks_public.is_file() else None
         self._sigma = noise_multiplier_for(self.fed)
@@ -156,8 +158,10 @@ class Coordinator:
         )
 
     def _deadline_for(self, stage: Stage) -> float:
+        # Participants advertise and share keys as soon as they accept the round and train
+        # meanwhile, so the upload stage is the one that waits for local training.
         d = self.fed.deadlines
-        if stage is Stage.ADVERTISE:
+        if stage in (Stage.ADVERTISE, Stage.UPLOAD):
             return time.time() + d.train
         if stage is Stage.DONE:
             return time.time() + d.applied

@@ -23,13 +23,15 @@ def run_participant(
     data_dir: Path | None = None,
     test_dir: Path | None = None,
     synthetic: bool = False,
+    synthetic_train_s: float = 0.0,
     events: Callable[[dict[str, Any]], None] | None = None,
     max_rounds: int | None = None,
 ) -> list[RoundReport]:
     """Join the federation of the kit at ``kit_dir`` and take part until it is finished."""
     kit = EnterpriseKit.load(kit_dir)
     if synthetic:
-        site: Any = SyntheticSite(kit.root, kit.enterprise_id, kit.federation.model)
+        site: Any = SyntheticSite(kit.root, kit.enterprise_id, kit.federation.model,
+                                  train_seconds=synthetic_train_s)
     else:
         if model_dir is None or data_dir is None:
             from secfed.crypto.errors import ConfigError

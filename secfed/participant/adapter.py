@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +31,7 @@ __all__ = [
     "SyntheticSite",
     "ModelSite",
     "synthetic_update",
+    "synthetic_training",
     "synthetic_layout_digest",
     "vector_hash",
     "model_settings_for",
@@ -128,11 +130,26 @@ class _StoredAdapter:
         return digest
 
 
-class SyntheticSite:
-    """A stand-in site for transport tests and benchmarks (no model, no data)."""
+def synthetic_training(seconds: float) -> None:
+    """Keep the CPU busy for ``seconds`` with float32 matrix products (they release the GIL,
+    as torch training does): the stand-in for local training in benches and tests."""
+    work = np.ones((256, 256), np.float32)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        work = (work @ work) * np.float32(1.0 / 256)
 
-    def __init__(self, kit_root: Path, enterprise_id: str, settings: ModelSettings):
+
+class SyntheticSite:
+    """A stand-in site for transport tests and benchmarks (no model, no data).
+
+    ``train_seconds`` keeps the CPU busy that long per round (float32 matrix products, which
+    release the GIL like torch does), standing in for local training time.
+    """
+
+    def __init__(self, kit_root: Path, enterprise_id: str, settings: ModelSettings,
+                 *, train_seconds: float = 0.0):
         self.enterprise_id = enterprise_id
+        self.train_seconds = train_seconds
         dim = settings.vector_length
         self._store = _StoredAdapter(
             kit_root, synthetic_layout_digest(dim), np.zeros(dim, np.float32),
@@ -149,6 +166,7 @@ class SyntheticSite:
         return self._store.hash_of(vec)
 
     def train(self, terms: RoundTerms) -> TrainOutcome:
+        synthetic_training(self.train_seconds)
         delta = synthetic_update(self.enterprise_id, terms.round_number, self._store.vector.size)
         return TrainOutcome(delta, terms.noise_multiplier, terms.sample_rate, terms.local_steps, {})
 

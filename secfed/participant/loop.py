@@ -14,6 +14,7 @@ joins the next one.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from secfed.transport.kits import EnterpriseKit
 __all__ = ["Participant", "RoundReport"]
 
 POLL_S = 20.0  # long-poll length; the server answers as soon as something changes
+SETUP_POLL_S = 2.0  # long-poll length of the key set-up thread (it checks for a stop between)
 STAGE_SLACK_S = 30.0  # how long past the announced deadline to keep asking for a stage
 
 
@@ -212,9 +214,13 @@ class Participant:
                         protection=_protection(stage, spec.mode))
         self.client.submit(envelope)
 
-    def _await_stage(self, spec: RoundSpec, stage: Stage) -> bytes:
+    def _await_stage(self, spec: RoundSpec, stage: Stage,
+                     stop: threading.Event | None = None) -> bytes:
         while True:
-            data = self.client.inbox(round_number=spec.round_number, stage=stage.value, wait=POLL_S)
+            if stop is not None and stop.is_set():
+                raise ProtocolAbort(f"round {spec.round_number}: local training failed")
+            wait = POLL_S if stop is None else SETUP_POLL_S
+            data = self.client.inbox(round_number=spec.round_number, stage=stage.value, wait=wait)
             if data is not None:
                 return data
             info = self.client.round_info(after=0, wait=0)
@@ -234,8 +240,25 @@ class Participant:
     def _take_part(self, spec: RoundSpec, terms: Any) -> RoundReport:
         r = spec.round_number
         policy = self._policy(spec)  # before this round is recorded (replay floor = last round)
+        machine = ParticipantRound(
+            spec, me=self.me, identity=self.identity, roster=self.roster,
+            policy=policy,
+            ckks_context=self._ckks_context() if spec.mode == "ckks" else None,
+        )
+        # Key set-up needs no data: advertise now and answer the share stage while the model
+        # trains, so only the data-dependent stages follow the update (ephemeral keys only;
+        # nothing about the data leaves before the ledger charge below).
+        self.state.set_round(r, "keys", mode=spec.mode)
+        self.emit("protocol_started", round=r)
+        self._send(spec, Stage.ADVERTISE, machine.start())
+        setup = _Background(self._setup_stages, spec, machine)
         self.emit("training", round=r, mode=spec.mode)
-        outcome = self.site.train(terms)
+        try:
+            outcome = self.site.train(terms)
+        except BaseException:
+            setup.stop.set()
+            raise
+        upload_input = setup.result()  # key set-up failed -> abort before the charge
         # Charged when the update leaves the site, committed before it does.
         head = self.ledger.charge(
             round_number=r, session_id=spec.digest(), noise_multiplier=outcome.noise_multiplier,
@@ -244,28 +267,27 @@ class Participant:
         epsilon = self.ledger.epsilon()
         self.state.set_round(r, "charged", mode=spec.mode, epsilon_prv=epsilon)
         self.emit("charged", round=r, epsilon=epsilon)
-        machine = ParticipantRound(
-            spec, me=self.me, identity=self.identity, roster=self.roster,
-            policy=policy,
-            ckks_context=self._ckks_context() if spec.mode == "ckks" else None,
-        )
-        self.emit("protocol_started", round=r)
-        advert = machine.start()
         machine.set_update(self._clip(spec, outcome.delta), ledger_head=head)
-        self._send(spec, Stage.ADVERTISE, advert)
-        while not _has_result(machine):
+        self.emit("update_ready", round=r)
+        payload = upload_input
+        while True:
             stage = machine.stage
             assert stage is not None
-            payload = self._await_stage(spec, stage)
             reply = machine.handle(stage, payload)
             if reply is not None:
                 self._send(spec, stage, reply, ledger_head=head if stage is Stage.UPLOAD else b"")
             self.emit("stage", round=r, stage=stage.value)
+            if _has_result(machine):
+                break
+            next_stage = machine.stage
+            assert next_stage is not None
+            payload = self._await_stage(spec, next_stage)
         result = machine.result()
         new_global = (
             self.site.global_vector().astype(np.float64) + result.aggregate / len(result.survivors)
         ).astype(np.float32)
         new_hash = self.site.apply(new_global, r)
+        self.emit("applied", round=r, global_hash=new_hash)
         signature = self.identity.sign(
             applied_signed_bytes(federation=self.fed.name, round_number=r, global_hash=new_hash)
         )
@@ -284,6 +306,20 @@ class Participant:
             accuracy=metrics.get("accuracy"),
         )
         return RoundReport(r, "done", spec.mode, result.survivors, epsilon, metrics)
+
+    def _setup_stages(self, spec: RoundSpec, machine: ParticipantRound,
+                      stop: threading.Event) -> bytes:
+        """Answer the stages before the upload (key roster -> shares); return the upload stage's
+        input (the forwarded shares, or the key roster in ckks mode)."""
+        while machine.stage is not Stage.UPLOAD:
+            stage = machine.stage
+            assert stage is not None
+            payload = self._await_stage(spec, stage, stop=stop)
+            reply = machine.handle(stage, payload)
+            if reply is not None:
+                self._send(spec, stage, reply)
+            self.emit("stage", round=spec.round_number, stage=stage.value)
+        return self._await_stage(spec, Stage.UPLOAD, stop=stop)
 
     def _catch_up(self, *, before: int) -> None:
         """Apply the rounds this site missed (a dropout, a restart) from their stored aggregates.
@@ -354,6 +390,31 @@ class Participant:
                 )
             agree += 1
         return agree
+
+
+class _Background:
+    """Run ``fn(*args, stop)`` in a daemon thread; :meth:`result` joins and re-raises."""
+
+    def __init__(self, fn: Callable[..., bytes], *args: Any):
+        self.stop = threading.Event()
+        self._value: bytes | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
+                                        name="secfed-key-setup")
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., bytes], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = fn(*args, self.stop)
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+
+    def result(self) -> bytes:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 def _has_result(machine: ParticipantRound) -> bool:

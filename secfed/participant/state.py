@@ -6,7 +6,8 @@ Schema (docs/CONTRACTS.md, "Federation state")::
         protection in {masked, encrypted, signed, control}
     rounds(round, status, mode, survivors, global_hash_after, epsilon_prv, epsilon_rdp,
            accuracy, detail, updated_at)
-        status in {charged, done, aborted, lost, refused, caught-up}
+        status in {keys, charged, done, aborted, lost, refused, caught-up}
+        (keys: round keys advertised, set-up running while the model trains; not yet charged)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -54,7 +56,10 @@ class ParticipantState:
     """
 
     def __init__(self, path: Path):
-        self.db = sqlite3.connect(str(path), isolation_level=None)
+        # The key set-up thread records its sends while the main thread trains: one lock
+        # serialises every use of the connection.
+        self._lock = threading.RLock()
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
@@ -66,12 +71,13 @@ class ParticipantState:
              protection: str) -> None:
         if protection not in PROTECTIONS:
             raise ValueError(f"protection must be one of {PROTECTIONS} (got {protection!r})")
-        self.db.execute(
-            "INSERT INTO outbound(round, stage, destination, bytes, protection, sha256, sent_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (round_number, stage, destination, len(payload), protection,
-             hashlib.sha256(payload).hexdigest(), time.time()),
-        )
+        row = (round_number, stage, destination, len(payload), protection,
+               hashlib.sha256(payload).hexdigest(), time.time())
+        with self._lock:
+            self.db.execute(
+                "INSERT INTO outbound(round, stage, destination, bytes, protection, sha256,"
+                " sent_at) VALUES (?, ?, ?, ?, ?, ?, ?)", row,
+            )
 
     def set_round(self, round_number: int, status: str, **fields: object) -> None:
         cols = {"mode", "survivors", "global_hash_after", "epsilon_prv", "epsilon_rdp",
@@ -81,26 +87,32 @@ class ParticipantState:
             raise ValueError(f"round fields must be among {sorted(cols)} (got {sorted(bad)})")
         if "survivors" in fields and fields["survivors"] is not None:
             fields["survivors"] = json.dumps(list(fields["survivors"]))  # type: ignore[call-overload]
-        self.db.execute("BEGIN")
-        self.db.execute(
-            "INSERT INTO rounds(round, status, updated_at) VALUES (?, ?, ?) ON CONFLICT(round)"
-            " DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
-            (round_number, status, time.time()),
-        )
-        for key, value in fields.items():  # keys checked against the column list above
-            self.db.execute(f"UPDATE rounds SET {key} = ? WHERE round = ?", (value, round_number))
-        self.db.execute("COMMIT")
+        with self._lock:
+            self.db.execute("BEGIN")
+            self.db.execute(
+                "INSERT INTO rounds(round, status, updated_at) VALUES (?, ?, ?) ON CONFLICT(round)"
+                " DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
+                (round_number, status, time.time()),
+            )
+            for key, value in fields.items():  # keys checked against the column list above
+                self.db.execute(f"UPDATE rounds SET {key} = ? WHERE round = ?",
+                                (value, round_number))
+            self.db.execute("COMMIT")
 
     def last_round(self) -> int:
-        row = self.db.execute("SELECT MAX(round) FROM rounds").fetchone()
+        with self._lock:
+            row = self.db.execute("SELECT MAX(round) FROM rounds").fetchone()
         return int(row[0] or 0)
 
     def round_status(self, round_number: int) -> str | None:
-        row = self.db.execute("SELECT status FROM rounds WHERE round = ?",
-                              (round_number,)).fetchone()
+        with self._lock:
+            row = self.db.execute("SELECT status FROM rounds WHERE round = ?",
+                                  (round_number,)).fetchone()
         return row[0] if row else None
 
     def outbound(self) -> list[tuple]:
-        return self.db.execute(
-            "SELECT round, stage, destination, bytes, protection, sha256 FROM outbound ORDER BY seq"
-        ).fetchall()
+        with self._lock:
+            return self.db.execute(
+                "SELECT round, stage, destination, bytes, protection, sha256 FROM outbound"
+                " ORDER BY seq"
+            ).fetchall()

@@ -162,6 +162,20 @@ def _ckks_contexts() -> tuple[bytes, bytes] | None:
     return ctx.serialize(secret=True), ctx.serialize(secret=False)
 
 
+def ring_bits_for(n_participants: int, model: ModelSettings) -> int:
+    """The smaller ring (Z_2^32 before Z_2^64) whose headroom holds the sum of ``n`` clipped
+    updates at the model's scale: half the upload bytes whenever the federation is small."""
+    from secfed.crypto.encoding import check_headroom
+    from secfed.crypto.errors import HeadroomError
+
+    try:
+        check_headroom(n_participants=n_participants, max_abs=model.clip_bound,
+                       scale_bits=model.scale_bits, ring_bits=32)
+    except HeadroomError:
+        return 64
+    return 32
+
+
 def create_kits(
     out: str | Path,
     *,
@@ -195,6 +209,8 @@ def create_kits(
     n = len(enterprises)
     t = threshold if threshold is not None else default_threshold(n)
     dp = dp or DPSettings()
+    if "ring_bits" not in model.model_fields_set:
+        model = model.model_copy(update={"ring_bits": ring_bits_for(n, model)})
     identities = {eid: IdentityKey.generate() for eid in enterprises}
     roster = tuple(
         RosterEntry(id=eid, identity_public_key=identities[eid].public_bytes().hex())

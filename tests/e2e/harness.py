@@ -58,11 +58,11 @@ class Processes:
         )
         self.restarts += 1
 
-    def start_join(self, eid: str) -> None:
+    def start_join(self, eid: str, *extra: str) -> None:
         log = open(self.kits.root / f"{eid}.log", "ab")
         self.joins[eid] = subprocess.Popen(
             [PY, "-m", "secfed.cli.main", "join", "--kit", str(self.kits.enterprises[eid]),
-             "--synthetic", "--json"], stdout=log, stderr=subprocess.STDOUT, env=ENV,
+             "--synthetic", "--json", *extra], stdout=log, stderr=subprocess.STDOUT, env=ENV,
         )
 
     def kill_coordinator(self) -> None:

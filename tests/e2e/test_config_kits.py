@@ -138,3 +138,23 @@ def test_config_errors_name_field_rule_value(tmp_path: Path, kits) -> None:
             model=model_settings_for(model_dir=None, synthetic_dim=2),
         )
     assert make_ca("x").certificate.extensions  # the CA is a CA certificate
+
+
+def test_ring_is_the_smallest_whose_headroom_holds_the_sum(tmp_path: Path, kits) -> None:
+    from secfed.crypto.encoding import check_headroom
+    from secfed.crypto.errors import HeadroomError
+    from secfed.transport.kits import ring_bits_for
+
+    model = model_settings_for(model_dir=None, synthetic_dim=16)  # clip 8, scale 2^24
+    # n * round(8 * 2^24) <= 2^31 - 1  <=>  n <= 15
+    assert ring_bits_for(15, model) == 32
+    assert ring_bits_for(16, model) == 64
+    check_headroom(n_participants=15, max_abs=8.0, scale_bits=24, ring_bits=32)
+    with pytest.raises(HeadroomError):
+        check_headroom(n_participants=16, max_abs=8.0, scale_bits=24, ring_bits=32)
+    assert EnterpriseKit.load(kits.enterprises["city-ops"]).federation.model.ring_bits == 32
+    # an explicit choice is kept
+    wide = model.model_copy(update={"ring_bits": 64})
+    paths = create_kits(tmp_path / "wide", name="wide", enterprises=ENTERPRISES,
+                        coordinator_url="https://127.0.0.1:8443", model=wide)
+    assert CoordinatorKit.load(paths.coordinator).federation.model.ring_bits == 64

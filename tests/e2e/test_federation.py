@@ -24,13 +24,13 @@ DIM = 3000
 ENTERPRISES = ["energy-utility", "security-operator", "city-ops"]
 
 
-def _run(tmp_path, *, enterprises, schedule, rounds, **kw) -> Processes:  # noqa: D103
+def _run(tmp_path, *, enterprises, schedule, rounds, join_args=None, **kw) -> Processes:  # noqa: D103
     kits = make_federation(tmp_path / "fed", enterprises=enterprises, dim=DIM,
                            schedule=schedule, rounds=rounds, **kw)
     procs = Processes(kits)
     procs.start_coordinator()
     for eid in enterprises:
-        procs.start_join(eid)
+        procs.start_join(eid, *(join_args or {}).get(eid, ()))
     return procs
 
 
@@ -67,7 +67,10 @@ def test_happy_path_equals_plaintext_fedavg(tmp_path) -> None:
         (r, e) for r in (1, 2) for e in ENTERPRISES)
     assert all(h and h > 64 for _, _, h, _ in uploads)
     masked = [b for r, _, _, b in uploads if r == 1]
-    assert min(masked) >= 8 * DIM  # uint64 ring words, not plaintext floats
+    # 3 sites, clip 8, scale 2^24: the kit picked the Z_2^32 ring (uint32 words, not floats)
+    ring_bits = EnterpriseKit.load(kits.enterprises[ENTERPRISES[0]]).federation.model.ring_bits
+    assert ring_bits == 32
+    assert min(masked) >= 4 * DIM
     # each enterprise logs every message it sent; its ledger has one charge per round
     for eid in ENTERPRISES:
         s = sqlite3.connect(kits.enterprises[eid] / "state.sqlite")
@@ -91,16 +94,18 @@ def test_happy_path_equals_plaintext_fedavg(tmp_path) -> None:
 
 def test_enterprise_killed_mid_round_is_a_dropout_then_catches_up(tmp_path) -> None:
     enterprises = ["a-site", "b-site", "c-site", "d-site"]  # n = 4, t = 3: one dropout tolerated
-    procs = _run(tmp_path, enterprises=enterprises, schedule=("secagg",), rounds=2, stage=4.0,
-                 between=1.0)
     victim = "d-site"
+    # The victim trains for a long time; it is killed after it shared its key shares (set-up runs
+    # while it trains), so it drops out at the upload stage and its pairwise masks must cancel.
+    procs = _run(tmp_path, enterprises=enterprises, schedule=("secagg",), rounds=2, stage=4.0,
+                 train=30.0, between=1.0, join_args={victim: ("--synthetic-train-s", "120")})
     try:
-        def advertised() -> bool:
+        def shared() -> bool:
             with coordinator_db(procs.kits) as db:
-                return db.execute("SELECT 1 FROM transcript WHERE sender=? AND stage='advertise'",
+                return db.execute("SELECT 1 FROM transcript WHERE sender=? AND stage='share'",
                                   (victim,)).fetchone() is not None
 
-        assert wait_for(advertised, 90), procs.log("coordinator.0")
+        assert wait_for(shared, 90), procs.log("coordinator.0")
         procs.joins[victim].kill()
         procs.joins[victim].wait()
 
@@ -120,14 +125,16 @@ def test_enterprise_killed_mid_round_is_a_dropout_then_catches_up(tmp_path) -> N
     assert [(r, st) for r, st, _ in rows] == [(1, "done"), (2, "done")], rows
     first = tuple(json.loads(rows[0][2]))
     assert victim not in first and len(first) == 3
+    assert db.execute("SELECT 1 FROM transcript WHERE round=1 AND sender=? AND stage='upload'",
+                      (victim,)).fetchone() is None
     assert tuple(json.loads(rows[1][2])) == tuple(enterprises)  # the victim is back in round 2
     want = expected_global([(1, first), (2, tuple(enterprises))], DIM)
     for eid in enterprises:
         np.testing.assert_allclose(adapter_of(procs.kits, eid), want, atol=2e-6, rtol=0)
     assert '"caught_up"' in procs.log(victim)
-    # the lost round's charge stays in the victim's ledger (charged before it could upload)
+    # killed while training, before its update could leave: round 1 was never charged
     entries = read_ledger(procs.kits.enterprises[victim] / "ledger.sqlite")
-    assert [e.round_number for e in entries] == [1, 2]
+    assert [e.round_number for e in entries] == [2]
 
 
 def _kill_coordinator_at(tmp_path, stage: str) -> None:
