@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from secfed.data import generate_federation, load_dataset  # noqa: E402
+from secfed.data.generate import generate_held_out  # noqa: E402
 from secfed.data.loading import model_inputs  # noqa: E402
 from secfed.data.quality import check_dataset, score_against_truth, write_cleaned  # noqa: E402
 from secfed.data.records import read_records  # noqa: E402
@@ -65,8 +66,8 @@ from secfed.training import DPConfig, collate_examples, evaluate, train_local  #
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EPSILONS = (1.0, 4.0, 8.0)
-PLAIN_LR_GRID = (1e-3, 3e-3, 1e-2)
-DP_LR_GRID = (1e-3, 3e-3, 1e-2)
+PLAIN_LR_GRID = (3e-4, 1e-3, 3e-3)
+DP_LR_GRID = (3e-3, 1e-2, 3e-2)
 VALIDATION_SEED_OFFSET = 1000
 
 
@@ -306,10 +307,9 @@ def main() -> int:
         t = time.time()
         generate_federation(fed_dir, seed=args.seed, scale=args.scale)
         log(f"generated federation (scale {args.scale}) in {fed_dir} ({time.time() - t:.0f} s)")
-    if args.tune and not (val_dir / "federation.json").exists():
-        # another seed: no record in common with the test set; its clean test split validates
-        generate_federation(val_dir, seed=args.seed + VALIDATION_SEED_OFFSET,
-                            scale="tiny" if args.scale == "tiny" else "demo")
+    if args.tune and not (val_dir / "records.jsonl").exists():
+        # like the test set, from another seed: no record in common with it
+        generate_held_out(val_dir, seed=args.seed + VALIDATION_SEED_OFFSET, scale=args.scale)
     if not (model_dir / "secfed_model.json").exists():
         log(f"preparing model (size {args.size})")
         prepare_demo_model(model_dir, seed=args.seed, size=args.size, log=log)
@@ -359,7 +359,7 @@ def main() -> int:
 
     tuning = "as given on the command line (no tuning)"
     if args.tune:
-        val = cached_features(base, val_dir / "test", feats / "validation.safetensors", inputs)
+        val = cached_features(base, val_dir, feats / "validation.safetensors", inputs)
         scores = {}
         for lr in PLAIN_LR_GRID:
             st.lr = lr
