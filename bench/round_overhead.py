@@ -8,8 +8,9 @@ Both runs: one server process and 3 client processes, d = 1e5 float32 per client
   applied the aggregate (``applied``). The signed-hash confirmation that follows (which plaintext
   FedAvg has no counterpart for) is shown apart (``+confirm``: until the last ``round_report``).
 * plaintext: the same FastAPI/uvicorn server stack, certificates and httpx client, with a
-  minimal in-memory service that takes raw float32 uploads and hands back their mean. Round
-  time = from the last client ready until the last client has the mean applied.
+  minimal in-memory service that takes raw float32 uploads and hands back their mean (one
+  upload-and-wait ``exchange`` call per client, as the secure stages use). Round time = from the
+  last client ready until the last client has the mean applied.
 
 Local training is stood in for by ``--train-s`` seconds of CPU work (float32 matmuls, which
 release the GIL like torch) before each client's update is ready, the same in both runs. A
@@ -204,9 +205,9 @@ def _plain_client(kit_dir: str, eid: str, dim: int, rounds: int, train_s: float,
         synthetic_training(train_s)
         update = synthetic_update(eid, r, dim)
         ready = time.time()
-        client.submit(Envelope(round_number=r, stage="upload", ledger_head=b"",
-                               payload=update.astype("<f4").tobytes()))
-        data = None
+        data = client.exchange(Envelope(round_number=r, stage="upload", ledger_head=b"",
+                                        payload=update.astype("<f4").tobytes()),
+                               next_stage="done", wait=30)
         while data is None:
             data = client.inbox(round_number=r, stage="done", wait=30)
         glob = glob + np.frombuffer(data, dtype="<f4")

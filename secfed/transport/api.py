@@ -7,6 +7,10 @@ Routes (all under mutual TLS; the caller's identity is its verified client certi
     GET  /v1/round?after=R&wait=S                      RoundInfo of the newest round > R (long poll)
     GET  /v1/rounds/{r}/inbox/{stage}?wait=S           this caller's protocol input for a stage
     POST /v1/rounds/{r}/stages/{stage}                 Envelope(ledger head, protocol message)
+    POST /v1/rounds/{r}/stages/{stage}/exchange?next=N&wait=S
+                                                       the same Envelope, answered with this
+                                                       caller's input for stage N (long poll;
+                                                       202 + SubmitAck if N is not open in time)
     POST /v1/rounds/{r}/applied                        AppliedConfirmation (signed new global hash)
     GET  /v1/rounds/{r}/outcome                        RoundOutcome (survivors, agreed hash)
     GET  /v1/rounds/{r}/aggregate                      a done round's final message (catch-up)

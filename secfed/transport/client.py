@@ -148,6 +148,23 @@ class CoordinatorClient:
         self._raise_for(r)
         return SubmitAck.model_validate_json(r.content)
 
+    def exchange(self, envelope: Envelope, *, next_stage: str, wait: float = 0.0) -> bytes | None:
+        """Submit ``envelope`` and wait for this enterprise's input for ``next_stage`` in one
+        call; None when the message was accepted but that stage did not open within ``wait``
+        (then poll :meth:`inbox`). Safe to retry: a re-sent identical message is a duplicate."""
+        r = self._call(
+            "POST",
+            f"/v1/rounds/{envelope.round_number}/stages/{envelope.stage}/exchange",
+            params={"next": next_stage, "wait": wait},
+            content=envelope.to_bytes(),
+            headers={"content-type": "application/octet-stream"},
+            extra_timeout=wait,
+        )
+        if r.status_code == 202:
+            return None
+        self._raise_for(r)
+        return r.content
+
     def confirm(self, *, round_number: int, confirmation: AppliedConfirmation) -> SubmitAck:
         r = self._call(
             "POST", f"/v1/rounds/{round_number}/applied", json=confirmation.model_dump()

@@ -232,6 +232,36 @@ def create_app(
             )
         return await service.submit(sender=sender, envelope=envelope)
 
+    @app.post("/v1/rounds/{round_number}/stages/{stage}/exchange",
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {OCTET: {"schema": {"type": "string",
+                                                                           "format": "binary"}}}}},
+              responses={200: {"content": {OCTET: {}},
+                               "description": "accepted; the caller's input for stage `next`"},
+                         202: {"model": SubmitAck,
+                               "description": "accepted; stage `next` not open within `wait`"},
+                         400: {"model": ErrorBody}, 403: {"model": ErrorBody},
+                         409: {"model": ErrorBody}, 410: {"model": ErrorBody},
+                         413: {"model": ErrorBody}})
+    async def exchange(
+        request: Request,
+        round_number: int,
+        stage: str,
+        next: str = Query(..., description="the stage whose input to wait for"),  # noqa: A002
+        wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S),
+    ) -> Response:
+        """Submit this stage's message and long-poll the next stage's input in one round trip
+        (same checks and idempotence as the two calls it stands for)."""
+        check_stage(next)
+        ack = await submit(request, round_number, stage)
+        data = await service.inbox(sender=caller(request), round_number=round_number,
+                                   stage=next, wait=wait)
+        if data is None:
+            return JSONResponse(status_code=202, content=ack.model_dump())
+        return Response(content=data, media_type=OCTET,
+                        headers={"x-secfed-sha256": ack.sha256,
+                                 "x-secfed-duplicate": "1" if ack.duplicate else "0"})
+
     @app.post("/v1/rounds/{round_number}/applied", response_model=SubmitAck,
               responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody},
                          409: {"model": ErrorBody}})

@@ -118,6 +118,23 @@ def test_openapi_schema_is_served(federation) -> None:
     assert "/v1/rounds/{round_number}/stages/{stage}" in schema["paths"]
 
 
+def test_exchange_checks_the_next_stage_before_accepting(federation) -> None:
+    kits, _ = federation
+    client = _client(kits, ENTERPRISES[1])
+    body = Envelope(round_number=1, stage="advertise", ledger_head=b"",
+                    payload=b"\x01\x02not a message").to_bytes()
+    r = client.raw("POST", "/v1/rounds/1/stages/advertise/exchange",
+                   params={"next": "bogus", "wait": 0}, content=body)
+    assert r.status_code == 400 and r.json()["error"] == "MessageFormatError", r.text
+    assert "bogus" in r.json()["message"]
+    r = client.raw("POST", "/v1/rounds/1/stages/advertise/exchange",
+                   params={"next": "share", "wait": 0}, content=body)
+    assert r.status_code == 400, r.text  # the message itself is checked as in a plain submit
+    with coordinator_db(kits) as db:
+        assert db.execute("SELECT COUNT(*) FROM transcript WHERE sender = ?",
+                          (ENTERPRISES[1],)).fetchone()[0] == 0
+
+
 def test_replayed_upload_from_an_earlier_round_is_refused(federation) -> None:
     kits, procs = federation
     errors: list[BaseException] = []
