@@ -81,3 +81,29 @@ def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
                    f"{v['recall']:.2f} ({v['found']} found, {v['expected']} injected)")
     if cleaned is not None:
         click.echo(f"cleaned copy ({s['records'] - len(report.flagged())} records): {cleaned}")
+
+
+@command.command("score")
+@click.option("--federation", "federation_dir", type=_DIR, required=True,
+              help="A federation written by `secfed data generate` (with its truth/).")
+@click.option("--model", "model_dir", type=_DIR, required=True, help="Model directory.")
+@json_option
+def score(federation_dir: Path, model_dir: Path, as_json: bool) -> None:
+    """Check every enterprise of a generated federation; precision/recall vs the truth."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from secfed.data.quality import score_federation
+
+    result = score_federation(federation_dir, model_dir=model_dir)
+    if as_json:
+        emit_json(result)
+        return
+    kinds = ("duplicates", "mislabels", "mismatches")
+    click.echo("| enterprise | records | " + " | ".join(f"{k} P / R" for k in kinds) + " |")
+    click.echo("|---|---|" + "---|" * len(kinds))
+    rows = [(name, s, str(s["records"])) for name, s in result["enterprises"].items()]
+    rows.append(("pooled", result["pooled"], ""))
+    for name, s, records in rows:
+        cells = [f"{s[k]['precision']:.2f} / {s[k]['recall']:.2f} "
+                 f"({s[k]['hits']} of {s[k]['found']} found, {s[k]['expected']} injected)"
+                 for k in kinds]
+        click.echo(f"| {name} | {records} | " + " | ".join(cells) + " |")

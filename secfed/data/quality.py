@@ -8,10 +8,11 @@ statistics of the image. Then:
 * exact duplicates: identical image bytes and identical text;
 * near duplicates: 16x16 thumbnails almost identical (cosine; the generic ViT does not tell a
   re-encoded copy from a similar frame) and texts almost identical (MiniLM cosine, or
-  character-level similarity for typo'd copies), or both absent;
+  character-level similarity for typo'd copies), or both absent; text-only records by MiniLM
+  cosine or a stricter character-level similarity;
 * likely mislabels, by confident learning (Northcutt et al., JAIR 2021): out-of-fold softmax
-  probes (a record's own label never trains the probe that judges it) on the sentence embedding
-  and on the image features, plus the label-free zero-shot scores, are combined by a stacker
+  probes (a record's own label never trains the probe that judges it) on the sentence and
+  clause-focus embeddings and on the image features, plus the label-free zero-shot scores, are combined by a stacker
   fitted on the site's labels (non-negative weight per source, class biases), so each source
   counts as much as it predicts here. A record is flagged when the combined posterior gives its
   label little probability and another class much; records without text are judged on the
@@ -53,6 +54,7 @@ __all__ = [
     "image_statistics",
     "read_truth",
     "score_against_truth",
+    "score_federation",
     "write_cleaned",
 ]
 
@@ -78,6 +80,8 @@ CLASS_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
 _CLAUSE_SPLIT = re.compile(r"[|.:;,\-\[\]#]")
 _SENTENCE_MAX_TOKENS = 64
 _CLAUSE_MAX_TOKENS = 32
+# softmax temperature over clause-to-prompt cosines (which lie within ~0.3 of each other)
+_FOCUS_TEMPERATURE = 0.05
 
 
 @dataclass(frozen=True)
@@ -90,10 +94,17 @@ class QualitySettings:
     near_duplicate_text: float = 0.97
     near_duplicate_text_only: float = 0.99
     near_duplicate_text_chars: float = 0.9
+    # records with text only: a resent or retyped report (different reports of one template
+    # and site stay below ~0.93, their ticket numbers differ)
+    near_duplicate_text_only_chars: float = 0.95
     # likely mislabel: combined posterior of the given label at most this, of another class at
     # least ``mislabel_confidence``
-    mislabel_own_probability: float = 0.12
+    mislabel_own_probability: float = 0.15
     mislabel_confidence: float = 0.45
+    # the same two bounds for records judged on their image alone (no text): stricter, the
+    # image probe is the weaker source
+    image_only_own_probability: float = 0.08
+    image_only_confidence: float = 0.5
     # mismatch: the text-only posterior names another class this confidently and the
     # image-only posterior supports the given label at least as much as the text's class
     mismatch_text_confidence: float = 0.5
@@ -114,7 +125,8 @@ class Embeddings:
     """Per-record features; rows of a missing modality are zero, the flags say which.
 
     ``text``/``image``: the classifier's towers (L2-normalised), ``thumbnail``: 16x16 copy;
-    ``sentence``: full MiniLM sentence embedding; ``zero_shot``/``zero_shot_clauses``: cosine
+    ``sentence``: full MiniLM sentence embedding; ``clause_focus``: MiniLM embedding of the
+    report's most hazard-like clauses; ``zero_shot``/``zero_shot_clauses``: cosine
     of the report / its best clause to each class description; ``image_stats``: colour and
     texture statistics.
     """
@@ -125,6 +137,7 @@ class Embeddings:
     text_present: np.ndarray
     image_present: np.ndarray
     sentence: np.ndarray
+    clause_focus: np.ndarray
     zero_shot: np.ndarray
     zero_shot_clauses: np.ndarray
     image_stats: np.ndarray
@@ -196,8 +209,14 @@ def _clauses(text: str) -> list[str]:
 
 
 def _zero_shot(texts: list[str], present: np.ndarray, labels: tuple[str, ...]) -> tuple[
-        np.ndarray, np.ndarray, np.ndarray]:
-    """Sentence embeddings, and cosine to each class prompt for the report / its best clause."""
+        np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sentence embeddings, clause-focus embeddings, and cosine to each class prompt for the
+    report / its best clause.
+
+    The clause focus is the mean of a report's clause embeddings weighted by how close each
+    clause comes to any class prompt (softmax, temperature ``_FOCUS_TEMPERATURE``): the
+    observation in a ticket, not its site name or ticket number.
+    """
     prompts = [CLASS_DESCRIPTIONS.get(c, (c.replace("_", " "),)) for c in labels]
     flat = [p for group in prompts for p in group]
     prompt_emb = _encode_sentences(flat, max_tokens=_CLAUSE_MAX_TOKENS)
@@ -209,6 +228,7 @@ def _zero_shot(texts: list[str], present: np.ndarray, labels: tuple[str, ...]) -
     n = len(texts)
     rows = np.flatnonzero(present)
     sentence = np.zeros((n, class_emb.shape[1]), np.float32)
+    focus = np.zeros_like(sentence)
     whole = np.zeros((n, len(labels)), np.float32)
     best_clause = np.zeros((n, len(labels)), np.float32)
     if rows.size:
@@ -222,10 +242,19 @@ def _zero_shot(texts: list[str], present: np.ndarray, labels: tuple[str, ...]) -
             for c in _clauses(texts[i]):
                 owner.append(i)
                 which.append(clause_index.setdefault(c, len(clause_index)))
-        sims = _encode_sentences(list(clause_index), max_tokens=_CLAUSE_MAX_TOKENS) @ class_emb.T
+        clause_emb = _encode_sentences(list(clause_index), max_tokens=_CLAUSE_MAX_TOKENS)
+        sims = clause_emb @ class_emb.T
+        owner_a, which_a = np.asarray(owner), np.asarray(which)
         best_clause[rows] = -np.inf
-        np.maximum.at(best_clause, np.asarray(owner), sims[np.asarray(which)])
-    return sentence, whole, best_clause
+        np.maximum.at(best_clause, owner_a, sims[which_a])
+        relevance = sims.max(1)[which_a]
+        top = np.full(n, -np.inf)
+        np.maximum.at(top, owner_a, relevance)
+        weight = np.exp((relevance - top[owner_a]) / _FOCUS_TEMPERATURE)
+        total = np.zeros(n)
+        np.add.at(total, owner_a, weight)
+        np.add.at(focus, owner_a, (weight / total[owner_a])[:, None] * clause_emb[which_a])
+    return sentence, focus, whole, best_clause
 
 
 def image_statistics(frame: np.ndarray) -> np.ndarray:
@@ -330,11 +359,12 @@ def embed_dataset(model: torch.nn.Module, dataset: CitySafetyDataset, *,
     thumbs = np.stack([_thumbnail(f) for f in dataset.frames])
     thumbnail = _unit_rows(thumbs) * image_present[:, None]
     stats = np.stack([image_statistics(f) for f in dataset.frames]) * image_present[:, None]
-    sentence, zero_shot, zero_shot_clauses = _zero_shot(
+    sentence, clause_focus, zero_shot, zero_shot_clauses = _zero_shot(
         [r.text or "" for r in dataset.records], text_present, dataset.labels_names)
     return Embeddings(text=text.astype(np.float32), image=image.astype(np.float32),
                       thumbnail=thumbnail.astype(np.float32), text_present=text_present,
-                      image_present=image_present, sentence=sentence, zero_shot=zero_shot,
+                      image_present=image_present, sentence=sentence,
+                      clause_focus=clause_focus, zero_shot=zero_shot,
                       zero_shot_clauses=zero_shot_clauses, image_stats=stats.astype(np.float32))
 
 
@@ -484,7 +514,13 @@ def find_defects(dataset: CitySafetyDataset, emb: Embeddings,
     near = (both_image & (sim_thumb >= s.near_duplicate_image) & (same_text | ~both_text)
             & (tp[:, None] == tp[None, :]))
     near |= both_image & same_text & (sim_thumb >= s.near_duplicate_image_with_text)
-    near |= ~ip[:, None] & ~ip[None, :] & both_text & (sim_text >= s.near_duplicate_text_only)
+    text_only = ~ip[:, None] & ~ip[None, :] & both_text
+    near |= text_only & (sim_text >= s.near_duplicate_text_only)
+    for i, j in zip(*np.nonzero(np.triu(text_only & ~near, 1))):
+        matcher = SequenceMatcher(None, records[i].text or "", records[j].text or "")
+        if (matcher.real_quick_ratio() >= s.near_duplicate_text_only_chars
+                and matcher.ratio() >= s.near_duplicate_text_only_chars):
+            near[i, j] = near[j, i] = True
     np.fill_diagonal(near, False)
     for i in range(n):
         if duplicate_of[i] >= 0:
@@ -510,7 +546,8 @@ def _find_label_defects(report: QualityReport, records: list, names: tuple[str, 
     tp, ip = emb.text_present, emb.image_present
     flat = np.full((n, n_classes), -np.log(n_classes))
     text_rows, image_rows = np.flatnonzero(keep & tp), np.flatnonzero(keep & ip)
-    text_probe = _out_of_fold_log_probs(emb.sentence, labels, text_rows, n_classes,
+    text_features = np.concatenate([emb.sentence, emb.clause_focus], axis=1)
+    text_probe = _out_of_fold_log_probs(text_features, labels, text_rows, n_classes,
                                         folds=s.folds, seed=s.probe_seed,
                                         weight_decay=s.text_weight_decay)
     image_features = np.concatenate([emb.image_stats, emb.image], axis=1)
@@ -526,8 +563,10 @@ def _find_label_defects(report: QualityReport, records: list, names: tuple[str, 
     rows = np.arange(n)
     best = joint.argmax(1)
     own = joint[rows, labels]
-    candidate = (keep & (best != labels) & (own <= s.mislabel_own_probability)
-                 & (joint[rows, best] >= s.mislabel_confidence))
+    own_bound = np.where(tp, s.mislabel_own_probability, s.image_only_own_probability)
+    confidence = np.where(tp, s.mislabel_confidence, s.image_only_confidence)
+    candidate = (keep & (best != labels) & (own <= own_bound)
+                 & (joint[rows, best] >= confidence))
     # per-modality posteriors, calibrated on the records not already suspected
     text_post = _stacked_posterior(text_sources, labels, np.flatnonzero(keep & tp & ~candidate),
                                    n_classes)
@@ -634,7 +673,7 @@ def score_against_truth(report: QualityReport, truth: dict) -> dict[str, dict[st
         hit = len(found & expected)
         return {"precision": hit / len(found) if found else 1.0,
                 "recall": hit / len(expected) if expected else 1.0,
-                "found": len(found), "expected": len(expected)}
+                "hits": hit, "found": len(found), "expected": len(expected)}
 
     dup_found = {frozenset((d["id"], d["duplicate_of"]))
                  for d in report.exact_duplicates + report.near_duplicates}
@@ -645,6 +684,53 @@ def score_against_truth(report: QualityReport, truth: dict) -> dict[str, dict[st
         "mismatches": pr({m["id"] for m in report.mismatches},
                          {m["id"] for m in truth["mismatches"]}),
     }
+
+
+def score_federation(federation_dir: Path | str, *, model_dir: Path | str,
+                     model=None, log=None) -> dict:
+    """Run the check on every enterprise of a generated federation and score it.
+
+    Reads ``federation.json`` and ``truth/<enterprise>.json`` (as written by
+    ``generate_federation``). Returns ``{"enterprises": {name: {kind: {precision, recall,
+    found, expected}, "records": n, "seconds": s}}, "pooled": {kind: {...}}}``, pooled over the
+    enterprises (hits and counts summed).
+
+    Raises:
+        DataError: not a generated federation, or a dataset / truth file is malformed.
+    """
+    import time
+
+    root = Path(federation_dir)
+    try:
+        names = json.loads((root / "federation.json").read_text())["enterprises"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"federation must hold a readable federation.json with 'enterprises' "
+                        f"(got {str(root)!r}: {type(exc).__name__})") from None
+    if model is None:
+        from secfed.models.storage import load_classifier
+
+        model, _ = load_classifier(model_dir)
+    out: dict = {"enterprises": {}, "pooled": {}}
+    hits: dict[str, list[int]] = {}
+    for name in names:
+        start = time.perf_counter()
+        report, _ = check_dataset(root / name, model_dir=model_dir, model=model)
+        scores = score_against_truth(report, read_truth(root / "truth" / f"{name}.json"))
+        out["enterprises"][name] = scores | {"records": report.records,
+                                             "seconds": round(time.perf_counter() - start, 2)}
+        for kind, v in scores.items():
+            h = hits.setdefault(kind, [0, 0, 0])
+            h[0] += v["hits"]
+            h[1] += v["found"]
+            h[2] += v["expected"]
+        if log is not None:
+            log(f"{name}: " + ", ".join(f"{k} {v['precision']:.2f}/{v['recall']:.2f}"
+                                        for k, v in scores.items()))
+    out["pooled"] = {kind: {"precision": h[0] / h[1] if h[1] else 1.0,
+                            "recall": h[0] / h[2] if h[2] else 1.0,
+                            "hits": h[0], "found": h[1], "expected": h[2]}
+                     for kind, h in hits.items()}
+    return out
 
 
 def read_dataset_meta(data_dir: Path | str) -> DatasetMeta:

@@ -199,3 +199,31 @@ def test_probe_fit_leaves_the_global_torch_rng_alone():
                            np.arange(40) % 2, np.arange(40), 2, folds=4, seed=0,
                            weight_decay=0.1)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.slow
+def test_score_command_pools_the_per_enterprise_checks(federation, model_bundle,
+                                                       quality_reports):
+    _, model_dir = model_bundle
+    result = CliRunner().invoke(cli, ["data", "score", "--federation", str(federation.root),
+                                      "--model", str(model_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert set(body["enterprises"]) == set(quality_reports)
+    for name, report in quality_reports.items():
+        expected = score_against_truth(report, read_truth(federation.truth_path(name)))
+        for kind, v in expected.items():
+            assert body["enterprises"][name][kind] == pytest.approx(v)
+    for kind, pooled in body["pooled"].items():
+        per = [body["enterprises"][n][kind] for n in quality_reports]
+        assert pooled["hits"] == sum(p["hits"] for p in per)
+        assert pooled["found"] == sum(p["found"] for p in per)
+        assert pooled["expected"] == sum(p["expected"] for p in per)
+        assert pooled["precision"] == pytest.approx(pooled["hits"] / max(pooled["found"], 1))
+
+
+def test_score_command_refuses_a_directory_that_is_not_a_federation(tmp_path, model_bundle):
+    _, model_dir = model_bundle
+    result = CliRunner().invoke(cli, ["data", "score", "--federation", str(tmp_path),
+                                      "--model", str(model_dir)])
+    assert result.exit_code == 1 and "federation.json" in result.output
