@@ -66,7 +66,7 @@ from secfed.training import DPConfig, collate_examples, evaluate, train_local  #
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EPSILONS = (1.0, 4.0, 8.0)
-PLAIN_LR_GRID = (3e-4, 1e-3, 3e-3)
+PLAIN_LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 DP_LR_GRID = (3e-3, 1e-2, 3e-2)
 VALIDATION_SEED_OFFSET = 1000
 
@@ -89,6 +89,7 @@ class Settings:
         self.dp_lr = args.dp_lr
         self.dp_optimizer = args.dp_optimizer
         self.seed = args.seed
+        self.dp_repeats = args.dp_repeats
 
     def describe(self) -> str:
         return (f"trainable set `{self.scope}`; {self.rounds} rounds x {self.local_epochs} local "
@@ -96,7 +97,8 @@ class Settings:
                 f"non-private: Adam lr {self.lr:g}, batch {self.batch}, batch-gradient clip "
                 f"{self.clip:g}; DP-SGD: {self.dp_optimizer} lr {self.dp_lr:g}, expected batch "
                 f"min({self.dp_batch}, N) (Poisson), per-example clip {self.clip:g}, "
-                f"delta = min(1e-5, 0.1/N), sigma calibrated (RDP) for rounds x local steps")
+                f"delta = min(1e-5, 0.1/N), sigma calibrated (RDP) for rounds x local steps; "
+                f"DP rows: mean of {self.dp_repeats} run(s)")
 
 
 def train_plain(model, dataset, *, epochs: int, seed: int, st: Settings) -> None:
@@ -287,6 +289,8 @@ def main() -> int:
     ap.add_argument("--dp-batch", type=int, default=256, help="expected Poisson batch q*N")
     ap.add_argument("--dp-lr", type=float, default=3e-3, help="DP lr (if no --tune)")
     ap.add_argument("--dp-optimizer", default="adam", choices=["adam", "sgd"])
+    ap.add_argument("--dp-repeats", type=int, default=3,
+                    help="DP rows: mean test accuracy of this many runs (fresh noise each)")
     ap.add_argument("--no-tune", dest="tune", action="store_false",
                     help="use --lr/--dp-lr as given instead of picking them on validation data")
     ap.add_argument("--seed", type=int, default=7)
@@ -388,15 +392,21 @@ def main() -> int:
             "command": "python bench/utility.py " + " ".join(sys.argv[1:])}
     rows: list[dict] = []
 
-    def record(name: str, run) -> None:
+    def record(name: str, run, repeats: int = 1) -> None:
         row = {"name": name, "notes": ""}
         rows.append(row)
         for variant, data in (("noisy", noisy), ("clean", clean)):
             t = time.time()
             stats: dict = {}
-            row[variant] = acc(run(data, stats))
+            runs = [acc(run(data, stats)) for _ in range(repeats)]
+            row[variant] = float(np.mean(runs))
+            if repeats > 1:
+                stats[f"{variant} runs"] = "/".join(f"{a:.3f}" for a in runs)
+                row.setdefault("runs", {})[variant] = stats[f"{variant} runs"]
             if stats:
-                row["notes"] = "; ".join(f"{k}={v}" for k, v in stats.items())
+                notes = {k: v for k, v in stats.items() if not k.endswith(" runs")}
+                notes |= {f"{k} runs": v for k, v in row.get("runs", {}).items()}
+                row["notes"] = "; ".join(f"{k}={v}" for k, v in notes.items())
             log(f"{name} [{variant}]: {row[variant]:.3f} ({time.time() - t:.0f} s) {stats}")
             write_table(rows, meta, md)
         plot(rows, png)
@@ -422,7 +432,8 @@ def main() -> int:
               for e in sorted(EPSILONS, reverse=True) if e != 8.0]]
     for name, run in plan:
         if args.only is None or args.only in name:
-            record(name, run)
+            # DP noise is fresh (OS CSPRNG) every run: DP rows are the mean of --dp-repeats runs
+            record(name, run, repeats=args.dp_repeats if name.startswith("DP") else 1)
     plot(rows, png)
     log(f"wrote {md} and {png}")
     return 0
