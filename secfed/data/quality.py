@@ -78,6 +78,7 @@ CLASS_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
 
 # Clause separators of incident reports (fields of a ticket, items of a work order).
 _CLAUSE_SPLIT = re.compile(r"[|.:;,\-\[\]#]")
+_NUMBER = re.compile(r"\d+")
 _SENTENCE_MAX_TOKENS = 64
 _CLAUSE_MAX_TOKENS = 32
 # softmax temperature over clause-to-prompt cosines (which lie within ~0.3 of each other)
@@ -94,8 +95,9 @@ class QualitySettings:
     near_duplicate_text: float = 0.97
     near_duplicate_text_only: float = 0.99
     near_duplicate_text_chars: float = 0.9
-    # records with text only: a resent or retyped report (different reports of one template
-    # and site stay below ~0.93, their ticket numbers differ)
+    # records with text only: a resent or retyped report -- nearly the same characters and
+    # the same numbers (two reports of one template and site can reach ~0.95, but their
+    # ticket / work-order numbers differ)
     near_duplicate_text_only_chars: float = 0.95
     # likely mislabel: combined posterior of the given label at most this, of another class at
     # least ``mislabel_confidence``
@@ -114,6 +116,9 @@ class QualitySettings:
     mismatch_image_odds: float = 2.0
     folds: int = 5
     probe_seed: int = 0
+    # out-of-fold probes are refitted on this many fold splits and their probabilities
+    # averaged: a record's verdict should not hinge on which records shared its fold
+    probe_repeats: int = 3
     # L2 penalties of the probes on standardised features (the sentence embedding has 384
     # correlated dimensions and few records per class: strong; image features: mild)
     text_weight_decay: float = 1.0
@@ -518,7 +523,8 @@ def find_defects(dataset: CitySafetyDataset, emb: Embeddings,
     near |= text_only & (sim_text >= s.near_duplicate_text_only)
     for i, j in zip(*np.nonzero(np.triu(text_only & ~near, 1))):
         matcher = SequenceMatcher(None, records[i].text or "", records[j].text or "")
-        if (matcher.real_quick_ratio() >= s.near_duplicate_text_only_chars
+        if (_NUMBER.findall(records[i].text or "") == _NUMBER.findall(records[j].text or "")
+                and matcher.real_quick_ratio() >= s.near_duplicate_text_only_chars
                 and matcher.ratio() >= s.near_duplicate_text_only_chars):
             near[i, j] = near[j, i] = True
     np.fill_diagonal(near, False)
@@ -547,13 +553,17 @@ def _find_label_defects(report: QualityReport, records: list, names: tuple[str, 
     flat = np.full((n, n_classes), -np.log(n_classes))
     text_rows, image_rows = np.flatnonzero(keep & tp), np.flatnonzero(keep & ip)
     text_features = np.concatenate([emb.sentence, emb.clause_focus], axis=1)
-    text_probe = _out_of_fold_log_probs(text_features, labels, text_rows, n_classes,
-                                        folds=s.folds, seed=s.probe_seed,
-                                        weight_decay=s.text_weight_decay)
     image_features = np.concatenate([emb.image_stats, emb.image], axis=1)
-    image_probe = _out_of_fold_log_probs(image_features, labels, image_rows, n_classes,
-                                         folds=s.folds, seed=s.probe_seed,
-                                         weight_decay=s.image_weight_decay)
+
+    def probe(x: np.ndarray, rows_: np.ndarray, weight_decay: float) -> np.ndarray:
+        runs = [np.exp(_out_of_fold_log_probs(x, labels, rows_, n_classes, folds=s.folds,
+                                              seed=s.probe_seed + k,
+                                              weight_decay=weight_decay))
+                for k in range(s.probe_repeats)]
+        return np.log(np.mean(runs, axis=0))
+
+    text_probe = probe(text_features, text_rows, s.text_weight_decay)
+    image_probe = probe(image_features, image_rows, s.image_weight_decay)
     zero_shot, zero_shot_clauses = flat.copy(), flat.copy()
     zero_shot[tp] = _log_softmax(emb.zero_shot[tp])
     zero_shot_clauses[tp] = _log_softmax(emb.zero_shot_clauses[tp])
