@@ -11,12 +11,13 @@ statistics of the image. Then:
   character-level similarity for typo'd copies), or both absent; text-only records by MiniLM
   cosine or a stricter character-level similarity;
 * likely mislabels, by confident learning (Northcutt et al., JAIR 2021): out-of-fold softmax
-  probes (a record's own label never trains the probe that judges it) on the sentence and
-  clause-focus embeddings and on the image features, plus the label-free zero-shot scores, are combined by a stacker
-  fitted on the site's labels (non-negative weight per source, class biases), so each source
-  counts as much as it predicts here. A record is flagged when the combined posterior gives its
-  label little probability and another class much; records without text are judged on the
-  image alone (the text sources are flat for them);
+  probes (a record's own label never trains the probe that judges it; averaged over a few fold
+  splits) on the sentence and clause-focus embeddings and on the image features, plus the
+  label-free zero-shot scores, are combined by a stacker fitted on the site's labels
+  (non-negative weight per source, class biases), so each source counts as much as it
+  predicts here. A record is flagged when the combined posterior gives its label little
+  probability and another class much; records without text are judged on the image alone
+  (the text sources are flat for them), under stricter bounds;
 * image/text mismatches: the text-only posterior confidently names another class while the
   image-only posterior clearly favours the given label over the text's class;
 * missing modalities and class balance.
