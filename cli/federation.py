@@ -40,15 +40,40 @@ def command() -> None:
 @click.option("--stage-deadline", type=float, default=60.0, show_default=True)
 @click.option("--clip-bound", type=float, default=None,
               help="L2 bound on one site's update (default 8); larger updates are scaled down.")
+@click.option("--dp-distributed", is_flag=True,
+              help="Enterprise-level (distributed) DP: each site clips its whole update and adds "
+                   "a Skellam noise share before masking (mask modes only; off by default).")
+@click.option("--dp-distributed-clip", type=float, default=None,
+              help="Distributed DP: L2 bound C of one site's whole update [default: 1.0].")
+@click.option("--dp-distributed-noise", type=float, default=None,
+              help="Distributed DP: central sigma over the guaranteed noise shares [default: 1.0].")
+@click.option("--dp-distributed-min-participants", type=int, default=None,
+              help="Distributed DP: refuse rounds with fewer enterprises [default: 10].")
+@click.option("--dp-distributed-force", is_flag=True,
+              help="Distributed DP: run even below --dp-distributed-min-participants.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
 @json_option
 def init(**opts: object) -> None:
     """Create the CA, certificates, identity keys, federation.toml and CKKS contexts."""
-    from secfed.config import Deadlines, DPSettings, ModelSettings, validated
+    from secfed.config import Deadlines, DistributedDPSettings, DPSettings, ModelSettings, validated
     from secfed.participant.adapter import model_settings_for
     from secfed.transport.kits import create_kits
 
     modes = tuple(m.strip() for m in str(opts["mode_schedule"]).split(",") if m.strip())
+    ddp_opts = {"clip_norm": "dp_distributed_clip", "noise_multiplier": "dp_distributed_noise",
+                "min_participants": "dp_distributed_min_participants"}
+    distributed = None
+    if opts["dp_distributed"]:
+        distributed = validated(
+            DistributedDPSettings, force=bool(opts["dp_distributed_force"]),
+            **{k: opts[o] for k, o in ddp_opts.items() if opts[o] is not None},
+        )
+    else:
+        given = [o for o in [*ddp_opts.values(), "dp_distributed_force"] if opts[o]]
+        if given:
+            raise click.UsageError(
+                f"--{given[0].replace('_', '-')} needs --dp-distributed (distributed DP is off)"
+            )
     model = model_settings_for(model_dir=opts["model_dir"], synthetic_dim=opts["synthetic_dim"])
     if opts["clip_bound"] is not None:
         model = validated(ModelSettings, **{**model.model_dump(), "clip_bound": opts["clip_bound"]})
@@ -72,6 +97,7 @@ def init(**opts: object) -> None:
             noise_multiplier=opts["noise_multiplier"],
             target_epsilon=opts["target_epsilon"],
             delta=opts["delta"],
+            distributed=distributed,
         ),
         force=bool(opts["force"]),
     )
@@ -80,6 +106,7 @@ def init(**opts: object) -> None:
         "coordinator": str(paths.coordinator),
         "enterprises": {k: str(v) for k, v in paths.enterprises.items()},
         "vector_length": model.vector_length,
+        "distributed_dp": distributed.model_dump() if distributed else None,
     }
     if opts["as_json"]:
         emit_json(summary)

@@ -24,14 +24,19 @@ _dir = click.Path(exists=True, file_okay=False, path_type=Path)
 @json_option
 def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_dir: Path | None,
             synthetic: bool, synthetic_train_s: float, max_rounds: int | None, as_json: bool) -> None:
-    """Fetch, check, train with DP, charge the ledger, protect, upload, apply -- every round."""
+    """Fetch, check, train with DP, charge the ledger, protect, upload, apply -- every round.
+
+    With the federation's [dp.distributed] table this site also clips its whole update and adds
+    its Skellam noise share before masking, if its site.toml accepts it (accept_distributed_dp,
+    min_noise_shares); the ledger then gets a second entry per round before the upload.
+    """
     from secfed.participant import run_participant
 
     def show(event: dict) -> None:
         if as_json:
             click.echo(json.dumps(event, sort_keys=True, default=str))
         elif event["event"] in ("round_report", "round_refused", "round_aborted", "charged",
-                                "training", "peers_disagree"):
+                                "training", "peers_disagree", "distributed_dp"):
             rest = {k: v for k, v in event.items() if k not in ("event", "at", "enterprise")}
             click.echo(f"[{event['enterprise']}] {event['event']}: {rest}")
 

@@ -28,6 +28,8 @@ __all__ = [
     "RosterEntry",
     "Deadlines",
     "DPSettings",
+    "DistributedDPSettings",
+    "MASK_MODES",
     "ModelSettings",
     "FederationConfig",
     "SitePolicy",
@@ -43,6 +45,7 @@ __all__ = [
 
 AggregationMode = Literal["secagg", "secagg+", "ckks"]
 MODES: tuple[str, ...] = ("secagg", "secagg+", "ckks")
+MASK_MODES: tuple[str, ...] = ("secagg", "secagg+")  # the modes a noise hook can act in
 ENTERPRISE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # also a DNS label: CN/SAN of its cert
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -91,8 +94,22 @@ class Deadlines(_Frozen):
     between_rounds: float = Field(0.0, ge=0, description="pause before opening the next round")
 
 
+class DistributedDPSettings(_Frozen):
+    """Optional enterprise-level DP (``[dp.distributed]``): each site clips its whole update to
+    ``clip_norm`` and adds a Skellam noise share so that the sum over the round's guaranteed
+    minimum of shares has noise std ``noise_multiplier`` x (rounded L2 bound) per coordinate
+    (``secfed.privacy.distributed.DistributedDP``). Mask modes only."""
+
+    clip_norm: float = Field(1.0, gt=0, description="C: L2 bound of one site's whole update")
+    noise_multiplier: float = Field(1.0, gt=0, description="central sigma over the guaranteed shares")
+    min_participants: int = Field(10, ge=1, description="refuse smaller rounds unless force")
+    norm_units: int = Field(4096, ge=16, le=2**20, description="C in integer grid steps")
+    force: bool = Field(False, description="run even below min_participants")
+
+
 class DPSettings(_Frozen):
-    """Record-level DP-SGD settings every site trains with (its own policy may be stricter)."""
+    """Record-level DP-SGD settings every site trains with (its own policy may be stricter),
+    and the optional enterprise-level (distributed) DP table."""
 
     max_grad_norm: float = Field(1.0, gt=0)
     sample_rate: float = Field(0.05, gt=0, le=1)
@@ -103,6 +120,9 @@ class DPSettings(_Frozen):
     )
     target_epsilon: float = Field(8.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
+    distributed: DistributedDPSettings | None = Field(
+        None, description="enterprise-level DP (off when absent)"
+    )
 
 
 class ModelSettings(_Frozen):
@@ -161,6 +181,19 @@ class FederationConfig(_Frozen):
                 f"min_participants must be in [threshold={self.threshold}, {n}] "
                 f"(got {self.min_participants})"
             )
+        ddp = self.dp.distributed
+        if ddp is not None:
+            ckks = [m for m in self.mode_schedule if m not in MASK_MODES]
+            if ckks:
+                raise ValueError(
+                    f"dp.distributed needs mask modes {list(MASK_MODES)} in every round: "
+                    f"mode_schedule must not contain {sorted(set(ckks))} (got {list(self.mode_schedule)})"
+                )
+            if n < ddp.min_participants and not ddp.force:
+                raise ValueError(
+                    f"dp.distributed.min_participants = {ddp.min_participants} needs at least that "
+                    f"many enterprises (got {n}); set dp.distributed.force = true to run anyway"
+                )
         return self
 
     def mode_for_round(self, round_number: int) -> str:
@@ -193,6 +226,7 @@ class RoundTerms(_Frozen):
     max_grad_norm: float = Field(gt=0)
     learning_rate: float = Field(gt=0)
     delta: float = Field(gt=0, lt=1)
+    distributed_dp: DistributedDPSettings | None = None  # the federation's [dp.distributed]
 
 
 class SitePolicy(_Frozen):
@@ -205,6 +239,12 @@ class SitePolicy(_Frozen):
     allowed_modes: tuple[AggregationMode, ...] = ("secagg", "secagg+", "ckks")
     min_threshold: int = Field(2, ge=2)
     min_participants: int = Field(2, ge=2)
+    accept_distributed_dp: bool = Field(
+        True, description="take part in rounds with enterprise-level (distributed) DP"
+    )
+    min_noise_shares: int = Field(
+        2, ge=1, description="distributed DP: fewest noise shares the round must guarantee"
+    )
 
     def check_round(self, terms: RoundTerms, *, roster: tuple[str, ...]) -> None:
         """Refuse a round whose terms are weaker than this site's policy.
@@ -248,6 +288,11 @@ class SitePolicy(_Frozen):
             )
         if terms.delta > self.delta:
             raise ConfigError(f"delta must be <= {self.delta} by site policy (got {terms.delta})")
+        if terms.distributed_dp is not None and not self.accept_distributed_dp:
+            raise ConfigError(
+                "distributed_dp must be off by site policy (accept_distributed_dp = false; "
+                f"got noise_multiplier {terms.distributed_dp.noise_multiplier})"
+            )
 
     def check_budget(self, *, spent_epsilon: float, round_epsilon_after: float) -> None:
         """Refuse a round that would take this site past its own budget.
@@ -366,7 +411,8 @@ def _toml_scalar(value: Any) -> str:
 
 
 def dump_toml(doc: Mapping[str, Any]) -> str:
-    """Write a two-level document: top-level scalars, tables of scalars, arrays of tables."""
+    """Write a small document: top-level scalars, tables of scalars (and sub-tables, written as
+    ``[table.sub]``; a ``None`` value is left out), arrays of tables of scalars."""
     lines: list[str] = []
     tables: list[tuple[str, Mapping[str, Any]]] = []
     arrays: list[tuple[str, list[Mapping[str, Any]]]] = []
@@ -374,14 +420,18 @@ def dump_toml(doc: Mapping[str, Any]) -> str:
         if value is None:
             continue
         if isinstance(value, Mapping):
-            tables.append((key, value))
+            tables.append((_toml_key(key), value))
         elif isinstance(value, list | tuple) and value and isinstance(value[0], Mapping):
             arrays.append((key, list(value)))
         else:
             lines.append(f"{_toml_key(key)} = {_toml_scalar(value)}")
-    for name, table in tables:
-        lines += ["", f"[{_toml_key(name)}]"]
-        lines += [f"{_toml_key(k)} = {_toml_scalar(v)}" for k, v in table.items() if v is not None]
+    while tables:  # a table's sub-tables follow it as [name.sub]
+        name, table = tables.pop(0)
+        lines += ["", f"[{name}]"]
+        subs = [(f"{name}.{_toml_key(k)}", v) for k, v in table.items() if isinstance(v, Mapping)]
+        lines += [f"{_toml_key(k)} = {_toml_scalar(v)}" for k, v in table.items()
+                  if v is not None and not isinstance(v, Mapping)]
+        tables[0:0] = subs
     for name, items in arrays:
         for item in items:
             lines += ["", f"[[{_toml_key(name)}]]"]

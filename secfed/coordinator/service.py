@@ -136,6 +136,7 @@ class Coordinator:
             threshold=self.fed.threshold, min_participants=self.fed.min_participants,
             noise_multiplier=self._sigma, sample_rate=dp.sample_rate, local_steps=dp.local_steps,
             max_grad_norm=dp.max_grad_norm, learning_rate=dp.learning_rate, delta=dp.delta,
+            distributed_dp=dp.distributed,
         )
 
     def _spec(self, round_number: int) -> RoundSpec:

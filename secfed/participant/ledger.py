@@ -3,14 +3,23 @@
 Three calls, in this order per round: :meth:`SiteLedger.check` before training (refuses a round
 that would pass the budget), :meth:`SiteLedger.charge` after training and before anything leaves
 the site (committed), and the signed head bytes the upload carries.
+
+A round with enterprise-level (distributed) DP is charged as two entries, both committed before
+the upload: the DP-SGD release, then the distributed-DP release planned for the round's
+*guaranteed* number of noise shares (the fewest that can reach an accepted sum; the survivors are
+never fewer, so this over-reports rather than under-reports). The ledger is append-only and
+composes every entry, so a later entry can only add to ε: the exact figure for the survivors is
+reported beside the ledger (:meth:`SiteLedger.exact_epsilon`), never written into it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from secfed.crypto.errors import BudgetExceeded
 from secfed.crypto.keys import IdentityKey
-from secfed.privacy import DPSGDEvent, Ledger
+from secfed.privacy import DistributedDPEvent, DPSGDEvent, Ledger, compose_epsilon
+from secfed.privacy.events import MechanismEvent
 
 __all__ = ["SiteLedger", "open_site_ledger"]
 
@@ -23,21 +32,60 @@ class SiteLedger:
         self._ledger = Ledger.open(path, enterprise_id=enterprise_id, identity=identity,
                                    budget_epsilon=budget_epsilon, delta=delta)
 
-    def check(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Epsilon (budget accountant) after this charge.
+    def check(self, *, noise_multiplier: float, sample_rate: float, steps: int,
+              distributed: DistributedDPEvent | None = None) -> float:
+        """Epsilon (budget accountant) after this round's charge(s).
 
         Raises:
             BudgetExceeded: the charge would pass the site's budget.
         """
         event = DPSGDEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
-        return float(self._ledger.check_budget(event))
+        after = float(self._ledger.check_budget(event))
+        if distributed is None:
+            return after
+        ledger = self._ledger
+        spent = ledger.epsilon_spent()[1 if ledger.budget_accountant == "rdp" else 0]
+        events: list[MechanismEvent] = [e.event for e in ledger.entries()]
+        after = float(compose_epsilon([*events, event, distributed], delta=ledger.delta,
+                                      accountant=ledger.budget_accountant))
+        if not after <= ledger.budget_epsilon:
+            exc = BudgetExceeded(
+                f"privacy budget exceeded for {ledger.enterprise_id}: spent epsilon {spent:.4f}, "
+                f"this round (DP-SGD + distributed DP) needs {after - spent:.4f} more (total "
+                f"{after:.4f}), budget {ledger.budget_epsilon:.4f} ({ledger.budget_accountant}, "
+                f"delta = {ledger.delta:.3g})"
+            )
+            exc.spent, exc.needed, exc.budget, exc.after = (  # type: ignore[attr-defined]
+                spent, after - spent, ledger.budget_epsilon, after)
+            raise exc
+        return after
 
     def charge(self, *, round_number: int, session_id: bytes, noise_multiplier: float,
-               sample_rate: float, steps: int) -> bytes:
-        """Commit the charge; returns the signed ledger-head bytes for the upload."""
+               sample_rate: float, steps: int,
+               distributed: DistributedDPEvent | None = None) -> bytes:
+        """Commit the round's charge(s); returns the signed ledger-head bytes for the upload."""
         event = DPSGDEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
         self._ledger.charge(round_number=round_number, session_id=session_id, event=event)
+        if distributed is not None:
+            self._ledger.charge(round_number=round_number, session_id=session_id,
+                                event=distributed)
         return self._ledger.head().to_bytes()
+
+    def charge_event(self, *, round_number: int, session_id: bytes,
+                     event: MechanismEvent) -> None:
+        """Commit one more entry (a top-up when a round turned out worse than planned)."""
+        self._ledger.charge(round_number=round_number, session_id=session_id, event=event)
+
+    def exact_epsilon(self, *, planned: DistributedDPEvent, exact: DistributedDPEvent) -> float:
+        """ε (budget accountant) over the ledger's events with the newest ``planned``
+        distributed-DP entry replaced by ``exact`` (the shares that reached the sum)."""
+        events: list[MechanismEvent] = [e.event for e in self._ledger.entries()]
+        for i in range(len(events) - 1, -1, -1):
+            if events[i] == planned:
+                events[i] = exact
+                break
+        return float(compose_epsilon(events, delta=self._ledger.delta,
+                                     accountant=self._ledger.budget_accountant))
 
     def epsilon(self) -> float:
         """Epsilon spent so far (PRV accountant, the reported figure)."""

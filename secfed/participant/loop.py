@@ -2,9 +2,10 @@
 
 Per round: fetch the spec -> check it against the site's own policy, the pinned roster, its
 current global adapter hash and its remaining budget (before any secret exists) -> train with
-DP -> charge the ledger (committed) -> protect (protocol) -> upload with the signed ledger head
--> answer the later stages -> decode the sum, apply sum / survivors (FedAvg) -> sign and send the
-new global hash -> check the peers' signed hashes. Every outbound message is recorded in the
+DP -> charge the ledger (committed) -> protect (protocol; with ``[dp.distributed]`` the noise
+hook clips the whole update and adds this site's Skellam share first) -> upload with the signed
+ledger head -> answer the later stages -> decode the sum, apply sum / survivors (FedAvg) -> sign
+and send the new global hash -> check the peers' signed hashes. Every outbound message is recorded in the
 site's own SQLite ``outbound`` table.
 
 A participant restarted mid-round cannot continue that round (its ephemeral secrets lived only in
@@ -14,6 +15,7 @@ joins the next one.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ import numpy as np
 
 from secfed.crypto.errors import (
     ConfigError,
+    EncodingError,
     InvalidSignature,
     PrivacyError,
     ProtocolAbort,
@@ -34,7 +37,9 @@ from secfed.crypto.errors import (
 from secfed.crypto.keys import verify_signature
 from secfed.participant.adapter import LocalSite
 from secfed.participant.ledger import open_site_ledger
+from secfed.participant.noise import distributed_hook
 from secfed.participant.state import ParticipantState
+from secfed.privacy.distributed import DistributedDP
 from secfed.protocol.participant import ParticipantRound
 from secfed.protocol.spec import ParticipantPolicy, RoundSpec, Stage
 from secfed.transport.api import (
@@ -144,21 +149,22 @@ class Participant:
         if info.status != "open" or info.stage != Stage.ADVERTISE.value:
             return RoundReport(r, "missed", mode, detail=f"joined at stage {info.stage}")
         try:
-            spec, terms = self._check(info)
-        except (ConfigError, PrivacyError, ProtocolAbort) as exc:
+            spec, terms, hook = self._check(info)
+        except (ConfigError, EncodingError, PrivacyError, ProtocolAbort) as exc:
             self.state.set_round(r, "refused", mode=mode, detail=str(exc))
             self.emit("round_refused", round=r, reason=str(exc))
             return RoundReport(r, "refused", mode, detail=str(exc))
         try:
-            return self._take_part(spec, terms)
+            return self._take_part(spec, terms, hook)
         except (ProtocolAbort, ProtocolError, TransportError) as exc:
             self.state.set_round(r, "aborted", detail=str(exc))
             self.emit("round_aborted", round=r, reason=str(exc))
             return RoundReport(r, "aborted", spec.mode, epsilon=self.ledger.epsilon(),
                                detail=str(exc))
 
-    def _check(self, info: RoundInfo) -> tuple[RoundSpec, Any]:
-        """Every check that can refuse the round, before training and before any secret."""
+    def _check(self, info: RoundInfo) -> tuple[RoundSpec, Any, DistributedDP | None]:
+        """Every check that can refuse the round, before training and before any secret;
+        returns the spec, the terms and the round's distributed-DP noise hook (or None)."""
         if info.spec_hex is None or info.terms is None:
             raise ConfigError("round info must carry spec and terms (got none)")
         spec = RoundSpec.from_bytes(bytes.fromhex(info.spec_hex))
@@ -175,6 +181,7 @@ class Participant:
             )
         self.kit.policy.check_round(terms, roster=self.fed.enterprise_ids())
         self._policy(spec).check(spec, me=self.me, roster=self.roster)
+        hook = distributed_hook(federation=self.fed, policy=self.kit.policy, spec=spec, terms=terms)
         mine = self.site.global_hash()
         if spec.global_hash != mine:
             self._catch_up(before=spec.round_number)
@@ -186,11 +193,13 @@ class Participant:
             )
         if spec.mode == "ckks" and self._ckks_context() is None:
             raise ConfigError("mode ckks needs ckks_secret.ctx in the kit (missing)")
-        eps_after = self.ledger.check(noise_multiplier=terms.noise_multiplier,
-                                      sample_rate=terms.sample_rate, steps=terms.local_steps)
+        eps_after = self.ledger.check(
+            noise_multiplier=terms.noise_multiplier, sample_rate=terms.sample_rate,
+            steps=terms.local_steps, distributed=hook.planned_event(spec) if hook else None,
+        )
         self.kit.policy.check_budget(spent_epsilon=self.ledger.epsilon(),
                                      round_epsilon_after=eps_after)
-        return spec, terms
+        return spec, terms, hook
 
     def _policy(self, spec: RoundSpec) -> ParticipantPolicy:
         p = self.kit.policy
@@ -237,14 +246,16 @@ class Participant:
             return (delta * (spec.clip_bound / norm)).astype(np.float32)
         return delta
 
-    def _take_part(self, spec: RoundSpec, terms: Any) -> RoundReport:
+    def _take_part(self, spec: RoundSpec, terms: Any, hook: DistributedDP | None) -> RoundReport:
         r = spec.round_number
         policy = self._policy(spec)  # before this round is recorded (replay floor = last round)
         machine = ParticipantRound(
             spec, me=self.me, identity=self.identity, roster=self.roster,
             policy=policy,
             ckks_context=self._ckks_context() if spec.mode == "ckks" else None,
+            noise_hook=hook,
         )
+        planned = hook.planned_event(spec) if hook is not None else None
         # Key set-up needs no data: advertise now and answer the share stage while the model
         # trains, so only the data-dependent stages follow the update (ephemeral keys only;
         # nothing about the data leaves before the ledger charge below).
@@ -259,14 +270,16 @@ class Participant:
             setup.stop.set()
             raise
         upload_input = setup.result()  # key set-up failed -> abort before the charge
-        # Charged when the update leaves the site, committed before it does.
+        # Charged when the update leaves the site, committed before it does (with distributed
+        # DP: a second entry for the noise shares the round guarantees).
         head = self.ledger.charge(
             round_number=r, session_id=spec.digest(), noise_multiplier=outcome.noise_multiplier,
-            sample_rate=outcome.sample_rate, steps=outcome.steps,
+            sample_rate=outcome.sample_rate, steps=outcome.steps, distributed=planned,
         )
         epsilon = self.ledger.epsilon()
         self.state.set_round(r, "charged", mode=spec.mode, epsilon_prv=epsilon)
-        self.emit("charged", round=r, epsilon=epsilon)
+        self.emit("charged", round=r, epsilon=epsilon,
+                  distributed_dp=planned.to_dict() if planned is not None else None)
         machine.set_update(self._clip(spec, outcome.delta), ledger_head=head)
         self.emit("update_ready", round=r)
         payload = upload_input
@@ -283,6 +296,12 @@ class Participant:
             assert next_stage is not None
             payload = self._await_stage(spec, next_stage)
         result = machine.result()
+        detail = ""
+        if hook is not None and planned is not None:
+            detail = self._account_survivors(spec, hook, planned, result.survivors)
+            epsilon = self.ledger.epsilon()
+        # The hook wrote g * (grid + noise) with g = 2^scale_bits * grid_step, so the sum decodes
+        # at the round's scale like any masked sum: FedAvg = sum / survivors.
         new_global = (
             self.site.global_vector().astype(np.float64) + result.aggregate / len(result.survivors)
         ).astype(np.float32)
@@ -303,9 +322,34 @@ class Participant:
         metrics = self.site.evaluate()
         self.state.set_round(
             r, "done", survivors=result.survivors, global_hash_after=new_hash,
-            accuracy=metrics.get("accuracy"),
+            accuracy=metrics.get("accuracy"), **({"detail": detail} if detail else {}),
         )
-        return RoundReport(r, "done", spec.mode, result.survivors, epsilon, metrics)
+        return RoundReport(r, "done", spec.mode, result.survivors, epsilon, metrics, detail)
+
+    def _account_survivors(self, spec: RoundSpec, hook: DistributedDP, planned: Any,
+                           survivors: tuple[str, ...]) -> str:
+        """After the sum: the distributed-DP release for the shares that reached it.
+
+        The ledger keeps the planned (guaranteed-shares) entry: it is append-only and composes
+        every entry, so an exact follow-up could only add ε. The protocol never completes with
+        fewer survivors than the guarantee; should it, a top-up entry charges the exact release
+        as well (over-reports, never under-reports). Returns the round's detail (JSON).
+        """
+        if not hook.releases:
+            raise ProtocolAbort(f"round {spec.round_number}: the noise hook never ran")
+        exact = hook.releases[-1].event(shares=len(survivors))
+        if exact.shares < planned.shares:
+            self.ledger.charge_event(round_number=spec.round_number,
+                                     session_id=spec.digest(), event=exact)
+        eps_exact = self.ledger.exact_epsilon(planned=planned, exact=exact)
+        facts = {"distributed_dp": {"planned_shares": planned.shares, "survivors": len(survivors),
+                                    "share_variance": exact.variance / exact.shares,
+                                    "grid_step": hook.releases[-1].grid_step,
+                                    "clipped": hook.releases[-1].clipped,
+                                    "epsilon_ledger": self.ledger.epsilon(),
+                                    "epsilon_survivors": eps_exact}}
+        self.emit("distributed_dp", round=spec.round_number, **facts["distributed_dp"])
+        return json.dumps(facts, sort_keys=True)
 
     def _setup_stages(self, spec: RoundSpec, machine: ParticipantRound,
                       stop: threading.Event) -> bytes:

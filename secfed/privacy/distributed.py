@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from secfed.crypto.errors import ConfigError, DPGuardError, PrivacyError
+from secfed.crypto.errors import ConfigError, DPGuardError, HeadroomError, PrivacyError
 from secfed.crypto.prg import keystream
 from secfed.privacy.events import DistributedDPEvent
 
@@ -50,6 +50,9 @@ ROUNDING_BETA = math.exp(-0.5)  # Kairouz et al. 2021: each rounding try fails w
 MAX_ROUNDING_TRIES = 64
 _TAIL_SIGMAS = 40.0  # CDF table spans lambda +- 40 sqrt(lambda): the mass outside is < 1e-300
 _MAX_TABLE = 20_000_000
+# Headroom: a coordinate of the noised sum stays within n x (L2 bound) + 20 noise standard
+# deviations; the (near-Gaussian) Skellam sum passes that with probability < 1e-80 per coordinate.
+HEADROOM_SIGMAS = 20.0
 
 
 def rounded_norm_bound(norm: float, dim: int, beta: float = ROUNDING_BETA) -> float:
@@ -175,11 +178,41 @@ class DistributedDP:
         """Ring units per grid step: g = round(2^scale_bits · C / norm_units) (≥ 1)."""
         return max(1, round(2.0**scale_bits * self.clip_norm / self.norm_units))
 
+    def max_sum_abs(self, *, n_participants: int, guaranteed: int, dim: int,
+                    scale_bits: int) -> int:
+        """Ring units that no coordinate of the noised sum of ``n_participants`` shares exceeds
+        (except with probability < 1e-80), each share sized for ``guaranteed`` shares."""
+        gamma = self.grid_multiplier(scale_bits) / 2.0**scale_bits
+        bound = rounded_norm_bound(self.clip_norm / gamma, dim)
+        share_var = (self.noise_multiplier * bound) ** 2 / max(1, guaranteed)
+        grid = n_participants * math.ceil(bound) + math.ceil(
+            HEADROOM_SIGMAS * math.sqrt(n_participants * share_var)
+        )
+        return grid * self.grid_multiplier(scale_bits)
+
+    def check_headroom(self, spec: Any) -> None:
+        """The ring of ``spec`` must hold the noised sum without wrapping.
+
+        Raises:
+            HeadroomError: the bound of :meth:`max_sum_abs` exceeds 2^(ring_bits-1) - 1.
+        """
+        need = self.max_sum_abs(n_participants=len(spec.participants),
+                                guaranteed=guaranteed_shares(spec), dim=int(spec.vector_length),
+                                scale_bits=int(spec.scale_bits))
+        if need > 2 ** (int(spec.ring_bits) - 1) - 1:
+            raise HeadroomError(
+                f"distributed DP: the noised sum may reach {need} ring units, above the "
+                f"Z_2^{spec.ring_bits} headroom {2 ** (int(spec.ring_bits) - 1) - 1} "
+                "(use ring_bits = 64 or a smaller noise_multiplier/clip_norm)"
+            )
+
     def check_round(self, spec: Any) -> None:
-        """Refuse a round too small for enterprise-level DP to mean anything.
+        """Refuse a round too small for enterprise-level DP to mean anything, or whose ring
+        cannot hold the noised sum.
 
         Raises:
             DPGuardError: fewer than ``min_participants`` and not forced; or a CKKS round.
+            HeadroomError: see :meth:`check_headroom`.
         """
         if spec.mode not in ("secagg", "secagg+"):
             raise DPGuardError(f"distributed DP needs a mask mode (secagg, secagg+) (got {spec.mode!r})")
@@ -189,6 +222,7 @@ class DistributedDP:
                 f"distributed DP needs at least min_participants = {self.min_participants} enterprises"
                 f" (got {n}); pass force=True to run anyway"
             )
+        self.check_headroom(spec)
 
     def planned_release(self, spec: Any) -> DistributedRelease:
         """The release this hook will make in ``spec``'s round (before any data is touched)."""

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from secfed.config import (
     Deadlines,
+    DistributedDPSettings,
     DPSettings,
     FederationConfig,
     ModelSettings,
@@ -30,6 +31,7 @@ from secfed.config import (
     load_federation,
     load_site_policy,
     site_policy_to_toml,
+    validated,
 )
 from secfed.crypto.errors import ConfigError
 from secfed.crypto.keys import IdentityKey
@@ -162,9 +164,25 @@ def _ckks_contexts() -> tuple[bytes, bytes] | None:
     return ctx.serialize(secret=True), ctx.serialize(secret=False)
 
 
-def ring_bits_for(n_participants: int, model: ModelSettings) -> int:
+def distributed_sum_abs(n_participants: int, model: ModelSettings,
+                        distributed: DistributedDPSettings) -> int:
+    """Ring units a coordinate of the noised sum stays within, whatever the round's guaranteed
+    number of noise shares (sized for one share: the largest per-share noise)."""
+    from secfed.privacy.distributed import DistributedDP
+
+    hook = DistributedDP(clip_norm=distributed.clip_norm,
+                         noise_multiplier=distributed.noise_multiplier,
+                         min_participants=distributed.min_participants,
+                         norm_units=distributed.norm_units, force=distributed.force)
+    return hook.max_sum_abs(n_participants=n_participants, guaranteed=1,
+                            dim=model.vector_length, scale_bits=model.scale_bits)
+
+
+def ring_bits_for(n_participants: int, model: ModelSettings,
+                  distributed: DistributedDPSettings | None = None) -> int:
     """The smaller ring (Z_2^32 before Z_2^64) whose headroom holds the sum of ``n`` clipped
-    updates at the model's scale: half the upload bytes whenever the federation is small."""
+    updates at the model's scale (and, with distributed DP, their noise shares): half the
+    upload bytes whenever the federation is small."""
     from secfed.crypto.encoding import check_headroom
     from secfed.crypto.errors import HeadroomError
 
@@ -172,6 +190,8 @@ def ring_bits_for(n_participants: int, model: ModelSettings) -> int:
         check_headroom(n_participants=n_participants, max_abs=model.clip_bound,
                        scale_bits=model.scale_bits, ring_bits=32)
     except HeadroomError:
+        return 64
+    if distributed is not None and distributed_sum_abs(n_participants, model, distributed) > 2**31 - 1:
         return 64
     return 32
 
@@ -210,27 +230,32 @@ def create_kits(
     t = threshold if threshold is not None else default_threshold(n)
     dp = dp or DPSettings()
     if "ring_bits" not in model.model_fields_set:
-        model = model.model_copy(update={"ring_bits": ring_bits_for(n, model)})
+        model = model.model_copy(update={"ring_bits": ring_bits_for(n, model, dp.distributed)})
+    elif dp.distributed is not None:
+        need = distributed_sum_abs(n, model, dp.distributed)
+        if need > 2 ** (model.ring_bits - 1) - 1:
+            raise ConfigError(
+                f"model.ring_bits = {model.ring_bits} cannot hold the distributed-DP noised sum "
+                f"({need} ring units); use 64 or a smaller dp.distributed noise_multiplier/clip_norm"
+            )
     identities = {eid: IdentityKey.generate() for eid in enterprises}
     roster = tuple(
         RosterEntry(id=eid, identity_public_key=identities[eid].public_bytes().hex())
         for eid in enterprises
     )
-    try:
-        fed = FederationConfig(
-            name=name,
-            coordinator_url=coordinator_url,
-            roster=roster,
-            rounds=rounds,
-            mode_schedule=mode_schedule,  # type: ignore[arg-type]
-            threshold=t,
-            min_participants=min_participants if min_participants is not None else t,
-            deadlines=deadlines or Deadlines(),
-            dp=dp,
-            model=model,
-        )
-    except Exception as exc:  # pydantic ValidationError -> our error family
-        raise ConfigError(f"federation settings: {exc}") from None
+    fed = validated(
+        FederationConfig,
+        name=name,
+        coordinator_url=coordinator_url,
+        roster=roster,
+        rounds=rounds,
+        mode_schedule=mode_schedule,
+        threshold=t,
+        min_participants=min_participants if min_participants is not None else t,
+        deadlines=deadlines or Deadlines(),
+        dp=dp,
+        model=model,
+    )
     fed_toml = federation_to_toml(fed)
 
     ca = make_ca(name)
