@@ -4,8 +4,8 @@ Both runs: one server process and 3 client processes, d = 1e5 float32 per client
 
 * secure: ``secfed aggregate`` + three ``secfed join --synthetic`` processes, rounds in ``secagg``
   mode (or ``secagg+``/``ckks``). Round time = from the moment the *last* client has its update
-  ready (``update_ready``: after training and the ledger charge) until the *last* client has
-  applied the aggregate (``applied``). The signed-hash confirmation that follows (which plaintext
+  (``trained``: local training returned) until the *last* client has applied the aggregate
+  (``applied``). The ledger charge happens before training, so it is not in this window. The signed-hash confirmation that follows (which plaintext
   FedAvg has no counterpart for) is shown apart (``+confirm``: until the last ``round_report``).
 * plaintext: the same FastAPI/uvicorn server stack, certificates and httpx client, with a
   minimal in-memory service that takes raw float32 uploads and hands back their mean (one
@@ -79,7 +79,7 @@ def _kits(root: Path, *, dim: int, rounds: int, mode: str):
 
 def secure_rounds(root: Path, *, dim: int, rounds: int, mode: str, train_s: float
                   ) -> tuple[list[float], list[float]]:
-    """(update ready -> applied, update ready -> confirmed) per round, seconds."""
+    """(trained -> applied, trained -> confirmed) per round, seconds."""
     kits = _kits(root / "secure", dim=dim, rounds=rounds, mode=mode)
     py = [sys.executable, "-m", "secfed.cli.main"]
     logs = {}
@@ -105,7 +105,7 @@ def secure_rounds(root: Path, *, dim: int, rounds: int, mode: str, train_s: floa
                 e = json.loads(line)
             except ValueError:
                 continue
-            if e.get("event") == "update_ready":
+            if e.get("event") == "trained":
                 ready.setdefault(e["round"], []).append(e["at"])
             elif e.get("event") == "applied":
                 applied.setdefault(e["round"], []).append(e["at"])

@@ -581,8 +581,8 @@ def check_outbound(enterprise_id: str, log: OutboundLog, audit: LedgerAudit) -> 
             )
         )
     charged = {}
-    for e in audit.entries:
-        charged.setdefault(e.round_number, e)
+    for e in audit.entries:  # the round's newest entry (the head its upload carries)
+        charged[e.round_number] = e
     late: list[Check] = []
     for m in log.messages:
         if m.stage not in UPDATE_STAGES:

@@ -1,12 +1,15 @@
 """The ``secfed join`` loop: one enterprise taking part in every round it safely can.
 
 Per round: fetch the spec -> check it against the site's own policy, the pinned roster, its
-current global adapter hash and its remaining budget (before any secret exists) -> train with
-DP -> charge the ledger (committed) -> protect (protocol; with ``[dp.distributed]`` the noise
-hook clips the whole update and adds this site's Skellam share first) -> upload with the signed
-ledger head -> answer the later stages -> decode the sum, apply sum / survivors (FedAvg) -> sign
-and send the new global hash -> check the peers' signed hashes. Every outbound message is recorded in the
-site's own SQLite ``outbound`` table.
+current global adapter hash and its remaining budget (before any secret exists) -> charge the
+ledger for the round's mechanism (committed) -> advertise keys and, in a background thread,
+answer the share stage while the model trains with DP -> check that training ran the charged
+(sigma, q, steps) -> protect (protocol; with ``[dp.distributed]`` the noise hook clips the whole
+update and adds this site's Skellam share first) -> upload with the signed ledger head -> answer
+the later stages (each reply posted together with the long poll for the next stage's input) ->
+decode the sum, apply sum / survivors (FedAvg) -> sign and send the new global hash -> check the
+peers' signed hashes. Every outbound message is recorded in the site's own SQLite ``outbound``
+table.
 
 A participant restarted mid-round cannot continue that round (its ephemeral secrets lived only in
 memory, by design): the round counts as lost for it -- its charge stays in the ledger -- and it
@@ -26,6 +29,7 @@ import numpy as np
 
 from secfed.crypto.errors import (
     ConfigError,
+    DPGuardError,
     EncodingError,
     InvalidSignature,
     PrivacyError,
@@ -215,13 +219,21 @@ class Participant:
             self._ckks = ckks.load_context(self.kit.ckks_secret.read_bytes(), expect_secret=True)
         return self._ckks
 
-    def _send(self, spec: RoundSpec, stage: Stage, payload: bytes, ledger_head: bytes = b"") -> None:
+    def _send(self, spec: RoundSpec, stage: Stage, payload: bytes, ledger_head: bytes = b"",
+              *, then: Stage | None = None, stop: threading.Event | None = None) -> bytes | None:
+        """Record and post one stage message. With ``then``: post it and long-poll that
+        stage's input in the same round trip, returning the input (waiting past one poll)."""
         envelope = Envelope(round_number=spec.round_number, stage=stage.value,
                             ledger_head=ledger_head, payload=payload)
         self.state.sent(round_number=spec.round_number, stage=stage.value,
                         destination="coordinator", payload=payload,
                         protection=_protection(stage, spec.mode))
-        self.client.submit(envelope)
+        if then is None:
+            self.client.submit(envelope)
+            return None
+        wait = POLL_S if stop is None else SETUP_POLL_S
+        data = self.client.exchange(envelope, next_stage=then.value, wait=wait)
+        return data if data is not None else self._await_stage(spec, then, stop=stop)
 
     def _await_stage(self, spec: RoundSpec, stage: Stage,
                      stop: threading.Event | None = None) -> bytes:
@@ -256,10 +268,20 @@ class Participant:
             noise_hook=hook,
         )
         planned = hook.planned_event(spec) if hook is not None else None
+        # Charged before training, for the mechanism the round's terms fix (q, sigma, steps):
+        # committed before anything about the data can leave; a failure later over-reports,
+        # never under-reports, and the signing/accounting cost stays off the post-training path.
+        # With distributed DP a second entry covers the noise shares the round guarantees.
+        head = self.ledger.charge(
+            round_number=r, session_id=spec.digest(), noise_multiplier=terms.noise_multiplier,
+            sample_rate=terms.sample_rate, steps=terms.local_steps, distributed=planned,
+        )
+        epsilon = self.ledger.epsilon()
+        self.state.set_round(r, "charged", mode=spec.mode, epsilon_prv=epsilon)
+        self.emit("charged", round=r, epsilon=epsilon,
+                  distributed_dp=planned.to_dict() if planned is not None else None)
         # Key set-up needs no data: advertise now and answer the share stage while the model
-        # trains, so only the data-dependent stages follow the update (ephemeral keys only;
-        # nothing about the data leaves before the ledger charge below).
-        self.state.set_round(r, "keys", mode=spec.mode)
+        # trains, so only the data-dependent stages follow the update (ephemeral keys only).
         self.emit("protocol_started", round=r)
         self._send(spec, Stage.ADVERTISE, machine.start())
         setup = _Background(self._setup_stages, spec, machine)
@@ -269,32 +291,33 @@ class Participant:
         except BaseException:
             setup.stop.set()
             raise
-        upload_input = setup.result()  # key set-up failed -> abort before the charge
-        # Charged when the update leaves the site, committed before it does (with distributed
-        # DP: a second entry for the noise shares the round guarantees).
-        head = self.ledger.charge(
-            round_number=r, session_id=spec.digest(), noise_multiplier=outcome.noise_multiplier,
-            sample_rate=outcome.sample_rate, steps=outcome.steps, distributed=planned,
-        )
-        epsilon = self.ledger.epsilon()
-        self.state.set_round(r, "charged", mode=spec.mode, epsilon_prv=epsilon)
-        self.emit("charged", round=r, epsilon=epsilon,
-                  distributed_dp=planned.to_dict() if planned is not None else None)
+        self.emit("trained", round=r)
+        charged = (terms.noise_multiplier, terms.sample_rate, terms.local_steps)
+        ran = (outcome.noise_multiplier, outcome.sample_rate, outcome.steps)
+        if ran != charged:
+            setup.stop.set()
+            raise DPGuardError(
+                f"training ran (sigma, q, steps) = {ran} but the ledger charged {charged}: "
+                "the update is not sent"
+            )
+        payload: bytes | None = setup.result()  # key set-up failed -> abort, nothing sent
         machine.set_update(self._clip(spec, outcome.delta), ledger_head=head)
         self.emit("update_ready", round=r)
-        payload = upload_input
         while True:
             stage = machine.stage
-            assert stage is not None
+            assert stage is not None and payload is not None
             reply = machine.handle(stage, payload)
-            if reply is not None:
-                self._send(spec, stage, reply, ledger_head=head if stage is Stage.UPLOAD else b"")
             self.emit("stage", round=r, stage=stage.value)
             if _has_result(machine):
                 break
             next_stage = machine.stage
             assert next_stage is not None
-            payload = self._await_stage(spec, next_stage)
+            if reply is not None:
+                payload = self._send(spec, stage, reply,
+                                     ledger_head=head if stage is Stage.UPLOAD else b"",
+                                     then=next_stage)
+            else:
+                payload = self._await_stage(spec, next_stage)
         result = machine.result()
         detail = ""
         if hook is not None and planned is not None:
@@ -355,15 +378,21 @@ class Participant:
                       stop: threading.Event) -> bytes:
         """Answer the stages before the upload (key roster -> shares); return the upload stage's
         input (the forwarded shares, or the key roster in ckks mode)."""
-        while machine.stage is not Stage.UPLOAD:
-            stage = machine.stage
-            assert stage is not None
-            payload = self._await_stage(spec, stage, stop=stop)
+        stage = machine.stage
+        assert stage is not None
+        payload: bytes | None = self._await_stage(spec, stage, stop=stop)
+        while stage is not Stage.UPLOAD:
+            assert payload is not None
             reply = machine.handle(stage, payload)
-            if reply is not None:
-                self._send(spec, stage, reply)
             self.emit("stage", round=spec.round_number, stage=stage.value)
-        return self._await_stage(spec, Stage.UPLOAD, stop=stop)
+            answered, stage = stage, machine.stage
+            assert stage is not None
+            if reply is not None:
+                payload = self._send(spec, answered, reply, then=stage, stop=stop)
+            else:
+                payload = self._await_stage(spec, stage, stop=stop)
+        assert payload is not None
+        return payload
 
     def _catch_up(self, *, before: int) -> None:
         """Apply the rounds this site missed (a dropout, a restart) from their stored aggregates.

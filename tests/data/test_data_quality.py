@@ -39,9 +39,9 @@ def test_duplicates_found_with_precision_and_recall_at_least_0_8(federation, qua
 
 
 def test_mislabels_found_well_above_chance(federation, quality_reports):
-    # Measured at this seed: precision ~0.6, recall ~0.4 -- BELOW the 0.8 target
-    # (image-only records are hard for the generic ViT). This pins the floor; a random flagger
-    # at the same count would have precision ~0.1 (the injected rate).
+    # Measured at this seed: precision 0.94, recall 0.76 (recall below the 0.8 target:
+    # image-only records are hard). Tighter floors live in test_quality_checks.py; this one
+    # pins "well above chance": a random flagger at the same count would have precision ~0.1.
     precision, recall, found, expected = _pooled(federation, quality_reports, "mislabels")
     assert expected > 10
     assert precision >= 0.5 and recall >= 0.3, (precision, recall)

@@ -132,9 +132,9 @@ def test_enterprise_killed_mid_round_is_a_dropout_then_catches_up(tmp_path) -> N
     for eid in enterprises:
         np.testing.assert_allclose(adapter_of(procs.kits, eid), want, atol=2e-6, rtol=0)
     assert '"caught_up"' in procs.log(victim)
-    # killed while training, before its update could leave: round 1 was never charged
+    # charged before it trained: the lost round's charge stays in the victim's ledger
     entries = read_ledger(procs.kits.enterprises[victim] / "ledger.sqlite")
-    assert [e.round_number for e in entries] == [2]
+    assert [e.round_number for e in entries] == [1, 2]
 
 
 def _kill_coordinator_at(tmp_path, stage: str) -> None:
