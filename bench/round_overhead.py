@@ -22,7 +22,7 @@ Prints medians over the measured rounds, the ratio (target <= 1.2x) and Flower 1
 issue 8 on this machine (SecAgg+ 31 s vs plaintext 6.4 s for the same size).
 
     .venv/bin/python bench/round_overhead.py [--dim 100000] [--rounds 5] [--mode secagg]
-                                             [--train-s 0,1]
+                                             [--train-s 0,1] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ class PlaintextFedAvg:
         self.round = 1
         self.uploads: dict[str, np.ndarray] = {}
         self.mean: np.ndarray | None = None
+        self.total = np.zeros(dim, np.float32)
+        self.mean_bytes = b""
         self.changed = asyncio.Condition()
 
     async def round_info(self, *, after: int, wait: float) -> RoundInfo:
@@ -140,9 +142,14 @@ class PlaintextFedAvg:
     async def submit(self, *, sender: str, envelope: Envelope) -> SubmitAck:
         vec = np.frombuffer(envelope.payload, dtype="<f4")
         async with self.changed:
+            # running sum off the event loop, as the secure coordinator does with its ring sum
+            if not self.uploads:
+                self.total = np.zeros(self.dim, np.float32)
+            await asyncio.to_thread(np.add, self.total, vec, out=self.total)
             self.uploads[sender] = vec
             if len(self.uploads) == self.n:
-                self.mean = np.mean(np.stack(list(self.uploads.values())), axis=0).astype("<f4")
+                self.mean_bytes = (self.total / np.float32(self.n)).astype("<f4").tobytes()
+                self.mean = self.total
                 self.changed.notify_all()
         return SubmitAck(accepted=True, round_number=envelope.round_number, stage="upload",
                          sha256=envelope.payload_sha256())
@@ -158,7 +165,7 @@ class PlaintextFedAvg:
                     await asyncio.wait_for(self.changed.wait(), left)
                 except TimeoutError:
                     return None
-            data = self.mean.tobytes()
+            data = self.mean_bytes
         return data
 
     async def confirm(self, *, sender: str, round_number: int, confirmation) -> SubmitAck:
@@ -244,26 +251,36 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--mode", default="secagg", choices=["secagg", "secagg+", "ckks"])
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="plaintext/secure run pairs per training time (alternating)")
     ap.add_argument("--train-s", default="0,1",
                     help="comma-separated stand-in training seconds per round (one run each)")
     args = ap.parse_args()
     print(f"d = {args.dim}, 3 clients, {args.rounds} rounds per run, mode {args.mode}, "
           f"load average {os.getloadavg()[0]:.2f}; medians exclude round 1 (connection set-up)")
     print(f"{'train s':>8} {'plaintext s':>12} {'secure s':>9} {'ratio':>6} "
-          f"{'+confirm s':>11}  secure rounds (s)")
+          f"{'+confirm s':>11}  (medians over runs of per-run medians)")
     medians = []
     for train_s in [float(x) for x in args.train_s.split(",")]:
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp)
-            plain = plaintext_rounds(root, dim=args.dim, rounds=args.rounds, train_s=train_s)
-            secure, confirmed = secure_rounds(root, dim=args.dim, rounds=args.rounds,
-                                              mode=args.mode, train_s=train_s)
-        p_med = statistics.median(plain[1:] or plain)
-        s_med = statistics.median(secure[1:] or secure)
-        c_med = statistics.median(confirmed[1:] or confirmed)
+        plain_runs, secure_runs, confirm_runs, secure_all = [], [], [], []
+        for _ in range(args.repeats):  # alternate, so load changes hit both alike
+            with tempfile.TemporaryDirectory() as tmp:
+                root = Path(tmp)
+                plain = plaintext_rounds(root, dim=args.dim, rounds=args.rounds, train_s=train_s)
+                secure, confirmed = secure_rounds(root, dim=args.dim, rounds=args.rounds,
+                                                  mode=args.mode, train_s=train_s)
+            plain_runs.append(statistics.median(plain[1:] or plain))
+            secure_runs.append(statistics.median(secure[1:] or secure))
+            confirm_runs.append(statistics.median(confirmed[1:] or confirmed))
+            secure_all += [round(x, 3) for x in secure]
+        p_med = statistics.median(plain_runs)
+        s_med = statistics.median(secure_runs)
+        c_med = statistics.median(confirm_runs)
+        ratios = [round(s / p, 2) for s, p in zip(secure_runs, plain_runs, strict=True)]
         medians.append(s_med)
         print(f"{train_s:>8.1f} {p_med:>12.3f} {s_med:>9.3f} {s_med / p_med:>5.2f}x "
-              f"{c_med:>11.3f}  {[round(x, 3) for x in secure]}")
+              f"{c_med:>11.3f}  per-run ratios {ratios}; plaintext per run "
+              f"{[round(x, 3) for x in plain_runs]}")
     print("target: secure <= 1.2x plaintext")
     print(f"Flower 1.42 (issue 8, this machine): {FLOWER_SECURE_S} s / {FLOWER_PLAIN_S} s = "
           f"{FLOWER_SECURE_S / FLOWER_PLAIN_S:.1f}x; secfed's slowest secure round median is "

@@ -415,7 +415,9 @@ class Coordinator:
                     f"(got {envelope.stage}): late or early message refused"
                 )
             await asyncio.to_thread(live.machine.receive, sender, envelope.payload)
-            self.state.record(
+            # committed before the ack; off the event loop so other uploads keep streaming in
+            await asyncio.to_thread(
+                self.state.record,
                 round_number=envelope.round_number, stage=envelope.stage, sender=sender,
                 payload=envelope.payload, sha256=digest,
                 ledger_head=envelope.ledger_head or None,
