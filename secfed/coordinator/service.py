@@ -15,6 +15,7 @@ the round is aborted cleanly and the next one starts.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import time
 from collections import Counter
@@ -49,6 +50,7 @@ __all__ = ["Coordinator", "EventSink"]
 EventSink = Callable[[dict[str, Any]], None]
 RESTART_GRACE_S = 30.0  # after a restart, give participants this long to re-send before closing
 TICK_S = 0.05  # deadline check period of the driver loop
+INLINE_BYTES = 64 * 1024  # messages up to this size are handled on the event loop
 
 
 @dataclass
@@ -267,7 +269,10 @@ class Coordinator:
             if not (machine.complete() or time.time() >= live.deadline):
                 continue
             async with self._lock:
-                await asyncio.to_thread(self._close_stage, live)
+                if machine.stage in (Stage.UPLOAD, Stage.UNMASK):  # sums and unmasking: heavy
+                    await asyncio.to_thread(self._close_stage, live)
+                else:
+                    self._close_stage(live)
             await self._notify()
         if live.status == "confirming":
             await self._wait_change(
@@ -414,14 +419,18 @@ class Coordinator:
                     f"stage must be the open stage {live.machine.stage.value} "
                     f"(got {envelope.stage}): late or early message refused"
                 )
-            await asyncio.to_thread(live.machine.receive, sender, envelope.payload)
-            # committed before the ack; off the event loop so other uploads keep streaming in
-            await asyncio.to_thread(
+            record = functools.partial(
                 self.state.record,
                 round_number=envelope.round_number, stage=envelope.stage, sender=sender,
                 payload=envelope.payload, sha256=digest,
                 ledger_head=envelope.ledger_head or None,
             )
+            if len(envelope.payload) <= INLINE_BYTES:  # control-sized: a thread hop costs more
+                live.machine.receive(sender, envelope.payload)
+                record()  # committed before the ack
+            else:  # vectors: off the event loop so other uploads keep streaming in
+                await asyncio.to_thread(live.machine.receive, sender, envelope.payload)
+                await asyncio.to_thread(record)
         self.emit("message", round=envelope.round_number, stage=envelope.stage, sender=sender,
                   bytes=len(envelope.payload))
         await self._notify()
