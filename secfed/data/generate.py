@@ -196,6 +196,18 @@ def _write_held_out(out: Path, rng: np.random.Generator, *, seed: int, scale: st
     return len(drafts)
 
 
+def _checked_out_dir(out_dir: Path | str, *, seed: int, scale: str) -> Path:
+    """The output directory after checking scale, seed and that it is empty or absent."""
+    if scale not in SCALES:
+        raise DataError(f"scale must be one of {list(SCALES)} (got {scale!r})")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise DataError(f"seed must be a non-negative integer (got {seed!r})")
+    root = Path(out_dir)
+    if root.exists() and any(root.iterdir()):
+        raise DataError(f"out_dir must be empty or absent (got {str(root)!r}, not empty)")
+    return root
+
+
 def generate_held_out(out_dir: Path | str, *, seed: int, scale: str = "demo") -> Path:
     """Write only a held-out set like the federation's ``test/`` (same size for ``scale``).
 
@@ -205,13 +217,7 @@ def generate_held_out(out_dir: Path | str, *, seed: int, scale: str = "demo") ->
     Raises:
         DataError: bad scale/seed, or ``out_dir`` is not empty.
     """
-    if scale not in SCALES:
-        raise DataError(f"scale must be one of {list(SCALES)} (got {scale!r})")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise DataError(f"seed must be a non-negative integer (got {seed!r})")
-    root = Path(out_dir)
-    if root.exists() and any(root.iterdir()):
-        raise DataError(f"out_dir must be empty or absent (got {str(root)!r}, not empty)")
+    root = _checked_out_dir(out_dir, seed=seed, scale=scale)
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(len(ENTERPRISES) + 1)[-1])
     _write_held_out(root, rng, seed=seed, scale=scale, per_class=TEST_PER_CLASS[scale])
     return root
@@ -228,13 +234,7 @@ def generate_federation(out_dir: Path | str, *, seed: int, scale: str = "demo") 
     Raises:
         DataError: bad scale/seed, or ``out_dir`` already holds datasets.
     """
-    if scale not in SCALES:
-        raise DataError(f"scale must be one of {list(SCALES)} (got {scale!r})")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise DataError(f"seed must be a non-negative integer (got {seed!r})")
-    root = Path(out_dir)
-    if root.exists() and any(root.iterdir()):
-        raise DataError(f"out_dir must be empty or absent (got {str(root)!r}, not empty)")
+    root = _checked_out_dir(out_dir, seed=seed, scale=scale)
     truth_dir = root / TRUTH_DIR
     truth_dir.mkdir(parents=True, exist_ok=True)
     seeds = np.random.SeedSequence(seed).spawn(len(ENTERPRISES) + 1)

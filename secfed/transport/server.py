@@ -129,6 +129,11 @@ class BodyLimit:
         await self._app(scope, replay, send)
 
 
+BINARY_BODY = {"requestBody": {"required": True,
+                               "content": {OCTET: {"schema": {"type": "string",
+                                                              "format": "binary"}}}}}
+
+
 def _error(exc: SecfedError) -> JSONResponse:
     body = ErrorBody(error=type(exc).__name__, message=str(exc))
     return JSONResponse(status_code=status_for(exc), content=body.model_dump())
@@ -212,9 +217,7 @@ def create_app(
         return Response(content=data, media_type=OCTET)
 
     @app.post("/v1/rounds/{round_number}/stages/{stage}", response_model=SubmitAck,
-              openapi_extra={"requestBody": {"required": True,
-                                             "content": {OCTET: {"schema": {"type": "string",
-                                                                           "format": "binary"}}}}},
+              openapi_extra=BINARY_BODY,
               responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody},
                          409: {"model": ErrorBody}, 410: {"model": ErrorBody},
                          413: {"model": ErrorBody}})
@@ -233,9 +236,7 @@ def create_app(
         return await service.submit(sender=sender, envelope=envelope)
 
     @app.post("/v1/rounds/{round_number}/stages/{stage}/exchange",
-              openapi_extra={"requestBody": {"required": True,
-                                             "content": {OCTET: {"schema": {"type": "string",
-                                                                           "format": "binary"}}}}},
+              openapi_extra=BINARY_BODY,
               responses={200: {"content": {OCTET: {}},
                                "description": "accepted; the caller's input for stage `next`"},
                          202: {"model": SubmitAck,
