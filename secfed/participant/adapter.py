@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,8 @@ class LocalSite(Protocol):
     def global_hash(self) -> str: ...
     def hash_of(self, vec: np.ndarray) -> str: ...
     def train(self, terms: RoundTerms) -> TrainOutcome: ...
-    def apply(self, new_global: np.ndarray) -> str: ...
+    def apply(self, new_global: np.ndarray, round_number: int = 0) -> str: ...
+    def flush(self) -> None: ...
     def evaluate(self) -> dict[str, float]: ...
 
 
@@ -85,17 +87,29 @@ def synthetic_update(enterprise_id: str, round_number: int, dim: int) -> np.ndar
 
 
 class _StoredAdapter:
-    """The global adapter vector persisted in the kit (atomic replace)."""
+    """The global adapter vector persisted in the kit.
+
+    :meth:`store` updates the vector in memory, returns its hash and writes it to disk in a
+    background thread (fsync'd, then atomically renamed), so the durable write overlaps the
+    confirmation the participant sends next instead of delaying it; :meth:`flush` waits for the
+    write (the join loop calls it before the round is recorded as done). A process killed
+    before the write completes restarts from the previous adapter and catches the round up from
+    the coordinator's stored aggregate, checked against the hash its survivors signed.
+
+    The data file is replaced before its metadata; a crash between the two renames leaves the
+    new metadata at ``adapter.json.tmp``, which :meth:`__init__` completes (roll forward) when
+    it matches the data file.
+    """
 
     def __init__(self, root: Path, layout_digest: bytes, initial: np.ndarray, initial_hash: str):
         self._path = root / "adapter.f32"
         self._meta = root / "adapter.json"
         self._digest = layout_digest
+        self._writer: threading.Thread | None = None
+        self._write_error: BaseException | None = None
         if self._path.is_file() and self._meta.is_file():
             vec = np.fromfile(self._path, dtype="<f4")
-            meta = json.loads(self._meta.read_text())
-            if vector_hash(layout_digest, vec) != meta.get("hash"):
-                raise ModelError(f"{self._path}: stored adapter must match its recorded hash")
+            meta = self._read_meta(vec)
             self.vector = vec.astype(np.float32)
             self.applied_round = int(meta.get("round", 0))
         else:
@@ -107,6 +121,19 @@ class _StoredAdapter:
             self.vector = initial.astype(np.float32)
             self.applied_round = 0
 
+    def _read_meta(self, vec: np.ndarray) -> dict:
+        digest = vector_hash(self._digest, vec)
+        meta = json.loads(self._meta.read_text())
+        if meta.get("hash") == digest:
+            return meta
+        pending = _pending(self._meta)
+        if pending.is_file():  # killed between the two renames: finish the second one
+            newer = json.loads(pending.read_text())
+            if newer.get("hash") == digest:
+                os.replace(pending, self._meta)
+                return newer
+        raise ModelError(f"{self._path}: stored adapter must match its recorded hash")
+
     def hash(self) -> str:
         return vector_hash(self._digest, self.vector)
 
@@ -114,20 +141,49 @@ class _StoredAdapter:
         return vector_hash(self._digest, vec)
 
     def store(self, vec: np.ndarray, round_number: int) -> str:
-        vec = np.ascontiguousarray(vec, dtype="<f4")
-        tmp = self._path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(vec.tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._path)
-        self.vector = vec.astype(np.float32)
+        """Make ``vec`` the current adapter; returns its hash. The disk write runs in the
+        background (:meth:`flush` waits for it)."""
+        self.flush()  # one write at a time, in order
+        data = np.ascontiguousarray(vec, dtype="<f4").tobytes()
+        self.vector = np.frombuffer(data, dtype="<f4").astype(np.float32)
         self.applied_round = round_number
-        digest = self.hash()
-        tmp_meta = self._meta.with_suffix(".tmp")
-        tmp_meta.write_text(json.dumps({"hash": digest, "round": round_number}))
-        os.replace(tmp_meta, self._meta)
+        digest = vector_hash(self._digest, self.vector)
+        meta = json.dumps({"hash": digest, "round": round_number}).encode()
+        self._writer = threading.Thread(target=self._write, args=(data, meta), daemon=False,
+                                        name="secfed-adapter-write")
+        self._writer.start()
         return digest
+
+    def _write(self, data: bytes, meta: bytes) -> None:
+        try:
+            tmp, tmp_meta = _pending(self._path), _pending(self._meta)
+            for path, content in ((tmp, data), (tmp_meta, meta)):
+                with open(path, "wb") as fh:
+                    fh.write(content)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, self._path)
+            os.replace(tmp_meta, self._meta)
+            dir_fd = os.open(self._path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the renames survive a power loss too
+            finally:
+                os.close(dir_fd)
+        except BaseException as exc:  # handed to the caller by flush()
+            self._write_error = exc
+
+    def flush(self) -> None:
+        """Wait until the last stored adapter is on disk; re-raises a failed write."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._write_error is not None:
+            exc, self._write_error = self._write_error, None
+            raise ModelError(f"{self._path}: writing the adapter failed ({exc})") from exc
+
+
+def _pending(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
 
 
 def synthetic_training(seconds: float) -> None:
@@ -172,6 +228,9 @@ class SyntheticSite:
 
     def apply(self, new_global: np.ndarray, round_number: int = 0) -> str:
         return self._store.store(new_global, round_number)
+
+    def flush(self) -> None:
+        self._store.flush()
 
     def evaluate(self) -> dict[str, float]:
         return {}
@@ -248,6 +307,9 @@ class ModelSite:
         digest = self._store.store(new_global, round_number)
         self._set(self._store.vector)
         return digest
+
+    def flush(self) -> None:
+        self._store.flush()
 
     def evaluate(self) -> dict[str, float]:
         if self.test is None:

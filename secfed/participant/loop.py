@@ -7,9 +7,10 @@ answer the share stage while the model trains with DP -> check that training ran
 (sigma, q, steps) -> protect (protocol; with ``[dp.distributed]`` the noise hook clips the whole
 update and adds this site's Skellam share first) -> upload with the signed ledger head -> answer
 the later stages (each reply posted together with the long poll for the next stage's input) ->
-decode the sum, apply sum / survivors (FedAvg) -> sign and send the new global hash -> check the
-peers' signed hashes. Every outbound message is recorded in the site's own SQLite ``outbound``
-table.
+decode the sum, apply sum / survivors (FedAvg) -> sign and send the new global hash (the
+adapter's fsync'd write runs meanwhile and is waited for before the round counts as done) ->
+check the peers' signed hashes. Every outbound message is recorded in the site's own SQLite
+``outbound`` table.
 
 A participant restarted mid-round cannot continue that round (its ephemeral secrets lived only in
 memory, by design): the round counts as lost for it -- its charge stays in the ledger -- and it
@@ -337,6 +338,7 @@ class Participant:
         self.state.sent(round_number=r, stage="applied", destination="coordinator",
                         payload=confirmation.model_dump_json().encode(), protection="signed")
         self.client.confirm(round_number=r, confirmation=confirmation)
+        self.site.flush()  # the adapter's durable write ran meanwhile; on disk before "done"
         self.client.round_info(after=r, wait=POLL_S)  # answers once round r is settled
         try:
             self.emit("peers_agree", round=r, signatures=self.check_peers(r))
@@ -411,6 +413,7 @@ class Participant:
             ).astype(np.float32)
             self.check_peers(k, expected_hash=self.site.hash_of(new_global))
             self.site.apply(new_global, k)
+            self.site.flush()
             self.state.set_round(k, "caught-up", global_hash_after=self.site.global_hash())
             self.emit("caught_up", round=k, survivors=count)
 
