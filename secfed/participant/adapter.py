@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -121,14 +121,14 @@ class _StoredAdapter:
             self.vector = initial.astype(np.float32)
             self.applied_round = 0
 
-    def _read_meta(self, vec: np.ndarray) -> dict:
+    def _read_meta(self, vec: np.ndarray) -> dict[str, Any]:
         digest = vector_hash(self._digest, vec)
-        meta = json.loads(self._meta.read_text())
+        meta: dict[str, Any] = json.loads(self._meta.read_text())
         if meta.get("hash") == digest:
             return meta
         pending = _pending(self._meta)
         if pending.is_file():  # killed between the two renames: finish the second one
-            newer = json.loads(pending.read_text())
+            newer: dict[str, Any] = json.loads(pending.read_text())
             if newer.get("hash") == digest:
                 os.replace(pending, self._meta)
                 return newer
