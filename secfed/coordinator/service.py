@@ -103,7 +103,11 @@ class Coordinator:
         self._live: _Live | None = None
         self._finished = False
         self._lock = asyncio.Lock()
+        # Two wake-up channels: participants' long polls wait for what the driver changes (a
+        # round opened, a stage closed); the driver waits for arrivals (messages, confirmations).
+        # One shared condition woke every waiting long poll on every message (N^2 wake-ups).
         self._changed = asyncio.Condition()
+        self._arrived = asyncio.Condition()
         self._global_hash = self.fed.model.initial_global_hash
 
     # ------------------------------------------------------------------ events
@@ -111,19 +115,24 @@ class Coordinator:
     def emit(self, kind: str, **fields: Any) -> None:
         self._events({"event": kind, "at": round(time.time(), 3), **fields})
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+    async def _notify(self, condition: asyncio.Condition | None = None) -> None:
+        """Wake the long polls (default) or, with ``self._arrived``, the driver."""
+        condition = condition or self._changed
+        async with condition:
+            condition.notify_all()
 
-    async def _wait_change(self, predicate: Callable[[], bool], wait: float) -> bool:
+    async def _wait_change(self, predicate: Callable[[], bool], wait: float,
+                           condition: asyncio.Condition | None = None) -> bool:
+        condition = condition or self._changed
         end = time.monotonic() + wait
-        async with self._changed:
+        async with condition:
             while not predicate():
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
                 try:
-                    await asyncio.wait_for(self._changed.wait(), timeout=left)
+                    async with asyncio.timeout(left):  # no extra task per wait (wait_for)
+                        await condition.wait()
                 except TimeoutError:
                     return predicate()
         return True
@@ -264,7 +273,7 @@ class Coordinator:
         while live.status == "open":
             await self._wait_change(
                 lambda: machine.complete() or time.time() >= live.deadline,
-                max(0.0, live.deadline - time.time()) + TICK_S,
+                max(0.0, live.deadline - time.time()) + TICK_S, self._arrived,
             )
             if not (machine.complete() or time.time() >= live.deadline):
                 continue
@@ -277,7 +286,7 @@ class Coordinator:
         if live.status == "confirming":
             await self._wait_change(
                 lambda: self._all_confirmed(live) or time.time() >= live.deadline,
-                max(0.0, live.deadline - time.time()) + TICK_S,
+                max(0.0, live.deadline - time.time()) + TICK_S, self._arrived,
             )
             async with self._lock:
                 self._finish(live)
@@ -433,7 +442,7 @@ class Coordinator:
                 await asyncio.to_thread(record)
         self.emit("message", round=envelope.round_number, stage=envelope.stage, sender=sender,
                   bytes=len(envelope.payload))
-        await self._notify()
+        await self._notify(self._arrived)
         return ack
 
     async def confirm(
@@ -459,7 +468,7 @@ class Coordinator:
                 raise ProtocolError(f"{sender!r} already confirmed another hash for this round")
             self.state.confirm(round_number, sender, confirmation.global_hash,
                                bytes.fromhex(confirmation.signature_hex))
-        await self._notify()
+        await self._notify(self._arrived)
         return SubmitAck(accepted=True, duplicate=prior is not None, round_number=round_number,
                          stage="done", sha256=hashlib.sha256(message).hexdigest())
 
