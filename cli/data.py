@@ -41,12 +41,17 @@ def generate(out_dir: Path, seed: int, scale: str, as_json: bool) -> None:
 @click.option("--model", "model_dir", type=_DIR, required=True, help="Model directory.")
 @click.option("--fix", is_flag=True, help="Write a cleaned copy to --out (original untouched).")
 @click.option("--out", "out_dir", type=_DIR, default=None, help="Where --fix writes.")
+@click.option("--mislabels", "mislabel_policy", type=click.Choice(["review", "drop", "relabel"]),
+              default="review", show_default=True,
+              help="What --fix does with likely mislabels: keep them listed for review, drop "
+              "them, or take the suggested label. Duplicates are always dropped and a report "
+              "that contradicts its image is always removed (image and label kept).")
 @click.option("--truth", "truth_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Defect truth of a generated dataset (truth/<enterprise>.json):"
               " also print precision and recall of each check against it.")
 @json_option
 def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
-          truth_path: Path | None, as_json: bool) -> None:
+          mislabel_policy: str, truth_path: Path | None, as_json: bool) -> None:
     """Find duplicates, likely mislabels, image/text mismatches, missing modalities."""
     if fix and out_dir is None:
         raise click.BadParameter("--fix needs --out DIR (the original is never modified)",
@@ -58,11 +63,14 @@ def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
 
     truth = read_truth(truth_path) if truth_path is not None else None
     report, _ = check_dataset(data_dir, model_dir=model_dir)
-    cleaned = write_cleaned(data_dir, out_dir, report) if fix else None
+    cleaned = (write_cleaned(data_dir, out_dir, report, mislabels=mislabel_policy)
+               if fix else None)
     score = score_against_truth(report, truth) if truth is not None else None
     if as_json:
         body = report.to_json()
         body["cleaned"] = str(cleaned) if cleaned else None
+        if cleaned:
+            body["fix"] = report.fix_plan(mislabel_policy).to_json()
         if score is not None:
             body["score"] = score
         emit_json(body)
@@ -80,7 +88,10 @@ def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
         click.echo(f"  vs truth {kind:10s} precision {v['precision']:.2f} recall "
                    f"{v['recall']:.2f} ({v['found']} found, {v['expected']} injected)")
     if cleaned is not None:
-        click.echo(f"cleaned copy ({s['records'] - len(report.flagged())} records): {cleaned}")
+        plan = report.fix_plan(mislabel_policy)
+        click.echo(f"cleaned copy ({s['records'] - len(plan.drop)} records; "
+                   f"{len(plan.drop)} dropped, {len(plan.strip_text)} reports removed, "
+                   f"{len(plan.relabel)} relabelled, {len(plan.review)} to review): {cleaned}")
 
 
 @command.command("score")

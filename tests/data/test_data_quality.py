@@ -6,11 +6,13 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from secfed.cli.main import cli
 from secfed.data import read_records
 from secfed.data.quality import score_against_truth
+from secfed.errors import DataError
 
 
 def _pooled(federation, quality_reports, kind):
@@ -77,10 +79,21 @@ def test_fix_writes_a_cleaned_copy_and_never_touches_the_original(federation, mo
     assert _digest(data) == before
     _, kept = read_records(out)
     _, original = read_records(data)
-    flagged = {d["id"] for key in ("exact_duplicates", "near_duplicates", "mislabels",
-                                   "mismatches") for d in report[key]}
-    assert flagged and {r.id for r in kept} == {r.id for r in original} - flagged
+    by_id = {r.id: r for r in original}
+    duplicates = {d["id"] for key in ("exact_duplicates", "near_duplicates")
+                  for d in report[key]}
+    mismatched = {m["id"] for m in report["mismatches"]} - duplicates
+    suspects = {m["id"] for m in report["mislabels"]} - duplicates
+    assert duplicates and mismatched and suspects
+    # default policy: duplicates dropped, mismatched reports removed, mislabels kept for review
+    assert {r.id for r in kept} == set(by_id) - duplicates
+    assert report["fix"] == {"mislabel_policy": "review", "dropped": sorted(duplicates),
+                             "text_removed": sorted(mismatched), "relabelled": {},
+                             "to_review": sorted(suspects)}
     for r in kept:
+        source = by_id[r.id]
+        assert r.label == source.label and r.image == source.image
+        assert r.text == (None if r.id in mismatched else source.text)
         if r.image:
             assert (out / r.image).read_bytes() == (data / r.image).read_bytes()
     # refusals: --fix without --out is a usage error; --out inside the data is refused
@@ -91,3 +104,28 @@ def test_fix_writes_a_cleaned_copy_and_never_touches_the_original(federation, mo
                                  str(model_dir), "--fix", "--out", str(data / "clean")])
     assert inside.exit_code == 1 and "outside the dataset" in inside.output
     assert _digest(data) == before
+
+
+def test_fix_policies_drop_or_relabel_the_likely_mislabels(federation, quality_reports,
+                                                           tmp_path):
+    from secfed.data.quality import write_cleaned
+
+    name = "city_operations"
+    report = quality_reports[name]
+    data = federation.enterprises[name]
+    _, original = read_records(data)
+    duplicates = {d["id"] for d in report.exact_duplicates + report.near_duplicates}
+    suspects = {m["id"]: m["suggested_label"] for m in report.mislabels
+                if m["id"] not in duplicates}
+    assert suspects
+    _, dropped = read_records(write_cleaned(data, tmp_path / "drop", report, mislabels="drop"))
+    assert {r.id for r in dropped} == {r.id for r in original} - duplicates - set(suspects)
+    _, relabelled = read_records(write_cleaned(data, tmp_path / "relabel", report,
+                                               mislabels="relabel"))
+    by_id = {r.id: r for r in original}
+    assert {r.id for r in relabelled} == set(by_id) - duplicates
+    for r in relabelled:
+        assert r.label == suspects.get(r.id, by_id[r.id].label)
+    assert any(by_id[i].label != lab for i, lab in suspects.items())
+    with pytest.raises(DataError, match="mislabels must be one of"):
+        write_cleaned(data, tmp_path / "bad", report, mislabels="ignore")
