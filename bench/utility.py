@@ -94,6 +94,8 @@ class Settings:
     def describe(self) -> str:
         return (f"trainable set `{self.scope}`; {self.rounds} rounds x {self.local_epochs} local "
                 f"epoch(s) (local-only and centralized: {self.rounds * self.local_epochs} epochs); "
+                f"learning rates decay by a cosine over the horizon (epochs for one site, "
+                f"rounds for the federation); "
                 f"non-private: Adam lr {self.lr:g}, batch {self.batch}, batch-gradient clip "
                 f"{self.clip:g}; DP-SGD: {self.dp_optimizer} lr {self.dp_lr:g}, expected batch "
                 f"min({self.dp_batch}, N) (Poisson), per-example clip {self.clip:g}, "
@@ -101,13 +103,29 @@ class Settings:
                 f"DP rows: mean of {self.dp_repeats} run(s)")
 
 
-def train_plain(model, dataset, *, epochs: int, seed: int, st: Settings) -> None:
-    """Non-private baseline: Adam on shuffled mini-batches (batch gradient clipped)."""
+def cosine_lr(lr: float, step: int, total: int) -> float:
+    """Learning rate at ``step`` of ``total`` (0-based): cosine decay from ``lr`` towards 0.
+
+    Every row anneals over its whole horizon (epochs for one site, rounds for a federation),
+    so the model a row reports is a settled one, not wherever the last noisy step left it.
+    """
+    return lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
+
+
+def train_plain(model, dataset, *, epochs: int, seed: int, st: Settings,
+                lr: float | None = None, anneal: bool = True) -> None:
+    """Non-private baseline: Adam on shuffled mini-batches (batch gradient clipped); the
+    learning rate (``st.lr`` unless given) decays by :func:`cosine_lr` over the epochs when
+    ``anneal`` (federated rounds anneal across rounds instead and pass ``anneal=False``)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=st.lr)
+    base_lr = st.lr if lr is None else lr
+    opt = torch.optim.Adam(params, lr=base_lr)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if anneal:
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(base_lr, epoch, epochs)
         order = torch.randperm(len(dataset), generator=gen).tolist()
         for start in range(0, len(order), st.batch):
             batch = collate_examples([dataset[i] for i in order[start:start + st.batch]])
@@ -152,12 +170,13 @@ def federated(head0, datasets: dict, *, secure: bool, epsilon: float | None, st:
             local = _copy(model)
             if epsilon is None:
                 train_plain(local, ds, epochs=st.local_epochs, seed=st.seed * 1000 + r * 10 + k,
-                            st=st)
+                            st=st, lr=cosine_lr(st.lr, r, st.rounds), anneal=False)
                 deltas.append(get_flat(local, layout) - global_vec)
             else:
                 q, steps, sigma, _ = plans[name]
                 cfg = DPConfig(noise_multiplier=sigma, sample_rate=q, local_steps=steps,
-                               max_grad_norm=st.clip, learning_rate=st.dp_lr,
+                               max_grad_norm=st.clip,
+                               learning_rate=cosine_lr(st.dp_lr, r, st.rounds),
                                optimizer=st.dp_optimizer)
                 deltas.append(train_local(local, ds, config=cfg).delta)
         plain_sum = np.sum(np.stack(deltas).astype(np.float64), axis=0)
@@ -187,6 +206,9 @@ def write_table(rows: list[dict], meta: dict, path: Path) -> None:
              f"({meta['sizes']}), model size `{meta['size']}`. Test set: {meta['test_n']} "
              "records (all 7 classes, clean labels).", "",
              f"Training: {meta['settings']}.", "",
+             f"Cleaned data: the copy `secfed data check --fix --mislabels {meta['mislabels']}` "
+             "writes (duplicates dropped; a report that contradicts its image removed, image and "
+             f"label kept; likely mislabels: {meta['mislabels']}).", "",
              f"Hyperparameters: {meta['tuning']}", "",
              "Command: `" + meta["command"] + "`.", "",
              "| setting | noisy data | cleaned data | notes |", "|---|---|---|---|"]
@@ -199,12 +221,13 @@ def write_table(rows: list[dict], meta: dict, path: Path) -> None:
     lines += ["", *target_lines(rows)]
     if meta.get("quality"):
         lines += ["", "Data check against the injected defects (precision / recall):", "",
-                  "| enterprise | duplicates | mislabels | mismatches | records kept |",
-                  "|---|---|---|---|---|"]
+                  "| enterprise | duplicates | mislabels | mismatches | records kept | reports "
+                  "removed | relabelled |", "|---|---|---|---|---|---|---|"]
         for name, q in meta["quality"].items():
             lines.append(f"| {name} | " + " | ".join(
                 f"{q[k]['precision']:.2f} / {q[k]['recall']:.2f}"
-                for k in ("duplicates", "mislabels", "mismatches")) + f" | {q['kept']} |")
+                for k in ("duplicates", "mislabels", "mismatches")) + f" | {q['kept']} | "
+                f"{q.get('text removed', '-')} | {q.get('relabelled', '-')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -275,6 +298,29 @@ def record_ids(data_dir: Path) -> list[str]:
     return [r.id for r in read_records(data_dir, check_images=False)[1]]
 
 
+def cleaned_features(noisy: FeatureDataset, data_dir: Path,
+                     clean_dir: Path) -> tuple[FeatureDataset, dict]:
+    """The features of the cleaned copy ``clean_dir`` of ``data_dir``: its records' rows of
+    ``noisy``, with the label it holds and its text marked absent where the fix removed it."""
+    meta, original = read_records(data_dir, check_images=False)
+    _, cleaned = read_records(clean_dir, check_images=False)
+    position = {r.id: i for i, r in enumerate(original)}
+    index = {c: i for i, c in enumerate(meta.taxonomy)}
+    rows = [position[r.id] for r in cleaned]
+    out = noisy.subset(rows)
+    f = out.features
+    stripped = relabelled = 0
+    for k, r in enumerate(cleaned):
+        if r.text is None and original[rows[k]].text is not None:
+            f["text_present"][k] = 0
+            f["text"][k] = 0
+            stripped += 1
+        if index[r.label] != int(f["labels"][k]):
+            f["labels"][k] = index[r.label]
+            relabelled += 1
+    return out, {"text removed": stripped, "relabelled": relabelled}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="full", choices=["tiny", "demo", "full"])
@@ -293,6 +339,8 @@ def main() -> int:
                     help="DP rows: mean test accuracy of this many runs (fresh noise each)")
     ap.add_argument("--no-tune", dest="tune", action="store_false",
                     help="use --lr/--dp-lr as given instead of picking them on validation data")
+    ap.add_argument("--mislabels", default="review", choices=["review", "drop", "relabel"],
+                    help="the cleaned copy's mislabel policy (secfed data check --mislabels)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--work", type=Path, default=None, help="keep data/model/features here")
@@ -327,12 +375,15 @@ def main() -> int:
     for n in names:
         out = work / "clean" / n
         qfile = work / "clean" / f"{n}.quality.json"
+        if qfile.exists() and json.loads((out / "quality_report.json").read_text())[
+                "fix"]["mislabel_policy"] != args.mislabels:
+            qfile.unlink()  # cleaned under another --mislabels policy: clean again
         if not qfile.exists():
             t = time.time()
             report, dataset = check_dataset(fed_dir / n, model_dir=model_dir, model=base)
             if out.exists():
                 shutil.rmtree(out)  # a check interrupted before its scores were written
-            write_cleaned(fed_dir / n, out, report)
+            write_cleaned(fed_dir / n, out, report, mislabels=args.mislabels)
             truth = json.loads((fed_dir / "truth" / f"{n}.json").read_text())
             scores = score_against_truth(report, truth)
             qfile.write_text(json.dumps(scores))
@@ -340,9 +391,9 @@ def main() -> int:
         else:
             dataset = None
         noisy[n] = cached_features(base, fed_dir / n, feats / f"{n}.safetensors", inputs, dataset)
-        position = {rid: i for i, rid in enumerate(record_ids(fed_dir / n))}
-        clean[n] = noisy[n].subset([position[rid] for rid in record_ids(out)])
-        quality[n] = json.loads(qfile.read_text()) | {"kept": f"{len(clean[n])}/{len(noisy[n])}"}
+        clean[n], changes = cleaned_features(noisy[n], fed_dir / n, out)
+        quality[n] = json.loads(qfile.read_text()) | {
+            "kept": f"{len(clean[n])}/{len(noisy[n])}", **changes}
     sizes = ", ".join(f"{n} {len(noisy[n])}" for n in names)
     log(f"records per enterprise: {sizes}; test {len(test)}")
 
@@ -388,6 +439,7 @@ def main() -> int:
             "machine": f"CPU ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
             "scale": args.scale, "size": args.size, "sizes": f"records per enterprise: {sizes}",
             "test_n": len(test), "quality": quality, "tuning": tuning,
+            "mislabels": args.mislabels,
             "settings": st.describe() + f"; {dims} trainable parameters",
             "command": "python bench/utility.py " + " ".join(sys.argv[1:])}
     rows: list[dict] = []

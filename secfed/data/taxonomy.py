@@ -81,7 +81,7 @@ ENTERPRISES: tuple[EnterpriseProfile, ...] = (
 
 #: Records per class in the shared held-out test set, by scale. ``full`` (thousands of records
 #: per enterprise) is the scale of the utility table, where DP-SGD has enough records per site.
-TEST_PER_CLASS: dict[str, int] = {"tiny": 12, "demo": 30, "full": 100}
+TEST_PER_CLASS: dict[str, int] = {"tiny": 12, "demo": 30, "full": 400}
 
 SCALES: tuple[str, ...] = ("tiny", "demo", "full")
 
