@@ -181,13 +181,15 @@ class Coordinator:
 
     def _open_round(self, round_number: int) -> None:
         spec = self._spec(round_number)
-        self.state.open_round(
-            round_number=round_number, mode=spec.mode, participants=spec.participants,
-            threshold=spec.threshold, global_hash_before=spec.global_hash, spec=spec.to_bytes(),
-        )
         live = _Live(spec, self._machine(spec))
         live.deadline = self._deadline_for(Stage.ADVERTISE)
-        self.state.open_stage(round_number, Stage.ADVERTISE.value, live.deadline)
+        with self.state.transaction():  # a round is never on disk without its first stage
+            self.state.open_round(
+                round_number=round_number, mode=spec.mode, participants=spec.participants,
+                threshold=spec.threshold, global_hash_before=spec.global_hash,
+                spec=spec.to_bytes(),
+            )
+            self.state.open_stage(round_number, Stage.ADVERTISE.value, live.deadline)
         self._live = live
         self.emit("round_opened", round=round_number, mode=spec.mode,
                   participants=list(spec.participants), threshold=spec.threshold,
@@ -221,6 +223,10 @@ class Coordinator:
         records = self.state.transcript(round_number)
         stages = self.state.stages(round_number)
         machine = live.machine
+        if not stages:  # a state file from before rounds and first stages were one commit
+            live.deadline = max(self._deadline_for(Stage.ADVERTISE), time.time() + RESTART_GRACE_S)
+            self.state.open_stage(round_number, Stage.ADVERTISE.value, live.deadline)
+            return live
         for srow in stages:
             if srow.stage == Stage.DONE.value:
                 live.status = "confirming"

@@ -337,8 +337,10 @@ class Participant:
         confirmation = AppliedConfirmation(global_hash=new_hash, signature_hex=signature.hex())
         self.state.sent(round_number=r, stage="applied", destination="coordinator",
                         payload=confirmation.model_dump_json().encode(), protection="signed")
-        self.client.confirm(round_number=r, confirmation=confirmation)
-        self.site.flush()  # the adapter's durable write ran meanwhile; on disk before "done"
+        try:
+            self.client.confirm(round_number=r, confirmation=confirmation)
+        finally:
+            self.site.flush()  # the adapter's durable write ran meanwhile; on disk before "done"
         self.client.round_info(after=r, wait=POLL_S)  # answers once round r is settled
         try:
             self.emit("peers_agree", round=r, signatures=self.check_peers(r))
