@@ -3,22 +3,31 @@
 Both runs: one server process and 3 client processes, d = 1e5 float32 per client.
 
 * secure: ``secfed aggregate`` + three ``secfed join --synthetic`` processes, rounds in ``secagg``
-  mode (or ``secagg+``/``ckks``). Round time = from the moment the *last* client has its update
-  (``trained``: local training returned) until the *last* client has applied the aggregate
-  (``applied``). The ledger charge happens before training, so it is not in this window. The signed-hash confirmation that follows (which plaintext
-  FedAvg has no counterpart for) is shown apart (``+confirm``: until the last ``round_report``).
-* plaintext: the same FastAPI/uvicorn server stack, certificates and httpx client, with a
+  mode (or ``secagg+``/``ckks``).
+* plaintext: the same FastAPI/uvicorn server stack, certificates and HTTP client, with a
   minimal in-memory service that takes raw float32 uploads and hands back their mean (one
-  upload-and-wait ``exchange`` call per client, as the secure stages use). Round time = from the
-  last client ready until the last client has the mean applied.
+  upload-and-wait ``exchange`` call per client, as the secure stages use).
+
+Two figures per round, both printed with their ratio (target <= 1.2x):
+
+* **tail**: from the moment the *last* client has its update (``trained``: local training
+  returned) until the *last* client has applied the aggregate (``applied``). For secfed this is
+  upload -> consistency -> unmask -> result (key set-up overlaps training), for plaintext
+  upload -> result. The ledger charge happens before training, so it is not in this window.
+* **round**: the whole round, from the moment the server opens it until the last client has
+  applied the aggregate: fetching the round, (secfed: checking it, charging the ledger, key
+  set-up alongside) training and the tail. Plaintext clients poll for the next round every
+  millisecond; secfed participants long-poll it.
+
+The signed-hash confirmation that follows (which plaintext FedAvg has no counterpart for) is
+shown apart (``+confirm``: trained -> the last ``round_report``).
 
 Local training is stood in for by ``--train-s`` seconds of CPU work (float32 matmuls, which
-release the GIL like torch) before each client's update is ready, the same in both runs. A
-secfed participant advertises its keys and answers the share stage *while it trains*, so with
-training the secure round after the update is only upload -> consistency -> unmask; with
-``--train-s 0`` the key set-up is on the critical path too. Both are printed.
+release the GIL like torch) before each client's update is ready, the same in both runs. With
+``--train-s 0`` the secure key set-up is on the critical path too.
 
-Prints medians over the measured rounds, the ratio (target <= 1.2x) and Flower 1.42's figure from
+Prints medians over the measured rounds (round 1, with the connection set-up, is left out),
+alternating plaintext and secure runs so load changes hit both, and Flower 1.42's figure from
 issue 8 on this machine (SecAgg+ 31 s vs plaintext 6.4 s for the same size).
 
     .venv/bin/python bench/round_overhead.py [--dim 100000] [--rounds 5] [--mode secagg]
@@ -78,8 +87,8 @@ def _kits(root: Path, *, dim: int, rounds: int, mode: str):
 
 
 def secure_rounds(root: Path, *, dim: int, rounds: int, mode: str, train_s: float
-                  ) -> tuple[list[float], list[float]]:
-    """(trained -> applied, trained -> confirmed) per round, seconds."""
+                  ) -> tuple[list[float], list[float], list[float]]:
+    """(trained -> applied, trained -> confirmed, opened -> applied) per round, seconds."""
     kits = _kits(root / "secure", dim=dim, rounds=rounds, mode=mode)
     py = [sys.executable, "-m", "secfed.cli.main"]
     logs = {}
@@ -99,6 +108,14 @@ def secure_rounds(root: Path, *, dim: int, rounds: int, mode: str, train_s: floa
     ready: dict[int, list[float]] = {}
     applied: dict[int, list[float]] = {}
     done: dict[int, list[float]] = {}
+    opened: dict[int, float] = {}
+    for line in (root / "coordinator.jsonl").read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") == "round_opened":
+            opened[e["round"]] = e["at"]
     for eid in ENTERPRISES:
         for line in (root / f"{eid}.jsonl").read_text().splitlines():
             try:
@@ -118,7 +135,8 @@ def secure_rounds(root: Path, *, dim: int, rounds: int, mode: str, train_s: floa
     print(f"secure: max |adapter - plaintext average| = {err:.2e}")
     full = [r for r in sorted(done) if len(done[r]) == 3]
     return ([max(applied[r]) - max(ready[r]) for r in full],
-            [max(done[r]) - max(ready[r]) for r in full])
+            [max(done[r]) - max(ready[r]) for r in full],
+            [max(applied[r]) - opened[r] for r in full])
 
 
 # ------------------------------------------------------------------ plaintext, same transport
@@ -127,9 +145,12 @@ def secure_rounds(root: Path, *, dim: int, rounds: int, mode: str, train_s: floa
 class PlaintextFedAvg:
     """FedAvg in the clear over the same HTTP API: raw float32 uploads, mean handed back."""
 
-    def __init__(self, *, dim: int, n: int):
+    def __init__(self, *, dim: int, n: int, opened: mp.Queue | None = None):
         self.dim, self.n = dim, n
         self.round = 1
+        self._opened = opened
+        if opened is not None:
+            opened.put((1, time.time()))
         self.uploads: dict[str, np.ndarray] = {}
         self.mean: np.ndarray | None = None
         self.total = np.zeros(dim, np.float32)
@@ -174,13 +195,15 @@ class PlaintextFedAvg:
             if not self.uploads:  # everyone has the mean: next round
                 self.round += 1
                 self.mean = None
+                if self._opened is not None:
+                    self._opened.put((self.round, time.time()))
         return SubmitAck(accepted=True, round_number=round_number, stage="done", sha256="0" * 64)
 
     async def outcome(self, *, round_number: int) -> RoundOutcome:
         return RoundOutcome(round_number=round_number, status="done", mode="plaintext")
 
 
-def _serve_plain(kit_dir: str, dim: int) -> None:
+def _serve_plain(kit_dir: str, dim: int, opened: mp.Queue) -> None:
     from urllib.parse import urlsplit
 
     from secfed.coordinator import max_body_bytes
@@ -189,7 +212,7 @@ def _serve_plain(kit_dir: str, dim: int) -> None:
 
     kit = CoordinatorKit.load(kit_dir)
     url = urlsplit(kit.federation.coordinator_url)
-    service = PlaintextFedAvg(dim=dim, n=len(ENTERPRISES))
+    service = PlaintextFedAvg(dim=dim, n=len(ENTERPRISES), opened=opened)
     app = create_app(service, allowed=frozenset(ENTERPRISES), max_body=max_body_bytes(dim))
     asyncio.run(serve(app, host=url.hostname, port=url.port, cert=kit.cert, key=kit.key,
                       ca=kit.ca, stop=asyncio.Event()))
@@ -225,10 +248,14 @@ def _plain_client(kit_dir: str, eid: str, dim: int, rounds: int, train_s: float,
     client.close()
 
 
-def plaintext_rounds(root: Path, *, dim: int, rounds: int, train_s: float) -> list[float]:
+def plaintext_rounds(root: Path, *, dim: int, rounds: int, train_s: float
+                     ) -> tuple[list[float], list[float]]:
+    """(ready -> applied, opened -> applied) per round, seconds."""
     kits = _kits(root / "plain", dim=dim, rounds=rounds, mode="secagg")
     ctx = mp.get_context("spawn")
-    server = ctx.Process(target=_serve_plain, args=(str(kits.coordinator), dim), daemon=True)
+    opened_q: mp.Queue = ctx.Queue()
+    server = ctx.Process(target=_serve_plain, args=(str(kits.coordinator), dim, opened_q),
+                         daemon=True)
     server.start()
     q: mp.Queue = ctx.Queue()
     clients = [ctx.Process(target=_plain_client, args=(str(kits.enterprises[e]), e, dim, rounds, train_s, q))
@@ -238,12 +265,18 @@ def plaintext_rounds(root: Path, *, dim: int, rounds: int, train_s: float) -> li
     results = [q.get(timeout=600) for _ in range(rounds * len(ENTERPRISES))]
     for c in clients:
         c.join(60)
+    opened = dict(opened_q.get(timeout=60) for _ in range(rounds))
     server.terminate()
     server.join(10)
     per_round: dict[int, list[tuple[float, float]]] = {}
     for r, ready, done in results:
         per_round.setdefault(r, []).append((ready, done))
-    return [max(d for _, d in v) - max(s for s, _ in v) for _, v in sorted(per_round.items())]
+    return ([max(d for _, d in v) - max(s for s, _ in v) for _, v in sorted(per_round.items())],
+            [max(d for _, d in v) - opened[r] for r, v in sorted(per_round.items())])
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs[1:] or xs)  # round 1 carries the connection set-up
 
 
 def main() -> None:
@@ -257,34 +290,38 @@ def main() -> None:
                     help="comma-separated stand-in training seconds per round (one run each)")
     args = ap.parse_args()
     print(f"d = {args.dim}, 3 clients, {args.rounds} rounds per run, mode {args.mode}, "
-          f"load average {os.getloadavg()[0]:.2f}; medians exclude round 1 (connection set-up)")
-    print(f"{'train s':>8} {'plaintext s':>12} {'secure s':>9} {'ratio':>6} "
-          f"{'+confirm s':>11}  (medians over runs of per-run medians)")
-    medians = []
+          f"{args.repeats} alternating run pairs, load average {os.getloadavg()[0]:.2f}; "
+          "medians of per-run medians, round 1 (connection set-up) left out")
+    print("tail = last trained -> last applied; round = round opened -> last applied "
+          "(training included)")
+    print(f"{'train s':>7} | {'tail: plain s':>13} {'secure s':>9} {'ratio':>6} "
+          f"{'+confirm s':>10} | {'round: plain s':>14} {'secure s':>9} {'ratio':>6}")
+    tails = []
     for train_s in [float(x) for x in args.train_s.split(",")]:
-        plain_runs, secure_runs, confirm_runs, secure_all = [], [], [], []
+        runs: dict[str, list[float]] = {k: [] for k in ("pt", "st", "sc", "pr", "sr")}
         for _ in range(args.repeats):  # alternate, so load changes hit both alike
             with tempfile.TemporaryDirectory() as tmp:
                 root = Path(tmp)
-                plain = plaintext_rounds(root, dim=args.dim, rounds=args.rounds, train_s=train_s)
-                secure, confirmed = secure_rounds(root, dim=args.dim, rounds=args.rounds,
-                                                  mode=args.mode, train_s=train_s)
-            plain_runs.append(statistics.median(plain[1:] or plain))
-            secure_runs.append(statistics.median(secure[1:] or secure))
-            confirm_runs.append(statistics.median(confirmed[1:] or confirmed))
-            secure_all += [round(x, 3) for x in secure]
-        p_med = statistics.median(plain_runs)
-        s_med = statistics.median(secure_runs)
-        c_med = statistics.median(confirm_runs)
-        ratios = [round(s / p, 2) for s, p in zip(secure_runs, plain_runs, strict=True)]
-        medians.append(s_med)
-        print(f"{train_s:>8.1f} {p_med:>12.3f} {s_med:>9.3f} {s_med / p_med:>5.2f}x "
-              f"{c_med:>11.3f}  per-run ratios {ratios}; plaintext per run "
-              f"{[round(x, 3) for x in plain_runs]}")
+                p_tail, p_round = plaintext_rounds(root, dim=args.dim, rounds=args.rounds,
+                                                   train_s=train_s)
+                s_tail, s_conf, s_round = secure_rounds(root, dim=args.dim, rounds=args.rounds,
+                                                        mode=args.mode, train_s=train_s)
+            for key, xs in zip(("pt", "st", "sc", "pr", "sr"),
+                               (p_tail, s_tail, s_conf, p_round, s_round), strict=True):
+                runs[key].append(_median(xs))
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        tails.append(med["st"])
+        print(f"{train_s:>7.1f} | {med['pt']:>13.3f} {med['st']:>9.3f} "
+              f"{med['st'] / med['pt']:>5.2f}x {med['sc']:>10.3f} | {med['pr']:>14.3f} "
+              f"{med['sr']:>9.3f} {med['sr'] / med['pr']:>5.2f}x")
+        pairs = zip(runs["st"], runs["pt"], runs["sr"], runs["pr"], strict=True)
+        print("        per run (tail ratio, round ratio): "
+              + ", ".join(f"({st / pt:.2f}, {sr / pr:.2f})" for st, pt, sr, pr in pairs)
+              + f"; plaintext tail per run {[round(x, 3) for x in runs['pt']]}")
     print("target: secure <= 1.2x plaintext")
     print(f"Flower 1.42 (issue 8, this machine): {FLOWER_SECURE_S} s / {FLOWER_PLAIN_S} s = "
-          f"{FLOWER_SECURE_S / FLOWER_PLAIN_S:.1f}x; secfed's slowest secure round median is "
-          f"{FLOWER_SECURE_S / max(medians):.0f}x faster than Flower's secure round")
+          f"{FLOWER_SECURE_S / FLOWER_PLAIN_S:.1f}x; secfed's slowest secure tail median is "
+          f"{FLOWER_SECURE_S / max(tails):.0f}x faster than Flower's secure round")
 
 
 if __name__ == "__main__":
