@@ -42,22 +42,25 @@ def generate(out_dir: Path, seed: int, scale: str, as_json: bool) -> None:
 @click.option("--fix", is_flag=True, help="Write a cleaned copy to --out (original untouched).")
 @click.option("--out", "out_dir", type=_DIR, default=None, help="Where --fix writes.")
 @click.option("--mislabels", "mislabel_policy", type=click.Choice(["review", "drop", "relabel"]),
-              default="review", show_default=True,
-              help="What --fix does with likely mislabels: keep them listed for review, drop "
-              "them, or take the suggested label. Duplicates are always dropped and a report "
+              default=None,
+              help="What --fix does with likely mislabels (default review): keep them listed "
+              "for review, drop them, or take the suggested label. Duplicates are always dropped and a report "
               "that contradicts its image is always removed (image and label kept).")
 @click.option("--truth", "truth_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Defect truth of a generated dataset (truth/<enterprise>.json):"
               " also print precision and recall of each check against it.")
 @json_option
 def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
-          mislabel_policy: str, truth_path: Path | None, as_json: bool) -> None:
+          mislabel_policy: str | None, truth_path: Path | None, as_json: bool) -> None:
     """Find duplicates, likely mislabels, image/text mismatches, missing modalities."""
     if fix and out_dir is None:
         raise click.BadParameter("--fix needs --out DIR (the original is never modified)",
                                  param_hint="--out")
     if out_dir is not None and not fix:
         raise click.BadParameter("--out is only used with --fix", param_hint="--out")
+    if mislabel_policy is not None and not fix:
+        raise click.BadParameter("--mislabels is only used with --fix", param_hint="--mislabels")
+    mislabel_policy = mislabel_policy or "review"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from secfed.data.quality import check_dataset, read_truth, score_against_truth, write_cleaned
 

@@ -100,6 +100,9 @@ def test_fix_writes_a_cleaned_copy_and_never_touches_the_original(federation, mo
     no_out = runner.invoke(cli, ["data", "check", "--data", str(data), "--model",
                                  str(model_dir), "--fix"])
     assert no_out.exit_code == 2 and "--out" in no_out.output
+    no_fix = runner.invoke(cli, ["data", "check", "--data", str(data), "--model",
+                                 str(model_dir), "--mislabels", "drop"])
+    assert no_fix.exit_code == 2 and "--mislabels is only used with --fix" in no_fix.output
     inside = runner.invoke(cli, ["data", "check", "--data", str(data), "--model",
                                  str(model_dir), "--fix", "--out", str(data / "clean")])
     assert inside.exit_code == 1 and "outside the dataset" in inside.output
