@@ -49,7 +49,12 @@ import torch  # noqa: E402
 from secfed.data import generate_federation, load_dataset  # noqa: E402
 from secfed.data.generate import generate_held_out  # noqa: E402
 from secfed.data.loading import model_inputs  # noqa: E402
-from secfed.data.quality import check_dataset, score_against_truth, write_cleaned  # noqa: E402
+from secfed.data.quality import (  # noqa: E402
+    MISLABEL_POLICIES,
+    check_dataset,
+    score_against_truth,
+    write_cleaned,
+)
 from secfed.data.records import read_records  # noqa: E402
 from secfed.models import adapter_layout, get_flat, load_classifier, set_flat  # noqa: E402
 from secfed.models.citysafety import (  # noqa: E402
@@ -339,7 +344,7 @@ def main() -> int:
                     help="DP rows: mean test accuracy of this many runs (fresh noise each)")
     ap.add_argument("--no-tune", dest="tune", action="store_false",
                     help="use --lr/--dp-lr as given instead of picking them on validation data")
-    ap.add_argument("--mislabels", default="review", choices=["review", "drop", "relabel"],
+    ap.add_argument("--mislabels", default="review", choices=MISLABEL_POLICIES,
                     help="the cleaned copy's mislabel policy (secfed data check --mislabels)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -375,9 +380,10 @@ def main() -> int:
     for n in names:
         out = work / "clean" / n
         qfile = work / "clean" / f"{n}.quality.json"
-        if qfile.exists() and json.loads((out / "quality_report.json").read_text())[
-                "fix"]["mislabel_policy"] != args.mislabels:
-            qfile.unlink()  # cleaned under another --mislabels policy: clean again
+        fixed = out / "quality_report.json"
+        if qfile.exists() and (not fixed.exists() or json.loads(fixed.read_text()).get(
+                "fix", {}).get("mislabel_policy") != args.mislabels):
+            qfile.unlink()  # cleaned under another --mislabels policy (or before them): again
         if not qfile.exists():
             t = time.time()
             report, dataset = check_dataset(fed_dir / n, model_dir=model_dir, model=base)

@@ -633,10 +633,11 @@ def _find_label_defects(report: QualityReport, records: list, names: tuple[str, 
                         settings: QualitySettings) -> None:
     """Likely mislabels and image/text mismatches (duplicates left out of every fit).
 
-    Runs ``settings.passes`` times (once below ``settings.refit_min_records``): each later pass refits the probes and the stacker without
-    the records the previous pass suspected (they are judged by probes that never saw them),
-    so wrong labels stop teaching the probes that judge the others -- a site whose reports are
-    few and often wrong (most of its records image-only) gets a text probe worth its name.
+    Runs ``settings.passes`` times (once below ``settings.refit_min_records``): each later
+    pass refits the probes and the stacker without the records the previous pass suspected
+    (they are judged by probes that never saw them), so wrong labels stop teaching the probes
+    that judge the others -- a site whose reports are few and often wrong (most of its records
+    image-only) gets a text probe worth its name.
     """
     s = settings
     n = len(labels)
