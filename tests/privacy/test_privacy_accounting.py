@@ -55,6 +55,34 @@ def test_prv_single_gaussian_release_matches_closed_form() -> None:
     assert eps >= exact - 1e-6  # an upper bound, never below the truth
 
 
+@pytest.mark.parametrize("history", [
+    ((2.0, 0.001, 16),), ((2.0, 0.001, 17),), ((1.0, 0.01, 500),), ((5.0, 1.0, 3),),
+    ((1.1, 0.004, 300), (1.3, 0.004, 400)),
+])
+def test_prv_on_the_fft_friendly_grid_equals_opacus_stock_accountant(history) -> None:
+    """The widened grid (faster FFT) gives Opacus' own PRV figure, far inside the ledger's
+    1e-6 verification tolerance, so ledgers recorded with the stock grid still verify."""
+    import warnings
+
+    from opacus.accountants import PRVAccountant
+    from scipy.fft import next_fast_len
+
+    from secfed.privacy.accounting import _fft_friendly_prv_accountant, _prv_epsilon, prv_eps_error
+
+    stock = PRVAccountant()
+    stock.history = list(history)
+    eps_error = prv_eps_error(sum(n for _, _, n in history))
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        reference = stock.get_epsilon(1e-5, eps_error=eps_error)
+        fast = _fft_friendly_prv_accountant()
+        fast.history = list(history)
+        dprv = fast._get_dprv(eps_error=eps_error, delta_error=1e-8)
+    assert _prv_epsilon(tuple(sorted(history)), 1e-5) == pytest.approx(reference, rel=1e-7)
+    size = len(dprv.pmf)
+    assert size % 2 == 0 and next_fast_len(size, real=True) == size  # the point of the grid
+
+
 def test_prv_ten_gaussian_releases_match_closed_form_in_any_grouping() -> None:
     exact = gaussian_exact_epsilon(math.sqrt(10) / 2.0, 1e-5)
     as_ten = compose_epsilon([GaussianEvent(2.0)] * 10, delta=1e-5)
