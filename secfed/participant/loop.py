@@ -1,10 +1,10 @@
 """The ``secfed join`` loop: one enterprise taking part in every round it safely can.
 
 Per round: fetch the spec -> check it against the site's own policy, the pinned roster, its
-current global adapter hash and its remaining budget (before any secret exists) -> charge the
-ledger for the round's mechanism (committed) -> advertise keys and, in a background thread,
-answer the share stage while the model trains with DP -> check that training ran the charged
-(sigma, q, steps) -> protect (protocol; with ``[dp.distributed]`` the noise hook clips the whole
+current global adapter hash and its remaining budget (before any secret exists) -> advertise
+keys and, in background threads, answer the share stage and charge the ledger for the round's
+mechanism (committed, and joined before the update exists) while the model trains with DP ->
+check that training ran the charged (sigma, q, steps) -> protect (protocol; with ``[dp.distributed]`` the noise hook clips the whole
 update and adds this site's Skellam share first) -> upload with the signed ledger head -> answer
 the later stages (each reply posted together with the long poll for the next stage's input) ->
 decode the sum, apply sum / survivors (FedAvg) -> sign and send the new global hash (the
@@ -269,30 +269,33 @@ class Participant:
             noise_hook=hook,
         )
         planned = hook.planned_event(spec) if hook is not None else None
-        # Charged before training, for the mechanism the round's terms fix (q, sigma, steps):
-        # committed before anything about the data can leave; a failure later over-reports,
-        # never under-reports, and the signing/accounting cost stays off the post-training path.
-        # With distributed DP a second entry covers the noise shares the round guarantees.
-        head = self.ledger.charge(
-            round_number=r, session_id=spec.digest(), noise_multiplier=terms.noise_multiplier,
-            sample_rate=terms.sample_rate, steps=terms.local_steps, distributed=planned,
-        )
-        epsilon = self.ledger.epsilon()
-        self.state.set_round(r, "charged", mode=spec.mode, epsilon_prv=epsilon)
-        self.emit("charged", round=r, epsilon=epsilon,
-                  distributed_dp=planned.to_dict() if planned is not None else None)
         # Key set-up needs no data: advertise now and answer the share stage while the model
         # trains, so only the data-dependent stages follow the update (ephemeral keys only).
+        # "keys" marks the round as entered: a restart from here on counts it as lost.
+        self.state.set_round(r, "keys", mode=spec.mode)
         self.emit("protocol_started", round=r)
         self._send(spec, Stage.ADVERTISE, machine.start())
         setup = _Background(self._setup_stages, spec, machine)
+        # The charge for the mechanism the round's terms fix (q, sigma, steps) is composed and
+        # committed beside training (the budget was already checked above) and joined before the
+        # update exists: it is on disk before anything about the data can leave, and its PRV
+        # composition stays off the critical path. A failure later over-reports, never
+        # under-reports. With distributed DP a second entry covers the guaranteed noise shares.
+        charge = _Background(self._charge, spec, terms, planned, name="secfed-ledger-charge")
         self.emit("training", round=r, mode=spec.mode)
         try:
             outcome = self.site.train(terms)
         except BaseException:
             setup.stop.set()
+            charge.wait()  # the ledger is not left mid-write; the error that matters is this one
             raise
         self.emit("trained", round=r)
+        try:
+            head = charge.result()
+        except BaseException:
+            setup.stop.set()
+            raise
+        epsilon = self.ledger.epsilon()
         charged = (terms.noise_multiplier, terms.sample_rate, terms.local_steps)
         ran = (outcome.noise_multiplier, outcome.sample_rate, outcome.steps)
         if ran != charged:
@@ -377,6 +380,20 @@ class Participant:
                                     "epsilon_survivors": eps_exact}}
         self.emit("distributed_dp", round=spec.round_number, **facts["distributed_dp"])
         return json.dumps(facts, sort_keys=True)
+
+    def _charge(self, spec: RoundSpec, terms: Any, planned: Any,
+                stop: threading.Event) -> bytes:
+        """Commit the round's charge(s) (runs beside training); the signed ledger head."""
+        r = spec.round_number
+        head = self.ledger.charge(
+            round_number=r, session_id=spec.digest(), noise_multiplier=terms.noise_multiplier,
+            sample_rate=terms.sample_rate, steps=terms.local_steps, distributed=planned,
+        )
+        epsilon = self.ledger.epsilon()
+        self.state.set_round(r, "charged", mode=spec.mode, epsilon_prv=epsilon)
+        self.emit("charged", round=r, epsilon=epsilon,
+                  distributed_dp=planned.to_dict() if planned is not None else None)
+        return head
 
     def _setup_stages(self, spec: RoundSpec, machine: ParticipantRound,
                       stop: threading.Event) -> bytes:
@@ -473,13 +490,17 @@ class Participant:
 class _Background:
     """Run ``fn(*args, stop)`` in a daemon thread; :meth:`result` joins and re-raises."""
 
-    def __init__(self, fn: Callable[..., bytes], *args: Any):
+    def __init__(self, fn: Callable[..., bytes], *args: Any, name: str = "secfed-key-setup"):
         self.stop = threading.Event()
         self._value: bytes | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
-                                        name="secfed-key-setup")
+                                        name=name)
         self._thread.start()
+
+    def wait(self) -> None:
+        """Join without re-raising (used when another error is already on its way out)."""
+        self._thread.join()
 
     def _run(self, fn: Callable[..., bytes], args: tuple[Any, ...]) -> None:
         try:

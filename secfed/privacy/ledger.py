@@ -256,7 +256,9 @@ class LedgerReport:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+    # One thread at a time, not necessarily the opener: the join loop charges from a worker
+    # thread beside training and joins it before it touches the ledger again.
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=30.0, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # a COMMIT is on disk before charge() returns
     return conn

@@ -17,6 +17,7 @@ from e2e.harness import (
     make_federation,
     wait_for,
 )
+from secfed.crypto.errors import LedgerError
 from secfed.privacy import LedgerHead, read_ledger, verify_ledger
 from secfed.transport.kits import EnterpriseKit
 
@@ -105,7 +106,15 @@ def test_enterprise_killed_mid_round_is_a_dropout_then_catches_up(tmp_path) -> N
                 return db.execute("SELECT 1 FROM transcript WHERE sender=? AND stage='share'",
                                   (victim,)).fetchone() is not None
 
+        def charged() -> bool:  # the charge runs beside training; let it land before the kill
+            path = procs.kits.enterprises[victim] / "ledger.sqlite"
+            try:
+                return path.exists() and [e.round_number for e in read_ledger(path)] == [1]
+            except LedgerError:  # still being created
+                return False
+
         assert wait_for(shared, 90), procs.log("coordinator.0")
+        assert wait_for(charged, 30), procs.log(victim)
         procs.joins[victim].kill()
         procs.joins[victim].wait()
 
@@ -132,7 +141,7 @@ def test_enterprise_killed_mid_round_is_a_dropout_then_catches_up(tmp_path) -> N
     for eid in enterprises:
         np.testing.assert_allclose(adapter_of(procs.kits, eid), want, atol=2e-6, rtol=0)
     assert '"caught_up"' in procs.log(victim)
-    # charged before it trained: the lost round's charge stays in the victim's ledger
+    # charged while it trained: the lost round's charge stays in the victim's ledger
     entries = read_ledger(procs.kits.enterprises[victim] / "ledger.sqlite")
     assert [e.round_number for e in entries] == [1, 2]
 
