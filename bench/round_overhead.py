@@ -13,10 +13,11 @@ Two figures per round, both printed with their ratio (target <= 1.2x):
 * **tail**: from the moment the *last* client has its update (``trained``: local training
   returned) until the *last* client has applied the aggregate (``applied``). For secfed this is
   upload -> consistency -> unmask -> result (key set-up overlaps training), for plaintext
-  upload -> result. The ledger charge happens before training, so it is not in this window.
+  upload -> result. The ledger charge runs beside training and is joined before the upload: it
+  reaches this window only when it outlasts training.
 * **round**: the whole round, from the moment the server opens it until the last client has
-  applied the aggregate: fetching the round, (secfed: checking it, charging the ledger, key
-  set-up alongside) training and the tail. Plaintext clients poll for the next round every
+  applied the aggregate: fetching the round, (secfed: checking it; key set-up and the ledger
+  charge alongside) training and the tail. Plaintext clients poll for the next round every
   millisecond; secfed participants long-poll it.
 
 The signed-hash confirmation that follows (which plaintext FedAvg has no counterpart for) is
