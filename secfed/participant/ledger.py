@@ -1,10 +1,10 @@
 """The join loop's view of the site's privacy ledger (``secfed.privacy.Ledger``).
 
 Three calls, in this order per round: :meth:`SiteLedger.check` before training (refuses a round
-that would pass the budget), :meth:`SiteLedger.charge` once the round is accepted, before
-training and so before anything about the data can leave the site (committed; the loop then
-checks that training ran exactly the charged mechanism), and the signed head bytes the upload
-carries.
+that would pass the budget), :meth:`SiteLedger.charge` once the round is accepted -- the loop
+runs it beside training and joins it before the update exists, so it is committed before
+anything about the data can leave the site (the loop then checks that training ran exactly the
+charged mechanism) -- and the signed head bytes the upload carries.
 
 A round with enterprise-level (distributed) DP is charged as two entries, both committed before
 the upload: the DP-SGD release, then the distributed-DP release planned for the round's
