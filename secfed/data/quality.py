@@ -714,8 +714,7 @@ def _label_verdicts(labels: np.ndarray, emb: Embeddings, n_classes: int, *, fit:
     # per-modality posteriors, calibrated on the records not already suspected
     text_post = _stacked_posterior(text_sources, labels,
                                    np.flatnonzero(fit & tp & ~candidate), n_classes)
-    candidate &= ~(tp & ip) | (text_post[rows, best] >= s.mislabel_text_odds
-                               * text_post[rows, labels])
+    candidate &= _text_agrees(text_post, best, labels, both=tp & ip, odds=s.mislabel_text_odds)
     image_post = _stacked_posterior([image_probe], labels,
                                     np.flatnonzero(fit & ip & ~candidate), n_classes)
     text_says = text_post.argmax(1)
@@ -724,6 +723,15 @@ def _label_verdicts(labels: np.ndarray, emb: Embeddings, n_classes: int, *, fit:
                 & (image_post[rows, labels] >= s.mismatch_image_odds
                    * image_post[rows, text_says]))
     return candidate, mismatch, joint, best, text_post, image_post
+
+
+def _text_agrees(text_post: np.ndarray, best: np.ndarray, labels: np.ndarray, *,
+                 both: np.ndarray, odds: float) -> np.ndarray:
+    """Per record: True unless it has both modalities and its text-only posterior favours the
+    suggested class ``best`` over the given label by less than ``odds`` (a wrong label
+    contradicts the report too; an image probe's lone verdict is as often its own error)."""
+    rows = np.arange(len(labels))
+    return ~both | (text_post[rows, best] >= odds * text_post[rows, labels])
 
 
 def check_dataset(data_dir: Path | str, *, model_dir: Path | str,

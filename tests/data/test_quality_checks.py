@@ -17,8 +17,10 @@ from click.testing import CliRunner
 
 from secfed.cli.main import cli
 from secfed.data.quality import (
+    QualitySettings,
     _out_of_fold_log_probs,
     _stacked_posterior,
+    _text_agrees,
     find_defects,
     image_statistics,
     read_truth,
@@ -102,6 +104,22 @@ def test_out_of_fold_probe_never_learns_a_record_from_its_own_label():
     partial = _out_of_fold_log_probs(x, given, np.arange(60), 3, folds=5, seed=0,
                                      weight_decay=0.1)
     assert np.allclose(np.exp(partial[60:]), 1 / 3)
+
+
+def test_a_mislabel_with_both_modalities_needs_its_text_to_agree():
+    # text-only posteriors over 3 classes; given label 0, suggested class 1 for every record
+    text_post = np.array([[0.1, 0.8, 0.1],   # text favours the suggestion: a wrong label
+                          [0.7, 0.2, 0.1],   # text backs the label: the image alone disagrees
+                          [0.4, 0.4, 0.2],   # a tie meets odds 1
+                          [0.7, 0.2, 0.1]])  # same as row 1, but no image: text is all there is
+    labels, best = np.zeros(4, dtype=int), np.ones(4, dtype=int)
+    both = np.array([True, True, True, False])
+    agree = _text_agrees(text_post, best, labels, both=both, odds=1.0)
+    assert agree.tolist() == [True, False, True, True]
+    assert _text_agrees(text_post, best, labels, both=both, odds=3.0).tolist() == [
+        True, False, False, True]
+    assert _text_agrees(text_post, best, labels, both=both, odds=0.0).all()
+    assert QualitySettings().mislabel_text_odds == 1.0
 
 
 def test_stacker_weights_an_informative_source_over_noise():
