@@ -3,8 +3,9 @@
 Accuracy on the shared held-out test set for: local-only training per enterprise, centralized
 non-private training, federated plaintext FedAvg, federated with secure aggregation (the sum
 computed by the real SecAgg state machines in ``secfed.protocol.simulate``), and federated
-DP-SGD + secure aggregation at epsilon in {1, 4, 8} (sigma from ``secfed.privacy.calibrate_noise``
-for the whole horizon of rounds x local steps), each on the noisy data as generated and on the
+DP-SGD + secure aggregation at epsilon in {1, 4, 8} (sigma from ``secfed.privacy.plan_noise``
+for the whole horizon of rounds x local steps, with RDP: the accountant a site's ledger gates
+its budget on), each on the noisy data as generated and on the
 copy cleaned by ``secfed data check --fix``.
 
 How it trains (the same for every row): the DP-specific trainable set of
