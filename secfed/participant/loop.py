@@ -4,8 +4,9 @@ Per round: fetch the spec -> check it against the site's own policy, the pinned 
 current global adapter hash and its remaining budget (before any secret exists) -> advertise
 keys and, in background threads, answer the share stage and charge the ledger for the round's
 mechanism (committed, and joined before the update exists) while the model trains with DP ->
-check that training ran the charged (sigma, q, steps) -> protect (protocol; with ``[dp.distributed]`` the noise hook clips the whole
-update and adds this site's Skellam share first) -> upload with the signed ledger head -> answer
+check that training ran the charged (sigma, q, steps) -> protect (protocol; with
+``[dp.distributed]`` the noise hook clips the whole update and adds this site's Skellam share
+first) -> upload with the signed ledger head -> answer
 the later stages (each reply posted together with the long poll for the next stage's input) ->
 decode the sum, apply sum / survivors (FedAvg) -> sign and send the new global hash (the
 adapter's fsync'd write runs meanwhile and is waited for before the round counts as done) ->

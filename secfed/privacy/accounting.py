@@ -141,6 +141,12 @@ def _prv_history(events: Sequence[MechanismEvent]) -> tuple[tuple[float, float, 
 
 
 def _fft_friendly_prv_accountant():
+    """A fresh accountant of :func:`_fft_friendly_prv_class`."""
+    return _fft_friendly_prv_class()()
+
+
+@lru_cache(maxsize=1)
+def _fft_friendly_prv_class() -> type:
     """Opacus' PRV accountant on a slightly wider grid whose length is FFT-friendly.
 
     Opacus discretises on ``[-L, L]`` with ``L`` its safe truncation bound, so the grid length is
@@ -169,7 +175,7 @@ def _fft_friendly_prv_accountant():
                 return super()._get_domain(prvs, num_self_compositions, eps_error, delta_error)
             return domain
 
-    return _Accountant()
+    return _Accountant
 
 
 @lru_cache(maxsize=1024)
