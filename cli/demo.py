@@ -12,6 +12,10 @@ from secfed.cli.options import emit_json, json_option
 @click.group("demo")
 def command() -> None:
     """The local demo federation."""
+    import os
+
+    # before transformers is imported: the demo prints its own progress, not weight-loading bars
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @command.command("prepare")

@@ -36,6 +36,16 @@ def command() -> None:
 @click.option("--local-steps", type=int, default=20, show_default=True)
 @click.option("--learning-rate", type=float, default=0.05, show_default=True)
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
+              help="DP-SGD update rule at the sites.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+              show_default=True, help="cosine: the learning rate decays over the planned rounds.")
+@click.option("--trainable", type=click.Choice(["adapter", "top", "head", "classifier"]),
+              default="adapter", show_default=True,
+              help="What sites train and the federation aggregates: LoRA on both towers + the "
+                   "fusion head (adapter), the head + the last layer's LoRA (top), the head "
+                   "(head; towers frozen, so sites train on tower features computed once), or "
+                   "the head's MLP (classifier).")
 @click.option("--train-deadline", type=float, default=600.0, show_default=True)
 @click.option("--stage-deadline", type=float, default=60.0, show_default=True)
 @click.option("--clip-bound", type=float, default=None,
@@ -74,7 +84,8 @@ def init(**opts: object) -> None:
             raise click.UsageError(
                 f"--{given[0].replace('_', '-')} needs --dp-distributed (distributed DP is off)"
             )
-    model = model_settings_for(model_dir=opts["model_dir"], synthetic_dim=opts["synthetic_dim"])
+    model = model_settings_for(model_dir=opts["model_dir"], synthetic_dim=opts["synthetic_dim"],
+                               trainable=str(opts["trainable"]))
     if opts["clip_bound"] is not None:
         model = validated(ModelSettings, **{**model.model_dump(), "clip_bound": opts["clip_bound"]})
     paths = create_kits(
@@ -94,6 +105,8 @@ def init(**opts: object) -> None:
             sample_rate=opts["sample_rate"],
             local_steps=opts["local_steps"],
             learning_rate=opts["learning_rate"],
+            optimizer=opts["optimizer"],
+            lr_schedule=opts["lr_schedule"],
             noise_multiplier=opts["noise_multiplier"],
             target_epsilon=opts["target_epsilon"],
             delta=opts["delta"],
@@ -106,6 +119,7 @@ def init(**opts: object) -> None:
         "coordinator": str(paths.coordinator),
         "enterprises": {k: str(v) for k, v in paths.enterprises.items()},
         "vector_length": model.vector_length,
+        "trainable": model.trainable,
         "distributed_dp": distributed.model_dump() if distributed else None,
     }
     if opts["as_json"]:

@@ -115,6 +115,10 @@ class DPSettings(_Frozen):
     sample_rate: float = Field(0.05, gt=0, le=1)
     local_steps: int = Field(20, ge=1)
     learning_rate: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="the DP-SGD update rule")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: learning_rate decays by a cosine over the planned rounds"
+    )
     noise_multiplier: float | None = Field(
         None, gt=0, description="sigma; None = calibrated once for the planned horizon"
     )
@@ -123,6 +127,13 @@ class DPSettings(_Frozen):
     distributed: DistributedDPSettings | None = Field(
         None, description="enterprise-level DP (off when absent)"
     )
+
+    def round_learning_rate(self, round_number: int, rounds: int) -> float:
+        """The step size of round ``round_number`` (1-based) of a ``rounds``-round horizon."""
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        step = min(max(round_number - 1, 0), rounds - 1)
+        return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * step / max(1, rounds)))
 
 
 class ModelSettings(_Frozen):
@@ -133,6 +144,10 @@ class ModelSettings(_Frozen):
     scale_bits: int = Field(24, ge=8, le=40)
     ring_bits: Literal[32, 64] = 64
     clip_bound: float = Field(8.0, gt=0, description="|delta_i| bound assumed by the encoding")
+    trainable: Literal["adapter", "top", "head", "classifier"] = Field(
+        "adapter", description="what sites train (secfed.models.TRAINABLE_SCOPES); vector_length "
+        "is that set's size"
+    )
 
 
 class FederationConfig(_Frozen):
@@ -225,6 +240,7 @@ class RoundTerms(_Frozen):
     local_steps: int = Field(ge=1)
     max_grad_norm: float = Field(gt=0)
     learning_rate: float = Field(gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
     delta: float = Field(gt=0, lt=1)
     distributed_dp: DistributedDPSettings | None = None  # the federation's [dp.distributed]
 

@@ -146,7 +146,9 @@ class Coordinator:
             round_number=round_number, mode=spec_mode, participants=self.fed.enterprise_ids(),  # type: ignore[arg-type]
             threshold=self.fed.threshold, min_participants=self.fed.min_participants,
             noise_multiplier=self._sigma, sample_rate=dp.sample_rate, local_steps=dp.local_steps,
-            max_grad_norm=dp.max_grad_norm, learning_rate=dp.learning_rate, delta=dp.delta,
+            max_grad_norm=dp.max_grad_norm,
+            learning_rate=dp.round_learning_rate(round_number, self.fed.rounds),
+            optimizer=dp.optimizer, delta=dp.delta,
             distributed_dp=dp.distributed,
         )
 

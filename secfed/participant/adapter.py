@@ -250,18 +250,36 @@ class ModelSite:
         test_dir: Path | None = None,
     ):
         from secfed.data import load_dataset  # torch-heavy: import on use
-        from secfed.models import adapter_layout, get_flat, load_classifier
+        from secfed.models import adapter_layout, get_flat
 
         self.enterprise_id = enterprise_id
-        self.model, _info = load_classifier(model_dir)
+        self.model = _load_for_scope(model_dir, settings.trainable)
         self.layout = adapter_layout(self.model)
         if self.layout.total != settings.vector_length:
             raise ConfigError(
                 f"model.vector_length must equal the model's adapter size {self.layout.total} "
-                f"(got {settings.vector_length})"
+                f"(got {settings.vector_length}; trainable set {settings.trainable!r})"
             )
         self.dataset = load_dataset(data_dir, model_dir=model_dir)
         self.test = load_dataset(test_dir, model_dir=model_dir) if test_dir else None
+        if settings.trainable in FEATURE_SCOPES:
+            # Towers frozen: their outputs never change, so compute them once and train the
+            # head on them -- the same per-example gradients, without re-running the towers.
+            from secfed.models.citysafety import (
+                FeatureDataset,
+                feature_classifier,
+                select_trainable,
+                tower_features,
+            )
+
+            self.dataset = FeatureDataset(tower_features(self.model, self.dataset))
+            if self.test is not None:
+                self.test = FeatureDataset(tower_features(self.model, self.test))
+            head = feature_classifier(self.model)
+            select_trainable(head, settings.trainable)
+            if adapter_layout(head).digest() != self.layout.digest():
+                raise ModelError("the feature head's layout differs from the model's")
+            self.model, self.layout = head, adapter_layout(head)
         self._store = _StoredAdapter(
             kit_root, self.layout.digest(), get_flat(self.model, self.layout),
             settings.initial_global_hash,
@@ -292,6 +310,7 @@ class ModelSite:
             sample_rate=terms.sample_rate,
             local_steps=terms.local_steps,
             learning_rate=terms.learning_rate,
+            optimizer=terms.optimizer,
         )
         result = train_local(self.model, self.dataset, config=config)
         self._set(self._store.vector)  # the update leaves only through the protocol
@@ -320,11 +339,36 @@ class ModelSite:
         return {"accuracy": float(out["accuracy"]), "loss": float(out["loss"])}
 
 
-def model_settings_for(*, model_dir: Path | None, synthetic_dim: int | None) -> ModelSettings:
-    """The ``[model]`` table of a new federation, from a model directory or a synthetic size.
+#: Trainable sets whose towers stay frozen: a site trains the head on tower features.
+FEATURE_SCOPES = ("head", "classifier")
+
+
+def _load_for_scope(model_dir: Path, trainable: str):
+    """The classifier of ``model_dir`` with exactly the ``trainable`` set requiring grad.
 
     Raises:
-        ConfigError: neither or both given.
+        ModelError: a trainable set other than ``"adapter"`` on a model without the fusion head.
+    """
+    from secfed.models import load_classifier
+
+    model, _info = load_classifier(model_dir)
+    if trainable != "adapter":  # as loaded: LoRA on the towers + the head
+        from secfed.models.citysafety import select_trainable
+
+        select_trainable(model, trainable)
+    return model
+
+
+def model_settings_for(*, model_dir: Path | None, synthetic_dim: int | None,
+                       trainable: str = "adapter") -> ModelSettings:
+    """The ``[model]`` table of a new federation, from a model directory or a synthetic size.
+
+    ``trainable`` names what sites train (``secfed.models.TRAINABLE_SCOPES``); the vector the
+    federation aggregates is that set.
+
+    Raises:
+        ConfigError: neither or both given, or a trainable set for a synthetic model.
+        ModelError: a trainable set the model does not have.
     """
     if (model_dir is None) == (synthetic_dim is None):
         raise ConfigError("exactly one of --model and --synthetic-dim must be given (got "
@@ -332,16 +376,20 @@ def model_settings_for(*, model_dir: Path | None, synthetic_dim: int | None) -> 
     if synthetic_dim is not None:
         if synthetic_dim < 1:
             raise ConfigError(f"--synthetic-dim must be >= 1 (got {synthetic_dim})")
+        if trainable != "adapter":
+            raise ConfigError(f"--trainable {trainable} needs --model (a synthetic federation "
+                              "has no towers)")
         zeros = np.zeros(synthetic_dim, np.float32)
         return ModelSettings(
             vector_length=synthetic_dim,
             initial_global_hash=vector_hash(synthetic_layout_digest(synthetic_dim), zeros),
         )
-    from secfed.models import adapter_layout, get_flat, load_classifier
+    from secfed.models import adapter_layout, get_flat
 
-    model, _ = load_classifier(model_dir)
+    model = _load_for_scope(model_dir, trainable)
     layout = adapter_layout(model)
     vec = get_flat(model, layout)
     return ModelSettings(
-        vector_length=layout.total, initial_global_hash=vector_hash(layout.digest(), vec)
+        vector_length=layout.total, initial_global_hash=vector_hash(layout.digest(), vec),
+        trainable=trainable,  # type: ignore[arg-type]
     )

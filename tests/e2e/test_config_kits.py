@@ -158,3 +158,33 @@ def test_ring_is_the_smallest_whose_headroom_holds_the_sum(tmp_path: Path, kits)
     paths = create_kits(tmp_path / "wide", name="wide", enterprises=ENTERPRISES,
                         coordinator_url="https://127.0.0.1:8443", model=wide)
     assert CoordinatorKit.load(paths.coordinator).federation.model.ring_bits == 64
+
+
+def test_round_terms_carry_the_optimizer_and_the_scheduled_learning_rate(tmp_path: Path) -> None:
+    import math
+
+    from secfed.config import DPSettings
+    from secfed.coordinator.service import Coordinator
+
+    constant = DPSettings(learning_rate=0.02)
+    assert [constant.round_learning_rate(r, 5) for r in (1, 3, 5)] == [0.02, 0.02, 0.02]
+    cosine = DPSettings(learning_rate=0.02, lr_schedule="cosine")
+    rates = [cosine.round_learning_rate(r, 5) for r in range(1, 6)]
+    assert rates[0] == 0.02
+    assert rates[-1] == pytest.approx(0.01 * (1 + math.cos(math.pi * 4 / 5)))
+    assert all(a > b > 0 for a, b in zip(rates, rates[1:], strict=False))
+    assert cosine.round_learning_rate(9, 5) == rates[-1]  # past the horizon: never 0
+
+    paths = create_kits(
+        tmp_path / "fed", name="sched", enterprises=ENTERPRISES,
+        coordinator_url="https://127.0.0.1:8443",
+        model=model_settings_for(model_dir=None, synthetic_dim=16), rounds=5,
+        dp=DPSettings(learning_rate=0.02, optimizer="adam", lr_schedule="cosine",
+                      noise_multiplier=1.0),
+    )
+    kit = CoordinatorKit.load(paths.coordinator)
+    assert kit.federation.dp.optimizer == "adam"  # through federation.toml and back
+    coordinator = Coordinator(kit)
+    terms = [coordinator.terms(r) for r in range(1, 6)]
+    assert [t.learning_rate for t in terms] == rates
+    assert {t.optimizer for t in terms} == {"adam"}

@@ -1,0 +1,69 @@
+"""A federation that trains only the fusion head: sites train on tower features computed once,
+and what they aggregate is exactly the head of the full model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from secfed.config import RoundTerms
+from secfed.errors import ConfigError, ModelError
+from secfed.participant.adapter import ModelSite, model_settings_for
+
+
+def _terms() -> RoundTerms:
+    return RoundTerms(round_number=1, mode="secagg", participants=("a", "b", "c"), threshold=2,
+                      min_participants=2, noise_multiplier=1.0, sample_rate=0.2, local_steps=4,
+                      max_grad_norm=1.0, learning_rate=0.01, optimizer="adam", delta=1e-5)
+
+
+def test_head_settings_are_the_head_of_the_model(model_bundle) -> None:
+    from secfed.models import load_classifier
+    from secfed.models.citysafety import select_trainable
+
+    _, model_dir = model_bundle
+    full = model_settings_for(model_dir=model_dir, synthetic_dim=None)
+    head = model_settings_for(model_dir=model_dir, synthetic_dim=None, trainable="head")
+    model, _ = load_classifier(model_dir)
+    assert head.trainable == "head" and full.trainable == "adapter"
+    assert head.vector_length == select_trainable(model, "head") < full.vector_length
+    assert head.initial_global_hash != full.initial_global_hash
+    with pytest.raises(ConfigError, match="needs --model"):
+        model_settings_for(model_dir=None, synthetic_dim=8, trainable="head")
+    with pytest.raises(ModelError, match="trainable scope must be one of"):
+        model_settings_for(model_dir=model_dir, synthetic_dim=None, trainable="everything")
+
+
+def test_head_site_trains_on_features_and_scores_like_the_full_model(
+        federation, model_bundle, tmp_path) -> None:
+    from secfed.data import load_dataset
+    from secfed.models import adapter_layout, get_flat, load_classifier, set_flat
+    from secfed.models.citysafety import FeatureDataset, select_trainable
+    from secfed.training import evaluate
+
+    _, model_dir = model_bundle
+    settings = model_settings_for(model_dir=model_dir, synthetic_dim=None, trainable="head")
+    site = ModelSite(tmp_path / "kit", "energy_utility", settings, model_dir=model_dir,
+                     data_dir=federation.enterprises["energy_utility"],
+                     test_dir=federation.test_dir)
+    assert isinstance(site.dataset, FeatureDataset)
+    assert site.global_hash() == settings.initial_global_hash
+    start = site.global_vector().copy()
+    outcome = site.train(_terms())
+    assert outcome.delta.shape == (settings.vector_length,)
+    assert np.isfinite(outcome.delta).all() and np.abs(outcome.delta).max() > 0
+    assert np.array_equal(site.global_vector(), start)  # the update leaves only via the protocol
+    new = start + outcome.delta
+    site.apply(new, round_number=1)
+    mine = site.evaluate()
+
+    # the same head vector in the full model (towers run on every record) scores the same
+    model, _ = load_classifier(model_dir)
+    select_trainable(model, "head")
+    layout = adapter_layout(model)
+    assert layout.total == settings.vector_length
+    set_flat(model, layout, new)
+    assert np.array_equal(get_flat(model, layout), new)
+    ref = evaluate(model, load_dataset(federation.test_dir, model_dir=model_dir))
+    assert mine["accuracy"] == pytest.approx(float(ref["accuracy"]), abs=1e-9)
+    assert mine["loss"] == pytest.approx(float(ref["loss"]), rel=1e-4)
