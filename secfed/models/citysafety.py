@@ -254,7 +254,8 @@ def build_city_safety_classifier(*, seed: int, size: str = "demo", log=None) -> 
     text_tower, tokenizer = load_minilm(layers=cfg.text_layers)
     image_tower = pretrain_image_tower(cfg, seed=seed, log=log)
     spec = ClassifierSpec(kind="fusion", num_classes=len(CITY_SAFETY_CLASSES),
-                          text_pooling="mean", image_pooling="cls", fusion_dim=cfg.fusion_dim)
+                          text_pooling="mean", image_pooling="cls", fusion_dim=cfg.fusion_dim,
+                          normalize_inputs=True)
     lora = LoraSettings(rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank)
     return classifier_from_towers(
         spec, lora=lora, text_tower=text_tower, image_tower=image_tower, tokenizer=tokenizer,

@@ -197,6 +197,7 @@ def save_classifier(
             "text_pooling": info.spec.text_pooling,
             "image_pooling": info.spec.image_pooling,
             "fusion_dim": info.spec.fusion_dim,
+            "normalize_inputs": info.spec.normalize_inputs,
         },
         "image_size": info.image_size,
         "max_text_length": info.max_text_length,

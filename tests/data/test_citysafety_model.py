@@ -119,3 +119,38 @@ def test_loader_refuses_unknown_labels_and_non_model_dirs(federation, model_bund
         load_dataset(data, model_dir=model_dir)
     with pytest.raises(ModelError, match="secfed_model.json"):
         load_dataset(federation.test_dir, model_dir=tmp_path)
+
+
+def test_head_sees_each_towers_output_at_one_scale(model_bundle) -> None:
+    """The city-safety head L2-normalises each tower's pooled output (to norm sqrt(H)) before
+    projecting it: a record's logits do not depend on the scale of its tower features, so no
+    record dominates DP-SGD's clipped gradient sum by the size of its embedding."""
+    from dataclasses import replace
+
+    from secfed.models.citysafety import FeatureDataset, feature_classifier
+
+    model, model_dir = model_bundle
+    assert model.spec.normalize_inputs
+    reloaded, _ = load_classifier(model_dir)
+    assert reloaded.spec.normalize_inputs  # saved in secfed_model.json and read back
+    head = feature_classifier(model).eval()
+    gen = torch.Generator().manual_seed(3)
+    h_text = model.towers()["text"].config.hidden_size
+    h_image = model.towers()["image"].config.hidden_size
+    feats = {"text": torch.randn(5, h_text, generator=gen),
+             "image": torch.randn(5, h_image, generator=gen),
+             "text_present": torch.ones(5, dtype=torch.long),
+             "image_present": torch.ones(5, dtype=torch.long),
+             "labels": torch.zeros(5, dtype=torch.long)}
+    scaled = dict(feats, text=feats["text"] * 7.0, image=feats["image"] * 0.2)
+
+    def logits(m, f):
+        items = [FeatureDataset(f)[i] for i in range(5)]
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "labels"}
+        with torch.no_grad():
+            return m(**batch)
+
+    assert torch.allclose(logits(head, feats), logits(head, scaled), atol=1e-5)
+    plain = feature_classifier(model)
+    plain.spec = replace(model.spec, normalize_inputs=False)
+    assert not torch.allclose(logits(plain.eval(), feats), logits(plain, scaled), atol=1e-3)
