@@ -49,7 +49,7 @@ def prepare(out: Path, seed: int, scale: str, as_json: bool) -> None:
               show_default=True, help="Data scale and model size (tiny: a quick smoke run).")
 @json_option
 def run(out: Path, seed: int, local_steps: int | None, scale: str, as_json: bool) -> None:
-    """Build data + model, start a coordinator and three enterprises on loopback, run 4 rounds."""
+    """Build data + model, start a coordinator and three enterprises on loopback, run 20 DP rounds."""
     from rich.console import Console
 
     from secfed.demo import DemoSettings, run_demo
