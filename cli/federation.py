@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import click
 
 from secfed.cli.options import emit_json, json_option
+from secfed.config import LRSchedule, Optimizer, TrainableSet
 
 
 @click.group("federation")
@@ -36,11 +38,11 @@ def command() -> None:
 @click.option("--local-steps", type=int, default=20, show_default=True)
 @click.option("--learning-rate", type=float, default=0.05, show_default=True)
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
+@click.option("--optimizer", type=click.Choice(get_args(Optimizer)), default="sgd", show_default=True,
               help="DP-SGD update rule at the sites.")
-@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+@click.option("--lr-schedule", type=click.Choice(get_args(LRSchedule)), default="constant",
               show_default=True, help="cosine: the learning rate decays over the planned rounds.")
-@click.option("--trainable", type=click.Choice(["adapter", "top", "head", "classifier"]),
+@click.option("--trainable", type=click.Choice(get_args(TrainableSet)),
               default="adapter", show_default=True,
               help="What sites train and the federation aggregates: LoRA on both towers + the "
                    "fusion head (adapter), the head + the last layer's LoRA (top), the head "

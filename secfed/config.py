@@ -44,6 +44,13 @@ __all__ = [
 ]
 
 AggregationMode = Literal["secagg", "secagg+", "ckks"]
+#: DP-SGD update rule at the sites; learning-rate schedule over the planned rounds.
+Optimizer = Literal["sgd", "adam"]
+LRSchedule = Literal["constant", "cosine"]
+#: What sites train (``secfed.models.TRAINABLE_SCOPES``, largest first).
+TrainableSet = Literal["adapter", "top", "head", "classifier"]
+#: Trainable sets whose towers stay frozen: a site trains the head on tower features.
+FEATURE_SCOPES: tuple[str, ...] = ("head", "classifier")
 MODES: tuple[str, ...] = ("secagg", "secagg+", "ckks")
 MASK_MODES: tuple[str, ...] = ("secagg", "secagg+")  # the modes a noise hook can act in
 ENTERPRISE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # also a DNS label: CN/SAN of its cert
@@ -115,8 +122,8 @@ class DPSettings(_Frozen):
     sample_rate: float = Field(0.05, gt=0, le=1)
     local_steps: int = Field(20, ge=1)
     learning_rate: float = Field(0.05, gt=0)
-    optimizer: Literal["sgd", "adam"] = Field("sgd", description="the DP-SGD update rule")
-    lr_schedule: Literal["constant", "cosine"] = Field(
+    optimizer: Optimizer = Field("sgd", description="the DP-SGD update rule")
+    lr_schedule: LRSchedule = Field(
         "constant", description="cosine: learning_rate decays by a cosine over the planned rounds"
     )
     noise_multiplier: float | None = Field(
@@ -144,7 +151,7 @@ class ModelSettings(_Frozen):
     scale_bits: int = Field(24, ge=8, le=40)
     ring_bits: Literal[32, 64] = 64
     clip_bound: float = Field(8.0, gt=0, description="|delta_i| bound assumed by the encoding")
-    trainable: Literal["adapter", "top", "head", "classifier"] = Field(
+    trainable: TrainableSet = Field(
         "adapter", description="what sites train (secfed.models.TRAINABLE_SCOPES); vector_length "
         "is that set's size"
     )
@@ -240,7 +247,7 @@ class RoundTerms(_Frozen):
     local_steps: int = Field(ge=1)
     max_grad_norm: float = Field(gt=0)
     learning_rate: float = Field(gt=0)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Optimizer = "sgd"
     delta: float = Field(gt=0, lt=1)
     distributed_dp: DistributedDPSettings | None = None  # the federation's [dp.distributed]
 

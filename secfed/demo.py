@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from secfed.config import FEATURE_SCOPES
 from secfed.crypto.errors import SecfedError
 
 __all__ = ["DemoSettings", "DemoResult", "run_demo"]
@@ -152,7 +153,7 @@ def run_demo(out: str | Path, *, settings: DemoSettings | None = None,
     say(f"sites train: {settings.trainable}; {settings.rounds} rounds of DP-SGD "
         f"({settings.optimizer}, q={settings.sample_rate:g}, {settings.local_steps} steps per "
         f"round), budget eps={settings.epsilon:g} per enterprise")
-    if settings.trainable in ("head", "classifier"):
+    if settings.trainable in FEATURE_SCOPES:
         say("sites: loading their data and computing tower features once (a minute or two)")
 
     procs: dict[str, subprocess.Popen] = {}

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from secfed.config import ModelSettings, RoundTerms
+from secfed.config import FEATURE_SCOPES, ModelSettings, RoundTerms
 from secfed.crypto.errors import ConfigError, ModelError
 
 __all__ = [
@@ -337,10 +337,6 @@ class ModelSite:
 
         out = evaluate(self.model, self.test)
         return {"accuracy": float(out["accuracy"]), "loss": float(out["loss"])}
-
-
-#: Trainable sets whose towers stay frozen: a site trains the head on tower features.
-FEATURE_SCOPES = ("head", "classifier")
 
 
 def _load_for_scope(model_dir: Path, trainable: str):

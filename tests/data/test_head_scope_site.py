@@ -67,3 +67,13 @@ def test_head_site_trains_on_features_and_scores_like_the_full_model(
     ref = evaluate(model, load_dataset(federation.test_dir, model_dir=model_dir))
     assert mine["accuracy"] == pytest.approx(float(ref["accuracy"]), abs=1e-9)
     assert mine["loss"] == pytest.approx(float(ref["loss"]), rel=1e-4)
+
+
+def test_federation_settings_name_exactly_the_models_trainable_sets() -> None:
+    from typing import get_args
+
+    from secfed.config import FEATURE_SCOPES, TrainableSet
+    from secfed.models.citysafety import TRAINABLE_SCOPES
+
+    assert get_args(TrainableSet) == TRAINABLE_SCOPES
+    assert set(FEATURE_SCOPES) < set(TRAINABLE_SCOPES)
