@@ -10,6 +10,7 @@ embeddings, MLP head); LoRA goes on both towers' query/value projections; base w
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ __all__ = [
     "FeatureDataset",
     "FeatureTower",
     "build_city_safety_classifier",
+    "cached_tower_features",
     "feature_classifier",
+    "features_key",
     "generic_pretraining_images",
     "load_minilm",
     "pixels_to_tensor",
@@ -403,6 +406,74 @@ def tower_features(model: nn.Module, dataset, *, batch_size: int = 64) -> dict[s
     finally:
         model.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+#: Bumped when :func:`tower_features` changes what it computes (old cache files then miss).
+_FEATURE_FORMAT = b"secfed-tower-features-v1"
+_FEATURE_KEYS = ("text", "image", "text_present", "image_present", "labels")
+_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "text_present", "image_present",
+               "labels")
+
+
+def _hash_tensor(h, name: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach().contiguous().cpu()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def features_key(model: nn.Module, dataset) -> str:
+    """SHA-256 over what :func:`tower_features` depends on: both towers' weights (LoRA
+    included), the pooling of each tower and every input tensor of ``dataset``."""
+    if not isinstance(model, FusionClassifier):
+        raise ModelError(f"tower features need a FusionClassifier (got {type(model).__name__})")
+    h = hashlib.sha256(_FEATURE_FORMAT)
+    h.update(f"{model.spec.text_pooling}|{model.spec.image_pooling}|".encode())
+    for tower in ("text_tower", "image_tower"):
+        for name, tensor in sorted(getattr(model, tower).state_dict().items()):
+            _hash_tensor(h, f"{tower}.{name}", tensor)
+    h.update(f"n={len(dataset)}|".encode())
+    if all(isinstance(getattr(dataset, k, None), torch.Tensor) for k in _INPUT_KEYS):
+        for k in _INPUT_KEYS:  # CitySafetyDataset keeps each input as one tensor
+            _hash_tensor(h, k, getattr(dataset, k))
+    else:
+        for i in range(len(dataset)):
+            for k, v in sorted(dataset[i].items()):
+                _hash_tensor(h, f"{i}.{k}", v)
+    return h.hexdigest()
+
+
+def cached_tower_features(model: nn.Module, dataset, cache_dir: Path | str, *, name: str,
+                          batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """:func:`tower_features`, kept on disk: ``cache_dir/<name>-<key>.safetensors``.
+
+    ``key`` is :func:`features_key`, so a change to the towers or to any record's inputs
+    misses the cache and recomputes; a file that cannot be read or does not hold ``len(dataset)``
+    rows of every feature is recomputed too. The file is written to a temporary name and
+    renamed, so a crash never leaves half a cache; older files of ``name`` are removed. The
+    features are as private as the data they come from: keep ``cache_dir`` beside it.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"{name}-{features_key(model, dataset)[:32]}.safetensors"
+    if path.is_file():
+        try:
+            found = load_file(str(path))
+        except (SafetensorError, OSError, ValueError):
+            found = {}
+        if set(found) == set(_FEATURE_KEYS) and all(len(v) == len(dataset)
+                                                   for v in found.values()):
+            return found
+    features = tower_features(model, dataset, batch_size=batch_size)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
+    os.replace(tmp, path)
+    for old in cache_dir.glob(f"{name}-*.safetensors"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return features
 
 
 class FeatureDataset(torch.utils.data.Dataset):

@@ -265,16 +265,21 @@ class ModelSite:
         if settings.trainable in FEATURE_SCOPES:
             # Towers frozen: their outputs never change, so compute them once and train the
             # head on them -- the same per-example gradients, without re-running the towers.
+            # Kept under the kit (keyed by the towers' weights and the records' inputs), so a
+            # restarted site reads them back instead of running the towers again.
             from secfed.models.citysafety import (
                 FeatureDataset,
+                cached_tower_features,
                 feature_classifier,
                 select_trainable,
-                tower_features,
             )
 
-            self.dataset = FeatureDataset(tower_features(self.model, self.dataset))
+            cache = Path(kit_root) / "features"
+            self.dataset = FeatureDataset(
+                cached_tower_features(self.model, self.dataset, cache, name="train"))
             if self.test is not None:
-                self.test = FeatureDataset(tower_features(self.model, self.test))
+                self.test = FeatureDataset(
+                    cached_tower_features(self.model, self.test, cache, name="test"))
             head = feature_classifier(self.model)
             select_trainable(head, settings.trainable)
             if adapter_layout(head).digest() != self.layout.digest():

@@ -77,3 +77,70 @@ def test_federation_settings_name_exactly_the_models_trainable_sets() -> None:
 
     assert get_args(TrainableSet) == TRAINABLE_SCOPES
     assert set(FEATURE_SCOPES) < set(TRAINABLE_SCOPES)
+
+
+def test_restarted_head_site_reads_its_tower_features_back(
+        federation, model_bundle, tmp_path, monkeypatch) -> None:
+    import torch
+
+    import secfed.models.citysafety as cs
+
+    _, model_dir = model_bundle
+    settings = model_settings_for(model_dir=model_dir, synthetic_dim=None, trainable="head")
+    data = federation.enterprises["energy_utility"]
+    first = ModelSite(tmp_path / "kit", "energy_utility", settings, model_dir=model_dir,
+                      data_dir=data, test_dir=federation.test_dir)
+    cache = tmp_path / "kit" / "features"
+    assert sorted(p.name.split("-")[0] for p in cache.glob("*.safetensors")) == ["test", "train"]
+
+    calls: list[int] = []
+    real = cs.tower_features
+
+    def counted(model, dataset, **kw):
+        calls.append(len(dataset))
+        return real(model, dataset, **kw)
+
+    monkeypatch.setattr(cs, "tower_features", counted)
+    again = ModelSite(tmp_path / "kit", "energy_utility", settings, model_dir=model_dir,
+                      data_dir=data, test_dir=federation.test_dir)
+    assert calls == []  # both read back, no tower run
+    for key, value in first.dataset.features.items():
+        assert torch.equal(again.dataset.features[key], value)
+    assert again.evaluate() == first.evaluate()
+
+    # other records under the same kit: the key differs, the towers run, the old file goes
+    other = federation.enterprises["city_operations"]
+    moved = ModelSite(tmp_path / "kit", "energy_utility", settings, model_dir=model_dir,
+                      data_dir=other, test_dir=federation.test_dir)
+    assert calls == [len(moved.dataset)]
+    assert len(list(cache.glob("train-*.safetensors"))) == 1
+
+    # a damaged cache file is recomputed, not trusted
+    (train_file,) = cache.glob("train-*.safetensors")
+    train_file.write_bytes(train_file.read_bytes()[:100])
+    ModelSite(tmp_path / "kit", "energy_utility", settings, model_dir=model_dir,
+              data_dir=other, test_dir=federation.test_dir)
+    assert calls == [len(moved.dataset)] * 2
+
+
+def test_feature_key_follows_the_towers_weights_and_every_input(model_bundle, federation) -> None:
+    import torch
+
+    from secfed.data import load_dataset
+    from secfed.models import load_classifier
+    from secfed.models.citysafety import features_key
+
+    _, model_dir = model_bundle
+    model, _ = load_classifier(model_dir)
+    data = load_dataset(federation.enterprises["energy_utility"], model_dir=model_dir)
+    key = features_key(model, data)
+    assert features_key(model, data) == key
+    changed = data.subset(list(range(len(data))))
+    changed.pixel_values[0, 0, 0, 0] += 1.0
+    assert features_key(model, changed) != key
+    changed = data.subset(list(range(len(data))))
+    changed.labels[0] = (changed.labels[0] + 1) % 7
+    assert features_key(model, changed) != key
+    with torch.no_grad():
+        next(model.image_tower.parameters()).add_(1e-3)
+    assert features_key(model, data) != key
