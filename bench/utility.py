@@ -13,6 +13,10 @@ How it trains (the same for every row): the DP-specific trainable set of
 pretrained towers, ~40k parameters instead of ~90k with LoRA on both towers), so the towers are
 run once per record (``tower_features``) and every row trains the same head copy
 (``feature_classifier``) -- the same per-example gradients as the full model with frozen towers.
+``--scope adapter`` (LoRA on both towers + the head, the federation's default) or ``top``
+trains through the towers on the records themselves instead: every step runs them, about 12 ms
+per record on one CPU thread, so a full-scale DP row takes about two hours (``--only eps=8
+--variants noisy --log-rounds`` measures one row and logs accuracy per round).
 Non-private rows: Adam on mini-batches. DP rows: Opacus DP-SGD through
 ``secfed.training.train_local`` (Poisson sampling, per-example clipping, Gaussian noise).
 
@@ -48,6 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from secfed.config import FEATURE_SCOPES  # noqa: E402
 from secfed.data import generate_federation, load_dataset  # noqa: E402
 from secfed.data.generate import generate_held_out  # noqa: E402
 from secfed.data.loading import model_inputs  # noqa: E402
@@ -97,6 +102,8 @@ class Settings:
         self.dp_optimizer = args.dp_optimizer
         self.seed = args.seed
         self.dp_repeats = args.dp_repeats
+        self.log_rounds = args.log_rounds
+        self.eval_fn = None  # set by main: test accuracy, for --log-rounds
 
     def describe(self) -> str:
         return (f"trainable set `{self.scope}`; {self.rounds} rounds x {self.local_epochs} local "
@@ -211,6 +218,8 @@ def federated(head0, datasets: dict, *, secure: bool, epsilon: float | None, st:
             total = plain_sum
         global_vec = (global_vec.astype(np.float64) + total / len(deltas)).astype(np.float32)
         set_flat(model, layout, global_vec)
+        if st.log_rounds and st.eval_fn is not None:
+            log(f"  round {r + 1}/{st.rounds}: test accuracy {st.eval_fn(model):.3f}")
     if secure:
         stats["secure_vs_plain_max_abs_diff"] = f"{max_diff:.1e}"
     return model
@@ -348,8 +357,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="full", choices=["tiny", "demo", "full"])
     ap.add_argument("--size", default="demo", choices=["tiny", "demo", "full"])
-    ap.add_argument("--scope", default="head", choices=TRAINABLE_SCOPES[2:],
-                    help="trainable set (towers frozen, so features are computed once)")
+    ap.add_argument("--scope", default="head", choices=TRAINABLE_SCOPES,
+                    help="trainable set: head/classifier train on tower features computed "
+                         "once; adapter/top train LoRA through the towers (every step runs "
+                         "them: hours at full scale on a CPU)")
     # 20 rounds x 1 local epoch rather than 10 x 2: the same DP-SGD steps, so the same sigma
     # at each epsilon, averaged twice as often (validation, DP eps=8, plaintext sum, mean of
     # 3 runs at 10 x 2 and 4 at 20 x 1: noisy 0.714 -> 0.717, cleaned 0.713 -> 0.725;
@@ -373,6 +384,10 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None, help="keep data/model/features here")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--only", default=None, help="run only the rows whose name contains this")
+    ap.add_argument("--variants", default="noisy,clean",
+                    help="which data to train each row on: noisy, clean or both (default)")
+    ap.add_argument("--log-rounds", action="store_true",
+                    help="log test accuracy after every federated round")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -422,16 +437,29 @@ def main() -> int:
         clean[n], changes = cleaned_features(noisy[n], fed_dir / n, out)
         quality[n] = json.loads(qfile.read_text()) | {
             "kept": f"{len(clean[n])}/{len(noisy[n])}", **changes}
+    if args.scope not in FEATURE_SCOPES:
+        # LoRA through the towers: every step runs them, so train on the records themselves
+        noisy = {n: load_dataset(fed_dir / n, inputs=inputs) for n in names}
+        clean = {n: load_dataset(work / "clean" / n, inputs=inputs) for n in names}
+        test = load_dataset(fed_dir / "test", inputs=inputs)
     sizes = ", ".join(f"{n} {len(noisy[n])}" for n in names)
     log(f"records per enterprise: {sizes}; test {len(test)}")
 
     select_trainable(base, args.scope)
-    head0 = feature_classifier(base)
-    select_trainable(head0, args.scope)
+    if args.scope in FEATURE_SCOPES:
+        head0 = feature_classifier(base)
+        select_trainable(head0, args.scope)
+    else:
+        head0 = base
     dims = adapter_layout(head0).total
 
     def acc(model, data=test) -> float:
         return evaluate(model, data, batch_size=512)["accuracy"]
+
+    st.eval_fn = acc
+    variants = [v.strip() for v in args.variants.split(",")]
+    if not variants or not set(variants) <= {"noisy", "clean"}:
+        ap.error(f"--variants must name noisy and/or clean (got {args.variants!r})")
 
     def centralized(data, stats, epochs=None):
         model = _copy(head0)
@@ -476,6 +504,8 @@ def main() -> int:
         row = {"name": name, "notes": ""}
         rows.append(row)
         for variant, data in (("noisy", noisy), ("clean", clean)):
+            if variant not in variants:
+                continue
             t = time.time()
             stats: dict = {}
             runs = [acc(run(data, stats)) for _ in range(repeats)]
