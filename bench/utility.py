@@ -152,6 +152,8 @@ def train_plain(model, dataset, *, epochs: int, seed: int, st: Settings,
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, st.clip)
             opt.step()
+        if anneal and st.log_rounds and st.eval_fn is not None:
+            log(f"  epoch {epoch + 1}/{epochs}: test accuracy {st.eval_fn(model):.3f}")
 
 
 def dp_plan(n: int, *, epsilon: float, st: Settings) -> tuple[float, int, float, float]:
@@ -387,7 +389,8 @@ def main() -> int:
     ap.add_argument("--variants", default="noisy,clean",
                     help="which data to train each row on: noisy, clean or both (default)")
     ap.add_argument("--log-rounds", action="store_true",
-                    help="log test accuracy after every federated round")
+                    help="log test accuracy after every federated round (and every epoch "
+                         "of centralized and local-only training)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
