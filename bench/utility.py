@@ -385,7 +385,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--work", type=Path, default=None, help="keep data/model/features here")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--only", default=None, help="run only the rows whose name contains this")
+    ap.add_argument("--only", default=None,
+                    help="run only the rows whose name contains this (comma-separated: any)")
     ap.add_argument("--variants", default="noisy,clean",
                     help="which data to train each row on: noisy, clean or both (default)")
     ap.add_argument("--log-rounds", action="store_true",
@@ -544,7 +545,7 @@ def main() -> int:
             *[(f"DP-SGD + SecAgg, eps={e:g}", fed_run(True, e))
               for e in sorted(EPSILONS, reverse=True) if e != 8.0]]
     for name, run in plan:
-        if args.only is None or args.only in name:
+        if args.only is None or any(part in name for part in args.only.split(",")):
             # DP noise is fresh (OS CSPRNG) every run: DP rows are the mean of --dp-repeats runs
             record(name, run, repeats=args.dp_repeats if name.startswith("DP") else 1)
     plot(rows, png)
