@@ -418,7 +418,7 @@ _INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "text_present", "i
 def _hash_tensor(h, name: str, tensor: torch.Tensor) -> None:
     t = tensor.detach().contiguous().cpu()
     h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def features_key(model: nn.Module, dataset) -> str:
