@@ -162,6 +162,15 @@ class FederationConfig(_Frozen):
 
     name: str = Field(min_length=1, max_length=64)
     coordinator_url: str
+    # Required: a federation file written before the coordinator had an identity key does not
+    # load (ConfigError naming this field). Ledger receipts and the signed transcript are
+    # anchored under it, and a federation without it could not tell a rolled-back ledger
+    # apart -- so there is no silent "unanchored" fallback. Upgrade path: generate the key with
+    # ``secfed.transport.kits.write_coordinator_identity`` and add its hex to every copy.
+    coordinator_identity_public_key: str = Field(
+        description="the coordinator's Ed25519 public key (signs ledger receipts and its "
+        "transcript), 64 lowercase hex digits"
+    )
     roster: tuple[RosterEntry, ...]
     rounds: int = Field(4, ge=1, le=100_000)
     mode_schedule: tuple[AggregationMode, ...] = ("secagg",)
@@ -178,6 +187,13 @@ class FederationConfig(_Frozen):
         if not re.match(r"^https://[A-Za-z0-9.\-\[\]:]+:\d{1,5}/?$", v):
             raise ValueError(f"must be https://HOST:PORT (got {v!r})")
         return v.rstrip("/")
+
+    @field_validator("coordinator_identity_public_key")
+    @classmethod
+    def _coordinator_key(cls, v: str) -> str:
+        if not _HEX64.match(v):
+            raise ValueError(f"must be 64 lowercase hex digits (got {len(v)} characters)")
+        return v
 
     @field_validator("mode_schedule")
     @classmethod
@@ -196,6 +212,9 @@ class FederationConfig(_Frozen):
             raise ValueError(f"roster ids must be unique (got {ids})")
         if len({e.identity_public_key for e in self.roster}) != n:
             raise ValueError("roster identity_public_key values must be unique")
+        if self.coordinator_identity_public_key in {e.identity_public_key for e in self.roster}:
+            # one key in two roles would let a receipt pass for an enterprise's signature
+            raise ValueError("coordinator_identity_public_key must differ from every roster key")
         if not 2 <= self.threshold <= n:
             raise ValueError(f"threshold must be in [2, {n}] (got {self.threshold})")
         if not self.threshold <= self.min_participants <= n:
@@ -226,6 +245,10 @@ class FederationConfig(_Frozen):
 
     def enterprise_ids(self) -> tuple[str, ...]:
         return tuple(e.id for e in self.roster)
+
+    def coordinator_public_key(self) -> bytes:
+        """The coordinator's pinned Ed25519 public key (raw 32 bytes)."""
+        return bytes.fromhex(self.coordinator_identity_public_key)
 
     def public_key_of(self, enterprise_id: str) -> bytes:
         for e in self.roster:
@@ -470,6 +493,7 @@ def federation_to_toml(cfg: FederationConfig) -> str:
         for k in (
             "name",
             "coordinator_url",
+            "coordinator_identity_public_key",
             "rounds",
             "mode_schedule",
             "threshold",

@@ -3,7 +3,9 @@
 Layout under the output directory::
 
     ca/            ca.pem, ca.key (0600)          -- the admin's; never copied into a kit
-    coordinator/   federation.toml, ca.pem, server.pem, server.key (0600), ckks_public.ctx
+    coordinator/   federation.toml, ca.pem, server.pem, server.key (0600), ckks_public.ctx,
+                   identity.key (0600, Ed25519: the coordinator's own; signs ledger receipts
+                   and its transcript)
     <enterprise>/  federation.toml, site.toml, ca.pem, client.pem, client.key (0600),
                    identity.pem (0600, Ed25519), ckks_secret.ctx (0600)
 
@@ -42,7 +44,13 @@ from secfed.transport.pki import (
     write_private_pem,
 )
 
-__all__ = ["KitPaths", "CoordinatorKit", "EnterpriseKit", "create_kits"]
+__all__ = [
+    "KitPaths",
+    "CoordinatorKit",
+    "EnterpriseKit",
+    "create_kits",
+    "write_coordinator_identity",
+]
 
 FEDERATION_FILE = "federation.toml"
 SITE_FILE = "site.toml"
@@ -51,6 +59,7 @@ CKKS_PUBLIC_FILE = "ckks_public.ctx"
 CKKS_SECRET_FILE = "ckks_secret.ctx"
 STATE_FILE = "state.sqlite"
 LEDGER_FILE = "ledger.sqlite"
+COORDINATOR_IDENTITY_FILE = "identity.key"
 
 
 @dataclass(frozen=True)
@@ -70,10 +79,24 @@ class CoordinatorKit:
     @classmethod
     def load(cls, root: str | Path) -> CoordinatorKit:
         r = Path(root)
-        for name in (FEDERATION_FILE, CA_FILE, "server.pem", "server.key"):
+        for name in (FEDERATION_FILE, CA_FILE, "server.pem", "server.key", COORDINATOR_IDENTITY_FILE):
             if not (r / name).is_file():
                 raise ConfigError(f"coordinator kit {r} must contain {name} (missing)")
         return cls(r, load_federation(r / FEDERATION_FILE))
+
+    def identity(self) -> IdentityKey:
+        """The coordinator's own Ed25519 identity (``identity.key``), checked against the key
+        ``federation.toml`` pins.
+
+        Raises:
+            ConfigError: the file is not an Ed25519 PKCS#8 PEM key, or does not match the pin.
+        """
+        identity = IdentityKey.from_pem((self.root / COORDINATOR_IDENTITY_FILE).read_bytes())
+        if identity.public_bytes() != self.federation.coordinator_public_key():
+            raise ConfigError(
+                "identity.key must match federation.toml's coordinator_identity_public_key (mismatch)"
+            )
+        return identity
 
     @property
     def ca(self) -> Path:
@@ -152,6 +175,23 @@ class EnterpriseKit:
         if identity.public_bytes() != pinned:
             raise ConfigError("identity.pem must match the roster's pinned public key (mismatch)")
         return identity
+
+
+def write_coordinator_identity(kit_dir: str | Path) -> bytes:
+    """Generate the coordinator's Ed25519 identity into ``kit_dir/identity.key`` (0600) and return
+    its raw public key, which ``federation.toml`` pins as ``coordinator_identity_public_key``.
+
+    Raises:
+        ConfigError: ``kit_dir`` already holds an identity key (it is never overwritten: every
+            receipt a site keeps is anchored under it).
+    """
+    path = Path(kit_dir) / COORDINATOR_IDENTITY_FILE
+    if path.exists():
+        raise ConfigError(f"coordinator identity key must not be overwritten (got existing {path})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    identity = IdentityKey.generate()
+    write_private_pem(path, identity.to_pem())
+    return identity.public_bytes()
 
 
 def _ckks_contexts() -> tuple[bytes, bytes] | None:
@@ -239,6 +279,9 @@ def create_kits(
                 f"({need} ring units); use 64 or a smaller dp.distributed noise_multiplier/clip_norm"
             )
     identities = {eid: IdentityKey.generate() for eid in enterprises}
+    coord = root / "coordinator"
+    coord.mkdir(parents=True)
+    coordinator_public = write_coordinator_identity(coord)
     roster = tuple(
         RosterEntry(id=eid, identity_public_key=identities[eid].public_bytes().hex())
         for eid in enterprises
@@ -247,6 +290,7 @@ def create_kits(
         FederationConfig,
         name=name,
         coordinator_url=coordinator_url,
+        coordinator_identity_public_key=coordinator_public.hex(),
         roster=roster,
         rounds=rounds,
         mode_schedule=mode_schedule,
@@ -265,8 +309,6 @@ def create_kits(
 
     contexts = _ckks_contexts()
 
-    coord = root / "coordinator"
-    coord.mkdir()
     (coord / FEDERATION_FILE).write_text(fed_toml)
     (coord / CA_FILE).write_bytes(ca.cert_pem)
     server = issue_server_cert(ca, host)

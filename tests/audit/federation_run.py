@@ -78,6 +78,7 @@ def run_federation(
     cfg = FederationConfig(
         name=FEDERATION,
         coordinator_url="https://127.0.0.1:8443",
+        coordinator_identity_public_key=IdentityKey.generate().public_bytes().hex(),
         roster=tuple(RosterEntry(id=e, identity_public_key=k.hex()) for e, k in roster.items()),
         rounds=len(modes),
         mode_schedule=modes,

@@ -60,7 +60,9 @@ def test_private_files_are_0600_and_coordinator_holds_no_enterprise_secret(kits)
     coord = kits.coordinator
     assert stat.S_IMODE(os.stat(coord / "server.key").st_mode) == 0o600
     names = {p.name for p in coord.iterdir()}
-    assert names == {"federation.toml", "ca.pem", "server.pem", "server.key", "ckks_public.ctx"}
+    assert stat.S_IMODE(os.stat(coord / "identity.key").st_mode) == 0o600
+    assert names == {"federation.toml", "ca.pem", "server.pem", "server.key", "ckks_public.ctx",
+                     "identity.key"}
     secrets = set()
     for d in kits.enterprises.values():
         for name in ("client.key", "identity.pem", "ckks_secret.ctx"):
@@ -188,3 +190,47 @@ def test_round_terms_carry_the_optimizer_and_the_scheduled_learning_rate(tmp_pat
     terms = [coordinator.terms(r) for r in range(1, 6)]
     assert [t.learning_rate for t in terms] == rates
     assert {t.optimizer for t in terms} == {"adam"}
+
+
+def test_coordinator_kit_holds_its_own_identity_pinned_in_the_federation(tmp_path: Path, kits) -> None:
+    from secfed.transport.kits import write_coordinator_identity
+
+    coord = CoordinatorKit.load(kits.coordinator)
+    pinned = load_federation(kits.coordinator / "federation.toml").coordinator_identity_public_key
+    assert coord.identity().public_bytes().hex() == pinned
+    for d in kits.enterprises.values():  # every party pins the same coordinator key
+        assert load_federation(d / "federation.toml").coordinator_identity_public_key == pinned
+        assert EnterpriseKit.load(d).identity().public_bytes().hex() != pinned
+    # never overwritten: every receipt a site keeps is anchored under it
+    with pytest.raises(ConfigError, match="must not be overwritten"):
+        write_coordinator_identity(kits.coordinator)
+    # a kit whose identity.key is not the pinned one is refused
+    other = tmp_path / "other"
+    write_coordinator_identity(other)
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    for p in kits.coordinator.iterdir():
+        if p.is_file() and p.name != "identity.key":
+            (swapped / p.name).write_bytes(p.read_bytes())
+    (swapped / "identity.key").write_bytes((other / "identity.key").read_bytes())
+    with pytest.raises(ConfigError, match="coordinator_identity_public_key"):
+        CoordinatorKit.load(swapped).identity()
+    (swapped / "identity.key").unlink()
+    with pytest.raises(ConfigError, match="identity.key"):
+        CoordinatorKit.load(swapped)
+
+
+def test_federation_file_without_coordinator_key_is_refused(tmp_path: Path, kits) -> None:
+    text = (kits.coordinator / "federation.toml").read_text()
+    old = "\n".join(line for line in text.splitlines()
+                    if not line.startswith("coordinator_identity_public_key"))
+    assert old != text
+    (tmp_path / "old.toml").write_text(old)
+    with pytest.raises(ConfigError, match="coordinator_identity_public_key"):
+        load_federation(tmp_path / "old.toml")
+    fed = load_federation(kits.coordinator / "federation.toml")
+    enterprise_key = fed.roster[0].identity_public_key
+    reused = text.replace(fed.coordinator_identity_public_key, enterprise_key)
+    (tmp_path / "reused.toml").write_text(reused)
+    with pytest.raises(ConfigError, match="must differ from every roster key"):
+        load_federation(tmp_path / "reused.toml")

@@ -66,6 +66,7 @@ def _federation(n: int, *, ddp: DistributedDPSettings | None = DDP,
                    for i in range(n))
     return FederationConfig(
         name="f", coordinator_url="https://127.0.0.1:8443", roster=roster,
+        coordinator_identity_public_key=IdentityKey.generate().public_bytes().hex(),
         mode_schedule=schedule, threshold=kw.pop("threshold", 3),
         min_participants=kw.pop("min_participants", 3),
         dp=DPSettings(distributed=ddp), model=ModelSettings(vector_length=64, initial_global_hash="0"),
