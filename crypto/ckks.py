@@ -41,6 +41,7 @@ __all__ = [
     "encrypt",
     "add_encrypted",
     "decrypt",
+    "decrypt_sum",
 ]
 
 POLY_MODULUS_DEGREE = 8192  # smallest N giving 128-bit security for a 120-bit modulus chain
@@ -333,4 +334,38 @@ def decrypt(
     out = np.empty(length, dtype=np.float64)
     for position, values in enumerate(parts):
         out[position * SLOTS : position * SLOTS + counts[position]] = values
+    return out
+
+
+def decrypt_sum(
+    ctx: CkksContext, contributions: Sequence[Sequence[bytes]], length: int
+) -> npt.NDArray[np.float64]:
+    """Add several encrypted vectors of ``length`` values and decrypt only their sum.
+
+    Each ciphertext is parsed and checked like :func:`add_encrypted` does; the sum is never
+    serialised, and no individual contribution is ever decrypted.
+
+    Raises:
+        CkksError: no secret key, no contributions, a contribution of the wrong length, or a
+            ciphertext that does not parse or has other parameters (naming it).
+    """
+    if not ctx.has_secret:
+        raise CkksError("decryption needs the enterprise's secret ckks context (got a public one)")
+    if not contributions:
+        raise CkksError("decrypt_sum needs at least one contribution (got 0)")
+    counts = _slot_counts(length)
+    for i, cts in enumerate(contributions):
+        _check_blobs(cts, len(counts), f"contribution {i}")
+    tctx = ctx.tenseal
+    out = np.empty(length, dtype=np.float64)
+    for position, count in enumerate(counts):
+        total = None
+        for i, cts in enumerate(contributions):
+            vec = _load_ciphertext(tctx, cts[position], slots=count, where=f"contribution {i}[{position}]")
+            if total is None:
+                total = vec
+            else:
+                total.add_(vec)
+        assert total is not None
+        out[position * SLOTS : position * SLOTS + count] = total.decrypt()
     return out

@@ -439,11 +439,22 @@ class Participant:
 
     def _decode_aggregate(self, payload: bytes, *, mode: str, round_number: int
                           ) -> tuple[np.ndarray, int]:
+        """Decode a missed round's stored aggregate (catch-up), checked as far as this site can
+        without the round's keys: CKKS sums are rebuilt from the members' signed uploads
+        (each signature verified before its ciphertexts are parsed, then rounded to the grid);
+        masked sums must respect ``survivors x clip_bound`` (without distributed DP, whose noise
+        bound needs the round's spec). :meth:`check_peers` then compares the result with the
+        hash the round's survivors signed."""
         from secfed.crypto.encoding import decode
         from secfed.protocol.messages import CkksAggregate, MaskedAggregate, decode_message
+        from secfed.protocol.participant import check_sum_norm, open_ckks_aggregate, sum_norm_bound
 
-        message = decode_message(payload)
-        length = self.fed.model.vector_length
+        try:
+            message = decode_message(payload)
+        except SecfedError as exc:
+            raise ProtocolAbort(f"aggregate of round {round_number}: {exc}") from exc
+        model = self.fed.model
+        length = model.vector_length
         if message.round_number != round_number:
             raise ProtocolAbort(f"aggregate must be for round {round_number}")
         if isinstance(message, MaskedAggregate) and mode in ("secagg", "secagg+"):
@@ -451,12 +462,30 @@ class Participant:
             ring = np.frombuffer(message.vector, dtype=dtype).astype(dtype.newbyteorder("="))
             if ring.size != length:
                 raise ProtocolAbort(f"aggregate must hold {length} words (got {ring.size})")
-            return decode(ring, scale_bits=self.fed.model.scale_bits), len(message.survivors)
+            total = decode(ring, scale_bits=model.scale_bits)
+            if self.fed.dp.distributed is None:
+                bound = sum_norm_bound(members=len(message.survivors), clip_bound=model.clip_bound,
+                                       vector_length=length, scale_bits=model.scale_bits)
+                check_sum_norm(total, bound=bound, what=f"round {round_number} catch-up")
+            return total, len(message.survivors)
         if isinstance(message, CkksAggregate) and mode == "ckks":
-            from secfed.crypto import ckks
-
-            total = ckks.decrypt(self._ckks_context(), list(message.ciphertexts), length)
-            return np.asarray(total, dtype=np.float64), len(message.members)
+            if self._ckks_context() is None:
+                raise ProtocolAbort(f"aggregate of round {round_number} is ckks; the kit has no ckks secret")
+            try:
+                total, members = open_ckks_aggregate(
+                    message, ckks_context=self._ckks_context(), roster=self.roster,
+                    vector_length=length, scale_bits=model.scale_bits,
+                )
+            except ProtocolAbort:
+                raise
+            except SecfedError as exc:  # a forged signature or bad ciphertext: refuse the round
+                raise ProtocolAbort(
+                    f"aggregate of round {round_number}: {type(exc).__name__}: {exc}") from exc
+            bound = sum_norm_bound(members=len(members), clip_bound=model.clip_bound,
+                                   vector_length=length, scale_bits=model.scale_bits)
+            bound += length**0.5 * 2.0**-model.scale_bits  # the decrypted sum's rounding
+            check_sum_norm(total, bound=bound, what=f"round {round_number} catch-up")
+            return total, len(members)
         raise ProtocolAbort(f"aggregate of round {round_number} must match its mode {mode}")
 
     def check_peers(self, round_number: int, *, expected_hash: str | None = None) -> int:

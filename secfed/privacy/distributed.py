@@ -43,6 +43,8 @@ __all__ = [
     "sample_poisson",
     "sample_skellam",
     "guaranteed_shares",
+    "SUM_CHECK_FAILURE",
+    "skellam_sum_l2_bound",
 ]
 
 DEFAULT_NORM_UNITS = 4096  # C in grid steps: fine enough that rounding adds ~sqrt(d)/2 << C
@@ -116,6 +118,51 @@ def sample_poisson(lam: float, n: int) -> npt.NDArray[np.int64]:
 def sample_skellam(variance: float, n: int) -> npt.NDArray[np.int64]:
     """n symmetric Skellam variates of the given variance: Poisson(v/2) − Poisson(v/2)."""
     return sample_poisson(variance / 2.0, n) - sample_poisson(variance / 2.0, n)
+
+
+SUM_CHECK_FAILURE = 2.0**-64  # chance that an honest noised sum fails the participants' norm check
+
+
+def _skellam_tail_exponent(a: float, variance: float) -> float:
+    """ln of the Chernoff bound on P(X >= a) for a symmetric Skellam X of this variance.
+
+    E[e^(tX)] = exp(v (cosh t - 1)); at the optimal t = asinh(a / v) the bound is
+    exp(v (sqrt(1 + (a/v)^2) - 1) - a asinh(a / v)).
+    """
+    r = a / variance
+    return variance * (math.sqrt(1.0 + r * r) - 1.0) - a * math.asinh(r)
+
+
+def skellam_sum_l2_bound(*, dim: int, variance: float, failure: float = SUM_CHECK_FAILURE) -> float:
+    """An L2 norm that ``dim`` i.i.d. symmetric Skellam variates of ``variance`` exceed with
+    probability at most ``failure``.
+
+    Two steps, each allowed ``failure / 2``. (1) Chernoff on each coordinate: |X_i| < M for all
+    i, with M the smallest value where 2 d exp(tail exponent) <= failure / 2. (2) Given that,
+    Y_i = X_i^2 lies in [0, M^2], with E[Y_i] <= v and E[Y_i^2] <= E[X^4] = 3v^2 + v (conditioning
+    on Y < M^2 only lowers both); Bernstein's inequality gives sum Y_i <= d v + s with
+    s = L M^2 / 3 + sqrt((L M^2 / 3)^2 + 2 L d (3v^2 + v)), L = ln(2 / failure). For d = 1e5
+    the bound is about 1.04 sqrt(d v): tight enough that an added vector of a few noise-free
+    inputs' norm is still refused.
+    """
+    if variance <= 0 or dim < 1:
+        return 0.0
+    half = failure / 2.0
+    log_target = math.log(half / (2.0 * dim))
+    lo, hi = 0.0, 1.0
+    while _skellam_tail_exponent(hi * math.sqrt(variance), variance) > log_target:
+        hi *= 2.0
+    for _ in range(100):  # bisection on M / sqrt(v)
+        mid = (lo + hi) / 2.0
+        if _skellam_tail_exponent(mid * math.sqrt(variance), variance) > log_target:
+            lo = mid
+        else:
+            hi = mid
+    m2 = (hi * math.sqrt(variance)) ** 2
+    big_l = math.log(2.0 / half)
+    linear = big_l * m2 / 3.0
+    s = linear + math.sqrt(linear**2 + 2.0 * big_l * dim * (3.0 * variance**2 + variance))
+    return math.sqrt(dim * variance + s)
 
 
 def guaranteed_shares(spec: Any) -> int:
@@ -236,6 +283,20 @@ class DistributedDP:
     def planned_event(self, spec: Any) -> DistributedDPEvent:
         """What to charge before the update leaves: the guaranteed minimum of shares."""
         return self.planned_release(spec).event(shares=guaranteed_shares(spec))
+
+    def sum_l2_bound(self, *, spec: Any, members: int) -> float:
+        """An L2 bound on the decoded sum of ``members`` honest hooked inputs (float units).
+
+        Each input is at most ``l2_bound`` grid steps after conditional rounding (enforced, not
+        probable) and adds a Skellam share; the ``members`` shares sum to one Skellam of
+        ``members x share_variance`` per coordinate, bounded by :func:`skellam_sum_l2_bound`
+        (fails for an honest sum with probability <= :data:`SUM_CHECK_FAILURE`). The sum
+        decodes as grid steps x γ exactly, so no fixed-point slack is added. Participants
+        refuse a masked sum above this bound.
+        """
+        release = self.planned_release(spec)
+        noise = skellam_sum_l2_bound(dim=release.dim, variance=members * release.share_variance)
+        return release.grid_step * (members * release.l2_bound + noise)
 
     def __call__(self, encoded: npt.NDArray[np.unsignedinteger], *, spec: Any, me: str) -> None:
         """Clip, round onto the grid, add this enterprise's Skellam share; in place, in the ring."""

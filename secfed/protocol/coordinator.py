@@ -50,7 +50,6 @@ from secfed.protocol.messages import (
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
-    ciphertext_digest,
     consistency_signed_bytes,
     decode_message,
     seed_commitment,
@@ -139,7 +138,8 @@ class CoordinatorRound:
         self._acc: npt.NDArray[np.unsignedinteger] | None = None
         self._uploaders: list[str] = []
         self._heads: dict[str, bytes] = {}
-        self._ckks_uploads: dict[str, tuple[bytes, bytes, bytes]] = {}  # head, digest, signature
+        # head, ciphertexts, signature: kept whole, because participants add them themselves
+        self._ckks_uploads: dict[str, tuple[bytes, tuple[bytes, ...], bytes]] = {}
         self._ckks_sum: list[bytes] | None = None
         self._survivors: tuple[str, ...] = ()
         self._consistency: dict[str, bytes] = {}
@@ -321,7 +321,7 @@ class CoordinatorRound:
             if self._clock:
                 self.timings["aggregate"] = self.timings.get("aggregate", 0.0) + self._clock() - started
             self._ckks_sum = list(total)
-            self._ckks_uploads[sender] = (m.ledger_head, ciphertext_digest(m.ciphertexts), m.signature)
+            self._ckks_uploads[sender] = (m.ledger_head, m.ciphertexts, m.signature)
             self._heads[sender] = m.ledger_head
         elif st is Stage.CONSISTENCY and isinstance(m, ConsistencySignature):
             self._check(sender, m.sender, m.session_id)
@@ -480,6 +480,10 @@ class CoordinatorRound:
         return {p: payload for p in self._survivors}
 
     def _close_ckks(self) -> dict[str, bytes]:
+        """Send every member's signed upload (not the running sum): each participant checks
+        every signature and adds the ciphertexts itself, so the sum it decrypts is exactly the
+        sum of the signed uploads of the members it is shown (cost: n x one upload per
+        recipient). The running sum stays the coordinator's own result."""
         spec = self.spec
         self._quorum(len(self._ckks_uploads), "uploaded")
         members = tuple(p for p in spec.participants if p in self._ckks_uploads)
@@ -490,6 +494,6 @@ class CoordinatorRound:
         self.stage = Stage.DONE
         self._expected = frozenset()
         payload = CkksAggregate(
-            spec.round_number, self._sid, tuple((p, *self._ckks_uploads[p]) for p in members), total
+            spec.round_number, self._sid, tuple((p, *self._ckks_uploads[p]) for p in members)
         ).to_bytes()
         return {p: payload for p in members}

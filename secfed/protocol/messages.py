@@ -434,34 +434,41 @@ class MaskedAggregate(_Wire):
 
 @dataclass(frozen=True, slots=True)
 class CkksAggregate(_Wire):
-    """Coordinator -> participants: the encrypted sum and the signed set it contains.
+    """Coordinator -> participants: every member's signed upload, for the participant to add.
 
-    ``members`` holds (id, ledger_head, ciphertext digest, signature) for each contributor so
-    every participant can check that each listed enterprise really uploaded in this round.
+    ``members`` holds (id, ledger_head, ciphertexts, signature) for each contributor, exactly as
+    it uploaded them. A participant recomputes each digest from the ciphertext bytes, checks the
+    member's signature over it, and only then parses and adds the ciphertexts itself: the sum is
+    tied to the signed uploads, so a coordinator cannot send a multiple of one upload or a
+    subset's sum under a larger member list. There is deliberately no field for a sum computed
+    by the coordinator: nothing the coordinator adds beyond the signed uploads is read.
+
+    Fields: session_id[32], count:u32, then per member: id, ledger_head blob, count:u32 +
+    ciphertext blobs, signature[64].
     """
 
     TYPE: ClassVar[int] = 12
     round_number: int
     session_id: bytes
-    members: tuple[tuple[str, bytes, bytes, bytes], ...]
-    ciphertexts: tuple[bytes, ...]
+    members: tuple[tuple[str, bytes, tuple[bytes, ...], bytes], ...]
 
     def write(self, w: Writer) -> None:
         w.fixed(self.session_id, DIGEST_BYTES).u32(len(self.members))
-        for sender, head, digest, sig in self.members:
-            w.text(sender).blob(head).fixed(digest, DIGEST_BYTES).fixed(sig, SIGNATURE_BYTES)
-        w.u32(len(self.ciphertexts))
-        for ct in self.ciphertexts:
-            w.blob(ct)
+        for sender, head, cts, sig in self.members:
+            w.text(sender).blob(head).u32(len(cts))
+            for ct in cts:
+                w.blob(ct)
+            w.fixed(sig, SIGNATURE_BYTES)
 
     @classmethod
     def read(cls, r: Reader, round_number: int) -> CkksAggregate:
         sid = r.fixed(DIGEST_BYTES)
-        members = tuple(
-            (r.text(), r.blob(), r.fixed(DIGEST_BYTES), r.fixed(SIGNATURE_BYTES))
-            for _ in range(r.count())
-        )
-        return cls(round_number, sid, members, tuple(r.blob() for _ in range(r.count())))
+        members = []
+        for _ in range(r.count()):
+            sender, head = r.text(), r.blob()
+            cts = tuple(r.blob() for _ in range(r.count()))
+            members.append((sender, head, cts, r.fixed(SIGNATURE_BYTES)))
+        return cls(round_number, sid, tuple(members))
 
 
 Message = Union[  # noqa: UP007 - a runtime alias, kept readable

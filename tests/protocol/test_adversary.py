@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
+from secfed.crypto.encoding import decode, encode
 from secfed.errors import InvalidSignature, ProtocolAbort, ProtocolError
 from secfed.protocol import CoordinatorRound, ParticipantRound, Stage, simulate
 from secfed.protocol.messages import (
     ConsistencyRequest,
     ForwardedShares,
+    MaskedAggregate,
     UnmaskRequest,
     UnmaskResponse,
     decode_message,
@@ -225,3 +230,87 @@ def test_wrong_share_from_a_holder_aborts_instead_of_corrupting_the_sum() -> Non
         h.coord.receive(p, replies[p])
     with pytest.raises(ProtocolAbort, match=f"self-mask seed of '{owner}' do not match its commitment"):
         h.coord.close_stage()
+
+
+def _masked_final(h):
+    """Run a mask-mode round honestly up to the coordinator's final payloads."""
+    h.advertise()
+    while h.coord.stage is not Stage.UNMASK:
+        h.step()
+    out = h.coord.close_stage()
+    agg = decode_message(out[h.ids[0]])
+    assert isinstance(agg, MaskedAggregate)
+    return out, agg
+
+
+def _ring(agg: MaskedAggregate) -> np.ndarray:
+    return np.frombuffer(agg.vector, dtype="<u8").astype(np.uint64)
+
+
+@pytest.mark.parametrize("mode", ["secagg", "secagg+"])
+def test_participant_refuses_an_inflated_masked_sum(mode: str) -> None:
+    # The coordinator alone unmasks, so it can return any ring vector as "the sum": here three
+    # times the true sum, and the true sum plus a spike. Inputs are clipped, so both exceed
+    # survivors x clip and are refused; the honest sum passes. (The check cannot refuse what
+    # stays within survivors x clip: six random-direction inputs sum to ~sqrt(6) x clip, so a
+    # factor up to ~sqrt(6) would pass -- the bound, not exactness, is what holds.)
+    updates = make_updates(6, 64, seed=4)
+    clip = max(float(np.linalg.norm(u)) for u in updates)
+    h = make_harness(n=6, d=64, mode=mode, clip_bound=clip, seed=4)
+    out, agg = _masked_final(h)
+    assert float(np.linalg.norm(decode(_ring(agg) * np.uint64(3), scale_bits=24))) > 6 * clip
+    doubled = _ring(agg) * np.uint64(3)
+    spike = _ring(agg).copy()
+    spike[0] += np.uint64(int(6 * clip * 2**24))
+    for party, vec in (("org-1", doubled), ("org-2", spike)):
+        forged = dataclasses.replace(agg, vector=vec.astype("<u8").tobytes())
+        with pytest.raises(ProtocolAbort, match="L2 norm .* above the bound"):
+            h.parties[party].handle(Stage.DONE, forged.to_bytes())
+    assert h.parties["org-0"].handle(Stage.DONE, out["org-0"]) is None
+    np.testing.assert_allclose(h.parties["org-0"].result().aggregate, np.sum(updates, axis=0, dtype=np.float64), atol=1e-5)
+
+
+def test_masked_sum_of_aligned_inputs_at_the_clip_bound_passes() -> None:
+    # The bound is tight but sound: n identical inputs of norm exactly the clip bound sum to
+    # n x clip (plus fixed-point rounding), which must pass.
+    u = make_updates(1, 4096, seed=8)[0]
+    clip = float(np.linalg.norm(u.astype(np.float64)))
+    h = make_harness(n=5, d=4096, clip_bound=clip)
+    for p in h.ids:
+        h.parties[p].set_update(u)
+    out, _ = _masked_final(h)
+    for p in h.ids:
+        assert h.parties[p].handle(Stage.DONE, out[p]) is None
+    # ... and one more input's worth is refused
+    h2 = make_harness(n=5, d=4096, clip_bound=clip)
+    for p in h2.ids:
+        h2.parties[p].set_update(u)
+    _, agg = _masked_final(h2)
+    one_more = _ring(agg) + encode(u, scale_bits=24)
+    with pytest.raises(ProtocolAbort, match="L2 norm"):
+        h2.parties["org-3"].handle(Stage.DONE, dataclasses.replace(agg, vector=one_more.astype("<u8").tobytes()).to_bytes())
+
+
+def test_participant_refuses_an_inflated_sum_with_distributed_dp_noise() -> None:
+    # With distributed DP the sum carries Skellam noise; the hook's bound covers the clipped
+    # inputs plus the noise (honest sums fail it with probability <= 2^-64), and doubling the
+    # noisy sum is still refused.
+    from secfed.privacy.distributed import DistributedDP
+
+    n, d = 4, 20_000
+    h = make_harness(n=n, d=d, seed=2)
+    hooks = {p: DistributedDP(clip_norm=1.0, noise_multiplier=1.0, min_participants=1, norm_units=256) for p in h.ids}
+    for p in h.ids:
+        h.parties[p] = ParticipantRound(
+            h.spec, me=p, identity=h.identities[h.ids.index(p)], roster=h.roster, noise_hook=hooks[p],
+        )
+        h.parties[p].set_update(make_updates(1, d, seed=h.ids.index(p), scale=0.05)[0])
+    out, agg = _masked_final(h)
+    bound = hooks["org-0"].sum_l2_bound(spec=h.spec, members=n)
+    honest = decode(_ring(agg), scale_bits=24)
+    assert float(np.linalg.norm(honest)) <= bound < 1.3 * float(np.linalg.norm(honest))  # tight at this d
+    for p in ("org-0", "org-1"):
+        assert h.parties[p].handle(Stage.DONE, out[p]) is None
+    forged = dataclasses.replace(agg, vector=(_ring(agg) * np.uint64(2)).astype("<u8").tobytes())
+    with pytest.raises(ProtocolAbort, match="noise shares"):
+        h.parties["org-2"].handle(Stage.DONE, forged.to_bytes())

@@ -43,7 +43,7 @@ SAMPLES = [
     UnmaskRequest(7, SID, ("org-a", "org-b"), (("org-a", SIG),), ("org-a",), ("org-c",)),
     UnmaskResponse(7, SID, "org-a", (("org-a", 0, os.urandom(35)), ("org-c", 1, os.urandom(35)))),
     MaskedAggregate(7, SID, ("org-a", "org-b"), 64, os.urandom(16)),
-    CkksAggregate(7, SID, (("org-a", b"h", SID, SIG),), (b"sum0", b"sum1")),
+    CkksAggregate(7, SID, (("org-a", b"h", (b"ct0", b"ct1"), SIG), ("org-b", b"", (), SIG))),
 ]
 SPEC = RoundSpec.create(
     federation="fed", round_number=3, mode="secagg+", participants=[f"p{i}" for i in range(12)],
