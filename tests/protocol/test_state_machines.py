@@ -125,15 +125,40 @@ def test_coordinator_rebuilt_from_records_gives_the_same_sum() -> None:
     assert np.array_equal(mine.aggregate, res.aggregate) and mine.survivors == res.survivors
 
 
-def test_masks_differ_between_rounds_for_the_same_pair() -> None:
-    """Fresh X25519 keys per session: the same enterprises never reuse a mask."""
-    uploads = []
+def test_masks_differ_between_rounds_for_the_same_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh X25519 keys per session and the session id as HKDF salt: the pairwise mask seed of
+    the same two enterprises differs between rounds. Compared directly (the seeds each party
+    derives), not through the uploads, which differ anyway because of the fresh self mask."""
+    import secfed.protocol.participant as participant_mod
+    from secfed.crypto.keys import LABEL_PAIRWISE_MASK
+
+    real = participant_mod.derive_key
+    derived: list[tuple[bytes, bytes, bytes]] = []  # (session id given, purpose, seed)
+
+    def spy(secret: bytes, *, session_id: bytes, purpose: bytes) -> bytes:
+        out = real(secret, session_id=session_id, purpose=purpose)
+        derived.append((bytes(session_id), purpose, bytes(out)))
+        return out
+
+    monkeypatch.setattr(participant_mod, "derive_key", spy)
+    seeds, sids, mask_keys = [], [], []
     for r in (1, 2):
-        h = make_harness(n=3, d=64, round_number=r)
+        derived.clear()
+        h = make_harness(n=2, d=64, round_number=r, threshold=2)
         h.run()
-        uploads.append(next(b for st_, p, b in h.sent if st_ == "upload" and p == "org-0"))
-    a, b = (decode_message(u) for u in uploads)
-    assert a.vector != b.vector
+        pairwise = [(sid, seed) for sid, purpose, seed in derived if purpose == LABEL_PAIRWISE_MASK]
+        # one seed per party (org-0 with org-1 and back): both ends derive the same one, under
+        # this round's session id
+        assert len(pairwise) == 2 and pairwise[0][1] == pairwise[1][1]
+        assert {sid for sid, _ in pairwise} == {h.parties["org-0"].session_id}
+        seeds.append(pairwise[0][1])
+        sids.append(h.parties["org-0"].session_id)
+        advert = decode_message(next(b for st_, p, b in h.sent if st_ == "advertise" and p == "org-0"))
+        assert isinstance(advert, AdvertiseKeys)
+        mask_keys.append(advert.mask_key)
+    assert sids[0] != sids[1]
+    assert mask_keys[0] != mask_keys[1]  # fresh ephemeral keys
+    assert seeds[0] != seeds[1]  # so a fresh pairwise mask
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
