@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from secfed.crypto.encoding import decode, encode
-from secfed.errors import InvalidSignature, ProtocolAbort, ProtocolError
+from secfed.errors import InvalidSignature, ProtocolAbort, ProtocolError, SecfedError
 from secfed.protocol import CoordinatorRound, ParticipantRound, Stage, simulate
 from secfed.protocol.messages import (
     ConsistencyRequest,
@@ -25,8 +25,10 @@ UPDATES = make_updates(10, 32, seed=21)
 
 
 def _attack(name: str, mode: str = "secagg"):
+    """Run the attack; any typed error ends it (callers check what was released *first*, then
+    that it was the participants' ProtocolAbort)."""
     sent: list = []
-    with pytest.raises(ProtocolAbort) as info:
+    with pytest.raises(SecfedError) as info:
         simulate(UPDATES, mode=mode, adversary=name, transcript=sent)
     kinds = [(stage, i, kind) for stage, i, kind, _ in sent]
     return info.value, kinds
@@ -43,51 +45,54 @@ def test_request_both_shares(mode: str) -> None:
     # releases any share, so the coordinator never holds both kinds of any owner. (Which check
     # fires -- "both shares" or "mask-key shares of survivors" -- does not matter.)
     sent: list = []
-    with pytest.raises(ProtocolAbort) as info:
+    with pytest.raises(SecfedError) as info:
         simulate(UPDATES, mode=mode, adversary="request-both-shares", transcript=sent)
-    assert info.value.stage == "unmask"
     released = [payload for _stage, _i, kind, payload in sent if kind == "UnmaskResponse"]
     assert released == []
+    assert isinstance(info.value, ProtocolAbort) and info.value.stage == "unmask"
 
 
 @pytest.mark.parametrize("mode", ["secagg", "secagg+"])
 def test_inconsistent_survivors(mode: str) -> None:
     exc, kinds = _attack("inconsistent-survivors", mode)
-    assert exc.stage == "unmask" and "consistency signatures" in str(exc)
     assert _released_shares(kinds) == []
+    assert isinstance(exc, ProtocolAbort)
+    assert exc.stage == "unmask" and "consistency signatures" in str(exc)
 
 
 @pytest.mark.parametrize("mode", ["secagg", "secagg+"])
 def test_substitute_key(mode: str) -> None:
     sent: list = []
-    with pytest.raises(ProtocolAbort) as info:
+    with pytest.raises(SecfedError) as info:
         simulate(UPDATES, mode=mode, adversary="substitute-key", transcript=sent)
-    exc = info.value
-    assert exc.stage == "share"
-    assert isinstance(exc.__cause__, ProtocolAbort)
-    assert isinstance(exc.__cause__.__cause__, InvalidSignature)
     # No one sealed a share to the victim under the coordinator's substituted key; in secagg+
     # parties that are not the victim's neighbours never use its key at all.
     victim = "enterprise-0000"
     for _stage, i, kind, payload in sent:
         if kind == "ShareKeys" and i != 0:
-            assert mode == "secagg+"
             assert victim not in {receiver for receiver, _ in decode_message(payload).sealed}
+            assert mode == "secagg+"
     assert [k for k in sent if k[2] == "UnmaskResponse"] == []
+    exc = info.value
+    assert isinstance(exc, ProtocolAbort) and exc.stage == "share"
+    assert isinstance(exc.__cause__, ProtocolAbort)
+    assert isinstance(exc.__cause__.__cause__, InvalidSignature)
 
 
 @pytest.mark.parametrize("mode", ["secagg", "secagg+"])
 def test_below_threshold(mode: str) -> None:
     exc, kinds = _attack("below-threshold", mode)
-    assert exc.stage == "consistency" and "below the threshold 7" in str(exc)
     assert [k for k in kinds if k[2] in ("ConsistencySignature", "UnmaskResponse")] == []
+    assert isinstance(exc, ProtocolAbort)
+    assert exc.stage == "consistency" and "below the threshold 7" in str(exc)
 
 
 @pytest.mark.parametrize("mode", ["secagg", "secagg+"])
 def test_replay_previous_round(mode: str) -> None:
     exc, kinds = _attack("replay-previous-round", mode)
-    assert exc.stage == "share" and "another round" in str(exc)
     assert [k for k in kinds if k[2] != "AdvertiseKeys"] == []
+    assert isinstance(exc, ProtocolAbort)
+    assert exc.stage == "share" and "another round" in str(exc)
 
 
 # -- the participant's unmask rules, one by one, on a hand-driven round ---------------------------
@@ -321,3 +326,19 @@ def test_participant_refuses_an_inflated_sum_with_distributed_dp_noise() -> None
     forged = dataclasses.replace(agg, vector=(_ring(agg) * np.uint64(2)).astype("<u8").tobytes())
     with pytest.raises(ProtocolAbort, match="noise shares"):
         h.parties["org-2"].handle(Stage.DONE, forged.to_bytes())
+
+
+def test_participant_refuses_another_sessions_message() -> None:
+    # Same round number, same enterprises, another session (another set of advertisements):
+    # a message of that session is refused before anything is signed or released.
+    h = make_harness(n=4, d=8)
+    h.advertise()
+    h.step()
+    h.step()
+    out = h.coord.close_stage()
+    req = decode_message(out["org-0"])
+    assert isinstance(req, ConsistencyRequest)
+    other = ConsistencyRequest(req.round_number, bytes(32), req.survivors)
+    with pytest.raises(ProtocolAbort, match="session_id does not match"):
+        h.parties["org-0"].handle(Stage.CONSISTENCY, other.to_bytes())
+    assert h.parties["org-0"].stage is Stage.ABORTED and h.parties["org-0"]._held == {}
