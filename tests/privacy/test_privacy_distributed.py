@@ -142,3 +142,17 @@ def test_distributed_charge_goes_through_the_ledger(tmp_path) -> None:
     report = verify_ledger(path, public_key=key.public_bytes())
     assert report.entries[1].event == hook.planned_event(spec)
     assert report.eps_prv == report.eps_rdp  # a Skellam event makes PRV fall back to RDP
+
+
+def test_skellam_sum_norm_bound_holds_and_is_tight() -> None:
+    # The participants' norm check with distributed DP rests on this bound (failure <= 2^-64
+    # for an honest sum): sampled noise stays below it, and it exceeds sqrt(d v) by < 15 % at
+    # d = 2e4 and < 4 % at d = 1e5, so an inflated sum has little slack to hide in.
+    from secfed.privacy.distributed import skellam_sum_l2_bound
+
+    d, v = 20_000, 40.0
+    bound = skellam_sum_l2_bound(dim=d, variance=v)
+    norms = [float(np.linalg.norm(sample_skellam(v, d).astype(np.float64))) for _ in range(50)]
+    assert max(norms) <= bound
+    assert bound < 1.15 * math.sqrt(d * v)
+    assert skellam_sum_l2_bound(dim=100_000, variance=1.7e7) < 1.04 * math.sqrt(100_000 * 1.7e7)
