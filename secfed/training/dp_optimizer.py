@@ -6,9 +6,13 @@ whole adapter at once instead of parameter by parameter:
 - per-example norms ``||g_i||`` over all parameters (one vector norm; Opacus' norm of the
   per-parameter norms is the same number), clip factor ``min(1, C / (||g_i|| + 1e-6))``;
 - the clipped sum ``sum_i f_i g_i`` as one matrix-vector product;
-- noise ``N(0, (sigma C)^2 I_D)`` drawn for all D coordinates in one call from the optimizer's
-  torch generator; in ``secure_mode`` exactly as Opacus: one Gaussian drawn and thrown away,
-  then the sum of four draws divided by 2 (robust to floating-point attacks on the noise);
+- noise: NOT Opacus' ``_generate_noise`` (torch's Mersenne Twister, whose ``secure_mode`` needs
+  torchcsprng, which does not exist for this torch): the clipped sum goes through
+  :class:`secfed.training.noise.SecureGaussianNoise`, which adds ``N(0, (sigma C)^2 I_D)`` from
+  the OS CSPRNG (AES-256-CTR keyed by ``secrets``) and snaps the result to a power-of-two grid,
+  sampled exactly (Mironov's floating-point attack finds nothing below the grid; the rounding is
+  post-processing, so the accountant's epsilon holds). A torch ``generator`` is refused and
+  Opacus' ``secure_mode`` flag has no effect: nothing seeds the noise;
 - division by ``expected_batch_size`` (``loss_reduction="mean"``) into one flat gradient buffer
   whose slices are the parameters' ``.grad`` (reattached if something set them to None); the
   wrapped optimizer steps.
@@ -24,13 +28,19 @@ import torch
 from opacus.optimizers import DPOptimizer
 
 from secfed.errors import DPGuardError, ModelError
+from secfed.training.noise import SecureGaussianNoise
 
 __all__ = ["FlatDPOptimizer", "flat_gaussian_noise"]
 
 
 def flat_gaussian_noise(std: float, size: int, *, generator: torch.Generator | None,
                         secure_mode: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``size`` i.i.d. N(0, std^2) values, drawn as Opacus' ``_generate_noise`` draws them."""
+    """``size`` i.i.d. N(0, std^2) values, drawn as Opacus' ``_generate_noise`` draws them.
+
+    The torch-generator noise the optimizer used before :mod:`secfed.training.noise`; kept only
+    as the benchmark's reference (``bench/dp_overhead.py``). :class:`FlatDPOptimizer` never
+    calls it.
+    """
     if std == 0:
         return torch.zeros(size, dtype=dtype)
     if secure_mode:
@@ -42,10 +52,26 @@ def flat_gaussian_noise(std: float, size: int, *, generator: torch.Generator | N
 
 class FlatDPOptimizer(DPOptimizer):  # type: ignore[misc]
     """``DPOptimizer`` whose step takes the flat per-example gradients set by
-    :meth:`set_per_sample_grads` (columns in the order of the wrapped optimizer's parameters)."""
+    :meth:`set_per_sample_grads` (columns in the order of the wrapped optimizer's parameters).
 
-    def __init__(self, optimizer: torch.optim.Optimizer, **kwargs: object) -> None:
+    The noise comes from :class:`SecureGaussianNoise` for ``noise_multiplier * max_grad_norm``
+    (rebuilt if either changes). ``noise_sampler`` replaces it (``values -> noised values``);
+    only the benchmark's comparison with the old torch noise sets it.
+
+    Raises:
+        DPGuardError: a torch ``generator`` was given (the noise is never seeded).
+        ModelError: the parameters do not share one dtype.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *,
+                 noise_sampler: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 **kwargs: object) -> None:
+        if kwargs.get("generator") is not None:
+            raise DPGuardError("guard noise: the DP noise comes from the OS CSPRNG and is never "
+                               "seeded (got a torch generator)")
         super().__init__(optimizer, **kwargs)
+        self.noise_sampler = noise_sampler
+        self._secure_noise: SecureGaussianNoise | None = None
         self._flat: torch.Tensor | None = None
         params = self.params
         dtypes = {p.dtype for p in params}
@@ -86,16 +112,22 @@ class FlatDPOptimizer(DPOptimizer):  # type: ignore[misc]
         out: torch.Tensor = factors @ flat
         return out
 
+    def noise(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The sampler the next step adds its noise with."""
+        if self.noise_sampler is not None:
+            return self.noise_sampler
+        std = self.noise_multiplier * self.max_grad_norm
+        if self._secure_noise is None or self._secure_noise.std != std:
+            self._secure_noise = SecureGaussianNoise(std)
+        return self._secure_noise
+
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
         flat = self._flat
         if flat is None:
             raise DPGuardError("guard per_sample_grads: optimizer step without per-example "
                                "gradients (set_per_sample_grads was not called)")
         self._flat = None
-        noise = flat_gaussian_noise(self.noise_multiplier * self.max_grad_norm, self.dimension,
-                                    generator=self.generator, secure_mode=self.secure_mode,
-                                    dtype=self._grad.dtype)
-        total = self.clipped_sum(flat).add_(noise)
+        total = self.noise()(self.clipped_sum(flat))
         divisor = self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         torch.div(total, divisor, out=self._grad)
         for p, view in self._grad_views:

@@ -8,8 +8,10 @@ noise multiplier sigma, learning rate lr:
 2. Per-example loss l_i = cross_entropy(logits_i, y_i), computed here from the model's logits
    (never Hugging Face's ``labels=`` loss); each per-example gradient is exactly grad l_i
    (gradients of their sum with respect to each trainable layer's output, see below).
-3. Clip each to norm C, sum, add N(0, sigma^2 C^2) noise, and divide by the *fixed* expected
-   batch size q*N (not the realised one, whose size would itself leak; not Opacus
+3. Clip each to norm C, sum, add N(0, sigma^2 C^2) noise from the OS CSPRNG and round to a
+   power-of-two grid finer than sigma C / 1024 (:mod:`secfed.training.noise`: exact sampling, so
+   no floating-point low-order bits leak; the rounding is post-processing of the Gaussian
+   mechanism the accountant charges), and divide by the *fixed* expected batch size q*N (not the realised one, whose size would itself leak; not Opacus
    ``make_private``'s int(N / len(loader)), which cannot express an arbitrary accounted q).
 4. optimizer step: SGD moves by -lr * (sum_i clip(g_i) + z) / (q N).
 
@@ -120,7 +122,8 @@ def _split(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], tor
 
 
 def _csprng_generator() -> torch.Generator:
-    # torch generators are not CSPRNGs; seeding from the OS CSPRNG keeps the stream unpredictable
+    # Poisson sampling only (the noise never uses a torch generator). torch generators are not
+    # CSPRNGs; seeding from the OS CSPRNG keeps the stream unpredictable
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
@@ -186,9 +189,8 @@ class PrivateTrainer:
                 max_grad_norm=config.max_grad_norm,
                 expected_batch_size=self.expected_batch_size,  # type: ignore[arg-type]
                 loss_reduction="mean",
-                generator=_csprng_generator(),
-                # sums 4 Gaussians: robust to floating-point attacks on the noise (Opacus notes)
-                secure_mode=True,
+                # no generator: the noise is secfed.training.noise's (OS CSPRNG, snapped to a
+                # grid, sampled exactly), never torch's seeded Mersenne Twister
             )
             self.accountant = RDPAccountant()
             self.optimizer.attach_step_hook(
@@ -313,8 +315,8 @@ def make_private_trainer(
         accounted: the release the ledger is charged with (e.g. ``secfed.privacy``'s DP-SGD
             event); defaults to the one ``config`` describes. Checked against the optimizer.
         seed: fixes Poisson sampling and dropout for tests. Leave ``None`` in production:
-            amplification by subsampling assumes the sample is secret. The DP noise is always
-            seeded from the OS CSPRNG.
+            amplification by subsampling assumes the sample is secret. The DP noise is never
+            seeded: it always comes from the OS CSPRNG (:mod:`secfed.training.noise`).
 
     Raises:
         DPGuardError: a guard tripped before training.
