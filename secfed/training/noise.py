@@ -31,8 +31,8 @@ step (:mod:`secfed.crypto.prg`). One 64-bit word per coordinate gives the sign a
   ``2^-52 * 1.26`` from rounding ``W`` (Mills ratio), ``6 * 2^-40`` assumed for ``ndtri``'s
   relative error (Cephes documents ~1e-16), times ``s < 2^11``, plus ``2^-51 (|u| + s A)`` for
   the products and sums. A coordinate is decided by the fast path only if ``t`` lies more than
-  ``FAST_MARGIN = 2^-14`` (~6e-5, 300x that bound) from a bucket edge.
-- exact path (the rest, ~1.2e-4 of the coordinates): the bucket edges are mapped to ``W``
+  ``FAST_MARGIN = 2^-16`` (~1.5e-5, 75x that bound) from a bucket edge.
+- exact path (the rest, ~3e-5 of the coordinates): the bucket edges are mapped to ``W``
   through ``erfc`` in ``mpmath`` at 128 bits beyond the bits of ``W`` drawn, and compared with
   the ``W`` interval with a relative tolerance of 2^-64 of that precision; an interval that
   straddles an edge draws 64 more bits of ``W`` (``secrets.randbits``) and tries again. It never
@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 GRID_BITS = 10  # gamma = 2^(floor(log2 std) - 10): rounding variance <= std^2 / 2^20
-FAST_MARGIN = 2.0**-14  # grid units; 300x the fast path's worst-case error (module docstring)
+FAST_MARGIN = 2.0**-16  # grid units; 75x the fast path's worst-case error (module docstring)
 _FAST_MAX_A = 6.0  # phi(6.01) >= 5.9e-9 keeps the W-interval term of the error bound small
 _FAST_MAX_U = 2.0**27  # |u| bound so that float64 ulps stay below 2^-24 grid units
 _W_BITS = 63  # bits of W in the first word (the 64th is the sign)
@@ -113,40 +113,58 @@ class SecureGaussianNoise:
         Non-finite values are returned unchanged (the trainer's delta guard refuses them).
 
         Raises:
-            DPGuardError: ``values`` not 1-D floating point.
+            DPGuardError: ``values`` not a 1-D float32 or float64 tensor.
         """
         if values.dim() != 1 or not values.is_floating_point():
             raise DPGuardError(f"guard noise: values must be a 1-D float tensor (got "
                                f"{values.dim()}-D {values.dtype})")
         if self.std == 0:
             return values.clone()
-        x = values.detach().to(device="cpu", dtype=torch.float64).numpy()
+        x_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(values.dtype)
+        if x_dtype is None:
+            raise DPGuardError(f"guard noise: values must be float32 or float64 (got "
+                               f"{values.dtype})")
+        # numpy for the dtype casts: torch's .to() costs ~10x more here (thread-pool dispatch)
+        x = values.detach().cpu().numpy().astype(np.float64)
         finite = np.isfinite(x)
         # NaN/inf stay as they are (as x + z would): the trainer's delta guard refuses them and
         # puts the adapter back; they carry no noise decision.
-        u = np.where(finite, x, 0.0) / self.grid  # exact: division by a power of two
-        k = self.sample_buckets(u)
-        out = torch.from_numpy(np.where(finite, k.astype(np.float64) * self.grid, x))
-        return out.to(device=values.device, dtype=values.dtype)
+        all_finite = bool(finite.all())
+        u = (x if all_finite else np.where(finite, x, 0.0)) / self.grid  # exact: 2^n divisor
+        out = self.sample_buckets(u).astype(np.float64) * self.grid
+        if not all_finite:
+            out = np.where(finite, out, x)
+        return torch.from_numpy(out.astype(x_dtype)).to(values.device)
 
     def sample_buckets(self, u: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
         """``k_i = floor(u_i + s Z_i + 1/2)`` with ``Z_i ~ N(0, 1)`` i.i.d. and ``s = std/gamma``
         (the grid units of the module docstring), sampled exactly."""
         words = keystream(secrets.token_bytes(32), u.size, np.uint64)
-        negative = (words >> np.uint64(63)).astype(bool)
-        j = words & np.uint64((1 << _W_BITS) - 1)
-        w_mid = (j.astype(np.float64) + 0.5) * 2.0**-_W_BITS
-        a = -ndtri(w_mid * 0.5)  # A = Phi^-1(1 - W/2) = -Phi^-1(W/2) >= 0
-        t = u + np.where(negative, -self._scale_f, self._scale_f) * a
-        k = np.floor(t + 0.5)
-        edge_distance = np.abs(t - (k - 0.5))
-        edge_distance = np.minimum(edge_distance, np.abs((k + 0.5) - t))
-        fast = (edge_distance > FAST_MARGIN) & (a <= _FAST_MAX_A) & (np.abs(u) <= _FAST_MAX_U)
-        out = k.astype(np.int64)
+        k, fast = self._fast_buckets(u, words)
         for i in np.flatnonzero(~fast):
-            out[i] = self._exact_bucket(float(u[i]), bool(negative[i]), int(j[i]), int(out[i]))
+            word = int(words[i])
+            k[i] = self._exact_bucket(float(u[i]), word >> _W_BITS == 1,
+                                      word & ((1 << _W_BITS) - 1), int(k[i]))
             self.exact_path_count += 1
-        return out
+        return k
+
+    def _fast_buckets(self, u: npt.NDArray[np.float64], words: npt.NDArray[np.uint64]
+                      ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """Float64 buckets from one word per coordinate (sign bit, 63 bits of W) and the mask of
+        those certified (farther than FAST_MARGIN from an edge, A <= 6, |u| <= 2^27)."""
+        negative = words >= np.uint64(1 << 63)  # the sign bit
+        half_w = (words & np.uint64((1 << _W_BITS) - 1)).astype(np.float64)
+        half_w += 0.5
+        half_w *= 2.0 ** -(_W_BITS + 1)  # W_mid / 2, W_mid = (j + 1/2) 2^-63
+        a = ndtri(half_w)
+        np.negative(a, out=a)  # A = Phi^-1(1 - W/2) = -Phi^-1(W/2) >= 0
+        t = a * self._scale_f
+        np.negative(t, out=t, where=negative)
+        t += u
+        k = np.floor(t + 0.5)
+        edge_distance = 0.5 - np.abs(t - k)  # t - k in [-1/2, 1/2): distance to k -/+ 1/2
+        fast = (edge_distance > FAST_MARGIN) & (a <= _FAST_MAX_A) & (np.abs(u) <= _FAST_MAX_U)
+        return k.astype(np.int64), fast
 
     def _exact_bucket(self, u: float, negative: bool, j: int, guess: int) -> int:
         """The bucket of every ``W`` in ``[j, j+1) 2^-bits``, refining ``W`` until decided."""

@@ -169,22 +169,22 @@ def _ideal_t_range(u, s, negative, j, bits):
 
 
 def test_fast_path_agrees_with_the_exact_path():
-    """3000 coordinates at random offsets: the vectorised float64 bucket equals the bucket the
-    high-precision path certifies for the whole W interval (started 3 buckets off)."""
-    from scipy.special import ndtri
-
+    """4000 coordinates at random offsets: every bucket the vectorised float64 path certifies
+    equals the bucket the high-precision path certifies for the whole W interval (started 3
+    buckets off); an uncertified one is within one bucket of it."""
     noise = SecureGaussianNoise(0.83)
     rng = np.random.default_rng(4)
-    u = rng.uniform(-5000, 5000, 3000)
-    words = rng.integers(0, 2**64, 3000, dtype=np.uint64)
-    negative = (words >> np.uint64(63)).astype(bool)
-    j = words & np.uint64(2**63 - 1)
-    a = -ndtri((j.astype(np.float64) + 0.5) * 2.0**-63 * 0.5)
-    t = u + np.where(negative, -noise._scale_f, noise._scale_f) * a
-    fast = np.floor(t + 0.5).astype(np.int64)
-    exact = [noise._exact_bucket(float(u[i]), bool(negative[i]), int(j[i]), int(fast[i]) + 3)
-             for i in range(u.size)]
-    assert np.array_equal(fast, np.array(exact))
+    u = rng.uniform(-5000, 5000, 4000)
+    u[:1000] = np.round(u[:1000]) + 0.5  # offsets on an edge, as a zero input's would be
+    words = rng.integers(0, 2**64, u.size, dtype=np.uint64)
+    fast, certified = noise._fast_buckets(u, words)
+    exact = np.array([
+        noise._exact_bucket(float(u[i]), int(words[i]) >> 63 == 1,
+                            int(words[i]) & (2**63 - 1), int(fast[i]) + 3)
+        for i in range(u.size)])
+    assert certified.mean() > 0.99
+    assert np.array_equal(fast[certified], exact[certified])
+    assert np.abs(fast - exact).max() <= 1
 
 
 def test_exact_path_certifies_buckets_and_refines_at_an_edge():
