@@ -17,6 +17,7 @@ import torch
 
 from secfed.errors import DPGuardError
 from secfed.training.config import DPConfig
+from secfed.training.noise import noise_grid
 
 __all__ = [
     "NOISE_TAIL",
@@ -182,7 +183,9 @@ def delta_norm_bound(
     """Largest L2 norm the adapter delta can have after the steps DP-SGD took.
 
     SGD: each step moves by lr * (B_t * C + ||z_t||) / (q N), with B_t the realised batch size
-    and ||z_t|| <= sigma C (sqrt(d) + NOISE_TAIL). Adam: each coordinate of a step moves by at
+    and ||z_t|| <= sigma C (sqrt(d) + NOISE_TAIL) + sqrt(d) gamma / 2: the noised sum is snapped
+    to the grid gamma of :func:`secfed.training.noise.noise_grid`, which moves each coordinate
+    by at most gamma / 2. Adam: each coordinate of a step moves by at
     most lr * (1 - b1) sqrt(1 - b2^t) / ((1 - b1^t) sqrt((1 - b2)(1 - b1^2 / b2))) (Cauchy-Schwarz
     on the moment sums), independent of the gradients.
     """
@@ -190,6 +193,8 @@ def delta_norm_bound(
     if config.optimizer == "sgd":
         expected = config.sample_rate * dataset_size
         noise = sigma * clip * (math.sqrt(dimension) + NOISE_TAIL)
+        if sigma > 0:
+            noise += math.sqrt(dimension) * noise_grid(sigma * clip) / 2
         total = sum(lr * (b * clip + noise) / expected for b in batch_sizes)
     else:
         b1, b2 = ADAM_BETAS

@@ -156,8 +156,10 @@ def test_accountant_history_and_delta_checks_directly():
     with pytest.raises(DPGuardError, match="guard accountant"):
         check_accountant_history([(1.0, 0.25, 2), (1.0, 0.25, 1)], charged)
     bound = delta_norm_bound(config=CONFIG, batch_sizes=[4, 4, 4], dimension=100, dataset_size=16)
-    # per step: lr (B C + sigma C (sqrt(d) + 10)) / (q N) = 0.1 (4 + 20) / 4
-    assert bound == pytest.approx(3 * 0.1 * (4 + 20) / 4, rel=2e-4)
+    # per step: lr (B C + sigma C (sqrt(d) + 10) + sqrt(d) gamma / 2) / (q N), gamma = 2^-10 the
+    # noise grid of sigma C = 1 (each noised coordinate is snapped by at most gamma / 2)
+    assert bound == pytest.approx(3 * 0.1 * (4 + 20 + 10 * 2**-10 / 2) / 4, rel=2e-4)
+    assert bound > 3 * 0.1 * (4 + 20 + 10 * 2**-10 / 2) / 4
     assert check_adapter_delta(np.full(100, 0.1, np.float32), bound=bound) == pytest.approx(1.0)
     with pytest.raises(DPGuardError, match="guard delta_norm"):
         check_adapter_delta(np.full(100, 1.0, np.float32), bound=bound)
