@@ -309,3 +309,25 @@ def test_fuzz_ckks_aggregate_and_ciphertext_parser_only_typed_errors() -> None:
     # most are refused; a bit flip in a re-signed ciphertext's coefficients is still a valid
     # ciphertext (decrypts to garbage, then fails or passes the norm check): never untyped
     assert outcomes["abort"] + outcomes["accepted"] == 2500 and outcomes["abort"] > 2000
+
+
+def test_catch_up_rebuilds_the_sum_from_signed_uploads_only() -> None:
+    # A site that missed a CKKS round decodes the stored aggregate the same way: signatures
+    # first, its own addition, rounding, norm; a forged aggregate is refused with ProtocolAbort.
+    from types import SimpleNamespace
+
+    from secfed.participant.loop import Participant
+
+    h, updates = ckks_harness(n=3, d=5000, clip=1e3)
+    _, agg = _final(h)
+    model = SimpleNamespace(vector_length=5000, scale_bits=24, clip_bound=1e3)
+    site = SimpleNamespace(fed=SimpleNamespace(model=model, dp=SimpleNamespace(distributed=None)),
+                           roster=h.roster, _ckks_context=lambda: CTX)
+    total, count = Participant._decode_aggregate(site, agg.to_bytes(), mode="ckks", round_number=1)
+    want = np.sum([np.rint(u.astype(np.float64) * 2.0**24) * 2.0**-24 for u in updates], axis=0)
+    assert count == 3 and np.array_equal(total, want)
+    doubled = dataclasses.replace(agg, members=(agg.members[0], (*agg.members[1][:2], agg.members[0][2], agg.members[1][3])))
+    with pytest.raises(ProtocolAbort, match="InvalidSignature"):
+        Participant._decode_aggregate(site, doubled.to_bytes(), mode="ckks", round_number=1)
+    with pytest.raises(ProtocolAbort):
+        Participant._decode_aggregate(site, agg.to_bytes()[:-7], mode="ckks", round_number=1)
