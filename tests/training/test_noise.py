@@ -187,6 +187,20 @@ def test_fast_path_agrees_with_the_exact_path():
     assert np.abs(fast - exact).max() <= 1
 
 
+def test_ndtri_meets_the_accuracy_the_fast_path_assumes():
+    """The fast path's error bound assumes scipy's ndtri within 2^-40 relative error on the
+    half-W values it sees (2^-64 .. 1/2, i.e. A <= 6 and beyond); measured against mpmath."""
+    from scipy.special import ndtri
+
+    rng = np.random.default_rng(5)
+    p = np.concatenate([0.5 * rng.random(500), 2.0 ** -rng.uniform(1, 64, 500)])
+    got = ndtri(p)
+    with mpmath.workprec(160):
+        want = np.array([float(mpmath.sqrt(2) * mpmath.erfinv(2 * mpmath.mpf(x) - 1))
+                         for x in p])
+    assert np.all(np.abs(got - want) <= 2.0**-40 * np.abs(want) + 1e-300)
+
+
 def test_exact_path_certifies_buckets_and_refines_at_an_edge():
     """A W interval inside one bucket gives that bucket; one holding the edge t = 7.5 draws more
     bits of W and lands on either side, in proportion to where the edge cuts the interval."""
