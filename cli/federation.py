@@ -1,9 +1,15 @@
-"""``secfed federation init``: write the startup kits of a new federation."""
+"""``secfed federation``: the admin's commands.
+
+``invite`` makes the CA and the invitation (the settings to pin); ``sign`` checks the parties'
+requests, certifies their keys and pins the roster into a bundle. ``init`` runs the whole
+enrolment of every party on this machine (tests, demos): one folder per party, but whoever runs
+it holds every party's keys.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import click
 
@@ -16,60 +22,63 @@ def command() -> None:
     """Create and inspect federations (startup kits)."""
 
 
-@command.command("init")
-@click.option("--name", required=True, help="Federation name.")
-@click.option("--enterprise", "enterprises", multiple=True, required=True, help="Enterprise id (repeat).")
-@click.option("--coordinator-url", required=True, help="https://HOST:PORT of the coordinator.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--mode-schedule", default="secagg", show_default=True,
-              help="Comma-separated modes per round, repeated: e.g. secagg,secagg,secagg,ckks.")
-@click.option("--rounds", type=int, default=4, show_default=True)
-@click.option("--threshold", type=int, default=None, help="Shamir threshold (default floor(2n/3)+1).")
-@click.option("--min-participants", type=int, default=None)
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="Model directory: the adapter length and initial hash come from it.")
-@click.option("--synthetic-dim", type=int, default=None,
-              help="No model: a zero-initialised synthetic adapter of this length (tests, benches).")
-@click.option("--epsilon", "target_epsilon", type=float, default=8.0, show_default=True,
-              help="Target epsilon = each site's budget.")
-@click.option("--delta", type=float, default=1e-5, show_default=True)
-@click.option("--noise-multiplier", type=float, default=None, help="sigma (default: calibrated).")
-@click.option("--sample-rate", type=float, default=0.05, show_default=True)
-@click.option("--local-steps", type=int, default=20, show_default=True)
-@click.option("--learning-rate", type=float, default=0.05, show_default=True)
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
-@click.option("--optimizer", type=click.Choice(get_args(Optimizer)), default="sgd", show_default=True,
-              help="DP-SGD update rule at the sites.")
-@click.option("--lr-schedule", type=click.Choice(get_args(LRSchedule)), default="constant",
-              show_default=True, help="cosine: the learning rate decays over the planned rounds.")
-@click.option("--trainable", type=click.Choice(get_args(TrainableSet)),
-              default="adapter", show_default=True,
-              help="What sites train and the federation aggregates: LoRA on both towers + the "
-                   "fusion head (adapter), the head + the last layer's LoRA (top), the head "
-                   "(head; towers frozen, so sites train on tower features computed once), or "
-                   "the head's MLP (classifier).")
-@click.option("--train-deadline", type=float, default=600.0, show_default=True)
-@click.option("--stage-deadline", type=float, default=60.0, show_default=True)
-@click.option("--clip-bound", type=float, default=None,
-              help="L2 bound on one site's update (default 8); larger updates are scaled down.")
-@click.option("--dp-distributed", is_flag=True,
-              help="Enterprise-level (distributed) DP: each site clips its whole update and adds "
-                   "a Skellam noise share before masking (mask modes only; off by default).")
-@click.option("--dp-distributed-clip", type=float, default=None,
-              help="Distributed DP: L2 bound C of one site's whole update [default: 1.0].")
-@click.option("--dp-distributed-noise", type=float, default=None,
-              help="Distributed DP: central sigma over the guaranteed noise shares [default: 1.0].")
-@click.option("--dp-distributed-min-participants", type=int, default=None,
-              help="Distributed DP: refuse rounds with fewer enterprises [default: 10].")
-@click.option("--dp-distributed-force", is_flag=True,
-              help="Distributed DP: run even below --dp-distributed-min-participants.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
-@json_option
-def init(**opts: object) -> None:
-    """Create the CA, certificates, identity keys, federation.toml and CKKS contexts."""
+def _settings_options(f: Any) -> Any:
+    """The federation settings an invitation pins (every ``init`` option but the roster)."""
+    for option in reversed(_SETTINGS):
+        f = option(f)
+    return f
+
+
+_SETTINGS = [
+    click.option("--mode-schedule", default="secagg", show_default=True,
+                 help="Comma-separated modes per round, repeated: e.g. secagg,secagg,secagg,ckks."),
+    click.option("--rounds", type=int, default=4, show_default=True),
+    click.option("--threshold", type=int, default=None, help="Shamir threshold (default floor(2n/3)+1)."),
+    click.option("--min-participants", type=int, default=None),
+    click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                 default=None, help="Model directory: the adapter length and initial hash come from it."),
+    click.option("--synthetic-dim", type=int, default=None,
+                 help="No model: a zero-initialised synthetic adapter of this length (tests, benches)."),
+    click.option("--epsilon", "target_epsilon", type=float, default=8.0, show_default=True,
+                 help="Target epsilon = each site's budget."),
+    click.option("--delta", type=float, default=1e-5, show_default=True),
+    click.option("--noise-multiplier", type=float, default=None, help="sigma (default: calibrated)."),
+    click.option("--sample-rate", type=float, default=0.05, show_default=True),
+    click.option("--local-steps", type=int, default=20, show_default=True),
+    click.option("--learning-rate", type=float, default=0.05, show_default=True),
+    click.option("--max-grad-norm", type=float, default=1.0, show_default=True),
+    click.option("--optimizer", type=click.Choice(get_args(Optimizer)), default="sgd", show_default=True,
+                 help="DP-SGD update rule at the sites."),
+    click.option("--lr-schedule", type=click.Choice(get_args(LRSchedule)), default="constant",
+                 show_default=True, help="cosine: the learning rate decays over the planned rounds."),
+    click.option("--trainable", type=click.Choice(get_args(TrainableSet)),
+                 default="adapter", show_default=True,
+                 help="What sites train and the federation aggregates: LoRA on both towers + the "
+                      "fusion head (adapter), the head + the last layer's LoRA (top), the head "
+                      "(head; towers frozen, so sites train on tower features computed once), or "
+                      "the head's MLP (classifier)."),
+    click.option("--train-deadline", type=float, default=600.0, show_default=True),
+    click.option("--stage-deadline", type=float, default=60.0, show_default=True),
+    click.option("--clip-bound", type=float, default=None,
+                 help="L2 bound on one site's update (default 8); larger updates are scaled down."),
+    click.option("--dp-distributed", is_flag=True,
+                 help="Enterprise-level (distributed) DP: each site clips its whole update and adds "
+                      "a Skellam noise share before masking (mask modes only; off by default)."),
+    click.option("--dp-distributed-clip", type=float, default=None,
+                 help="Distributed DP: L2 bound C of one site's whole update [default: 1.0]."),
+    click.option("--dp-distributed-noise", type=float, default=None,
+                 help="Distributed DP: central sigma over the guaranteed noise shares [default: 1.0]."),
+    click.option("--dp-distributed-min-participants", type=int, default=None,
+                 help="Distributed DP: refuse rounds with fewer enterprises [default: 10]."),
+    click.option("--dp-distributed-force", is_flag=True,
+                 help="Distributed DP: run even below --dp-distributed-min-participants."),
+]
+
+
+def _settings(opts: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`~secfed.transport.enrol.invite` from the options."""
     from secfed.config import Deadlines, DistributedDPSettings, DPSettings, ModelSettings, validated
     from secfed.participant.adapter import model_settings_for
-    from secfed.transport.kits import create_kits
 
     modes = tuple(m.strip() for m in str(opts["mode_schedule"]).split(",") if m.strip())
     ddp_opts = {"clip_norm": "dp_distributed_clip", "noise_multiplier": "dp_distributed_noise",
@@ -87,19 +96,17 @@ def init(**opts: object) -> None:
                 f"--{given[0].replace('_', '-')} needs --dp-distributed (distributed DP is off)"
             )
     model = model_settings_for(model_dir=opts["model_dir"], synthetic_dim=opts["synthetic_dim"],
-                               trainable=str(opts["trainable"]))
+                              trainable=str(opts["trainable"]))
     if opts["clip_bound"] is not None:
         model = validated(ModelSettings, **{**model.model_dump(), "clip_bound": opts["clip_bound"]})
-    paths = create_kits(
-        opts["out"],  # type: ignore[arg-type]
+    return dict(
         name=str(opts["name"]),
-        enterprises=list(opts["enterprises"]),  # type: ignore[call-overload]
         coordinator_url=str(opts["coordinator_url"]),
         model=model,
         mode_schedule=modes,
-        rounds=int(opts["rounds"]),  # type: ignore[call-overload]
-        threshold=opts["threshold"],  # type: ignore[arg-type]
-        min_participants=opts["min_participants"],  # type: ignore[arg-type]
+        rounds=int(opts["rounds"]),
+        threshold=opts["threshold"],
+        min_participants=opts["min_participants"],
         deadlines=validated(Deadlines, train=opts["train_deadline"], stage=opts["stage_deadline"]),
         dp=validated(
             DPSettings,
@@ -114,8 +121,82 @@ def init(**opts: object) -> None:
             delta=opts["delta"],
             distributed=distributed,
         ),
-        force=bool(opts["force"]),
     )
+
+
+@command.command("invite")
+@click.option("--name", required=True, help="Federation name.")
+@click.option("--coordinator-url", required=True, help="https://HOST:PORT of the coordinator.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The admin's folder: ca.pem, ca.key (keep it here) and invitation.toml.")
+@_settings_options
+@click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
+@json_option
+def invite(**opts: Any) -> None:
+    """Admin: make the federation CA and the invitation (every setting but the roster).
+
+    Send OUT/invitation.toml to the coordinator and every site; keep OUT/ca.key.
+    """
+    from secfed.transport.enrol import INVITATION_FILE
+    from secfed.transport.enrol import invite as make_invitation
+
+    settings = _settings(opts)
+    inv = make_invitation(opts["out"], **settings, force=bool(opts["force"]))
+    path = Path(opts["out"]) / INVITATION_FILE
+    if opts["as_json"]:
+        emit_json({"invitation": str(path), "ca": str(Path(opts["out"]) / "ca.pem"),
+                  "uses_ckks": inv.uses_ckks, "vector_length": inv.model.vector_length})
+    else:
+        click.echo(f"invitation written to {path} (send it to the coordinator and every site)")
+        click.echo(f"  CA key: {Path(opts['out']) / 'ca.key'} (stays here)")
+
+
+@command.command("sign")
+@click.option("--admin", "admin_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True, help="The admin's folder (from federation invite).")
+@click.option("--request", "requests", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A party's request.toml (repeat: the coordinator's and each site's; the "
+                   "roster follows the sites' order).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The bundle folder to hand back to every party (public material only).")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
+@json_option
+def sign(admin_dir: Path, requests: tuple[Path, ...], out: Path, force: bool,
+         as_json: bool) -> None:
+    """Admin: check the requests, certify the keys, pin the roster; write the bundle."""
+    from secfed.transport.enrol import FEDERATION_FILE, fingerprint, sign_requests
+
+    fed = sign_requests(admin_dir, list(requests), out, force=force)
+    digest = fingerprint(out / FEDERATION_FILE)
+    if as_json:
+        emit_json({"bundle": str(out), "roster": list(fed.enterprise_ids()),
+                  "federation_sha256": digest})
+    else:
+        click.echo(f"bundle written to {out} (hand it to the coordinator and every site)")
+        click.echo(f"  roster: {', '.join(fed.enterprise_ids())}")
+        click.echo(f"  federation.toml sha256: {digest}")
+
+
+@command.command("init")
+@click.option("--name", required=True, help="Federation name.")
+@click.option("--enterprise", "enterprises", multiple=True, required=True, help="Enterprise id (repeat).")
+@click.option("--coordinator-url", required=True, help="https://HOST:PORT of the coordinator.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@_settings_options
+@click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
+@json_option
+def init(**opts: Any) -> None:
+    """Every party's enrolment on this machine (tests, demos): OUT/ca, OUT/coordinator and
+    OUT/<enterprise>, each made by its own step; the admin's and coordinator's folders hold
+    no enterprise secret, but whoever runs this held them all. For a real federation use
+    ``federation invite``, ``coordinator init``, ``site init``, ``federation sign``."""
+    from secfed.transport.kits import create_kits
+
+    settings = _settings(opts)
+    paths = create_kits(opts["out"], enterprises=list(opts["enterprises"]), **settings,
+                       force=bool(opts["force"]))
+    model, distributed = settings["model"], settings["dp"].distributed
     summary = {
         "root": str(paths.root),
         "coordinator": str(paths.coordinator),

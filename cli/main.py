@@ -19,6 +19,8 @@ from secfed.crypto.errors import SecfedError
 
 COMMAND_MODULES = (
     "federation",
+    "coordinator",
+    "site",
     "aggregate",
     "join",
     "simulate",

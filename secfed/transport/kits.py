@@ -1,62 +1,57 @@
-"""Startup kits: one directory per party, written once by the federation admin.
+"""Startup kits: one directory per party, each made by its own party (see
+:mod:`secfed.transport.enrol`).
 
-Layout under the output directory::
+:func:`create_kits` runs the whole enrolment in-process on one machine (tests, benches, ``make
+demo``), one folder per party under the output directory::
 
-    ca/            ca.pem, ca.key (0600)          -- the admin's; never copied into a kit
-    coordinator/   federation.toml, ca.pem, server.pem, server.key (0600), ckks_public.ctx,
-                   identity.key (0600, Ed25519: the coordinator's own; signs ledger receipts
-                   and its transcript)
-    <enterprise>/  federation.toml, site.toml, ca.pem, client.pem, client.key (0600),
-                   identity.pem (0600, Ed25519), ckks_secret.ctx (0600)
+    ca/            the admin: ca.pem, ca.key (0600), invitation.toml, federation.toml (a copy)
+    coordinator/   federation.toml, invitation.toml, ca.pem, server.pem, server.key (0600),
+                   identity.key (0600, its own Ed25519), ckks_public.ctx (ckks federations only)
+    <enterprise>/  federation.toml, invitation.toml, site.toml, ca.pem, client.pem,
+                   client.key (0600), identity.pem (0600, Ed25519); in ckks federations also
+                   ckks_kem.key (0600, X25519), ckks_recipients.toml, ckks_secret.ctx (0600)
+    exchange/      what travels between parties, all public or sealed: requests/, bundle/, ckks/
 
-The coordinator's kit holds no enterprise secret: no client key, no identity key, no CKKS secret
-key (its CKKS context is serialised without one).
+Neither the admin's folder nor the coordinator's holds an enterprise secret: every enterprise key
+is made in the enterprise's own folder, and the CKKS secret reaches the other enterprises sealed
+to their X25519 keys. A federation that never schedules ``ckks`` has no CKKS secret anywhere.
 """
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from secfed.config import (
     Deadlines,
-    DistributedDPSettings,
     DPSettings,
     FederationConfig,
     ModelSettings,
     RosterEntry,
     SitePolicy,
-    default_threshold,
-    federation_to_toml,
     load_federation,
     load_site_policy,
-    site_policy_to_toml,
-    validated,
 )
 from secfed.crypto.errors import ConfigError
 from secfed.crypto.keys import IdentityKey
-from secfed.transport.pki import (
-    issue_client_cert,
-    issue_server_cert,
-    make_ca,
-    write_private_pem,
+from secfed.transport.enrol import (
+    CA_FILE,
+    CKKS_PUBLIC_FILE,
+    CKKS_SECRET_FILE,
+    FEDERATION_FILE,
+    RESERVED_IDS,
+    SITE_FILE,
+    Invitation,
+    distributed_sum_abs,
+    ring_bits_for,
 )
+from secfed.transport.pki import write_private_pem
 
-__all__ = [
-    "KitPaths",
-    "CoordinatorKit",
-    "EnterpriseKit",
-    "create_kits",
-    "write_coordinator_identity",
-]
+__all__ = ["KitPaths", "CoordinatorKit", "EnterpriseKit", "create_kits", "ring_bits_for",
+           "distributed_sum_abs", "write_coordinator_identity"]
 
-FEDERATION_FILE = "federation.toml"
-SITE_FILE = "site.toml"
-CA_FILE = "ca.pem"
-CKKS_PUBLIC_FILE = "ckks_public.ctx"
-CKKS_SECRET_FILE = "ckks_secret.ctx"
 STATE_FILE = "state.sqlite"
 LEDGER_FILE = "ledger.sqlite"
 COORDINATOR_IDENTITY_FILE = "identity.key"
@@ -67,6 +62,16 @@ class KitPaths:
     root: Path
     coordinator: Path
     enterprises: dict[str, Path]
+
+    @property
+    def admin(self) -> Path:
+        """The admin's folder: the CA key and public material only."""
+        return self.root / "ca"
+
+    @property
+    def exchange(self) -> Path:
+        """What travelled between the parties: requests, the bundle, sealed CKKS copies."""
+        return self.root / "exchange"
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,7 @@ class EnterpriseKit:
 def write_coordinator_identity(kit_dir: str | Path) -> bytes:
     """Generate the coordinator's Ed25519 identity into ``kit_dir/identity.key`` (0600) and return
     its raw public key, which ``federation.toml`` pins as ``coordinator_identity_public_key``.
+    Run by the coordinator itself (``secfed coordinator init``), never by the admin.
 
     Raises:
         ConfigError: ``kit_dir`` already holds an identity key (it is never overwritten: every
@@ -192,48 +198,6 @@ def write_coordinator_identity(kit_dir: str | Path) -> bytes:
     identity = IdentityKey.generate()
     write_private_pem(path, identity.to_pem())
     return identity.public_bytes()
-
-
-def _ckks_contexts() -> tuple[bytes, bytes] | None:
-    """(secret context, public context) from secfed.crypto.ckks, or None if not built yet."""
-    try:
-        from secfed.crypto import ckks  # tenseal is heavy: import on use
-    except ImportError:
-        return None
-    ctx = ckks.new_context()
-    return ctx.serialize(secret=True), ctx.serialize(secret=False)
-
-
-def distributed_sum_abs(n_participants: int, model: ModelSettings,
-                        distributed: DistributedDPSettings) -> int:
-    """Ring units a coordinate of the noised sum stays within, whatever the round's guaranteed
-    number of noise shares (sized for one share: the largest per-share noise)."""
-    from secfed.privacy.distributed import DistributedDP
-
-    hook = DistributedDP(clip_norm=distributed.clip_norm,
-                         noise_multiplier=distributed.noise_multiplier,
-                         min_participants=distributed.min_participants,
-                         norm_units=distributed.norm_units, force=distributed.force)
-    return hook.max_sum_abs(n_participants=n_participants, guaranteed=1,
-                            dim=model.vector_length, scale_bits=model.scale_bits)
-
-
-def ring_bits_for(n_participants: int, model: ModelSettings,
-                  distributed: DistributedDPSettings | None = None) -> int:
-    """The smaller ring (Z_2^32 before Z_2^64) whose headroom holds the sum of ``n`` clipped
-    updates at the model's scale (and, with distributed DP, their noise shares): half the
-    upload bytes whenever the federation is small."""
-    from secfed.crypto.encoding import check_headroom
-    from secfed.crypto.errors import HeadroomError
-
-    try:
-        check_headroom(n_participants=n_participants, max_abs=model.clip_bound,
-                       scale_bits=model.scale_bits, ring_bits=32)
-    except HeadroomError:
-        return 64
-    if distributed is not None and distributed_sum_abs(n_participants, model, distributed) > 2**31 - 1:
-        return 64
-    return 32
 
 
 def create_kits(
@@ -253,11 +217,15 @@ def create_kits(
     policy_min_noise_multiplier: float = 0.5,
     force: bool = False,
 ) -> KitPaths:
-    """Create the CA, certificates, identity keys, settings and CKKS contexts for a federation.
+    """Run the whole enrolment on this machine: the admin's invitation, each party's own keys
+    and request, the admin's signature, each party's import and (ckks federations only) one
+    enterprise's CKKS secret sealed to the others. One folder per party (module docstring).
 
     Raises:
         ConfigError: a setting breaks a rule, or ``out`` exists and is not empty (without force).
     """
+    from secfed.transport import enrol
+
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         if not force:
@@ -265,78 +233,43 @@ def create_kits(
         shutil.rmtree(root)
     if len(set(enterprises)) != len(enterprises):
         raise ConfigError(f"--enterprise values must be unique (got {enterprises})")
-    host = urlsplit(coordinator_url).hostname or ""
-    n = len(enterprises)
-    t = threshold if threshold is not None else default_threshold(n)
-    dp = dp or DPSettings()
-    if "ring_bits" not in model.model_fields_set:
-        model = model.model_copy(update={"ring_bits": ring_bits_for(n, model, dp.distributed)})
-    elif dp.distributed is not None:
-        need = distributed_sum_abs(n, model, dp.distributed)
-        if need > 2 ** (model.ring_bits - 1) - 1:
-            raise ConfigError(
-                f"model.ring_bits = {model.ring_bits} cannot hold the distributed-DP noised sum "
-                f"({need} ring units); use 64 or a smaller dp.distributed noise_multiplier/clip_norm"
-            )
-    identities = {eid: IdentityKey.generate() for eid in enterprises}
-    coord = root / "coordinator"
-    coord.mkdir(parents=True)
-    coordinator_public = write_coordinator_identity(coord)
-    roster = tuple(
-        RosterEntry(id=eid, identity_public_key=identities[eid].public_bytes().hex())
-        for eid in enterprises
-    )
-    fed = validated(
-        FederationConfig,
-        name=name,
-        coordinator_url=coordinator_url,
-        coordinator_identity_public_key=coordinator_public.hex(),
-        roster=roster,
-        rounds=rounds,
-        mode_schedule=mode_schedule,
-        threshold=t,
-        min_participants=min_participants if min_participants is not None else t,
-        deadlines=deadlines or Deadlines(),
-        dp=dp,
-        model=model,
-    )
-    fed_toml = federation_to_toml(fed)
+    reserved = sorted(set(enterprises) & RESERVED_IDS)
+    if reserved:
+        raise ConfigError(f"--enterprise must not be one of {sorted(RESERVED_IDS)} (got {reserved})")
+    draft = Invitation(name=name, coordinator_url=coordinator_url, rounds=rounds,
+                       mode_schedule=tuple(mode_schedule), threshold=threshold,
+                       min_participants=min_participants, neighbours=0,
+                       deadlines=deadlines or Deadlines(), dp=dp or DPSettings(), model=model,
+                       ca_pem=b"")
+    # every setting checked against the real roster size before any key exists
+    draft.federation(tuple(RosterEntry(id=e, identity_public_key=secrets.token_hex(32))
+                           for e in enterprises), coordinator_identity=secrets.token_bytes(32))
 
-    ca = make_ca(name)
-    (root / "ca").mkdir(parents=True, exist_ok=True)
-    (root / "ca" / CA_FILE).write_bytes(ca.cert_pem)
-    write_private_pem(root / "ca" / "ca.key", ca.key_pem)
-
-    contexts = _ckks_contexts()
-
-    (coord / FEDERATION_FILE).write_text(fed_toml)
-    (coord / CA_FILE).write_bytes(ca.cert_pem)
-    server = issue_server_cert(ca, host)
-    (coord / "server.pem").write_bytes(server.cert_pem)
-    write_private_pem(coord / "server.key", server.key_pem)
-    if contexts is not None:
-        (coord / CKKS_PUBLIC_FILE).write_bytes(contexts[1])
-
+    admin, exchange = root / "ca", root / "exchange"
+    enrol.invite(admin, name=name, coordinator_url=coordinator_url, model=model,
+                 mode_schedule=tuple(mode_schedule), rounds=rounds, threshold=threshold,
+                 min_participants=min_participants, deadlines=deadlines, dp=dp,
+                 n_enterprises=len(enterprises))
+    invitation = admin / enrol.INVITATION_FILE
+    requests = [enrol.coordinator_init(invitation, root / "coordinator",
+                                       request=exchange / "requests" / "coordinator.toml")]
     paths: dict[str, Path] = {}
     for eid in enterprises:
-        d = root / eid
-        d.mkdir()
-        (d / FEDERATION_FILE).write_text(fed_toml)
-        policy = SitePolicy(
-            enterprise_id=eid,
-            budget_epsilon=policy_budget_epsilon or dp.target_epsilon,
-            delta=dp.delta,
+        paths[eid] = root / eid
+        requests.append(enrol.site_init(
+            invitation, eid, paths[eid], request=exchange / "requests" / f"{eid}.toml",
+            budget_epsilon=policy_budget_epsilon,
             min_noise_multiplier=policy_min_noise_multiplier,
-            min_threshold=2,
-            min_participants=2,
-        )
-        (d / SITE_FILE).write_text(site_policy_to_toml(policy))
-        (d / CA_FILE).write_bytes(ca.cert_pem)
-        client = issue_client_cert(ca, eid)
-        (d / "client.pem").write_bytes(client.cert_pem)
-        write_private_pem(d / "client.key", client.key_pem)
-        write_private_pem(d / "identity.pem", identities[eid].to_pem())
-        if contexts is not None:
-            write_private_pem(d / CKKS_SECRET_FILE, contexts[0])
-        paths[eid] = d
-    return KitPaths(root=root, coordinator=coord, enterprises=paths)
+        ))
+    bundle = exchange / "bundle"
+    enrol.sign_requests(admin, requests, bundle)
+    enrol.coordinator_import(root / "coordinator", bundle)
+    for eid in enterprises:
+        enrol.site_import(paths[eid], bundle)
+    if "ckks" in mode_schedule:
+        ckks_dir = exchange / "ckks"
+        enrol.ckks_keygen(paths[enterprises[0]], ckks_dir)
+        for eid in enterprises[1:]:
+            enrol.site_ckks_import(paths[eid], ckks_dir)
+        enrol.coordinator_ckks_import(root / "coordinator", ckks_dir)
+    return KitPaths(root=root, coordinator=root / "coordinator", enterprises=paths)

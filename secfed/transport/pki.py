@@ -1,5 +1,9 @@
 """The federation's TLS PKI: a CA, the coordinator's server certificate, one client certificate
-per enterprise, and the ``ssl`` contexts for mutual TLS.
+per enterprise, certificate signing requests, and the ``ssl`` contexts for mutual TLS.
+
+Enrolment (:mod:`secfed.transport.enrol`): each party makes its own TLS key and sends a CSR
+(:func:`make_csr`); the admin checks it (:func:`load_csr`) and signs the public key it carries
+(:func:`issue_from_csr`), so the CA's holder never sees a party's TLS private key.
 
 TLS keys are ECDSA P-256 (every OpenSSL build Python links supports them for TLS 1.2/1.3; Ed25519
 certificates are not accepted by all TLS stacks). Identity *signing* keys stay Ed25519 and are a
@@ -28,6 +32,13 @@ __all__ = [
     "make_ca",
     "issue_server_cert",
     "issue_client_cert",
+    "new_tls_key",
+    "private_key_pem",
+    "load_tls_key",
+    "make_csr",
+    "load_csr",
+    "issue_from_csr",
+    "server_names",
     "write_private_pem",
     "server_ssl_context",
     "client_ssl_context",
@@ -104,26 +115,27 @@ def make_ca(name: str, *, validity: dt.timedelta = DEFAULT_VALIDITY) -> Certifie
     return CertifiedKey(_key_pem(key), cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _issue(
+def _sign_leaf(
     ca: CertifiedKey,
+    public_key: ec.EllipticCurvePublicKey,
     *,
     common_name: str,
     sans: list[x509.GeneralName],
     usage: x509.ObjectIdentifier,
     not_before: dt.datetime | None,
     not_after: dt.datetime | None,
-) -> CertifiedKey:
+) -> bytes:
+    """A leaf certificate (PEM) for ``public_key``, signed by the CA."""
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ConfigError("CA key must be an ECDSA key (got another key type)")
     ca_cert = ca.certificate
-    key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before or now - dt.timedelta(minutes=5))
         .not_valid_after(not_after or now + DEFAULT_VALIDITY)
@@ -136,11 +148,27 @@ def _issue(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    return CertifiedKey(_key_pem(key), cert.public_bytes(serialization.Encoding.PEM))
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def issue_server_cert(ca: CertifiedKey, host: str) -> CertifiedKey:
-    """The coordinator's server certificate: SANs for ``host``, localhost and 127.0.0.1."""
+def _issue(
+    ca: CertifiedKey,
+    *,
+    common_name: str,
+    sans: list[x509.GeneralName],
+    usage: x509.ObjectIdentifier,
+    not_before: dt.datetime | None,
+    not_after: dt.datetime | None,
+) -> CertifiedKey:
+    """A fresh key pair and its certificate (tests and tools that play every part themselves)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert_pem = _sign_leaf(ca, key.public_key(), common_name=common_name, sans=sans, usage=usage,
+                          not_before=not_before, not_after=not_after)
+    return CertifiedKey(_key_pem(key), cert_pem)
+
+
+def server_names(host: str) -> list[x509.GeneralName]:
+    """The coordinator certificate's SANs: ``host``, localhost and 127.0.0.1."""
     names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
@@ -149,6 +177,12 @@ def issue_server_cert(ca: CertifiedKey, host: str) -> CertifiedKey:
     except ValueError:
         if host != "localhost":
             names.append(x509.DNSName(host))
+    return names
+
+
+def issue_server_cert(ca: CertifiedKey, host: str) -> CertifiedKey:
+    """The coordinator's server certificate: SANs for ``host``, localhost and 127.0.0.1."""
+    names = server_names(host)
     return _issue(
         ca,
         common_name=host,
@@ -175,6 +209,95 @@ def issue_client_cert(
         not_before=not_before,
         not_after=not_after,
     )
+
+
+def new_tls_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh TLS key (ECDSA P-256), made by the party that will hold it."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """PKCS#8 PEM of a TLS key (unencrypted: the file is written 0600)."""
+    return _key_pem(key)
+
+
+def load_tls_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
+    """A TLS key written by :func:`private_key_pem`.
+
+    Raises:
+        ConfigError: not a PEM private key, or not ECDSA P-256.
+    """
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("TLS key must be an unencrypted PEM private key (unreadable)") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError(f"TLS key must be ECDSA P-256 (got {type(key).__name__})")
+    return key
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, common_name: str,
+             sans: list[x509.GeneralName]) -> bytes:
+    """A certificate signing request (DER) for ``key``, signed by ``key`` itself."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def load_csr(der: bytes, *, who: str, common_name: str,
+             sans: list[x509.GeneralName] | None) -> ec.EllipticCurvePublicKey:
+    """Check a CSR and return the public key it asks to certify.
+
+    The CSR must parse, carry a valid self-signature (proof that its sender holds the key), hold
+    an ECDSA P-256 key, name exactly ``common_name`` as its CN and, when ``sans`` is given, ask
+    for exactly those SANs. ``who`` names the request in error messages.
+
+    Raises:
+        ConfigError: the first rule it breaks, naming the field and the value received.
+    """
+    try:
+        csr = x509.load_der_x509_csr(der)
+    except ValueError as exc:
+        raise ConfigError(f"{who}: csr must be a DER certificate signing request (unparseable)") from exc
+    if not csr.is_signature_valid:
+        raise ConfigError(f"{who}: csr signature must verify under its own key (invalid)")
+    try:
+        key = csr.public_key()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{who}: csr key must be ECDSA P-256 (unsupported key)") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        curve = getattr(getattr(key, "curve", None), "name", "")
+        raise ConfigError(
+            f"{who}: csr key must be ECDSA P-256 (got {type(key).__name__} {curve}".rstrip() + ")"
+        )
+    cns = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if cns != [common_name]:
+        raise ConfigError(f"{who}: csr CN must be {common_name!r} (got {cns})")
+    if sans is not None:
+        try:
+            ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            got = list(ext.value)
+        except x509.ExtensionNotFound:
+            got = []
+        if got != sans:
+            raise ConfigError(
+                f"{who}: csr SAN must be exactly {[n.value for n in sans]} "
+                f"(got {[n.value for n in got]})"
+            )
+    return key
+
+
+def issue_from_csr(ca: CertifiedKey, public_key: ec.EllipticCurvePublicKey, *, common_name: str,
+                   sans: list[x509.GeneralName], server: bool) -> bytes:
+    """A certificate (PEM) for a key checked by :func:`load_csr`: names and usage come from the
+    admin's own rules (``common_name``, ``sans``), never copied from the request."""
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    return _sign_leaf(ca, public_key, common_name=common_name, sans=sans, usage=usage,
+                      not_before=None, not_after=None)
 
 
 def write_private_pem(path: Path, data: bytes) -> None:

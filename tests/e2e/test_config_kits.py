@@ -61,8 +61,10 @@ def test_private_files_are_0600_and_coordinator_holds_no_enterprise_secret(kits)
     assert stat.S_IMODE(os.stat(coord / "server.key").st_mode) == 0o600
     names = {p.name for p in coord.iterdir()}
     assert stat.S_IMODE(os.stat(coord / "identity.key").st_mode) == 0o600
-    assert names == {"federation.toml", "ca.pem", "server.pem", "server.key", "ckks_public.ctx",
-                     "identity.key"}
+    # enrolment (issue 20 item 2): the coordinator keeps its invitation and makes its own
+    # Ed25519 identity key next to its TLS key
+    assert names == {"federation.toml", "invitation.toml", "ca.pem", "server.pem", "server.key",
+                     "identity.key", "ckks_public.ctx"}
     secrets = set()
     for d in kits.enterprises.values():
         for name in ("client.key", "identity.pem", "ckks_secret.ctx"):

@@ -1,0 +1,71 @@
+"""``secfed coordinator``: the coordinator's enrolment commands (its keys are made here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from secfed.cli.options import emit_json, json_option
+
+_KIT = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+@click.group("coordinator")
+def command() -> None:
+    """Enrol the coordinator: its own keys, the admin's bundle, the CKKS public context."""
+
+
+@command.command("init")
+@click.option("--invitation", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="The admin's invitation.toml.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The coordinator's kit folder (new or empty).")
+@click.option("--request", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the request for the admin [default: OUT/request.toml].")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
+@json_option
+def init(invitation: Path, out: Path, request: Path | None, force: bool, as_json: bool) -> None:
+    """Make the coordinator's TLS and identity keys locally; write its request for the admin."""
+    from secfed.transport.enrol import coordinator_init
+
+    path = coordinator_init(invitation, out, request=request, force=force)
+    if as_json:
+        emit_json({"kit": str(out), "request": str(path)})
+    else:
+        click.echo(f"coordinator: keys made under {out} (they stay there)")
+        click.echo(f"  send {path} to the admin")
+
+
+@command.command("import")
+@click.option("--kit", type=_KIT, required=True, help="The coordinator's kit folder.")
+@click.option("--bundle", type=_KIT, required=True, help="The admin's bundle folder.")
+@json_option
+def import_bundle(kit: Path, bundle: Path, as_json: bool) -> None:
+    """Check the admin's bundle against the invitation and the coordinator's keys; install it."""
+    from secfed.transport.enrol import FEDERATION_FILE, coordinator_import, fingerprint
+
+    fed = coordinator_import(kit, bundle)
+    digest = fingerprint(kit / FEDERATION_FILE)
+    if as_json:
+        emit_json({"kit": str(kit), "roster": list(fed.enterprise_ids()),
+                   "federation_sha256": digest})
+    else:
+        click.echo(f"bundle installed in {kit}; roster: {', '.join(fed.enterprise_ids())}")
+        click.echo(f"  federation.toml sha256: {digest} (compare it with the other parties)")
+
+
+@command.command("ckks-import")
+@click.option("--kit", type=_KIT, required=True, help="The coordinator's kit folder.")
+@click.option("--from", "source", type=_KIT, required=True,
+              help="The folder written by a site's ckks-keygen (only its public context is read).")
+@json_option
+def ckks_import(kit: Path, source: Path, as_json: bool) -> None:
+    """Install the key-free CKKS public context after checking its sender's signature."""
+    from secfed.transport.enrol import coordinator_ckks_import
+
+    sender = coordinator_ckks_import(kit, source)
+    if as_json:
+        emit_json({"kit": str(kit), "sender": sender})
+    else:
+        click.echo(f"CKKS public context from {sender} installed in {kit}")
