@@ -1,8 +1,11 @@
 """``make demo``: a whole federation on this machine, as separate processes over mutual TLS.
 
-Builds the city-safety demo data and model locally (``secfed.data``, ``secfed.models``), writes
-startup kits for three enterprises (energy utility, residential security operator, city
-operations centre), starts ``secfed aggregate`` and three ``secfed join`` processes on loopback,
+Builds the city-safety demo data and model locally (``secfed.data``, ``secfed.models``), enrols
+three enterprises (energy utility, residential security operator, city operations centre) and
+the coordinator the way a real federation does, on this machine (``secfed federation init`` =
+:func:`secfed.transport.kits.create_kits`: the admin's invitation, each party's own keys and
+request, the admin's signature, each party's import, the first enterprise's CKKS secret sealed
+to the others; one folder per party under ``kits/``), starts ``secfed aggregate`` and three ``secfed join`` processes on loopback,
 runs 20 rounds (three in ``secagg`` mode, then one in ``ckks``, repeated), prints per-round
 accuracy and epsilon per enterprise, and writes the audit report. Everything lands under the
 output directory.
@@ -149,7 +152,10 @@ def run_demo(out: str | Path, *, settings: DemoSettings | None = None,
         "--train-deadline", "300",
     )
     subprocess.run(init, check=True, env=_env(), stdout=subprocess.DEVNULL)
-    say(f"kits: {kits} (coordinator + {', '.join(sites)}), coordinator on 127.0.0.1:{port}")
+    sealed = (f"; the CKKS secret was sealed from {next(iter(sites))} to the others"
+              if "ckks" in settings.schedule else "")
+    say(f"kits: {kits}: enrolled (admin {kits / 'ca'} holds the CA key only; the coordinator and "
+        f"{', '.join(sites)} each made their own keys{sealed}), coordinator on 127.0.0.1:{port}")
     say(f"sites train: {settings.trainable}; {settings.rounds} rounds of DP-SGD "
         f"({settings.optimizer}, q={settings.sample_rate:g}, {settings.local_steps} steps per "
         f"round), budget eps={settings.epsilon:g} per enterprise")
