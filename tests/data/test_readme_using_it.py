@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 
 from secfed.transport.kits import CoordinatorKit, EnterpriseKit
@@ -17,7 +18,9 @@ from secfed.transport.kits import CoordinatorKit, EnterpriseKit
 README = Path(__file__).resolve().parents[2] / "README.md"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-RUN_LATER = ("aggregate", "join", "budget", "audit")  # need a running / finished federation
+# need a running / finished federation, or (data check, ~40 s on 2 busy cores: run by the slow
+# test; the default one parses its arguments against the real command)
+RUN_LATER = ("aggregate", "join", "budget", "audit", "data")
 
 
 def readme_commands() -> list[str]:
@@ -52,11 +55,28 @@ def _enrol(tmp_path: Path, model_bundle, federation) -> list[str]:
     return later
 
 
-def test_readme_commands_run_as_written(tmp_path: Path, model_bundle, federation) -> None:
+def test_readme_commands_run_as_written(tmp_path: Path, model_bundle, federation,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     commands = readme_commands()
     assert any(c.startswith("secfed federation invite") for c in commands)
     later = _enrol(tmp_path, model_bundle, federation)
-    assert [c.split()[1] for c in later] == ["aggregate", "join", "budget", "audit"]
+    assert [c.split()[1] for c in later] == ["aggregate", "join", "budget", "audit", "data"]
+    from secfed.cli.main import cli
+
+    _, model_dir = model_bundle
+    monkeypatch.chdir(tmp_path)  # the README's relative paths
+    for command in later:  # every option the README gives exists, with a value of its type
+        argv = _argv(command, model_dir, federation.enterprises["energy_utility"])[3:]
+        group = cli
+        while isinstance(group, click.Group):
+            group = group.get_command(click.Context(cli), argv.pop(0))
+        assert group is not None, command
+        made = [Path(a) for a in argv if a.endswith(".sqlite") and not Path(a).exists()]
+        for path in made:  # written by the run; parsing only checks they exist
+            path.touch()
+        group.make_context(command, argv, resilient_parsing=False)
+        for path in made:
+            path.unlink()
     # what the federation's commands name was made by the enrolment above
     coordinator = CoordinatorKit.load(tmp_path / "coordinator")
     sites = coordinator.federation.enterprise_ids()
@@ -79,7 +99,7 @@ def test_readme_federation_runs_and_audits(tmp_path: Path, model_bundle, federat
     on the tiny model and data: the federation finishes its rounds and the audit passes."""
     _, model_dir = model_bundle
     later = _enrol(tmp_path, model_bundle, federation)
-    aggregate, join, budget, audit = later
+    aggregate, join, budget, audit, check = later
     procs = [subprocess.Popen(_argv(aggregate, model_dir, Path("unused")), cwd=tmp_path, env=ENV,
                               stdout=open(tmp_path / "coordinator.log", "wb"),
                               stderr=subprocess.STDOUT)]
@@ -97,7 +117,8 @@ def test_readme_federation_runs_and_audits(tmp_path: Path, model_bundle, federat
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for command in (budget, audit):
-        proc = subprocess.run(_argv(command, model_dir, Path("unused")), cwd=tmp_path, env=ENV,
+    for command in (budget, audit, check):
+        data = federation.enterprises["energy_utility"]
+        proc = subprocess.run(_argv(command, model_dir, data), cwd=tmp_path, env=ENV,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, (command, proc.stdout[-2000:], proc.stderr[-2000:])
