@@ -117,8 +117,7 @@ def test_admin_and_coordinator_folders_hold_no_enterprise_private_key(ckks_kits)
         assert stat.S_IMODE(os.stat(coord.root / name).st_mode) == 0o600
     coord_identity = IdentityKey.from_pem((coord.root / "identity.key").read_bytes()).public_bytes()
     assert coord_identity not in {bytes.fromhex(e.identity_public_key) for e in coord.federation.roster}
-    pinned = getattr(coord.federation, enrol.COORDINATOR_KEY_FIELD, None)
-    assert pinned is None or bytes.fromhex(pinned) == coord_identity
+    assert coord.identity().public_bytes() == coord_identity  # pinned in federation.toml
     ckks.load_context((coord.root / "ckks_public.ctx").read_bytes(), expect_secret=False)
     # every site holds its own keys (0600) and the same CKKS secret
     secrets = set()
