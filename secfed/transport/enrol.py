@@ -56,6 +56,7 @@ from secfed.config import (
     ModelSettings,
     RosterEntry,
     SitePolicy,
+    _validation_message,
     default_threshold,
     dump_toml,
     federation_to_toml,
@@ -401,7 +402,7 @@ def load_invitation(path: str | Path) -> Invitation:
         dp = DPSettings.model_validate(data.get("dp", {}))
         model = ModelSettings.model_validate(_table(data, "model", source))
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from None
+        raise ConfigError(_validation_message(source, exc)) from None
     schedule = fed.get("mode_schedule", ["secagg"])
     if not isinstance(schedule, list) or not all(isinstance(m, str) for m in schedule):
         raise ConfigError(f"{source}: mode_schedule must be a list of modes (got {schedule!r})")
