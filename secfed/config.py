@@ -282,8 +282,14 @@ class SitePolicy(_Frozen):
     budget_epsilon: float = Field(8.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     min_noise_multiplier: float = Field(0.5, gt=0)
-    allowed_modes: tuple[AggregationMode, ...] = ("secagg", "secagg+", "ckks")
-    min_threshold: int = Field(2, ge=2)
+    allowed_modes: tuple[AggregationMode, ...] | None = Field(
+        None, description="modes this site takes part in; None = the modes its federation.toml "
+        "schedules (ckks only if scheduled). A round's mode must also be its scheduled one."
+    )
+    min_threshold: int = Field(
+        2, ge=2, description="fewest Shamir shares that rebuild a secret: the spec's threshold "
+        "(over all participants for secagg, per neighbourhood of k + 1 for secagg+)"
+    )
     min_participants: int = Field(2, ge=2)
     accept_distributed_dp: bool = Field(
         True, description="take part in rounds with enterprise-level (distributed) DP"
@@ -291,9 +297,25 @@ class SitePolicy(_Frozen):
     min_noise_shares: int = Field(
         2, ge=1, description="distributed DP: fewest noise shares the round must guarantee"
     )
+    assumed_colluders: int = Field(
+        1, ge=0, description="distributed DP: enterprises whose noise shares the adversary is "
+        "assumed to know; the charge counts only the other shares. 1: every enterprise of the "
+        "round receives the sum and knows its own share; raise it towards t - 1 for the "
+        "colluding-enterprises promise"
+    )
 
-    def check_round(self, terms: RoundTerms, *, roster: tuple[str, ...]) -> None:
+    def modes(self, schedule: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """The modes this site takes part in: its own list, or the federation's scheduled modes
+        (without a schedule: the mask modes -- never ckks by default)."""
+        if self.allowed_modes is not None:
+            return tuple(self.allowed_modes)
+        return tuple(dict.fromkeys(schedule)) if schedule is not None else MASK_MODES
+
+    def check_round(self, terms: RoundTerms, *, roster: tuple[str, ...],
+                    schedule: tuple[str, ...] | None = None) -> None:
         """Refuse a round whose terms are weaker than this site's policy.
+
+        ``schedule``: the federation's ``mode_schedule`` (the default allowed modes).
 
         Raises:
             ConfigError: naming the field, the rule and the value the round asked for.
@@ -307,12 +329,15 @@ class SitePolicy(_Frozen):
             raise ConfigError(f"participants must all be on the pinned roster (got {unknown})")
         if len(set(terms.participants)) != len(terms.participants):
             raise ConfigError(f"participants must be unique (got {list(terms.participants)})")
-        if terms.mode not in self.allowed_modes:
+        allowed = self.modes(schedule)
+        if terms.mode not in allowed:
             raise ConfigError(
-                f"mode must be one of {list(self.allowed_modes)} by site policy (got {terms.mode!r})"
+                f"mode must be one of {list(allowed)} by site policy (got {terms.mode!r})"
             )
+        # The terms' threshold is the spec's Shamir threshold (the join loop checks they are
+        # equal); ckks has none (0).
         floor_t = max(self.min_threshold, 2)
-        if terms.threshold < floor_t or terms.threshold > len(terms.participants):
+        if terms.mode in MASK_MODES and not floor_t <= terms.threshold <= len(terms.participants):
             raise ConfigError(
                 f"threshold must be in [{floor_t}, {len(terms.participants)}] by site policy "
                 f"(got {terms.threshold})"

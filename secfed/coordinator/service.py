@@ -140,11 +140,13 @@ class Coordinator:
     # ------------------------------------------------------------------ round building
 
     def terms(self, round_number: int) -> RoundTerms:
-        spec_mode = self.fed.mode_for_round(round_number)
+        # threshold and min_participants are the spec's: the Shamir threshold actually used
+        # (per neighbourhood in secagg+, none in ckks), which sites check their floor against.
+        spec = self._spec(round_number)
         dp = self.fed.dp
         return RoundTerms(
-            round_number=round_number, mode=spec_mode, participants=self.fed.enterprise_ids(),  # type: ignore[arg-type]
-            threshold=self.fed.threshold, min_participants=self.fed.min_participants,
+            round_number=round_number, mode=spec.mode, participants=spec.participants,  # type: ignore[arg-type]
+            threshold=spec.threshold, min_participants=spec.min_participants,
             noise_multiplier=self._sigma, sample_rate=dp.sample_rate, local_steps=dp.local_steps,
             max_grad_norm=dp.max_grad_norm,
             learning_rate=dp.round_learning_rate(round_number, self.fed.rounds),

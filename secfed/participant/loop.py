@@ -44,6 +44,12 @@ from secfed.crypto.keys import verify_signature
 from secfed.participant.adapter import LocalSite
 from secfed.participant.ledger import open_site_ledger
 from secfed.participant.noise import distributed_hook
+from secfed.participant.pinning import (
+    PINNED_SPEC_FIELDS,
+    check_pinned,
+    pinned_noise_multiplier,
+    pinned_spec,
+)
 from secfed.participant.state import ParticipantState
 from secfed.privacy.distributed import DistributedDP
 from secfed.protocol.participant import ParticipantRound
@@ -116,6 +122,7 @@ class Participant:
             retry_for=retry_for, on_retry=lambda m: self.emit("retry", detail=m),
         )
         self._ckks: Any = None
+        self._sigma: float | None = None
 
     def emit(self, kind: str, **fields: Any) -> None:
         self._events({"event": kind, "enterprise": self.me, "at": round(time.time(), 3), **fields})
@@ -185,7 +192,11 @@ class Participant:
             raise ConfigError(
                 f"vector_length must be {self.fed.model.vector_length} (got {spec.vector_length})"
             )
-        self.kit.policy.check_round(terms, roster=self.fed.enterprise_ids())
+        # Everything federation.toml pins (scheduled mode, roster, k, t, min_participants, clip,
+        # ring, scale, the DP terms) must be exactly what the coordinator announced.
+        check_pinned(self.fed, spec, terms, noise_multiplier=self._pinned_sigma())
+        self.kit.policy.check_round(terms, roster=self.fed.enterprise_ids(),
+                                    schedule=self.fed.mode_schedule)
         self._policy(spec).check(spec, me=self.me, roster=self.roster)
         hook = distributed_hook(federation=self.fed, policy=self.kit.policy, spec=spec, terms=terms)
         mine = self.site.global_hash()
@@ -208,11 +219,24 @@ class Participant:
         return spec, terms, hook
 
     def _policy(self, spec: RoundSpec) -> ParticipantPolicy:
+        """The protocol-level policy: the site's floors plus every value federation.toml pins
+        for this round (the state machine re-checks them in ``start()``, before any secret)."""
         p = self.kit.policy
+        pinned = pinned_spec(self.fed, spec.round_number)
         return ParticipantPolicy(
-            allowed_modes=tuple(p.allowed_modes), min_participants=p.min_participants,
+            allowed_modes=p.modes(self.fed.mode_schedule), min_participants=p.min_participants,
+            min_threshold=p.min_threshold,
+            # the federation's k (its explicit choice, or the protocol default for n)
+            min_neighbours=pinned.neighbours if pinned.mode == "secagg+" else None,
             federation=self.fed.name, last_round=self.state.last_round(),
+            pinned={name: getattr(pinned, name) for name in PINNED_SPEC_FIELDS},
         )
+
+    def _pinned_sigma(self) -> float:
+        """σ federation.toml pins (or its calibration for the horizon; computed once)."""
+        if self._sigma is None:
+            self._sigma = pinned_noise_multiplier(self.fed)
+        return self._sigma
 
     def _ckks_context(self) -> Any:
         if self._ckks is None and self.kit.ckks_secret.is_file():
@@ -368,12 +392,13 @@ class Participant:
         """
         if not hook.releases:
             raise ProtocolAbort(f"round {spec.round_number}: the noise hook never ran")
-        exact = hook.releases[-1].event(shares=len(survivors))
+        exact = hook.exact_event(len(survivors))  # less the site's assumed colluders
         if exact.shares < planned.shares:
             self.ledger.charge_event(round_number=spec.round_number,
                                      session_id=spec.digest(), event=exact)
         eps_exact = self.ledger.exact_epsilon(planned=planned, exact=exact)
         facts = {"distributed_dp": {"planned_shares": planned.shares, "survivors": len(survivors),
+                                    "assumed_colluders": hook.colluders,
                                     "share_variance": exact.variance / exact.shares,
                                     "grid_step": hook.releases[-1].grid_step,
                                     "clipped": hook.releases[-1].clipped,

@@ -22,12 +22,13 @@ from secfed.protocol.spec import RoundSpec
 __all__ = ["hook_from_settings", "distributed_hook"]
 
 
-def hook_from_settings(settings: DistributedDPSettings) -> DistributedDP:
-    """A fresh noise hook for ``settings`` (one per round: it records that round's release)."""
+def hook_from_settings(settings: DistributedDPSettings, *, colluders: int = 0) -> DistributedDP:
+    """A fresh noise hook for ``settings`` (one per round: it records that round's release);
+    ``colluders``: noise shares the charge assumes the adversary knows."""
     return DistributedDP(
         clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier,
         min_participants=settings.min_participants, norm_units=settings.norm_units,
-        force=settings.force,
+        force=settings.force, colluders=colluders,
     )
 
 
@@ -38,8 +39,9 @@ def distributed_hook(*, federation: FederationConfig, policy: SitePolicy, spec: 
     Raises:
         ConfigError: the announced settings differ from this site's ``federation.toml``, the
             site's policy refuses distributed DP, or the round is not in a mask mode.
-        DPGuardError: fewer enterprises than ``min_participants`` (not forced), or fewer
-            guaranteed noise shares than the site's ``min_noise_shares``.
+        DPGuardError: fewer enterprises than ``min_participants`` (not forced), fewer
+            guaranteed noise shares than the site's ``min_noise_shares``, or none beyond its
+            ``assumed_colluders``.
         HeadroomError: the round's ring cannot hold the noised sum.
     """
     announced, pinned = terms.distributed_dp, federation.dp.distributed
@@ -57,7 +59,8 @@ def distributed_hook(*, federation: FederationConfig, policy: SitePolicy, spec: 
         raise ConfigError(
             f"distributed_dp needs a mask mode {list(MASK_MODES)} (got {spec.mode!r})"
         )
-    hook = hook_from_settings(announced)
+    # The charge counts only the shares the site's assumed colluders do not know.
+    hook = hook_from_settings(announced, colluders=policy.assumed_colluders)
     hook.check_round(spec)
     shares = guaranteed_shares(spec)
     if shares < policy.min_noise_shares:

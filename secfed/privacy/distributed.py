@@ -202,6 +202,12 @@ class DistributedDP:
     ``noise_multiplier`` is the central σ: the sum over the guaranteed minimum of shares has
     per-coordinate noise std σ × (rounded L2 bound). Refuses rounds with fewer than
     ``min_participants`` enterprises unless ``force``.
+
+    ``colluders``: how many of the shares in the sum the adversary is assumed to know (the
+    colluding enterprises' own shares -- and every enterprise of the round receives the sum
+    knowing its own). They change only the *charge*: the events count ``shares - colluders``
+    shares. Each share stays sized for the federation's guaranteed minimum, so that every site
+    adds the same variance whatever it assumes.
     """
 
     clip_norm: float
@@ -209,6 +215,7 @@ class DistributedDP:
     min_participants: int = 10
     norm_units: int = DEFAULT_NORM_UNITS
     force: bool = False
+    colluders: int = 0
     releases: list[DistributedRelease] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -220,6 +227,8 @@ class DistributedDP:
             raise ConfigError(f"min_participants must be >= 1 (got {self.min_participants})")
         if not 16 <= self.norm_units <= 2**20:
             raise ConfigError(f"norm_units must be in [16, 2^20] (got {self.norm_units})")
+        if self.colluders < 0:
+            raise ConfigError(f"colluders must be >= 0 (got {self.colluders})")
 
     def grid_multiplier(self, scale_bits: int) -> int:
         """Ring units per grid step: g = round(2^scale_bits · C / norm_units) (≥ 1)."""
@@ -258,7 +267,8 @@ class DistributedDP:
         cannot hold the noised sum.
 
         Raises:
-            DPGuardError: fewer than ``min_participants`` and not forced; or a CKKS round.
+            DPGuardError: fewer than ``min_participants`` and not forced; a CKKS round; or no
+                guaranteed share beyond the assumed colluders'.
             HeadroomError: see :meth:`check_headroom`.
         """
         if spec.mode not in ("secagg", "secagg+"):
@@ -268,6 +278,12 @@ class DistributedDP:
             raise DPGuardError(
                 f"distributed DP needs at least min_participants = {self.min_participants} enterprises"
                 f" (got {n}); pass force=True to run anyway"
+            )
+        shares = guaranteed_shares(spec)
+        if shares - self.colluders < 1:
+            raise DPGuardError(
+                f"distributed DP: guaranteed noise shares minus assumed colluders must be >= 1 "
+                f"(got {shares} - {self.colluders})"
             )
         self.check_headroom(spec)
 
@@ -281,8 +297,21 @@ class DistributedDP:
         return DistributedRelease(spec.round_number, spec.vector_length, bound, share, gamma, False)
 
     def planned_event(self, spec: Any) -> DistributedDPEvent:
-        """What to charge before the update leaves: the guaranteed minimum of shares."""
-        return self.planned_release(spec).event(shares=guaranteed_shares(spec))
+        """What to charge before the update leaves: the guaranteed minimum of shares, less the
+        ``colluders`` the adversary is assumed to know."""
+        return self.planned_release(spec).event(shares=guaranteed_shares(spec),
+                                                colluders=self.colluders)
+
+    def exact_event(self, survivors: int) -> DistributedDPEvent:
+        """The last release's event when ``survivors`` shares reached the sum (less the
+        ``colluders``).
+
+        Raises:
+            DPGuardError: no release yet, or no survivor's share beyond the colluders'.
+        """
+        if not self.releases:
+            raise DPGuardError("distributed DP: the noise hook never ran (no release to account)")
+        return self.releases[-1].event(shares=survivors, colluders=self.colluders)
 
     def sum_l2_bound(self, *, spec: Any, members: int) -> float:
         """An L2 bound on the decoded sum of ``members`` honest hooked inputs (float units).

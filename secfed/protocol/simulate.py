@@ -185,7 +185,9 @@ def simulate(
     ctx = _AttackContext(spec, ids, {})
     if adversary == "replay-previous-round":
         ctx.previous_round = _record_round(spec, ids, identities, roster, vecs, ctx_secret, ctx_public)
-    policy = ParticipantPolicy(min_threshold_fraction=0.0 if threshold is not None else 2 / 3)
+    # An explicit threshold or k is the caller's choice; the defaults keep the policy's floors.
+    policy = ParticipantPolicy(min_threshold_fraction=0.0 if threshold is not None else 2 / 3,
+                               min_neighbours=neighbours)
     parties = [
         ParticipantRound(
             spec, me=p, identity=k, roster=roster, policy=policy, ckks_context=ctx_secret,
@@ -323,7 +325,7 @@ def _record_round(
         neighbours=spec.neighbours or None, min_participants=spec.min_participants,
         scale_bits=spec.scale_bits, ring_bits=spec.ring_bits, clip_bound=spec.clip_bound,
     )
-    policy = ParticipantPolicy(min_threshold_fraction=0.0)
+    policy = ParticipantPolicy(min_threshold_fraction=0.0, min_neighbours=prev.neighbours)
     parties = {
         p: ParticipantRound(prev, me=p, identity=k, roster=roster, policy=policy, ckks_context=ctx_secret)
         for p, k in zip(ids, identities)

@@ -280,17 +280,30 @@ class ParticipantPolicy:
 
     ``min_threshold_fraction``: the Shamir threshold must exceed this fraction of the share
     holders (2/3 keeps a malicious coordinator that lies about dropouts from reaching t with
-    the honest parties' shares, Bonawitz et al. 2017 sec. 6).
+    the honest parties' shares, Bonawitz et al. 2017 sec. 6). ``min_threshold``: an absolute
+    floor on the same Shamir threshold (``spec.threshold``: over all participants for
+    ``secagg``, per neighbourhood for ``secagg+``).
+
+    ``min_neighbours``: the SecAgg+ degree k must be at least this; ``None`` (the default)
+    means :func:`default_neighbours` of the round's n. A small k lets a coordinator that
+    controls a few enterprises grind the graph until they are a victim's only neighbours
+    (n = 12, k = 2: two colluders, ~15 tries), so lowering it is an explicit choice.
+
+    ``pinned``: RoundSpec field name -> the value the federation pinned (``federation.toml``:
+    mode of this round's schedule slot, k, t, clip, ring, scale, ...); any difference is a
+    refusal naming the field.
     """
 
     allowed_modes: tuple[str, ...] = MODES
     min_threshold_fraction: float = 2 / 3
+    min_threshold: int = MIN_THRESHOLD
     min_participants: int = 2
     max_participants: int = MAX_PARTICIPANTS
     max_vector_length: int = 1 << 31
-    min_neighbours: int = 2
+    min_neighbours: int | None = None
     last_round: int = -1  # the newest round this enterprise already took part in
     federation: str | None = None
+    pinned: Mapping[str, object] = field(default_factory=dict)
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def check(self, spec: RoundSpec, *, me: str, roster: Mapping[str, bytes]) -> None:
@@ -310,6 +323,12 @@ class ParticipantPolicy:
 
         if self.federation is not None and spec.federation != self.federation:
             refuse(f"federation must be {self.federation!r} (got {spec.federation!r})")
+        for name, want in self.pinned.items():
+            if name not in RoundSpec.__dataclass_fields__:
+                refuse(f"pinned must name RoundSpec fields (got {name!r})")
+            got = getattr(spec, name)
+            if got != want:
+                refuse(f"{name} must be {want!r} as the federation pinned it (got {got!r})")
         if spec.mode not in self.allowed_modes:
             refuse(f"mode must be one of {self.allowed_modes} (got {spec.mode!r})")
         if spec.round_number <= self.last_round:
@@ -334,8 +353,16 @@ class ParticipantPolicy:
                     f"threshold must be >= {floor_t} of {holders} share holders "
                     f"(got {spec.threshold})"
                 )
-            if spec.mode == "secagg+" and spec.neighbours < min(self.min_neighbours, n - 1):
-                refuse(f"neighbours must be >= {self.min_neighbours} (got {spec.neighbours})")
+            if spec.threshold < self.min_threshold:
+                refuse(
+                    f"threshold must be >= {self.min_threshold} by site policy (the Shamir "
+                    f"threshold of {holders} share holders; got {spec.threshold})"
+                )
+            if spec.mode == "secagg+":
+                min_k = default_neighbours(n) if self.min_neighbours is None else self.min_neighbours
+                min_k = min(min_k, n - 1)
+                if spec.neighbours < min_k:
+                    refuse(f"neighbours must be >= {min_k} for n = {n} (got {spec.neighbours})")
             if spec.clip_bound > 0:
                 try:
                     check_headroom(

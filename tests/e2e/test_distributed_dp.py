@@ -51,9 +51,10 @@ SCALE_BITS = 24
 DDP = DistributedDPSettings(clip_norm=1.0, noise_multiplier=2.0, min_participants=3)
 # The federation run uses a small central sigma so that the FedAvg signal (norm ~0.58) stands
 # 11 noise standard deviations above the noise along its own direction: a sum that lost the
-# updates would fail. Its epsilon (~55 per round) needs a budget to match.
+# updates would fail. Its epsilon (~77 per round, counting 3 - 1 shares: the sites' default
+# assumed_colluders = 1) needs a budget to match.
 DDP_RUN = DistributedDPSettings(clip_norm=1.0, noise_multiplier=0.15, min_participants=3)
-SGD = DPSettings(noise_multiplier=1.0, sample_rate=0.01, local_steps=5, target_epsilon=64.0,
+SGD = DPSettings(noise_multiplier=1.0, sample_rate=0.01, local_steps=5, target_epsilon=96.0,
                  distributed=DDP_RUN)
 
 
@@ -95,7 +96,9 @@ def test_site_refuses_a_round_whose_guaranteed_shares_are_below_its_minimum() ->
         distributed_hook(federation=fed, policy=strict, spec=spec, terms=terms)
     ok = SitePolicy(enterprise_id="site-0", min_noise_shares=3)
     hook = distributed_hook(federation=fed, policy=ok, spec=spec, terms=terms)
-    assert hook is not None and hook.planned_event(spec).shares == 3
+    # 3 guaranteed, 1 of them assumed known to the adversary (the default assumed_colluders)
+    assert ok.assumed_colluders == 1
+    assert hook is not None and hook.planned_event(spec).shares == 3 - 1
     # a coordinator announcing other settings than the pinned federation.toml is refused
     weaker = DDP.model_copy(update={"noise_multiplier": 0.5})
     with pytest.raises(ConfigError, match="must equal this site's federation.toml"):
@@ -259,9 +262,10 @@ def test_federation_with_distributed_dp(tmp_path) -> None:
         assert entries[0].event == DPSGDEvent(noise_multiplier=1.0, sample_rate=0.01, steps=5)
         ddp = entries[1].event
         assert isinstance(ddp, DistributedDPEvent)
-        assert ddp.shares == guaranteed == 3
+        # charged: the guaranteed shares less the site's default assumed_colluders = 1
+        assert guaranteed == 3 and ddp.shares == guaranteed - 1
         assert ddp.l2_sensitivity == pytest.approx(bound, rel=1e-12)
-        assert ddp.variance == pytest.approx(guaranteed * share_variance, rel=1e-12)
+        assert ddp.variance == pytest.approx((guaranteed - 1) * share_variance, rel=1e-12)
         # both charges committed before the update left the site
         state = sqlite3.connect(kits.enterprises[eid] / "state.sqlite")
         (upload_at,) = state.execute(
@@ -273,7 +277,8 @@ def test_federation_with_distributed_dp(tmp_path) -> None:
         assert head is not None and entries[1].entry_hash in head
         detail = json.loads(state.execute("SELECT detail FROM rounds WHERE round = 1").fetchone()[0])
         facts = detail["distributed_dp"]
-        assert facts["survivors"] == 3 and facts["planned_shares"] == 3
+        assert facts["survivors"] == 3 and facts["planned_shares"] == 3 - 1
+        assert facts["assumed_colluders"] == 1
         assert facts["epsilon_survivors"] == pytest.approx(facts["epsilon_ledger"], rel=1e-9)
 
     # Every survivor applied the same aggregate: plaintext FedAvg + the summed noise / survivors.
