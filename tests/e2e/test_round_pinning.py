@@ -106,25 +106,38 @@ TERMS_CASES = [
 ]
 
 
-def test_spec_differing_from_federation_toml_is_refused_naming_the_field(fed12) -> None:
-    coordinator = Coordinator(CoordinatorKit.load(fed12.coordinator))
+@pytest.fixture(scope="module")
+def announcer(fed12):
+    return Coordinator(CoordinatorKit.load(fed12.coordinator))
+
+
+@pytest.mark.parametrize("r, spec_changes, terms_changes, field", SPEC_CASES,
+                         ids=[f"{c[3]}-{i}" for i, c in enumerate(SPEC_CASES)])
+def test_spec_differing_from_federation_toml_is_refused_naming_the_field(
+        fed12, announcer, r, spec_changes, terms_changes, field) -> None:
+    honest = announcer._spec(r)
+    spec = dataclasses.replace(honest, **spec_changes)
+    spec.validate()
+    terms = announcer.terms(r).model_copy(update=terms_changes)
     p = _participant(fed12.enterprises[ME])
     try:
-        for r, spec_changes, terms_changes, field in SPEC_CASES:
-            honest = coordinator._spec(r)
-            spec = dataclasses.replace(honest, **spec_changes)
-            spec.validate()
-            terms = coordinator.terms(r).model_copy(update=terms_changes)
-            pinned = getattr(honest, field)
-            with pytest.raises(ConfigError, match=re.escape(
-                    f"round spec {field} must be {pinned!r} as federation.toml pins it")):
-                p._check(_info(spec, terms))
-        for terms_changes, field in TERMS_CASES:
-            honest = coordinator.terms(1)
-            terms = honest.model_copy(update=terms_changes)
-            with pytest.raises(ConfigError, match=rf"round terms {field} must be .* as "
-                                                  "federation.toml pins it"):
-                p._check(_info(coordinator._spec(1), terms))
+        with pytest.raises(ConfigError, match=re.escape(
+                f"round spec {field} must be {getattr(honest, field)!r} as federation.toml pins it")):
+            p._check(_info(spec, terms))
+        _nothing_left_the_site(p)
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("terms_changes, field", TERMS_CASES, ids=[c[1] for c in TERMS_CASES])
+def test_terms_differing_from_federation_toml_are_refused_naming_the_field(
+        fed12, announcer, terms_changes, field) -> None:
+    terms = announcer.terms(1).model_copy(update=terms_changes)
+    p = _participant(fed12.enterprises[ME])
+    try:
+        with pytest.raises(ConfigError, match=rf"round terms {field} must be .* as "
+                                              "federation.toml pins it"):
+            p._check(_info(announcer._spec(1), terms))
         _nothing_left_the_site(p)
     finally:
         p.close()
