@@ -56,6 +56,7 @@ def _federation() -> FederationConfig:
     roster = tuple(RosterEntry(id=i, identity_public_key=IdentityKey.generate().public_bytes().hex())
                    for i in IDS)
     return FederationConfig(name="f", coordinator_url="https://127.0.0.1:8443", roster=roster,
+                            coordinator_identity_public_key=IdentityKey.generate().public_bytes().hex(),
                             threshold=7, min_participants=7, dp=DPSettings(distributed=DDP),
                             model=ModelSettings(vector_length=DIM, initial_global_hash="0"))
 
