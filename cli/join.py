@@ -28,7 +28,11 @@ def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_d
 
     With the federation's [dp.distributed] table this site also clips its whole update and adds
     its Skellam noise share before masking, if its site.toml accepts it (accept_distributed_dp,
-    min_noise_shares); the ledger then gets a second entry per round before the upload.
+    min_noise_shares); the ledger then gets a second entry per round before the upload, counting
+    the shares its assumed_colluders (default 1) do not know.
+
+    A round the coordinator announces differently from this kit's federation.toml (mode of the
+    schedule, roster, k, threshold, clip, ring, scale, DP terms) is refused before any secret.
     """
     from secfed.participant import run_participant
 
