@@ -100,7 +100,7 @@ def secure_rounds(root: Path, *, dim: int, rounds: int, mode: str, train_s: floa
     for eid in ENTERPRISES:
         logs[eid] = open(root / f"{eid}.jsonl", "wb")
         procs.append(subprocess.Popen(
-            [*py, "join", "--kit", str(kits.enterprises[eid]), "--synthetic", "--json",
+            [*py, "join", "--kit", str(kits.enterprises[eid]), "--synthetic", "--json", "--new-ledger",
              "--synthetic-train-s", str(train_s)],
             stdout=logs[eid], stderr=subprocess.STDOUT, env=ENV))
     for p in procs:

@@ -21,9 +21,13 @@ _dir = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--synthetic-train-s", type=click.FloatRange(min=0), default=0.0, hidden=True,
               help="With --synthetic: seconds of CPU work standing in for local training.")
 @click.option("--max-rounds", type=int, default=None)
+@click.option("--new-ledger", is_flag=True, default=False,
+              help="Start a NEW privacy ledger if the kit has none: only for a site that never "
+              "took part (refused when its state shows past rounds).")
 @json_option
 def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_dir: Path | None,
-            synthetic: bool, synthetic_train_s: float, max_rounds: int | None, as_json: bool) -> None:
+            synthetic: bool, synthetic_train_s: float, max_rounds: int | None, new_ledger: bool,
+            as_json: bool) -> None:
     """Fetch, check, train with DP, charge the ledger, protect, upload, apply -- every round.
 
     With the federation's [dp.distributed] table this site also clips its whole update and adds
@@ -37,6 +41,9 @@ def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_d
     from secfed.participant import run_participant
 
     def show(event: dict) -> None:
+        if event["event"] == "ledger_created":  # loud, whatever the output format
+            click.echo(f"[{event['enterprise']}] WARNING: {event['warning']} at {event['path']}",
+                       err=True)
         if as_json:
             click.echo(json.dumps(event, sort_keys=True, default=str))
         elif event["event"] in ("round_report", "round_refused", "round_aborted", "charged",
@@ -46,4 +53,4 @@ def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_d
 
     run_participant(kit_dir, model_dir=model_dir, data_dir=data_dir, test_dir=test_dir,
                     synthetic=synthetic, synthetic_train_s=synthetic_train_s,
-                    events=show, max_rounds=max_rounds)
+                    events=show, max_rounds=max_rounds, new_ledger=new_ledger)

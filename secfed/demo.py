@@ -174,7 +174,8 @@ def run_demo(out: str | Path, *, settings: DemoSettings | None = None,
             files[eid] = open(logs / f"{eid}.jsonl", "wb")
             procs[eid] = subprocess.Popen(
                 _secfed("join", "--kit", str(kits / eid), "--model", str(model), "--data",
-                        str(site_data), "--test-data", str(data / "test"), "--json"),
+                        str(site_data), "--test-data", str(data / "test"), "--json",
+                        "--new-ledger"),  # the demo's sites are brand new
                 stdout=files[eid], stderr=subprocess.STDOUT, env=_env(),
             )
         result = _follow(root, procs, settings, say)

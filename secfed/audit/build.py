@@ -21,8 +21,11 @@ from secfed.audit.sources import Transcript, read_outbound, read_transcript
 from secfed.audit.verify import (
     LedgerAudit,
     audit_ledger,
+    check_ledgers_supplied,
     check_outbound,
+    check_receipts,
     check_transcript,
+    check_transcript_signed,
     read_enterprise_id,
 )
 from secfed.crypto.errors import AuditError, ConfigError
@@ -36,10 +39,11 @@ def _utc_now() -> datetime:
 
 def _federation_settings(
     path: Path | None, transcript: Transcript | None
-) -> tuple[FederationSettings | None, dict[str, bytes]]:
+) -> tuple[FederationSettings | None, dict[str, bytes], bytes | None]:
     roster: dict[str, bytes] = {}
+    coordinator_key: bytes | None = None
     if path is None and transcript is None:
-        return None, roster
+        return None, roster, None
     name: str | None = None
     settings: dict[str, Any] = {}
     if path is not None:
@@ -53,6 +57,7 @@ def _federation_settings(
             ) from exc
         name = cfg.name
         roster = {e.id: e.public_key_bytes() for e in cfg.roster}
+        coordinator_key = cfg.coordinator_public_key()
         settings = {
             "rounds": cfg.rounds,
             "mode_schedule": list(cfg.mode_schedule),
@@ -75,7 +80,7 @@ def _federation_settings(
         roster={k: v.hex() for k, v in roster.items()},
         rounds=() if transcript is None else transcript.rounds,
     )
-    return fed, roster
+    return fed, roster, coordinator_key
 
 
 def _match_outbound(
@@ -124,7 +129,7 @@ def build_report(
         raise AuditError("ledgers must name at least one ledger file (got none)")
     paths = [Path(p) for p in ledgers]
     transcript_data = None if transcript is None else read_transcript(transcript)
-    fed, roster = _federation_settings(
+    fed, roster, coordinator_key = _federation_settings(
         None if federation is None else Path(federation), transcript_data
     )
     owners: dict[Path, str] = {}
@@ -147,6 +152,9 @@ def build_report(
             )
         audits.append(audit)
         checks.extend(audit.checks)
+        checks.extend(check_receipts(audit, p, federation=fed.name if fed else None,
+                                     coordinator_key=coordinator_key,
+                                     transcript=transcript_data))
         if eid in logs:
             checks.extend(check_outbound(eid, logs[eid], audit))
         else:
@@ -160,6 +168,9 @@ def build_report(
             )
     if transcript_data is not None:
         checks.extend(check_transcript(audits, transcript_data, roster))
+        checks.extend(check_ledgers_supplied(audits, transcript_data, roster))
+        checks.extend(check_transcript_signed(transcript_data, federation=fed.name if fed else None,
+                                              coordinator_key=coordinator_key))
     else:
         for a in audits:
             checks.append(

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from secfed.audit.model import OutboundLog, OutboundMessage, RoundRecord
 from secfed.crypto.errors import AuditError
+from secfed.privacy.receipts import round_digest
 
-__all__ = ["TranscriptUpload", "Transcript", "read_transcript", "read_outbound"]
+__all__ = ["TranscriptUpload", "TranscriptSeal", "Transcript", "read_transcript", "read_outbound"]
 
 # Column names accepted for each field (first match wins); the contract's name comes first.
 _ROUND = ("round", "round_number")
@@ -98,12 +99,26 @@ class TranscriptUpload:
 
 
 @dataclass(frozen=True)
+class TranscriptSeal:
+    """The coordinator's signed link closing one round, and the digest recomputed from the
+    rows the file holds now (None when they cannot be read)."""
+
+    round_number: int
+    previous_link: bytes
+    link: bytes
+    signature: bytes
+    digest: bytes | None
+
+
+@dataclass(frozen=True)
 class Transcript:
-    """What the audit uses from the coordinator's state: rounds and uploaded ledger heads."""
+    """What the audit uses from the coordinator's state: rounds, uploaded ledger heads and the
+    signed chain over the closed rounds (``seals`` is None when the file has no such table)."""
 
     source: str
     rounds: tuple[RoundRecord, ...]
     uploads: tuple[TranscriptUpload, ...]
+    seals: tuple[TranscriptSeal, ...] | None = None
 
 
 def read_transcript(path: str | Path) -> Transcript:
@@ -159,7 +174,19 @@ def read_transcript(path: str | Path) -> Transcript:
                 f"WHERE {head} IS NOT NULL AND length({head}) > 0 ORDER BY {order}"
             )
         )
-    return Transcript(source=str(path), rounds=rounds, uploads=uploads)
+        seals = None
+        if "transcript_signatures" in tables:
+            found = []
+            for r in conn.execute("SELECT round, previous_link, link, signature"
+                                  " FROM transcript_signatures ORDER BY round"):
+                try:
+                    digest: bytes | None = round_digest(conn, int(r[0]))
+                except sqlite3.Error:
+                    digest = None
+                found.append(TranscriptSeal(int(r[0]), bytes(r[1]), bytes(r[2]), bytes(r[3]),
+                                            digest))
+            seals = tuple(found)
+    return Transcript(source=str(path), rounds=rounds, uploads=uploads, seals=seals)
 
 
 def read_outbound(path: str | Path) -> OutboundLog:

@@ -27,7 +27,7 @@ from secfed.audit.model import (
     EntryRecord,
     OutboundLog,
 )
-from secfed.audit.sources import Transcript
+from secfed.audit.sources import Transcript, TranscriptSeal
 from secfed.crypto.errors import (
     AuditError,
     InvalidSignature,
@@ -36,7 +36,7 @@ from secfed.crypto.errors import (
     MessageFormatError,
     SecfedError,
 )
-from secfed.crypto.keys import constant_time_equal
+from secfed.crypto.keys import constant_time_equal, verify_signature
 from secfed.privacy import (
     DistributedDPEvent,
     DPSGDEvent,
@@ -50,6 +50,13 @@ from secfed.privacy import (
     read_ledger_meta,
     verify_ledger,
 )
+from secfed.privacy.ledger import read_receipts, verify_receipts
+from secfed.privacy.receipts import (
+    GENESIS_LINK,
+    LedgerReceipt,
+    transcript_link,
+    transcript_link_message,
+)
 
 __all__ = [
     "EPSILON_RTOL",
@@ -61,6 +68,9 @@ __all__ = [
     "audit_ledger",
     "rounds_remaining",
     "check_transcript",
+    "check_transcript_signed",
+    "check_receipts",
+    "check_ledgers_supplied",
     "check_outbound",
 ]
 
@@ -392,7 +402,6 @@ def check_transcript(
     no ledger entry at all.
     """
     checks: list[Check] = []
-    by_id = {a.report.enterprise_id: a for a in audits}
     for audit in audits:
         eid = audit.report.enterprise_id
         uploads = [u for u in transcript.uploads if u.sender == eid]
@@ -522,16 +531,145 @@ def check_transcript(
                     "every round the coordinator took an upload from is charged in the ledger",
                 )
             )
-    strangers = sorted({u.sender for u in transcript.uploads} - set(by_id))
-    if strangers:
-        checks.append(
-            _skip(
-                "transcript_heads",
-                "federation",
-                f"uploads from enterprises whose ledgers were not given: {strangers}",
-            )
-        )
+    # Enterprises whose ledgers were not given fail in check_ledgers_supplied.
     return checks
+
+
+def check_ledgers_supplied(audits: Sequence[LedgerAudit], transcript: Transcript,
+                           roster: Mapping[str, bytes]) -> list[Check]:
+    """With a transcript, every enterprise of the federation (roster, and everyone the
+    transcript names) must have its ledger audited: a ledger left out -- lost, or withheld
+    because it was rolled back -- fails the audit instead of being skipped."""
+    given = {a.report.enterprise_id for a in audits}
+    named = set(roster)
+    for rnd in transcript.rounds:
+        named.update(rnd.participants)
+    named.update(u.sender for u in transcript.uploads)
+    missing = sorted(named - given)
+    if missing:
+        return [_fail("ledger_supplied", e, f"enterprise {e!r} is in the federation but its "
+                      "ledger was not given: its spending cannot be verified") for e in missing]
+    return [_pass("ledger_supplied", "federation",
+                  f"the ledgers of all {len(named)} enterprises in the federation were audited")]
+
+
+def _links(seals: Sequence[TranscriptSeal]) -> dict[int, bytes]:
+    return {s.round_number: s.link for s in seals}
+
+
+def check_transcript_signed(transcript: Transcript, *, federation: str | None,
+                            coordinator_key: bytes | None) -> list[Check]:
+    """The coordinator's chained signatures over its closed rounds: each link signed by the
+    pinned coordinator key over the rows the file holds now, chained to the previous round's
+    link; every closed round but the newest must be sealed (the newest may still be in flight)."""
+    subject = "coordinator"
+    if coordinator_key is None or federation is None:
+        return [_skip("transcript_signed", subject,
+                      "no federation file (--federation): the coordinator's key is not pinned")]
+    if transcript.seals is None:
+        return [_fail("transcript_signed", subject,
+                      "the transcript holds no signatures (table transcript_signatures missing)")]
+    failures: list[Check] = []
+    by_round = {s.round_number: s for s in transcript.seals}
+    rounds = [r.round_number for r in transcript.rounds]
+    for seal in transcript.seals:
+        where = {"round_number": seal.round_number}
+        before = by_round.get(seal.round_number - 1)
+        if seal.round_number != 1 and before is None:
+            failures.append(_fail("transcript_signed", subject,
+                                  f"round {seal.round_number}: sealed but round "
+                                  f"{seal.round_number - 1} is not (chain broken)", **where))
+        else:
+            expected = GENESIS_LINK if before is None else before.link
+            if not constant_time_equal(seal.previous_link, expected):
+                failures.append(_fail("transcript_signed", subject,
+                                      f"round {seal.round_number}: previous link is not round "
+                                      f"{seal.round_number - 1}'s (chain broken)", **where))
+        message = transcript_link_message(federation=federation, round_number=seal.round_number,
+                                          previous_link=seal.previous_link,
+                                          digest=seal.digest or bytes(32))
+        try:
+            if seal.digest is None:
+                raise InvalidSignature()
+            verify_signature(coordinator_key, seal.signature, message)
+        except InvalidSignature:
+            failures.append(_fail("transcript_signed", subject,
+                                  f"round {seal.round_number}: the coordinator's signature does "
+                                  "not verify over the rows the transcript holds now (rewritten)",
+                                  **where))
+        link = transcript_link(federation=federation, round_number=seal.round_number,
+                               previous_link=seal.previous_link, digest=seal.digest or bytes(32))
+        if not constant_time_equal(link, seal.link):
+            failures.append(_fail("transcript_signed", subject,
+                                  f"round {seal.round_number}: stored link is not the signed one",
+                                  **where))
+    unsealed = [r for r in rounds if r not in by_round]
+    newest = max(rounds, default=0)
+    for r in unsealed:
+        if r != newest:
+            failures.append(_fail("transcript_signed", subject,
+                                  f"round {r}: closed by a later round but not signed",
+                                  round_number=r))
+    if failures:
+        return failures
+    tail = f"; round {newest} not sealed yet (in flight)" if newest in unsealed else ""
+    return [_pass("transcript_signed", subject,
+                  f"{len(transcript.seals)} rounds sealed by the pinned coordinator key, each "
+                  f"chained to the one before{tail}")]
+
+
+def check_receipts(audit: LedgerAudit, path: Path, *, federation: str | None,
+                   coordinator_key: bytes | None, transcript: Transcript | None) -> list[Check]:
+    """The coordinator's receipts the ledger keeps: each signed by the pinned coordinator key,
+    naming an entry the ledger still has (same hash, same round); with a transcript, each
+    receipted head is the one the transcript holds for that round, and each receipt's
+    previous-round link is the transcript's -- a ledger rolled back together with the
+    transcript is caught by the receipts any ledger kept (its own or another enterprise's)."""
+    eid = audit.report.enterprise_id
+    if coordinator_key is None:
+        return [_skip("ledger_receipts", eid,
+                      "no federation file (--federation): the coordinator's key is not pinned")]
+    try:
+        receipts: list[LedgerReceipt] = read_receipts(path)
+        verify_receipts(audit.entries, receipts, enterprise_id=eid,
+                        coordinator_key=coordinator_key, federation=federation)
+    except LedgerVerificationError as exc:
+        return [_fail("ledger_receipts", eid, str(exc), entry=exc.entry)]
+    except LedgerError as exc:
+        return [_fail("ledger_receipts", eid, str(exc))]
+    failures: list[Check] = []
+    if transcript is not None:
+        heads = {(u.round_number, u.sender): u.ledger_head for u in transcript.uploads
+                 if u.stage == "upload"}
+        rounds = {r.round_number for r in transcript.rounds}
+        links = _links(transcript.seals or ())
+        for rc in receipts:
+            where = {"round_number": rc.round_number}
+            if rc.round_number not in rounds:
+                failures.append(_fail("ledger_receipts", eid,
+                                      f"round {rc.round_number}: the coordinator receipted a head "
+                                      "but the transcript has no such round (transcript rolled "
+                                      "back or truncated)", **where))
+                continue
+            stored = heads.get((rc.round_number, eid))
+            if rc.stage == "upload" and (stored is None
+                                         or not constant_time_equal(stored, rc.head)):
+                failures.append(_fail("ledger_receipts", eid,
+                                      f"round {rc.round_number}: the receipted upload head is not "
+                                      "the one the transcript holds (transcript rewritten)",
+                                      **where))
+                continue
+            want = GENESIS_LINK if rc.round_number == 1 else links.get(rc.round_number - 1)
+            if want is None or not constant_time_equal(want, rc.previous_link):
+                failures.append(_fail("ledger_receipts", eid,
+                                      f"round {rc.round_number}: the receipt pins a transcript up "
+                                      f"to round {rc.round_number - 1} that differs from the one "
+                                      "given (transcript rolled back or re-signed)", **where))
+    if failures:
+        return failures
+    return [_pass("ledger_receipts", eid,
+                  f"{len(receipts)} coordinator receipts verify and match the ledger"
+                  + (" and the transcript" if transcript is not None else ""))]
 
 
 def _instant(text: str | None) -> float | None:

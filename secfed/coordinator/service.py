@@ -6,6 +6,14 @@ still reach the quorum or the round aborts), then collects the survivors' signed
 the new global adapter hash. The HTTP handlers call :meth:`submit`, :meth:`inbox`,
 :meth:`round_info`, :meth:`confirm`, :meth:`outcome`.
 
+Ledger anchoring: every upload's ledger head is held to the site's pinned identity and must move
+strictly forward from the last head this coordinator accepted from that site (a rolled-back or
+fresh ledger is refused); each accepted head -- with the upload, and again with the signed
+confirmation that ends the round -- gets a receipt signed with the coordinator's own identity
+key (``identity.key``, pinned in ``federation.toml``), which the site keeps in its ledger. When a
+round can no longer change (the next one opens, or the federation ends) its transcript is sealed
+with a chained signed link (:mod:`secfed.privacy.receipts`); receipts carry the previous link.
+
 Every accepted message is committed to SQLite before it is acknowledged. After a crash the
 round in flight is rebuilt by replaying the accepted messages stage by stage (closing each stage
 that had been closed, so the per-recipient payloads are regenerated identically); if that fails
@@ -33,6 +41,8 @@ from secfed.crypto.errors import (
     SecfedError,
 )
 from secfed.crypto.keys import constant_time_equal, verify_signature
+from secfed.privacy.ledger import LedgerHead
+from secfed.privacy.receipts import sign_receipt
 from secfed.protocol.coordinator import CoordinatorRound
 from secfed.protocol.spec import RoundSpec, Stage
 from secfed.transport.api import (
@@ -63,6 +73,7 @@ class _Live:
     outbox: dict[str, dict[str, bytes]] = field(default_factory=dict)  # stage -> recipient -> bytes
     deadline: float = 0.0
     abort_reason: str | None = None
+    heads: dict[str, bytes] = field(default_factory=dict)  # sender -> upload head it signed
 
 
 def noise_multiplier_for(fed: FederationConfig) -> float:
@@ -96,7 +107,9 @@ class Coordinator:
         self.kit = kit
         self.fed = kit.federation
         self.roster = {e.id: e.public_key_bytes() for e in self.fed.roster}
+        self.identity = kit.identity()  # signs ledger receipts and the transcript
         self.state = CoordinatorState(kit.state, durable=durable)
+        self._link = self.state.latest_link()  # newest sealed round's link (receipts carry it)
         self._events = events or (lambda _e: None)
         self._ckks_public = kit.ckks_public.read_bytes() if kit.ckks_public.is_file() else None
         self._sigma = noise_multiplier_for(self.fed)
@@ -167,11 +180,57 @@ class Coordinator:
             global_hash=self._global_hash,
         )
 
-    def _machine(self, spec: RoundSpec) -> CoordinatorRound:
+    def _machine(self, spec: RoundSpec, heads: dict[str, bytes] | None = None) -> CoordinatorRound:
+        """The round's protocol machine; ``heads`` collects each upload's checked ledger head."""
+        r = spec.round_number
+
+        def head_check(sender: str, head_bytes: bytes) -> None:
+            head = self._verified_head(sender, head_bytes, r)
+            floor = self.state.head_floor(sender, before_round=r)
+            if floor is not None and head.index <= floor[0]:
+                raise ProtocolError(
+                    f"ledger head of {sender!r} must move forward: entry {head.index} is not past "
+                    f"entry {floor[0]} accepted in round {floor[1]} (a rolled-back or fresh "
+                    "ledger is refused)"
+                )
+            if heads is not None:
+                heads[sender] = bytes(head_bytes)
+
         return CoordinatorRound(
             spec, roster=self.roster,
             ckks_public_context=self._ckks_public if spec.mode == "ckks" else None,
+            head_check=head_check,
         )
+
+    def _verified_head(self, sender: str, head_bytes: bytes, round_number: int) -> LedgerHead:
+        """The ledger head ``sender`` handed over, signed under its pinned identity.
+
+        Raises:
+            MessageFormatError: not a ledger head.
+            ProtocolError: a head of another enterprise, or of an empty ledger (no charge).
+            InvalidSignature: not signed by ``sender``'s pinned identity key.
+        """
+        head = LedgerHead.from_bytes(head_bytes)
+        if head.enterprise_id != sender:
+            raise ProtocolError(
+                f"ledger head must be {sender!r}'s own (got {head.enterprise_id!r})")
+        if head.index < 1:
+            raise ProtocolError(
+                f"ledger head must name a charge for round {round_number} (got the empty ledger)")
+        head.verify(self.roster[sender])
+        return head
+
+    def _receipt(self, round_number: int, sender: str, stage: str, head: bytes,
+                 message: bytes) -> bytes:
+        return sign_receipt(
+            self.identity, federation=self.fed.name, round_number=round_number, stage=stage,
+            head=head, message_sha256=hashlib.sha256(message).digest(),
+            previous_link=self._link,
+        ).to_bytes()
+
+    def _seal(self, before: int) -> None:
+        """Sign every finished round below ``before`` not signed yet, in order (chained)."""
+        self._link = self.state.seal(self.identity, federation=self.fed.name, before=before)
 
     def _deadline_for(self, stage: Stage) -> float:
         # Participants advertise and share keys as soon as they accept the round and train
@@ -185,9 +244,11 @@ class Coordinator:
 
     def _open_round(self, round_number: int) -> None:
         spec = self._spec(round_number)
-        live = _Live(spec, self._machine(spec))
+        heads: dict[str, bytes] = {}
+        live = _Live(spec, self._machine(spec, heads), heads=heads)
         live.deadline = self._deadline_for(Stage.ADVERTISE)
         with self.state.transaction():  # a round is never on disk without its first stage
+            self._seal(before=round_number)  # earlier rounds can no longer change
             self.state.open_round(
                 round_number=round_number, mode=spec.mode, participants=spec.participants,
                 threshold=spec.threshold, global_hash_before=spec.global_hash,
@@ -223,7 +284,8 @@ class Coordinator:
             return row.round + 1
 
     def _replay(self, round_number: int, spec: RoundSpec) -> _Live:
-        live = _Live(spec, self._machine(spec))
+        heads: dict[str, bytes] = {}
+        live = _Live(spec, self._machine(spec, heads), heads=heads)
         records = self.state.transcript(round_number)
         stages = self.state.stages(round_number)
         machine = live.machine
@@ -272,6 +334,9 @@ class Coordinator:
             r += 1
             if r <= self.fed.rounds and self.fed.deadlines.between_rounds:
                 await asyncio.sleep(self.fed.deadlines.between_rounds)
+        async with self._lock:
+            with self.state.transaction():
+                self._seal(before=self.fed.rounds + 1)
         self._finished = True
         self.emit("federation_finished", rounds=self.fed.rounds, global_hash=self._global_hash)
         await self._notify()
@@ -438,12 +503,7 @@ class Coordinator:
                     f"stage must be the open stage {live.machine.stage.value} "
                     f"(got {envelope.stage}): late or early message refused"
                 )
-            record = functools.partial(
-                self.state.record,
-                round_number=envelope.round_number, stage=envelope.stage, sender=sender,
-                payload=envelope.payload, sha256=digest,
-                ledger_head=envelope.ledger_head or None,
-            )
+            record = functools.partial(self._record, live, sender, envelope, digest)
             if len(envelope.payload) <= INLINE_BYTES:  # control-sized: a thread hop costs more
                 live.machine.receive(sender, envelope.payload)
                 record()  # committed before the ack
@@ -454,6 +514,18 @@ class Coordinator:
                   bytes=len(envelope.payload))
         await self._notify(self._arrived)
         return ack
+
+    def _record(self, live: _Live, sender: str, envelope: Envelope, digest: str) -> None:
+        """Commit an accepted message; an upload's signed ledger head (the one its signature
+        covers, checked by ``head_check``) with the coordinator's receipt, in the same commit."""
+        r = envelope.round_number
+        head = live.heads.get(sender) if envelope.stage == Stage.UPLOAD.value else None
+        with self.state.transaction():
+            self.state.record(round_number=r, stage=envelope.stage, sender=sender,
+                              payload=envelope.payload, sha256=digest, ledger_head=head)
+            if head is not None:
+                self.state.add_receipt(r, sender, "upload", LedgerHead.from_bytes(head).index,
+                                       self._receipt(r, sender, "upload", head, envelope.payload))
 
     async def confirm(
         self, *, sender: str, round_number: int, confirmation: AppliedConfirmation
@@ -476,8 +548,25 @@ class Coordinator:
             prior = self.state.confirmations(round_number).get(sender)
             if prior is not None and prior[0] != confirmation.global_hash:
                 raise ProtocolError(f"{sender!r} already confirmed another hash for this round")
-            self.state.confirm(round_number, sender, confirmation.global_hash,
-                               bytes.fromhex(confirmation.signature_hex))
+            head_bytes = bytes.fromhex(confirmation.ledger_head_hex)
+            head = None
+            if head_bytes and self.state.receipt(round_number, sender, "applied") is None:
+                # The head after the round (an entry written after the upload -- a distributed-DP
+                # top-up -- is anchored in this round, not only by the next upload).
+                head = self._verified_head(sender, head_bytes, round_number)
+                uploaded = self.state.receipt(round_number, sender, "upload")
+                if uploaded is not None and head.index < uploaded[0]:
+                    raise ProtocolError(
+                        f"ledger head of {sender!r} must not go back after its upload (entry "
+                        f"{head.index} < {uploaded[0]})"
+                    )
+            with self.state.transaction():
+                self.state.confirm(round_number, sender, confirmation.global_hash,
+                                   bytes.fromhex(confirmation.signature_hex))
+                if head is not None:
+                    self.state.add_receipt(
+                        round_number, sender, "applied", head.index,
+                        self._receipt(round_number, sender, "applied", head_bytes, message))
         await self._notify(self._arrived)
         return SubmitAck(accepted=True, duplicate=prior is not None, round_number=round_number,
                          stage="done", sha256=hashlib.sha256(message).hexdigest())
@@ -508,4 +597,6 @@ class Coordinator:
             survivors=row.survivors or (), global_hash_before=row.global_hash_before,
             global_hash_after=row.global_hash_after, confirmations=confirmations,
             abort_reason=row.abort_reason,
+            receipts={s: [b.hex() for b in blobs]
+                      for s, blobs in self.state.receipts(round_number).items()},
         )

@@ -21,6 +21,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from secfed.crypto.keys import IdentityKey
+from secfed.privacy.receipts import (
+    GENESIS_LINK,
+    round_digest,
+    transcript_link,
+    transcript_link_message,
+)
+
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -66,6 +74,20 @@ CREATE TABLE IF NOT EXISTS transcript (
 CREATE TABLE IF NOT EXISTS aggregates (
     round   INTEGER PRIMARY KEY REFERENCES rounds(round),
     payload BLOB NOT NULL                      -- the protocol's final message (masked sum or CKKS sum)
+);
+CREATE TABLE IF NOT EXISTS receipts (          -- signed receipts of the ledger heads accepted
+    round       INTEGER NOT NULL REFERENCES rounds(round),
+    sender      TEXT NOT NULL,
+    stage       TEXT NOT NULL CHECK (stage IN ('upload', 'applied')),
+    head_index  INTEGER NOT NULL,
+    receipt     BLOB NOT NULL,                 -- LedgerReceipt.to_bytes(), coordinator-signed
+    PRIMARY KEY (round, sender, stage)
+);
+CREATE TABLE IF NOT EXISTS transcript_signatures (  -- one chained, signed link per closed round
+    round         INTEGER PRIMARY KEY REFERENCES rounds(round),
+    previous_link BLOB NOT NULL,
+    link          BLOB NOT NULL,                -- SHA-256 of the signed message
+    signature     BLOB NOT NULL                 -- coordinator Ed25519 over the link message
 );
 CREATE TABLE IF NOT EXISTS confirmations (
     round       INTEGER NOT NULL REFERENCES rounds(round),
@@ -240,6 +262,76 @@ class CoordinatorState:
         row = self.db.execute("SELECT payload FROM aggregates WHERE round = ?",
                               (round_number,)).fetchone()
         return bytes(row[0]) if row else None
+
+    # ledger-head receipts
+    def add_receipt(self, round_number: int, sender: str, stage: str, head_index: int,
+                    receipt: bytes) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO receipts(round, sender, stage, head_index, receipt)"
+            " VALUES (?, ?, ?, ?, ?)", (round_number, sender, stage, head_index, receipt),
+        )
+
+    def receipt(self, round_number: int, sender: str, stage: str) -> tuple[int, bytes] | None:
+        row = self.db.execute(
+            "SELECT head_index, receipt FROM receipts WHERE round = ? AND sender = ? AND stage = ?",
+            (round_number, sender, stage),
+        ).fetchone()
+        return (int(row[0]), bytes(row[1])) if row else None
+
+    def receipts(self, round_number: int) -> dict[str, list[bytes]]:
+        out: dict[str, list[bytes]] = {}
+        for sender, blob in self.db.execute(
+            "SELECT sender, receipt FROM receipts WHERE round = ?"
+            " ORDER BY sender, stage = 'applied'",  # the upload's receipt first
+            (round_number,),
+        ):
+            out.setdefault(sender, []).append(bytes(blob))
+        return out
+
+    def head_floor(self, sender: str, *, before_round: int) -> tuple[int, int] | None:
+        """(highest ledger-head index accepted from ``sender`` before ``before_round``, its round)."""
+        row = self.db.execute(
+            "SELECT head_index, round FROM receipts WHERE sender = ? AND round < ?"
+            " ORDER BY head_index DESC LIMIT 1", (sender, before_round),
+        ).fetchone()
+        return (int(row[0]), int(row[1])) if row else None
+
+    # signed transcript
+    def add_transcript_signature(self, round_number: int, previous_link: bytes, link: bytes,
+                                 signature: bytes) -> None:
+        self.db.execute(
+            "INSERT INTO transcript_signatures(round, previous_link, link, signature)"
+            " VALUES (?, ?, ?, ?)", (round_number, previous_link, link, signature),
+        )
+
+    def latest_link(self) -> bytes:
+        """The newest sealed round's link (the chain value receipts carry); genesis if none."""
+        row = self.db.execute(
+            "SELECT link FROM transcript_signatures ORDER BY round DESC LIMIT 1").fetchone()
+        return bytes(row[0]) if row else GENESIS_LINK
+
+    def seal(self, identity: IdentityKey, *, federation: str, before: int) -> bytes:
+        """Sign every round below ``before`` that is not signed yet, in order, each link chained
+        to the previous one (:mod:`secfed.privacy.receipts`); returns the newest link. Call it
+        only once those rounds can no longer change, inside the caller's transaction."""
+        signed = {r for r, *_ in self.transcript_signatures()}
+        link = self.latest_link()
+        for row in self.rounds():
+            if row.round >= before or row.round in signed:
+                continue
+            digest = round_digest(self.db, row.round)
+            message = transcript_link_message(federation=federation, round_number=row.round,
+                                              previous_link=link, digest=digest)
+            new = transcript_link(federation=federation, round_number=row.round,
+                                  previous_link=link, digest=digest)
+            self.add_transcript_signature(row.round, link, new, identity.sign(message))
+            link = new
+        return link
+
+    def transcript_signatures(self) -> list[tuple[int, bytes, bytes, bytes]]:
+        return [(int(r[0]), bytes(r[1]), bytes(r[2]), bytes(r[3])) for r in self.db.execute(
+            "SELECT round, previous_link, link, signature FROM transcript_signatures ORDER BY round"
+        )]
 
     # confirmations
     def confirm(self, round_number: int, sender: str, global_hash: str, signature: bytes) -> None:

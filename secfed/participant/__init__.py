@@ -26,8 +26,13 @@ def run_participant(
     synthetic_train_s: float = 0.0,
     events: Callable[[dict[str, Any]], None] | None = None,
     max_rounds: int | None = None,
+    new_ledger: bool = False,
 ) -> list[RoundReport]:
-    """Join the federation of the kit at ``kit_dir`` and take part until it is finished."""
+    """Join the federation of the kit at ``kit_dir`` and take part until it is finished.
+
+    ``new_ledger`` starts a fresh privacy ledger when the kit has none (never for a site whose
+    state shows it took part before); without it a missing ledger is refused (LedgerError).
+    """
     kit = EnterpriseKit.load(kit_dir)
     if synthetic:
         site: Any = SyntheticSite(kit.root, kit.enterprise_id, kit.federation.model,
@@ -39,7 +44,7 @@ def run_participant(
             raise ConfigError("--model and --data must both be given (or --synthetic)")
         site = ModelSite(kit.root, kit.enterprise_id, kit.federation.model,
                          model_dir=model_dir, data_dir=data_dir, test_dir=test_dir)
-    participant = Participant(kit, site, events=events)
+    participant = Participant(kit, site, events=events, new_ledger=new_ledger)
     try:
         return participant.run(max_rounds=max_rounds)
     finally:

@@ -22,6 +22,7 @@ from secfed.crypto.errors import BudgetExceeded
 from secfed.crypto.keys import IdentityKey
 from secfed.privacy import DistributedDPEvent, DPSGDEvent, Ledger, compose_epsilon
 from secfed.privacy.events import MechanismEvent
+from secfed.privacy.receipts import LedgerReceipt
 
 __all__ = ["SiteLedger", "open_site_ledger"]
 
@@ -30,9 +31,9 @@ class SiteLedger:
     """Budget check, charge (committed before the update leaves), head, epsilon spent."""
 
     def __init__(self, path: Path, *, enterprise_id: str, identity: IdentityKey,
-                 budget_epsilon: float, delta: float):
+                 budget_epsilon: float, delta: float, create: bool = False):
         self._ledger = Ledger.open(path, enterprise_id=enterprise_id, identity=identity,
-                                   budget_epsilon=budget_epsilon, delta=delta)
+                                   budget_epsilon=budget_epsilon, delta=delta, create=create)
 
     def check(self, *, noise_multiplier: float, sample_rate: float, steps: int,
               distributed: DistributedDPEvent | None = None) -> float:
@@ -93,9 +94,17 @@ class SiteLedger:
         """Epsilon spent so far (PRV accountant, the reported figure)."""
         return float(self._ledger.epsilon_spent()[0])
 
+    def head_bytes(self) -> bytes:
+        """The signed head of the newest entry (what the round's confirmation carries)."""
+        return self._ledger.head().to_bytes()
+
+    def keep_receipt(self, receipt: LedgerReceipt) -> None:
+        """Store a coordinator receipt the caller has verified (append-only)."""
+        self._ledger.add_receipt(receipt)
+
 
 def open_site_ledger(path: Path, *, enterprise_id: str, identity: IdentityKey,
-                     budget_epsilon: float, delta: float) -> SiteLedger:
-    """Open (or create) the site's ledger at ``path``."""
+                     budget_epsilon: float, delta: float, create: bool = False) -> SiteLedger:
+    """Open the site's ledger at ``path``; a new one only with ``create`` (explicit)."""
     return SiteLedger(path, enterprise_id=enterprise_id, identity=identity,
-                      budget_epsilon=budget_epsilon, delta=delta)
+                      budget_epsilon=budget_epsilon, delta=delta, create=create)

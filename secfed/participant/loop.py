@@ -34,6 +34,7 @@ from secfed.crypto.errors import (
     DPGuardError,
     EncodingError,
     InvalidSignature,
+    LedgerError,
     PrivacyError,
     ProtocolAbort,
     ProtocolError,
@@ -52,6 +53,7 @@ from secfed.participant.pinning import (
 )
 from secfed.participant.state import ParticipantState
 from secfed.privacy.distributed import DistributedDP
+from secfed.privacy.receipts import LedgerReceipt
 from secfed.protocol.participant import ParticipantRound
 from secfed.protocol.spec import ParticipantPolicy, RoundSpec, Stage
 from secfed.transport.api import (
@@ -100,23 +102,50 @@ class Participant:
         kit: the enterprise's startup kit.
         site: its local model (or a stand-in).
         events: receives one dict per event.
+        new_ledger: start a fresh privacy ledger if the kit has none (``--new-ledger``) -- only
+            for a site that never took part: one whose state records any round or outbound
+            message refuses to run without its ledger, flag or not.
+
+    Raises:
+        LedgerError: the ledger is missing and ``new_ledger`` is False, or it is missing while
+            this site's state shows it took part before (a fresh ledger would reset its budget).
     """
 
     def __init__(self, kit: EnterpriseKit, site: LocalSite, *,
                  events: Callable[[dict[str, Any]], None] | None = None,
-                 retry_for: float = 180.0):
+                 retry_for: float = 180.0, new_ledger: bool = False):
         self.kit = kit
         self.me = kit.enterprise_id
         self.fed = kit.federation
         self.site = site
         self.identity = kit.identity()
         self.roster = {e.id: e.public_key_bytes() for e in self.fed.roster}
+        self._events = events or (lambda _e: None)
         self.state = ParticipantState(kit.state)
+        create = False
+        if not kit.ledger.is_file():
+            took_part = self.state.took_part()
+            if took_part:
+                self.state.close()
+                raise LedgerError(
+                    f"ledger {kit.ledger} is missing but this site's state records {took_part}: "
+                    "refusing to run (a fresh ledger would reset the privacy budget); restore the "
+                    "ledger from backup"
+                )
+            if not new_ledger:
+                self.state.close()
+                raise LedgerError(
+                    f"ledger {kit.ledger} does not exist: a site starts a fresh ledger only on "
+                    "request -- pass --new-ledger if this site has never taken part"
+                )
+            create = True
         self.ledger = open_site_ledger(
             kit.ledger, enterprise_id=self.me, identity=self.identity,
-            budget_epsilon=kit.policy.budget_epsilon, delta=kit.policy.delta,
+            budget_epsilon=kit.policy.budget_epsilon, delta=kit.policy.delta, create=create,
         )
-        self._events = events or (lambda _e: None)
+        if create:
+            self.emit("ledger_created", path=str(kit.ledger),
+                      warning="a NEW privacy ledger was started (--new-ledger)")
         self.client = CoordinatorClient(
             base_url=self.fed.coordinator_url, cert=kit.cert, key=kit.key, ca=kit.ca,
             retry_for=retry_for, on_retry=lambda m: self.emit("retry", detail=m),
@@ -362,7 +391,11 @@ class Participant:
         signature = self.identity.sign(
             applied_signed_bytes(federation=self.fed.name, round_number=r, global_hash=new_hash)
         )
-        confirmation = AppliedConfirmation(global_hash=new_hash, signature_hex=signature.hex())
+        # The head after the round (it covers an entry written after the upload, e.g. a
+        # distributed-DP top-up): the coordinator receipts it in this round.
+        final_head = self.ledger.head_bytes()
+        confirmation = AppliedConfirmation(global_hash=new_hash, signature_hex=signature.hex(),
+                                           ledger_head_hex=final_head.hex())
         self.state.sent(round_number=r, stage="applied", destination="coordinator",
                         payload=confirmation.model_dump_json().encode(), protection="signed")
         try:
@@ -370,6 +403,7 @@ class Participant:
         finally:
             self.site.flush()  # the adapter's durable write ran meanwhile; on disk before "done"
         self.client.round_info(after=r, wait=POLL_S)  # answers once round r is settled
+        self._keep_receipts(r, sent={(head, "upload"), (final_head, "applied")})
         try:
             self.emit("peers_agree", round=r, signatures=self.check_peers(r))
         except ProtocolAbort as exc:
@@ -380,6 +414,40 @@ class Participant:
             accuracy=metrics.get("accuracy"), **({"detail": detail} if detail else {}),
         )
         return RoundReport(r, "done", spec.mode, result.survivors, epsilon, metrics, detail)
+
+    def _keep_receipts(self, round_number: int, *, sent: set[tuple[bytes, str]]) -> int:
+        """Keep the coordinator's signed receipts of this round's ledger heads in the ledger.
+
+        A receipt is kept only if it verifies under the coordinator key ``federation.toml``
+        pins and names this federation, this round and a head this site handed over; anything
+        else is reported (event ``receipt_refused``) and dropped. A missing receipt is reported
+        (``receipt_missing``): the head is still in the coordinator's signed transcript.
+        Returns the number kept.
+        """
+        try:
+            out = self.client.outcome(round_number=round_number)
+        except (ProtocolError, TransportError) as exc:
+            self.emit("receipt_missing", round=round_number, reason=str(exc))
+            return 0
+        key = self.fed.coordinator_public_key()
+        kept: set[str] = set()
+        for blob in out.receipts.get(self.me, []):
+            try:
+                receipt = LedgerReceipt.from_bytes(bytes.fromhex(blob))
+                receipt.verify(key)
+                if (receipt.federation != self.fed.name or receipt.round_number != round_number
+                        or (receipt.head, receipt.stage) not in sent):
+                    raise ProtocolError("receipt names another federation, round or head")
+                self.ledger.keep_receipt(receipt)
+            except (SecfedError, ValueError) as exc:
+                self.emit("receipt_refused", round=round_number,
+                          reason=f"{type(exc).__name__}: {exc}")
+                continue
+            kept.add(receipt.stage)
+        missing = sorted({stage for _, stage in sent} - kept)
+        if missing:
+            self.emit("receipt_missing", round=round_number, stages=missing)
+        return len(kept)
 
     def _account_survivors(self, spec: RoundSpec, hook: DistributedDP, planned: Any,
                            survivors: tuple[str, ...]) -> str:

@@ -103,6 +103,17 @@ class ParticipantState:
             row = self.db.execute("SELECT MAX(round) FROM rounds").fetchone()
         return int(row[0] or 0)
 
+    def took_part(self) -> str:
+        """What shows this site took part before ("" when nothing): rounds or sent messages."""
+        with self._lock:
+            rounds = self.db.execute("SELECT COUNT(*), MAX(round) FROM rounds").fetchone()
+            sent = self.db.execute("SELECT COUNT(*) FROM outbound").fetchone()[0]
+        if rounds[0]:
+            return f"{rounds[0]} round(s), up to round {rounds[1]}"
+        if sent:
+            return f"{sent} outbound message(s)"
+        return ""
+
     def round_status(self, round_number: int) -> str | None:
         with self._lock:
             row = self.db.execute("SELECT status FROM rounds WHERE round = ?",

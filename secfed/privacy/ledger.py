@@ -47,6 +47,7 @@ from secfed.privacy.accounting import (
 )
 from secfed.privacy.analysis import RDP_ORDERS, rdp_to_epsilon
 from secfed.privacy.events import MechanismEvent, canonical_json, event_from_json
+from secfed.privacy.receipts import LedgerReceipt
 
 __all__ = [
     "LEDGER_FORMAT",
@@ -57,7 +58,9 @@ __all__ = [
     "Ledger",
     "read_ledger",
     "read_ledger_meta",
+    "read_receipts",
     "verify_ledger",
+    "verify_receipts",
     "entry_hash",
     "head_message",
 ]
@@ -96,6 +99,17 @@ CREATE TRIGGER IF NOT EXISTS meta_no_update BEFORE UPDATE ON meta
 BEGIN SELECT RAISE(ABORT, 'privacy ledger meta is write-once: UPDATE refused'); END;
 CREATE TRIGGER IF NOT EXISTS meta_no_delete BEFORE DELETE ON meta
 BEGIN SELECT RAISE(ABORT, 'privacy ledger meta is write-once: DELETE refused'); END;
+CREATE TABLE IF NOT EXISTS receipts (
+    seq INTEGER PRIMARY KEY,
+    round_number INTEGER NOT NULL,
+    stage TEXT NOT NULL,
+    head_index INTEGER NOT NULL,
+    receipt BLOB NOT NULL UNIQUE
+);
+CREATE TRIGGER IF NOT EXISTS receipts_no_update BEFORE UPDATE ON receipts
+BEGIN SELECT RAISE(ABORT, 'privacy ledger receipts are append-only: UPDATE refused'); END;
+CREATE TRIGGER IF NOT EXISTS receipts_no_delete BEFORE DELETE ON receipts
+BEGIN SELECT RAISE(ABORT, 'privacy ledger receipts are append-only: DELETE refused'); END;
 """
 
 
@@ -312,16 +326,21 @@ class Ledger:
         cls, path: str | Path, *, enterprise_id: str, identity: IdentityKey | None,
         budget_epsilon: float = DEFAULT_BUDGET_EPSILON, delta: float = MAX_DEFAULT_DELTA,
         budget_accountant: Accountant = "rdp", clock: Callable[[], float] = time.time,
+        create: bool = False,
     ) -> Ledger:
-        """Open (creating on first use) the ledger at ``path``.
+        """Open the ledger at ``path``; with ``create=True`` start a new one if there is none.
 
-        On an existing ledger, ``enterprise_id``, the identity's public key, ``budget_epsilon``,
+        A ledger is never started implicitly: a missing (or emptied) file with ``create`` False
+        is refused, because a fresh ledger resets the budget it records. Callers pass
+        ``create=True`` only on an explicit request (``secfed join --new-ledger`` for a
+        brand-new site). On an existing ledger, ``enterprise_id``, the identity's public key, ``budget_epsilon``,
         ``delta`` and ``budget_accountant`` must equal what it was created with: a budget is
         fixed for the ledger's life. ``identity`` None opens it read-only (no charges).
 
         Raises:
             ConfigError: bad parameters.
-            LedgerError: the file is not a ledger of this enterprise/key/budget.
+            LedgerError: the file is missing (without ``create``), or not a ledger of this
+                enterprise/key/budget.
         """
         path = Path(path)
         _encode_id(enterprise_id)
@@ -332,12 +351,23 @@ class Ledger:
             raise ConfigError(f"budget_accountant must be one of {ACCOUNTANTS} (got {budget_accountant!r})")
         if identity is None and not path.is_file():
             raise LedgerError(f"ledger {path} does not exist and no identity was given to create it")
+        if not create and not path.is_file():
+            raise LedgerError(
+                f"ledger {path} does not exist: refusing to start a fresh ledger implicitly (it "
+                "would reset the privacy budget); start one explicitly (create=True, "
+                "`secfed join --new-ledger`) only for a site that never took part"
+            )
         conn = _connect(path)
         try:
             if identity is not None:
                 # Idempotent: a creation interrupted by a crash is simply redone.
                 conn.executescript("BEGIN IMMEDIATE;\n" + _SCHEMA)
                 if conn.execute("SELECT COUNT(*) FROM meta").fetchone()[0] == 0:
+                    if not create:  # an emptied file is a missing ledger, not a new one
+                        raise LedgerError(
+                            f"ledger {path} holds no ledger: refusing to start a fresh ledger "
+                            "implicitly (it would reset the privacy budget)"
+                        )
                     meta_rows = {
                         "format": str(LEDGER_FORMAT), "enterprise_id": enterprise_id,
                         "public_key": identity.public_bytes().hex(),
@@ -480,6 +510,41 @@ class Ledger:
         self._last = entry
         return entry
 
+    def add_receipt(self, receipt: LedgerReceipt) -> None:
+        """Keep the coordinator's receipt for one of this ledger's heads (append-only).
+
+        The caller verifies the coordinator's signature (it holds the pinned key); this checks
+        that the receipt names an entry this ledger really has, so nothing else is stored. A
+        receipt already kept is ignored.
+
+        Raises:
+            LedgerError: read-only ledger, a head of another ledger or entry, or the write failed.
+        """
+        if self._identity is None:
+            raise LedgerError(f"ledger {self.path} was opened without an identity: it keeps no receipts")
+        try:
+            head = LedgerHead.from_bytes(receipt.head)
+        except MessageFormatError as exc:
+            raise LedgerError(f"receipt head must be a ledger head ({exc})") from None
+        if head.enterprise_id != self.enterprise_id:
+            raise LedgerError(f"receipt must name this ledger's enterprise (got {head.enterprise_id!r})")
+        row = self._conn.execute(
+            "SELECT entry_hash FROM entries WHERE idx = ?", (head.index,)).fetchone()
+        if row is None or not constant_time_equal(bytes(row[0]), head.entry_hash):
+            raise LedgerError(f"receipt must name an entry of this ledger (got entry {head.index})")
+        try:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO receipts (round_number, stage, head_index, receipt)"
+                " VALUES (?, ?, ?, ?)",
+                (receipt.round_number, receipt.stage, head.index, receipt.to_bytes()),
+            )
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger {self.path}: receipt not written ({exc})") from exc
+
+    def receipts(self) -> list[LedgerReceipt]:
+        """The coordinator's receipts this ledger keeps, oldest first."""
+        return _receipts(self._conn, self.path)
+
     def head(self) -> LedgerHead:
         """The signed head (newest entry); an empty ledger's head is signed on demand.
 
@@ -522,6 +587,83 @@ def read_ledger_meta(path: str | Path) -> dict[str, str]:
         return _read_meta(conn, path)
     finally:
         conn.close()
+
+
+def _receipts(conn: sqlite3.Connection, path: Path) -> list[LedgerReceipt]:
+    try:
+        has = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'receipts'").fetchone()
+        rows = conn.execute("SELECT receipt FROM receipts ORDER BY seq").fetchall() if has else []
+    except sqlite3.DatabaseError as exc:
+        raise LedgerVerificationError(f"ledger {path}: receipts table unreadable ({exc})") from exc
+    out = []
+    for (blob,) in rows:
+        try:
+            out.append(LedgerReceipt.from_bytes(bytes(blob)))
+        except MessageFormatError as exc:
+            raise LedgerVerificationError(f"ledger {path}: a kept receipt is malformed ({exc})") from exc
+    return out
+
+
+def read_receipts(path: str | Path) -> list[LedgerReceipt]:
+    """The coordinator's receipts kept in the ledger at ``path`` (unverified; see
+    :func:`verify_receipts`). A ledger written before receipts existed has none.
+
+    Raises:
+        LedgerError: missing or unreadable file.
+        LedgerVerificationError: a kept receipt does not parse.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LedgerError(f"ledger {path} does not exist")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"ledger {path} cannot be opened ({exc})") from exc
+    try:
+        return _receipts(conn, path)
+    finally:
+        conn.close()
+
+
+def verify_receipts(entries: Sequence[LedgerEntry], receipts: Sequence[LedgerReceipt], *,
+                    enterprise_id: str, coordinator_key: bytes, federation: str | None = None
+                    ) -> None:
+    """Check every kept receipt: signed by the coordinator's pinned key, for this federation and
+    enterprise, naming an entry the ledger has with the same hash, charged in the receipt's
+    round. A ledger rolled back or rewritten after a receipt was issued fails here.
+
+    Raises:
+        LedgerVerificationError: ``.entry`` names the ledger entry the failing receipt pins.
+    """
+    for receipt in receipts:
+        where = f"receipt for round {receipt.round_number} ({receipt.stage})"
+        try:
+            receipt.verify(coordinator_key)
+        except InvalidSignature:
+            raise LedgerVerificationError(
+                f"{where}: not signed by the coordinator's pinned identity key") from None
+        if federation is not None and receipt.federation != federation:
+            raise LedgerVerificationError(f"{where}: issued for federation {receipt.federation!r}")
+        try:
+            head = LedgerHead.from_bytes(receipt.head)
+        except MessageFormatError as exc:
+            raise LedgerVerificationError(f"{where}: head is malformed ({exc})") from None
+        if head.enterprise_id != enterprise_id:
+            raise LedgerVerificationError(f"{where}: names enterprise {head.enterprise_id!r}")
+        if head.index == 0 or head.index > len(entries):
+            raise LedgerVerificationError(
+                f"{where}: the coordinator receipted entry {head.index} but the ledger has "
+                f"{len(entries)} entries (ledger rolled back or truncated)", entry=head.index)
+        entry = entries[head.index - 1]
+        if entry.index != head.index or not constant_time_equal(entry.entry_hash, head.entry_hash):
+            raise LedgerVerificationError(
+                f"{where}: entry {head.index} differs from the receipted head (ledger rewritten)",
+                entry=head.index)
+        if entry.round_number != receipt.round_number:
+            raise LedgerVerificationError(
+                f"{where}: entry {head.index} was charged for round {entry.round_number}",
+                entry=head.index)
 
 
 def _read(path: Path) -> tuple[dict[str, str], list[LedgerEntry]]:

@@ -92,6 +92,10 @@ class CoordinatorRound:
         keep_records: keep every accepted payload in :attr:`records` (for :meth:`replay`). A
             driver that persists each accepted payload itself passes ``False``: the masked
             uploads are then summed and dropped, so memory stays O(d + n k), not O(n d).
+        head_check: optional ``(sender, ledger_head) -> None`` the driver uses to hold each
+            upload's ledger head to its rules (signature, strictly increasing index); called
+            after the upload's signature verifies and before the upload touches the sum, so a
+            refusal (any :class:`ProtocolError`) leaves the round unchanged.
     """
 
     def __init__(
@@ -103,8 +107,10 @@ class CoordinatorRound:
         workers: int = DEFAULT_WORKERS,
         clock: Callable[[], float] | None = None,
         keep_records: bool = True,
+        head_check: Callable[[str, bytes], None] | None = None,
     ) -> None:
         spec.validate()
+        self._head_check = head_check
         self._clock = clock
         self._keep_records = keep_records
         self.timings: dict[str, float] = {}
@@ -228,9 +234,11 @@ class CoordinatorRound:
         records: Iterable[tuple[str, str, bytes]],
         ckks_public_context: bytes | None = None,
         workers: int = DEFAULT_WORKERS,
+        head_check: Callable[[str, bytes], None] | None = None,
     ) -> CoordinatorRound:
         """Rebuild a coordinator after a crash from its accepted ``(stage, sender, payload)`` records."""
-        round_ = cls(spec, roster=roster, ckks_public_context=ckks_public_context, workers=workers)
+        round_ = cls(spec, roster=roster, ckks_public_context=ckks_public_context, workers=workers,
+                     head_check=head_check)
         for stage, sender, payload in records:
             target = Stage(stage)
             while round_.stage is not target:
@@ -298,6 +306,10 @@ class CoordinatorRound:
                     f"masked upload must hold {spec.vector_length} words of Z_2^{spec.ring_bits} "
                     f"(got {len(m.vector)} bytes at ring_bits {m.ring_bits})"
                 )
+            # The signature binds the ledger head to this session, round and vector.
+            verify_signature(self._roster[sender], m.signature, m.signed_bytes())
+            if self._head_check is not None:
+                self._head_check(sender, m.ledger_head)
             vec = np.frombuffer(m.vector, dtype=np.dtype(f"<u{width}"))
             if self._acc is None:
                 self._acc = np.zeros(spec.vector_length, dtype=ring_dtype(spec.ring_bits))
@@ -311,6 +323,8 @@ class CoordinatorRound:
                 raise ProtocolError(
                     f"ckks upload must hold {self._n_ciphertexts} ciphertexts (got {len(m.ciphertexts)})"
                 )
+            if self._head_check is not None:
+                self._head_check(sender, m.ledger_head)
             # Then fold it into the running encrypted sum: a ciphertext that does not parse or
             # has other parameters is rejected here (CkksError), so it cannot spoil the round.
             from secfed.crypto import ckks

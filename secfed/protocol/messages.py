@@ -40,6 +40,7 @@ __all__ = [
     "advert_signed_bytes",
     "consistency_signed_bytes",
     "ckks_upload_signed_bytes",
+    "masked_upload_signed_bytes",
     "ciphertext_digest",
     "seed_commitment",
 ]
@@ -55,6 +56,7 @@ SHARE_KIND_MASK_KEY = 1  # share of a dropout's pairwise-mask X25519 private key
 _ADVERT_LABEL = b"secfed/v1/advertise"
 _CONSISTENCY_LABEL = b"secfed/v1/consistency"
 _CKKS_UPLOAD_LABEL = b"secfed/v1/ckks-upload"
+_MASKED_UPLOAD_LABEL = b"secfed/v1/masked-upload"
 _SEED_COMMIT_LABEL = b"secfed/v1/self-seed-commitment"
 
 
@@ -99,6 +101,16 @@ def ckks_upload_signed_bytes(
     w = Writer().fixed(session_id, DIGEST_BYTES).u64(round_number).text(sender)
     w.blob(ledger_head).fixed(ct_digest, DIGEST_BYTES)
     return _CKKS_UPLOAD_LABEL + w.getvalue()
+
+
+def masked_upload_signed_bytes(
+    *, session_id: bytes, round_number: int, sender: str, ledger_head: bytes, vector: bytes
+) -> bytes:
+    """What an enterprise signs over its masked upload: its ledger head bound to this session,
+    round and the SHA-256 of the masked vector (so the head cannot be moved to another upload)."""
+    w = Writer().fixed(session_id, DIGEST_BYTES).u64(round_number).text(sender)
+    w.blob(ledger_head).fixed(hashlib.sha256(vector).digest(), DIGEST_BYTES)
+    return _MASKED_UPLOAD_LABEL + w.getvalue()
 
 
 def _header(type_code: int, round_number: int) -> Writer:
@@ -257,9 +269,10 @@ def _read_vector(r: Reader, ring_bits: int, what: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class MaskedUpload(_Wire):
-    """Participant -> coordinator: the masked ring vector (little-endian words).
+    """Participant -> coordinator: the masked ring vector (little-endian words), signed.
 
-    Fields: session_id[32], sender, ledger_head blob (opaque), ring_bits:u8, vector blob.
+    Fields: session_id[32], sender, ledger_head blob, ring_bits:u8, vector blob, signature[64]
+    over :func:`masked_upload_signed_bytes` (the head bound to the session, round and vector).
     """
 
     TYPE: ClassVar[int] = 5
@@ -269,15 +282,23 @@ class MaskedUpload(_Wire):
     ledger_head: bytes
     ring_bits: int
     vector: bytes
+    signature: bytes
+
+    def signed_bytes(self) -> bytes:
+        return masked_upload_signed_bytes(
+            session_id=self.session_id, round_number=self.round_number, sender=self.sender,
+            ledger_head=self.ledger_head, vector=self.vector,
+        )
 
     def write(self, w: Writer) -> None:
         w.fixed(self.session_id, DIGEST_BYTES).text(self.sender).blob(self.ledger_head)
-        w.u8(self.ring_bits).blob(self.vector)
+        w.u8(self.ring_bits).blob(self.vector).fixed(self.signature, SIGNATURE_BYTES)
 
     @classmethod
     def read(cls, r: Reader, round_number: int) -> MaskedUpload:
         sid, sender, head, bits = r.fixed(DIGEST_BYTES), r.text(), r.blob(), r.u8()
-        return cls(round_number, sid, sender, head, bits, _read_vector(r, bits, "MaskedUpload"))
+        vector = _read_vector(r, bits, "MaskedUpload")
+        return cls(round_number, sid, sender, head, bits, vector, r.fixed(SIGNATURE_BYTES))
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,7 @@ from secfed.protocol.messages import (
     ckks_upload_signed_bytes,
     consistency_signed_bytes,
     decode_message,
+    masked_upload_signed_bytes,
     seed_commitment,
 )
 from secfed.protocol.spec import (
@@ -511,8 +512,15 @@ class ParticipantRound:
             self.timings["protect"] = self._clock() - started
         self._update = None  # the plaintext update is not needed any more
         self.stage = Stage.CONSISTENCY
+        vector = ring_bytes(encoded)
+        # The ledger head travels signed with the vector (as in ckks mode): the coordinator can
+        # hold this site to it, and nobody can move it onto another upload.
+        sig = self._identity.sign(masked_upload_signed_bytes(
+            session_id=self._sid, round_number=spec.round_number, sender=self.me,
+            ledger_head=self._ledger_head, vector=vector,
+        ))
         return MaskedUpload(
-            spec.round_number, self._sid, self.me, self._ledger_head, spec.ring_bits, ring_bytes(encoded)
+            spec.round_number, self._sid, self.me, self._ledger_head, spec.ring_bits, vector, sig
         ).to_bytes()
 
     def _check_survivor_list(self, survivors: tuple[str, ...]) -> None:

@@ -138,6 +138,10 @@ class AppliedConfirmation(_Model):
 
     global_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
     signature_hex: str = Field(pattern=r"^[0-9a-f]{128}$")
+    ledger_head_hex: str = Field(
+        "", pattern=r"^([0-9a-f]{2}){0,2048}$",
+        description="the site's signed ledger head after the round (the coordinator receipts it)",
+    )
 
 
 class RoundOutcome(_Model):
@@ -149,6 +153,8 @@ class RoundOutcome(_Model):
     global_hash_after: str | None = None
     confirmations: dict[str, AppliedConfirmation] = {}
     abort_reason: str | None = None
+    receipts: dict[str, list[str]] = Field(
+        {}, description="sender -> the coordinator's signed ledger-head receipts (hex)")
 
 
 class ErrorBody(_Model):

@@ -29,6 +29,7 @@ def federation(federation_master, tmp_path) -> FederationRun:
         ledgers={e: root / p.relative_to(m.root) for e, p in m.ledgers.items()},
         outbound={e: root / p.relative_to(m.root) for e, p in m.outbound.items()},
         identities=m.identities,
+        coordinator_identity=m.coordinator_identity,
         modes=m.modes,
         dropped=m.dropped,
     )

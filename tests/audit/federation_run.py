@@ -27,7 +27,8 @@ from secfed.coordinator.state import CoordinatorState
 from secfed.crypto.keys import IdentityKey
 from secfed.participant.loop import _protection
 from secfed.participant.state import ParticipantState
-from secfed.privacy import DPSGDEvent, Ledger
+from secfed.privacy import DPSGDEvent, Ledger, LedgerHead
+from secfed.privacy.receipts import sign_receipt
 from secfed.protocol import CoordinatorRound, ParticipantPolicy, ParticipantRound, RoundSpec, Stage
 
 ENTERPRISES = ("energy-utility", "security-operator", "city-operations")
@@ -53,6 +54,7 @@ class FederationRun:
     ledgers: dict[str, Path]
     outbound: dict[str, Path]
     identities: dict[str, IdentityKey]
+    coordinator_identity: IdentityKey
     modes: tuple[str, ...]
     dropped: dict[int, str]  # round -> enterprise that vanished before uploading
 
@@ -74,11 +76,12 @@ def run_federation(
     dropped = dict(dropped or {})
     rng = np.random.default_rng(seed)  # update values only: not keys, not noise
     identities = {e: IdentityKey.generate() for e in ENTERPRISES}
+    coordinator_identity = IdentityKey.generate()  # signs receipts and the transcript
     roster = {e: k.public_bytes() for e, k in identities.items()}
     cfg = FederationConfig(
         name=FEDERATION,
         coordinator_url="https://127.0.0.1:8443",
-        coordinator_identity_public_key=IdentityKey.generate().public_bytes().hex(),
+        coordinator_identity_public_key=coordinator_identity.public_bytes().hex(),
         roster=tuple(RosterEntry(id=e, identity_public_key=k.hex()) for e, k in roster.items()),
         rounds=len(modes),
         mode_schedule=modes,
@@ -98,6 +101,7 @@ def run_federation(
             identity=identities[e],
             budget_epsilon=BUDGET,
             delta=DELTA,
+            create=True,
         )
         for e in ENTERPRISES
     }
@@ -172,6 +176,15 @@ def run_federation(
                     sha256=hashlib.sha256(payload).hexdigest(),
                     ledger_head=head,
                 )
+                if head is not None:  # what `secfed aggregate` does: receipt, kept by the site
+                    receipt = sign_receipt(
+                        coordinator_identity, federation=FEDERATION, round_number=r,
+                        stage="upload", head=head, message_sha256=hashlib.sha256(payload).digest(),
+                        previous_link=coord_state.latest_link(),
+                    )
+                    coord_state.add_receipt(r, e, "upload", LedgerHead.from_bytes(head).index,
+                                            receipt.to_bytes())
+                    ledgers[e].add_receipt(receipt)
 
             for e in ENTERPRISES:
                 advert = parties[e].start()
@@ -200,6 +213,7 @@ def run_federation(
             coord_state.set_survivors(r, result.survivors)
             global_hash = hashlib.sha256(f"{FEDERATION}/{r}".encode()).hexdigest()
             coord_state.finish_round(r, global_hash_after=global_hash)
+            coord_state.seal(coordinator_identity, federation=FEDERATION, before=r + 1)
     finally:
         coord_state.close()
         for s in states.values():
@@ -215,6 +229,7 @@ def run_federation(
         ledgers={e: root / e / "ledger.sqlite" for e in ENTERPRISES},
         outbound={e: root / e / "state.sqlite" for e in ENTERPRISES},
         identities=identities,
+        coordinator_identity=coordinator_identity,
         modes=modes,
         dropped=dropped,
     )

@@ -99,6 +99,17 @@ def flip_byte(path: Path, index: int, column: str, position: int) -> bool:
     return True
 
 
+def strip_receipts(path: Path, *, from_round: int = 0) -> None:
+    """Drop the coordinator receipts the ledger keeps (from round ``from_round`` on)."""
+    conn = _connect(path)
+    try:
+        conn.execute("DROP TRIGGER IF EXISTS receipts_no_delete")
+        conn.execute("DELETE FROM receipts WHERE round_number >= ?", (from_round,))
+        conn.commit()
+    finally:
+        conn.close()
+
+
 def delete_entry(path: Path, index: int) -> None:
     conn = _connect(path)
     try:

@@ -29,6 +29,7 @@ CHECKS = {
     "charged_before_send",
     "transcript_heads",
     "transcript_rounds",
+    "ledger_receipts",
 }
 
 
@@ -60,6 +61,11 @@ def test_report_of_a_real_federation_passes_every_check(federation_master):
     assert all(c.status is CheckStatus.PASS for c in report.checks)
     for eid in ENTERPRISES:
         assert {c.name for c in report.checks if c.subject == eid} == CHECKS
+    # federation-wide: every roster ledger was given, and the coordinator signed each round
+    assert {(c.name, c.subject) for c in report.checks if c.subject not in ENTERPRISES} == {
+        ("ledger_supplied", "federation"), ("transcript_signed", "coordinator")}
+    signed = next(c for c in report.checks if c.name == "transcript_signed")
+    assert signed.detail.startswith(f"{len(run.modes)} rounds sealed")
     by_id = {e.enterprise_id: e for e in report.enterprises}
     assert set(by_id) == set(ENTERPRISES)
     for eid, ent in by_id.items():

@@ -9,15 +9,28 @@ from secfed.crypto.keys import IdentityKey
 from secfed.privacy import DPSGDEvent, read_ledger
 from secfed.privacy.ledger import head_message
 
-from .tamper import COLUMNS, delete_entry, flip_byte, rewrite, row_bytes, set_column
+from .tamper import (
+    COLUMNS,
+    delete_entry,
+    flip_byte,
+    rewrite,
+    row_bytes,
+    set_column,
+    strip_receipts,
+)
 
 VICTIM = "security-operator"  # took part in rounds 1, 2 and 3
 MIDDLE = 2
 
 
 def audit_one(run, eid=VICTIM, *, transcript=True):
+    # With the transcript the audit needs every roster enterprise's ledger (a missing one
+    # fails: issue 20, item 5); the others are untouched, so every failure is the victim's,
+    # and the victim's comes first so its checks are the first of each name.
+    others = [p for e, p in run.ledgers.items() if e != eid] if transcript else []
+    ledgers = [run.ledgers[eid], *others]
     return build_report(
-        ledgers=[run.ledgers[eid]],
+        ledgers=ledgers,
         transcript=run.transcript if transcript else None,
         federation=run.federation_toml,
         outbound=[(eid, run.outbound[eid])],
@@ -171,6 +184,10 @@ def test_a_consistent_rewrite_is_caught_only_by_the_transcript(federation):
             eps_rdp=compose_epsilon(events[:i], delta=entries[0].delta, accountant="rdp"),
         )
     rewrite(path, key, changes)
+    # the coordinator receipts the ledger keeps expose it (issue 20, item 5) ...
+    kept = audit_one(federation, transcript=False)
+    assert [c.entry for c in failures(kept) if c.name == "ledger_receipts"] == [MIDDLE]
+    strip_receipts(path)  # ... unless the rewriter drops them too
     alone = audit_one(federation, transcript=False)
     assert alone.verdict == "pass"  # nothing in the file alone shows it
     report = audit_one(federation)
@@ -235,7 +252,7 @@ def test_an_empty_ledger_spends_nothing(tmp_path):
     key = IdentityKey.generate()
     path = tmp_path / "ledger.sqlite"
     Ledger.open(
-        path, enterprise_id="newcomer", identity=key, budget_epsilon=3.0, delta=1e-6
+        path, enterprise_id="newcomer", identity=key, budget_epsilon=3.0, delta=1e-6, create=True
     ).close()
     report = build_report(ledgers=[path])
     ent = report.enterprises[0]

@@ -62,7 +62,7 @@ class Processes:
         log = open(self.kits.root / f"{eid}.log", "ab")
         self.joins[eid] = subprocess.Popen(
             [PY, "-m", "secfed.cli.main", "join", "--kit", str(self.kits.enterprises[eid]),
-             "--synthetic", "--json", *extra], stdout=log, stderr=subprocess.STDOUT, env=ENV,
+             "--synthetic", "--json", "--new-ledger", *extra], stdout=log, stderr=subprocess.STDOUT, env=ENV,
         )
 
     def kill_coordinator(self) -> None:

@@ -38,7 +38,8 @@ def _round(kits, patch) -> dict[str, object]:
 
     def take_part(eid: str) -> None:
         kit = EnterpriseKit.load(kits.enterprises[eid])
-        p = Participant(kit, SyntheticSite(kit.root, eid, kit.federation.model), retry_for=60.0)
+        p = Participant(kit, SyntheticSite(kit.root, eid, kit.federation.model), retry_for=60.0,
+                        new_ledger=True)
         try:
             patch(eid, p)
             out[eid] = p.run(max_rounds=1)[0]

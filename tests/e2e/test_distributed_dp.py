@@ -189,7 +189,8 @@ def test_budget_check_counts_both_charges(tmp_path) -> None:
     spec, _ = _spec_terms(fed)
     planned = hook_from_settings(DDP).planned_event(spec)
     ledger = open_site_ledger(tmp_path / "ledger.sqlite", enterprise_id="site-0",
-                              identity=IdentityKey.generate(), budget_epsilon=3.0, delta=1e-5)
+                              identity=IdentityKey.generate(), budget_epsilon=3.0, delta=1e-5,
+                              create=True)
     alone = ledger.check(noise_multiplier=1.0, sample_rate=0.01, steps=5)
     assert alone < 1.1  # DP-SGD alone fits the budget of 3 easily
     with pytest.raises(BudgetExceeded, match="DP-SGD \\+ distributed DP"):

@@ -143,7 +143,7 @@ def test_replayed_upload_from_an_earlier_round_is_refused(federation) -> None:
         try:
             kit = EnterpriseKit.load(kits.enterprises[eid])
             site = SyntheticSite(kit.root, eid, kit.federation.model)
-            p = Participant(kit, site, retry_for=60.0)
+            p = Participant(kit, site, retry_for=60.0, new_ledger=True)
             try:
                 reports = p.run(max_rounds=1)
                 assert reports[0].status == "done", reports

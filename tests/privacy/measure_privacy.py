@@ -40,7 +40,7 @@ def main() -> None:
 
     path = Path(tempfile.mkdtemp()) / "ledger.sqlite"
     key = IdentityKey.generate()
-    ledger = Ledger.open(path, enterprise_id="acme", identity=key, delta=1e-5)
+    ledger = Ledger.open(path, enterprise_id="acme", identity=key, delta=1e-5, create=True)
     charges = [
         timed(ledger.charge, round_number=r, session_id=os.urandom(32),
               event=DPSGDEvent(1.0, 0.01, 50))[1]

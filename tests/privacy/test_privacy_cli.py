@@ -20,7 +20,8 @@ EVENT = DPSGDEvent(noise_multiplier=1.2, sample_rate=0.02, steps=100)
 def setup(tmp_path: Path) -> tuple[Path, IdentityKey]:
     key = IdentityKey.generate()
     path = tmp_path / "ledger.sqlite"
-    with Ledger.open(path, enterprise_id="acme", identity=key, budget_epsilon=8.0, delta=1e-5) as ledger:
+    with Ledger.open(path, enterprise_id="acme", identity=key, budget_epsilon=8.0, delta=1e-5,
+                     create=True) as ledger:
         for r in range(3):
             ledger.charge(round_number=r, session_id=bytes([r]) * 32, event=EVENT)
     return path, key

@@ -136,7 +136,7 @@ def test_distributed_charge_goes_through_the_ledger(tmp_path) -> None:
     hook = DistributedDP(clip_norm=0.5, noise_multiplier=2.0, min_participants=10)
     key = IdentityKey.generate()
     path = tmp_path / "ledger.sqlite"
-    with Ledger.open(path, enterprise_id="p0", identity=key, delta=1e-5) as ledger:
+    with Ledger.open(path, enterprise_id="p0", identity=key, delta=1e-5, create=True) as ledger:
         ledger.charge(round_number=2, session_id=b"a" * 32, event=DPSGDEvent(1.0, 0.01, 100))
         ledger.charge(round_number=3, session_id=b"b" * 32, event=hook.planned_event(spec))
     report = verify_ledger(path, public_key=key.public_bytes())

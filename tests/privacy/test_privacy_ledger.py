@@ -45,7 +45,7 @@ EVENT = DPSGDEvent(noise_multiplier=1.0, sample_rate=0.01, steps=50)
 
 def make_ledger(path: Path, identity: IdentityKey, rounds: int = 4, budget: float = 8.0) -> Ledger:
     ledger = Ledger.open(path, enterprise_id="acme", identity=identity, budget_epsilon=budget,
-                         delta=1e-5, clock=FakeClock())
+                         delta=1e-5, clock=FakeClock(), create=True)
     for r in range(rounds):
         ledger.charge(round_number=r, session_id=secrets.token_bytes(32), event=EVENT)
     return ledger
@@ -232,7 +232,8 @@ def test_head_round_trip_and_signature(ledger_path: Path, identity: IdentityKey)
     for bad in (blob[:-1], b"XXXX" + blob[4:], blob[:4] + b"\x02" + blob[5:], blob + b"\x00"):
         with pytest.raises(MessageFormatError):
             LedgerHead.from_bytes(bad)
-    empty = Ledger.open(ledger_path.with_name("empty.sqlite"), enterprise_id="acme", identity=identity)
+    empty = Ledger.open(ledger_path.with_name("empty.sqlite"), enterprise_id="acme", identity=identity,
+                        create=True)
     empty.head().verify(identity.public_bytes())
     assert empty.head().index == 0
 
@@ -255,7 +256,8 @@ def test_simulated_federation_1000_rounds_never_over_budget(tmp_path: Path) -> N
         key = IdentityKey.generate()
         budget = rng.uniform(1.0, 8.0)
         enterprises[f"e{k}"] = (key, Ledger.open(tmp_path / f"e{k}.sqlite", enterprise_id=f"e{k}",
-                                                 identity=key, budget_epsilon=budget, delta=1e-5))
+                                                 identity=key, budget_epsilon=budget, delta=1e-5,
+                                                 create=True))
     # Releases large enough that budgets run out early: most of the 1000 rounds are refusals,
     # which is the path under test (accepted charges each run the PRV accountant).
     # GaussianEvent(8.0) costs 0.48 (RDP) < the smallest budget, so every enterprise gets at

@@ -54,6 +54,22 @@ def test_ckks_round_sums_and_keeps_ledger_heads() -> None:
         out = h.parties[p].result()
         np.testing.assert_allclose(out.aggregate, plain_sum(updates, range(3)), atol=1e-6)
         assert out.survivors == tuple(h.ids)
+    # Each kept head is the one its owner signed with its upload: moved onto another upload, a
+    # head does not verify; and the driver's head rules see every head before the sum does.
+    seen: list[tuple[str, bytes]] = []
+    again = CoordinatorRound.replay(
+        h.spec, roster=h.roster, ckks_public_context=PUBLIC,
+        records=[r for r in h.coord.records if r[0] == "advertise"],
+        head_check=lambda sender, head: seen.append((sender, head)),
+    )
+    again.close_stage()
+    assert again.stage is Stage.UPLOAD
+    up = CkksUpload.from_bytes(_upload_of(h, "org-0"))
+    with pytest.raises(InvalidSignature):
+        again.receive("org-0", dataclasses.replace(up, ledger_head=b"head:org-1").to_bytes())
+    for p in h.ids:
+        again.receive(p, _upload_of(h, p))
+    assert seen == [(p, b"head:" + p.encode()) for p in h.ids]
 
 
 def test_public_context_with_secret_is_refused() -> None:

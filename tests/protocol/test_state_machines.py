@@ -123,6 +123,12 @@ def test_coordinator_rebuilt_from_records_gives_the_same_sum() -> None:
     assert res.ledger_heads["org-1"] == b"head-org-1"
     mine = h.parties["org-2"].result()
     assert np.array_equal(mine.aggregate, res.aggregate) and mine.survivors == res.survivors
+    # A rebuilt coordinator holds every replayed upload's head to the driver's rules again
+    # (the driver's floor comes from rounds before this one, so a replay passes them).
+    checked: list[str] = []
+    CoordinatorRound.replay(h.spec, roster=h.roster, records=h.coord.records,
+                            head_check=lambda sender, head: checked.append(sender))
+    assert checked == [f"org-{i}" for i in range(5)]
 
 
 def test_masks_differ_between_rounds_for_the_same_pair(monkeypatch: pytest.MonkeyPatch) -> None:
