@@ -91,6 +91,24 @@ def test_happy_path_equals_plaintext_fedavg(tmp_path) -> None:
         assert head.index == entries[-1].index
         # a peer confirmation round-trip happened and agreed
         assert '"peers_agree"' in procs.log(eid)
+        # the site kept the coordinator's signed receipts of its upload and final heads
+        from secfed.privacy.ledger import read_receipts
+
+        receipts = read_receipts(kits.enterprises[eid] / "ledger.sqlite")
+        assert [(rc.round_number, rc.stage) for rc in receipts] == [
+            (1, "upload"), (1, "applied"), (2, "upload"), (2, "applied")]
+        coordinator_key = EnterpriseKit.load(kits.enterprises[eid]).federation.coordinator_public_key()
+        for rc in receipts:
+            rc.verify(coordinator_key)
+        assert '"receipt_missing"' not in procs.log(eid) and '"receipt_refused"' not in procs.log(eid)
+    # the coordinator sealed both rounds; the full audit (every ledger, transcript) passes
+    assert [r for (r,) in db.execute("SELECT round FROM transcript_signatures ORDER BY round")] == [1, 2]
+    from secfed.audit import build_report
+
+    report = build_report(
+        ledgers=[kits.enterprises[e] / "ledger.sqlite" for e in ENTERPRISES],
+        transcript=kits.coordinator / "state.sqlite", federation=kits.coordinator / "federation.toml")
+    assert report.verdict == "pass", [c for c in report.checks if c.status.value == "fail"]
 
 
 def test_enterprise_killed_mid_round_is_a_dropout_then_catches_up(tmp_path) -> None:
