@@ -10,8 +10,9 @@ first) -> upload with the signed ledger head -> answer
 the later stages (each reply posted together with the long poll for the next stage's input) ->
 decode the sum, apply sum / survivors (FedAvg) -> sign and send the new global hash (the
 adapter's fsync'd write runs meanwhile and is waited for before the round counts as done) ->
-check the peers' signed hashes. Every outbound message is recorded in the site's own SQLite
-``outbound`` table.
+check the peers' signed hashes -> keep the coordinator's signed receipts of the upload's and the
+confirmation's ledger heads in the ledger. Every outbound message is recorded in the site's own
+SQLite ``outbound`` table. A missing ledger is never replaced silently (``new_ledger``).
 
 A participant restarted mid-round cannot continue that round (its ephemeral secrets lived only in
 memory, by design): the round counts as lost for it -- its charge stays in the ledger -- and it
