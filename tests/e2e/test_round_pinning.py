@@ -44,7 +44,8 @@ def _participant(root: Path, **policy: object) -> Participant:
     kit = EnterpriseKit.load(root)
     if policy:
         kit = dataclasses.replace(kit, policy=kit.policy.model_copy(update=policy))
-    return Participant(kit, SyntheticSite(kit.root, kit.enterprise_id, kit.federation.model))
+    return Participant(kit, SyntheticSite(kit.root, kit.enterprise_id, kit.federation.model),
+                       new_ledger=True)
 
 
 def _info(spec: RoundSpec, terms) -> RoundInfo:

@@ -106,7 +106,8 @@ def test_ledger_budget_check_sees_the_colluders(tmp_path) -> None:
     after = []
     for colluders in (0, 1, 3):
         ledger = open_site_ledger(tmp_path / f"l{colluders}.sqlite", enterprise_id="site-0",
-                                  identity=IdentityKey.generate(), budget_epsilon=1e6, delta=1e-5)
+                                  identity=IdentityKey.generate(), budget_epsilon=1e6, delta=1e-5,
+                                  create=True)
         hook = distributed_hook(federation=fed, spec=SPEC, terms=_terms(),
                                 policy=SitePolicy(enterprise_id="site-0", assumed_colluders=colluders))
         assert hook is not None
