@@ -10,7 +10,7 @@ import click
 from secfed.cli.options import emit_json, json_option
 
 _MODES = ("secagg", "secagg+", "ckks")
-_STAGES = ("advertise", "share", "upload", "consistency", "unmask")
+_STAGES = ("advertise", "reveal", "share", "upload", "consistency", "unmask")  # reveal: secagg+
 _ADVERSARIES = (
     "request-both-shares",
     "inconsistent-survivors",
@@ -49,7 +49,8 @@ def _parse_drops(values: tuple[str, ...], n: int) -> dict[str, list[int]]:
 @click.option("--adversary", type=click.Choice(_ADVERSARIES), default=None,
               help="Let the coordinator play this attack (the round must abort).")
 @click.option("--threshold", "-t", type=click.IntRange(1), default=None,
-              help="Shamir threshold (default floor(2n/3)+1; secagg+: of a neighbourhood).")
+              help="Shamir threshold: holders besides each responder (default floor(2n/3); "
+                   "secagg+: of a neighbourhood).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random test updates.")
 @json_option
 def command(

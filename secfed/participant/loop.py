@@ -76,6 +76,8 @@ STAGE_SLACK_S = 30.0  # how long past the announced deadline to keep asking for 
 def _protection(stage: Stage, mode: str) -> str:
     if stage is Stage.ADVERTISE:
         return "signed"  # public keys signed with the identity key
+    if stage is Stage.REVEAL:
+        return "control"  # secagg+ graph coin: public once revealed, bound by the signed advert
     if stage is Stage.SHARE:
         return "encrypted"  # AES-GCM sealed Shamir shares
     if stage is Stage.UPLOAD:
@@ -492,8 +494,9 @@ class Participant:
 
     def _setup_stages(self, spec: RoundSpec, machine: ParticipantRound,
                       stop: threading.Event) -> bytes:
-        """Answer the stages before the upload (key roster -> shares); return the upload stage's
-        input (the forwarded shares, or the key roster in ckks mode)."""
+        """Answer the stages before the upload (key roster -> [secagg+: graph coin reveal ->
+        coin roster ->] shares); return the upload stage's input (the forwarded shares, or the
+        key roster in ckks mode)."""
         stage = machine.stage
         assert stage is not None
         payload: bytes | None = self._await_stage(spec, stage, stop=stop)

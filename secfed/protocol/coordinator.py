@@ -40,6 +40,8 @@ from secfed.protocol.messages import (
     AdvertiseKeys,
     CkksAggregate,
     CkksUpload,
+    CoinReveal,
+    CoinRoster,
     ConsistencyRequest,
     ConsistencySignature,
     ForwardedShares,
@@ -50,12 +52,20 @@ from secfed.protocol.messages import (
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
+    coin_commitment,
     consistency_signed_bytes,
     decode_message,
     seed_commitment,
 )
 from secfed.protocol.participant import ring_bytes
-from secfed.protocol.spec import MASK_MODES, RoundSpec, Stage, neighbour_graph, session_id
+from secfed.protocol.spec import (
+    MASK_MODES,
+    RoundSpec,
+    Stage,
+    graph_seed,
+    neighbour_graph,
+    session_id,
+)
 
 __all__ = ["CoordinatorRound", "CoordinatorResult", "SEALED_SHARE_BYTES"]
 
@@ -139,6 +149,7 @@ class CoordinatorRound:
         self._adverts: dict[str, AdvertiseKeys] = {}
         self._sid = b""
         self._graph: dict[str, frozenset[str]] = {}
+        self._coins: dict[str, bytes] = {}  # secagg+: revealed graph coins
         self._shares: dict[str, ShareKeys] = {}
         self._u2: tuple[str, ...] = ()
         self._acc: npt.NDArray[np.unsignedinteger] | None = None
@@ -205,6 +216,8 @@ class CoordinatorRound:
         try:
             if stage is Stage.ADVERTISE:
                 return self._close_advertise()
+            if stage is Stage.REVEAL:
+                return self._close_reveal()
             if stage is Stage.SHARE:
                 return self._close_share()
             if stage is Stage.UPLOAD:
@@ -253,6 +266,8 @@ class CoordinatorRound:
         st = self.stage
         if st is Stage.ADVERTISE:
             return frozenset(self._adverts)
+        if st is Stage.REVEAL:
+            return frozenset(self._coins)
         if st is Stage.SHARE:
             return frozenset(self._shares)
         if st is Stage.UPLOAD:
@@ -287,8 +302,22 @@ class CoordinatorRound:
             key_len = 32 if spec.mode in MASK_MODES else 0
             if len(m.cipher_key) != key_len or len(m.mask_key) != key_len:
                 raise ProtocolError(f"advertisement must carry {key_len}-byte keys")
+            commit_len = 32 if spec.mode == "secagg+" else 0
+            if len(m.coin_commitment) != commit_len:
+                raise ProtocolError(
+                    f"advertisement must carry a {commit_len}-byte coin commitment in mode "
+                    f"{spec.mode} (got {len(m.coin_commitment)})"
+                )
             verify_signature(self._roster[sender], m.signature, m.signed_bytes())
             self._adverts[sender] = m
+        elif st is Stage.REVEAL and isinstance(m, CoinReveal):
+            self._check(sender, m.sender, m.session_id)
+            committed = self._adverts[sender].coin_commitment
+            if not constant_time_equal(
+                coin_commitment(spec_digest=self._spec_digest, sender=sender, coin=m.coin), committed
+            ):
+                raise ProtocolError(f"coin of {sender!r} does not match the commitment in its advert")
+            self._coins[sender] = m.coin
         elif st is Stage.SHARE and isinstance(m, ShareKeys):
             self._check(sender, m.sender, m.session_id)
             neighbours = self._graph[sender] & self._adverts.keys()
@@ -364,17 +393,40 @@ class CoordinatorRound:
         self._quorum(len(self._adverts), "advertised keys")
         order = [p for p in spec.participants if p in self._adverts]
         self._adverts = {p: self._adverts[p] for p in order}
+        plus = spec.mode == "secagg+"
         self._sid = session_id(
-            spec, [(p, self._roster[p], a.cipher_key, a.mask_key) for p, a in self._adverts.items()]
+            spec, [(p, self._roster[p], a.cipher_key, a.mask_key) for p, a in self._adverts.items()],
+            coin_commitments=[a.coin_commitment for a in self._adverts.values()] if plus else (),
         )
         payload = KeyRoster(spec.round_number, tuple(self._adverts.values())).to_bytes()
-        if spec.mode in MASK_MODES:
+        if plus:
+            self.stage = Stage.REVEAL  # the graph waits for every coin
+        elif spec.mode == "secagg":
             self._graph = neighbour_graph(spec, self._sid)
             self.stage = Stage.SHARE
         else:
             self.stage = Stage.UPLOAD
         self._expected = frozenset(order)
         return {p: payload for p in order}
+
+    def _close_reveal(self) -> dict[str, bytes]:
+        spec = self.spec
+        missing = [p for p in self._adverts if p not in self._coins]
+        if missing:
+            # Never exclude a party once coins are known: that would let colluders choose the
+            # graph among 2^c outcomes by withholding reveals. The round aborts instead.
+            raise ProtocolAbort(
+                f"stage reveal: {len(missing)} of {len(self._adverts)} key-roster members did not "
+                f"reveal their graph coin ({missing[:3]}); a secagg+ round aborts rather than "
+                "exclude a party after the reveal",
+                stage="reveal",
+            )
+        coins = tuple((p, self._coins[p]) for p in self._adverts)
+        self._graph = neighbour_graph(spec, graph_seed(self._sid, [c for _, c in coins]))
+        self.stage = Stage.SHARE
+        self._expected = frozenset(self._adverts)
+        payload = CoinRoster(spec.round_number, self._sid, coins).to_bytes()
+        return {p: payload for p in self._adverts}
 
     def _close_share(self) -> dict[str, bytes]:
         spec = self.spec
@@ -416,17 +468,24 @@ class CoordinatorRound:
         survivors = set(self._survivors)
         dropped = {p for p in self._u2 if p not in survivors}
         out: dict[str, bytes] = {}
+        signed = frozenset(self._consistency)
         for holder in self._survivors:
             if holder not in self._consistency:
                 continue
-            knows = self._knows(holder)
+            # A holder counts only others' signatures: t of its own share holders, and t of the
+            # share holders of every owner it is asked about (participant._unmask).
+            if len((self._knows(holder) & signed) - {holder}) < spec.threshold:
+                continue  # this holder would (rightly) refuse: too few others confirmed the set
+            knows = [
+                o for o in sorted(self._knows(holder), key=spec.index)
+                if len(((self._graph[o] | {o}) & signed) - {holder}) >= spec.threshold
+            ]
+            near = set().union(*((self._graph[o] | {o}) for o in knows)) if knows else set()
             sigs = tuple(
-                (s, self._consistency[s]) for s in sorted(knows, key=spec.index) if s in self._consistency
+                (s, self._consistency[s]) for s in sorted(near & signed - {holder}, key=spec.index)
             )
-            if len(sigs) < spec.threshold:
-                continue  # this holder would (rightly) refuse: too few neighbours confirmed the set
-            self_of = tuple(o for o in sorted(knows, key=spec.index) if o in survivors)
-            key_of = tuple(o for o in sorted(knows, key=spec.index) if o in dropped and o != holder)
+            self_of = tuple(o for o in knows if o in survivors)
+            key_of = tuple(o for o in knows if o in dropped and o != holder)
             self._asked[holder] = (self_of, key_of)
             out[holder] = UnmaskRequest(
                 spec.round_number, self._sid, self._survivors, sigs, self_of, key_of

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar, TypeVar, Union
 
 from secfed.crypto.errors import MessageFormatError
+from secfed.protocol.spec import COIN_BYTES
 from secfed.protocol.wire import Reader, Writer
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "SHARE_KIND_MASK_KEY",
     "AdvertiseKeys",
     "KeyRoster",
+    "CoinReveal",
+    "CoinRoster",
     "ShareKeys",
     "ForwardedShares",
     "MaskedUpload",
@@ -43,6 +46,7 @@ __all__ = [
     "masked_upload_signed_bytes",
     "ciphertext_digest",
     "seed_commitment",
+    "coin_commitment",
 ]
 
 WIRE_VERSION = 1
@@ -58,6 +62,7 @@ _CONSISTENCY_LABEL = b"secfed/v1/consistency"
 _CKKS_UPLOAD_LABEL = b"secfed/v1/ckks-upload"
 _MASKED_UPLOAD_LABEL = b"secfed/v1/masked-upload"
 _SEED_COMMIT_LABEL = b"secfed/v1/self-seed-commitment"
+_COIN_COMMIT_LABEL = b"secfed/v1/secagg+-coin-commitment"
 
 
 def _id_list(w: Writer, ids: tuple[str, ...]) -> None:
@@ -65,11 +70,13 @@ def _id_list(w: Writer, ids: tuple[str, ...]) -> None:
 
 
 def advert_signed_bytes(
-    *, spec_digest: bytes, round_number: int, sender: str, cipher_key: bytes, mask_key: bytes
+    *, spec_digest: bytes, round_number: int, sender: str, cipher_key: bytes, mask_key: bytes,
+    coin_commitment: bytes = b"",
 ) -> bytes:
-    """What an enterprise's identity key signs when it advertises its ephemeral keys."""
+    """What an enterprise's identity key signs when it advertises its ephemeral keys (and, in
+    secagg+, its commitment to its graph coin)."""
     w = Writer().fixed(spec_digest, DIGEST_BYTES).u64(round_number).text(sender)
-    return _ADVERT_LABEL + w.blob(cipher_key).blob(mask_key).getvalue()
+    return _ADVERT_LABEL + w.blob(cipher_key).blob(mask_key).blob(coin_commitment).getvalue()
 
 
 def consistency_signed_bytes(*, session_id: bytes, round_number: int, survivors: tuple[str, ...]) -> bytes:
@@ -83,6 +90,13 @@ def seed_commitment(*, session_id: bytes, owner: str, seed: bytes) -> bytes:
     """SHA-256 commitment to a 256-bit self-mask seed (hiding: the seed is uniformly random)."""
     w = Writer().fixed(session_id, DIGEST_BYTES).text(owner).fixed(seed, 32)
     return hashlib.sha256(_SEED_COMMIT_LABEL + w.getvalue()).digest()
+
+
+def coin_commitment(*, spec_digest: bytes, sender: str, coin: bytes) -> bytes:
+    """SHA-256 commitment to a 256-bit SecAgg+ graph coin (hiding: the coin is uniformly random;
+    binding: SHA-256 collision resistance), tied to the round spec and the sender."""
+    w = Writer().fixed(spec_digest, DIGEST_BYTES).text(sender).fixed(coin, COIN_BYTES)
+    return hashlib.sha256(_COIN_COMMIT_LABEL + w.getvalue()).digest()
 
 
 def ciphertext_digest(ciphertexts: tuple[bytes, ...]) -> bytes:
@@ -156,7 +170,8 @@ class AdvertiseKeys(_Wire):
     """Participant -> coordinator: fresh X25519 keys (share encryption, masks), signed.
 
     Fields after the header: spec_digest[32], sender, cipher_key blob, mask_key blob,
-    signature[64]. In ckks mode both keys are empty (a signed hello).
+    coin_commitment blob, signature[64]. In ckks mode both keys are empty (a signed hello);
+    ``coin_commitment`` (:func:`coin_commitment`) is 32 bytes in secagg+ and empty otherwise.
     """
 
     TYPE: ClassVar[int] = 1
@@ -166,25 +181,27 @@ class AdvertiseKeys(_Wire):
     cipher_key: bytes
     mask_key: bytes
     signature: bytes
+    coin_commitment: bytes = b""
 
     def signed_bytes(self) -> bytes:
         return advert_signed_bytes(
             spec_digest=self.spec_digest, round_number=self.round_number, sender=self.sender,
-            cipher_key=self.cipher_key, mask_key=self.mask_key,
+            cipher_key=self.cipher_key, mask_key=self.mask_key, coin_commitment=self.coin_commitment,
         )
 
     def write(self, w: Writer) -> None:
         w.fixed(self.spec_digest, DIGEST_BYTES).text(self.sender)
-        w.blob(self.cipher_key).blob(self.mask_key).fixed(self.signature, SIGNATURE_BYTES)
+        w.blob(self.cipher_key).blob(self.mask_key).blob(self.coin_commitment)
+        w.fixed(self.signature, SIGNATURE_BYTES)
 
     @classmethod
     def read(cls, r: Reader, round_number: int) -> AdvertiseKeys:
         digest, sender = r.fixed(DIGEST_BYTES), r.text()
-        cpk, spk = r.blob(), r.blob()
-        for key in (cpk, spk):
+        cpk, spk, commitment = r.blob(), r.blob(), r.blob()
+        for key in (cpk, spk, commitment):
             if len(key) not in (0, KEY_BYTES):
                 raise MessageFormatError(f"AdvertiseKeys: key must be 0 or 32 bytes (got {len(key)})")
-        return cls(round_number, digest, sender, cpk, spk, r.fixed(SIGNATURE_BYTES))
+        return cls(round_number, digest, sender, cpk, spk, r.fixed(SIGNATURE_BYTES), commitment)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +222,48 @@ class KeyRoster(_Wire):
     @classmethod
     def read(cls, r: Reader, round_number: int) -> KeyRoster:
         return cls(round_number, tuple(AdvertiseKeys.read(r, round_number) for _ in range(r.count())))
+
+
+@dataclass(frozen=True, slots=True)
+class CoinReveal(_Wire):
+    """Participant -> coordinator (secagg+): its graph coin, sent once it has checked the key
+    roster. Fields: session_id[32], sender, coin[32]."""
+
+    TYPE: ClassVar[int] = 13
+    round_number: int
+    session_id: bytes
+    sender: str
+    coin: bytes
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES).text(self.sender).fixed(self.coin, COIN_BYTES)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> CoinReveal:
+        return cls(round_number, r.fixed(DIGEST_BYTES), r.text(), r.fixed(COIN_BYTES))
+
+
+@dataclass(frozen=True, slots=True)
+class CoinRoster(_Wire):
+    """Coordinator -> participants (secagg+): every key-roster member's coin, in spec order.
+
+    Fields: session_id[32], count:u32, then (sender, coin[32]) pairs.
+    """
+
+    TYPE: ClassVar[int] = 14
+    round_number: int
+    session_id: bytes
+    coins: tuple[tuple[str, bytes], ...]
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES).u32(len(self.coins))
+        for sender, coin in self.coins:
+            w.text(sender).fixed(coin, COIN_BYTES)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> CoinRoster:
+        sid = r.fixed(DIGEST_BYTES)
+        return cls(round_number, sid, tuple((r.text(), r.fixed(COIN_BYTES)) for _ in range(r.count())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,14 +554,14 @@ class CkksAggregate(_Wire):
 Message = Union[  # noqa: UP007 - a runtime alias, kept readable
     AdvertiseKeys, KeyRoster, ShareKeys, ForwardedShares, MaskedUpload, CkksUpload,
     ConsistencyRequest, ConsistencySignature, UnmaskRequest, UnmaskResponse,
-    MaskedAggregate, CkksAggregate,
+    MaskedAggregate, CkksAggregate, CoinReveal, CoinRoster,
 ]
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         AdvertiseKeys, KeyRoster, ShareKeys, ForwardedShares, MaskedUpload, CkksUpload,
         ConsistencyRequest, ConsistencySignature, UnmaskRequest, UnmaskResponse,
-        MaskedAggregate, CkksAggregate,
+        MaskedAggregate, CkksAggregate, CoinReveal, CoinRoster,
     )
 }
 

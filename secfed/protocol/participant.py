@@ -27,6 +27,7 @@ from secfed.crypto.keys import (
     IdentityKey,
     X25519KeyPair,
     agree,
+    constant_time_equal,
     derive_key,
     verify_signature,
 )
@@ -38,6 +39,8 @@ from secfed.protocol.messages import (
     AdvertiseKeys,
     CkksAggregate,
     CkksUpload,
+    CoinReveal,
+    CoinRoster,
     ConsistencyRequest,
     ConsistencySignature,
     ForwardedShares,
@@ -50,6 +53,7 @@ from secfed.protocol.messages import (
     UnmaskResponse,
     ciphertext_digest,
     ckks_upload_signed_bytes,
+    coin_commitment,
     consistency_signed_bytes,
     decode_message,
     masked_upload_signed_bytes,
@@ -60,6 +64,7 @@ from secfed.protocol.spec import (
     ParticipantPolicy,
     RoundSpec,
     Stage,
+    graph_seed,
     neighbour_graph,
     session_id,
 )
@@ -253,10 +258,12 @@ class ParticipantRound:
         self._mask_keys: X25519KeyPair | None = None
         self._self_seed: bytes | None = None
         self._held: dict[str, tuple[Share, Share]] = {}
+        self._coin: bytes | None = None  # secagg+ graph coin: hidden until the roster is fixed
         # Public round state.
         self._advert: AdvertiseKeys | None = None
         self._adverts: dict[str, AdvertiseKeys] = {}
         self._sid = b""
+        self._graph: dict[str, frozenset[str]] = {}
         self._holders: frozenset[str] = frozenset()  # me + advertised neighbours
         self._peers: frozenset[str] = frozenset()  # neighbours whose shares reached me
         self._signed_survivors: tuple[str, ...] | None = None
@@ -283,17 +290,26 @@ class ParticipantRound:
             )
         if self.spec.mode == "ckks" and self._ckks is None:
             raise ProtocolAbort("mode ckks needs a secret-key CKKS context", stage="advertise")
-        cpk = spk = b""
+        cpk = spk = commitment = b""
+        digest = self.spec.digest()
         if self.spec.mode in MASK_MODES:
             self._cipher_keys = X25519KeyPair.generate()
             self._mask_keys = X25519KeyPair.generate()
             cpk, spk = self._cipher_keys.public_bytes(), self._mask_keys.public_bytes()
+        if self.spec.mode == "secagg+":
+            # The graph coin is committed to now and revealed only after the key roster is
+            # fixed, so no advert chosen later can depend on it (no graph grinding).
+            self._coin = secrets.token_bytes(32)
+            commitment = coin_commitment(spec_digest=digest, sender=self.me, coin=self._coin)
         unsigned = AdvertiseKeys(
-            self.spec.round_number, self.spec.digest(), self.me, cpk, spk, bytes(64)
+            self.spec.round_number, digest, self.me, cpk, spk, bytes(64), commitment
         )
         sig = self._identity.sign(unsigned.signed_bytes())
-        self._advert = AdvertiseKeys(self.spec.round_number, self.spec.digest(), self.me, cpk, spk, sig)
-        self.stage = Stage.SHARE if self.spec.mode in MASK_MODES else Stage.UPLOAD
+        self._advert = AdvertiseKeys(self.spec.round_number, digest, self.me, cpk, spk, sig, commitment)
+        if self.spec.mode == "secagg+":
+            self.stage = Stage.REVEAL
+        else:
+            self.stage = Stage.SHARE if self.spec.mode in MASK_MODES else Stage.UPLOAD
         return self._advert.to_bytes()
 
     def set_update(self, update: npt.ArrayLike, *, ledger_head: bytes = b"") -> None:
@@ -368,11 +384,13 @@ class ParticipantRound:
         self._cipher_keys = None
         self._mask_keys = None
         self._self_seed = None
+        self._coin = None
         self._held = {}
 
     def _dispatch(self, stage: Stage, message: Message) -> bytes | None:
         expected: dict[Stage, type] = {
-            Stage.SHARE: KeyRoster,
+            Stage.REVEAL: KeyRoster,
+            Stage.SHARE: CoinRoster if self.spec.mode == "secagg+" else KeyRoster,
             Stage.UPLOAD: KeyRoster if self.spec.mode == "ckks" else ForwardedShares,
             Stage.CONSISTENCY: ConsistencyRequest,
             Stage.UNMASK: UnmaskRequest,
@@ -385,6 +403,13 @@ class ParticipantRound:
             self._on_roster(message)
             if self.spec.mode == "ckks":
                 return self._ckks_upload()
+            if self.spec.mode == "secagg+":
+                assert self._coin is not None
+                self.stage = Stage.SHARE
+                return CoinReveal(self.spec.round_number, self._sid, self.me, self._coin).to_bytes()
+            return self._share_keys()
+        if isinstance(message, CoinRoster):
+            self._on_coins(message)
             return self._share_keys()
         if isinstance(message, ForwardedShares):
             return self._masked_upload(message)
@@ -408,6 +433,7 @@ class ParticipantRound:
         last = -1
         adverts: dict[str, AdvertiseKeys] = {}
         key_len = 32 if spec.mode in MASK_MODES else 0
+        commit_len = 32 if spec.mode == "secagg+" else 0
         for a in roster.adverts:
             if a.spec_digest != digest:
                 raise ProtocolAbort(f"advertisement of {a.sender!r} is for another round spec")
@@ -417,6 +443,11 @@ class ParticipantRound:
             last = pos
             if len(a.cipher_key) != key_len or len(a.mask_key) != key_len:
                 raise ProtocolAbort(f"advertisement of {a.sender!r} must carry {key_len}-byte keys")
+            if len(a.coin_commitment) != commit_len:
+                raise ProtocolAbort(
+                    f"advertisement of {a.sender!r} must carry a {commit_len}-byte coin commitment "
+                    f"in mode {spec.mode} (got {len(a.coin_commitment)})"
+                )
             adverts[a.sender] = a
         mine = adverts.get(self.me)
         if mine is None or mine != self._advert:
@@ -429,21 +460,48 @@ class ParticipantRound:
             raise ProtocolAbort(f"key roster names {len(adverts)} participants, below the quorum {spec.quorum}")
         self._adverts = adverts
         self._sid = session_id(
-            spec, [(p, self._roster[p], a.cipher_key, a.mask_key) for p, a in adverts.items()]
+            spec, [(p, self._roster[p], a.cipher_key, a.mask_key) for p, a in adverts.items()],
+            coin_commitments=[a.coin_commitment for a in adverts.values()] if commit_len else (),
         )
-        if spec.mode in MASK_MODES:
-            graph = neighbour_graph(spec, self._sid)
-            self._holders = frozenset((graph[self.me] & adverts.keys()) | {self.me})
-            if len(self._holders) < spec.threshold:
-                raise ProtocolAbort(
-                    f"{len(self._holders)} share holders advertised, below the threshold {spec.threshold}"
-                )
+        if spec.mode == "secagg":
+            self._set_graph(neighbour_graph(spec, self._sid))
         # Every advertisement is checked, not only the neighbours': the session id (and so the
-        # SecAgg+ graph) depends on all of them, and an unchecked key would let the coordinator
-        # grind session ids until a victim's neighbourhood suits it.
+        # SecAgg+ graph) depends on all of them, and in secagg+ this party reveals its coin
+        # only once every commitment it will be checked against is signed and fixed.
         for p, a in adverts.items():
             if p != self.me:
                 verify_signature(self._roster[p], a.signature, a.signed_bytes())
+
+    def _set_graph(self, graph: dict[str, frozenset[str]]) -> None:
+        self._graph = graph
+        self._holders = frozenset((graph[self.me] & self._adverts.keys()) | {self.me})
+        if len(self._holders) - 1 < self.spec.threshold:
+            raise ProtocolAbort(
+                f"{len(self._holders) - 1} share holders besides this enterprise advertised, below "
+                f"the threshold {self.spec.threshold}"
+            )
+
+    def _on_coins(self, coins: CoinRoster) -> None:
+        """Check every revealed coin against the commitment in its signed advert, then fix the
+        graph. A missing or wrong coin aborts: excluding the party instead would let colluders
+        pick the graph among 2^c outcomes by withholding reveals."""
+        self._check_sid(coins.session_id)
+        senders = [p for p, _ in coins.coins]
+        if senders != list(self._adverts):
+            missing = [p for p in self._adverts if p not in senders]
+            raise ProtocolAbort(
+                f"coin roster must carry the coin of every key-roster member, in spec order "
+                f"(missing {missing[:3]}): a withheld reveal aborts the round"
+            )
+        digest = self.spec.digest()
+        for p, coin in coins.coins:
+            want = self._adverts[p].coin_commitment
+            if not constant_time_equal(coin_commitment(spec_digest=digest, sender=p, coin=coin), want):
+                raise ProtocolAbort(f"coin of {p!r} does not match the commitment in its signed advert")
+        assert self._coin is not None
+        if not constant_time_equal(dict(coins.coins)[self.me], self._coin):
+            raise ProtocolAbort("coin roster must carry this enterprise's own coin unchanged")
+        self._set_graph(neighbour_graph(self.spec, graph_seed(self._sid, [c for _, c in coins.coins])))
 
     def _share_key(self, peer: str) -> bytes:
         assert self._cipher_keys is not None
@@ -491,8 +549,12 @@ class ParticipantRound:
                 raise ProtocolAbort(f"share from {sender!r} is not at this enterprise's index")
             self._held[sender] = (b_share, s_share)
         self._peers = frozenset(seen)
-        if len(seen) + 1 < spec.threshold:
-            raise ProtocolAbort(f"{len(seen) + 1} share holders remain, below the threshold {spec.threshold}")
+        if len(seen) < spec.threshold:
+            # Never count itself: with its own share, t-1 colluders would reach t alone.
+            raise ProtocolAbort(
+                f"{len(seen)} share holders besides this enterprise remain, below the threshold "
+                f"{spec.threshold}"
+            )
         assert self._update is not None and self._self_seed is not None and self._mask_keys is not None
         started = self._clock() if self._clock else 0.0
         encoded = encode(
@@ -537,6 +599,12 @@ class ParticipantRound:
                 raise ProtocolAbort(f"survivor {s!r} is a neighbour that never sent this enterprise shares")
         if self.me not in survivors:
             raise ProtocolAbort("survivor set must include this enterprise, which uploaded")
+        others = sum(1 for s in survivors if s != self.me and s in self._peers)
+        if others < spec.threshold:
+            raise ProtocolAbort(
+                f"survivor set names {others} share holders besides this enterprise, below the "
+                f"threshold {spec.threshold} (this enterprise never counts itself)"
+            )
         if len(survivors) < spec.quorum:
             raise ProtocolAbort(
                 f"survivor set names {len(survivors)} participants, below the threshold {spec.quorum}"
@@ -561,15 +629,32 @@ class ParticipantRound:
         signed = consistency_signed_bytes(session_id=self._sid, round_number=spec.round_number, survivors=req.survivors)
         signers: set[str] = set()
         for signer, sig in req.signatures:
-            if signer in signers or signer not in survivors or signer not in self._holders:
-                raise ProtocolAbort(f"consistency signature from {signer!r} is not from a distinct survivor neighbour")
+            if signer == self.me:
+                raise ProtocolAbort(
+                    "consistency signatures must come from others: this enterprise's own never "
+                    "counts toward the threshold"
+                )
+            if signer in signers or signer not in survivors:
+                raise ProtocolAbort(f"consistency signature from {signer!r} is not from a distinct survivor")
             verify_signature(self._roster[signer], sig, signed)
             signers.add(signer)
-        if len(signers) < spec.threshold:
+        mine = len(signers & self._holders)
+        if mine < spec.threshold:
             raise ProtocolAbort(
-                f"unmask request carries {len(signers)} valid consistency signatures, "
-                f"below the threshold {spec.threshold}"
+                f"unmask request carries {mine} valid consistency signatures from share holders "
+                f"besides this enterprise, below the threshold {spec.threshold}"
             )
+        # Per owner too: a share of o leaves only if t of o's own share holders (not this one)
+        # signed the same set. Two honest groups shown different sets then each need t + 1 - |C|
+        # members inside o's neighbourhood (spec.tolerated_colluders).
+        for o in (*req.self_mask_of, *req.mask_key_of):
+            near = self._graph.get(o, frozenset()) | {o}
+            count = len(signers & near)
+            if count < spec.threshold:
+                raise ProtocolAbort(
+                    f"unmask request carries {count} consistency signatures from share holders of "
+                    f"{o!r} besides this enterprise, below the threshold {spec.threshold}"
+                )
         both = set(req.self_mask_of) & set(req.mask_key_of)
         if both:
             raise ProtocolAbort(f"unmask request asks both shares of {sorted(both)[:3]}")

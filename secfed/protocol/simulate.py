@@ -29,7 +29,7 @@ from secfed.protocol.messages import (
     decode_message,
 )
 from secfed.protocol.participant import NoiseHook, ParticipantRound
-from secfed.protocol.spec import MODES, ParticipantPolicy, RoundSpec, Stage, neighbour_graph
+from secfed.protocol.spec import MODES, ParticipantPolicy, RoundSpec, Stage
 
 __all__ = ["simulate", "SimulationResult", "ADVERSARIES", "DROP_STAGES", "SentRecord"]
 
@@ -41,6 +41,8 @@ ADVERSARIES = (
     "replay-previous-round",
 )
 DROP_STAGES = ("advertise", "share", "upload", "consistency", "unmask")
+# secagg+ only: a party that withholds its graph coin aborts the round (never excluded)
+REVEAL_STAGE = "reveal"
 _FEDERATION = "simulation"
 
 SentRecord = tuple[str, int, str, bytes]  # (stage, participant index, message type, payload)
@@ -74,8 +76,8 @@ def _ids(n: int) -> list[str]:
 def _parse_dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> dict[Stage, set[int]]:
     out: dict[Stage, set[int]] = {}
     for name, idx in (dropouts or {}).items():
-        if name not in DROP_STAGES:
-            raise ConfigError(f"dropout stage must be one of {DROP_STAGES} (got {name!r})")
+        if name not in (*DROP_STAGES, REVEAL_STAGE):
+            raise ConfigError(f"dropout stage must be one of {(*DROP_STAGES, REVEAL_STAGE)} (got {name!r})")
         bad = [i for i in idx if not 0 <= int(i) < n]
         if bad:
             raise ConfigError(f"dropout indices must be in [0, {n - 1}] (got {bad[:3]})")
@@ -133,10 +135,12 @@ def simulate(
     Args:
         updates: float vectors of one length.
         mode: ``"secagg"``, ``"secagg+"`` or ``"ckks"``.
-        threshold: Shamir threshold (default floor(2n/3)+1; secagg+: of a neighbourhood); in
-            ckks mode the minimum number of uploads in the sum (default 2).
+        threshold: Shamir threshold: the holders besides each responder that must survive
+            (default floor(2n/3); secagg+: of a neighbourhood); in ckks mode the minimum number
+            of uploads in the sum (default 2).
         dropouts: stage name -> indices that vanish before sending that stage's message
-            (stages: advertise, share, upload, consistency, unmask).
+            (stages: advertise, share, upload, consistency, unmask; secagg+ also reveal, which
+            aborts the round).
         adversary: one of :data:`ADVERSARIES` (the coordinator plays that attack).
         transcript: if a list, every participant message is appended as
             ``(stage, index, type name, payload)`` -- tests inspect it for leaked secrets.
@@ -159,6 +163,8 @@ def simulate(
     if d < 1 or any(v.shape != (d,) for v in vecs):
         raise ConfigError("updates must be non-empty 1-D vectors of one length")
     drops = _parse_dropouts(dropouts, n)
+    if Stage.REVEAL in drops and mode != "secagg+":
+        raise ConfigError(f"dropout stage reveal exists only in mode secagg+ (got mode {mode})")
     if mode == "ckks":
         absent = sorted(s.value for s in drops if s not in (Stage.ADVERTISE, Stage.UPLOAD))
         if absent:
@@ -354,7 +360,7 @@ def _substitute_key(stage: Stage, out: dict[str, bytes], ctx: _AttackContext) ->
     With the victim's cipher key it could open every share sent to the victim; with its mask
     key it could strip the victim's pairwise masks.
     """
-    if not out or stage not in (Stage.SHARE, Stage.UPLOAD) or ctx.spec.mode == "ckks":
+    if not out or stage not in (Stage.REVEAL, Stage.SHARE, Stage.UPLOAD) or ctx.spec.mode == "ckks":
         return out
     victim = ctx.ids[0]
     evil_cipher = X25519KeyPair.generate().public_bytes()
@@ -365,7 +371,10 @@ def _substitute_key(stage: Stage, out: dict[str, bytes], ctx: _AttackContext) ->
         if not isinstance(msg, KeyRoster):
             return out
         adverts = tuple(
-            AdvertiseKeys(a.round_number, a.spec_digest, a.sender, evil_cipher, evil_mask, a.signature)
+            AdvertiseKeys(
+                a.round_number, a.spec_digest, a.sender, evil_cipher, evil_mask, a.signature,
+                a.coin_commitment,
+            )
             if a.sender == victim and p != victim else a
             for a in msg.adverts
         )
@@ -433,10 +442,9 @@ def _inconsistent_survivors(stage: Stage, out: dict[str, bytes], ctx: _AttackCon
             hidden: tuple[str, ...] = ()
             if req.survivors != full:
                 hidden = tuple(s for s in full if s not in req.survivors)
-            near = neighbour_graph(ctx.spec, req.session_id)[p] | {p}
             forged[p] = UnmaskRequest(
                 req.round_number, req.session_id, req.survivors,
-                tuple((s, sig) for s, sig in sigs[req.survivors] if s in near),
+                tuple((s, sig) for s, sig in sigs[req.survivors] if s != p),
                 req.survivors, hidden,
             ).to_bytes()
         return forged

@@ -2,8 +2,12 @@
 
 ``RoundSpec`` is what the coordinator announces; ``ParticipantPolicy.check`` is what every
 enterprise runs on it *before* it creates any secret. The SecAgg+ neighbour graph (Bell et al.,
-CCS 2020) is a Harary graph over a permutation drawn from an AES-CTR stream keyed by a hash of
-the public session id, so every party computes the same graph and the coordinator cannot pick it.
+CCS 2020) is a Harary graph over a permutation drawn from an AES-CTR stream keyed by
+:func:`graph_seed`: a hash of the session id and of every party's 32-byte coin, committed to in
+its signed advertisement and revealed only once the key roster is fixed (stage ``reveal``). No
+party, colluding or not, can steer the graph: when the coins become known nothing can change any
+more, and a withheld or wrong coin aborts the round (it never excludes the party, which would let
+colluders choose among 2^c graphs).
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ __all__ = [
     "default_threshold",
     "default_neighbours",
     "neighbour_graph",
+    "graph_seed",
+    "COIN_BYTES",
     "session_id",
     "neighbourhood_failure_bound",
+    "tolerated_colluders",
 ]
 
 SPEC_VERSION = 1
@@ -43,6 +50,8 @@ _MODE_CODE = {m: i for i, m in enumerate(MODES)}
 _SPEC_LABEL = b"secfed/v1/round-spec"
 _SESSION_LABEL = b"secfed/v1/session"
 _GRAPH_LABEL = b"secfed/v1/secagg+-graph"
+_GRAPH_SEED_LABEL = b"secfed/v1/secagg+-graph-coins"
+COIN_BYTES = 32  # each party's contribution to the SecAgg+ graph seed
 MIN_THRESHOLD = 2  # t = 1 would let the coordinator unmask a single party's input
 MAX_PARTICIPANTS = 65535  # Shamir x-coordinates are 2 bytes on the wire
 
@@ -51,6 +60,7 @@ class Stage(enum.Enum):
     """Stages of a round, in order. The coordinator collects the messages of its current stage."""
 
     ADVERTISE = "advertise"  # signed ephemeral X25519 keys (ckks: a signed hello)
+    REVEAL = "reveal"  # secagg+ only: each party's graph coin, committed to in its advert
     SHARE = "share"  # encrypted Shamir shares of the self-mask seed and the mask key
     UPLOAD = "upload"  # masked vector (ckks: signed ciphertexts)
     CONSISTENCY = "consistency"  # each survivor signs the survivor set
@@ -65,18 +75,52 @@ def _positions(participants: tuple[str, ...]) -> dict[str, int]:
 
 
 def default_threshold(n: int) -> int:
-    """t = floor(2n/3) + 1, at least 2 and at most n (Bonawitz et al. 2017, malicious server)."""
-    return min(n, max(MIN_THRESHOLD, (2 * n) // 3 + 1))
+    """t = floor(2n/3), at least 2 and at most n-1, for n share holders.
+
+    A responder releases shares only with ``t`` *other* holders in the survivor set and ``t``
+    consistency signatures from others (never counting itself), so ``t + 1 = floor(2n/3) + 1``
+    parties must survive: the same survivor quorum as the Bonawitz et al. (2017) default, while
+    n = 3 gets t = 2. What it tolerates: :func:`tolerated_colluders` (about n/3 + 1 colluding
+    enterprises with the coordinator; the coordinator alone never, for any n >= 3).
+    """
+    return max(MIN_THRESHOLD, min(n - 1, (2 * n) // 3))
+
+
+def tolerated_colluders(n_holders: int, t: int) -> int:
+    """Most colluding enterprises a malicious coordinator may have without learning an honest
+    input, or a sum over fewer than two honest inputs (``secagg``, n = all participants); a
+    negative value: not even the coordinator alone is covered.
+
+    Two ways in, both closed by the responder's rule (t others in the survivor set whose shares
+    reached it, t consistency signatures from others, never both shares of an owner):
+
+    * the colluders ``C`` hold ``t`` shares of a victim's seeds by themselves: needs |C| >= t
+      (and with |C| <= t - 1 every accepted survivor set holds an honest party besides the
+      victim, so the victim never counts itself into a sum of one honest input);
+    * a split view: the coordinator shows honest group H1 (with the victim) a survivor set with
+      the victim and H2 one without it, so H1 ∪ C release the victim's self-mask seed and H2 ∪ C
+      its mask key (or a peer's). Each group needs an honest responder, and each responder ``t``
+      signatures from others on its set: |Hi| - 1 + |C| >= t. H1, H2 are disjoint honest sets,
+      |H1| + |H2| <= n - |C|, so the split needs 2(t + 1 - |C|) <= n - |C|: |C| >= 2t + 2 - n.
+
+    Hence ``min(t - 1, 2t + 1 - n)``. In ``secagg+`` the same count holds inside one owner's
+    neighbourhood (``n_holders = k + 1``, since a share of o leaves only with t signatures from
+    o's other holders), for the attack on both seeds of that owner; a split that takes the
+    victim's self-mask seed from its neighbourhood and a peer's mask key from the peer's is not
+    bounded by this local count.
+    """
+    return min(t - 1, 2 * t + 1 - n_holders)
 
 
 def default_neighbours(n: int) -> int:
     """SecAgg+ degree k: even, near 4*log2(n), at most n-1 (Bell et al. 2020, k = O(log n)).
 
-    Each neighbourhood (k+1 parties, threshold t = floor(2(k+1)/3)+1) survives k+1-t dropouts
-    and stays private against t-1 colluders inside it. Against *random* failures
-    (:func:`neighbourhood_failure_bound`, union bound over all n neighbourhoods): n=1000, k=40,
-    t=28 aborts with probability 6e-6 at 5 % dropouts (3e-2 at 10 %) and lets colluders reach t
-    in some neighbourhood with probability 3e-8 at 20 % corruption (5e-3 at 1/3). Larger k (the
+    Each neighbourhood (k+1 parties, threshold t = floor(2(k+1)/3) others besides a responder)
+    survives k-t dropouts. Against *random* failures (:func:`neighbourhood_failure_bound`, union
+    bound over all n neighbourhoods): n=1000, k=40, t=27 aborts with probability 6e-6 at 5 %
+    dropouts (3e-2 at 10 %); random colluders reach t in some neighbourhood with probability
+    2e-7 at 20 % corruption (2e-2 at 1/3), and exceed the local split-view count
+    (:func:`tolerated_colluders` of k+1, t = 14) with 6e-7 at 5 % (5e-3 at 10 %). Larger k (the
     ``neighbours`` argument) buys more; see threat_model/THREATS.md.
     """
     if n <= 2:
@@ -89,9 +133,10 @@ def neighbourhood_failure_bound(*, n: int, k: int, t: int, fraction: float, bad_
     """Union bound over the n neighbourhoods that ``bad_at_least`` of k+1 members are "bad".
 
     Members are bad independently with probability ``fraction`` (a random dropout or a random
-    corrupted enterprise). For dropouts use ``bad_at_least = k + 2 - t`` (the neighbourhood can
-    no longer reach t shares); for corruption use ``bad_at_least = t`` (the colluders could
-    reconstruct a seed by themselves).
+    corrupted enterprise). For dropouts use ``bad_at_least = k + 1 - t`` (fewer than t + 1
+    members left: no responder sees t others); for corruption use ``bad_at_least = t`` (the
+    colluders could reconstruct a seed by themselves) or ``tolerated_colluders(k + 1, t) + 1``
+    (a split view inside one neighbourhood).
     """
     m = k + 1
     tail = sum(
@@ -146,7 +191,7 @@ class RoundSpec:
         if mode == "secagg+":
             k = default_neighbours(n) if neighbours is None else neighbours
             t = default_threshold(k + 1) if threshold is None else threshold
-            mp = default_threshold(n) if min_participants is None else min_participants
+            mp = min(n, default_threshold(n) + 1) if min_participants is None else min_participants
         elif mode == "secagg":
             t = default_threshold(n) if threshold is None else threshold
             mp = t if min_participants is None else min_participants
@@ -195,9 +240,19 @@ class RoundSpec:
             raise ConfigError(f"clip_bound must be finite and >= 0 (got {self.clip_bound})")
         if not 1 <= self.min_participants <= n:
             raise ConfigError(f"min_participants must be in [1, {n}] (got {self.min_participants})")
+        # A responder needs t holders *other than itself* (it never counts its own share or
+        # signature), so t <= n - 1 (secagg) and t <= k (secagg+): anything higher never completes.
         if self.mode == "secagg":
-            if not MIN_THRESHOLD <= self.threshold <= n:
-                raise ConfigError(f"threshold must be in [{MIN_THRESHOLD}, {n}] (got {self.threshold})")
+            if n < MIN_THRESHOLD + 1:
+                raise ConfigError(
+                    f"participants must number at least {MIN_THRESHOLD + 1} for mode secagg "
+                    f"(t >= {MIN_THRESHOLD} others besides each responder) (got {n})"
+                )
+            if not MIN_THRESHOLD <= self.threshold <= n - 1:
+                raise ConfigError(
+                    f"threshold must be in [{MIN_THRESHOLD}, {n - 1}] (t others besides each "
+                    f"responder) (got {self.threshold})"
+                )
             if self.neighbours != 0:
                 raise ConfigError(f"neighbours must be 0 for mode secagg (got {self.neighbours})")
         elif self.mode == "secagg+":
@@ -205,19 +260,19 @@ class RoundSpec:
                 raise ConfigError(
                     f"neighbours must be even and in [2, {n - 1}] for secagg+ (got {self.neighbours})"
                 )
-            if not MIN_THRESHOLD <= self.threshold <= self.neighbours + 1:
+            if not MIN_THRESHOLD <= self.threshold <= self.neighbours:
                 raise ConfigError(
-                    f"threshold must be in [{MIN_THRESHOLD}, {self.neighbours + 1}] "
-                    f"(the neighbourhood size) (got {self.threshold})"
+                    f"threshold must be in [{MIN_THRESHOLD}, {self.neighbours}] "
+                    f"(t neighbours besides each responder) (got {self.threshold})"
                 )
         elif self.threshold != 0 or self.neighbours != 0:
             raise ConfigError("threshold and neighbours must be 0 for mode ckks")
 
     @property
     def quorum(self) -> int:
-        """Fewest parties any stage may continue with."""
+        """Fewest parties any stage may continue with (secagg: t others + the responder)."""
         if self.mode == "secagg":
-            return max(self.threshold, self.min_participants)
+            return max(self.threshold + 1, self.min_participants)
         return self.min_participants
 
     def index(self, enterprise: str) -> int:
@@ -278,16 +333,20 @@ class RoundSpec:
 class ParticipantPolicy:
     """What an enterprise accepts. Checked before any secret of the round exists.
 
-    ``min_threshold_fraction``: the Shamir threshold must exceed this fraction of the share
-    holders (2/3 keeps a malicious coordinator that lies about dropouts from reaching t with
-    the honest parties' shares, Bonawitz et al. 2017 sec. 6). ``min_threshold``: an absolute
+    ``min_threshold_fraction``: the Shamir threshold t -- the holders *other than* a responder
+    that must survive and sign before it releases anything -- must be at least this fraction of
+    the share holders, rounded down (and at most holders - 1, or no round completes). With 2/3,
+    more than 2n/3 parties survive every accepted round, and whatever the fraction a spec is
+    refused when :func:`tolerated_colluders` is negative (a coordinator alone could split the
+    honest parties' views, Bonawitz et al. 2017 sec. 6). ``min_threshold``: an absolute
     floor on the same Shamir threshold (``spec.threshold``: over all participants for
     ``secagg``, per neighbourhood for ``secagg+``).
 
     ``min_neighbours``: the SecAgg+ degree k must be at least this; ``None`` (the default)
     means :func:`default_neighbours` of the round's n. A small k lets a coordinator that
-    controls a few enterprises grind the graph until they are a victim's only neighbours
-    (n = 12, k = 2: two colluders, ~15 tries), so lowering it is an explicit choice.
+    controls a few enterprises abort and retry rounds until the random graph makes them a
+    victim's only neighbours (n = 12, k = 2: 1/55 per round; before the graph coins, grinding
+    adverts took ~15 tries), so lowering it is an explicit choice.
 
     ``pinned``: RoundSpec field name -> the value the federation pinned (``federation.toml``:
     mode of this round's schedule slot, k, t, clip, ring, scale, ...); any difference is a
@@ -346,8 +405,9 @@ class ParticipantPolicy:
             refuse(f"vector_length must be <= {self.max_vector_length} (got {spec.vector_length})")
         if spec.mode in MASK_MODES:
             holders = n if spec.mode == "secagg" else spec.neighbours + 1
-            floor_t = max(MIN_THRESHOLD, math.floor(self.min_threshold_fraction * holders) + 1)
-            floor_t = min(floor_t, holders)
+            # 1e-9: 2/3 * 9 must floor to 6, not 5 (binary fractions)
+            floor_t = max(MIN_THRESHOLD, math.floor(self.min_threshold_fraction * holders + 1e-9))
+            floor_t = min(floor_t, holders - 1)
             if spec.threshold < floor_t:
                 refuse(
                     f"threshold must be >= {floor_t} of {holders} share holders "
@@ -363,6 +423,12 @@ class ParticipantPolicy:
                 min_k = min(min_k, n - 1)
                 if spec.neighbours < min_k:
                     refuse(f"neighbours must be >= {min_k} for n = {n} (got {spec.neighbours})")
+            if tolerated_colluders(holders, spec.threshold) < 0:
+                refuse(
+                    f"threshold must be >= {holders // 2} "
+                    f"of {holders} share holders: below, a coordinator alone can show two honest "
+                    f"groups different survivor sets (got {spec.threshold})"
+                )
             if spec.clip_bound > 0:
                 try:
                     check_headroom(
@@ -373,11 +439,25 @@ class ParticipantPolicy:
                     refuse(f"ring headroom: {exc}")
 
 
-def session_id(spec: RoundSpec, adverts: Sequence[tuple[str, bytes, bytes, bytes]]) -> bytes:
+def session_id(
+    spec: RoundSpec,
+    adverts: Sequence[tuple[str, bytes, bytes, bytes]],
+    *,
+    coin_commitments: Sequence[bytes] = (),
+) -> bytes:
     """SHA-256 over the spec digest, the round number and the ordered (id, public keys) list.
 
-    ``adverts`` holds ``(enterprise id, identity key, cipher key, mask key)`` in spec order.
+    ``adverts`` holds ``(enterprise id, identity key, cipher key, mask key)`` in spec order;
+    ``coin_commitments`` (secagg+: one per advert, same order) binds the committed graph coins
+    too, so one session id fixes the coins and hence the graph.
+
+    Raises:
+        ConfigError: ``coin_commitments`` given but not one per advert.
     """
+    if coin_commitments and len(coin_commitments) != len(adverts):
+        raise ConfigError(
+            f"coin_commitments must hold one per advert ({len(adverts)}) (got {len(coin_commitments)})"
+        )
     h = hashlib.sha256(_SESSION_LABEL)
     h.update(spec.digest())
     h.update(spec.round_number.to_bytes(8, "big"))
@@ -386,21 +466,41 @@ def session_id(spec: RoundSpec, adverts: Sequence[tuple[str, bytes, bytes, bytes
         h.update(len(raw).to_bytes(1, "big") + raw)
         for key in (identity, cpk, spk):
             h.update(len(key).to_bytes(1, "big") + key)
+    for commitment in coin_commitments:
+        h.update(len(commitment).to_bytes(1, "big") + commitment)
     return h.digest()
 
 
-def neighbour_graph(spec: RoundSpec, sid: bytes) -> dict[str, frozenset[str]]:
+def graph_seed(sid: bytes, coins: Sequence[bytes]) -> bytes:
+    """The SecAgg+ graph seed: SHA-256(label || session id || every party's coin, spec order).
+
+    Uniform as long as one coin is: an honest party's coin is fresh from ``secrets`` and hidden
+    behind its commitment until the session id (every advert, every commitment) is fixed.
+
+    Raises:
+        ConfigError: a coin that is not 32 bytes.
+    """
+    h = hashlib.sha256(_GRAPH_SEED_LABEL + sid)
+    for coin in coins:
+        if len(coin) != COIN_BYTES:
+            raise ConfigError(f"graph coin must be {COIN_BYTES} bytes (got {len(coin)})")
+        h.update(coin)
+    return h.digest()
+
+
+def neighbour_graph(spec: RoundSpec, seed: bytes) -> dict[str, frozenset[str]]:
     """Each participant's neighbours (excluding itself).
 
     ``secagg``: everyone. ``secagg+``: a k-regular Harary graph (each node joined to the k/2
-    nearest on each side of a ring) over a permutation seeded by SHA-256(label || session id).
+    nearest on each side of a ring) over a permutation seeded by SHA-256(label || ``seed``),
+    where ``seed`` is :func:`graph_seed` of the session id and the revealed coins.
     """
     parts = spec.participants
     n = len(parts)
     if spec.mode != "secagg+":
         everyone = frozenset(parts)
         return {p: everyone - {p} for p in parts}
-    seed = hashlib.sha256(_GRAPH_LABEL + sid).digest()
+    seed = hashlib.sha256(_GRAPH_LABEL + seed).digest()
     draws = keystream(seed, n, np.uint64)
     order = list(range(n))
     for i in range(n - 1, 0, -1):  # Fisher-Yates; modulo bias < n/2^64, irrelevant for a public graph

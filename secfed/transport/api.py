@@ -47,7 +47,9 @@ __all__ = [
 
 API_VERSION = 1
 # Protocol stages a participant posts to, in order, plus the transport's own "applied" step.
-STAGES: tuple[str, ...] = ("advertise", "share", "upload", "consistency", "unmask", "done")
+# New stages are appended so existing envelope stage codes keep their meaning; "reveal" (the
+# secagg+ graph coins) comes between advertise and share in a round.
+STAGES: tuple[str, ...] = ("advertise", "share", "upload", "consistency", "unmask", "done", "reveal")
 ENVELOPE_MAGIC = b"SFE1"  # secfed envelope, format 1
 _HEADER = struct.Struct(">4sBQBI")  # magic, version, round, stage code, ledger-head length
 MAX_LEDGER_HEAD = 4096  # a LedgerHead is ~150 bytes; bound the allocation on bad input

@@ -74,7 +74,10 @@ def test_substitute_key(mode: str) -> None:
             assert mode == "secagg+"
     assert [k for k in sent if k[2] == "UnmaskResponse"] == []
     exc = info.value
-    assert isinstance(exc, ProtocolAbort) and exc.stage == "share"
+    # secagg+ checks the key roster before revealing its graph coin (stage reveal)
+    assert isinstance(exc, ProtocolAbort) and exc.stage == ("reveal" if mode == "secagg+" else "share")
+    # every party but the victim (shown its own genuine roster) refused before its coin left
+    assert {i for _s, i, kind, _p in sent if kind == "CoinReveal"} <= {0}
     assert isinstance(exc.__cause__, ProtocolAbort)
     assert isinstance(exc.__cause__.__cause__, InvalidSignature)
 
@@ -84,7 +87,8 @@ def test_below_threshold(mode: str) -> None:
     exc, kinds = _attack("below-threshold", mode)
     assert [k for k in kinds if k[2] in ("ConsistencySignature", "UnmaskResponse")] == []
     assert isinstance(exc, ProtocolAbort)
-    assert exc.stage == "consistency" and "below the threshold 7" in str(exc)
+    # default t = floor(2 * 9 / 3) = 6 (secagg+: of a 9-party neighbourhood; secagg: n = 10)
+    assert exc.stage == "consistency" and "below the threshold 6" in str(exc)
 
 
 @pytest.mark.parametrize("mode", ["secagg", "secagg+"])
@@ -92,7 +96,8 @@ def test_replay_previous_round(mode: str) -> None:
     exc, kinds = _attack("replay-previous-round", mode)
     assert [k for k in kinds if k[2] != "AdvertiseKeys"] == []
     assert isinstance(exc, ProtocolAbort)
-    assert exc.stage == "share" and "another round" in str(exc)
+    # secagg+ checks the key roster in stage reveal, before its coin leaves
+    assert exc.stage == ("reveal" if mode == "secagg+" else "share") and "another round" in str(exc)
 
 
 # -- the participant's unmask rules, one by one, on a hand-driven round ---------------------------

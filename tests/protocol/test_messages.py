@@ -15,6 +15,8 @@ from secfed.protocol.messages import (
     AdvertiseKeys,
     CkksAggregate,
     CkksUpload,
+    CoinReveal,
+    CoinRoster,
     ConsistencyRequest,
     ConsistencySignature,
     ForwardedShares,
@@ -32,6 +34,9 @@ ADV = AdvertiseKeys(7, SID, "org-a", os.urandom(32), os.urandom(32), SIG)
 SAMPLES = [
     ADV,
     AdvertiseKeys(7, SID, "org-ckks", b"", b"", SIG),
+    AdvertiseKeys(7, SID, "org-plus", os.urandom(32), os.urandom(32), SIG, os.urandom(32)),
+    CoinReveal(7, SID, "org-a", os.urandom(32)),
+    CoinRoster(7, SID, (("org-a", os.urandom(32)), ("org-b", os.urandom(32)))),
     KeyRoster(7, (ADV, AdvertiseKeys(7, SID, "org-b", os.urandom(32), os.urandom(32), SIG))),
     ShareKeys(7, SID, "org-a", os.urandom(32), (("org-b", os.urandom(98)), ("org-c", os.urandom(98)))),
     ForwardedShares(7, SID, "org-b", (("org-a", os.urandom(98)),)),
