@@ -58,8 +58,10 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def default_threshold(n: int) -> int:
-    """t = floor(2n/3) + 1, at least 2 (DESIGN.md: tolerates a malicious coordinator)."""
-    return max(2, (2 * n) // 3 + 1)
+    """t = floor(2n/3), at least 2 and at most n-1: the share holders *besides* a responder
+    that must survive and sign; n = 3 gives 2. Must equal
+    ``secfed.protocol.spec.default_threshold`` (config sits below protocol; a test pins both)."""
+    return max(2, min(n - 1, (2 * n) // 3))
 
 
 class _Frozen(BaseModel):
@@ -215,8 +217,10 @@ class FederationConfig(_Frozen):
         if self.coordinator_identity_public_key in {e.identity_public_key for e in self.roster}:
             # one key in two roles would let a receipt pass for an enterprise's signature
             raise ValueError("coordinator_identity_public_key must differ from every roster key")
-        if not 2 <= self.threshold <= n:
-            raise ValueError(f"threshold must be in [2, {n}] (got {self.threshold})")
+        # secagg: each responder needs t holders besides itself, so t <= n - 1
+        top = n - 1 if "secagg" in self.mode_schedule else n
+        if not 2 <= self.threshold <= top:
+            raise ValueError(f"threshold must be in [2, {top}] (got {self.threshold})")
         if not self.threshold <= self.min_participants <= n:
             raise ValueError(
                 f"min_participants must be in [threshold={self.threshold}, {n}] "

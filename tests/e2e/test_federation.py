@@ -112,7 +112,7 @@ def test_happy_path_equals_plaintext_fedavg(tmp_path) -> None:
 
 
 def test_enterprise_killed_mid_round_is_a_dropout_then_catches_up(tmp_path) -> None:
-    enterprises = ["a-site", "b-site", "c-site", "d-site"]  # n = 4, t = 3: one dropout tolerated
+    enterprises = ["a-site", "b-site", "c-site", "d-site"]  # n = 4, t = 2 (+1): one dropout tolerated
     victim = "d-site"
     # The victim trains for a long time; it is killed after it shared its key shares (set-up runs
     # while it trains), so it drops out at the upload stage and its pairwise masks must cancel.
@@ -164,8 +164,8 @@ def test_enterprise_killed_mid_round_is_a_dropout_then_catches_up(tmp_path) -> N
     assert [e.round_number for e in entries] == [1, 2]
 
 
-def _kill_coordinator_at(tmp_path, stage: str) -> None:
-    procs = _run(tmp_path, enterprises=ENTERPRISES, schedule=("secagg", "ckks"), rounds=2,
+def _kill_coordinator_at(tmp_path, stage: str, schedule: tuple[str, ...] = ("secagg", "ckks")) -> None:
+    procs = _run(tmp_path, enterprises=ENTERPRISES, schedule=schedule, rounds=2,
                  stage=15.0)
     try:
         def reached() -> bool:
@@ -210,6 +210,39 @@ def _kill_coordinator_at(tmp_path, stage: str) -> None:
 @pytest.mark.parametrize("stage", ["share"])
 def test_coordinator_sigkilled_and_restarted(tmp_path, stage) -> None:
     _kill_coordinator_at(tmp_path, stage)
+
+
+def test_coordinator_sigkilled_in_the_secagg_plus_reveal_stage(tmp_path) -> None:
+    # the coin reveals are replayed from the transcript like any other stage (issue 20)
+    _kill_coordinator_at(tmp_path, "reveal", ("secagg+", "secagg"))
+
+
+def test_secagg_plus_rounds_over_mtls(tmp_path) -> None:
+    """secagg+ end to end over mutual TLS: commitments in the signed adverts, the coin reveal
+    stage, the graph from the coins; the 3-site federation runs with the defaults (k=2, t=2)."""
+    procs = _run(tmp_path, enterprises=ENTERPRISES, schedule=("secagg+",), rounds=2)
+    try:
+        codes = procs.wait(150)
+    finally:
+        procs.stop()
+    assert codes == {e: 0 for e in [*ENTERPRISES, "coordinator"]}, procs.log("coordinator.0")
+    kits = procs.kits
+    db = coordinator_db(kits)
+    rounds = db.execute("SELECT round, mode, status, survivors FROM rounds ORDER BY round").fetchall()
+    assert [(r[0], r[1], r[2]) for r in rounds] == [(1, "secagg+", "done"), (2, "secagg+", "done")]
+    survivors = [(r[0], tuple(json.loads(r[3]))) for r in rounds]
+    assert all(s == tuple(ENTERPRISES) for _, s in survivors)
+    want = expected_global(survivors, DIM)
+    for eid in ENTERPRISES:
+        np.testing.assert_allclose(adapter_of(kits, eid), want, atol=2e-6, rtol=0)
+    reveals = db.execute("SELECT round, sender FROM transcript WHERE stage='reveal'").fetchall()
+    assert sorted(reveals) == sorted((r, e) for r in (1, 2) for e in ENTERPRISES)
+    for eid in ENTERPRISES:
+        state = sqlite3.connect(kits.enterprises[eid] / "state.sqlite")
+        out = state.execute("SELECT round, stage, protection FROM outbound ORDER BY seq").fetchall()
+        stages = [st for r, st, _ in out if r == 1]
+        assert stages.index("advertise") < stages.index("reveal") < stages.index("share")
+        assert (1, "reveal", "control") in out
 
 
 @pytest.mark.slow

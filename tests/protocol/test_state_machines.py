@@ -35,6 +35,12 @@ def test_default_threshold(n: int, t: int) -> None:
     assert default_threshold(n) == t
 
 
+def test_config_and_protocol_default_thresholds_agree() -> None:
+    from secfed.config import default_threshold as config_default
+
+    assert all(config_default(n) == default_threshold(n) for n in range(2, 500))
+
+
 def _party(spec: RoundSpec, policy: ParticipantPolicy, roster=None, identity=None):
     identity = identity or IdentityKey.generate()
     roster = roster or {p: IdentityKey.generate().public_bytes() for p in spec.participants}
