@@ -33,7 +33,7 @@ _SETTINGS = [
     click.option("--mode-schedule", default="secagg", show_default=True,
                  help="Comma-separated modes per round, repeated: e.g. secagg,secagg,secagg,ckks."),
     click.option("--rounds", type=int, default=4, show_default=True),
-    click.option("--threshold", type=int, default=None, help="Shamir threshold (default floor(2n/3)+1)."),
+    click.option("--threshold", type=int, default=None, help="Shamir threshold: holders besides each responder (default floor(2n/3))."),
     click.option("--min-participants", type=int, default=None),
     click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
                  default=None, help="Model directory: the adapter length and initial hash come from it."),

@@ -217,10 +217,8 @@ class FederationConfig(_Frozen):
         if self.coordinator_identity_public_key in {e.identity_public_key for e in self.roster}:
             # one key in two roles would let a receipt pass for an enterprise's signature
             raise ValueError("coordinator_identity_public_key must differ from every roster key")
-        # secagg: each responder needs t holders besides itself, so t <= n - 1
-        top = n - 1 if "secagg" in self.mode_schedule else n
-        if not 2 <= self.threshold <= top:
-            raise ValueError(f"threshold must be in [2, {top}] (got {self.threshold})")
+        if not 2 <= self.threshold <= n:
+            raise ValueError(f"threshold must be in [2, {n}] (got {self.threshold})")
         if not self.threshold <= self.min_participants <= n:
             raise ValueError(
                 f"min_participants must be in [threshold={self.threshold}, {n}] "
@@ -239,6 +237,12 @@ class FederationConfig(_Frozen):
                     f"dp.distributed.min_participants = {ddp.min_participants} needs at least that "
                     f"many enterprises (got {n}); set dp.distributed.force = true to run anyway"
                 )
+        if "secagg" in self.mode_schedule and self.threshold > n - 1:
+            # each responder needs t share holders besides itself (issue 20): t = n never completes
+            raise ValueError(
+                f"threshold must be <= {n - 1} (n - 1) when mode_schedule has secagg "
+                f"(got {self.threshold})"
+            )
         return self
 
     def mode_for_round(self, round_number: int) -> str:

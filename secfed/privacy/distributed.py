@@ -169,7 +169,8 @@ def guaranteed_shares(spec: Any) -> int:
     """The fewest noise shares that can reach an accepted sum of this round."""
     floor = int(spec.min_participants)
     if spec.mode == "secagg":
-        floor = max(floor, int(spec.threshold))
+        # a responder needs t holders besides itself, so t + 1 survive (spec.quorum)
+        floor = max(floor, int(spec.threshold) + 1)
     return max(floor, 1)
 
 

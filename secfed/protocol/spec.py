@@ -185,7 +185,7 @@ class RoundSpec:
         clip_bound: float = 0.0,
         global_hash: str = "",
     ) -> RoundSpec:
-        """A spec with the privacy-first defaults filled in (t = floor(2n/3)+1, k = O(log n))."""
+        """A spec with the privacy-first defaults filled in (t = floor(2n/3), k = O(log n))."""
         n = len(participants)
         k = 0
         if mode == "secagg+":

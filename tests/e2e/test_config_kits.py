@@ -40,7 +40,7 @@ def kits(tmp_path_factory: pytest.TempPathFactory):
 def test_federation_toml_round_trips(kits) -> None:
     fed = load_federation(kits.coordinator / "federation.toml")
     assert fed.enterprise_ids() == tuple(ENTERPRISES)
-    assert fed.threshold == 3  # floor(2*3/3)+1
+    assert fed.threshold == 2  # floor(2*3/3): holders besides each responder (issue 20)
     assert [fed.mode_for_round(r) for r in range(1, 6)] == [
         "secagg", "secagg", "secagg", "ckks", "secagg"
     ]
@@ -127,8 +127,12 @@ def test_site_policy_refuses_weaker_terms(kits) -> None:
 def test_config_errors_name_field_rule_value(tmp_path: Path, kits) -> None:
     text = (kits.coordinator / "federation.toml").read_text()
     bad = tmp_path / "f.toml"
-    bad.write_text(text.replace("threshold = 3", "threshold = 1"))
+    bad.write_text(text.replace("threshold = 2", "threshold = 1"))
     with pytest.raises(ConfigError, match=r"threshold must be in \[2, 3\] \(got 1\)"):
+        load_federation(bad)
+    t_eq_n = text.replace("threshold = 2", "threshold = 3").replace("min_participants = 2", "min_participants = 3")
+    bad.write_text(t_eq_n)  # t = n: no responder ever sees t holders besides itself
+    with pytest.raises(ConfigError, match=r"threshold must be <= 2 \(n - 1\) when mode_schedule"):
         load_federation(bad)
     bad.write_text(text.replace('coordinator_url = "https://', 'coordinator_url = "http://'))
     with pytest.raises(ConfigError, match="coordinator_url"):

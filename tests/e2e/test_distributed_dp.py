@@ -89,7 +89,9 @@ def _spec_terms(fed: FederationConfig, *, mode: str = "secagg",
 
 
 def test_site_refuses_a_round_whose_guaranteed_shares_are_below_its_minimum() -> None:
-    fed = _federation(4)  # secagg n = 4, t = 3, min_participants 3: 3 shares guaranteed
+    # secagg n = 4, t = 2 holders besides each responder, min_participants 3: 3 shares
+    # guaranteed (with t = 3 all 4 must survive since issue 20: 4 guaranteed)
+    fed = _federation(4, threshold=2)
     spec, terms = _spec_terms(fed)
     strict = SitePolicy(enterprise_id="site-0", min_noise_shares=4)
     with pytest.raises(DPGuardError, match=r"noise shares must be >= 4 by site policy \(got 3"):
@@ -220,7 +222,7 @@ def _assert_variance(samples: np.ndarray, claimed: float) -> None:
 
 
 def test_federation_with_distributed_dp(tmp_path) -> None:
-    sites = ["a-site", "b-site", "c-site", "d-site"]  # n = 4, t = 3
+    sites = ["a-site", "b-site", "c-site", "d-site"]  # n = 4, t = 2 (+ the responder: 3)
     refuser = "d-site"  # its site.toml does not accept distributed DP
     kits = make_federation(tmp_path / "fed", enterprises=sites, dim=DIM, schedule=("secagg",),
                            rounds=1, train=12.0, stage=20.0, dp=SGD)
@@ -252,7 +254,7 @@ def test_federation_with_distributed_dp(tmp_path) -> None:
     g = max(1, round(2**SCALE_BITS * DDP_RUN.clip_norm / DDP_RUN.norm_units))
     gamma = g / 2**SCALE_BITS
     bound = rounded_norm_bound(DDP_RUN.clip_norm / gamma, DIM)
-    guaranteed = max(spec.threshold, spec.min_participants)
+    guaranteed = spec.quorum  # t + 1 = 3 survive every accepted secagg round (issue 20)
     share_variance = (DDP_RUN.noise_multiplier * bound) ** 2 / guaranteed
     for eid in survivors:
         ledger = kits.enterprises[eid] / "ledger.sqlite"

@@ -275,18 +275,22 @@ def test_tolerated_colluders_formula() -> None:
                 assert split == (c > tolerated_colluders(n, t)), (n, t, c)
 
 
-@pytest.mark.parametrize("h1_size", [2, 3])
-def test_split_view_within_the_bound_releases_no_pair(h1_size: int) -> None:
-    # n = 6, t = 3 tolerates 1 colluder: one group always lacks t signatures from others.
-    released, refusals, recovered = _split_view(6, 3, 1, h1_size)
+@pytest.mark.parametrize("n, t, c, h1_size", [(6, 3, 1, 2), (6, 3, 1, 3), (10, 7, 5, 2), (10, 7, 5, 3)])
+def test_split_view_within_the_bound_releases_no_pair(n: int, t: int, c: int, h1_size: int) -> None:
+    # c = tolerated_colluders(n, t): one group always lacks t signatures from others.
+    assert c == tolerated_colluders(n, t)
+    released, refusals, recovered = _split_view(n, t, c, h1_size)
     assert recovered is None and refusals
-    assert all("below the threshold 3" in r for r in refusals)
-    assert min(len(v) for v in released.values()) < 3
+    assert all(f"below the threshold {t}" in r for r in refusals)
+    assert min(len(v) for v in released.values()) < t
 
 
-def test_split_view_one_colluder_beyond_the_bound_recovers_the_victim() -> None:
-    # The bound is exact: with 2 colluders (> tolerated_colluders(6, 3) = 1) the split works.
-    released, refusals, err = _split_view(6, 3, 2, 2)
+@pytest.mark.parametrize("n, t, c", [(6, 3, 2), (10, 7, 6)])
+def test_split_view_one_colluder_beyond_the_bound_recovers_the_victim(n: int, t: int, c: int) -> None:
+    # The bound is exact: one colluder more than tolerated_colluders(n, t) and the split works
+    # (n=10, t=7: the 6 colluders still win this way, though no longer by self-count).
+    assert c == tolerated_colluders(n, t) + 1
+    released, refusals, err = _split_view(n, t, c, 2)
     assert refusals == [] and err is not None and err < 1e-6
 
 
