@@ -161,21 +161,22 @@ def test_masks_differ_between_rounds_for_the_same_pair(monkeypatch: pytest.Monke
     seeds, sids, mask_keys = [], [], []
     for r in (1, 2):
         derived.clear()
-        h = make_harness(n=2, d=64, round_number=r, threshold=2)
+        # n = 3 (t = 2 holders besides each responder: a 2-party secagg round no longer exists)
+        h = make_harness(n=3, d=64, round_number=r, threshold=2)
         h.run()
         pairwise = [(sid, seed) for sid, purpose, seed in derived if purpose == LABEL_PAIRWISE_MASK]
-        # one seed per party (org-0 with org-1 and back): both ends derive the same one, under
-        # this round's session id
-        assert len(pairwise) == 2 and pairwise[0][1] == pairwise[1][1]
+        # one seed per pair (3 pairs): both ends derive the same one, under this round's session id
+        assert len(pairwise) == 6 and all(sum(s == seed for _, s in pairwise) == 2 for _, seed in pairwise)
         assert {sid for sid, _ in pairwise} == {h.parties["org-0"].session_id}
-        seeds.append(pairwise[0][1])
+        seeds.append({seed for _, seed in pairwise})
         sids.append(h.parties["org-0"].session_id)
         advert = decode_message(next(b for st_, p, b in h.sent if st_ == "advertise" and p == "org-0"))
         assert isinstance(advert, AdvertiseKeys)
         mask_keys.append(advert.mask_key)
     assert sids[0] != sids[1]
     assert mask_keys[0] != mask_keys[1]  # fresh ephemeral keys
-    assert seeds[0] != seeds[1]  # so a fresh pairwise mask
+    assert len(seeds[0]) == len(seeds[1]) == 3
+    assert not seeds[0] & seeds[1]  # so fresh pairwise masks, for every pair
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
