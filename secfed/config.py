@@ -237,12 +237,6 @@ class FederationConfig(_Frozen):
                     f"dp.distributed.min_participants = {ddp.min_participants} needs at least that "
                     f"many enterprises (got {n}); set dp.distributed.force = true to run anyway"
                 )
-        if "secagg" in self.mode_schedule and self.threshold > n - 1:
-            # each responder needs t share holders besides itself (issue 20): t = n never completes
-            raise ValueError(
-                f"threshold must be <= {n - 1} (n - 1) when mode_schedule has secagg "
-                f"(got {self.threshold})"
-            )
         return self
 
     def mode_for_round(self, round_number: int) -> str:

@@ -67,22 +67,22 @@ def test_honest_announcements_are_accepted(fed12) -> None:
             spec, terms, hook = p._check(_info(coordinator._spec(r), coordinator.terms(r)))
             assert spec.mode == mode and hook is None
             assert terms.threshold == spec.threshold  # the Shamir threshold actually used
-        assert (coordinator._spec(2).neighbours, coordinator._spec(2).threshold) == (10, 8)
+        assert (coordinator._spec(2).neighbours, coordinator._spec(2).threshold) == (10, 7)
         _nothing_left_the_site(p)
     finally:
         p.close()
 
 
 # (round, spec changes, terms changes, the field the refusal must name). Round 1 is secagg
-# (t = 9 = min_participants), round 2 secagg+ (k = 10, t = 8 per neighbourhood, min 9); the
+# (t = 8 = min_participants), round 2 secagg+ (k = 10, t = 7 per neighbourhood, min 9); the
 # kit picked ring_bits 32 for n = 12, scale 24, clip 8.
 SPEC_CASES = [
     (1, dict(mode="ckks", threshold=0, min_participants=2), dict(mode="ckks", threshold=0,
                                                                min_participants=2), "mode"),
     (2, dict(mode="secagg", neighbours=0, threshold=9), dict(mode="secagg", threshold=9), "mode"),
-    (2, dict(neighbours=2, threshold=3), dict(threshold=3), "neighbours"),  # the grinding attack
+    (2, dict(neighbours=2, threshold=2), dict(threshold=2), "neighbours"),  # the grinding attack
     (2, dict(neighbours=8, threshold=7), dict(threshold=7), "neighbours"),
-    (1, dict(threshold=8), dict(threshold=8), "threshold"),
+    (1, dict(threshold=7), dict(threshold=7), "threshold"),
     (1, dict(threshold=10), dict(threshold=10), "threshold"),
     (2, dict(threshold=9), dict(threshold=9), "threshold"),
     (1, dict(min_participants=12), dict(min_participants=12), "min_participants"),
@@ -145,13 +145,13 @@ def test_terms_differing_from_federation_toml_are_refused_naming_the_field(
 
 
 def test_grinding_attack_spec_is_refused_by_the_site_before_any_secret(fed12) -> None:
-    """The attack script's announcement (k = 2, t = 3 for n = 12) against a federation whose
+    """The attack script's announcement (k = 2, t = 2 for n = 12) against a federation whose
     federation.toml leaves k at the protocol default: the round is refused, nothing is sent."""
     coordinator = Coordinator(CoordinatorKit.load(fed12.coordinator))
     p = _participant(fed12.enterprises["site-05"])
     try:
-        spec = dataclasses.replace(coordinator._spec(2), neighbours=2, threshold=3)
-        report = p._round(_info(spec, coordinator.terms(2).model_copy(update=dict(threshold=3))))
+        spec = dataclasses.replace(coordinator._spec(2), neighbours=2, threshold=2)
+        report = p._round(_info(spec, coordinator.terms(2).model_copy(update=dict(threshold=2))))
         assert report.status == "refused"
         assert "round spec neighbours must be 10" in report.detail
         _nothing_left_the_site(p)
@@ -203,26 +203,27 @@ def test_federation_pinned_to_secagg_cannot_be_switched_to_ckks(tmp_path: Path) 
 
 
 def test_site_min_threshold_is_checked_against_the_shamir_threshold(fed12) -> None:
-    """Round 2 is secagg+ with k = 10: Shamir rebuilds a seed from t = 8 of 11 neighbours. The
-    coordinator used to announce the federation's t = 9 in the terms, which a site demanding
-    min_threshold = 9 accepted; it now announces the real t = 8 and the site refuses."""
+    """Round 2 is secagg+ with k = 10: Shamir rebuilds a seed from t = 7 of 11 neighbours (holders
+    besides a responder, issue 20). The coordinator used to announce the federation's t = 8 in the
+    terms, which a site demanding min_threshold = 8 accepted; it now announces the real t = 7 and
+    the site refuses."""
     coordinator = Coordinator(CoordinatorKit.load(fed12.coordinator))
-    assert load_federation(fed12.coordinator / "federation.toml").threshold == 9
-    p = _participant(fed12.enterprises["site-07"], min_threshold=9)
+    assert load_federation(fed12.coordinator / "federation.toml").threshold == 8
+    p = _participant(fed12.enterprises["site-07"], min_threshold=8)
     try:
-        p._check(_info(coordinator._spec(1), coordinator.terms(1)))  # secagg: t = 9, accepted
+        p._check(_info(coordinator._spec(1), coordinator.terms(1)))  # secagg: t = 8, accepted
         spec, terms = coordinator._spec(2), coordinator.terms(2)
-        assert spec.threshold == terms.threshold == 8
-        with pytest.raises(ConfigError, match=r"threshold must be in \[9, 12\] by site policy "
-                                              r"\(got 8\)"):
+        assert spec.threshold == terms.threshold == 7
+        with pytest.raises(ConfigError, match=r"threshold must be in \[8, 12\] by site policy "
+                                              r"\(got 7\)"):
             p._check(_info(spec, terms))
-        # terms claiming 9 while the spec's Shamir threshold is 8: refused as differing
-        with pytest.raises(ConfigError, match="round terms threshold must be 8"):
-            p._check(_info(spec, terms.model_copy(update=dict(threshold=9))))
+        # terms claiming 8 while the spec's Shamir threshold is 7: refused as differing
+        with pytest.raises(ConfigError, match="round terms threshold must be 7"):
+            p._check(_info(spec, terms.model_copy(update=dict(threshold=8))))
         # the protocol policy the site builds checks the spec's threshold itself
         policy = p._policy(spec)
-        assert policy.min_threshold == 9
-        with pytest.raises(ProtocolAbort, match=r"threshold must be >= 9 by site policy"):
+        assert policy.min_threshold == 8
+        with pytest.raises(ProtocolAbort, match=r"threshold must be >= 8 by site policy"):
             policy.check(spec, me=p.me, roster=p.roster)
         _nothing_left_the_site(p)
     finally:

@@ -42,7 +42,7 @@ def test_default_policy_refuses_the_graph_grinding_attack_spec() -> None:
     recover its update exactly. The protocol's default policy now needs k >= default_neighbours(n)."""
     spec = RoundSpec.create(federation="f", round_number=7, mode="secagg+", participants=IDS,
                             vector_length=16, neighbours=2)
-    assert (spec.neighbours, spec.threshold) == (2, 3)
+    assert (spec.neighbours, spec.threshold) == (2, 2)  # t = 2 holders besides each responder
     assert default_neighbours(12) == 10
     with pytest.raises(ProtocolAbort, match=r"neighbours must be >= 10 for n = 12 \(got 2\)"):
         ParticipantPolicy().check(spec, me=VICTIM, roster={p: b"k" for p in IDS})
@@ -96,12 +96,13 @@ def test_spec_differing_from_the_pinned_one_is_refused_before_any_secret(
 
 
 def test_min_threshold_is_checked_against_the_shamir_threshold() -> None:
-    """SecAgg+ n = 12: k = 10, so the Shamir threshold is t = 8 of each 11-party neighbourhood
-    (the federation-wide figure 9 is not what rebuilds a seed). A site asking for >= 9 refuses."""
-    assert (SECAGG_PLUS.neighbours, SECAGG_PLUS.threshold) == (10, 8)
-    _refused(SECAGG_PLUS, ParticipantPolicy(min_threshold=9),
-             r"threshold must be >= 9 by site policy \(the Shamir threshold of 11 share holders; got 8\)")
-    _party(SECAGG_PLUS, ParticipantPolicy(min_threshold=8)).start()
-    assert SECAGG.threshold == 9
-    _party(SECAGG, ParticipantPolicy(min_threshold=9)).start()
-    _refused(SECAGG, ParticipantPolicy(min_threshold=10), "threshold must be >= 10 by site policy")
+    """SecAgg+ n = 12: k = 10, so the Shamir threshold is t = 7 of each 11-party neighbourhood
+    (holders besides a responder; the federation-wide figure 8 is not what rebuilds a seed). A
+    site asking for >= 8 refuses."""
+    assert (SECAGG_PLUS.neighbours, SECAGG_PLUS.threshold) == (10, 7)
+    _refused(SECAGG_PLUS, ParticipantPolicy(min_threshold=8),
+             r"threshold must be >= 8 by site policy \(the Shamir threshold of 11 share holders; got 7\)")
+    _party(SECAGG_PLUS, ParticipantPolicy(min_threshold=7)).start()
+    assert SECAGG.threshold == 8
+    _party(SECAGG, ParticipantPolicy(min_threshold=8)).start()
+    _refused(SECAGG, ParticipantPolicy(min_threshold=9), "threshold must be >= 9 by site policy")
