@@ -333,7 +333,8 @@ def test_import_refuses_a_bundle_that_differs_from_the_invitation(tmp_path: Path
     fed = load_federation(bundle / "federation.toml")
     cases = {
         "mode_schedule": fed.model_copy(update={"mode_schedule": ("ckks",)}),
-        "threshold": fed.model_copy(update={"threshold": 2, "min_participants": 2}),
+        # the invitation pinned t = 2 (3 sites, issue 20): a bundle with t = 3 differs
+        "threshold": fed.model_copy(update={"threshold": 3, "min_participants": 3}),
         "dp": fed.model_copy(update={"dp": fed.dp.model_copy(update={"noise_multiplier": 0.1})}),
     }
     for field, changed in cases.items():

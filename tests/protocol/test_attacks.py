@@ -299,6 +299,9 @@ def test_split_view_one_colluder_beyond_the_bound_recovers_the_victim(n: int, t:
 
 N_PLUS = 12
 VICTIM, BAD = "org-0", ("org-5", "org-9")
+# The attack's k = 2 is below the default floor (default_neighbours(12) = 10); a federation that
+# pinned k = 2 lowers the floor explicitly, which is the setting the grinding attack needs.
+K2 = ParticipantPolicy(min_neighbours=2)
 
 
 def _plus_spec(**kw) -> RoundSpec:
@@ -331,7 +334,7 @@ def _grind(max_tries: int = 3000):
     upd = {p: rng.standard_normal(16).astype(np.float32) for p in ids}
 
     def mk(p: str) -> ParticipantRound:
-        r = ParticipantRound(spec, me=p, identity=idk[p], roster=roster, policy=ParticipantPolicy())
+        r = ParticipantRound(spec, me=p, identity=idk[p], roster=roster, policy=K2)
         r.set_update(upd[p])
         return r
 
@@ -375,7 +378,7 @@ def test_victim_neighbourhood_is_fixed_once_it_revealed() -> None:
     ids = list(spec.participants)
     idk = {p: IdentityKey.generate() for p in ids}
     roster = {p: k.public_bytes() for p, k in idk.items()}
-    victim = ParticipantRound(spec, me=VICTIM, identity=idk[VICTIM], roster=roster, policy=ParticipantPolicy())
+    victim = ParticipantRound(spec, me=VICTIM, identity=idk[VICTIM], roster=roster, policy=K2)
     victim.set_update(np.zeros(16, np.float32))
     adverts = {VICTIM: AdvertiseKeys.from_bytes(victim.start())}
     coll = {p: Colluder(spec, p, idk[p]) for p in ids if p != VICTIM}
@@ -399,7 +402,7 @@ def test_coin_roster_lies_abort_before_any_share(lie: str) -> None:
     ids = list(spec.participants)
     idk = {p: IdentityKey.generate() for p in ids}
     roster = {p: k.public_bytes() for p, k in idk.items()}
-    victim = ParticipantRound(spec, me=VICTIM, identity=idk[VICTIM], roster=roster, policy=ParticipantPolicy())
+    victim = ParticipantRound(spec, me=VICTIM, identity=idk[VICTIM], roster=roster, policy=K2)
     victim.set_update(np.zeros(16, np.float32))
     adverts = {VICTIM: AdvertiseKeys.from_bytes(victim.start())}
     coll = {p: Colluder(spec, p, idk[p]) for p in ids if p != VICTIM}
