@@ -13,7 +13,7 @@ NODE_ID = re.compile(r"`(tests/[\w/]+\.py)::(\w+)(\[[^\]`]*\])?`")
 
 def _table_rows() -> list[str]:
     text = THREATS.read_text(encoding="utf-8")
-    section = text.split("## Threats, mitigations, tests", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Threats, mitigations, bounds, tests", 1)[1].split("\n## ", 1)[0]
     return [line for line in section.splitlines() if line.startswith("|") and "`tests/" in line]
 
 
@@ -27,8 +27,8 @@ def test_threat_table_lists_tests_for_every_threat() -> None:
     assert len(rows) >= 15
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 3, row
-        assert NODE_ID.search(cells[2]), f"threat without a test: {cells[0]}"
+        assert len(cells) == 4, row
+        assert NODE_ID.search(cells[3]), f"threat without a test: {cells[0]}"
 
 
 def test_every_listed_node_id_exists() -> None:
@@ -48,6 +48,6 @@ def test_every_listed_node_id_exists() -> None:
 
 
 def test_checker_catches_a_missing_test(tmp_path: Path) -> None:
-    fake = "| t | m | `tests/protocol/test_adversary.py::test_no_such_thing` |"
+    fake = "| t | m | b | `tests/protocol/test_adversary.py::test_no_such_thing` |"
     file, name, _ = NODE_ID.findall(fake)[0]
     assert name not in _functions(ROOT / file)
