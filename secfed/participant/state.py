@@ -64,7 +64,10 @@ class ParticipantState:
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:
-        self.db.close()
+        # Under the lock: the key set-up thread may still be recording a send when the join
+        # loop closes (closing a connection another thread is using crashed the process).
+        with self._lock:
+            self.db.close()
 
     def sent(self, *, round_number: int, stage: str, destination: str, payload: bytes,
              protection: str) -> None:
