@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -48,6 +48,8 @@ from secfed.privacy.accounting import (
 from secfed.privacy.analysis import RDP_ORDERS, rdp_to_epsilon
 from secfed.privacy.events import MechanismEvent, canonical_json, event_from_json
 from secfed.privacy.receipts import LedgerReceipt
+
+_T = TypeVar("_T")
 
 __all__ = [
     "LEDGER_FORMAT",
@@ -559,6 +561,24 @@ class Ledger:
                           self._identity.sign(head_message(self.enterprise_id, 0, GENESIS_HASH)))
 
 
+def _read_only(path: Path, read: Callable[[sqlite3.Connection, Path], _T]) -> _T:
+    """``read(conn, path)`` on a read-only connection to the ledger file at ``path``.
+
+    Raises:
+        LedgerError: missing file, or it cannot be opened.
+    """
+    if not path.is_file():
+        raise LedgerError(f"ledger {path} does not exist")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"ledger {path} cannot be opened ({exc})") from exc
+    try:
+        return read(conn, path)
+    finally:
+        conn.close()
+
+
 def read_ledger(path: str | Path) -> list[LedgerEntry]:
     """Every entry of the ledger at ``path`` (unverified; see :func:`verify_ledger`).
 
@@ -576,17 +596,7 @@ def read_ledger_meta(path: str | Path) -> dict[str, str]:
     Raises:
         LedgerError: missing file, not a ledger, or another format.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise LedgerError(f"ledger {path} does not exist")
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise LedgerError(f"ledger {path} cannot be opened ({exc})") from exc
-    try:
-        return _read_meta(conn, path)
-    finally:
-        conn.close()
+    return _read_only(Path(path), _read_meta)
 
 
 def _receipts(conn: sqlite3.Connection, path: Path) -> list[LedgerReceipt]:
@@ -613,17 +623,7 @@ def read_receipts(path: str | Path) -> list[LedgerReceipt]:
         LedgerError: missing or unreadable file.
         LedgerVerificationError: a kept receipt does not parse.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise LedgerError(f"ledger {path} does not exist")
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise LedgerError(f"ledger {path} cannot be opened ({exc})") from exc
-    try:
-        return _receipts(conn, path)
-    finally:
-        conn.close()
+    return _read_only(Path(path), _receipts)
 
 
 def verify_receipts(entries: Sequence[LedgerEntry], receipts: Sequence[LedgerReceipt], *,
