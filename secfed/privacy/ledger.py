@@ -666,21 +666,16 @@ def verify_receipts(entries: Sequence[LedgerEntry], receipts: Sequence[LedgerRec
                 entry=head.index)
 
 
+def _meta_and_rows(conn: sqlite3.Connection, path: Path) -> tuple[dict[str, str], list[Any]]:
+    meta = _read_meta(conn, path)
+    try:
+        return meta, conn.execute(_SELECT).fetchall()
+    except sqlite3.DatabaseError as exc:  # a corrupted page: the file was altered
+        raise LedgerVerificationError(f"ledger {path}: entries table unreadable ({exc})") from exc
+
+
 def _read(path: Path) -> tuple[dict[str, str], list[LedgerEntry]]:
-    if not path.is_file():
-        raise LedgerError(f"ledger {path} does not exist")
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise LedgerError(f"ledger {path} cannot be opened ({exc})") from exc
-    try:
-        meta = _read_meta(conn, path)
-        try:
-            rows = conn.execute(_SELECT).fetchall()
-        except sqlite3.DatabaseError as exc:  # a corrupted page: the file was altered
-            raise LedgerVerificationError(f"ledger {path}: entries table unreadable ({exc})") from exc
-    finally:
-        conn.close()
+    meta, rows = _read_only(path, _meta_and_rows)
     entries = []
     for row in rows:
         try:
