@@ -48,7 +48,14 @@ class SecfedGroup(click.Group):
 @click.group(cls=SecfedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="secfed")
 def cli() -> None:
-    """secfed: secure aggregation and per-enterprise privacy ledgers for federated fine-tuning."""
+    """secfed: secure aggregation and per-enterprise privacy ledgers for federated fine-tuning.
+
+    Long work shows progress on stderr (a bar on a terminal, one line per step otherwise;
+    SECFED_PROGRESS=rich|plain|off chooses), so --json output is the only thing on stdout.
+    """
+    from secfed import progress
+
+    progress.quiet_libraries()  # secfed's own progress instead of transformers' loading bars
 
 
 def _register() -> None:

@@ -35,7 +35,7 @@ LAYERS = [
     ["secfed.crypto"],
 ]
 # Modules outside the layers that anybody may import (shared leaves).
-FREE = {"secfed", "secfed.errors"}
+FREE = {"secfed", "secfed.errors", "secfed.progress"}
 
 HEAVY = {"torch", "transformers", "opacus", "peft", "tenseal_torch"}
 NET = {"socket", "httpx", "fastapi", "uvicorn", "starlette", "requests", "urllib3", "ssl"}
