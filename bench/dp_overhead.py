@@ -58,7 +58,7 @@ def _rss_mib() -> float:
 
 def _build(model_name: str, work: Path, fusion_text: str, trainable: str = "adapter") -> Any:
     from secfed.models import build_classifier
-    from secfed.models.citysafety import select_trainable
+    from secfed.models.scopes import select_trainable
     from secfed.models.tiny import write_tiny_image_tower, write_tiny_text_tower
 
     text_dir = write_tiny_text_tower(work / "text", max_length=64)

@@ -9,7 +9,7 @@ its budget on), each on the noisy data as generated and on the
 copy cleaned by ``secfed data check --fix``.
 
 How it trains (the same for every row): the DP-specific trainable set of
-``secfed.models.citysafety.select_trainable`` (default ``head``: the fusion head on the frozen
+``secfed.models.select_trainable`` (default ``head``: the fusion head on the frozen
 pretrained towers, ~40k parameters instead of ~90k with LoRA on both towers), so the towers are
 run once per record (``tower_features``) and every row trains the same head copy
 (``feature_classifier``) -- the same per-example gradients as the full model with frozen towers.
@@ -53,27 +53,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from secfed.config import FEATURE_SCOPES  # noqa: E402
-from secfed.data import generate_federation, load_dataset  # noqa: E402
-from secfed.data.generate import generate_held_out  # noqa: E402
+from secfed.data import load_dataset  # noqa: E402
 from secfed.data.loading import model_inputs  # noqa: E402
-from secfed.data.quality import (  # noqa: E402
-    MISLABEL_POLICIES,
-    check_dataset,
-    score_against_truth,
-    write_cleaned,
-)
+from secfed.data.quality import MISLABEL_POLICIES, check_dataset, write_cleaned  # noqa: E402
 from secfed.data.records import read_records  # noqa: E402
 from secfed.models import adapter_layout, get_flat, load_classifier, set_flat  # noqa: E402
-from secfed.models.citysafety import (  # noqa: E402
-    TRAINABLE_SCOPES,
-    FeatureDataset,
-    feature_classifier,
-    prepare_demo_model,
-    select_trainable,
-    tower_features,
-)
+from secfed.models.features import FeatureDataset, feature_classifier, tower_features  # noqa: E402
+from secfed.models.scopes import TRAINABLE_SCOPES, select_trainable  # noqa: E402
 from secfed.privacy import DPSGDEvent, compose_epsilon, plan_noise  # noqa: E402
 from secfed.protocol.simulate import simulate  # noqa: E402
+from secfed.tasks.citysafety import generate_federation, generate_held_out  # noqa: E402
+from secfed.tasks.citysafety.model import prepare_demo_model  # noqa: E402
+from secfed.tasks.citysafety.scoring import score_against_truth  # noqa: E402
 from secfed.training import DPConfig, collate_examples, evaluate, train_local  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

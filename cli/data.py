@@ -25,7 +25,7 @@ def command() -> None:
 @json_option
 def generate(out_dir: Path, seed: int, scale: str, as_json: bool) -> None:
     """Write one dataset per enterprise, the shared test set and the defect truth."""
-    from secfed.data import generate_federation
+    from secfed.tasks.citysafety import generate_federation
 
     fed = generate_federation(out_dir, seed=seed, scale=scale)
     if as_json:
@@ -62,7 +62,8 @@ def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
         raise click.BadParameter("--mislabels is only used with --fix", param_hint="--mislabels")
     mislabel_policy = mislabel_policy or "review"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from secfed.data.quality import check_dataset, read_truth, score_against_truth, write_cleaned
+    from secfed.data.quality import check_dataset, write_cleaned
+    from secfed.tasks.citysafety.scoring import read_truth, score_against_truth
 
     truth = read_truth(truth_path) if truth_path is not None else None
     report, _ = check_dataset(data_dir, model_dir=model_dir)
@@ -105,7 +106,7 @@ def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
 def score(federation_dir: Path, model_dir: Path, as_json: bool) -> None:
     """Check every enterprise of a generated federation; precision/recall vs the truth."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from secfed.data.quality import score_federation
+    from secfed.tasks.citysafety.scoring import score_federation
 
     result = score_federation(federation_dir, model_dir=model_dir)
     if as_json:

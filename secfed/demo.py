@@ -1,6 +1,6 @@
 """``make demo``: a whole federation on this machine, as separate processes over mutual TLS.
 
-Builds the city-safety demo data and model locally (``secfed.data``, ``secfed.models``), enrols
+Builds the city-safety demo data and model locally (``secfed.tasks.citysafety``), enrols
 three enterprises (energy utility, residential security operator, city operations centre) and
 the coordinator the way a real federation does, on this machine (``secfed federation init`` =
 :func:`secfed.transport.kits.create_kits`: the admin's invitation, each party's own keys and
@@ -43,7 +43,7 @@ SCHEDULE = ("secagg", "secagg", "secagg", "ckks")
 @dataclass(frozen=True)
 class DemoSettings:
     seed: int = 7
-    scale: str = "demo"  # secfed.data scale and secfed.models size
+    scale: str = "demo"  # secfed.tasks.citysafety data scale and model size
     rounds: int = 20
     schedule: tuple[str, ...] = SCHEDULE
     epsilon: float = 8.0
@@ -87,7 +87,7 @@ def _env() -> dict[str, str]:
 
 
 def _prepare(out: Path, settings: DemoSettings, say: Callable[[str], None]) -> tuple[Path, Path]:
-    from secfed.data import generate_federation, prepare_demo_model
+    from secfed.tasks.citysafety import generate_federation, prepare_demo_model
 
     data, model = out / "data", out / "model"
     if not (data / "test").is_dir():
@@ -114,7 +114,7 @@ def prepare_demo(out: str | Path, *, settings: DemoSettings | None = None,
 
 
 def _enterprise_dirs(data: Path) -> dict[str, Path]:
-    from secfed.data import ENTERPRISES
+    from secfed.tasks.citysafety import ENTERPRISES
 
     return {p.name: data / p.name for p in ENTERPRISES}
 

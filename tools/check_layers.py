@@ -5,7 +5,7 @@ siblings in one layer (separated by ``|``) may not import each other:
 
     secfed.cli
     secfed.coordinator | secfed.participant | secfed.demo
-    secfed.transport | secfed.audit
+    secfed.transport | secfed.audit | secfed.tasks
     secfed.training | secfed.data
     secfed.protocol | secfed.privacy | secfed.models
     secfed.config
@@ -13,7 +13,9 @@ siblings in one layer (separated by ``|``) may not import each other:
 
 Forbidden third-party imports: secfed.crypto imports no torch/transformers/opacus/peft/http;
 secfed.protocol imports no torch and no transport/sockets; only secfed.transport (and the
-process-orchestrating demo and CLI) may import socket-level libraries.
+process-orchestrating demo and CLI) may import socket-level libraries. ``secfed.tasks`` (the
+demo's city-safety task: generator, taxonomy, model recipe) builds on models/data/training and
+nothing generic imports it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ SOURCES = {"secfed": ROOT / "secfed", "secfed.crypto": ROOT / "crypto", "secfed.
 LAYERS = [
     ["secfed.cli"],
     ["secfed.coordinator", "secfed.participant", "secfed.demo"],
-    ["secfed.transport", "secfed.audit"],
+    ["secfed.transport", "secfed.audit", "secfed.tasks"],
     ["secfed.training", "secfed.data"],
     ["secfed.protocol", "secfed.privacy", "secfed.models"],
     ["secfed.config"],
@@ -47,6 +49,7 @@ FORBIDDEN_EXTERNAL = {
     "secfed.models": NET,
     "secfed.data": NET,
     "secfed.audit": NET,
+    "secfed.tasks": NET,
 }
 
 

@@ -7,6 +7,7 @@ This is the format a user's real data uses too, so reading is strict: every prob
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -44,17 +45,27 @@ class Record:
 
 @dataclass(frozen=True)
 class DatasetMeta:
-    """``meta.json``: the taxonomy (ordered class names) and where the data came from."""
+    """``meta.json``: the taxonomy (ordered class names) and where the data came from.
+
+    ``label_descriptions`` (optional) gives some classes a few words each, the zero-shot prompts
+    ``secfed data check`` scores report texts against; a class without one is described by its
+    name.
+    """
 
     taxonomy: tuple[str, ...]
     enterprise: str
     seed: int | None = None
     scale: str | None = None
     format: str = FORMAT_VERSION
+    label_descriptions: Mapping[str, tuple[str, ...]] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": self.format, "taxonomy": list(self.taxonomy),
-                "enterprise": self.enterprise, "seed": self.seed, "scale": self.scale}
+        out: dict[str, Any] = {"format": self.format, "taxonomy": list(self.taxonomy),
+                               "enterprise": self.enterprise, "seed": self.seed,
+                               "scale": self.scale}
+        if self.label_descriptions is not None:
+            out["label_descriptions"] = {k: list(v) for k, v in self.label_descriptions.items()}
+        return out
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -100,7 +111,22 @@ def read_meta(data_dir: Path) -> DatasetMeta:
     if seed is not None and not isinstance(seed, int):
         raise DataError(f"{path}: field 'seed' must be an integer or null (got {seed!r})")
     return DatasetMeta(taxonomy=tuple(taxonomy), enterprise=str(raw.get("enterprise", "")),
-                       seed=seed, scale=raw.get("scale"), format=fmt)
+                       seed=seed, scale=raw.get("scale"), format=fmt,
+                       label_descriptions=_label_descriptions(raw, taxonomy, path))
+
+
+def _label_descriptions(raw: dict, taxonomy: list[str], path: Path) -> dict[str, tuple[
+        str, ...]] | None:
+    """``meta.json``'s optional ``label_descriptions``: class name -> non-empty list of phrases."""
+    found = raw.get("label_descriptions")
+    if found is None:
+        return None
+    if not isinstance(found, dict) or not all(
+            k in taxonomy and isinstance(v, list) and v
+            and all(isinstance(p, str) and p.strip() for p in v) for k, v in found.items()):
+        raise DataError(f"{path}: field 'label_descriptions' must map classes of the taxonomy "
+                        f"to non-empty lists of phrases (got {found!r:.120})")
+    return {k: tuple(v) for k, v in found.items()}
 
 
 def _check_record(raw: Any, taxonomy: tuple[str, ...], *, where: str) -> None:

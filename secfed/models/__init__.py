@@ -16,6 +16,7 @@ from secfed.models.classifiers import (
 )
 from secfed.models.loading import load_tokenizer, load_tower, resolve_model_dir
 from secfed.models.lora import DEFAULT_TARGET_MODULES, LoraSettings, attach_lora, lora_targets
+from secfed.models.scopes import TRAINABLE_SCOPES, select_trainable
 from secfed.models.storage import (
     ProcessorInfo,
     build_classifier,
@@ -26,6 +27,7 @@ from secfed.models.storage import (
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "TRAINABLE_SCOPES",
     "AdapterLayout",
     "ClassifierSpec",
     "FusionClassifier",
@@ -46,5 +48,6 @@ __all__ = [
     "lora_targets",
     "resolve_model_dir",
     "save_classifier",
+    "select_trainable",
     "set_flat",
 ]

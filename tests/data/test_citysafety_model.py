@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from secfed.data import HAZARD_CLASSES, load_dataset
+from secfed.data import load_dataset
 from secfed.errors import DataError, ModelError
 from secfed.models import load_classifier
-from secfed.models.citysafety import CITY_SAFETY_CLASSES, MODEL_SIZES, _new_vit
+from secfed.tasks.citysafety import HAZARD_CLASSES
+from secfed.tasks.citysafety.model import CITY_SAFETY_CLASSES, MODEL_SIZES, _new_vit
 
 
 def test_taxonomies_agree():
@@ -127,7 +128,7 @@ def test_head_sees_each_towers_output_at_one_scale(model_bundle) -> None:
     record dominates DP-SGD's clipped gradient sum by the size of its embedding."""
     from dataclasses import replace
 
-    from secfed.models.citysafety import FeatureDataset, feature_classifier
+    from secfed.models.features import FeatureDataset, feature_classifier
 
     model, model_dir = model_bundle
     assert model.spec.normalize_inputs

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from secfed.data import HAZARD_CLASSES, DatasetMeta, Record, read_records, write_records
+from secfed.data import DatasetMeta, Record, read_records, write_records
 from secfed.errors import DataError
+from secfed.tasks.citysafety import HAZARD_CLASSES
 
 
 @pytest.fixture()

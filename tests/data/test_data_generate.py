@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from secfed.data import HAZARD_CLASSES, generate_federation, read_records
-from secfed.data.taxonomy import ENTERPRISES, TEST_PER_CLASS
+from secfed.data import read_records
 from secfed.errors import DataError
+from secfed.tasks.citysafety import HAZARD_CLASSES, generate_federation
+from secfed.tasks.citysafety.taxonomy import ENTERPRISES, TEST_PER_CLASS
 
 FIXED_SEED = 20261126  # the seed of the session fixture in conftest.py
 

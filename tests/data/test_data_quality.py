@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from secfed.cli.main import cli
 from secfed.data import read_records
-from secfed.data.quality import score_against_truth
 from secfed.errors import DataError
+from secfed.tasks.citysafety.scoring import score_against_truth
 
 
 def _pooled(federation, quality_reports, kind):

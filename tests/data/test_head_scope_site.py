@@ -19,7 +19,7 @@ def _terms() -> RoundTerms:
 
 def test_head_settings_are_the_head_of_the_model(model_bundle) -> None:
     from secfed.models import load_classifier
-    from secfed.models.citysafety import select_trainable
+    from secfed.models.scopes import select_trainable
 
     _, model_dir = model_bundle
     full = model_settings_for(model_dir=model_dir, synthetic_dim=None)
@@ -38,7 +38,8 @@ def test_head_site_trains_on_features_and_scores_like_the_full_model(
         federation, model_bundle, tmp_path) -> None:
     from secfed.data import load_dataset
     from secfed.models import adapter_layout, get_flat, load_classifier, set_flat
-    from secfed.models.citysafety import FeatureDataset, select_trainable
+    from secfed.models.features import FeatureDataset
+    from secfed.models.scopes import select_trainable
     from secfed.training import evaluate
 
     _, model_dir = model_bundle
@@ -73,7 +74,7 @@ def test_federation_settings_name_exactly_the_models_trainable_sets() -> None:
     from typing import get_args
 
     from secfed.config import FEATURE_SCOPES, TrainableSet
-    from secfed.models.citysafety import TRAINABLE_SCOPES
+    from secfed.models.scopes import TRAINABLE_SCOPES
 
     assert get_args(TrainableSet) == TRAINABLE_SCOPES
     assert set(FEATURE_SCOPES) < set(TRAINABLE_SCOPES)
@@ -83,7 +84,7 @@ def test_restarted_head_site_reads_its_tower_features_back(
         federation, model_bundle, tmp_path, monkeypatch) -> None:
     import torch
 
-    import secfed.models.citysafety as cs
+    import secfed.models.features as cs
 
     _, model_dir = model_bundle
     settings = model_settings_for(model_dir=model_dir, synthetic_dim=None, trainable="head")
@@ -128,7 +129,7 @@ def test_feature_key_follows_the_towers_weights_and_every_input(model_bundle, fe
 
     from secfed.data import load_dataset
     from secfed.models import load_classifier
-    from secfed.models.citysafety import features_key
+    from secfed.models.features import features_key
 
     _, model_dir = model_bundle
     model, _ = load_classifier(model_dir)

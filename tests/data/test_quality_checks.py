@@ -16,16 +16,11 @@ import torch
 from click.testing import CliRunner
 
 from secfed.cli.main import cli
-from secfed.data.quality import (
-    QualitySettings,
-    _out_of_fold_log_probs,
-    _stacked_posterior,
-    _text_agrees,
-    find_defects,
-    image_statistics,
-    read_truth,
-    score_against_truth,
-)
+from secfed.data.quality import QualitySettings, find_defects, image_statistics
+from secfed.data.quality.labels import _text_agrees
+from secfed.data.quality.probes import out_of_fold_log_probs as _out_of_fold_log_probs
+from secfed.data.quality.probes import stacked_posterior as _stacked_posterior
+from secfed.tasks.citysafety.scoring import read_truth, score_against_truth
 
 
 def _pooled(federation, quality_reports, kind, names=None):

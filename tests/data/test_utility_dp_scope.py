@@ -11,13 +11,8 @@ import torch.nn.functional as F
 from secfed.data import load_dataset
 from secfed.errors import ModelError
 from secfed.models import adapter_layout, get_flat, set_flat
-from secfed.models.citysafety import (
-    TRAINABLE_SCOPES,
-    FeatureDataset,
-    feature_classifier,
-    select_trainable,
-    tower_features,
-)
+from secfed.models.features import FeatureDataset, feature_classifier, tower_features
+from secfed.models.scopes import TRAINABLE_SCOPES, select_trainable
 from secfed.training import DPConfig, collate_examples, train_local
 
 

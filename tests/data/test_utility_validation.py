@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from secfed.data.generate import generate_held_out
 from secfed.data.records import read_records
 from secfed.errors import DataError
+from secfed.tasks.citysafety import generate_held_out
 
 
 def _rows(path):

@@ -21,6 +21,24 @@ HAZARD_CLASSES: tuple[str, ...] = (
 
 TAXONOMY_VERSION = "city-safety/v1"
 
+#: Zero-shot prompts for the taxonomy: generic words for each hazard (written for the taxonomy,
+#: not taken from any enterprise's reports). The generator writes them into each dataset's
+#: ``meta.json`` (``label_descriptions``), where ``secfed data check`` reads them.
+HAZARD_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "fire_smoke": ("fire", "smoke", "flames and burning", "a fire with smoke"),
+    "flooding": ("flooding", "flood water", "water leak, area under water", "flooded"),
+    "structural_damage": ("structural damage", "collapsed wall or building",
+                          "crack in the structure", "fallen debris, collapse"),
+    "intrusion": ("intrusion", "trespasser or intruder", "break-in, unauthorised person",
+                  "theft, burglar"),
+    "equipment_fault": ("equipment fault", "electrical fault, sparks", "broken machine alarm",
+                        "power equipment failure"),
+    "crowding": ("crowding", "a large crowd of people", "many people gathering",
+                 "overcrowded area"),
+    "normal": ("normal", "routine check, nothing to report", "all clear, no incident",
+               "everything ok"),
+}
+
 
 @dataclass(frozen=True)
 class EnterpriseProfile:

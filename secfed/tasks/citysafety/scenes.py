@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from secfed.data.taxonomy import HAZARD_CLASSES
+from secfed.tasks.citysafety.taxonomy import HAZARD_CLASSES
 
 #: Stored frame size (pixels, square). Small so a CPU demo trains in minutes.
 FRAME_SIZE = 48

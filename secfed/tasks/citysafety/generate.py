@@ -17,11 +17,12 @@ from PIL import Image
 
 from secfed.crypto.errors import DataError
 from secfed.data.records import IMAGES_DIR, DatasetMeta, Record, write_json, write_records
-from secfed.data.reports import edit_report, write_report
-from secfed.data.scenes import perturb_frame, render_scene
-from secfed.data.taxonomy import (
+from secfed.tasks.citysafety.reports import edit_report, write_report
+from secfed.tasks.citysafety.scenes import perturb_frame, render_scene
+from secfed.tasks.citysafety.taxonomy import (
     ENTERPRISES,
     HAZARD_CLASSES,
+    HAZARD_DESCRIPTIONS,
     SCALES,
     TAXONOMY_VERSION,
     TEST_PER_CLASS,
@@ -151,7 +152,8 @@ def _write_dataset(out: Path, enterprise: str, prefix: str, drafts: list[_Draft]
             (out / image).write_bytes(_png_bytes(d.frame))
         records.append(Record(id=rid, text=d.text, image=image, label=d.label,
                               source=sources[int(i)] if sources else enterprise))
-    meta = DatasetMeta(taxonomy=HAZARD_CLASSES, enterprise=enterprise, seed=seed, scale=scale)
+    meta = DatasetMeta(taxonomy=HAZARD_CLASSES, enterprise=enterprise, seed=seed, scale=scale,
+                       label_descriptions=HAZARD_DESCRIPTIONS)
     write_records(out, records, meta)
     return records, ids
 

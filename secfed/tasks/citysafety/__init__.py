@@ -1,0 +1,43 @@
+"""The city-safety task of the demo: hazard taxonomy, three enterprises' generated data, the
+image+text classifier recipe, and scoring of the data check against the generator's truth.
+
+The generator and taxonomy need only numpy and Pillow; the model recipe and the scoring (torch)
+are imported on first use so ``import secfed.tasks.citysafety`` is cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from secfed.tasks.citysafety.generate import FederationData, generate_federation, generate_held_out
+from secfed.tasks.citysafety.taxonomy import (
+    ENTERPRISES,
+    HAZARD_CLASSES,
+    HAZARD_DESCRIPTIONS,
+    TEST_PER_CLASS,
+    EnterpriseProfile,
+)
+
+__all__ = [
+    "ENTERPRISES",
+    "HAZARD_CLASSES",
+    "HAZARD_DESCRIPTIONS",
+    "TEST_PER_CLASS",
+    "EnterpriseProfile",
+    "FederationData",
+    "build_city_safety_classifier",
+    "generate_federation",
+    "generate_held_out",
+    "prepare_demo_model",
+]
+
+_LAZY = {"build_city_safety_classifier": "secfed.tasks.citysafety.model",
+         "prepare_demo_model": "secfed.tasks.citysafety.model"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)
