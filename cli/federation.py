@@ -14,7 +14,8 @@ from typing import Any, get_args
 import click
 
 from secfed.cli.options import emit_json, json_option
-from secfed.config import LRSchedule, Optimizer, TrainableSet
+from secfed.config import LRSchedule, Optimizer
+from secfed.names import TRAINABLE_SCOPES
 
 
 @click.group("federation")
@@ -51,7 +52,7 @@ _SETTINGS = [
                  help="DP-SGD update rule at the sites."),
     click.option("--lr-schedule", type=click.Choice(get_args(LRSchedule)), default="constant",
                  show_default=True, help="cosine: the learning rate decays over the planned rounds."),
-    click.option("--trainable", type=click.Choice(get_args(TrainableSet)),
+    click.option("--trainable", type=click.Choice(TRAINABLE_SCOPES),
                  default="adapter", show_default=True,
                  help="What sites train and the federation aggregates: LoRA on both towers + the "
                       "fusion head (adapter), the head + the last layer's LoRA (top), the head "

@@ -8,16 +8,11 @@ from typing import Any
 import click
 
 from secfed.cli.options import emit_json, json_option
+from secfed.names import ADVERSARIES, MESSAGE_STAGES, MODES
 
-_MODES = ("secagg", "secagg+", "ckks")
-_STAGES = ("advertise", "reveal", "share", "upload", "consistency", "unmask")  # reveal: secagg+
-_ADVERSARIES = (
-    "request-both-shares",
-    "inconsistent-survivors",
-    "substitute-key",
-    "below-threshold",
-    "replay-previous-round",
-)
+_MODES = MODES
+_STAGES = tuple(s.value for s in MESSAGE_STAGES)  # reveal: secagg+ only
+_ADVERSARIES = ADVERSARIES
 
 
 def _parse_drops(values: tuple[str, ...], n: int) -> dict[str, list[int]]:

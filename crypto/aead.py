@@ -13,6 +13,7 @@ import struct
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from secfed import names
 from secfed.crypto.errors import ConfigError, DecryptionError
 
 __all__ = ["NONCE_BYTES", "TAG_BYTES", "KEY_BYTES", "seal", "open_sealed", "binding_ad"]
@@ -20,7 +21,7 @@ __all__ = ["NONCE_BYTES", "TAG_BYTES", "KEY_BYTES", "seal", "open_sealed", "bind
 NONCE_BYTES = 12  # GCM's native nonce size (NIST SP 800-38D)
 TAG_BYTES = 16
 KEY_BYTES = 32
-_AD_LABEL = b"secfed/v1/aead-ad"
+_AD_LABEL = names.LABEL_AEAD_AD
 
 
 def _field(value: bytes) -> bytes:

@@ -27,6 +27,7 @@ import tenseal as ts
 import tenseal.sealapi  # noqa: F401  (registers SEAL's types, e.g. Modulus, with pybind11)
 
 from secfed.crypto.errors import CkksError
+from secfed.names import CKKS_SLOTS
 
 __all__ = [
     "POLY_MODULUS_DEGREE",
@@ -47,7 +48,7 @@ __all__ = [
 POLY_MODULUS_DEGREE = 8192  # smallest N giving 128-bit security for a 120-bit modulus chain
 COEFF_MOD_BIT_SIZES = (60, 60)  # one data prime + the special prime: additions only, no rescale
 SCALE_BITS = 40  # 2^40 scale: ~1e-9 absolute error per value, far below fp32 LoRA noise
-SLOTS = POLY_MODULUS_DEGREE // 2  # CKKS packs N/2 complex (here real) slots per ciphertext
+SLOTS = CKKS_SLOTS  # = POLY_MODULUS_DEGREE // 2: CKKS packs N/2 complex (here real) slots per ciphertext
 # TenSEAL 0.3.18 holds the GIL while it encrypts, serialises and decrypts (measured: one
 # 1e6-value encrypt call kept every other Python thread waiting for 0.69 s of its 1.1 s), so
 # threads add no throughput; ``workers`` stays in the API for a TenSEAL that releases it.

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from secfed import names
 from secfed.crypto.errors import ConfigError, CryptoError, InvalidSignature
 
 __all__ = [
@@ -38,14 +39,12 @@ __all__ = [
 KEY_BYTES = 32  # X25519 / Ed25519 raw key size and every derived key (AES-256).
 
 # One HKDF info label per purpose (CONVENTIONS.md: "key derivation is labelled").
-LABEL_PAIRWISE_MASK = b"secfed/v1/pairwise-mask"  # seed of the AES-CTR pairwise mask
-LABEL_SHARE_ENCRYPTION = b"secfed/v1/share-encryption"  # AES-GCM key for Shamir shares
-LABEL_SELF_MASK = b"secfed/v1/self-mask"  # expansion of a self-mask seed
-LABEL_NOISE = b"secfed/v1/noise"  # distributed-DP noise stream (reserved)
-LABEL_LEDGER = b"secfed/v1/ledger"  # ledger entry signatures (domain separation)
-LABELS = frozenset(
-    {LABEL_PAIRWISE_MASK, LABEL_SHARE_ENCRYPTION, LABEL_SELF_MASK, LABEL_NOISE, LABEL_LEDGER}
-)
+LABEL_PAIRWISE_MASK = names.LABEL_PAIRWISE_MASK  # seed of the AES-CTR pairwise mask
+LABEL_SHARE_ENCRYPTION = names.LABEL_SHARE_ENCRYPTION  # AES-GCM key for Shamir shares
+LABEL_SELF_MASK = names.LABEL_SELF_MASK  # expansion of a self-mask seed
+LABEL_NOISE = names.LABEL_NOISE  # distributed-DP noise stream (reserved)
+LABEL_LEDGER = names.LABEL_LEDGER  # ledger entry signatures (domain separation)
+LABELS = names.KEY_LABELS
 
 
 def _check_len(name: str, value: bytes, expected: int) -> None:

@@ -21,9 +21,11 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from secfed.crypto.errors import BudgetExceeded, ConfigError
+from secfed.names import FEATURE_SCOPES, MASK_MODES, MODES, default_threshold
 
 __all__ = [
     "AggregationMode",
+    "FEATURE_SCOPES",
     "MODES",
     "RosterEntry",
     "Deadlines",
@@ -43,25 +45,16 @@ __all__ = [
     "site_policy_to_toml",
 ]
 
+# The pydantic field types: Literals that must list exactly ``secfed.names.MODES`` /
+# ``TRAINABLE_SCOPES`` (tests/test_names.py pins both; the enums themselves live in names).
 AggregationMode = Literal["secagg", "secagg+", "ckks"]
 #: DP-SGD update rule at the sites; learning-rate schedule over the planned rounds.
 Optimizer = Literal["sgd", "adam"]
 LRSchedule = Literal["constant", "cosine"]
 #: What sites train (``secfed.models.TRAINABLE_SCOPES``, largest first).
 TrainableSet = Literal["adapter", "top", "head", "classifier"]
-#: Trainable sets whose towers stay frozen: a site trains the head on tower features.
-FEATURE_SCOPES: tuple[str, ...] = ("head", "classifier")
-MODES: tuple[str, ...] = ("secagg", "secagg+", "ckks")
-MASK_MODES: tuple[str, ...] = ("secagg", "secagg+")  # the modes a noise hook can act in
 ENTERPRISE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # also a DNS label: CN/SAN of its cert
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def default_threshold(n: int) -> int:
-    """t = floor(2n/3), at least 2 and at most n-1: the share holders *besides* a responder
-    that must survive and sign; n = 3 gives 2. Must equal
-    ``secfed.protocol.spec.default_threshold`` (config sits below protocol; a test pins both)."""
-    return max(2, min(n - 1, (2 * n) // 3))
 
 
 class _Frozen(BaseModel):

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from secfed.config import FEATURE_SCOPES
 from secfed.crypto.errors import SecfedError
+from secfed.names import FEATURE_SCOPES
 
 __all__ = ["DemoSettings", "DemoResult", "run_demo"]
 

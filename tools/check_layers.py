@@ -11,6 +11,8 @@ siblings in one layer (separated by ``|``) may not import each other:
     secfed.config
     secfed.crypto
 
+``secfed.names`` (the shared vocabulary) and ``secfed.errors`` are leaves every layer may import.
+
 Forbidden third-party imports: secfed.crypto imports no torch/transformers/opacus/peft/http;
 secfed.protocol imports no torch and no transport/sockets; only secfed.transport (and the
 process-orchestrating demo and CLI) may import socket-level libraries. ``secfed.tasks`` (the
@@ -37,7 +39,7 @@ LAYERS = [
     ["secfed.crypto"],
 ]
 # Modules outside the layers that anybody may import (shared leaves).
-FREE = {"secfed", "secfed.errors", "secfed.progress"}
+FREE = {"secfed", "secfed.errors", "secfed.progress", "secfed.names"}
 
 HEAVY = {"torch", "transformers", "opacus", "peft", "tenseal_torch"}
 NET = {"socket", "httpx", "fastapi", "uvicorn", "starlette", "requests", "urllib3", "ssl"}
@@ -50,6 +52,7 @@ FORBIDDEN_EXTERNAL = {
     "secfed.data": NET,
     "secfed.audit": NET,
     "secfed.tasks": NET,
+    "secfed.names": HEAVY | NET,
 }
 
 

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from secfed import names
 from secfed.audit.model import (
     BudgetOutlook,
     Check,
@@ -79,10 +80,10 @@ __all__ = [
 # the record and the events disagree.
 EPSILON_RTOL = 1e-6
 # Stages whose message carries the model update (secfed.protocol.Stage.UPLOAD).
-UPDATE_STAGES = frozenset({"upload"})
+UPDATE_STAGES = frozenset({names.Stage.UPLOAD.value})
 # How an update may leave a site: masked (secagg/secagg+) or CKKS-encrypted. Never in clear.
-UPDATE_PROTECTIONS = frozenset({"masked", "encrypted"})
-PROTECTIONS = frozenset({"masked", "encrypted", "signed", "control"})
+UPDATE_PROTECTIONS = frozenset(names.UPDATE_PROTECTIONS)
+PROTECTIONS = frozenset(names.PROTECTIONS)
 # Cap on the "rounds still allowed" projection (a budget that never runs out at this σ).
 MAX_PROJECTED_ROUNDS = 1_000_000
 # Accountant of the online budget check when the ledger's own setting cannot be read (a ledger

@@ -10,12 +10,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from secfed.coordinator.service import Coordinator, EventSink
+from secfed.names import CKKS_SLOTS
 from secfed.transport.kits import CoordinatorKit
 
 __all__ = ["Coordinator", "run_coordinator", "max_body_bytes"]
 
 CKKS_CIPHERTEXT_BYTES = 300_000  # one N=8192, [60, 60] ciphertext serialises to ~262 KB
-CKKS_SLOTS = 4096
 LINGER_S = 3.0
 
 

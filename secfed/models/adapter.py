@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from secfed.errors import ModelError
+from secfed.names import vector_hash
 
 __all__ = [
     "LAYOUT_FORMAT",
@@ -230,6 +231,4 @@ def adapter_hash(layout: AdapterLayout, vec: np.ndarray) -> str:
         ModelError: ``vec`` is not a float32 vector of length ``layout.total``.
     """
     _check_vector(layout, vec, "adapter vector")
-    h = hashlib.sha256(layout.digest())
-    h.update(np.ascontiguousarray(vec, dtype="<f4").tobytes())
-    return h.hexdigest()
+    return vector_hash(layout.digest(), vec)

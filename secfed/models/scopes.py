@@ -6,6 +6,7 @@ import re
 
 from torch import nn
 
+from secfed import names
 from secfed.errors import ModelError
 from secfed.models.classifiers import FusionClassifier
 
@@ -17,7 +18,7 @@ __all__ = ["TRAINABLE_SCOPES", "select_trainable"]
 #: ``"head"`` the fusion head only (projections, missing-modality embeddings, MLP);
 #: ``"classifier"`` the head's MLP only (projections and missing embeddings stay as initialised).
 #: The small sets are for DP-SGD, whose noise norm grows with sqrt(trainable dimension).
-TRAINABLE_SCOPES: tuple[str, ...] = ("adapter", "top", "head", "classifier")
+TRAINABLE_SCOPES: tuple[str, ...] = names.TRAINABLE_SCOPES  # secfed.names.TrainableSet
 
 _LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
 

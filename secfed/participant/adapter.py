@@ -23,8 +23,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from secfed.config import FEATURE_SCOPES, ModelSettings, RoundTerms
+from secfed import names
+from secfed.config import ModelSettings, RoundTerms
 from secfed.crypto.errors import ConfigError, ModelError
+from secfed.names import FEATURE_SCOPES, vector_hash
 
 __all__ = [
     "TrainOutcome",
@@ -38,7 +40,7 @@ __all__ = [
     "model_settings_for",
 ]
 
-SYNTHETIC_LABEL = b"secfed/v1/synthetic-layout"
+SYNTHETIC_LABEL = names.LABEL_SYNTHETIC_LAYOUT
 SYNTHETIC_NORM = 1.0  # L2 norm of a synthetic delta: well inside the default clip bound of 8
 
 
@@ -63,13 +65,6 @@ class LocalSite(Protocol):
     def apply(self, new_global: np.ndarray, round_number: int = 0) -> str: ...
     def flush(self) -> None: ...
     def evaluate(self) -> dict[str, float]: ...
-
-
-def vector_hash(layout_digest: bytes, vec: np.ndarray) -> str:
-    """Hex SHA-256 over the layout digest and the little-endian float32 bytes (CONTRACTS.md)."""
-    h = hashlib.sha256(layout_digest)
-    h.update(np.ascontiguousarray(vec, dtype="<f4").tobytes())
-    return h.hexdigest()
 
 
 def synthetic_layout_digest(dim: int) -> bytes:

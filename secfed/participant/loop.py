@@ -43,6 +43,7 @@ from secfed.crypto.errors import (
     TransportError,
 )
 from secfed.crypto.keys import verify_signature
+from secfed.names import MASK_MODES, protection_of
 from secfed.participant.adapter import LocalSite
 from secfed.participant.ledger import open_site_ledger
 from secfed.participant.noise import distributed_hook
@@ -71,20 +72,6 @@ __all__ = ["Participant", "RoundReport"]
 POLL_S = 20.0  # long-poll length; the server answers as soon as something changes
 SETUP_POLL_S = 2.0  # long-poll length of the key set-up thread (it checks for a stop between)
 STAGE_SLACK_S = 30.0  # how long past the announced deadline to keep asking for a stage
-
-
-def _protection(stage: Stage, mode: str) -> str:
-    if stage is Stage.ADVERTISE:
-        return "signed"  # public keys signed with the identity key
-    if stage is Stage.REVEAL:
-        return "control"  # secagg+ graph coin: public once revealed, bound by the signed advert
-    if stage is Stage.SHARE:
-        return "encrypted"  # AES-GCM sealed Shamir shares
-    if stage is Stage.UPLOAD:
-        return "encrypted" if mode == "ckks" else "masked"
-    if stage is Stage.CONSISTENCY:
-        return "signed"
-    return "control"  # unmask shares: released by design for the survivors / dropouts
 
 
 @dataclass(frozen=True)
@@ -285,7 +272,7 @@ class Participant:
                             ledger_head=ledger_head, payload=payload)
         self.state.sent(round_number=spec.round_number, stage=stage.value,
                         destination="coordinator", payload=payload,
-                        protection=_protection(stage, spec.mode))
+                        protection=protection_of(stage, spec.mode).value)
         if then is None:
             self.client.submit(envelope)
             return None
@@ -554,7 +541,7 @@ class Participant:
         length = model.vector_length
         if message.round_number != round_number:
             raise ProtocolAbort(f"aggregate must be for round {round_number}")
-        if isinstance(message, MaskedAggregate) and mode in ("secagg", "secagg+"):
+        if isinstance(message, MaskedAggregate) and mode in MASK_MODES:
             dtype = np.dtype(f"<u{message.ring_bits // 8}")
             ring = np.frombuffer(message.vector, dtype=dtype).astype(dtype.newbyteorder("="))
             if ring.size != length:

@@ -18,7 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-PROTECTIONS = ("masked", "encrypted", "signed", "control")
+from secfed import names
+
+PROTECTIONS = names.PROTECTIONS
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbound (

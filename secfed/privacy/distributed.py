@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from secfed.crypto.errors import ConfigError, DPGuardError, HeadroomError, PrivacyError
 from secfed.crypto.prg import keystream
+from secfed.names import MASK_MODES
 from secfed.privacy.events import DistributedDPEvent
 
 __all__ = [
@@ -272,8 +273,10 @@ class DistributedDP:
                 guaranteed share beyond the assumed colluders'.
             HeadroomError: see :meth:`check_headroom`.
         """
-        if spec.mode not in ("secagg", "secagg+"):
-            raise DPGuardError(f"distributed DP needs a mask mode (secagg, secagg+) (got {spec.mode!r})")
+        if spec.mode not in MASK_MODES:
+            raise DPGuardError(
+                f"distributed DP needs a mask mode ({', '.join(MASK_MODES)}) (got {spec.mode!r})"
+            )
         n = len(spec.participants)
         if n < self.min_participants and not self.force:
             raise DPGuardError(

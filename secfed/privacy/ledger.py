@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from secfed import names
 from secfed.crypto.errors import (
     BudgetExceeded,
     ConfigError,
@@ -71,7 +72,7 @@ LEDGER_FORMAT = 1  # schema + canonical-encoding version, stored in the meta tab
 GENESIS_HASH = bytes(32)  # prev_hash of entry 1
 HEAD_MAGIC = b"SFLH"
 HEAD_VERSION = 1
-_ENTRY_DOMAIN = b"secfed/v1/ledger-entry\x00"  # SHA-256 domain of an entry's canonical encoding
+_ENTRY_DOMAIN = names.LABEL_LEDGER_ENTRY  # SHA-256 domain of an entry's canonical encoding
 _HEAD_DOMAIN = LABEL_LEDGER + b"/head\x00"  # Ed25519 domain of (enterprise, index, entry hash)
 # A recorded ε must equal the recomputed one to this relative tolerance: both come from the same
 # deterministic accountant over the same events.

@@ -28,6 +28,7 @@ import sqlite3
 import struct
 from dataclasses import dataclass
 
+from secfed import names
 from secfed.crypto.errors import ConfigError, InvalidSignature, MessageFormatError
 from secfed.crypto.keys import IdentityKey, verify_signature
 
@@ -46,9 +47,9 @@ RECEIPT_MAGIC = b"SFRC"
 RECEIPT_VERSION = 1
 RECEIPT_STAGES = ("upload", "applied")  # the two moments a site hands the coordinator its head
 GENESIS_LINK = bytes(32)  # the "previous link" of round 1
-_RECEIPT_LABEL = b"secfed/v1/ledger-receipt\x00"
-_TRANSCRIPT_LABEL = b"secfed/v1/transcript\x00"
-_ROUND_LABEL = b"secfed/v1/transcript-round\x00"
+_RECEIPT_LABEL = names.LABEL_RECEIPT
+_TRANSCRIPT_LABEL = names.LABEL_TRANSCRIPT
+_ROUND_LABEL = names.LABEL_TRANSCRIPT_ROUND
 _MAX_HEAD = 4096
 
 

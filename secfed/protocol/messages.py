@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar, Union
 
+from secfed import names
 from secfed.crypto.errors import MessageFormatError
 from secfed.protocol.spec import COIN_BYTES
 from secfed.protocol.wire import Reader, Writer
@@ -57,12 +58,12 @@ SHARE_BYTES = 35  # secfed.crypto.shamir.Share.to_bytes
 SHARE_KIND_SELF_MASK = 0  # share of a survivor's self-mask seed
 SHARE_KIND_MASK_KEY = 1  # share of a dropout's pairwise-mask X25519 private key
 
-_ADVERT_LABEL = b"secfed/v1/advertise"
-_CONSISTENCY_LABEL = b"secfed/v1/consistency"
-_CKKS_UPLOAD_LABEL = b"secfed/v1/ckks-upload"
-_MASKED_UPLOAD_LABEL = b"secfed/v1/masked-upload"
-_SEED_COMMIT_LABEL = b"secfed/v1/self-seed-commitment"
-_COIN_COMMIT_LABEL = b"secfed/v1/secagg+-coin-commitment"
+_ADVERT_LABEL = names.LABEL_ADVERT
+_CONSISTENCY_LABEL = names.LABEL_CONSISTENCY
+_CKKS_UPLOAD_LABEL = names.LABEL_CKKS_UPLOAD
+_MASKED_UPLOAD_LABEL = names.LABEL_MASKED_UPLOAD
+_SEED_COMMIT_LABEL = names.LABEL_SEED_COMMIT
+_COIN_COMMIT_LABEL = names.LABEL_COIN_COMMIT
 
 
 def _id_list(w: Writer, ids: tuple[str, ...]) -> None:
@@ -101,7 +102,7 @@ def coin_commitment(*, spec_digest: bytes, sender: str, coin: bytes) -> bytes:
 
 def ciphertext_digest(ciphertexts: tuple[bytes, ...]) -> bytes:
     """SHA-256 over the length-prefixed ciphertext bytes, exactly as uploaded."""
-    h = hashlib.sha256(b"secfed/v1/ckks-ciphertexts")
+    h = hashlib.sha256(names.LABEL_CKKS_CIPHERTEXTS)
     for ct in ciphertexts:
         h.update(len(ct).to_bytes(8, "big"))
         h.update(ct)

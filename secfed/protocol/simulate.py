@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from secfed.crypto.errors import ConfigError, ProtocolAbort, SecfedError
 from secfed.crypto.keys import IdentityKey, X25519KeyPair
+from secfed.names import ADVERSARIES, MODES, STAGES_OF, Mode
 from secfed.protocol.coordinator import CoordinatorRound
 from secfed.protocol.messages import (
     AdvertiseKeys,
@@ -29,20 +30,13 @@ from secfed.protocol.messages import (
     decode_message,
 )
 from secfed.protocol.participant import NoiseHook, ParticipantRound
-from secfed.protocol.spec import MODES, ParticipantPolicy, RoundSpec, Stage
+from secfed.protocol.spec import ParticipantPolicy, RoundSpec, Stage
 
 __all__ = ["simulate", "SimulationResult", "ADVERSARIES", "DROP_STAGES", "SentRecord"]
 
-ADVERSARIES = (
-    "request-both-shares",
-    "inconsistent-survivors",
-    "substitute-key",
-    "below-threshold",
-    "replay-previous-round",
-)
-DROP_STAGES = ("advertise", "share", "upload", "consistency", "unmask")
+DROP_STAGES: tuple[str, ...] = tuple(s.value for s in STAGES_OF[Mode.SECAGG])
 # secagg+ only: a party that withholds its graph coin aborts the round (never excluded)
-REVEAL_STAGE = "reveal"
+REVEAL_STAGE = Stage.REVEAL.value
 _FEDERATION = "simulation"
 
 SentRecord = tuple[str, int, str, bytes]  # (stage, participant index, message type, payload)
@@ -166,7 +160,7 @@ def simulate(
     if Stage.REVEAL in drops and mode != "secagg+":
         raise ConfigError(f"dropout stage reveal exists only in mode secagg+ (got mode {mode})")
     if mode == "ckks":
-        absent = sorted(s.value for s in drops if s not in (Stage.ADVERTISE, Stage.UPLOAD))
+        absent = sorted(s.value for s in drops if s not in STAGES_OF[Mode.CKKS])
         if absent:
             raise ConfigError(f"dropout stages {absent} do not exist in mode ckks (advertise, upload)")
         # In ckks mode the "threshold" is the minimum number of uploads the sum must contain.

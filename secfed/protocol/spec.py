@@ -12,7 +12,6 @@ colluders choose among 2^c graphs).
 
 from __future__ import annotations
 
-import enum
 import functools
 import hashlib
 import math
@@ -21,9 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from secfed import names
 from secfed.crypto.encoding import check_headroom
 from secfed.crypto.errors import ConfigError, HeadroomError, MessageFormatError, ProtocolAbort
 from secfed.crypto.prg import keystream
+from secfed.names import MASK_MODES, MIN_THRESHOLD, MODES, Stage, default_threshold
 from secfed.protocol.wire import Reader, Writer
 
 __all__ = [
@@ -44,46 +45,18 @@ __all__ = [
 ]
 
 SPEC_VERSION = 1
-MODES = ("secagg", "secagg+", "ckks")
-MASK_MODES = ("secagg", "secagg+")
 _MODE_CODE = {m: i for i, m in enumerate(MODES)}
-_SPEC_LABEL = b"secfed/v1/round-spec"
-_SESSION_LABEL = b"secfed/v1/session"
-_GRAPH_LABEL = b"secfed/v1/secagg+-graph"
-_GRAPH_SEED_LABEL = b"secfed/v1/secagg+-graph-coins"
+_SPEC_LABEL = names.LABEL_SPEC
+_SESSION_LABEL = names.LABEL_SESSION
+_GRAPH_LABEL = names.LABEL_GRAPH
+_GRAPH_SEED_LABEL = names.LABEL_GRAPH_SEED
 COIN_BYTES = 32  # each party's contribution to the SecAgg+ graph seed
-MIN_THRESHOLD = 2  # t = 1 would let the coordinator unmask a single party's input
 MAX_PARTICIPANTS = 65535  # Shamir x-coordinates are 2 bytes on the wire
-
-
-class Stage(enum.Enum):
-    """Stages of a round, in order. The coordinator collects the messages of its current stage."""
-
-    ADVERTISE = "advertise"  # signed ephemeral X25519 keys (ckks: a signed hello)
-    REVEAL = "reveal"  # secagg+ only: each party's graph coin, committed to in its advert
-    SHARE = "share"  # encrypted Shamir shares of the self-mask seed and the mask key
-    UPLOAD = "upload"  # masked vector (ckks: signed ciphertexts)
-    CONSISTENCY = "consistency"  # each survivor signs the survivor set
-    UNMASK = "unmask"  # shares of survivors' seeds / dropouts' keys, never both
-    DONE = "done"
-    ABORTED = "aborted"
 
 
 @functools.lru_cache(maxsize=16)
 def _positions(participants: tuple[str, ...]) -> dict[str, int]:
     return {p: i for i, p in enumerate(participants)}
-
-
-def default_threshold(n: int) -> int:
-    """t = floor(2n/3), at least 2 and at most n-1, for n share holders.
-
-    A responder releases shares only with ``t`` *other* holders in the survivor set and ``t``
-    consistency signatures from others (never counting itself), so ``t + 1 = floor(2n/3) + 1``
-    parties must survive: the same survivor quorum as the Bonawitz et al. (2017) default, while
-    n = 3 gets t = 2. What it tolerates: :func:`tolerated_colluders` (about n/3 + 1 colluding
-    enterprises with the coordinator; the coordinator alone never, for any n >= 3).
-    """
-    return max(MIN_THRESHOLD, min(n - 1, (2 * n) // 3))
 
 
 def tolerated_colluders(n_holders: int, t: int) -> int:

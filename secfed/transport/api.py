@@ -24,6 +24,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from secfed import names
 from secfed.config import RoundTerms
 from secfed.crypto import errors as E
 from secfed.crypto.errors import MessageFormatError
@@ -49,11 +50,11 @@ API_VERSION = 1
 # Protocol stages a participant posts to, in order, plus the transport's own "applied" step.
 # New stages are appended so existing envelope stage codes keep their meaning; "reveal" (the
 # secagg+ graph coins) comes between advertise and share in a round.
-STAGES: tuple[str, ...] = ("advertise", "share", "upload", "consistency", "unmask", "done", "reveal")
+STAGES: tuple[str, ...] = tuple(s.value for s in names.WIRE_STAGES)  # index = wire code
 ENVELOPE_MAGIC = b"SFE1"  # secfed envelope, format 1
 _HEADER = struct.Struct(">4sBQBI")  # magic, version, round, stage code, ledger-head length
 MAX_LEDGER_HEAD = 4096  # a LedgerHead is ~150 bytes; bound the allocation on bad input
-_APPLIED_LABEL = b"secfed/v1/applied-global-hash"
+_APPLIED_LABEL = names.LABEL_APPLIED
 
 
 class Envelope:

@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import ValidationError
 
+from secfed import names
 from secfed.config import (
     ENTERPRISE_ID,
     Deadlines,
@@ -100,11 +101,11 @@ __all__ = [
 ]
 
 # Domain separation (CONVENTIONS.md): one label per purpose.
-LABEL_REQUEST = b"secfed/v1/enrol-request"  # a request's proof of possession of the identity key
-LABEL_KEM_KEY = b"secfed/v1/enrol-ckks-kem-key"  # a site's X25519 key, signed by its identity
-LABEL_CKKS_TRANSFER = b"secfed/v1/ckks-secret-transfer"  # HKDF info and AEAD AD of a copy
-LABEL_CKKS_COPY = b"secfed/v1/ckks-secret-copy"  # the sender's signature on a sealed copy
-LABEL_CKKS_PUBLIC = b"secfed/v1/ckks-public-context"  # the sender's signature on the public ctx
+LABEL_REQUEST = names.LABEL_ENROL_REQUEST  # a request's proof of possession of the identity key
+LABEL_KEM_KEY = names.LABEL_KEM_KEY  # a site's X25519 key, signed by its identity
+LABEL_CKKS_TRANSFER = names.LABEL_CKKS_TRANSFER  # HKDF info and AEAD AD of a copy
+LABEL_CKKS_COPY = names.LABEL_CKKS_COPY  # the sender's signature on a sealed copy
+LABEL_CKKS_PUBLIC = names.LABEL_CKKS_PUBLIC  # the sender's signature on the public ctx
 
 VERSION = 1
 COORDINATOR_ID = "coordinator"

@@ -25,7 +25,7 @@ from secfed.config import (
 )
 from secfed.coordinator.state import CoordinatorState
 from secfed.crypto.keys import IdentityKey
-from secfed.participant.loop import _protection
+from secfed.names import protection_of as _protection
 from secfed.participant.state import ParticipantState
 from secfed.privacy import DPSGDEvent, Ledger, LedgerHead
 from secfed.privacy.receipts import sign_receipt
