@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from secfed.transport.api import (
     SubmitAck,
     status_for,
 )
-from secfed.transport.pki import peer_identity
+from secfed.transport.pki import ReloadingServerContext, peer_identity
 
 __all__ = ["create_app", "serve", "PeerCertH11Protocol", "BodyLimit", "PEER_KEY"]
 
@@ -345,19 +344,25 @@ async def serve(
     ca: Path,
     stop: asyncio.Event,
     log_level: str = "warning",
+    crl: Path | None = None,
+    on_tls_reload: Callable[[str], None] | None = None,
 ) -> None:
-    """Run ``app`` on ``host:port`` with mutual TLS until ``stop`` is set."""
+    """Run ``app`` on ``host:port`` with mutual TLS until ``stop`` is set.
+
+    The TLS context is ours (:class:`~secfed.transport.pki.ReloadingServerContext`: TLS 1.3
+    only, client certificates checked against ``ca`` and ``crl``), not uvicorn's default; it
+    picks up renewed certificates and revocations from the next connection on.
+    """
     import uvicorn
 
+    tls = ReloadingServerContext(cert=cert, key=key, ca=ca, crl=crl, on_reload=on_tls_reload)
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         http=PeerCertH11Protocol,
-        ssl_certfile=str(cert),
-        ssl_keyfile=str(key),
-        ssl_ca_certs=str(ca),
-        ssl_cert_reqs=ssl.CERT_REQUIRED,
+        ssl_certfile=str(cert),  # is_ssl (https scheme); the context is the factory's
+        ssl_context_factory=lambda _config, _default: tls,
         log_level=log_level,
         lifespan="on",
         timeout_keep_alive=30,
