@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "audit",
     "data",
     "demo",
+    "model",
 )
 
 

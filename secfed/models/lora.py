@@ -1,4 +1,4 @@
-"""Attach a PEFT LoRA adapter to a classifier, on Linear layers only.
+"""Attach a PEFT LoRA adapter to a model, on Linear layers (and GPT-2's fused ``Conv1D``).
 
 One ``LoraConfig`` whose ``target_modules`` is a full-name regex goes through
 ``peft.inject_adapter_in_model``; that covers the text and the image tower in one pass (module
@@ -16,7 +16,13 @@ from torch import nn
 
 from secfed.errors import ConfigError, ModelError
 
-__all__ = ["DEFAULT_TARGET_MODULES", "LoraSettings", "attach_lora", "lora_targets"]
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "LoraSettings",
+    "attach_lora",
+    "is_lora_target_type",
+    "lora_targets",
+]
 
 # Query and value projections of both towers: BERT-like `...attention.self.query|value`,
 # ViT-like (transformers 5.x) `...attention.q_proj|v_proj`. LoRA on q/v is the setting of the
@@ -63,11 +69,24 @@ class LoraSettings:
         return cls(**data)
 
 
+def is_lora_target_type(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2's fused projections): PEFT puts
+    ``nn.Linear`` LoRA matrices beside both, whose per-example gradients secfed computes."""
+    if type(module) is nn.Linear:
+        return True
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return type(module) is Conv1D
+
+
 def lora_targets(model: nn.Module, settings: LoraSettings) -> list[str]:
-    """Full names of the modules ``settings.target_modules`` selects (each must be nn.Linear).
+    """Full names of the modules ``settings.target_modules`` selects (each must be nn.Linear
+    or GPT-2's ``Conv1D``).
 
     Raises:
-        ModelError: nothing matches, or a match is not an ``nn.Linear``.
+        ModelError: nothing matches, or a match is neither.
     """
     pattern = re.compile(settings.target_modules)
     matched = [(n, m) for n, m in model.named_modules() if n and pattern.fullmatch(n)]
@@ -76,11 +95,11 @@ def lora_targets(model: nn.Module, settings: LoraSettings) -> list[str]:
             f"lora.target_modules {settings.target_modules!r} matches no module of "
             f"{type(model).__name__}"
         )
-    bad = [(n, type(m).__name__) for n, m in matched if type(m) is not nn.Linear]
+    bad = [(n, type(m).__name__) for n, m in matched if not is_lora_target_type(m)]
     if bad:
         raise ModelError(
-            "LoRA targets must be nn.Linear layers (Opacus computes their per-sample gradients); "
-            f"got {bad[:3]}"
+            "LoRA targets must be nn.Linear layers or GPT-2 Conv1D (secfed computes the "
+            f"per-sample gradients of their LoRA matrices); got {bad[:3]}"
         )
     return [n for n, _ in matched]
 
@@ -110,8 +129,11 @@ def attach_lora(
             raise ModelError(f"trainable module {name!r} does not exist in the model")
         if name in targets or any(t.startswith(name + ".") for t in targets):
             raise ModelError(f"trainable module {name!r} overlaps the LoRA targets")
+    # GPT-2's Conv1D stores its weight as [in, out]: PEFT must know to transpose when merging
+    fan_in_fan_out = any(type(modules[t]) is not nn.Linear for t in targets)
     config = LoraConfig(
         r=settings.rank,
+        fan_in_fan_out=fan_in_fan_out,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,

@@ -232,7 +232,8 @@ class SyntheticSite:
 
 
 class ModelSite:
-    """The real site: a LoRA classifier from ``model_dir`` trained with DP-SGD on ``data_dir``."""
+    """The real site: a LoRA model from ``model_dir`` (a classifier or a generative LM) trained
+    with DP-SGD on ``data_dir``."""
 
     def __init__(
         self,
@@ -244,7 +245,6 @@ class ModelSite:
         data_dir: Path,
         test_dir: Path | None = None,
     ):
-        from secfed.data import load_dataset  # torch-heavy: import on use
         from secfed.models import adapter_layout, get_flat
 
         self.enterprise_id = enterprise_id
@@ -255,8 +255,10 @@ class ModelSite:
                 f"model.vector_length must equal the model's adapter size {self.layout.total} "
                 f"(got {settings.vector_length}; trainable set {settings.trainable!r})"
             )
-        self.dataset = load_dataset(data_dir, model_dir=model_dir)
-        self.test = load_dataset(test_dir, model_dir=model_dir) if test_dir else None
+        self.dataset = _load_data(data_dir, model_dir)
+        self.test = _load_data(test_dir, model_dir) if test_dir else None
+        #: tokenising counts of a generative dataset (records, truncated, without_target)
+        self.data_stats = getattr(self.dataset, "stats", None)
         if settings.trainable in FEATURE_SCOPES:
             # Towers frozen: their outputs never change, so compute them once and train the
             # head on them -- the same per-example gradients, without re-running the towers.
@@ -336,18 +338,33 @@ class ModelSite:
         from secfed.training import evaluate
 
         out = evaluate(self.model, self.test)
-        return {"accuracy": float(out["accuracy"]), "loss": float(out["loss"])}
+        keep = ("accuracy", "loss", "perplexity")
+        return {k: float(out[k]) for k in keep if k in out}
+
+
+def _load_data(data_dir: Path, model_dir: Path):
+    """The dataset of ``data_dir`` tokenised for ``model_dir``'s task: an instruction dataset
+    for a generative model, an image/text classification dataset otherwise."""
+    from secfed.models import GENERATIVE_TASKS, task_of
+
+    if task_of(model_dir) in GENERATIVE_TASKS:
+        from secfed.data.instructions import load_instruction_dataset
+
+        return load_instruction_dataset(data_dir, model_dir=model_dir)
+    from secfed.data import load_dataset  # torch-heavy: import on use
+
+    return load_dataset(data_dir, model_dir=model_dir)
 
 
 def _load_for_scope(model_dir: Path, trainable: str):
-    """The classifier of ``model_dir`` with exactly the ``trainable`` set requiring grad.
+    """The model of ``model_dir`` (any task) with exactly the ``trainable`` set requiring grad.
 
     Raises:
         ModelError: a trainable set other than ``"adapter"`` on a model without the fusion head.
     """
-    from secfed.models import load_classifier
+    from secfed.models import load_model
 
-    model, _info = load_classifier(model_dir)
+    model, _info = load_model(model_dir)
     if trainable != "adapter":  # as loaded: LoRA on the towers + the head
         from secfed.models.scopes import select_trainable
 

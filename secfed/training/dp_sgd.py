@@ -60,6 +60,7 @@ __all__ = [
     "collate_examples",
     "evaluate",
     "make_private_trainer",
+    "per_example_losses",
     "train_local",
 ]
 
@@ -119,6 +120,31 @@ def _split(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], tor
         raise DataError("dataset items must carry 'labels' (a long scalar)")
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
     return inputs, batch["labels"].long()
+
+
+def per_example_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss of each record of ``batch``, shape ``[B]``: the model's own
+    ``per_example_loss(batch)`` where it has one (generative models: mean NLL of the target
+    tokens), else the cross-entropy of its logits ``[B, C]`` against ``labels``.
+
+    Raises:
+        ModelError: logits or losses of the wrong shape.
+        DataError: ``labels`` missing.
+    """
+    size = next(iter(batch.values())).shape[0]
+    own = getattr(model, "per_example_loss", None)
+    if callable(own):
+        per_example = own(batch)
+        if not isinstance(per_example, torch.Tensor) or tuple(per_example.shape) != (size,):
+            got = tuple(per_example.shape) if isinstance(per_example, torch.Tensor) else None
+            raise ModelError(f"per_example_loss must return one loss per record [{size}] "
+                             f"(got {got})")
+        return per_example
+    inputs, labels = _split(batch)
+    logits = model(**inputs)
+    if logits.ndim != 2 or logits.shape[0] != size:
+        raise ModelError(f"model must return logits [B, C] (got {tuple(logits.shape)})")
+    return F.cross_entropy(logits, labels, reduction="none")
 
 
 def _csprng_generator() -> torch.Generator:
@@ -216,12 +242,9 @@ class PrivateTrainer:
             optimizer.set_per_sample_grads(torch.zeros((0, optimizer.dimension)))
             optimizer.step()
             return None
-        inputs, labels = _split(collate_examples([self.dataset[i] for i in indices]))
+        batch = collate_examples([self.dataset[i] for i in indices])
         self.per_sample.start()
-        logits = self.model(**inputs)
-        if logits.ndim != 2 or logits.shape[0] != len(indices):
-            raise ModelError(f"model must return logits [B, C] (got {tuple(logits.shape)})")
-        per_example = F.cross_entropy(logits, labels, reduction="none")
+        per_example = per_example_losses(self.model, batch)
         optimizer.set_per_sample_grads(self.per_sample.compute(per_example))
         optimizer.step()
         return float(per_example.detach().mean())
@@ -347,8 +370,25 @@ def train_local(
     return trainer.train()
 
 
+def _evaluate_generative(model: nn.Module, dataset: Dataset, batch_size: int) -> dict[str, float]:
+    n = len(dataset)  # type: ignore[arg-type]
+    nll, tokens = 0.0, 0
+    for start in range(0, n, batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+        total, counts = model.token_losses(collate_examples(items))  # type: ignore[operator]
+        nll += float(total.sum())
+        tokens += int(counts.sum())
+    loss = nll / tokens if tokens else math.nan
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)) if tokens else math.nan,
+            "tokens": tokens, "n": n}
+
+
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy and mean cross-entropy over ``dataset`` (model in eval mode, restored after)."""
+    """Accuracy and mean cross-entropy over ``dataset`` (model in eval mode, restored after).
+
+    A generative model (one with ``token_losses``) gets the mean NLL per target token
+    (``loss``), its ``perplexity`` and the target ``tokens`` counted instead of an accuracy.
+    """
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise DataError("evaluation dataset must not be empty")
@@ -358,6 +398,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 64) -> dic
     total_loss = 0.0
     try:
         with torch.no_grad():
+            if callable(getattr(model, "token_losses", None)):
+                return _evaluate_generative(model, dataset, batch_size)
             for start in range(0, n, batch_size):
                 items = [dataset[i] for i in range(start, min(start + batch_size, n))]
                 inputs, labels = _split(collate_examples(items))

@@ -1,10 +1,11 @@
 """Per-example gradients of all trainable parameters as one flat ``[B, D]`` tensor.
 
-Forward hooks on each trainable module (nn.Linear, nn.Embedding, nn.LayerNorm) keep its input
-and output. After the forward pass one ``torch.autograd.grad`` of the *summed* per-example losses
+Forward hooks on each trainable module (nn.Linear, nn.Embedding, nn.LayerNorm, GPT-2's Conv1D)
+keep its input and output. After the forward pass one ``torch.autograd.grad`` of the *summed* per-example losses
 with respect to those outputs gives every module's backprops ``dl_i/dy``; the per-example
 parameter gradients follow in closed form: Linear weight ``g_i^T x_i`` (one batched matmul; Opacus'
-own formula), bias ``sum_t g_i``; Embedding and LayerNorm through Opacus' grad samplers. They are
+own formula; ``x_i^T g_i`` for Conv1D, which stores its weight transposed), bias ``sum_t g_i``
+(over tokens for ``[B, T, F]`` activations); Embedding and LayerNorm through Opacus' grad samplers. They are
 written side by side in layout order, so the optimizer clips, sums and noises them with a few
 whole-tensor operations (:mod:`secfed.training.dp_optimizer`).
 
@@ -29,8 +30,21 @@ from secfed.training.guards import check_per_sample_grads
 
 __all__ = ["SUPPORTED_TRAINABLE", "FlatPerSampleGradients"]
 
-# Trainable module types whose forward returns one tensor and whose per-example gradient is known.
+# Trainable module types whose forward returns one tensor and whose per-example gradient is known
+# (plus transformers' GPT-2 ``Conv1D``, see :func:`_supported`).
 SUPPORTED_TRAINABLE = (nn.Linear, nn.Embedding, nn.LayerNorm)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return type(module) is Conv1D
+
+
+def _supported(module: nn.Module) -> bool:
+    return type(module) in SUPPORTED_TRAINABLE or _is_conv1d(module)
 
 
 def _linear_grads(module: nn.Linear, x: torch.Tensor, g: torch.Tensor
@@ -53,6 +67,18 @@ def _linear_grads(module: nn.Linear, x: torch.Tensor, g: torch.Tensor
                 weight = torch.bmm(g3.transpose(1, 2), x3)
         if module.bias is not None and module.bias.requires_grad:
             bias = g3.sum(dim=1)
+    return weight, bias
+
+
+def _conv1d_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """GPT-2's ``Conv1D``: ``y = x @ W + b`` with ``W`` stored ``[in, out]``, so the per-example
+    weight gradient is ``x_i^T g_i`` (the transpose of Linear's)."""
+    batch = g.shape[0]
+    x3 = x.to(g.dtype).reshape(batch, -1, x.shape[-1])
+    g3 = g.reshape(batch, -1, g.shape[-1])
+    weight = torch.bmm(x3.transpose(1, 2), g3) if module.weight.requires_grad else None
+    bias = g3.sum(dim=1) if module.bias is not None and module.bias.requires_grad else None
     return weight, bias
 
 
@@ -90,10 +116,11 @@ class FlatPerSampleGradients:
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
-            if type(module) not in SUPPORTED_TRAINABLE:
+            if not _supported(module):
                 raise ModelError(
                     f"trainable module {name or '<root>'} ({type(module).__name__}) is not "
-                    "supported: trainable layers must be nn.Linear, nn.Embedding or nn.LayerNorm"
+                    "supported: trainable layers must be nn.Linear, nn.Embedding, nn.LayerNorm "
+                    "or GPT-2's Conv1D"
                 )
             slots: dict[str, int] = {}
             for pname, p in own:
@@ -159,6 +186,8 @@ class FlatPerSampleGradients:
                     g = torch.zeros_like(output)
                 if isinstance(module, nn.Linear):
                     grads = _linear_grads(module, x, g)  # type: ignore[arg-type]
+                elif _is_conv1d(module):
+                    grads = _conv1d_grads(module, x, g)  # type: ignore[arg-type]
                 else:
                     grads = _opacus_grads(module, x, g)  # type: ignore[arg-type]
                 for slot, gs in zip(self._slots[module], grads, strict=True):
