@@ -74,12 +74,13 @@ def auto_lora_targets(model: nn.Module, *, vision: bool = True, language: bool =
         ModelError: no known query/value projection found (name them with ``--lora-targets``).
     """
     found = _candidates(model, vision=vision, language=language)
-    for leaves in QUERY_VALUE_LEAVES:
-        chosen = [n for n, _ in found
-                  if n.rsplit(".", 1)[-1] in leaves
-                  and _ATTENTION_PARENT.search(n.rsplit(".", 1)[0] if "." in n else "")]
-        if chosen:
-            return _checked(model, chosen)
+    known = {leaf for leaves in QUERY_VALUE_LEAVES for leaf in leaves}
+    # every family's projections: a fusion model holds a BERT and a ViT tower side by side
+    chosen = [n for n, _ in found
+              if n.rsplit(".", 1)[-1] in known
+              and _ATTENTION_PARENT.search(n.rsplit(".", 1)[0] if "." in n else "")]
+    if chosen:
+        return _checked(model, chosen)
     raise ModelError(
         f"lora targets 'auto' found no attention query/value projection in "
         f"{type(model).__name__} (known leaves {[x for pair in QUERY_VALUE_LEAVES for x in pair]}); "
