@@ -321,8 +321,16 @@ class ModelSite:
             float(result.noise_multiplier),
             float(result.sample_rate),
             int(result.steps),
-            {"train_loss": float(result.mean_loss)},
+            {"train_loss": float(result.mean_loss), **self._data_counts()},
         )
+
+    def _data_counts(self) -> dict[str, float]:
+        """A generative dataset's tokenising counts (local report only: never sent)."""
+        stats = self.data_stats
+        if stats is None:
+            return {}
+        return {"records": float(stats.records), "records_truncated": float(stats.truncated),
+                "records_without_target": float(stats.without_target)}
 
     def apply(self, new_global: np.ndarray, round_number: int = 0) -> str:
         digest = self._store.store(new_global, round_number)
