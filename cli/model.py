@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -15,24 +12,6 @@ from secfed.cli.options import emit_json, json_option
 @click.group("model")
 def command() -> None:
     """Models: bring your own Hugging Face checkpoint."""
-
-
-@contextmanager
-def _progress(as_json: bool) -> Iterator[Callable[[str], None]]:
-    """Steps of a long load: a rich spinner on a terminal, else one plain line per step (on
-    stderr, so ``--json`` output stays one document)."""
-    if not sys.stderr.isatty():
-        yield lambda step: click.echo(f"secfed model init: {step}", err=True)
-        return
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    with console.status("starting") as status:
-        def step(message: str) -> None:
-            console.log(message)
-            status.update(message)
-
-        yield step
 
 
 @command.command("init")
@@ -66,17 +45,19 @@ def init(base: str, task: str, out_dir: Path, base_image: str | None, lora_r: in
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    from secfed import progress
     from secfed.models import init_model
 
+    progress.quiet_libraries()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # load reports of unused heads: secfed says what it built
     names = [x.strip() for x in labels.split(",")] if labels else None
-    with _progress(as_json) as step:
-        report = init_model(base, task=task, out=out_dir, base_image=base_image, lora_r=lora_r,
-                            lora_alpha=lora_alpha, lora_targets=lora_targets, labels=names,
-                            max_length=max_length, lora_vision=lora_vision, seed=seed, log=step)
+    # each step on stderr: a styled line on a terminal, one plain line otherwise
+    report = init_model(base, task=task, out=out_dir, base_image=base_image, lora_r=lora_r,
+                        lora_alpha=lora_alpha, lora_targets=lora_targets, labels=names,
+                        max_length=max_length, lora_vision=lora_vision, seed=seed,
+                        log=lambda message: progress.step(f"model init: {message}"))
     summary = {"out": str(report.out), "task": report.task, "lora_targets": list(report.targets),
                "lora_target_regex": report.target_regex, "adapter_size": report.adapter_size}
     if as_json:

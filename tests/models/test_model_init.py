@@ -152,7 +152,7 @@ def test_cli_prints_the_chosen_modules_and_refuses_in_one_line(causal_dirs, tmp_
     assert proc.exit_code == 0, proc.stderr
     assert "lm.transformer.h.0.attn.c_attn" in proc.stdout
     # not a terminal: one plain line per step on stderr
-    steps = [ln for ln in proc.stderr.splitlines() if ln.startswith("secfed model init: ")]
+    steps = [ln for ln in proc.stderr.splitlines() if ln.startswith("secfed: model init: ")]
     assert len(steps) >= 3 and any("loading" in ln for ln in steps)
     for args, match in (
         (("--base", "meta-llama/Llama-3-8B", "--task", "causal-lm"), "hub id"),
@@ -162,7 +162,7 @@ def test_cli_prints_the_chosen_modules_and_refuses_in_one_line(causal_dirs, tmp_
     ):
         proc = _secfed("model", "init", *args, "--out", tmp_path / "bad")
         assert proc.exit_code == 1
-        errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith("secfed model init:")]
+        errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith("secfed: model init:")]
         assert len(errors) == 1 and errors[0].startswith("secfed: error: ") and match in errors[0]
         assert "Traceback" not in proc.stderr
 
