@@ -97,7 +97,7 @@ def _load_lm(model_dir: Path, task: str) -> nn.Module:
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForImageTextToText
     try:
-        return auto.from_pretrained(  # nosec B615 - local directory only, safetensors, no remote code
+        return auto.from_pretrained(  # nosec B615  # local directory only (local_files_only=True)
             str(model_dir), local_files_only=True, use_safetensors=True,
             trust_remote_code=False, dtype=torch.float32,
         )

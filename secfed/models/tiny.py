@@ -185,7 +185,8 @@ def write_tiny_causal_lm(
                                max_length=max_length)
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast.from_pretrained(str(out))  # nosec B615 - local dir just written
+    tok = PreTrainedTokenizerFast.from_pretrained(  # nosec B615  # the directory just written
+        str(out), local_files_only=True)
     special = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
     config = _causal_config(arch, vocab=len(tok), hidden=hidden_size, layers=num_layers,
                             heads=num_heads, kv_heads=num_kv_heads, max_length=max_length,
@@ -218,7 +219,8 @@ def write_tiny_llava(
 
     out = write_tiny_tokenizer(out_dir, corpus=corpus, vocab_size=vocab_size,
                                max_length=max_length)
-    tok = PreTrainedTokenizerFast.from_pretrained(str(out))  # nosec B615 - local dir just written
+    tok = PreTrainedTokenizerFast.from_pretrained(  # nosec B615  # the directory just written
+        str(out), local_files_only=True)
     special = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
     text = _causal_config("llama", vocab=len(tok), hidden=hidden_size, layers=num_layers,
                           heads=4, kv_heads=2, max_length=max_length, special=special)
