@@ -113,4 +113,5 @@ def test_quiet_libraries_turns_transformers_bars_off(monkeypatch: pytest.MonkeyP
         assert not hf_logging.is_progress_bar_enabled()
         assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     finally:
+        monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
         hf_logging.enable_progress_bar()

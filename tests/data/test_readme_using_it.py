@@ -1,10 +1,12 @@
-"""README "Using it": its commands run as written in an empty folder (MODEL_DIR and DATA_DIR
-filled in with the tiny city-safety model and one site's tiny data)."""
+"""README: "Your own federation" runs as written in an empty folder (bash, ``secfed`` on PATH),
+and "Enrolling parties on separate machines" runs as written with MODEL_DIR and DATA_DIR filled
+in with the tiny city-safety model and one site's tiny data."""
 
 from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -23,10 +25,20 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
 RUN_LATER = ("aggregate", "join", "budget", "audit", "data")
 
 
+OWN = "## Your own federation"
+SEPARATE = "## Enrolling parties on separate machines"
+
+
+def readme_block(heading: str) -> str:
+    """The first code block under ``heading`` in the README."""
+    section = README.read_text().split(f"\n{heading}\n", 1)[1]
+    assert section.split("\n## ", 1)[0].count("```") >= 2, f"no code block under {heading}"
+    return section.split("```", 2)[1].split("\n", 1)[1]
+
+
 def readme_commands() -> list[str]:
-    """The "Using it" block's commands: continuation lines joined, comments dropped."""
-    section = README.read_text().split("## Using it", 1)[1]
-    block = section.split("```", 2)[1]
+    """The separate-machines block's commands: continuation lines joined, comments dropped."""
+    block = readme_block(SEPARATE)
     commands = []
     for line in block.replace("\\\n", " ").splitlines():
         line = line.split("#", 1)[0].strip()
@@ -122,3 +134,110 @@ def test_readme_federation_runs_and_audits(tmp_path: Path, model_bundle, federat
         proc = subprocess.run(_argv(command, model_dir, data), cwd=tmp_path, env=ENV,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, (command, proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _own_script() -> str:
+    """The "Your own federation" block as a bash script; only the coordinator's port is changed
+    (to a free one, so parallel test runs never collide on 8443)."""
+    block = readme_block(OWN)
+    assert "https://127.0.0.1:8443" in block
+    block = block.replace("https://127.0.0.1:8443", f"https://127.0.0.1:{_free_port()}")
+    return "set -euo pipefail\n" + block + "\n"
+
+
+def _bash(script: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+SITES = ("energy_utility", "city_operations", "residential_security")
+
+
+def own_commands() -> list[list[str]]:
+    """The own-federation block's ``secfed`` commands as argv lists: continuation lines joined,
+    comments, ``&`` and redirections dropped, the ``for site`` loop's body once per site."""
+    commands = []
+    for line in readme_block(OWN).replace("\\\n", " ").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line.startswith("secfed "):
+            continue
+        words = shlex.split(line)
+        for stop in (">", "&"):
+            words = words[:words.index(stop)] if stop in words else words
+        runs = [[w.replace("$site", s) for w in words] for s in SITES] if "$site" in line \
+            else [words]
+        commands += runs
+    return commands
+
+
+def _check_parses(argv: list[str]) -> None:
+    """Every option of ``argv`` exists on its click command, takes a value exactly when the
+    command says so, and every required option is given (values are checked by the slow run)."""
+    from secfed.cli.main import cli
+
+    command: click.Command | None = cli
+    rest = argv[1:]
+    while isinstance(command, click.Group):
+        command = command.get_command(click.Context(cli), rest.pop(0))
+    assert command is not None, argv
+    options = {name: p for p in command.params if isinstance(p, click.Option)
+               for name in (*p.opts, *p.secondary_opts)}
+    given = set()
+    while rest:
+        word = rest.pop(0)
+        assert word in options, (argv, word)
+        given.add(options[word].name)
+        if not options[word].is_flag:
+            assert rest and not rest[0].startswith("--"), (argv, word)
+            rest.pop(0)
+    missing = [p.name for p in command.params if p.required and p.name not in given]
+    assert not missing, (argv, missing)
+
+
+def test_readme_own_federation_commands_parse() -> None:
+    """The block runs init, the coordinator, a join per site, budget and audit; each command's
+    options exist with values where they need them; kits, ledgers and data it names agree."""
+    commands = own_commands()
+    verbs = [" ".join(c[1:3]) for c in commands]
+    assert verbs[:2] == ["demo prepare", "federation init"]
+    assert verbs.count("join --kit") == len(SITES) and "aggregate --kit" in verbs
+    for argv in commands:
+        _check_parses(argv)
+    init = commands[1]
+    assert [init[i + 1] for i, w in enumerate(init) if w == "--enterprise"] == list(SITES)
+    audit = next(c for c in commands if c[1] == "audit")
+    assert [audit[i + 1] for i, w in enumerate(audit) if w == "--ledger"] == \
+        [f"kits/{s}/ledger.sqlite" for s in SITES]  # the audit reads every ledger
+    for argv in (c for c in commands if c[1] == "join"):
+        site = argv[argv.index("--kit") + 1].split("/")[1]
+        assert argv[argv.index("--data") + 1] == f"prep/data/{site}"
+
+
+@pytest.mark.slow
+def test_readme_own_federation_runs_as_written(tmp_path: Path) -> None:
+    """The whole block as written, in an empty folder (bash, ``set -e``: any failing line fails
+    it): the kits it makes, every round charged at every site, the budget printed, the audit
+    passes with its report."""
+    proc = _bash(_own_script(), tmp_path, timeout=1500)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    from secfed.privacy.ledger import read_ledger
+
+    coordinator = CoordinatorKit.load(tmp_path / "kits" / "coordinator")
+    assert tuple(coordinator.federation.enterprise_ids()) == SITES
+    assert coordinator.federation.model.trainable == "head"
+    rounds = coordinator.federation.rounds
+    for eid in SITES:
+        assert EnterpriseKit.load(tmp_path / "kits" / eid).identity().public_bytes() \
+            == coordinator.federation.public_key_of(eid)
+        charged = {e.round_number for e in read_ledger(tmp_path / "kits" / eid / "ledger.sqlite")}
+        assert charged == set(range(1, rounds + 1)), (eid, charged,
+                                                      (tmp_path / f"{eid}.log").read_text()[-2000:])
+    assert "energy_utility" in proc.stdout  # budget status names the site
+    assert (tmp_path / "report" / "report.html").is_file()
