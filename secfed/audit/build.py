@@ -83,6 +83,38 @@ def _federation_settings(
     return fed, roster, coordinator_key
 
 
+def _with_sigma_used(
+    fed: FederationSettings | None, audits: Sequence[LedgerAudit]
+) -> FederationSettings | None:
+    """Fill ``dp.noise_multiplier`` with the σ the ledgers record when federation.toml leaves it
+    to be calibrated (null): the settings then show what was used, not an empty field.
+
+    One number when every audited DP-SGD entry used the same σ, else enterprise -> σ (or the
+    list of its σ values when one enterprise used several).
+    """
+    if fed is None or not isinstance(fed.settings.get("dp"), dict):
+        return fed
+    if fed.settings["dp"].get("noise_multiplier") is not None:
+        return fed
+    used: dict[str, list[float]] = {}
+    for audit in audits:
+        for entry in audit.report.entries:
+            sigma = entry.mechanism.get("noise_multiplier")
+            if entry.mechanism.get("kind") == "dpsgd" and isinstance(sigma, int | float):
+                values = used.setdefault(audit.report.enterprise_id, [])
+                if float(sigma) not in values:
+                    values.append(float(sigma))
+    if not used:
+        return fed
+    every = {v for values in used.values() for v in values}
+    shown: Any = next(iter(every)) if len(every) == 1 else {
+        eid: values[0] if len(values) == 1 else values for eid, values in sorted(used.items())
+    }
+    dp = {**fed.settings["dp"], "noise_multiplier": shown,
+          "noise_multiplier_from": "calibrated to the budget; σ as the audited ledgers record it"}
+    return dataclasses.replace(fed, settings={**fed.settings, "dp": dp})
+
+
 def _match_outbound(
     outbound: Sequence[tuple[str | None, Path]], ledger_owner: dict[Path, str]
 ) -> dict[str, OutboundLog]:
@@ -195,7 +227,7 @@ def build_report(
             "outbound": [str(d) for _, d in outbound],
         },
         enterprises=tuple(a.report for a in audits),
-        federation=fed,
+        federation=_with_sigma_used(fed, audits),
         assumptions=assumptions_for(modes),
         checks=tuple(checks),
     )

@@ -16,7 +16,10 @@ from secfed.audit.model import (
     OutboundLog,
 )
 
-__all__ = ["render_html"]
+__all__ = ["render_html", "OUTBOUND_SHOWN"]
+
+# outbound logs up to this many messages are shown open; longer ones fold under their counts
+OUTBOUND_SHOWN = 12
 
 _CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;margin:2em auto;
@@ -33,6 +36,7 @@ word-break:break-all}
 .skipped{background:#f4f0dc;color:#5c4d00}
 td.pass,td.fail,td.skipped{font-weight:bold}
 img{max-width:100%;height:auto;border:1px solid #ddd}
+details.outbound{margin:.4em 0 1em}details.outbound summary{cursor:pointer}
 .muted{color:#666}ul{margin-top:.3em}
 @media print{body{margin:0;max-width:none;font-size:11px}h2{page-break-after:avoid}
 table,img{page-break-inside:avoid}.verdict{border:2px solid #000}}
@@ -99,18 +103,21 @@ def _summary(report: AuditReport) -> str:
 
 
 def _checks(checks: tuple[Check, ...]) -> str:
+    """The checks table; the entry and round columns only when some check names one."""
     order = {CheckStatus.FAIL: 0, CheckStatus.SKIPPED: 1, CheckStatus.PASS: 2}
-    rows = [
-        "<tr>"
-        f"{_status_cell(c.status)}<td>{_e(c.name)}</td><td>{_e(c.subject)}</td>"
-        f'<td class="num">{_e("" if c.entry is None else c.entry)}</td>'
-        f'<td class="num">{_e("" if c.round_number is None else c.round_number)}</td>'
-        f"<td>{_e(c.detail)}</td></tr>"
-        for c in sorted(checks, key=lambda c: (order[c.status], c.subject, c.name))
-    ]
-    return _table(
-        ["verdict", "check", "subject", "entry", "round", "detail"], rows, table_id="checks-table"
-    )
+    with_entry = any(c.entry is not None for c in checks)
+    with_round = any(c.round_number is not None for c in checks)
+    rows = []
+    for c in sorted(checks, key=lambda c: (order[c.status], c.subject, c.name)):
+        cells = f"{_status_cell(c.status)}<td>{_e(c.name)}</td><td>{_e(c.subject)}</td>"
+        if with_entry:
+            cells += f'<td class="num">{_e("" if c.entry is None else c.entry)}</td>'
+        if with_round:
+            cells += f'<td class="num">{_e("" if c.round_number is None else c.round_number)}</td>'
+        rows.append(f"<tr>{cells}<td>{_e(c.detail)}</td></tr>")
+    headers = ["verdict", "check", "subject"] + (["entry"] if with_entry else []) \
+        + (["round"] if with_round else []) + ["detail"]
+    return _table(headers, rows, table_id="checks-table")
 
 
 def _mechanism(mech: dict[str, Any]) -> str:
@@ -130,12 +137,15 @@ def _outbound(log: OutboundLog | None) -> str:
         f'<td class="mono">{_e(m.sha256[:16])}…</td><td>{_e(m.sent_at or "")}</td></tr>'
         for m in log.messages
     ]
-    return (
-        f"<p>From <code>{_e(log.source)}</code>: {len(log.messages)} messages ({counts}).</p>"
-        + _table(
-            ["round", "stage", "destination", "bytes", "protection", "sha256", "sent at"], rows
-        )
+    table = _table(
+        ["round", "stage", "destination", "bytes", "protection", "sha256", "sent at"], rows
     )
+    said = f"From <code>{_e(log.source)}</code>: {len(log.messages)} messages ({counts})"
+    if len(log.messages) <= OUTBOUND_SHOWN:
+        return f"<p>{said}.</p>{table}"
+    # a long log folds: the counts are the summary, every message one click away
+    return (f'<details class="outbound"><summary>{said}; show every message</summary>'
+            f"{table}</details>")
 
 
 def _enterprise(ent: EnterpriseReport) -> str:
@@ -268,7 +278,8 @@ def render_html(report: AuditReport, *, plots: dict[str, bytes]) -> str:
         "<h2>Privacy spent per enterprise</h2>"
         + _summary(report)
         + _img(
-            "ε over rounds per enterprise with the budget line",
+            "ε after each round, one panel per enterprise: ε gated (RDP, what the budget "
+            "enforces) against the budget, and ε reported (PRV) beside it",
             plots.get("epsilon"),
             "plot-epsilon",
         )

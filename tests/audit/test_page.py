@@ -197,3 +197,103 @@ def test_schema_rejects_malformed_reports(mutate):
     mutate(doc)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, load_schema())
+
+
+# --- issue 22 item 8: what the ε plot shows, where legends sit, what the tables hide or fold ---
+
+def _two_equal_enterprises() -> AuditReport:
+    """Two enterprises whose ε curves are identical (the case where one line hid the other)."""
+    import dataclasses
+
+    base = _report()
+    twin = dataclasses.replace(base.enterprises[0], enterprise_id="city-operations")
+    return dataclasses.replace(base, enterprises=(base.enterprises[0], twin))
+
+
+def test_epsilon_plot_draws_gated_rdp_against_the_budget_and_reported_prv_per_enterprise():
+    from secfed.audit.plots import BUDGET_LABEL, GATED_LABEL, REPORTED_LABEL, epsilon_figure
+
+    report = _two_equal_enterprises()
+    fig = epsilon_figure(report)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    # equal curves stay apart: one panel per enterprise, named in its title
+    assert len(panels) == len(report.enterprises) == 2
+    for ax, ent in zip(panels, report.enterprises, strict=True):
+        assert ax.get_title().startswith(ent.enterprise_id)
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {GATED_LABEL, REPORTED_LABEL, BUDGET_LABEL}
+        assert list(lines[GATED_LABEL].get_ydata()) == [e.recomputed_epsilon_rdp for e in ent.entries]
+        assert list(lines[REPORTED_LABEL].get_ydata()) == [e.recomputed_epsilon_prv for e in ent.entries]
+        assert set(lines[BUDGET_LABEL].get_ydata()) == {ent.budget_epsilon}
+        # both curves are told apart without colour too
+        assert lines[GATED_LABEL].get_linestyle() != lines[REPORTED_LABEL].get_linestyle()
+    assert "RDP" in GATED_LABEL and "budget" in GATED_LABEL and "PRV" in REPORTED_LABEL
+    assert fig.get_supylabel() == "ε after the round"  # not "ε spent (δ per enterprise)"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _legend_boxes(fig):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert legends, "the plot must have a legend"
+    return [leg.get_window_extent(renderer) for leg in legends], renderer
+
+
+@pytest.mark.parametrize("which", ["epsilon", "participants"])
+def test_no_legend_over_the_plotting_area(which):
+    import matplotlib.pyplot as plt
+
+    from secfed.audit.plots import epsilon_figure, participants_figure
+
+    make = epsilon_figure if which == "epsilon" else participants_figure
+    fig = make(_two_equal_enterprises())
+    boxes, _ = _legend_boxes(fig)
+    areas = [ax.get_window_extent() for ax in fig.axes if ax.get_visible()]
+    for box in boxes:
+        for area in areas:  # not even touching the area where bars and curves are drawn
+            overlap_w = min(box.x1, area.x1) - max(box.x0, area.x0)
+            overlap_h = min(box.y1, area.y1) - max(box.y0, area.y0)
+            assert overlap_w <= 0 or overlap_h <= 1, (which, box, area)
+    plt.close(fig)
+
+
+def _headers(html: str, table_id: str) -> list[str]:
+    table = html.split(f'id="{table_id}"', 1)[1].split("</thead>", 1)[0]
+    return [h.split("</th>", 1)[0] for h in table.split("<th>")[1:]]
+
+
+def test_checks_table_drops_columns_no_check_fills():
+    html = render_html(_report(), plots={})
+    assert _headers(html, "checks-table") == ["verdict", "check", "subject", "detail"]
+    failing = render_html(_report(fail=True), plots={})
+    assert _headers(failing, "checks-table") == ["verdict", "check", "subject", "entry", "round",
+                                                 "detail"]
+    row = failing.split('id="checks-table"', 1)[1].split("<tr>")[2]  # the failing check first
+    assert '<td class="num">2</td><td class="num">3</td>' in row
+
+
+@pytest.mark.parametrize("count", [3, 105])
+def test_long_outbound_logs_fold_short_ones_stay_open(count):
+    import dataclasses
+
+    from secfed.audit.model import OutboundLog, OutboundMessage
+    from secfed.audit.page import OUTBOUND_SHOWN
+
+    messages = tuple(OutboundMessage(1 + i // 5, "upload", "coordinator", 100 + i, "masked",
+                                     f"{i:064x}") for i in range(count))
+    log = OutboundLog(source="/kits/e/state.sqlite", messages=messages, by_protection={"masked": count})
+    base = _report()
+    report = dataclasses.replace(
+        base, enterprises=(dataclasses.replace(base.enterprises[0], outbound=log),))
+    html = render_html(report, plots={})
+    section = html.split('<section class="enterprise"', 1)[1].split("</section>", 1)[0]
+    assert section.count("<td>upload</td>") == count  # every message is on the page
+    folded = "<details" in section
+    assert folded == (count > OUTBOUND_SHOWN)
+    if folded:
+        details = section.split("<details", 1)[1].split("</details>", 1)[0]
+        assert f"{count} messages (masked: {count})" in details.split("</summary>", 1)[0]
+        assert details.count("<td>upload</td>") == count

@@ -207,3 +207,21 @@ def test_cli_usage_errors_exit_2(tmp_path):
     assert runner.invoke(cli, ["audit", "--out", str(tmp_path)]).exit_code == 2
     missing = runner.invoke(cli, ["audit", "--ledger", str(tmp_path / "nope"), "--out", "x"])
     assert missing.exit_code == 2
+
+
+def test_settings_show_the_sigma_the_ledgers_used_when_federation_toml_calibrates(federation_master):
+    """federation.toml leaves noise_multiplier null (calibrated); the report's settings show the
+    σ each enterprise's ledger records instead, on the page and in report.json."""
+    from secfed.audit.page import render_html
+
+    from .federation_run import DP_PARAMS
+
+    report = full_report(federation_master)
+    dp = report.federation.settings["dp"]
+    assert dp["noise_multiplier"] == {e: p[0] for e, p in DP_PARAMS.items()}
+    assert "calibrated" in dp["noise_multiplier_from"]
+    html = render_html(report, plots={})
+    assert '&quot;noise_multiplier&quot;: null' not in html
+    assert '&quot;city-operations&quot;: 0.9' in html
+    assert json.loads(report.to_json())["federation"]["settings"]["dp"]["noise_multiplier"] == dp[
+        "noise_multiplier"]
