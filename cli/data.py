@@ -21,7 +21,7 @@ def command() -> None:
 @click.option("--out", "out_dir", type=_DIR, required=True, help="Empty or new directory.")
 @click.option("--seed", type=click.IntRange(min=0), required=True, help="Data seed.")
 @click.option("--scale", type=click.Choice(["tiny", "demo", "full"]), default="demo",
-              show_default=True)
+              show_default=True, help="Records per enterprise: tiny (tests), demo, full.")
 @json_option
 def generate(out_dir: Path, seed: int, scale: str, as_json: bool) -> None:
     """Write one dataset per enterprise, the shared test set and the defect truth."""

@@ -21,7 +21,8 @@ def command() -> None:
 @command.command("prepare")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Where data/ and model/ are written.")
-@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True,
+              help="Seed of the generated data and of the model's initialisation.")
 @click.option("--scale", type=click.Choice(["tiny", "demo", "full"]), default="demo",
               show_default=True, help="Data scale and model size.")
 @json_option
@@ -43,7 +44,8 @@ def prepare(out: Path, seed: int, scale: str, as_json: bool) -> None:
 @command.command("run")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Everything the demo writes goes here.")
-@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True,
+              help="Seed of the generated data and of the model's initialisation.")
 @click.option("--local-steps", type=int, default=None, help="DP-SGD steps per round.")
 @click.option("--scale", type=click.Choice(["tiny", "demo", "full"]), default="demo",
               show_default=True, help="Data scale and model size (tiny: a quick smoke run).")

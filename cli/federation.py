@@ -33,21 +33,31 @@ def _settings_options(f: Any) -> Any:
 _SETTINGS = [
     click.option("--mode-schedule", default="secagg", show_default=True,
                  help="Comma-separated modes per round, repeated: e.g. secagg,secagg,secagg,ckks."),
-    click.option("--rounds", type=int, default=4, show_default=True),
+    click.option("--rounds", type=click.IntRange(min=1), default=4, show_default=True,
+                 help="Rounds the federation runs; the coordinator and every site stop after "
+                      "the last (each site's σ is calibrated to its budget over them)."),
     click.option("--threshold", type=int, default=None, help="Shamir threshold: holders besides each responder (default floor(2n/3))."),
-    click.option("--min-participants", type=int, default=None),
+    click.option("--min-participants", type=int, default=None,
+                 help="Fewest enterprises a round may finish with (at least --threshold; "
+                      "default: the threshold)."),
     click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
                  default=None, help="Model directory: the adapter length and initial hash come from it."),
     click.option("--synthetic-dim", type=int, default=None,
                  help="No model: a zero-initialised synthetic adapter of this length (tests, benches)."),
     click.option("--epsilon", "target_epsilon", type=float, default=8.0, show_default=True,
                  help="Target epsilon = each site's budget."),
-    click.option("--delta", type=float, default=1e-5, show_default=True),
+    click.option("--delta", type=float, default=1e-5, show_default=True,
+                 help="DP delta per enterprise (each site's policy refuses a larger one)."),
     click.option("--noise-multiplier", type=float, default=None, help="sigma (default: calibrated)."),
-    click.option("--sample-rate", type=float, default=0.05, show_default=True),
-    click.option("--local-steps", type=int, default=20, show_default=True),
-    click.option("--learning-rate", type=float, default=0.05, show_default=True),
-    click.option("--max-grad-norm", type=float, default=1.0, show_default=True),
+    click.option("--sample-rate", type=float, default=0.05, show_default=True,
+                 help="DP-SGD Poisson sampling rate q: each record joins a step's batch with "
+                      "this probability."),
+    click.option("--local-steps", type=int, default=20, show_default=True,
+                 help="DP-SGD steps each site takes per round."),
+    click.option("--learning-rate", type=float, default=0.05, show_default=True,
+                 help="Sites' learning rate (the start of the schedule)."),
+    click.option("--max-grad-norm", type=float, default=1.0, show_default=True,
+                 help="DP-SGD per-example gradient clipping norm."),
     click.option("--optimizer", type=click.Choice(get_args(Optimizer)), default="sgd", show_default=True,
                  help="DP-SGD update rule at the sites."),
     click.option("--lr-schedule", type=click.Choice(get_args(LRSchedule)), default="constant",
@@ -58,8 +68,11 @@ _SETTINGS = [
                       "fusion head (adapter), the head + the last layer's LoRA (top), the head "
                       "(head; towers frozen, so sites train on tower features computed once), or "
                       "the head's MLP (classifier)."),
-    click.option("--train-deadline", type=float, default=600.0, show_default=True),
-    click.option("--stage-deadline", type=float, default=60.0, show_default=True),
+    click.option("--train-deadline", type=float, default=600.0, show_default=True,
+                 help="Seconds the advertise and upload stages stay open (they cover local "
+                      "training)."),
+    click.option("--stage-deadline", type=float, default=60.0, show_default=True,
+                 help="Seconds every other stage stays open."),
     click.option("--clip-bound", type=float, default=None,
                  help="L2 bound on one site's update (default 8); larger updates are scaled down."),
     click.option("--dp-distributed", is_flag=True,
@@ -78,7 +91,14 @@ _SETTINGS = [
 
 def _settings(opts: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of :func:`~secfed.transport.enrol.invite` from the options."""
-    from secfed.config import Deadlines, DistributedDPSettings, DPSettings, ModelSettings, validated
+    from secfed.config import (
+        Deadlines,
+        DistributedDPSettings,
+        DPSettings,
+        ModelSettings,
+        default_policy_refusals,
+        validated,
+    )
     from secfed.participant.adapter import model_settings_for
 
     modes = tuple(m.strip() for m in str(opts["mode_schedule"]).split(",") if m.strip())
@@ -100,6 +120,21 @@ def _settings(opts: dict[str, Any]) -> dict[str, Any]:
                               trainable=str(opts["trainable"]))
     if opts["clip_bound"] is not None:
         model = validated(ModelSettings, **{**model.model_dump(), "clip_bound": opts["clip_bound"]})
+    dp = validated(
+        DPSettings,
+        max_grad_norm=opts["max_grad_norm"],
+        sample_rate=opts["sample_rate"],
+        local_steps=opts["local_steps"],
+        learning_rate=opts["learning_rate"],
+        optimizer=opts["optimizer"],
+        lr_schedule=opts["lr_schedule"],
+        noise_multiplier=opts["noise_multiplier"],
+        target_epsilon=opts["target_epsilon"],
+        delta=opts["delta"],
+        distributed=distributed,
+    )
+    for warning in default_policy_refusals(dp):
+        click.echo(f"secfed: warning: {warning}", err=True)
     return dict(
         name=str(opts["name"]),
         coordinator_url=str(opts["coordinator_url"]),
@@ -109,19 +144,7 @@ def _settings(opts: dict[str, Any]) -> dict[str, Any]:
         threshold=opts["threshold"],
         min_participants=opts["min_participants"],
         deadlines=validated(Deadlines, train=opts["train_deadline"], stage=opts["stage_deadline"]),
-        dp=validated(
-            DPSettings,
-            max_grad_norm=opts["max_grad_norm"],
-            sample_rate=opts["sample_rate"],
-            local_steps=opts["local_steps"],
-            learning_rate=opts["learning_rate"],
-            optimizer=opts["optimizer"],
-            lr_schedule=opts["lr_schedule"],
-            noise_multiplier=opts["noise_multiplier"],
-            target_epsilon=opts["target_epsilon"],
-            delta=opts["delta"],
-            distributed=distributed,
-        ),
+        dp=dp,
     )
 
 
@@ -181,9 +204,13 @@ def sign(admin_dir: Path, requests: tuple[Path, ...], out: Path, force: bool,
 
 @command.command("init")
 @click.option("--name", required=True, help="Federation name.")
-@click.option("--enterprise", "enterprises", multiple=True, required=True, help="Enterprise id (repeat).")
+@click.option("--enterprise", "enterprises", multiple=True, required=True,
+              help="Enterprise id (repeat, at least 2): 1-63 lower-case letters a-z, digits, "
+                   "'_' or '-', starting with a letter or digit.")
 @click.option("--coordinator-url", required=True, help="https://HOST:PORT of the coordinator.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="New or empty folder: ca/ (the admin's), coordinator/ and one kit per "
+                   "enterprise.")
 @_settings_options
 @click.option("--force", is_flag=True, help="Replace a non-empty --out directory.")
 @json_option

@@ -4,12 +4,57 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 from secfed.cli.options import json_option
 
 _dir = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list | tuple):
+        return ", ".join(_value(x) for x in v) or "none"
+    return str(v)
+
+
+def describe(event: dict[str, Any]) -> str | None:
+    """One line of plain words for the events a person follows (None: not shown).
+
+    Numbers are rounded and lists joined; no Python dict or list is ever printed as such.
+    """
+    kind, r = event["event"], event.get("round")
+    if kind == "training":
+        return f"round {r} ({event.get('mode')}): training with DP-SGD"
+    if kind == "charged":
+        return f"round {r}: ledger charged before the update leaves, epsilon now " \
+               f"{_value(event.get('epsilon'))}"
+    if kind == "round_report":
+        if event.get("status") in ("refused", "aborted"):
+            return None  # its round_refused / round_aborted line said why
+        metrics = event.get("metrics") or {}
+        parts = [f"epsilon {_value(event['epsilon'])}" if event.get("epsilon") is not None
+                 else None, *(f"{k} {_value(v)}" for k, v in sorted(metrics.items()))]
+        said = "; ".join(p for p in parts if p)
+        detail = str(event.get("detail") or "")
+        if detail and not detail.startswith("{"):  # a done round's detail is JSON facts
+            said = f"{said}; {detail}" if said else detail
+        survivors = event.get("survivors") or []
+        who = f", {len(survivors)} survivors" if survivors else ""
+        return f"round {r} {event.get('status')} ({event.get('mode')}{who})" + \
+            (f": {said}" if said else "")
+    if kind in ("round_refused", "round_aborted", "peers_disagree"):
+        verb = {"round_refused": "refused", "round_aborted": "aborted",
+                "peers_disagree": "peers disagree"}[kind]
+        return f"round {r} {verb}: {event.get('reason')}"
+    if kind == "distributed_dp":
+        rest = {k: v for k, v in event.items() if k not in ("event", "at", "enterprise", "round")}
+        return f"round {r}: distributed DP " + ", ".join(
+            f"{k.replace('_', ' ')} {_value(v)}" for k, v in sorted(rest.items()))
+    return None
 
 
 @click.command("join")
@@ -20,7 +65,9 @@ _dir = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--synthetic", is_flag=True, hidden=True, help="Stand-in updates (tests, benches).")
 @click.option("--synthetic-train-s", type=click.FloatRange(min=0), default=0.0, hidden=True,
               help="With --synthetic: seconds of CPU work standing in for local training.")
-@click.option("--max-rounds", type=int, default=None)
+@click.option("--max-rounds", type=click.IntRange(min=1), default=None,
+              help="Stop after taking part in this many rounds (default: until the "
+                   "federation's last round).")
 @click.option("--new-ledger", is_flag=True, default=False,
               help="Start a NEW privacy ledger if the kit has none: only for a site that never "
               "took part (refused when its state shows past rounds).")
@@ -46,10 +93,10 @@ def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_d
                        err=True)
         if as_json:
             click.echo(json.dumps(event, sort_keys=True, default=str))
-        elif event["event"] in ("round_report", "round_refused", "round_aborted", "charged",
-                                "training", "peers_disagree", "distributed_dp"):
-            rest = {k: v for k, v in event.items() if k not in ("event", "at", "enterprise")}
-            click.echo(f"[{event['enterprise']}] {event['event']}: {rest}")
+            return
+        line = describe(event)
+        if line is not None:
+            click.echo(f"[{event['enterprise']}] {line}")
 
     run_participant(kit_dir, model_dir=model_dir, data_dir=data_dir, test_dir=test_dir,
                     synthetic=synthetic, synthetic_train_s=synthetic_train_s,

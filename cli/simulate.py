@@ -35,12 +35,29 @@ def _parse_drops(values: tuple[str, ...], n: int) -> dict[str, list[int]]:
     return drops
 
 
+def _check_threshold(threshold: int | None, n: int, mode: str) -> None:
+    """Name --threshold when it cannot fit n participants (the round spec would otherwise
+    report it as the min_participants it also sets)."""
+    if threshold is None:
+        return
+    low, high, meaning = (1, n, "the fewest uploads the sum must contain") if mode == "ckks" \
+        else (2, n - 1, "holders besides each responder")
+    if not low <= threshold <= high:
+        raise click.BadParameter(
+            f"must be in [{low}, {high}] for {n} participants in mode {mode} ({meaning}) "
+            f"(got {threshold})", param_hint="--threshold")
+
+
 @click.command("simulate")
-@click.option("--participants", "-n", type=click.IntRange(2, 5000), default=10, show_default=True)
-@click.option("--dim", "-d", type=click.IntRange(1, 50_000_000), default=100_000, show_default=True)
-@click.option("--mode", "-m", type=click.Choice(_MODES), default="secagg", show_default=True)
+@click.option("--participants", "-n", type=click.IntRange(2, 5000), default=10, show_default=True,
+              help="Enterprises in the round.")
+@click.option("--dim", "-d", type=click.IntRange(1, 50_000_000), default=100_000, show_default=True,
+              help="Length of each update vector.")
+@click.option("--mode", "-m", type=click.Choice(_MODES), default="secagg", show_default=True,
+              help="Protection of the updates: pairwise masks (secagg, secagg+) or CKKS.")
 @click.option("--drop", "drops", multiple=True, metavar="STAGE:i,j",
-              help="Participants that vanish before sending STAGE's message (repeatable).")
+              help="Participants that vanish before sending STAGE's message (repeatable); "
+                   "i, j are 0-based indices, 0 to n-1: e.g. upload:0,3.")
 @click.option("--adversary", type=click.Choice(_ADVERSARIES), default=None,
               help="Let the coordinator play this attack (the round must abort).")
 @click.option("--threshold", "-t", type=click.IntRange(1), default=None,
@@ -59,6 +76,7 @@ def command(
     from secfed.protocol import simulate
 
     dropouts = _parse_drops(drops, participants)
+    _check_threshold(threshold, participants, mode)
     rng = np.random.default_rng(seed)  # test inputs only; every key and mask uses the OS CSPRNG
     updates = [(rng.standard_normal(dim) * 0.01).astype(np.float32) for _ in range(participants)]
     try:

@@ -37,6 +37,9 @@ __all__ = [
     "SitePolicy",
     "RoundTerms",
     "default_threshold",
+    "default_policy_refusals",
+    "check_enterprise_id",
+    "ENTERPRISE_ID_RULE",
     "load_federation",
     "validated",
     "load_site_policy",
@@ -54,6 +57,20 @@ LRSchedule = Literal["constant", "cosine"]
 #: What sites train (``secfed.models.TRAINABLE_SCOPES``, largest first).
 TrainableSet = Literal["adapter", "top", "head", "classifier"]
 ENTERPRISE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # also a DNS label: CN/SAN of its cert
+#: :data:`ENTERPRISE_ID` in words, for error messages and docs
+ENTERPRISE_ID_RULE = ("1 to 63 characters: lower-case letters a-z, digits, '_' or '-', "
+                      "starting with a letter or digit")
+
+
+def check_enterprise_id(value: str, *, field: str = "enterprise id") -> str:
+    """Return ``value`` if it is a valid enterprise id (it names a folder and a certificate).
+
+    Raises:
+        ConfigError: naming ``field``, the rule in words and the value.
+    """
+    if not isinstance(value, str) or not ENTERPRISE_ID.match(value):
+        raise ConfigError(f"{field} must be {ENTERPRISE_ID_RULE} (got {value!r})")
+    return value
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -71,7 +88,7 @@ class RosterEntry(_Frozen):
     @classmethod
     def _id(cls, v: str) -> str:
         if not ENTERPRISE_ID.match(v):
-            raise ValueError(f"must match {ENTERPRISE_ID.pattern} (got {v!r})")
+            raise ValueError(f"must be {ENTERPRISE_ID_RULE} (got {v!r})")
         return v
 
     @field_validator("identity_public_key")
@@ -385,8 +402,10 @@ def _validation_message(source: str, err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(root)"
         got = e.get("input")
-        got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
-        parts.append(f"{loc}: {e['msg']}{got_s}")
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        # our validators already say what they got; pydantic's own messages do not
+        got_s = "" if isinstance(got, dict | list) or "(got " in msg else f" (got {got!r})"
+        parts.append(f"{loc}: {msg}{got_s}")
     return f"{source}: " + "; ".join(parts)
 
 
@@ -415,6 +434,23 @@ def federation_from_mapping(data: Mapping[str, Any], *, source: str = "federatio
         return FederationConfig.model_validate(body)
     except ValidationError as exc:
         raise ConfigError(_validation_message(source, exc)) from None
+
+
+def default_policy_refusals(dp: DPSettings) -> list[str]:
+    """What a site's default policy (``site.toml`` as ``site init`` writes it without options)
+    would refuse in every round of a federation with these DP settings: one sentence each,
+    naming the setting, the policy's floor and the value (``federation init`` / ``invite``
+    print them as warnings: a federation like that waits out its deadlines round after round).
+    """
+    refusals = []
+    floor = float(SitePolicy.model_fields["min_noise_multiplier"].default)
+    if dp.noise_multiplier is not None and dp.noise_multiplier < floor:
+        refusals.append(
+            f"--noise-multiplier {dp.noise_multiplier:g} is below the default site policy's "
+            f"min_noise_multiplier {floor:g}: every site enrolled with the defaults refuses every "
+            f"round (raise it, or lower min_noise_multiplier in each site's site.toml)"
+        )
+    return refusals
 
 
 def validated(model: type[_M], /, **fields: Any) -> _M:

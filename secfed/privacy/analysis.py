@@ -6,12 +6,40 @@ with Opacus' analysis modules.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 import warnings
 from collections.abc import Sequence
+from types import ModuleType
 
 import numpy as np
-from opacus.accountants.analysis import rdp as opacus_rdp
+
+
+def _opacus_rdp() -> ModuleType:
+    """Opacus' RDP analysis module (``opacus/accountants/analysis/rdp.py``: numpy and scipy).
+
+    Importing it the usual way runs ``opacus/__init__``, which imports torch (seconds): a
+    budget check needs none of that. Unless opacus is already imported, the same file is loaded
+    under a private name without running the package's ``__init__``.
+    """
+    name = "opacus.accountants.analysis.rdp"
+    if name in sys.modules or "opacus" in sys.modules:
+        from opacus.accountants.analysis import rdp
+
+        return rdp
+    package = importlib.util.find_spec("opacus")  # finds, does not run, the package
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("opacus must be installed (its RDP analysis is the reference)")
+    path = f"{list(package.submodule_search_locations)[0]}/accountants/analysis/rdp.py"
+    spec = importlib.util.spec_from_file_location("secfed.privacy._opacus_rdp", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+opacus_rdp = _opacus_rdp()
 
 __all__ = ["RDP_ORDERS", "subsampled_gaussian_rdp", "skellam_rdp", "rdp_to_epsilon"]
 

@@ -51,6 +51,7 @@ from pydantic import ValidationError
 from secfed import names
 from secfed.config import (
     ENTERPRISE_ID,
+    ENTERPRISE_ID_RULE,
     Deadlines,
     DPSettings,
     FederationConfig,
@@ -579,7 +580,7 @@ def site_init(invitation: str | Path, enterprise_id: str, out: str | Path, *,
         ConfigError: a bad id or invitation, or ``out`` not new/empty (without force).
     """
     if not ENTERPRISE_ID.match(enterprise_id) or enterprise_id in RESERVED_IDS:
-        raise ConfigError(f"--id must match {ENTERPRISE_ID.pattern} and not be one of "
+        raise ConfigError(f"--id must be {ENTERPRISE_ID_RULE}, and not one of "
                           f"{sorted(RESERVED_IDS)} (got {enterprise_id!r})")
     inv = load_invitation(invitation)  # before anything is written
     root = Path(out)

@@ -31,6 +31,7 @@ from secfed.config import (
     ModelSettings,
     RosterEntry,
     SitePolicy,
+    check_enterprise_id,
     load_federation,
     load_site_policy,
 )
@@ -231,6 +232,8 @@ def create_kits(
         if not force:
             raise ConfigError(f"--out must be a new or empty directory (got {root}, not empty)")
         shutil.rmtree(root)
+    for eid in enterprises:  # before pydantic sees it: one line that states the rule
+        check_enterprise_id(eid, field="--enterprise")
     if len(set(enterprises)) != len(enterprises):
         raise ConfigError(f"--enterprise values must be unique (got {enterprises})")
     reserved = sorted(set(enterprises) & RESERVED_IDS)
