@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from secfed import progress
 from secfed.crypto.errors import SecfedError
 from secfed.names import FEATURE_SCOPES
 
@@ -93,13 +94,15 @@ def _prepare(out: Path, settings: DemoSettings, say: Callable[[str], None]) -> t
     if not (data / "test").is_dir():
         shutil.rmtree(data, ignore_errors=True)
         t = time.monotonic()
-        generate_federation(data, seed=settings.seed, scale=settings.scale)
+        with progress.task("demo: generating the city-safety data"):
+            generate_federation(data, seed=settings.seed, scale=settings.scale)
         say(f"data: generated under {data} ({time.monotonic() - t:.1f} s)")
     if not (model / "secfed_model.json").is_file():
         shutil.rmtree(model, ignore_errors=True)
         t = time.monotonic()
-        prepare_demo_model(model, seed=settings.seed, size=settings.scale,
-                           log=lambda m: say(f"model: {m}"))
+        with progress.task("demo: building the model (image tower pre-training)"):
+            prepare_demo_model(model, seed=settings.seed, size=settings.scale,
+                               log=lambda m: say(f"model: {m}"))
         say(f"model: built under {model} ({time.monotonic() - t:.1f} s)")
     return data, model
 
@@ -211,14 +214,29 @@ def _read_events(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
 
 def _follow(root: Path, procs: dict[str, subprocess.Popen], settings: DemoSettings,
             say: Callable[[str], None]) -> DemoResult:
+    with progress.task("demo: sites ready (data, model, features)",
+                       total=len(procs) - 1) as ready, \
+            progress.task("demo: rounds", total=settings.rounds) as rounds:
+        return _follow_events(root, procs, settings, say, ready, rounds)
+
+
+def _follow_events(root: Path, procs: dict[str, subprocess.Popen], settings: DemoSettings,
+                   say: Callable[[str], None], ready: progress.Task,
+                   rounds: progress.Task) -> DemoResult:
     result = DemoResult(root)
     offsets = {name: 0 for name in procs}
+    started: set[str] = set()
     deadline = time.monotonic() + settings.timeout_s
     while True:
         for name in procs:
             events, offsets[name] = _read_events(root / "logs" / f"{name}.jsonl", offsets[name])
             for e in events:
                 _show(name, e, result, say)
+                if name != "coordinator" and name not in started:  # its first event: ready
+                    started.add(name)
+                    ready.advance()
+                if name == "coordinator" and e.get("event") in ("round_done", "round_aborted"):
+                    rounds.advance()
         running = [n for n, p in procs.items() if p.poll() is None]
         failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
         if failed:

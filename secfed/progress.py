@@ -192,12 +192,15 @@ def _open_rich(job: Task) -> None:
 
     with _lock:
         if _state["live"] is None:
-            # stdout is never redirected: a --json document must stay on stdout as it is
+            # stdout goes through the bar's console only when it is the same terminal (lines
+            # then print above the bar); piped or redirected, it is never touched, so a --json
+            # document stays on stdout as it is
+            same_terminal = _state["stream"] is None and sys.stdout.isatty()
             _state["live"] = Progress(
                 SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                 MofNCompleteColumn(), TimeElapsedColumn(),
                 console=Console(file=_stream(), highlight=False),
-                redirect_stdout=False, redirect_stderr=False,
+                redirect_stdout=same_terminal, redirect_stderr=False,
             )
             _state["live"].start()
         _state["open"] += 1
