@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from secfed import progress
+from secfed.config import FEATURE_SCOPES
 from secfed.participant.adapter import ModelSite, SyntheticSite
 from secfed.participant.loop import Participant, RoundReport
 from secfed.transport.kits import EnterpriseKit
@@ -42,8 +44,14 @@ def run_participant(
             from secfed.crypto.errors import ConfigError
 
             raise ConfigError("--model and --data must both be given (or --synthetic)")
-        site = ModelSite(kit.root, kit.enterprise_id, kit.federation.model,
-                         model_dir=model_dir, data_dir=data_dir, test_dir=test_dir)
+        # minutes at the demo's scale with frozen towers (features computed once): say so
+        with progress.task(f"{kit.enterprise_id}: loading the model and data"
+                           + (", computing tower features" if kit.federation.model.trainable
+                              in FEATURE_SCOPES else "")):
+            site = ModelSite(kit.root, kit.enterprise_id, kit.federation.model,
+                             model_dir=model_dir, data_dir=data_dir, test_dir=test_dir)
+        progress.step(f"{kit.enterprise_id}: ready; taking part in rounds at "
+                      f"{kit.federation.coordinator_url}")
     participant = Participant(kit, site, events=events, new_ledger=new_ledger)
     try:
         return participant.run(max_rounds=max_rounds)

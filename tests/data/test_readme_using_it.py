@@ -240,4 +240,7 @@ def test_readme_own_federation_runs_as_written(tmp_path: Path) -> None:
         assert charged == set(range(1, rounds + 1)), (eid, charged,
                                                       (tmp_path / f"{eid}.log").read_text()[-2000:])
     assert "energy_utility" in proc.stdout  # budget status names the site
+    for eid in SITES:  # join's progress, on stderr (plain lines: not a terminal)
+        assert f"secfed: {eid}: loading the model and data, computing tower features: done" \
+            in proc.stderr, proc.stderr[-3000:]
     assert (tmp_path / "report" / "report.html").is_file()
