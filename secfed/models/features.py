@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from secfed import progress
 from secfed.errors import ModelError
 from secfed.models.classifiers import FusionClassifier
 
@@ -74,10 +75,12 @@ def feature_classifier(model: nn.Module) -> FusionClassifier:
     return out
 
 
-def tower_features(model: nn.Module, dataset, *, batch_size: int = 64) -> dict[str, torch.Tensor]:
+def tower_features(model: nn.Module, dataset, *, batch_size: int = 64,
+                   label: str = "tower features") -> dict[str, torch.Tensor]:
     """Pooled tower outputs of every record (towers in eval mode, no gradient).
 
-    ``dataset`` items follow the model input contract. Returns ``text`` ``[N, Ht]``, ``image``
+    Minutes at the demo's scale on 2 cores: shown as progress (``label``, one unit per record)
+    on stderr. ``dataset`` items follow the model input contract. Returns ``text`` ``[N, Ht]``, ``image``
     ``[N, Hi]``, ``text_present``, ``image_present`` and ``labels`` ``[N]``.
 
     Raises:
@@ -93,7 +96,7 @@ def tower_features(model: nn.Module, dataset, *, batch_size: int = 64) -> dict[s
                                             ("text", "image", "text_present", "image_present",
                                              "labels")}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), progress.task(label, total=len(dataset)) as bar:
             for start in range(0, len(dataset), batch_size):
                 items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
                 batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
@@ -104,6 +107,7 @@ def tower_features(model: nn.Module, dataset, *, batch_size: int = 64) -> dict[s
                 parts["image"].append(_pool(image, None, model.spec.image_pooling))
                 for key in ("text_present", "image_present", "labels"):
                     parts[key].append(batch[key])
+                bar.advance(len(items))
     finally:
         model.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -166,7 +170,8 @@ def cached_tower_features(model: nn.Module, dataset, cache_dir: Path | str, *, n
         if set(found) == set(_FEATURE_KEYS) and all(len(v) == len(dataset)
                                                    for v in found.values()):
             return found
-    features = tower_features(model, dataset, batch_size=batch_size)
+    features = tower_features(model, dataset, batch_size=batch_size,
+                              label=f"tower features ({name}, {len(dataset)} records)")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))

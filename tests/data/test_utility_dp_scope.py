@@ -98,3 +98,24 @@ def test_dp_sgd_trains_the_cached_head_and_the_delta_moves_back(perturbed, test_
     full.pop("labels")
     with torch.no_grad():
         torch.testing.assert_close(head.eval()(**batch), model(**full), rtol=1e-5, atol=1e-5)
+
+
+def test_tower_features_show_progress_per_record(perturbed, test_set, monkeypatch):
+    """Computing features (minutes at the demo's scale) shows progress: plain lines on stderr,
+    counted in records, with the label the caller gives."""
+    import io
+
+    from secfed import progress
+
+    monkeypatch.delenv(progress.ENV, raising=False)
+    out = io.StringIO()
+    progress.configure("plain", stream=out)
+    try:
+        tower_features(copy.deepcopy(perturbed), test_set, batch_size=4, label="features (test)")
+    finally:
+        progress.configure("auto")
+    lines = out.getvalue().splitlines()
+    n = len(test_set)
+    assert lines[0] == f"secfed: features (test) ({n}): started"
+    assert lines[-1].startswith(f"secfed: features (test): done, {n}/{n} in ")
+    assert len(lines) >= 3  # at least one line in between (batches of 4)
