@@ -104,14 +104,18 @@ def test_progress_never_touches_stdout() -> None:
 
 
 def test_quiet_libraries_turns_transformers_bars_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
+    was = hf_logging.is_progress_bar_enabled()
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
-    hf_logging.enable_progress_bar()
-    try:
-        progress.quiet_libraries()
-        assert not hf_logging.is_progress_bar_enabled()
-        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
-    finally:
-        monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    with warnings.catch_warnings():  # the hub warns when its env switch was set at import
+        warnings.simplefilter("ignore")
         hf_logging.enable_progress_bar()
+        try:
+            progress.quiet_libraries()
+            assert not hf_logging.is_progress_bar_enabled()
+            assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        finally:
+            (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
