@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from secfed import progress
-from secfed.config import FEATURE_SCOPES
+from secfed.names import FEATURE_SCOPES
 from secfed.participant.adapter import ModelSite, SyntheticSite
 from secfed.participant.loop import Participant, RoundReport
 from secfed.transport.kits import EnterpriseKit
