@@ -52,6 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from secfed import progress  # noqa: E402
 from secfed.config import FEATURE_SCOPES  # noqa: E402
 from secfed.data import load_dataset  # noqa: E402
 from secfed.data.loading import model_inputs  # noqa: E402
@@ -187,7 +188,7 @@ def federated(head0, datasets: dict, *, secure: bool, epsilon: float | None, st:
         stats["ledger eps (rdp, gated)"] = {k: round(v["rdp"], 3) for k, v in eps.items()}
         stats["ledger eps (prv, reported)"] = {k: round(v["prv"], 2) for k, v in eps.items()}
     max_diff = 0.0
-    for r in range(st.rounds):
+    for r in progress.track(range(st.rounds), "  rounds", plain=False):
         deltas = []
         for k, (name, ds) in enumerate(datasets.items()):
             local = _copy(model)
@@ -347,6 +348,7 @@ def cleaned_features(noisy: FeatureDataset, data_dir: Path,
 
 
 def main() -> int:
+    progress.quiet_libraries()  # secfed's progress on stderr, not transformers' bars
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="full", choices=["tiny", "demo", "full"])
     ap.add_argument("--size", default="demo", choices=["tiny", "demo", "full"])
@@ -535,10 +537,13 @@ def main() -> int:
             ("FedAvg + SecAgg", fed_run(True, None)),
             *[(f"DP-SGD + SecAgg, eps={e:g}", fed_run(True, e))
               for e in sorted(EPSILONS, reverse=True) if e != 8.0]]
-    for name, run in plan:
-        if args.only is None or any(part in name for part in args.only.split(",")):
+    chosen = [(name, run) for name, run in plan
+              if args.only is None or any(part in name for part in args.only.split(","))]
+    with progress.task("utility rows", total=len(chosen)) as rows_done:
+        for name, run in chosen:
             # DP noise is fresh (OS CSPRNG) every run: DP rows are the mean of --dp-repeats runs
             record(name, run, repeats=args.dp_repeats if name.startswith("DP") else 1)
+            rows_done.advance()
     plot(rows, png)
     log(f"wrote {md} and {png}")
     return 0

@@ -147,12 +147,16 @@ class Task:
 
 
 @contextmanager
-def task(description: str, *, total: int | None = None) -> Iterator[Task]:
+def task(description: str, *, total: int | None = None, plain: bool = True) -> Iterator[Task]:
     """A counted piece of work shown as a bar (rich) or a few lines (plain) on stderr.
 
     ``total`` may be ``None`` when the amount is unknown (a spinner / a start and end line).
+    ``plain=False``: a detail bar inside a bigger task (e.g. rounds within one row of a
+    table), shown on a terminal only, so a log gets no line for it.
     """
     current = mode()
+    if current == "plain" and not plain:
+        current = "off"
     job = Task(description, total, current)
     if current == "rich":
         _open_rich(job)
@@ -169,11 +173,12 @@ def task(description: str, *, total: int | None = None) -> Iterator[Task]:
             _close_rich(job)
 
 
-def track(items: Iterable[_T], description: str, *, total: int | None = None) -> Iterator[_T]:
+def track(items: Iterable[_T], description: str, *, total: int | None = None,
+          plain: bool = True) -> Iterator[_T]:
     """Iterate over ``items`` inside a :func:`task`, advancing once per item."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    with task(description, total=total) as bar:
+    with task(description, total=total, plain=plain) as bar:
         for item in items:
             yield item
             bar.advance()

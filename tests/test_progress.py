@@ -119,3 +119,16 @@ def test_quiet_libraries_turns_transformers_bars_off(monkeypatch: pytest.MonkeyP
             assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
         finally:
             (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def test_detail_task_shows_on_a_terminal_only() -> None:
+    out = io.StringIO()
+    progress.configure("plain", stream=out)
+    for _ in progress.track(range(3), "rounds of one row", plain=False):
+        pass
+    assert out.getvalue() == ""
+    tty = _Tty()
+    progress.configure("rich", stream=tty)
+    for _ in progress.track(range(3), "rounds of one row", plain=False):
+        pass
+    assert "rounds of one row" in tty.getvalue() and "3/3" in tty.getvalue()

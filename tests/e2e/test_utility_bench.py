@@ -19,6 +19,10 @@ def _run(work: Path, out: Path, *extra: str) -> str:
            "--work", str(work), "--out", str(out), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
+    # progress on stderr (plain lines: not a terminal), no transformers bars
+    assert "secfed: utility rows (" in done.stderr and "secfed: utility rows: done, " in \
+        done.stderr, done.stderr[-2000:]
+    assert "Loading weights" not in done.stderr
     return (out / "utility.md").read_text()
 
 
