@@ -22,9 +22,10 @@ def command() -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="New or empty directory for the secfed model.")
 @click.option("--base-image", default=None, help="image-text-cls: the image tower's checkpoint.")
-@click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True,
+              help="LoRA rank: the inner size of each adapter (more parameters to aggregate).")
 @click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=16.0,
-              show_default=True)
+              show_default=True, help="LoRA scaling: the update is scaled by alpha / r.")
 @click.option("--lora-targets", default="auto", show_default=True,
               help="'auto' (attention query/value projections) or module names NAME,...")
 @click.option("--lora-vision", is_flag=True, default=False,
