@@ -18,7 +18,7 @@ $(BIN)/python:
 # torch first and pinned: the CPU wheel on this machine's disk; an unpinned torch pulls CUDA.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,bench]'
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,bench,flower]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 venv: $(STAMP)

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "data",
     "demo",
     "model",
+    "flower",
 )
 
 

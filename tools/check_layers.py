@@ -4,6 +4,7 @@ Layers, high to low; a module may import only from its own layer entry or lower 
 siblings in one layer (separated by ``|``) may not import each other:
 
     secfed.cli
+    secfed.flower
     secfed.coordinator | secfed.participant | secfed.demo
     secfed.transport | secfed.audit | secfed.tasks
     secfed.training | secfed.data
@@ -31,6 +32,7 @@ SOURCES = {"secfed": ROOT / "secfed", "secfed.crypto": ROOT / "crypto", "secfed.
 
 LAYERS = [
     ["secfed.cli"],
+    ["secfed.flower"],
     ["secfed.coordinator", "secfed.participant", "secfed.demo"],
     ["secfed.transport", "secfed.audit", "secfed.tasks"],
     ["secfed.training", "secfed.data"],
