@@ -33,7 +33,15 @@ from typing import Any, TypeVar
 
 from secfed.coordinator.service import Coordinator, EventSink
 from secfed.crypto.errors import ProtocolAbort, ProtocolError, SecfedError, TransportError
-from secfed.flower.wire import IDENTITY, NONCE_BYTES, OUTCOME, message_type, pack, unpack, verify_advert
+from secfed.flower.wire import (
+    IDENTITY,
+    NONCE_BYTES,
+    OUTCOME,
+    message_type,
+    pack,
+    unpack,
+    verify_advert,
+)
 from secfed.transport.api import AppliedConfirmation, Envelope, RoundInfo
 from secfed.transport.kits import CoordinatorKit
 
@@ -227,7 +235,7 @@ class SecfedWorkflow:
             if not driver.done():
                 driver.cancel()
             loop.stop()
-            coordinator.state.close() if hasattr(coordinator.state, "close") else None
+            coordinator.state.close()
         return summary
 
     def _round(self, grid: Any, loop: _LoopThread, coordinator: FlowerCoordinator,
@@ -299,7 +307,8 @@ class SecfedWorkflow:
         self.emit("flower_round_closed", round=r, status=outcome.status,
                   survivors=len(outcome.survivors))
         return {"round": r, "status": outcome.status, "mode": outcome.mode,
-                "survivors": list(outcome.survivors), "reports": reports}
+                "survivors": list(outcome.survivors), "reports": reports,
+                "gone": sorted(self.gone)}
 
 
 def make_server_app(coordinator_kit: str | Path | None = None, **options: Any) -> Any:

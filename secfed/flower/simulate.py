@@ -61,11 +61,11 @@ class CountingGrid:
 def drop_after_upload_mod(partitions: set[int], *, is_after_upload: Callable[[Any], bool]) -> Any:
     """A Flower mod: the nodes of ``partitions`` answer every message after their upload with
     an error, as a site that crashed right after uploading."""
-    from flwr.app import Error
+    from flwr.app import Error, Message
 
     def mod(message: Any, context: Any, call_next: Any) -> Any:
         if int(context.node_config.get("partition-id", -1)) in partitions and is_after_upload(message):
-            return message.create_error_reply(Error(code=0, reason="site dropped after upload"))
+            return Message(Error(code=0, reason="site dropped after upload"), reply_to=message)
         return call_next(message, context)
 
     return mod
@@ -92,7 +92,8 @@ def quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
-def make_kits(root: Path, *, enterprises: int, dim: int, mode: str, rounds: int) -> Any:
+def make_kits(root: Path, *, enterprises: int, dim: int, mode: str, rounds: int,
+              schedule: tuple[str, ...] | None = None) -> Any:
     from secfed.config import Deadlines, DPSettings
     from secfed.participant.adapter import model_settings_for
     from secfed.transport.kits import create_kits
@@ -100,7 +101,7 @@ def make_kits(root: Path, *, enterprises: int, dim: int, mode: str, rounds: int)
     ids = [f"enterprise-{i:04d}" for i in range(enterprises)]
     return create_kits(
         root, name="flower-sim", enterprises=ids, coordinator_url="https://127.0.0.1:9",
-        model=model_settings_for(model_dir=None, synthetic_dim=dim), mode_schedule=(mode,),
+        model=model_settings_for(model_dir=None, synthetic_dim=dim), mode_schedule=schedule or (mode,),
         rounds=rounds, deadlines=Deadlines(train=3600, stage=3600, applied=3600),
         dp=DPSettings(noise_multiplier=1.0, sample_rate=0.01, local_steps=5),
     )
@@ -118,7 +119,7 @@ def _max_abs_error(kits: Any, mode: str, dim: int) -> tuple[float, list[int]]:
     """Largest |decoded aggregate - plaintext sum of its survivors' updates| over done rounds."""
     from secfed.coordinator.state import CoordinatorState
     from secfed.participant.adapter import synthetic_update
-    from secfed.transport.kits import CoordinatorKit, EnterpriseKit
+    from secfed.transport.kits import CoordinatorKit
 
     ckit = CoordinatorKit.load(kits.coordinator)
     state = CoordinatorState(ckit.state)
@@ -138,7 +139,6 @@ def _max_abs_error(kits: Any, mode: str, dim: int) -> tuple[float, list[int]]:
             survivors.append(len(members))
     finally:
         state.close()
-    del EnterpriseKit
     return worst, survivors
 
 

@@ -42,3 +42,31 @@ class LocalGrid:
         futures = [self.pool.submit(self._one, m) for m in messages]
         done, _ = wait(futures, timeout=timeout)
         return [f.result() for f in futures if f in done and f.exception() is None]
+
+
+def run_local(root: Any, *, enterprises: int, dim: int, schedule: tuple[str, ...], rounds: int,
+              dropped: set[int] = frozenset(), mods: list[Any] | None = None,
+              node_config: list[dict[str, Any]] | None = None, events: list | None = None):
+    """Kits + secfed's workflow over a LocalGrid; (kits, summary)."""
+    from pathlib import Path
+
+    from secfed.flower.client import close_sessions, make_client_app
+    from secfed.flower.server import SecfedWorkflow
+    from secfed.flower.simulate import _secfed_after_upload, drop_after_upload_mod, make_kits
+
+    kits = make_kits(Path(root) / "kits", enterprises=enterprises, dim=dim, mode=schedule[0],
+                     rounds=rounds, schedule=schedule)
+    ids = sorted(kits.enterprises)
+    all_mods = list(mods or [])
+    if dropped:
+        all_mods.append(drop_after_upload_mod(set(dropped), is_after_upload=_secfed_after_upload))
+    app = make_client_app(kits=[str(kits.enterprises[e]) for e in ids], new_ledger=True,
+                          mods=all_mods)
+    grid = LocalGrid(app, enterprises, node_config=node_config)
+    sink = events.append if events is not None else None
+    try:
+        summary = SecfedWorkflow(kits.coordinator, events=sink, step_timeout=60)(grid)
+    finally:
+        close_sessions()
+        grid.pool.shutdown(wait=False)
+    return kits, summary
