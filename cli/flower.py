@@ -58,3 +58,21 @@ def simulate(enterprises: int, dim: int, mode: str, rounds: int, drop: float,
     out.write(f"  bytes / enterprise  {result['bytes_per_enterprise']:,} per round\n")
     out.write(f"  survivors           {result['survivors']}\n")
     out.write(f"  max |sum - plain|   {result['max_abs_error']:.3g}\n")
+
+
+@command.command("site")
+@click.option("--kit", "kit_dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="This enterprise's startup kit.")
+@click.option("--new-ledger", is_flag=True, default=False,
+              help="Start a NEW privacy ledger if the kit has none (a site that never took part).")
+def site(kit_dir: str, new_ledger: bool) -> None:
+    """Serve this site's participant to its SuperNode's ClientApp (deployment engine).
+
+    Start it beside ``flower-supernode --node-config 'kit="KIT"'``: the ClientApp relays each
+    Flower message to this process over KIT/flower-agent.sock (owner-only), where the round's
+    secrets, the ledger and the site policy live. Synthetic updates (a stand-in model)."""
+    _require_flower()
+    from secfed.flower.agent import serve
+
+    click.echo(f"secfed flower site: serving {kit_dir}", err=True)
+    serve(kit_dir, new_ledger=new_ledger)

@@ -65,7 +65,7 @@ class SiteSession:
         self.kit = EnterpriseKit.load(kit_dir)
         self._lock = _take_lock(self.kit.root / LOCK_FILE)
         self.bridge = FlowerBridge()
-        self.events: list[dict[str, Any]] = []
+        self.finished = threading.Event()  # the participant's loop has ended
         try:
             self.participant = Participant(self.kit, site_factory(self.kit),
                                            events=self._event, new_ledger=new_ledger)
@@ -94,6 +94,7 @@ class SiteSession:
             self.bridge.fail(f"{type(exc).__name__}: {exc}")
         finally:
             self.participant.close()
+            self.finished.set()
 
     def close(self) -> None:
         self.bridge.close()
@@ -187,9 +188,16 @@ def make_client_app(*, kits: list[str] | None = None, site_factory: SiteFactory 
         step = step_of(message.metadata.message_type)
         fields = unpack(message.content)
         try:
-            session = session_for(_kit_of(context, kits), site_factory=site_factory,
-                                  new_ledger=new_ledger)
-            reply = answer(session, step, fields, context.node_id)
+            if "kit" in context.node_config:  # deployment: the site's own agent process
+                from secfed.flower.agent import relay
+
+                kind, payload = relay(str(context.node_config["kit"]), step, fields,
+                                      context.node_id, ANSWER_S)
+                reply = Answer(kind, payload)
+            else:  # simulation: the participant lives in this (one) actor process
+                session = session_for(_kit_of(context, kits), site_factory=site_factory,
+                                      new_ledger=new_ledger)
+                reply = answer(session, step, fields, context.node_id)
         except SecfedError as exc:
             reply = Answer("error", f"{type(exc).__name__}: {exc}".encode())
         return Message(pack(kind=reply.kind, payload=reply.payload), reply_to=message)

@@ -4,6 +4,8 @@ thread (no SuperLink, no Ray), with a persistent Context per node as Flower keep
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
@@ -46,7 +48,8 @@ class LocalGrid:
 
 def run_local(root: Any, *, enterprises: int, dim: int, schedule: tuple[str, ...], rounds: int,
               dropped: set[int] = frozenset(), mods: list[Any] | None = None,
-              node_config: list[dict[str, Any]] | None = None, events: list | None = None):
+              node_config: list[dict[str, Any]] | None = None, events: list | None = None,
+              agents: bool = False):
     """Kits + secfed's workflow over a LocalGrid; (kits, summary)."""
     from pathlib import Path
 
@@ -62,11 +65,27 @@ def run_local(root: Any, *, enterprises: int, dim: int, schedule: tuple[str, ...
         all_mods.append(drop_after_upload_mod(set(dropped), is_after_upload=_secfed_after_upload))
     app = make_client_app(kits=[str(kits.enterprises[e]) for e in ids], new_ledger=True,
                           mods=all_mods)
+    threads, stop = [], threading.Event()
+    if agents:  # each site's own participant process, here a thread serving its kit's socket
+        from secfed.flower.agent import serve, socket_path
+
+        node_config = [{"kit": str(kits.enterprises[e])} for e in ids]
+        for e in ids:
+            t = threading.Thread(target=serve, args=(kits.enterprises[e],),
+                                 kwargs={"new_ledger": True, "stop": stop}, daemon=True)
+            t.start()
+            threads.append(t)
+        for e in ids:
+            while not socket_path(kits.enterprises[e]).exists():
+                time.sleep(0.05)
     grid = LocalGrid(app, enterprises, node_config=node_config)
     sink = events.append if events is not None else None
     try:
         summary = SecfedWorkflow(kits.coordinator, events=sink, step_timeout=60)(grid)
     finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=20)
         close_sessions()
         grid.pool.shutdown(wait=False)
     return kits, summary

@@ -160,3 +160,15 @@ def test_a_node_cannot_claim_another_sites_identity(tmp_path):
     # the unmapped site never took part: the round ran (and aborted or finished) without it
     assert "enterprise-0000" not in summary.rounds[0]["reports"]
     assert np.isfinite(summary.round_s[0])
+
+
+def test_deployment_relay_to_the_sites_own_process(tmp_path):
+    # deployment nodes name their kit; the ClientApp relays each message over the kit's Unix
+    # socket to the site's long-running participant (secfed flower site), where its secrets live
+    kits, summary = run_local(tmp_path, enterprises=3, dim=128, schedule=("secagg+",), rounds=2,
+                              agents=True)
+    assert [r["status"] for r in summary.rounds] == ["done", "done"]
+    error, survivors = _max_abs_error(kits, "secagg+", 128)
+    assert survivors == [3, 3] and error <= 1e-5
+    for kit in kits.enterprises.values():
+        assert not (kit / "flower-agent.sock").exists()  # removed when the federation finished
