@@ -13,8 +13,6 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("flwr")
-
 from secfed.coordinator.state import CoordinatorState  # noqa: E402
 from secfed.crypto.errors import InvalidSignature, MessageFormatError, ProtocolError  # noqa: E402
 from secfed.crypto.keys import IdentityKey  # noqa: E402
