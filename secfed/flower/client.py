@@ -142,6 +142,9 @@ def _kit_of(context: Any, kits: list[str] | None) -> Path:
     node = context.node_config
     if "kit" in node:
         return Path(str(node["kit"]))
+    if kits is None and "kits-dir" in context.run_config:  # flwr run: the sites' kits by name
+        root = Path(str(context.run_config["kits-dir"]))
+        kits = sorted(str(p.parent) for p in root.glob("*/site.toml"))
     if kits is not None and "partition-id" in node:
         index = int(node["partition-id"])
         if not 0 <= index < len(kits):

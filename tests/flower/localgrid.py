@@ -15,7 +15,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 class LocalGrid:
     def __init__(self, client_app: Any, n: int, *, node_ids: list[int] | None = None,
-                 node_config: list[dict[str, Any]] | None = None):
+                 node_config: list[dict[str, Any]] | None = None,
+                 run_config: dict[str, Any] | None = None):
         self.app = client_app
         TaskIdentity.run_id = 1  # what a real ServerApp process is given
         TaskIdentity.node_id = 1
@@ -24,7 +25,7 @@ class LocalGrid:
         configs = node_config or [{"partition-id": i, "num-partitions": n} for i in range(n)]
         self.contexts = {
             node: Context(run_id=1, node_id=node, node_config=configs[i], state=RecordDict(),
-                          run_config={})
+                          run_config=dict(run_config or {}))
             for i, node in enumerate(self.nodes)
         }
         self._ids = itertools.count(1)
@@ -49,7 +50,7 @@ class LocalGrid:
 def run_local(root: Any, *, enterprises: int, dim: int, schedule: tuple[str, ...], rounds: int,
               dropped: set[int] = frozenset(), mods: list[Any] | None = None,
               node_config: list[dict[str, Any]] | None = None, events: list | None = None,
-              agents: bool = False):
+              agents: bool = False, by_run_config: bool = False):
     """Kits + secfed's workflow over a LocalGrid; (kits, summary)."""
     from pathlib import Path
 
@@ -63,8 +64,8 @@ def run_local(root: Any, *, enterprises: int, dim: int, schedule: tuple[str, ...
     all_mods = list(mods or [])
     if dropped:
         all_mods.append(drop_after_upload_mod(set(dropped), is_after_upload=_secfed_after_upload))
-    app = make_client_app(kits=[str(kits.enterprises[e]) for e in ids], new_ledger=True,
-                          mods=all_mods)
+    app = make_client_app(kits=None if by_run_config else [str(kits.enterprises[e]) for e in ids],
+                          new_ledger=True, mods=all_mods)
     threads, stop = [], threading.Event()
     if agents:  # each site's own participant process, here a thread serving its kit's socket
         from secfed.flower.agent import serve, socket_path
@@ -78,7 +79,8 @@ def run_local(root: Any, *, enterprises: int, dim: int, schedule: tuple[str, ...
         for e in ids:
             while not socket_path(kits.enterprises[e]).exists():
                 time.sleep(0.05)
-    grid = LocalGrid(app, enterprises, node_config=node_config)
+    run_config = {"kits-dir": str(Path(root) / "kits")} if by_run_config else None
+    grid = LocalGrid(app, enterprises, node_config=node_config, run_config=run_config)
     sink = events.append if events is not None else None
     try:
         summary = SecfedWorkflow(kits.coordinator, events=sink, step_timeout=60)(grid)

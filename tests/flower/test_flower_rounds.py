@@ -170,3 +170,12 @@ def test_deployment_relay_to_the_sites_own_process(tmp_path):
     assert survivors == [3, 3] and error <= 1e-5
     for kit in kits.enterprises.values():
         assert not (kit / "flower-agent.sock").exists()  # removed when the federation finished
+
+
+def test_flwr_run_config_names_the_kits(tmp_path):
+    # the example app's ClientApp is built without kits: flwr run's run config names the kits
+    # directory and each virtual node takes the kit of its partition-id
+    kits, summary = run_local(tmp_path, enterprises=3, dim=64, schedule=("secagg",), rounds=1,
+                              by_run_config=True)
+    assert summary.rounds[0]["status"] == "done"
+    assert summary.rounds[0]["survivors"] == sorted(kits.enterprises)

@@ -1,0 +1,1 @@
+"""secfed on Flower: the ServerApp and ClientApp of this example app."""
