@@ -323,6 +323,12 @@ def make_server_app(coordinator_kit: str | Path | None = None, **options: Any) -
         kit = coordinator_kit or context.run_config.get("coordinator-kit")
         if not kit:
             raise SystemExit("secfed: error: run config must set coordinator-kit")
+        if "events" not in options:  # into Flower's log: `flwr run --stream` / `flwr log`
+            from logging import INFO
+
+            from flwr.common.logger import log
+
+            options["events"] = lambda e: log(INFO, "secfed %s", json.dumps(e, default=str))
         SecfedWorkflow(str(kit), **options)(grid, context)
 
     return app
