@@ -94,6 +94,21 @@ class Deployment:
                 "--root-certificates", str(self.tls / "ca.pem"),
                 "--auth-supernode-private-key", str(key),
                 "--node-config", f'kit="{kit}"', "--port", str(free_port())])
+        self._wait_ready(len(self.kits.enterprises), end=time.monotonic() + 180)
+
+    def _wait_ready(self, n: int, *, end: float) -> None:
+        """Every site's agent socket exists and every SuperNode is online before the run (a
+        node registered but not connected yet would miss the first steps)."""
+        from secfed.flower.agent import socket_path
+
+        while True:
+            listed = self._flwr("supernode", "ls", "--format", "json", timeout=30).stdout
+            sockets = all(socket_path(k).exists() for k in self.kits.enterprises.values())
+            if sockets and listed.count('"online"') >= n:
+                return
+            if time.monotonic() > end:
+                raise RuntimeError(f"nodes not online: {listed[-2000:]}")
+            time.sleep(1)
 
     def run(self, timeout: float) -> subprocess.CompletedProcess:
         app = REPO / "examples" / "flower"
