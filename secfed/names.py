@@ -212,6 +212,8 @@ LABEL_KEM_KEY = b"secfed/v1/enrol-ckks-kem-key"  # a site's X25519 key, signed b
 LABEL_CKKS_TRANSFER = b"secfed/v1/ckks-secret-transfer"  # HKDF info and AEAD AD of a copy
 LABEL_CKKS_COPY = b"secfed/v1/ckks-secret-copy"  # the sender's signature on a sealed copy
 LABEL_CKKS_PUBLIC = b"secfed/v1/ckks-public-context"  # the sender's signature on the public ctx
+# flower carrier: a site's signed claim of a Flower node id for one run (secfed.flower.wire)
+LABEL_FLOWER_ADVERT = b"secfed/v1/flower-node-advert"
 # participant: the synthetic stand-in adapter's layout digest
 LABEL_SYNTHETIC_LAYOUT = b"secfed/v1/synthetic-layout"
 

@@ -17,6 +17,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+from secfed import names
 from secfed.crypto.errors import InvalidSignature, MessageFormatError, ProtocolError
 from secfed.crypto.keys import IdentityKey, verify_signature
 from secfed.transport.api import STAGES
@@ -43,7 +44,7 @@ OUTCOME = "outcome"
 STEPS: tuple[str, ...] = (IDENTITY, *STAGES, OUTCOME)
 PREFIX = "secfed_"
 RECORD = "secfed"
-_ADVERT_LABEL = b"secfed/v1/flower-node-advert"
+_ADVERT_LABEL = names.LABEL_FLOWER_ADVERT
 NONCE_BYTES = 32
 
 
