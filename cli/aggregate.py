@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import click
 
+from secfed.cli.logs import json_log_sink, log_format_option
 from secfed.cli.options import json_option
+from secfed.transport.status_http import DEFAULT_STATUS_LISTEN
 
 
 def _printer(as_json: bool):
@@ -31,6 +35,14 @@ def _printer(as_json: bool):
                           f"{len(event['participants'])} participants, t={event['threshold']}")
         elif kind == "round_aborted":
             console.print(f"[bold red]round {event['round']} aborted[/bold red]: {event['reason']}")
+        elif kind == "status_listening":
+            console.print(f"status page: {event['url']}  metrics: {event['metrics']}")
+        elif kind == "warning":
+            console.print(f"[bold yellow]warning[/bold yellow]: {event['warning']}")
+        elif kind in ("ledger_head", "confirmed", "message_refused", "coordinator_stopped"):
+            if kind == "message_refused":
+                console.print(f"  [dim]r{event['round']} {event['stage']:<11} refused from "
+                              f"{event['sender']}: {event['kind']} ({event['error']})[/dim]")
         elif kind == "round_done":
             console.print(f"[bold green]round {event['round']} done[/bold green]: global hash "
                           f"{(event['global_hash'] or '-')[:16]}, confirmed by {event['confirmed']}")
@@ -47,9 +59,42 @@ def _printer(as_json: bool):
 @click.option("--fsync/--no-fsync", "durable", default=False, show_default=True,
               help="fsync every state commit (survives power loss; by default commits survive "
                    "the coordinator process being killed, without an fsync per message).")
+@click.option("--status-listen", default=DEFAULT_STATUS_LISTEN, show_default=True,
+              metavar="HOST:PORT|off",
+              help="Serve the read-only status page (/) and Prometheus metrics (/metrics) over "
+                   "plain HTTP here; port 0 picks a free one (announced at start); 'off' serves "
+                   "none. A non-loopback host also needs --status-public.")
+@click.option("--status-public", is_flag=True, default=False,
+              help="Allow --status-listen on a non-loopback address (unauthenticated HTTP: put "
+                   "it behind your own access control).")
+@log_format_option
 @json_option
-def command(kit_dir: Path, durable: bool, as_json: bool) -> None:
-    """Serve the coordinator API (mutual TLS) and drive every round of the federation."""
+def command(kit_dir: Path, durable: bool, status_listen: str, status_public: bool,
+            log_format: str, as_json: bool) -> None:
+    """Serve the coordinator API (mutual TLS) and drive every round of the federation.
+
+    Stops cleanly on SIGTERM or Ctrl-C (state committed; run the same command to resume).
+    """
     from secfed.coordinator import run_coordinator
 
-    run_coordinator(kit_dir, events=_printer(as_json), durable=durable)
+    sinks = []
+    if log_format == "json":
+        sinks.append(json_log_sink("coordinator"))
+    if as_json or log_format == "text":
+        sinks.append(_printer(as_json))
+
+    def events(event: dict) -> None:
+        for sink in sinks:
+            sink(event)
+
+    listen = None if status_listen.strip().lower() in ("off", "none", "") else status_listen
+    stopped = run_coordinator(kit_dir, events=events, durable=durable, status_listen=listen,
+                              status_public=status_public)
+    if stopped:
+        what = "interrupted" if stopped == "SIGINT" else f"stopped by {stopped}"
+        click.echo(f"secfed: {what} (state saved; run the same command to resume)", err=True)
+        # The servers are down, the state file closed and the lock released: skip the seconds
+        # of interpreter teardown (torch) so a supervisor sees the process end promptly.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130 if stopped == "SIGINT" else 0)

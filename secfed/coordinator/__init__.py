@@ -6,17 +6,39 @@ Front door: :func:`run_coordinator` (what ``secfed aggregate`` calls).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from secfed.coordinator.service import Coordinator, EventSink
+from secfed.crypto.errors import ConfigError
 from secfed.names import CKKS_SLOTS
 from secfed.transport.kits import CoordinatorKit
+from secfed.transport.status_http import DEFAULT_STATUS_LISTEN
+
+if TYPE_CHECKING:
+    from secfed.coordinator.service import Coordinator
 
 __all__ = ["Coordinator", "run_coordinator", "max_body_bytes"]
 
+EventSink = Callable[[dict[str, Any]], None]
+
+
+def __getattr__(name: str) -> Any:
+    # The service imports torch (through the privacy accountant): loaded on first use, so a
+    # locked kit or a busy port is reported before seconds of imports.
+    if name == "Coordinator":
+        from secfed.coordinator.service import Coordinator
+
+        return Coordinator
+    raise AttributeError(name)
+
 CKKS_CIPHERTEXT_BYTES = 300_000  # one N=8192, [60, 60] ciphertext serialises to ~262 KB
 LINGER_S = 3.0
+GRACEFUL_S = 1  # on stop, open requests (long polls up to 60 s) get this long to finish
+LOCK_FILE = "coordinator.lock"  # next to state.sqlite in the coordinator kit
 
 
 def max_body_bytes(vector_length: int) -> int:
@@ -26,20 +48,77 @@ def max_body_bytes(vector_length: int) -> int:
     return int(max(masked, ckks) * 1.25) + (1 << 20)
 
 
+def _lock(path: Path) -> Any:
+    """Hold an exclusive lock on ``path`` for this process's life (a second coordinator on the
+    same kit would interleave two writers' rounds in one state file).
+
+    Raises:
+        ConfigError: another process holds it (names the lock file and, if known, its pid).
+    """
+    import fcntl
+
+    handle = open(path, "a+")  # noqa: SIM115 -- held open until the process exits
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(
+            f"the coordinator kit must be used by one secfed aggregate at a time: the lock "
+            f"{path} is held (pid {holder})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
-                    log_level: str = "warning", durable: bool = False) -> None:
+                    log_level: str = "warning", durable: bool = False,
+                    status_listen: str | None = DEFAULT_STATUS_LISTEN,
+                    status_public: bool = False) -> str | None:
     """Serve the coordinator's HTTPS API and drive every round of the federation in the kit.
 
-    Returns when the federation's last round is done (or on KeyboardInterrupt).
+    With ``status_listen`` (``HOST:PORT``; port 0 picks a free one) the read-only status page
+    and ``/metrics`` are served there over plain HTTP; a non-loopback host needs
+    ``status_public`` and is announced with a ``warning`` event. Both ports are bound before
+    anything starts, and the kit is locked first, so a busy port or a second coordinator on
+    the same kit is one error.
+
+    Returns when the federation's last round is done: None; or on SIGTERM / SIGINT (after the
+    servers stopped, state committed): the signal's name.
+
+    Raises:
+        ConfigError: the kit is locked by another coordinator, or a bad ``status_listen``.
+        TransportError: a port is in use or cannot be bound.
     """
     from secfed.transport.server import create_app, serve
+    from secfed.transport.status_http import bind, check_listen, parse_listen
 
     kit = CoordinatorKit.load(kit_dir)
-    coordinator = Coordinator(kit, events=events, durable=durable)
+    emit = events or (lambda _e: None)
+    lock = _lock(kit.state.with_name(LOCK_FILE))
+    status_addr = None
+    if status_listen:
+        status_addr = parse_listen(status_listen)
+        warning = check_listen(status_addr[0], allow_remote=status_public)
+        if warning:
+            emit({"event": "warning", "warning": warning})
     url = urlsplit(kit.federation.coordinator_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 443
+    api_sock = bind(host, port, what="coordinator (coordinator_url)")
+    status_sock = bind(*status_addr, what="--status-listen") if status_addr else None
+    from secfed.coordinator.service import Coordinator
+
+    coordinator = Coordinator(kit, events=events, durable=durable)
+    stopped: list[str] = []
 
     async def main() -> None:
-        done = asyncio.Event()
+        done, stop = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: (stopped.append(s.name), stop.set()))
 
         async def drive() -> None:
             try:
@@ -53,7 +132,6 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
             max_body=max_body_bytes(kit.federation.model.vector_length),
             background=drive,
         )
-        stop = asyncio.Event()
 
         async def linger() -> None:
             await done.wait()
@@ -61,11 +139,43 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
             stop.set()
 
         lingering = asyncio.create_task(linger())
+        status_task = _start_status(coordinator, status_sock, stop, log_level, emit)
         try:
-            await serve(app, host=url.hostname or "127.0.0.1", port=url.port or 443,
-                        cert=kit.cert, key=kit.key, ca=kit.ca, stop=stop, log_level=log_level)
+            await serve(app, host=host, port=port, cert=kit.cert, key=kit.key, ca=kit.ca,
+                        stop=stop, log_level=log_level, sock=api_sock, graceful_s=GRACEFUL_S)
         finally:
+            stop.set()
             lingering.cancel()
+            if status_task is not None:
+                await status_task
             coordinator.state.close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        lock.close()
+    if stopped:
+        emit({"event": "coordinator_stopped", "signal": stopped[0],
+              "state": str(kit.state)})
+        return stopped[0]
+    return None
+
+
+def _start_status(coordinator: Any, sock: Any, stop: asyncio.Event, log_level: str,
+                  emit: EventSink) -> asyncio.Task | None:
+    """Serve the status page and /metrics on ``sock`` (None: not asked for) until ``stop``."""
+    if sock is None:
+        return None
+    from secfed.coordinator.metrics import CONTENT_TYPE, Metrics
+    from secfed.coordinator.status_page import PAGE_CSP, render_page
+    from secfed.transport.status_http import StatusViews, create_status_app, serve_status
+
+    board = coordinator.board
+    views = StatusViews(page=lambda: render_page(board), csp=PAGE_CSP, snapshot=board.snapshot,
+                        metrics=Metrics(board).render, metrics_type=CONTENT_TYPE)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    emit({"event": "status_listening", "url": f"http://{shown}:{port}/",
+          "metrics": f"http://{shown}:{port}/metrics"})
+    return asyncio.create_task(serve_status(create_status_app(views), sock=sock, stop=stop,
+                                            log_level=log_level))

@@ -33,6 +33,7 @@ from typing import Any
 
 from secfed.config import FederationConfig, RoundTerms
 from secfed.coordinator.state import CoordinatorState
+from secfed.coordinator.status import StatusBoard, refusal_kind
 from secfed.crypto.errors import (
     ConfigError,
     InvalidSignature,
@@ -122,11 +123,21 @@ class Coordinator:
         self._changed = asyncio.Condition()
         self._arrived = asyncio.Condition()
         self._global_hash = self.fed.model.initial_global_hash
+        dp = self.fed.dp
+        # What the status page and /metrics show (numbers and states only, never a payload).
+        self.board = StatusBoard(
+            federation=self.fed.name, rounds_planned=self.fed.rounds,
+            roster=self.fed.enterprise_ids(), target_epsilon=dp.target_epsilon,
+            terms_for=lambda _r: (self._sigma, dp.sample_rate, dp.local_steps, dp.delta),
+        )
+        self.board.load(self.state.rounds(), self.state.heads(), self.state.bytes_received())
 
     # ------------------------------------------------------------------ events
 
-    def emit(self, kind: str, **fields: Any) -> None:
-        self._events({"event": kind, "at": round(time.time(), 3), **fields})
+    def emit(self, kind: str, /, **fields: Any) -> None:
+        event = {"event": kind, "at": round(time.time(), 3), **fields}
+        self.board.observe(event)
+        self._events(event)
 
     async def _notify(self, condition: asyncio.Condition | None = None) -> None:
         """Wake the long polls (default) or, with ``self._arrived``, the driver."""
@@ -258,7 +269,7 @@ class Coordinator:
         self._live = live
         self.emit("round_opened", round=round_number, mode=spec.mode,
                   participants=list(spec.participants), threshold=spec.threshold,
-                  global_hash=spec.global_hash)
+                  global_hash=spec.global_hash, deadline=live.deadline)
 
     def _recover(self) -> int:
         """Rebuild the state after a restart; returns the next round number to open."""
@@ -275,13 +286,25 @@ class Coordinator:
         try:
             self._live = self._replay(row.round, RoundSpec.from_bytes(row.spec))
             self.emit("round_resumed", round=row.round, stage=self._live.machine.stage.value,
-                      messages=len(self.state.transcript(row.round)))
+                      messages=len(self.state.transcript(row.round)),
+                      deadline=self._live.deadline, states=self._resumed_states(row.round))
             return row.round
         except SecfedError as exc:
             reason = f"could not be rebuilt after restart: {type(exc).__name__}: {exc}"
             self.state.abort_round(row.round, reason)
             self.emit("round_aborted", round=row.round, reason=reason)
             return row.round + 1
+
+    def _resumed_states(self, round_number: int) -> dict[str, str]:
+        """Each site's furthest step in a round rebuilt after a restart (for the status page)."""
+        states: dict[str, str] = {}
+        for rec in self.state.transcript(round_number):
+            if rec.stage in ("advertise", "upload"):
+                states[rec.sender] = "uploaded" if rec.stage == "upload" else states.get(
+                    rec.sender, "advertised")
+        for sender in self.state.confirmations(round_number):
+            states[sender] = "confirmed"
+        return states
 
     def _replay(self, round_number: int, spec: RoundSpec) -> _Live:
         heads: dict[str, bytes] = {}
@@ -393,7 +416,7 @@ class Coordinator:
         live.outbox[machine.stage.value] = out
         live.deadline = deadline
         self.emit("stage_closed", round=r, stage=closing.value, received=n, missing=late,
-                  next=machine.stage.value)
+                  next=machine.stage.value, deadline=deadline)
         if machine.stage is Stage.DONE:
             live.status = "confirming"
             self.emit("aggregated", round=r, mode=live.spec.mode,
@@ -482,9 +505,27 @@ class Coordinator:
                 f"stage {stage} of round {round_number} has no message for {sender!r}: "
                 "not a survivor of the previous stage"
             )
+        self.board.count_sent(round_number, stage, len(box[sender]))
         return box[sender]
 
     async def submit(self, *, sender: str, envelope: Envelope) -> SubmitAck:
+        try:
+            ack = await self._submit(sender=sender, envelope=envelope)
+        except SecfedError as exc:
+            # Counted and shown by kind; the message names a class and a rule, never a value.
+            self.emit("message_refused", round=envelope.round_number, stage=envelope.stage,
+                      sender=sender, error=type(exc).__name__,
+                      kind=refusal_kind(type(exc).__name__, str(exc)))
+            raise
+        if envelope.stage == Stage.UPLOAD.value and not ack.duplicate:
+            live = self._live
+            head = live.heads.get(sender) if live is not None else None
+            if head is not None:
+                self.emit("ledger_head", round=envelope.round_number, enterprise=sender,
+                          stage="upload", index=LedgerHead.from_bytes(head).index)
+        return ack
+
+    async def _submit(self, *, sender: str, envelope: Envelope) -> SubmitAck:
         async with self._lock:
             live = self._current(envelope.round_number)
             digest = envelope.payload_sha256()
@@ -530,6 +571,17 @@ class Coordinator:
     async def confirm(
         self, *, sender: str, round_number: int, confirmation: AppliedConfirmation
     ) -> SubmitAck:
+        try:
+            return await self._confirm(sender=sender, round_number=round_number,
+                                       confirmation=confirmation)
+        except SecfedError as exc:
+            self.emit("message_refused", round=round_number, stage="done", sender=sender,
+                      error=type(exc).__name__, kind=refusal_kind(type(exc).__name__, str(exc)))
+            raise
+
+    async def _confirm(
+        self, *, sender: str, round_number: int, confirmation: AppliedConfirmation
+    ) -> SubmitAck:
         async with self._lock:
             live = self._current(round_number)
             if live.status not in ("confirming", "done"):
@@ -567,6 +619,11 @@ class Coordinator:
                     self.state.add_receipt(
                         round_number, sender, "applied", head.index,
                         self._receipt(round_number, sender, "applied", head_bytes, message))
+        if prior is None:
+            self.emit("confirmed", round=round_number, sender=sender)
+        if head is not None:
+            self.emit("ledger_head", round=round_number, enterprise=sender, stage="applied",
+                      index=head.index)
         await self._notify(self._arrived)
         return SubmitAck(accepted=True, duplicate=prior is not None, round_number=round_number,
                          stage="done", sha256=hashlib.sha256(message).hexdigest())
@@ -581,6 +638,7 @@ class Coordinator:
         payload = self.state.aggregate(round_number)
         if payload is None:
             raise ProtocolError(f"round {round_number} has no stored aggregate")
+        self.board.count_sent(round_number, "aggregate", len(payload))
         return payload
 
     async def outcome(self, *, round_number: int) -> RoundOutcome:

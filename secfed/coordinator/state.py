@@ -112,6 +112,8 @@ class RoundRow:
     global_hash_after: str | None
     spec: bytes
     abort_reason: str | None
+    opened_at: float = 0.0
+    closed_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -194,13 +196,20 @@ class CoordinatorState:
     def rounds(self) -> list[RoundRow]:
         rows = self.db.execute(
             "SELECT round, mode, participants, threshold, status, survivors, global_hash_before,"
-            " global_hash_after, spec, abort_reason FROM rounds ORDER BY round"
+            " global_hash_after, spec, abort_reason, opened_at, closed_at FROM rounds"
+            " ORDER BY round"
         ).fetchall()
         return [
             RoundRow(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4],
-                     tuple(json.loads(r[5])) if r[5] else None, r[6], r[7], bytes(r[8]), r[9])
+                     tuple(json.loads(r[5])) if r[5] else None, r[6], r[7], bytes(r[8]), r[9],
+                     r[10], r[11])
             for r in rows
         ]
+
+    def bytes_received(self) -> dict[int, int]:
+        """Payload bytes accepted per round (the status page's history after a restart)."""
+        return {int(r): int(n) for r, n in self.db.execute(
+            "SELECT round, SUM(bytes) FROM transcript GROUP BY round")}
 
     def round(self, round_number: int) -> RoundRow | None:
         return next((r for r in self.rounds() if r.round == round_number), None)
@@ -287,6 +296,11 @@ class CoordinatorState:
         ):
             out.setdefault(sender, []).append(bytes(blob))
         return out
+
+    def heads(self) -> list[tuple[int, str, str, int]]:
+        """Every accepted ledger head as (round, sender, stage, head index), oldest first."""
+        return [(int(r), s, st, int(i)) for r, s, st, i in self.db.execute(
+            "SELECT round, sender, stage, head_index FROM receipts ORDER BY round, stage")]
 
     def head_floor(self, sender: str, *, before_round: int) -> tuple[int, int] | None:
         """(highest ledger-head index accepted from ``sender`` before ``before_round``, its round)."""

@@ -123,6 +123,7 @@ class CoordinatorClient:
         on_retry: Callable[[str], None] | None = None,
     ):
         self._ssl = client_ssl_context(cert=cert, key=key, ca=ca)
+        self._base_url, self._ca = base_url, ca
         self._timeout = timeout
         self._retry_for = retry_for
         self._backoff = backoff
@@ -153,7 +154,9 @@ class CoordinatorClient:
             except httpx.TransportError as exc:
                 reason = f"{type(exc).__name__}"
                 if _is_tls_refusal(exc):
-                    raise TransportError(f"TLS handshake with the coordinator failed ({exc})") from None
+                    other = other_federation(self._base_url, self._ca)
+                    raise TransportError(
+                        other or f"TLS handshake with the coordinator failed ({exc})") from None
             else:
                 if response.status_code not in RETRY_STATUSES:
                     return response
@@ -255,3 +258,51 @@ def _is_tls_refusal(exc: Exception) -> bool:
     text = str(exc).lower()
     return any(s in text for s in ("certificate", "alert unknown ca", "alert bad", "alert expired"))
 
+
+def other_federation(base_url: str, ca: Path, *, timeout: float = 5.0) -> str | None:
+    """After a refused TLS handshake: if the server at ``base_url`` presents a certificate that
+    the kit's federation CA did not issue, a one-line explanation naming both federations
+    (the CA's common name is "<federation> federation CA"); otherwise None.
+
+    The certificate is read over an unverified handshake and only compared, never trusted:
+    nothing is sent on that connection.
+    """
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature as BadSignature
+    from cryptography.x509.oid import NameOID
+
+    url = urlsplit(base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 443
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    try:
+        ours = x509.load_pem_x509_certificate(ca.read_bytes())
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                probe.wrap_socket(raw, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+        theirs = x509.load_der_x509_certificate(der or b"")
+    except (OSError, ValueError):
+        return None
+    try:
+        theirs.verify_directly_issued_by(ours)
+        return None  # our federation's coordinator: the refusal has another cause
+    except (ValueError, TypeError, BadSignature):  # another issuer, key type or signature
+        pass
+
+    def cn(name: x509.Name) -> str:
+        found = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(found[0].value) if found else name.rfc4514_string()
+
+    mine, served = cn(ours.subject), cn(theirs.issuer)
+    suffix = " federation CA"
+    fed_mine = mine.removesuffix(suffix) if mine.endswith(suffix) else mine
+    fed_served = served.removesuffix(suffix) if served.endswith(suffix) else served
+    return (f"this kit belongs to federation {fed_mine!r}, but the coordinator at {host}:{port} "
+            f"serves federation {fed_served!r} (its certificate is issued by {served!r}, not by "
+            f"this kit's CA): use that federation's kit, or fix coordinator_url in the kit's "
+            "federation.toml")

@@ -346,12 +346,19 @@ async def serve(
     log_level: str = "warning",
     crl: Path | None = None,
     on_tls_reload: Callable[[str], None] | None = None,
+    sock: Any = None,
+    graceful_s: float | None = None,
 ) -> None:
     """Run ``app`` on ``host:port`` with mutual TLS until ``stop`` is set.
 
     The TLS context is ours (:class:`~secfed.transport.pki.ReloadingServerContext`: TLS 1.3
     only, client certificates checked against ``ca`` and ``crl``), not uvicorn's default; it
     picks up renewed certificates and revocations from the next connection on.
+
+    ``sock``: an already bound listening socket (``secfed.transport.status_http.bind``: a busy
+    port is then one error line before anything starts); the caller then owns the signals too
+    (uvicorn installs no handler). ``graceful_s``: at most this long for open requests (long
+    polls) to finish after ``stop`` (None: wait for them all).
     """
     import uvicorn
 
@@ -367,9 +374,18 @@ async def serve(
         lifespan="on",
         timeout_keep_alive=30,
         access_log=False,
+        timeout_graceful_shutdown=graceful_s,
     )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+    if sock is None:
+        server = uvicorn.Server(config)
+    else:
+        from secfed.transport.status_http import _NoSignals
+
+        class _Server(_NoSignals, uvicorn.Server):
+            pass
+
+        server = _Server(config)
+    task = asyncio.create_task(server.serve(sockets=None if sock is None else [sock]))
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
