@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from secfed.cli.logs import json_log_sink, log_format_option
 from secfed.cli.options import json_option
 
 _dir = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -71,10 +72,11 @@ def describe(event: dict[str, Any]) -> str | None:
 @click.option("--new-ledger", is_flag=True, default=False,
               help="Start a NEW privacy ledger if the kit has none: only for a site that never "
               "took part (refused when its state shows past rounds).")
+@log_format_option
 @json_option
 def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_dir: Path | None,
             synthetic: bool, synthetic_train_s: float, max_rounds: int | None, new_ledger: bool,
-            as_json: bool) -> None:
+            log_format: str, as_json: bool) -> None:
     """Fetch, check, train with DP, charge the ledger, protect, upload, apply -- every round.
 
     With the federation's [dp.distributed] table this site also clips its whole update and adds
@@ -87,7 +89,14 @@ def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_d
     """
     from secfed.participant import run_participant
 
+    log = json_log_sink("participant") if log_format == "json" else None
+
     def show(event: dict) -> None:
+        if log is not None:  # the JSON log on stderr replaces the text lines
+            log(event)
+            if as_json:
+                click.echo(json.dumps(event, sort_keys=True, default=str))
+            return
         if event["event"] == "ledger_created":  # loud, whatever the output format
             click.echo(f"[{event['enterprise']}] WARNING: {event['warning']} at {event['path']}",
                        err=True)

@@ -138,7 +138,12 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
             await asyncio.sleep(LINGER_S)  # let participants fetch the last outcome
             stop.set()
 
+        async def release() -> None:
+            await stop.wait()
+            await coordinator.stop()  # long polls answer now, before the server closes
+
         lingering = asyncio.create_task(linger())
+        releasing = asyncio.create_task(release())
         status_task = _start_status(coordinator, status_sock, stop, log_level, emit)
         try:
             await serve(app, host=host, port=port, cert=kit.cert, key=kit.key, ca=kit.ca,
@@ -146,6 +151,7 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
         finally:
             stop.set()
             lingering.cancel()
+            await releasing
             if status_task is not None:
                 await status_task
             coordinator.state.close()

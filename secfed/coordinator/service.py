@@ -122,6 +122,7 @@ class Coordinator:
         # One shared condition woke every waiting long poll on every message (N^2 wake-ups).
         self._changed = asyncio.Condition()
         self._arrived = asyncio.Condition()
+        self._stopping = False  # set by stop(): every wait returns at once
         self._global_hash = self.fed.model.initial_global_hash
         dp = self.fed.dp
         # What the status page and /metrics show (numbers and states only, never a payload).
@@ -152,14 +153,20 @@ class Coordinator:
         async with condition:
             while not predicate():
                 left = end - time.monotonic()
-                if left <= 0:
-                    return False
+                if left <= 0 or (self._stopping and condition is self._changed):
+                    return predicate()  # (the driver keeps its own pace until cancelled)
                 try:
                     async with asyncio.timeout(left):  # no extra task per wait (wait_for)
                         await condition.wait()
                 except TimeoutError:
                     return predicate()
         return True
+
+    async def stop(self) -> None:
+        """End every long poll now (they answer with what they have) so a stopping server
+        need not wait up to a poll's 60 s or cancel requests mid-answer."""
+        self._stopping = True
+        await self._notify()
 
     # ------------------------------------------------------------------ round building
 
