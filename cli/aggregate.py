@@ -80,6 +80,9 @@ def command(kit_dir: Path, durable: bool, status_listen: str, status_public: boo
     sinks = []
     if log_format == "json":
         sinks.append(json_log_sink("coordinator"))
+        from secfed import progress
+
+        progress.configure("off")  # stderr carries only the JSON events
     if as_json or log_format == "text":
         sinks.append(_printer(as_json))
 

@@ -90,6 +90,10 @@ def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_d
     from secfed.participant import run_participant
 
     log = json_log_sink("participant") if log_format == "json" else None
+    if log is not None:  # stderr carries only the JSON events
+        from secfed import progress
+
+        progress.configure("off")
 
     def show(event: dict) -> None:
         if log is not None:  # the JSON log on stderr replaces the text lines
