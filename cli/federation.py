@@ -240,3 +240,48 @@ def init(**opts: Any) -> None:
         click.echo(f"  coordinator: {paths.coordinator}")
         for eid, path in paths.enterprises.items():
             click.echo(f"  {eid}: {path}")
+
+
+@command.command("renew")
+@click.option("--kit-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True, help="The folder `federation init` made (ca/, coordinator/, sites).")
+@click.option("--enterprise", "enterprises", multiple=True,
+              help="Renew only this enterprise's client certificate (repeat); default: the "
+                   "coordinator's and every enterprise's.")
+@click.option("--days", type=click.IntRange(1, 90), default=90, show_default=True,
+              help="Validity of the new certificates.")
+@json_option
+def renew(kit_root: Path, enterprises: tuple[str, ...], days: int, as_json: bool) -> None:
+    """Admin: fresh TLS certificates from the federation CA for the same TLS keys.
+
+    Identity keys, ledgers, state and federation.toml are not touched; a running coordinator
+    serves its new certificate from its next connection on."""
+    import datetime as dt
+
+    from secfed.transport.lifecycle import renew as renew_certs
+
+    done = renew_certs(kit_root, enterprises=enterprises, validity=dt.timedelta(days=days))
+    if as_json:
+        emit_json({"renewed": [{"party": r.party, "path": str(r.path), "serial": r.serial,
+                                "not_after": r.not_after.isoformat()} for r in done]})
+    else:
+        for r in done:
+            click.echo(f"renewed {r.party}: {r.path} (valid until {r.not_after:%Y-%m-%d %H:%M} UTC)")
+
+
+@command.command("revoke")
+@click.argument("enterprise")
+@click.option("--kit-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              required=True, help="The folder `federation init` made (ca/, coordinator/, sites).")
+@json_option
+def revoke(enterprise: str, kit_root: Path, as_json: bool) -> None:
+    """Admin: revoke ENTERPRISE. The coordinator refuses its certificate from the next
+    connection on (CRL) and takes it off the allow-list; its ledger stays for `secfed audit`."""
+    from secfed.transport.lifecycle import revoke as revoke_enterprise
+
+    serials = revoke_enterprise(kit_root, enterprise)
+    if as_json:
+        emit_json({"revoked": enterprise, "serials": [str(s) for s in serials]})
+    else:
+        click.echo(f"revoked {enterprise}: {len(serials)} certificate(s) in "
+                   f"{kit_root / 'coordinator' / 'crl.pem'}")

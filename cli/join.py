@@ -88,6 +88,10 @@ def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_d
     schedule, roster, k, threshold, clip, ring, scale, DP terms) is refused before any secret.
     """
     from secfed.participant import run_participant
+    from secfed.transport.client import check_client_certificate
+
+    if (kit_dir / "client.pem").is_file():  # an expired certificate: refused before any state
+        check_client_certificate(kit_dir / "client.pem")
 
     log = json_log_sink("participant") if log_format == "json" else None
     if log is not None:  # stderr carries only the JSON events

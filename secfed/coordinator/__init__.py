@@ -93,10 +93,14 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
         ConfigError: the kit is locked by another coordinator, or a bad ``status_listen``.
         TransportError: a port is in use or cannot be bound.
     """
+    from secfed.transport.lifecycle import CRL_FILE, AllowList, renew_command
+    from secfed.transport.pki import check_not_expired
     from secfed.transport.server import create_app, serve
     from secfed.transport.status_http import bind, check_listen, parse_listen
 
     kit = CoordinatorKit.load(kit_dir)
+    check_not_expired(kit.cert, what="coordinator certificate",
+                      renew=renew_command(kit.root.resolve().parent))
     emit = events or (lambda _e: None)
     lock = _lock(kit.state.with_name(LOCK_FILE))
     status_addr = None
@@ -128,7 +132,7 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
 
         app = create_app(
             coordinator,
-            allowed=frozenset(kit.federation.enterprise_ids()),
+            allowed=AllowList(kit.federation.enterprise_ids(), kit.root),
             max_body=max_body_bytes(kit.federation.model.vector_length),
             background=drive,
         )
@@ -147,7 +151,9 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
         status_task = _start_status(coordinator, status_sock, stop, log_level, emit)
         try:
             await serve(app, host=host, port=port, cert=kit.cert, key=kit.key, ca=kit.ca,
-                        stop=stop, log_level=log_level, sock=api_sock, graceful_s=GRACEFUL_S)
+                        stop=stop, log_level=log_level, sock=api_sock, graceful_s=GRACEFUL_S,
+                        crl=kit.root / CRL_FILE,
+                        on_tls_reload=lambda msg: coordinator.emit("tls_reloaded", detail=msg))
         finally:
             stop.set()
             lingering.cancel()

@@ -29,9 +29,10 @@ from secfed.transport.api import (
     SubmitAck,
     error_from_body,
 )
-from secfed.transport.pki import client_ssl_context
+from secfed.transport.lifecycle import renew_command
+from secfed.transport.pki import check_not_expired, client_ssl_context
 
-__all__ = ["CoordinatorClient"]
+__all__ = ["CoordinatorClient", "check_client_certificate"]
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 COALESCE_BYTES = 64 * 1024  # request writes up to this size wait for the rest of the request
@@ -122,6 +123,7 @@ class CoordinatorClient:
         max_backoff: float = 2.0,
         on_retry: Callable[[str], None] | None = None,
     ):
+        check_client_certificate(cert)
         self._ssl = client_ssl_context(cert=cert, key=key, ca=ca)
         self._base_url, self._ca = base_url, ca
         self._timeout = timeout
@@ -155,8 +157,7 @@ class CoordinatorClient:
                 reason = f"{type(exc).__name__}"
                 if _is_tls_refusal(exc):
                     other = other_federation(self._base_url, self._ca)
-                    raise TransportError(
-                        other or f"TLS handshake with the coordinator failed ({exc})") from None
+                    raise TransportError(other or self._refusal(exc)) from None
             else:
                 if response.status_code not in RETRY_STATUSES:
                     return response
@@ -169,6 +170,16 @@ class CoordinatorClient:
                 self._on_retry(f"{method} {url}: {reason}; retrying in {delay:.2f} s")
             time.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
             delay = min(delay * 2, self._max_backoff)
+
+    def _refusal(self, exc: Exception) -> str:
+        """One line for a refused handshake; an expired coordinator certificate is named with
+        its expiry date (read without verification, for the message only)."""
+        text = str(exc)
+        if "certificate has expired" in text:
+            when = _server_not_after(self._base_url)
+            return (f"coordinator certificate must be valid now (expired on {when}); the admin "
+                    "renews it with: secfed federation renew --kit-root DIR")
+        return f"TLS handshake with the coordinator failed ({text})"
 
     @staticmethod
     def _raise_for(response: httpx.Response) -> None:
@@ -252,6 +263,48 @@ class CoordinatorClient:
     def raw(self, method: str, url: str, **kw: Any) -> httpx.Response:
         """One call without retries (tests and probes)."""
         return self._http.request(method, url, **kw)
+
+
+def check_client_certificate(cert: Path) -> None:
+    """Refuse an expired (or not yet valid) client certificate before anything else happens.
+
+    Raises:
+        ConfigError: one line naming the expiry date and the renew command.
+    """
+    check_not_expired(cert, what="client certificate", renew=_renew_hint(cert))
+
+
+def _renew_hint(cert: Path) -> str:
+    """The renew command for this kit (kit root = the folder above the enterprise's kit)."""
+    from cryptography import x509
+
+    try:
+        cn = x509.load_pem_x509_certificate(Path(cert).read_bytes()).subject \
+            .get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+    except (OSError, ValueError, IndexError):
+        cn = "ID"
+    return renew_command(Path(cert).resolve().parent.parent, str(cn))
+
+
+def _server_not_after(base_url: str) -> str:
+    """The coordinator certificate's notAfter, fetched without verification (message only)."""
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    from cryptography import x509
+
+    url = urlsplit(base_url)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # nosec B501 # reads the date for an error message only
+    try:
+        with socket.create_connection((url.hostname or "127.0.0.1", url.port or 443),
+                                      timeout=5) as raw, ctx.wrap_socket(raw) as tls:
+            der = tls.getpeercert(binary_form=True)
+        return f"{x509.load_der_x509_certificate(der or b'').not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    except (OSError, ValueError):
+        return "an unknown date"
 
 
 def _is_tls_refusal(exc: Exception) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +187,7 @@ def _error(exc: SecfedError) -> JSONResponse:
 def create_app(
     service: FederationService,
     *,
-    allowed: frozenset[str],
+    allowed: Container[str],
     max_body: int,
     background: Callable[[], Awaitable[None]] | None = None,
     title: str = "secfed coordinator",

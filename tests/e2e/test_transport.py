@@ -4,13 +4,16 @@ and malformed bodies, replays from an earlier round. A real coordinator process 
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import ssl
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from e2e.harness import Processes, coordinator_db, make_federation, wait_for
-from secfed.crypto.errors import MessageFormatError, TransportError
+from secfed.crypto.errors import ConfigError, MessageFormatError, TransportError
 from secfed.participant import Participant
 from secfed.participant.adapter import SyntheticSite
 from secfed.transport.api import Envelope
@@ -68,8 +71,20 @@ def test_expired_client_certificate_is_refused(federation, tmp_path) -> None:
     expired = issue_client_cert(_real_ca(kits), ENTERPRISES[1], not_before=now - dt.timedelta(days=10),
                                 not_after=now - dt.timedelta(days=1))
     cert, key = _write(tmp_path, "expired", expired)
-    with pytest.raises(TransportError):
-        _client(kits, ENTERPRISES[1], cert=cert, key=key).health()
+    # issue 19: our client refuses it before connecting, naming the date and the renew command
+    day = expired.certificate.not_valid_after_utc.strftime("%Y-%m-%d")
+    with pytest.raises(ConfigError, match=f"expired on {day} .*secfed federation renew --kit-root"):
+        _client(kits, ENTERPRISES[1], cert=cert, key=key)
+    # and the coordinator refuses it in the handshake (a client that is not ours)
+    url = urlsplit(EnterpriseKit.load(kits.enterprises[ENTERPRISES[1]]).federation.coordinator_url)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(kits.enterprises[ENTERPRISES[1]] / "ca.pem"))
+    ctx.load_cert_chain(str(cert), str(key))
+    with socket.create_connection((url.hostname, url.port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=url.hostname) as tls:
+        tls.sendall(b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n")
+        with pytest.raises(ssl.SSLError, match="(?i)certificate expired"):
+            tls.recv(64)  # TLS 1.3: the client-certificate alert arrives after the handshake
 
 
 def test_unknown_enterprise_with_a_valid_certificate_gets_403(federation, tmp_path) -> None:
