@@ -31,7 +31,7 @@ venv: $(STAMP)
 BANDIT_PATHS := secfed crypto cli bench tools
 
 lint: $(STAMP)
-	$(BIN)/ruff check secfed crypto cli tests bench tools
+	$(BIN)/ruff check secfed crypto cli tests bench tools examples
 	$(BIN)/bandit -q -r $(BANDIT_PATHS) --severity-level medium --confidence-level high
 	$(BIN)/python tools/check_layers.py
 	$(BIN)/mypy crypto secfed/protocol
