@@ -19,7 +19,9 @@ _SITE_API = ("Mechanism", "Site", "Update", "join", "site_settings")
 
 def __getattr__(name: str) -> Any:
     if name in _SITE_API:
-        from secfed.participant import site
+        # imported by name: the torch-free layers (and mypy's strict run over them) never load
+        # the participant package through this module
+        import importlib
 
-        return getattr(site, name)
+        return getattr(importlib.import_module("secfed.participant.site"), name)
     raise AttributeError(f"module 'secfed' has no attribute {name!r}")
