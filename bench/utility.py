@@ -26,6 +26,7 @@ centralized training, the DP learning rate by the federated DP run at epsilon 8 
 data. The chosen values are used for every row and printed in the table.
 
 Writes ``bench/results/utility.md`` (rewritten after every row) and ``bench/results/utility.png``.
+``--task generative`` runs the generative task's table instead (``bench/generative_utility.py``).
 
     .venv/bin/python bench/utility.py                  # full scale (thousands of records per site)
     .venv/bin/python bench/utility.py --scale tiny --size tiny --rounds 3   # quick path
@@ -349,6 +350,14 @@ def cleaned_features(noisy: FeatureDataset, data_dir: Path,
 
 def main() -> int:
     progress.quiet_libraries()  # secfed's progress on stderr, not transformers' bars
+    if "--task" in sys.argv:  # --task generative: the instruction-tuned causal LM's table
+        task = sys.argv[sys.argv.index("--task") + 1:][:1]
+        if task != ["classify"]:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from generative_utility import main as generative_main
+
+            return generative_main(sys.argv[1:])
+        sys.argv[sys.argv.index("--task"):sys.argv.index("--task") + 2] = []
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="full", choices=["tiny", "demo", "full"])
     ap.add_argument("--size", default="demo", choices=["tiny", "demo", "full"])

@@ -62,6 +62,14 @@ def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
         raise click.BadParameter("--mislabels is only used with --fix", param_hint="--mislabels")
     mislabel_policy = mislabel_policy or "review"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from secfed.models import GENERATIVE_TASKS, task_of
+
+    if task_of(model_dir) in GENERATIVE_TASKS:
+        if truth_path is not None or mislabel_policy != "review":
+            raise click.BadParameter("an instruction dataset has no labels: --truth and "
+                                     "--mislabels are for classification data")
+        _check_instructions(data_dir, model_dir, out_dir if fix else None, as_json)
+        return
     from secfed.data.quality import check_dataset, write_cleaned
     from secfed.tasks.citysafety.scoring import read_truth, score_against_truth
 
@@ -96,6 +104,28 @@ def check(data_dir: Path, model_dir: Path, fix: bool, out_dir: Path | None,
         click.echo(f"cleaned copy ({s['records'] - len(plan.drop)} records; "
                    f"{len(plan.drop)} dropped, {len(plan.strip_text)} reports removed, "
                    f"{len(plan.relabel)} relabelled, {len(plan.review)} to review): {cleaned}")
+
+
+def _check_instructions(data_dir: Path, model_dir: Path, out_dir: Path | None,
+                        as_json: bool) -> None:
+    """``data check`` for a generative model's instruction records (causal-lm, vision-language)."""
+    from secfed.data.quality.instructions import (
+        check_instruction_dataset,
+        write_cleaned_instructions,
+    )
+
+    report = check_instruction_dataset(data_dir, model_dir=model_dir)
+    cleaned = write_cleaned_instructions(data_dir, out_dir, report) if out_dir else None
+    if as_json:
+        emit_json(report.to_json() | {"cleaned": str(cleaned) if cleaned else None})
+        return
+    s = report.summary()
+    click.echo(f"{data_dir}: {s['records']} instruction records (max length {report.max_length})")
+    for key in ("truncated", "without_target", "exact_duplicates", "near_duplicates"):
+        click.echo(f"  {key.replace('_', ' '):18s} {s[key]:5d}")
+    if cleaned is not None:
+        click.echo(f"cleaned copy ({s['records'] - len(report.flagged())} records; "
+                   f"{len(report.flagged())} duplicates dropped): {cleaned}")
 
 
 @command.command("score")

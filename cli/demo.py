@@ -25,15 +25,19 @@ def command() -> None:
               help="Seed of the generated data and of the model's initialisation.")
 @click.option("--scale", type=click.Choice(["tiny", "demo", "full"]), default="demo",
               show_default=True, help="Data scale and model size.")
+@click.option("--task", type=click.Choice(["classify", "generative"]), default="classify",
+              show_default=True, help="classify: the image+text classifier of `demo run`; "
+              "generative: instruction records and a small causal LM pre-trained here "
+              "(no weights exist offline), LoRA-ready.")
 @json_option
-def prepare(out: Path, seed: int, scale: str, as_json: bool) -> None:
-    """Generate the city-safety data and build the model (ViT pre-training) once."""
+def prepare(out: Path, seed: int, scale: str, task: str, as_json: bool) -> None:
+    """Generate the city-safety data and build the model (pre-training) once."""
     from rich.console import Console
 
     from secfed.demo import DemoSettings, prepare_demo
 
     console = Console(highlight=False)
-    data, model = prepare_demo(out, settings=DemoSettings(seed=seed, scale=scale),
+    data, model = prepare_demo(out, settings=DemoSettings(seed=seed, scale=scale), task=task,
                                say=(lambda m: None) if as_json else (lambda m: console.print(m)))
     if as_json:
         emit_json({"data": str(data), "model": str(model)})

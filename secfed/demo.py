@@ -107,12 +107,51 @@ def _prepare(out: Path, settings: DemoSettings, say: Callable[[str], None]) -> t
     return data, model
 
 
+def _prepare_generative(out: Path, settings: DemoSettings,
+                        say: Callable[[str], None]) -> tuple[Path, Path]:
+    """The generative task: instruction records per enterprise, and the small causal LM
+    pre-trained here (no weights exist offline) turned into a LoRA model directory."""
+    from secfed.tasks.citysafety import generate_instruction_federation
+    from secfed.tasks.citysafety.generative import prepare_generative_model
+
+    data, built = out / "data-generative", out / "model-generative"
+    if not (data / "federation.json").is_file():
+        shutil.rmtree(data, ignore_errors=True)
+        t = time.monotonic()
+        generate_instruction_federation(data, seed=settings.seed, scale=settings.scale)
+        say(f"data: instruction records under {data} ({time.monotonic() - t:.1f} s)")
+    model = built / "model"
+    if not (model / "secfed_model.json").is_file():
+        shutil.rmtree(built, ignore_errors=True)
+        t = time.monotonic()
+        say("model: pre-training a small causal LM on generated city-safety text (the stand-in "
+            "foundation model: no language-model weights exist offline)")
+        prepare_generative_model(built, seed=settings.seed, size=settings.scale,
+                                 log=lambda m: say(f"model: {m}"))
+        say(f"model: built under {model} (base weights in {built / 'base'}, "
+            f"{time.monotonic() - t:.1f} s)")
+    return data, model
+
+
 def prepare_demo(out: str | Path, *, settings: DemoSettings | None = None,
-                 say: Callable[[str], None] = print) -> tuple[Path, Path]:
+                 say: Callable[[str], None] = print,
+                 task: str = "classify") -> tuple[Path, Path]:
     """``secfed demo prepare``: generate the demo data and build (pre-train) the model once.
 
-    Returns ``(data_dir, model_dir)`` under ``out``; both are reused by a later ``demo run``.
+    ``task`` is ``"classify"`` (the image+text classifier of ``demo run``) or ``"generative"``
+    (instruction records and a small pre-trained causal LM with LoRA, under
+    ``data-generative/`` and ``model-generative/``). Returns ``(data_dir, model_dir)`` under
+    ``out``; both are reused by a later run.
+
+    Raises:
+        ConfigError: an unknown ``task``.
     """
+    if task == "generative":
+        return _prepare_generative(Path(out), settings or DemoSettings(), say)
+    if task != "classify":
+        from secfed.crypto.errors import ConfigError
+
+        raise ConfigError(f"task must be classify or generative (got {task!r})")
     return _prepare(Path(out), settings or DemoSettings(), say)
 
 

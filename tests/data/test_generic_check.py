@@ -94,3 +94,39 @@ def test_label_descriptions_are_read_and_checked(tmp_path) -> None:
     (tmp_path / "ok" / "meta.json").write_text(json.dumps(bad))
     with pytest.raises(DataError, match="label_descriptions"):
         read_meta(tmp_path / "ok")
+
+
+@pytest.mark.slow  # a causal LM built, MiniLM loaded: ~40-80 s on 2 busy cores
+def test_check_runs_on_a_causal_lm_and_its_instruction_records(tmp_path) -> None:
+    from secfed.models import init_model
+    from secfed.models.tiny import write_tiny_causal_lm
+
+    base = write_tiny_causal_lm(tmp_path / "base", arch="llama", max_length=64)
+    model_dir = init_model(base, task="causal-lm", out=tmp_path / "model", max_length=48).out
+    rows = [{"id": f"q{i}", "prompt": f"Ticket {1000 + 37 * i}: {_LEAKS[i % 6]}\nAnswer:",
+             "completion": " leak"} for i in range(12)]
+    rows.append({"id": "copy", "prompt": rows[2]["prompt"], "completion": " leak"})
+    rows.append({"id": "resent", "prompt": rows[4]["prompt"].replace("Ticket", "Tikcet"),
+                 "completion": " leak"})
+    rows.append({"id": "long", "prompt": "word " * 200 + "\nAnswer:", "completion": " leak"})
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "records.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["data", "check", "--data", str(data), "--model",
+                                 str(model_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert body["summary"] == {"records": 15, "truncated": 1, "without_target": 1,
+                               "exact_duplicates": 1, "near_duplicates": 1}
+    assert body["exact_duplicates"] == [{"id": "copy", "duplicate_of": "q2"}]
+    assert [(d["id"], d["duplicate_of"]) for d in body["near_duplicates"]] == [("resent", "q4")]
+    fixed = runner.invoke(cli, ["data", "check", "--data", str(data), "--model", str(model_dir),
+                                "--fix", "--out", str(tmp_path / "clean")])
+    assert fixed.exit_code == 0, fixed.output
+    kept = [json.loads(x)["id"] for x in (tmp_path / "clean" / "records.jsonl").read_text()
+            .splitlines()]
+    assert kept == [r["id"] for r in rows if r["id"] not in ("copy", "resent")]
+    refused = runner.invoke(cli, ["data", "check", "--data", str(data), "--model",
+                                  str(model_dir), "--truth", str(data / "records.jsonl")])
+    assert refused.exit_code == 2 and "no labels" in refused.output

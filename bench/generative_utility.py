@@ -1,0 +1,205 @@
+"""Utility table of the generative city-safety task (``bench/utility.py --task generative``).
+
+An incident report in, ``hazard: ...; priority: ...; action: ...`` out. The model is the small
+Llama-shaped causal LM that ``secfed demo prepare --task generative`` pre-trains here on
+generated city-safety text (no language-model weights exist offline: it stands in for a
+vertical foundation model), with LoRA r=8 on the attention q/v projections. Rows, all on the
+same held-out test set (every class equally, each report in a random enterprise's style):
+
+- base: the pre-trained model as is;
+- local-only per enterprise and centralized: non-private LoRA fine-tuning (Adam, cosine LR);
+- federated DP-SGD + secure aggregation at epsilon in {1, 4, 8}: every site runs
+  ``secfed.training.train_local`` (per-record gradients, clipping, CSPRNG noise) with sigma
+  from ``secfed.privacy.plan_noise`` (RDP, the accountant a site's ledger gates on) for the whole
+  horizon; the sum of the updates is computed by the real SecAgg state machines
+  (``secfed.protocol.simulate``); FedAvg.
+
+Columns: field accuracy (mean over the three fields of exact matches of the greedy answer),
+each field, all three right, held-out perplexity of the answer tokens. Writes
+``bench/results/utility_generative.md``.
+
+    .venv/bin/python bench/utility.py --task generative                      # demo scale
+    .venv/bin/python bench/utility.py --task generative --scale tiny --size tiny --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from secfed.data.instructions import load_instruction_dataset
+from secfed.models import adapter_layout, get_flat, load_model, set_flat
+from secfed.privacy import DPSGDEvent, compose_epsilon, plan_noise
+from secfed.protocol.simulate import simulate
+from secfed.tasks.citysafety.generative import LM_SIZES, answer_accuracy, prepare_generative_model
+from secfed.tasks.citysafety.instructions import generate_instruction_federation
+from secfed.training import DPConfig, collate_examples, evaluate, train_local
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EPSILONS = (1.0, 4.0, 8.0)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cosine(lr: float, step: int, total: int) -> float:
+    return lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
+
+
+def train_plain(model, dataset, *, epochs: int, lr: float, batch: int, seed: int) -> None:
+    """Non-private baseline: Adam on shuffled mini-batches of the answer-token loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for epoch in range(epochs):
+        for group in opt.param_groups:
+            group["lr"] = cosine(lr, epoch, epochs)
+        order = torch.randperm(len(dataset), generator=gen).tolist()
+        for start in range(0, len(order), batch):
+            b = collate_examples([dataset[i] for i in order[start:start + batch]])
+            loss = model.per_example_loss(b).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+
+
+def federated_dp(model0, sites: dict, *, epsilon: float, args, stats: dict):
+    """FedAvg of DP-SGD updates summed by SecAgg; sigma planned for the horizon per site."""
+    model = copy.deepcopy(model0)
+    layout = adapter_layout(model)
+    global_vec = get_flat(model, layout)
+    plans = {}
+    for name, ds in sites.items():
+        q = min(1.0, args.dp_batch / len(ds))
+        steps = max(1, math.ceil(args.local_epochs / q))
+        plan = plan_noise(n_records=len(ds), sample_rate=q, steps_per_round=steps,
+                          rounds=args.rounds, budget_epsilon=epsilon, accountant="rdp")
+        plans[name] = (q, steps, plan.noise_multiplier, plan.delta)
+    stats["sigma"] = {k: round(v[2], 3) for k, v in plans.items()}
+    stats["ledger eps (rdp)"] = {
+        k: round(compose_epsilon([DPSGDEvent(noise_multiplier=v[2], sample_rate=v[0],
+                                             steps=v[1])] * args.rounds, delta=v[3],
+                                 accountant="rdp"), 3) for k, v in plans.items()}
+    for r in range(args.rounds):
+        deltas = []
+        for name, ds in sites.items():
+            q, steps, sigma, _ = plans[name]
+            local = copy.deepcopy(model)
+            cfg = DPConfig(noise_multiplier=sigma, sample_rate=q, local_steps=steps,
+                           max_grad_norm=1.0, learning_rate=cosine(args.dp_lr, r, args.rounds),
+                           optimizer="adam")
+            deltas.append(train_local(local, ds, config=cfg).delta)
+        total = np.asarray(simulate(deltas, mode="secagg", round_number=r + 1).aggregate,
+                           dtype=np.float64)
+        global_vec = (global_vec.astype(np.float64) + total / len(deltas)).astype(np.float32)
+        set_flat(model, layout, global_vec)
+        log(f"  eps={epsilon:g} round {r + 1}/{args.rounds}")
+    return model
+
+
+def write_table(rows: list[dict], meta: dict, path: Path) -> str:
+    head = ("| row | field accuracy | hazard | priority | action | all three | perplexity | "
+            "notes |\n|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['row']} | {r['fields']:.3f} | {r['hazard']:.3f} | {r['priority']:.3f} | "
+        f"{r['action']:.3f} | {r['exact']:.3f} | {r['perplexity']:.3f} | {r.get('notes', '')} |\n"
+        for r in rows)
+    text = ("# Generative city-safety task: utility\n\n" + "\n".join(
+        f"- {k}: {v}" for k, v in meta.items()) + "\n\n" + head + body + "\n"
+            + "\n".join(target_lines(rows)) + "\n")
+    path.write_text(text)
+    return text
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    by = {r["row"]: r for r in rows}
+    central, fed = by.get("centralized (non-private)"), by.get("federated DP + SecAgg eps=8")
+    if central is None or fed is None:
+        return []
+    local = [r for r in rows if r["row"].startswith("local-only")]
+    ratio = fed["fields"] / central["fields"] if central["fields"] else float("nan")
+    best_local = max((r["fields"] for r in local), default=float("nan"))
+    return [f"- federated eps=8 / centralized field accuracy: {ratio:.3f} (target >= 0.90: "
+            f"{'met' if ratio >= 0.9 else 'NOT met'})",
+            f"- federated eps=8 vs best local-only: {fed['fields']:.3f} vs {best_local:.3f} "
+            f"({'beats every local-only' if fed['fields'] > best_local else 'does NOT beat'})"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="generative utility table")
+    ap.add_argument("--task", default="generative", choices=["generative"])
+    ap.add_argument("--scale", default="demo", choices=["tiny", "demo", "full"])
+    ap.add_argument("--size", default="demo", choices=sorted(LM_SIZES))
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--local-epochs", type=float, default=1.0)
+    ap.add_argument("--dp-batch", type=int, default=128, help="expected DP batch q*N")
+    ap.add_argument("--dp-lr", type=float, default=0.02)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS))
+    ap.add_argument("--work", type=Path, default=Path("bench/.work-generative"))
+    ap.add_argument("--out", type=Path, default=RESULTS / "utility_generative.md")
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    work = args.work / f"{args.scale}-{args.size}-{args.seed}"
+    if not (work / "data" / "federation.json").is_file():
+        generate_instruction_federation(work / "data", seed=args.seed, scale=args.scale)
+    if not (work / "model" / "model" / "secfed_model.json").is_file():
+        import shutil
+
+        shutil.rmtree(work / "model", ignore_errors=True)
+        prepare_generative_model(work / "model", seed=args.seed, size=args.size, log=log)
+    model_dir = work / "model" / "model"
+    base, info = load_model(model_dir)
+    tok = info.tokenizer
+    names = json.loads((work / "data" / "federation.json").read_text())["enterprises"]
+    sites = {n: load_instruction_dataset(work / "data" / n, model_dir=model_dir) for n in names}
+    test_set = load_instruction_dataset(work / "data" / "test", model_dir=model_dir)
+    test = [json.loads(line) for line in (work / "data" / "test" / "records.jsonl")
+            .read_text().splitlines()]
+    rows: list[dict] = []
+    meta = {"scale": f"{args.scale} ({', '.join(f'{n} {len(d)}' for n, d in sites.items())}; "
+                     f"test {len(test)})",
+            "model": f"{args.size}: {LM_SIZES[args.size]}", "seed": args.seed,
+            "non-private": f"Adam lr {args.lr}, {args.epochs} epochs, batch 32",
+            "federated DP": f"{args.rounds} rounds x {args.local_epochs} local epoch(s), "
+                            f"q*N = {args.dp_batch}, Adam lr {args.dp_lr} (cosine), clip 1.0"}
+
+    def record(name: str, model, notes: str = "") -> None:
+        scores = answer_accuracy(model, tok, test)
+        scores["perplexity"] = float(evaluate(model, test_set)["perplexity"])
+        rows.append({"row": name, **scores, "notes": notes})
+        log(f"{name}: fields {scores['fields']:.3f} perplexity {scores['perplexity']:.3f}")
+        write_table(rows, meta, args.out)
+
+    record("base (pre-trained, no fine-tuning)", base)
+    for k, (n, ds) in enumerate(sites.items()):
+        m = copy.deepcopy(base)
+        train_plain(m, ds, epochs=args.epochs, lr=args.lr, batch=32, seed=args.seed + k)
+        record(f"local-only {n}", m)
+    m = copy.deepcopy(base)
+    train_plain(m, torch.utils.data.ConcatDataset(list(sites.values())), epochs=args.epochs,
+                lr=args.lr, batch=32, seed=args.seed)
+    record("centralized (non-private)", m)
+    for eps in (float(e) for e in args.epsilons.split(",")):
+        stats: dict = {}
+        m = federated_dp(base, sites, epsilon=eps, args=args, stats=stats)
+        record(f"federated DP + SecAgg eps={eps:g}", m,
+               notes="; ".join(f"{k} {v}" for k, v in stats.items()))
+    print(write_table(rows, meta, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
