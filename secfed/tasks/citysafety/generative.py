@@ -50,7 +50,7 @@ class LMSize:
 
 
 LM_SIZES: dict[str, LMSize] = {
-    "tiny": LMSize(48, 2, 4, 2, 400, 128, 3000, 2, 8),
+    "tiny": LMSize(48, 2, 4, 2, 400, 160, 3000, 2, 8),
     "demo": LMSize(96, 3, 4, 2, 800, 96, 20000, 2, 8),
     "full": LMSize(128, 4, 4, 2, 1000, 96, 40000, 3, 8),
 }
