@@ -28,11 +28,14 @@ def _require_flower() -> None:
 
 
 @command.command("simulate")
-@click.option("--enterprises", "-n", type=click.IntRange(2, 5000), default=10, show_default=True)
-@click.option("--dim", "-d", type=click.IntRange(1, 50_000_000), default=100_000, show_default=True)
+@click.option("--enterprises", "-n", type=click.IntRange(2, 5000), default=10, show_default=True,
+              help="Number of simulated enterprises (Flower virtual nodes).")
+@click.option("--dim", "-d", type=click.IntRange(1, 50_000_000), default=100_000, show_default=True,
+              help="Length of each synthetic update vector.")
 @click.option("--mode", "-m", type=click.Choice(("secagg", "secagg+", "ckks")), default="secagg+",
-              show_default=True)
-@click.option("--rounds", "-r", type=click.IntRange(1, 1000), default=1, show_default=True)
+              show_default=True, help="Secure aggregation mode of every round.")
+@click.option("--rounds", "-r", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Number of rounds to run.")
 @click.option("--drop", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0,
               show_default=True, help="Fraction of the sites that vanish right after uploading.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
