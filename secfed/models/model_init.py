@@ -38,6 +38,7 @@ from secfed.models.storage import (
     MODEL_FORMAT,
     classifier_from_towers,
     load_classifier,
+    restore_adapter,
     save_classifier,
 )
 from secfed.models.targets import auto_lora_targets, named_lora_targets
@@ -346,27 +347,8 @@ def task_of(model_dir: str | os.PathLike[str]) -> str:
 
 
 def _restore_adapter(model: nn.Module, root: Path, recorded: dict[str, Any]) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     layout = AdapterLayout.from_json(json.dumps(recorded["layout"]))
-    if adapter_layout(model) != layout:
-        raise ModelError("adapter layout rebuilt from the base model differs from the recorded one")
-    try:
-        tensors = load_file(str(root / ADAPTER_FILE))
-    except (OSError, SafetensorError) as exc:
-        raise ModelError(f"cannot read {ADAPTER_FILE} ({exc})") from None
-    if sorted(tensors) != list(layout.names):
-        raise ModelError(f"{ADAPTER_FILE} tensor names must equal the adapter layout's")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for e in layout.entries:
-            if tuple(tensors[e.name].shape) != e.shape:
-                raise ModelError(f"{ADAPTER_FILE}: {e.name!r} must have shape {e.shape}")
-            params[e.name].copy_(tensors[e.name])
-    got = adapter_hash(layout, get_flat(model, layout))
-    if got != recorded.get("hash"):
-        raise ModelError(f"{ADAPTER_FILE} hash must equal the recorded adapter hash (got {got})")
+    restore_adapter(model, root, layout, recorded.get("hash"), rebuilt_from="the base model")
 
 
 def load_generative(model_dir: str | os.PathLike[str]) -> tuple[CausalLM, GenerativeInfo]:

@@ -240,9 +240,6 @@ def load_classifier(model_dir: str | os.PathLike[str]) -> tuple[nn.Module, Proce
         ModelError: missing or malformed files, or an adapter whose hash differs from the one
             recorded in ``secfed_model.json``.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from secfed.models.adapter import AdapterLayout
 
     if not isinstance(model_dir, str | os.PathLike):
@@ -266,8 +263,24 @@ def load_classifier(model_dir: str | os.PathLike[str]) -> tuple[nn.Module, Proce
         tokenizer=tokenizer, labels=meta.get("labels"),
         max_text_length=meta.get("max_text_length"),
     )
+    restore_adapter(model, root, layout, recorded.get("hash"), rebuilt_from="the towers")
+    return model, model.processor_info
+
+
+def restore_adapter(model: nn.Module, root: Path, layout: Any, recorded_hash: Any, *,
+                    rebuilt_from: str) -> None:
+    """Load ``adapter.safetensors`` from ``root`` into ``model`` and check it against the layout
+    and adapter hash recorded in ``secfed_model.json`` (shared by every model kind).
+
+    Raises:
+        ModelError: the rebuilt model's layout, the file's tensor names or shapes, or the loaded
+            adapter's hash differ from what was recorded; the file cannot be read.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     if adapter_layout(model) != layout:
-        raise ModelError("adapter layout rebuilt from the towers differs from the recorded one")
+        raise ModelError(f"adapter layout rebuilt from {rebuilt_from} differs from the recorded one")
     try:
         tensors = load_file(str(root / ADAPTER_FILE))
     except (OSError, SafetensorError) as exc:
@@ -281,6 +294,5 @@ def load_classifier(model_dir: str | os.PathLike[str]) -> tuple[nn.Module, Proce
                 raise ModelError(f"{ADAPTER_FILE}: {e.name!r} must have shape {e.shape}")
             params[e.name].copy_(tensors[e.name])
     got = adapter_hash(layout, get_flat(model, layout))
-    if got != recorded.get("hash"):
+    if got != recorded_hash:
         raise ModelError(f"{ADAPTER_FILE} hash must equal the recorded adapter hash (got {got})")
-    return model, model.processor_info
