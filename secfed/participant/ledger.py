@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from secfed.crypto.errors import BudgetExceeded
 from secfed.crypto.keys import IdentityKey
 from secfed.privacy import DistributedDPEvent, DPSGDEvent, Ledger, compose_epsilon
 from secfed.privacy.events import MechanismEvent
@@ -42,36 +41,15 @@ class SiteLedger:
         Raises:
             BudgetExceeded: the charge would pass the site's budget.
         """
-        event = DPSGDEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
-        after = float(self._ledger.check_budget(event))
-        if distributed is None:
-            return after
-        ledger = self._ledger
-        spent = ledger.epsilon_spent()[1 if ledger.budget_accountant == "rdp" else 0]
-        events: list[MechanismEvent] = [e.event for e in ledger.entries()]
-        after = float(compose_epsilon([*events, event, distributed], delta=ledger.delta,
-                                      accountant=ledger.budget_accountant))
-        if not after <= ledger.budget_epsilon:
-            exc = BudgetExceeded(
-                f"privacy budget exceeded for {ledger.enterprise_id}: spent epsilon {spent:.4f}, "
-                f"this round (DP-SGD + distributed DP) needs {after - spent:.4f} more (total "
-                f"{after:.4f}), budget {ledger.budget_epsilon:.4f} ({ledger.budget_accountant}, "
-                f"delta = {ledger.delta:.3g})"
-            )
-            exc.spent, exc.needed, exc.budget, exc.after = (  # type: ignore[attr-defined]
-                spent, after - spent, ledger.budget_epsilon, after)
-            raise exc
-        return after
+        return float(self._ledger.check_budget(
+            _round_events(noise_multiplier, sample_rate, steps, distributed)))
 
     def charge(self, *, round_number: int, session_id: bytes, noise_multiplier: float,
                sample_rate: float, steps: int,
                distributed: DistributedDPEvent | None = None) -> bytes:
         """Commit the round's charge(s); returns the signed ledger-head bytes for the upload."""
-        event = DPSGDEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
-        self._ledger.charge(round_number=round_number, session_id=session_id, event=event)
-        if distributed is not None:
-            self._ledger.charge(round_number=round_number, session_id=session_id,
-                                event=distributed)
+        self._ledger.charge(round_number=round_number, session_id=session_id,
+                            event=_round_events(noise_multiplier, sample_rate, steps, distributed))
         return self._ledger.head().to_bytes()
 
     def charge_event(self, *, round_number: int, session_id: bytes,
@@ -101,6 +79,13 @@ class SiteLedger:
     def keep_receipt(self, receipt: LedgerReceipt) -> None:
         """Store a coordinator receipt the caller has verified (append-only)."""
         self._ledger.add_receipt(receipt)
+
+
+def _round_events(noise_multiplier: float, sample_rate: float, steps: int,
+                  distributed: DistributedDPEvent | None) -> list[MechanismEvent]:
+    """A round's releases in charge order: the DP-SGD run, then the planned distributed DP."""
+    dpsgd = DPSGDEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    return [dpsgd] if distributed is None else [dpsgd, distributed]
 
 
 def open_site_ledger(path: Path, *, enterprise_id: str, identity: IdentityKey,

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from secfed.config import RoundTerms
 from secfed.crypto.errors import (
     ConfigError,
     DPGuardError,
@@ -43,8 +44,8 @@ from secfed.crypto.errors import (
     TransportError,
 )
 from secfed.crypto.keys import verify_signature
-from secfed.names import MASK_MODES, protection_of
-from secfed.participant.adapter import LocalSite
+from secfed.names import Mode, Protection, protection_of
+from secfed.participant.adapter import LocalSite, TrainOutcome
 from secfed.participant.ledger import open_site_ledger
 from secfed.participant.noise import distributed_hook
 from secfed.participant.pinning import (
@@ -55,8 +56,9 @@ from secfed.participant.pinning import (
 )
 from secfed.participant.state import ParticipantState
 from secfed.privacy.distributed import DistributedDP
+from secfed.privacy.events import DistributedDPEvent
 from secfed.privacy.receipts import LedgerReceipt
-from secfed.protocol.participant import ParticipantRound
+from secfed.protocol.participant import ParticipantResult, ParticipantRound
 from secfed.protocol.spec import ParticipantPolicy, RoundSpec, Stage
 from secfed.transport.api import (
     AppliedConfirmation,
@@ -194,7 +196,7 @@ class Participant:
             return RoundReport(r, "aborted", spec.mode, epsilon=self.ledger.epsilon(),
                                detail=str(exc))
 
-    def _check(self, info: RoundInfo) -> tuple[RoundSpec, Any, DistributedDP | None]:
+    def _check(self, info: RoundInfo) -> tuple[RoundSpec, RoundTerms, DistributedDP | None]:
         """Every check that can refuse the round, before training and before any secret;
         returns the spec, the terms and the round's distributed-DP noise hook (or None)."""
         if info.spec_hex is None or info.terms is None:
@@ -227,7 +229,7 @@ class Participant:
                 f"global_hash must be this site's adapter hash {mine[:12]}... "
                 f"(got {spec.global_hash[:12]}...)", stage="advertise",
             )
-        if spec.mode == "ckks" and self._ckks_context() is None:
+        if spec.mode == Mode.CKKS and self._ckks_context() is None:
             raise ConfigError("mode ckks needs ckks_secret.ctx in the kit (missing)")
         eps_after = self.ledger.check(
             noise_multiplier=terms.noise_multiplier, sample_rate=terms.sample_rate,
@@ -303,28 +305,61 @@ class Participant:
             return (delta * (spec.clip_bound / norm)).astype(np.float32)
         return delta
 
-    def _take_part(self, spec: RoundSpec, terms: Any, hook: DistributedDP | None) -> RoundReport:
+    def _take_part(self, spec: RoundSpec, terms: RoundTerms,
+                   hook: DistributedDP | None) -> RoundReport:
+        """One accepted round: advertise keys and answer the share stage while the model trains
+        and the charge is committed; protect and upload the update; answer the later stages;
+        apply the sum; confirm; keep the receipts and check the peers."""
+        planned = hook.planned_event(spec) if hook is not None else None
+        machine = self._enter(spec, hook)
+        setup = _Background(self._setup_stages, machine)
+        outcome, head = self._train_charged(spec, terms, planned, setup)
+        payload = setup.result()  # key set-up failed -> abort, nothing sent
+        machine.set_update(self._clip(spec, outcome.delta), ledger_head=head)
+        self.emit("update_ready", round=spec.round_number)
+        self.drive(machine, payload, until=_finished, ledger_head=head)
+        result = machine.result()
+        detail = ""
+        if hook is not None and planned is not None:
+            detail = self._account_survivors(spec, hook, planned, result.survivors)
+        epsilon = self.ledger.epsilon()
+        new_hash, final_head = self._apply_and_confirm(spec, result)
+        return self._settle(spec, result, new_hash, {(head, "upload"), (final_head, "applied")},
+                            epsilon, detail)
+
+    def _enter(self, spec: RoundSpec, hook: DistributedDP | None) -> ParticipantRound:
+        """The round's state machine, started: its signed keys are advertised."""
         r = spec.round_number
         policy = self._policy(spec)  # before this round is recorded (replay floor = last round)
         machine = ParticipantRound(
             spec, me=self.me, identity=self.identity, roster=self.roster,
             policy=policy,
-            ckks_context=self._ckks_context() if spec.mode == "ckks" else None,
+            ckks_context=self._ckks_context() if spec.mode == Mode.CKKS else None,
             noise_hook=hook,
         )
-        planned = hook.planned_event(spec) if hook is not None else None
         # Key set-up needs no data: advertise now and answer the share stage while the model
         # trains, so only the data-dependent stages follow the update (ephemeral keys only).
         # "keys" marks the round as entered: a restart from here on counts it as lost.
         self.state.set_round(r, "keys", mode=spec.mode)
         self.emit("protocol_started", round=r)
         self._send(spec, Stage.ADVERTISE, machine.start())
-        setup = _Background(self._setup_stages, spec, machine)
+        return machine
+
+    def _train_charged(self, spec: RoundSpec, terms: RoundTerms,
+                       planned: DistributedDPEvent | None,
+                       setup: _Background) -> tuple[TrainOutcome, bytes]:
+        """Train with DP while the round's charge is committed; the update and the signed
+        ledger head. On any failure the key set-up is stopped (nothing is sent).
+
+        Raises:
+            DPGuardError: training ran another (sigma, q, steps) than the ledger charged.
+        """
         # The charge for the mechanism the round's terms fix (q, sigma, steps) is composed and
         # committed beside training (the budget was already checked above) and joined before the
         # update exists: it is on disk before anything about the data can leave, and its PRV
         # composition stays off the critical path. A failure later over-reports, never
         # under-reports. With distributed DP a second entry covers the guaranteed noise shares.
+        r = spec.round_number
         charge = _Background(self._charge, spec, terms, planned, name="secfed-ledger-charge")
         self.emit("training", round=r, mode=spec.mode)
         try:
@@ -339,7 +374,6 @@ class Participant:
         except BaseException:
             setup.stop.set()
             raise
-        epsilon = self.ledger.epsilon()
         charged = (terms.noise_multiplier, terms.sample_rate, terms.local_steps)
         ran = (outcome.noise_multiplier, outcome.sample_rate, outcome.steps)
         if ran != charged:
@@ -348,29 +382,45 @@ class Participant:
                 f"training ran (sigma, q, steps) = {ran} but the ledger charged {charged}: "
                 "the update is not sent"
             )
-        payload: bytes | None = setup.result()  # key set-up failed -> abort, nothing sent
-        machine.set_update(self._clip(spec, outcome.delta), ledger_head=head)
-        self.emit("update_ready", round=r)
-        while True:
+        return outcome, head
+
+    def drive(self, machine: ParticipantRound, payload: bytes, *,
+              until: Callable[[ParticipantRound], bool], ledger_head: bytes = b"",
+              stop: threading.Event | None = None) -> bytes | None:
+        """Answer stages until ``until(machine)``: hand the machine its input, record and post
+        its reply together with the long poll for the next stage's input (or only wait for
+        that input). Returns the input the machine waits for next; None once the round is done.
+
+        ``ledger_head`` goes with the upload; ``stop`` (the key set-up thread) ends the waits
+        when training failed.
+
+        Raises:
+            ProtocolAbort: the machine refused a message, or the round ended meanwhile.
+            TransportError: a stage did not open before its deadline.
+        """
+        spec = machine.spec
+        while not until(machine):
             stage = machine.stage
-            assert stage is not None and payload is not None
+            assert stage is not None
             reply = machine.handle(stage, payload)
-            self.emit("stage", round=r, stage=stage.value)
-            if _has_result(machine):
-                break
-            next_stage = machine.stage
-            assert next_stage is not None
-            if reply is not None:
-                payload = self._send(spec, stage, reply,
-                                     ledger_head=head if stage is Stage.UPLOAD else b"",
-                                     then=next_stage)
-            else:
-                payload = self._await_stage(spec, next_stage)
-        result = machine.result()
-        detail = ""
-        if hook is not None and planned is not None:
-            detail = self._account_survivors(spec, hook, planned, result.survivors)
-            epsilon = self.ledger.epsilon()
+            self.emit("stage", round=spec.round_number, stage=stage.value)
+            if machine.done:
+                return None
+            then = machine.stage
+            assert then is not None
+            if reply is None:
+                payload = self._await_stage(spec, then, stop=stop)
+                continue
+            answer = self._send(spec, stage, reply, then=then, stop=stop,
+                                ledger_head=ledger_head if stage is Stage.UPLOAD else b"")
+            assert answer is not None
+            payload = answer
+        return payload
+
+    def _apply_and_confirm(self, spec: RoundSpec, result: ParticipantResult) -> tuple[str, bytes]:
+        """FedAvg the sum into the global adapter, sign and send its hash; the new hash and
+        the ledger head the confirmation carried."""
+        r = spec.round_number
         # The hook wrote g * (grid + noise) with g = 2^scale_bits * grid_step, so the sum decodes
         # at the round's scale like any masked sum: FedAvg = sum / survivors.
         new_global = (
@@ -387,13 +437,21 @@ class Participant:
         confirmation = AppliedConfirmation(global_hash=new_hash, signature_hex=signature.hex(),
                                            ledger_head_hex=final_head.hex())
         self.state.sent(round_number=r, stage="applied", destination="coordinator",
-                        payload=confirmation.model_dump_json().encode(), protection="signed")
+                        payload=confirmation.model_dump_json().encode(),
+                        protection=Protection.SIGNED.value)
         try:
             self.client.confirm(round_number=r, confirmation=confirmation)
         finally:
             self.site.flush()  # the adapter's durable write ran meanwhile; on disk before "done"
+        return new_hash, final_head
+
+    def _settle(self, spec: RoundSpec, result: ParticipantResult, new_hash: str,
+                heads: set[tuple[bytes, str]], epsilon: float, detail: str) -> RoundReport:
+        """After the confirmation: keep the receipts of ``heads``, check the peers' signed
+        hashes, evaluate, record the round as done."""
+        r = spec.round_number
         self.client.round_info(after=r, wait=POLL_S)  # answers once round r is settled
-        self._keep_receipts(r, sent={(head, "upload"), (final_head, "applied")})
+        self._keep_receipts(r, sent=heads)
         try:
             self.emit("peers_agree", round=r, signatures=self.check_peers(r))
         except ProtocolAbort as exc:
@@ -439,7 +497,7 @@ class Participant:
             self.emit("receipt_missing", round=round_number, stages=missing)
         return len(kept)
 
-    def _account_survivors(self, spec: RoundSpec, hook: DistributedDP, planned: Any,
+    def _account_survivors(self, spec: RoundSpec, hook: DistributedDP, planned: DistributedDPEvent,
                            survivors: tuple[str, ...]) -> str:
         """After the sum: the distributed-DP release for the shares that reached it.
 
@@ -465,7 +523,7 @@ class Participant:
         self.emit("distributed_dp", round=spec.round_number, **facts["distributed_dp"])
         return json.dumps(facts, sort_keys=True)
 
-    def _charge(self, spec: RoundSpec, terms: Any, planned: Any,
+    def _charge(self, spec: RoundSpec, terms: RoundTerms, planned: DistributedDPEvent | None,
                 stop: threading.Event) -> bytes:
         """Commit the round's charge(s) (runs beside training); the signed ledger head."""
         r = spec.round_number
@@ -479,26 +537,16 @@ class Participant:
                   distributed_dp=planned.to_dict() if planned is not None else None)
         return head
 
-    def _setup_stages(self, spec: RoundSpec, machine: ParticipantRound,
-                      stop: threading.Event) -> bytes:
+    def _setup_stages(self, machine: ParticipantRound, stop: threading.Event) -> bytes:
         """Answer the stages before the upload (key roster -> [secagg+: graph coin reveal ->
         coin roster ->] shares); return the upload stage's input (the forwarded shares, or the
         key roster in ckks mode)."""
         stage = machine.stage
         assert stage is not None
-        payload: bytes | None = self._await_stage(spec, stage, stop=stop)
-        while stage is not Stage.UPLOAD:
-            assert payload is not None
-            reply = machine.handle(stage, payload)
-            self.emit("stage", round=spec.round_number, stage=stage.value)
-            answered, stage = stage, machine.stage
-            assert stage is not None
-            if reply is not None:
-                payload = self._send(spec, answered, reply, then=stage, stop=stop)
-            else:
-                payload = self._await_stage(spec, stage, stop=stop)
-        assert payload is not None
-        return payload
+        payload = self._await_stage(machine.spec, stage, stop=stop)
+        upload = self.drive(machine, payload, until=_at_upload, stop=stop)
+        assert upload is not None
+        return upload
 
     def _catch_up(self, *, before: int) -> None:
         """Apply the rounds this site missed (a dropout, a restart) from their stored aggregates.
@@ -529,48 +577,35 @@ class Participant:
         masked sums must respect ``survivors x clip_bound`` (without distributed DP, whose noise
         bound needs the round's spec). :meth:`check_peers` then compares the result with the
         hash the round's survivors signed."""
-        from secfed.crypto.encoding import decode
-        from secfed.protocol.messages import CkksAggregate, MaskedAggregate, decode_message
-        from secfed.protocol.participant import check_sum_norm, open_ckks_aggregate, sum_norm_bound
+        from secfed.protocol.participant import (
+            SumShape,
+            check_sum_norm,
+            decode_aggregate,
+            sum_norm_bound,
+        )
 
-        try:
-            message = decode_message(payload)
-        except SecfedError as exc:
-            raise ProtocolAbort(f"aggregate of round {round_number}: {exc}") from exc
         model = self.fed.model
         length = model.vector_length
-        if message.round_number != round_number:
-            raise ProtocolAbort(f"aggregate must be for round {round_number}")
-        if isinstance(message, MaskedAggregate) and mode in MASK_MODES:
-            dtype = np.dtype(f"<u{message.ring_bits // 8}")
-            ring = np.frombuffer(message.vector, dtype=dtype).astype(dtype.newbyteorder("="))
-            if ring.size != length:
-                raise ProtocolAbort(f"aggregate must hold {length} words (got {ring.size})")
-            total = decode(ring, scale_bits=model.scale_bits)
-            if self.fed.dp.distributed is None:
-                bound = sum_norm_bound(members=len(message.survivors), clip_bound=model.clip_bound,
-                                       vector_length=length, scale_bits=model.scale_bits)
-                check_sum_norm(total, bound=bound, what=f"round {round_number} catch-up")
-            return total, len(message.survivors)
-        if isinstance(message, CkksAggregate) and mode == "ckks":
-            if self._ckks_context() is None:
-                raise ProtocolAbort(f"aggregate of round {round_number} is ckks; the kit has no ckks secret")
-            try:
-                total, members = open_ckks_aggregate(
-                    message, ckks_context=self._ckks_context(), roster=self.roster,
-                    vector_length=length, scale_bits=model.scale_bits,
-                )
-            except ProtocolAbort:
-                raise
-            except SecfedError as exc:  # a forged signature or bad ciphertext: refuse the round
-                raise ProtocolAbort(
-                    f"aggregate of round {round_number}: {type(exc).__name__}: {exc}") from exc
-            bound = sum_norm_bound(members=len(members), clip_bound=model.clip_bound,
-                                   vector_length=length, scale_bits=model.scale_bits)
+        shape = SumShape(round_number, mode, length, model.scale_bits)
+        try:
+            result = decode_aggregate(
+                shape, payload, roster=self.roster,
+                ckks_context=self._ckks_context() if mode == Mode.CKKS else None,
+            )
+        except ProtocolAbort:
+            raise
+        except SecfedError as exc:  # a forged signature or bad ciphertext: refuse the round
+            raise ProtocolAbort(
+                f"aggregate of round {round_number}: {type(exc).__name__}: {exc}") from exc
+        total, members = result.aggregate, len(result.survivors)
+        bound = sum_norm_bound(members=members, clip_bound=model.clip_bound,
+                               vector_length=length, scale_bits=model.scale_bits)
+        if mode == Mode.CKKS:
             bound += length**0.5 * 2.0**-model.scale_bits  # the decrypted sum's rounding
             check_sum_norm(total, bound=bound, what=f"round {round_number} catch-up")
-            return total, len(members)
-        raise ProtocolAbort(f"aggregate of round {round_number} must match its mode {mode}")
+        elif self.fed.dp.distributed is None:
+            check_sum_norm(total, bound=bound, what=f"round {round_number} catch-up")
+        return total, members
 
     def check_peers(self, round_number: int, *, expected_hash: str | None = None) -> int:
         """Verify the peers' signed confirmations of round ``round_number``'s new global hash.
@@ -630,9 +665,9 @@ class _Background:
         return self._value
 
 
-def _has_result(machine: ParticipantRound) -> bool:
-    try:
-        machine.result()
-    except SecfedError:
-        return False
-    return True
+def _finished(machine: ParticipantRound) -> bool:
+    return machine.done
+
+
+def _at_upload(machine: ParticipantRound) -> bool:
+    return machine.stage is Stage.UPLOAD

@@ -421,13 +421,15 @@ class Ledger:
             return 0.0, 0.0
         return self._last.eps_prv, self._last.eps_rdp
 
-    def _budget_epsilon_after(self, event: MechanismEvent) -> float:
+    def _budget_epsilon_after(self, events: Sequence[MechanismEvent]) -> float:
         if self.budget_accountant == "rdp":
-            return rdp_to_epsilon(self._rdp + event_rdp(event), delta=self.delta)
-        return compose_epsilon([*self._events, event], delta=self.delta, accountant="prv")
+            return rdp_to_epsilon(self._rdp + sum(event_rdp(e) for e in events), delta=self.delta)
+        return compose_epsilon([*self._events, *events], delta=self.delta, accountant="prv")
 
-    def check_budget(self, event: MechanismEvent) -> float:
-        """Raise unless charging ``event`` keeps ε (budget accountant) within the budget.
+    def check_budget(self, events: MechanismEvent | Sequence[MechanismEvent]) -> float:
+        """Raise unless charging ``events`` (one event, or a round's several, in order) keeps ε
+        (budget accountant) within the budget; every prefix is checked, so the error names the
+        first release that does not fit.
 
         Returns the ε the charge would reach. Call it before training.
 
@@ -435,21 +437,28 @@ class Ledger:
             BudgetExceeded: names spent, needed and budget (attributes ``spent``, ``needed``,
                 ``budget``, ``after``).
         """
+        batch = _as_events(events)
         spent = self.epsilon_spent()[1 if self.budget_accountant == "rdp" else 0]
-        after = self._budget_epsilon_after(event)
-        if not after <= self.budget_epsilon:
-            exc = BudgetExceeded(
-                f"privacy budget exceeded for {self.enterprise_id}: spent epsilon {spent:.4f}, this "
-                f"charge needs {after - spent:.4f} more (total {after:.4f}), budget {self.budget_epsilon:.4f}"
-                f" ({self.budget_accountant}, delta = {self.delta:.3g})"
-            )
-            exc.spent, exc.needed, exc.budget, exc.after = spent, after - spent, self.budget_epsilon, after  # type: ignore[attr-defined]
-            raise exc
-        return after
+        after = spent
+        for n in range(1, len(batch) + 1):
+            after = self._budget_epsilon_after(batch[:n])
+            if not after <= self.budget_epsilon:
+                what = "this charge" if n == 1 else f"this round ({_kinds(batch[:n])})"
+                exc = BudgetExceeded(
+                    f"privacy budget exceeded for {self.enterprise_id}: spent epsilon {spent:.4f}, "
+                    f"{what} needs {after - spent:.4f} more (total {after:.4f}), budget "
+                    f"{self.budget_epsilon:.4f} ({self.budget_accountant}, delta = {self.delta:.3g})"
+                )
+                exc.spent, exc.needed, exc.budget, exc.after = spent, after - spent, self.budget_epsilon, after  # type: ignore[attr-defined]
+                raise exc
+        return float(after)
 
     # -- writing -------------------------------------------------------------------------------
-    def charge(self, *, round_number: int, session_id: bytes, event: MechanismEvent) -> LedgerEntry:
-        """Append and durably commit the charge for one release; call it before the update leaves.
+    def charge(self, *, round_number: int, session_id: bytes,
+               event: MechanismEvent | Sequence[MechanismEvent]) -> LedgerEntry:
+        """Append and durably commit the charge for one release (or a round's releases, one
+        entry each, in one transaction); call it before the update leaves. Returns the newest
+        entry.
 
         Raises:
             BudgetExceeded: the charge would exceed the budget (nothing is written).
@@ -461,9 +470,10 @@ class Ledger:
             raise LedgerError(f"round_number must be an integer >= 0 (got {round_number!r})")
         if not isinstance(session_id, bytes | bytearray) or not session_id:
             raise LedgerError("session_id must be non-empty bytes")
-        event_json = event.to_json()
-        self.check_budget(event)
+        batch = _as_events(event)
+        self.check_budget(batch)
         conn = self._conn
+        written: list[tuple[LedgerEntry, float]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             # Re-read the tail inside the write lock: another process may have appended.
@@ -473,28 +483,12 @@ class Ledger:
                 last is not None and self._last is not None and last.index != self._last.index
             ):
                 raise LedgerError(f"ledger {self.path} changed under this writer; reopen it")
-            events = [*self._events, event]
-            rdp = self._rdp + event_rdp(event)
-            eps_rdp = rdp_to_epsilon(rdp, delta=self.delta)
-            eps_prv = compose_epsilon(events, delta=self.delta, accountant="prv")
-            index = 1 if last is None else last.index + 1
-            prev = GENESIS_HASH if last is None else last.entry_hash
-            timestamp = float(self._clock())
-            canonical = _canonical(
-                enterprise_id=self.enterprise_id, index=index, round_number=round_number,
-                session_id=bytes(session_id), event_json=event_json, eps_prv=eps_prv,
-                eps_rdp=eps_rdp, delta=self.delta, budget=self.budget_epsilon,
-                timestamp=timestamp, prev_hash=prev,
-            )
-            digest = entry_hash(canonical)
-            signature = self._identity.sign(head_message(self.enterprise_id, index, digest))
-            conn.execute(
-                "INSERT INTO entries (idx, round_number, session_id, event, eps_prv, eps_rdp, delta,"
-                " budget, timestamp, prev_hash, entry_hash, signature)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (index, round_number, bytes(session_id), event_json, eps_prv, eps_rdp, self.delta,
-                 self.budget_epsilon, timestamp, prev, digest, signature),
-            )
+            events, rdp = list(self._events), self._rdp
+            for one in batch:
+                events.append(one)
+                rdp = rdp + event_rdp(one)
+                last = self._insert(conn, last, round_number, bytes(session_id), one, events, rdp)
+                written.append((last, rdp))
             conn.execute("COMMIT")
         except BaseException as exc:
             if conn.in_transaction:
@@ -505,13 +499,41 @@ class Ledger:
             if isinstance(exc, sqlite3.Error):
                 raise LedgerError(f"ledger {self.path}: charge for round {round_number} not written ({exc})") from exc
             raise
-        entry = LedgerEntry(self.enterprise_id, index, round_number, bytes(session_id), event,
-                            event_json, eps_prv, eps_rdp, self.delta, self.budget_epsilon,
-                            timestamp, prev, digest, signature)
-        self._events.append(event)
-        self._rdp = rdp
-        self._last = entry
-        return entry
+        for entry, rdp in written:
+            self._events.append(entry.event)
+            self._rdp = rdp
+            self._last = entry
+        return written[-1][0]
+
+    def _insert(self, conn: sqlite3.Connection, last: LedgerEntry | None, round_number: int,
+                session_id: bytes, event: MechanismEvent, events: list[MechanismEvent],
+                rdp: np.ndarray) -> LedgerEntry:
+        """Write one signed entry after ``last`` (inside the caller's transaction)."""
+        assert self._identity is not None
+        event_json = event.to_json()
+        eps_rdp = rdp_to_epsilon(rdp, delta=self.delta)
+        eps_prv = compose_epsilon(events, delta=self.delta, accountant="prv")
+        index = 1 if last is None else last.index + 1
+        prev = GENESIS_HASH if last is None else last.entry_hash
+        timestamp = float(self._clock())
+        canonical = _canonical(
+            enterprise_id=self.enterprise_id, index=index, round_number=round_number,
+            session_id=session_id, event_json=event_json, eps_prv=eps_prv,
+            eps_rdp=eps_rdp, delta=self.delta, budget=self.budget_epsilon,
+            timestamp=timestamp, prev_hash=prev,
+        )
+        digest = entry_hash(canonical)
+        signature = self._identity.sign(head_message(self.enterprise_id, index, digest))
+        conn.execute(
+            "INSERT INTO entries (idx, round_number, session_id, event, eps_prv, eps_rdp, delta,"
+            " budget, timestamp, prev_hash, entry_hash, signature)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (index, round_number, session_id, event_json, eps_prv, eps_rdp, self.delta,
+             self.budget_epsilon, timestamp, prev, digest, signature),
+        )
+        return LedgerEntry(self.enterprise_id, index, round_number, session_id, event,
+                           event_json, eps_prv, eps_rdp, self.delta, self.budget_epsilon,
+                           timestamp, prev, digest, signature)
 
     def add_receipt(self, receipt: LedgerReceipt) -> None:
         """Keep the coordinator's receipt for one of this ledger's heads (append-only).
@@ -789,3 +811,23 @@ def _check_expected_head(path: Path, head: LedgerHead, enterprise_id: str, key: 
         raise LedgerVerificationError(
             f"ledger entry {head.index}: hash differs from the signed head (ledger rewritten)", entry=head.index
         )
+
+
+def _as_events(events: MechanismEvent | Sequence[MechanismEvent]) -> list[MechanismEvent]:
+    """One event or a sequence of them, as a non-empty list.
+
+    Raises:
+        LedgerError: an empty sequence (a charge must name at least one release).
+    """
+    batch = list(events) if isinstance(events, Sequence) else [events]
+    if not batch:
+        raise LedgerError("a charge must name at least one mechanism event (got none)")
+    return batch
+
+
+# How a budget error names a round's releases.
+_KIND_NAMES = {"dpsgd": "DP-SGD", "skellam": "distributed DP"}
+
+
+def _kinds(events: Sequence[MechanismEvent]) -> str:
+    return " + ".join(_KIND_NAMES.get(e.KIND, e.KIND) for e in events)

@@ -7,7 +7,7 @@ enterprise accepts), and :func:`simulate` (a whole round in-process).
 
 from secfed.protocol.coordinator import CoordinatorResult, CoordinatorRound
 from secfed.protocol.messages import decode_message
-from secfed.protocol.participant import ParticipantResult, ParticipantRound
+from secfed.protocol.participant import ParticipantResult, ParticipantRound, decode_aggregate
 from secfed.protocol.simulate import ADVERSARIES, SimulationResult, simulate
 from secfed.protocol.spec import (
     ParticipantPolicy,
@@ -29,6 +29,7 @@ __all__ = [
     "RoundSpec",
     "SimulationResult",
     "Stage",
+    "decode_aggregate",
     "decode_message",
     "default_neighbours",
     "default_threshold",

@@ -33,6 +33,7 @@ from secfed.crypto.keys import (
 )
 from secfed.crypto.masking import DEFAULT_WORKERS, apply_masks
 from secfed.crypto.shamir import Share, split_secret
+from secfed.names import Mode
 from secfed.protocol.messages import (
     SHARE_KIND_MASK_KEY,
     SHARE_KIND_SELF_MASK,
@@ -78,6 +79,9 @@ __all__ = [
     "check_sum_norm",
     "round_to_grid",
     "open_ckks_aggregate",
+    "decode_aggregate",
+    "SumSpec",
+    "SumShape",
     "ring_bytes",
 ]
 
@@ -202,6 +206,83 @@ class ParticipantResult:
     survivors: tuple[str, ...]
 
 
+class SumSpec(Protocol):
+    """What decoding a round's sum needs; a :class:`RoundSpec` has all of it."""
+
+    @property
+    def round_number(self) -> int: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def vector_length(self) -> int: ...
+    @property
+    def scale_bits(self) -> int: ...
+    @property
+    def ring_bits(self) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SumShape:
+    """A :class:`SumSpec` without a spec (a site catching up a round it missed);
+    ``ring_bits`` None: the aggregate's own."""
+
+    round_number: int
+    mode: str
+    vector_length: int
+    scale_bits: int
+    ring_bits: int | None = None
+
+
+def decode_aggregate(
+    spec: SumSpec,
+    payload: bytes | MaskedAggregate | CkksAggregate,
+    *,
+    ckks_context: Any = None,
+    roster: Mapping[str, bytes] | None = None,
+    order: Mapping[str, int] | None = None,
+) -> ParticipantResult:
+    """The float sum a round's final message carries, and whom it is over. Pure: no session,
+    survivor-set or membership check (:class:`ParticipantRound` adds those from its state; a
+    site catching up a missed round compares the result's hash with what the survivors signed)
+    and no norm check (each caller knows its bound).
+
+    Masked modes: ``spec.vector_length`` words of Z_2^``spec.ring_bits`` (of the message's ring
+    when ``spec.ring_bits`` is None), decoded at
+    ``spec.scale_bits``. ``ckks``: :func:`open_ckks_aggregate` over the members' signed uploads
+    (``order``: enterprise id -> position the members must follow).
+
+    Raises:
+        MessageFormatError: ``payload`` does not parse.
+        ProtocolAbort: a message of another round or another mode, a wrong length, a ckks sum
+            without a secret-key context; see also :func:`open_ckks_aggregate`.
+        InvalidSignature, CkksError: see :func:`open_ckks_aggregate`.
+    """
+    message = decode_message(payload) if isinstance(payload, bytes | bytearray) else payload
+    if message.round_number != spec.round_number:
+        raise ProtocolAbort(
+            f"aggregate must be for round {spec.round_number} (got {message.round_number})"
+        )
+    if isinstance(message, MaskedAggregate) and spec.mode in MASK_MODES:
+        bits = message.ring_bits if spec.ring_bits is None else spec.ring_bits
+        width = bits // 8
+        if message.ring_bits != bits or len(message.vector) != spec.vector_length * width:
+            raise ProtocolAbort(f"aggregate must hold {spec.vector_length} words of Z_2^{bits}")
+        dtype = np.dtype(f"<u{width}")
+        ring = np.frombuffer(message.vector, dtype=dtype).astype(dtype.newbyteorder("="))
+        return ParticipantResult(decode(ring, scale_bits=spec.scale_bits), message.survivors)
+    if isinstance(message, CkksAggregate) and spec.mode == Mode.CKKS:
+        if ckks_context is None:
+            raise ProtocolAbort(
+                f"aggregate of round {spec.round_number} is ckks; no secret-key CKKS context"
+            )
+        total, members = open_ckks_aggregate(
+            message, ckks_context=ckks_context, roster=roster or {},
+            vector_length=spec.vector_length, scale_bits=spec.scale_bits, order=order,
+        )
+        return ParticipantResult(total, members)
+    raise ProtocolAbort(f"aggregate of round {spec.round_number} must match its mode {spec.mode}")
+
+
 def ring_bytes(vec: npt.NDArray[np.unsignedinteger]) -> bytes:
     """Little-endian words of a ring vector (the wire byte order)."""
     return vec.astype(vec.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -270,6 +351,11 @@ class ParticipantRound:
         self._result: ParticipantResult | None = None
 
     # -- public API ---------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """Whether the round finished for this enterprise (:meth:`result` is available)."""
+        return self._result is not None
+
     @property
     def session_id(self) -> bytes:
         """The session id (empty before the key roster arrives)."""
@@ -702,11 +788,7 @@ class ParticipantRound:
         self._check_sid(agg.session_id)
         if agg.survivors != self._signed_survivors:
             raise ProtocolAbort("aggregate's survivor set differs from the signed set")
-        width = spec.ring_bits // 8
-        if agg.ring_bits != spec.ring_bits or len(agg.vector) != spec.vector_length * width:
-            raise ProtocolAbort(f"aggregate must hold {spec.vector_length} words of Z_2^{spec.ring_bits}")
-        dtype = np.dtype(f"<u{width}")
-        total = decode(np.frombuffer(agg.vector, dtype=dtype).astype(dtype.newbyteorder("=")), scale_bits=spec.scale_bits)
+        total = decode_aggregate(spec, agg).aggregate
         # The coordinator alone unmasks, so it could return any vector; honest inputs are
         # clipped, so anything longer than the survivors' inputs can be is refused.
         bound = self._sum_bound(len(agg.survivors))
@@ -751,10 +833,10 @@ class ParticipantRound:
         for sender in members:
             if sender not in self._adverts:
                 raise ProtocolAbort(f"aggregate member {sender!r} never advertised in this round")
-        total, _ = open_ckks_aggregate(
-            agg, ckks_context=self._ckks, roster=self._roster, vector_length=spec.vector_length,
-            scale_bits=spec.scale_bits, order={p: spec.index(p) for p in members},
-        )
+        total = decode_aggregate(
+            spec, agg, ckks_context=self._ckks, roster=self._roster,
+            order={p: spec.index(p) for p in members},
+        ).aggregate
         bound = self._sum_bound(len(members))
         if bound is not None:
             check_sum_norm(total, bound=bound[0], what=bound[1])
