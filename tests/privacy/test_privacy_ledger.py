@@ -454,3 +454,32 @@ def test_event_parser_fuzz_only_raises_message_format_error(text: str, cut: int)
 
 
 _FUZZ_KEY = IdentityKey.generate()
+
+
+def test_a_rounds_events_are_checked_and_charged_together(tmp_path: Path,
+                                                          identity: IdentityKey) -> None:
+    # Ledger.check_budget/charge take a round's releases in order: every prefix is checked
+    # (the error names the releases), and the charge writes all of them or none.
+    from secfed.privacy import DistributedDPEvent
+
+    ledger = make_ledger(tmp_path / "l.sqlite", identity, rounds=1, budget=3.0)
+    dpsgd = DPSGDEvent(noise_multiplier=1.0, sample_rate=0.01, steps=5)
+    fits = DistributedDPEvent(1.0, 10.0, 400.0, 4)
+    heavy = DistributedDPEvent(1.0, 10.0, 0.5, 2)
+    alone = ledger.check_budget(dpsgd)
+    both = ledger.check_budget([dpsgd, fits])
+    assert alone < both <= 3.0
+    with pytest.raises(BudgetExceeded, match=r"this round \(DP-SGD \+ distributed DP\)"):
+        ledger.check_budget([dpsgd, heavy])
+    with pytest.raises(BudgetExceeded):
+        ledger.charge(round_number=1, session_id=b"r" * 32, event=[dpsgd, heavy])
+    assert len(ledger.entries()) == 1  # nothing of the refused round was written
+    last = ledger.charge(round_number=1, session_id=b"r" * 32, event=(dpsgd, fits))
+    entries = ledger.entries()
+    assert [e.event for e in entries[1:]] == [dpsgd, fits] and last == entries[-1]
+    assert entries[2].prev_hash == entries[1].entry_hash
+    assert ledger.epsilon_spent()[0] == pytest.approx(both, rel=1e-6)
+    with pytest.raises(LedgerError, match="at least one"):
+        ledger.charge(round_number=2, session_id=b"e" * 32, event=[])
+    ledger.close()
+    verify_ledger(tmp_path / "l.sqlite", public_key=identity.public_bytes())
