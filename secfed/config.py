@@ -11,12 +11,13 @@ numbers, booleans, lists of scalars, tables and arrays of tables -- all this fil
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -30,6 +31,9 @@ __all__ = [
     "RosterEntry",
     "Deadlines",
     "DPSettings",
+    "DPSGDTerms",
+    "DPSGD_FIELDS",
+    "OPTIMIZERS",
     "DistributedDPSettings",
     "MASK_MODES",
     "ModelSettings",
@@ -72,6 +76,74 @@ def check_enterprise_id(value: str, *, field: str = "enterprise id") -> str:
         raise ConfigError(f"{field} must be {ENTERPRISE_ID_RULE} (got {value!r})")
     return value
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# Optimizers whose per-step update norm we can bound (secfed.training.guards.delta_norm_bound):
+# plain SGD (no momentum, no weight decay) and Adam with the default betas.
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+
+
+def _positive_finite(name: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        rule = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be a finite number {rule} (got {value!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSGDTerms:
+    """The DP-SGD mechanism of one round of local training, declared once: a round's
+    :class:`RoundTerms` carries it (:attr:`RoundTerms.dp_sgd`, built by
+    :meth:`DPSettings.sgd_terms`), the trainer takes it (``secfed.training.DPConfig`` is it plus
+    a test-only flag) and the ledger charges it (``secfed.privacy.DPSGDEvent.of``).
+
+    Attributes:
+        noise_multiplier: sigma; the Gaussian noise std is ``noise_multiplier * max_grad_norm``.
+        sample_rate: q, the Poisson sampling probability of each record per step.
+        local_steps: number of DP-SGD steps this round (empty Poisson batches count).
+        max_grad_norm: C, the per-example L2 clip bound.
+        learning_rate: step size.
+        optimizer: ``"sgd"`` (plain) or ``"adam"``.
+
+    Raises:
+        ConfigError: a value out of range; sigma = 0 (no privacy) unless
+            :meth:`_zero_noise_allowed` (only ``DPConfig(allow_zero_noise=True)``, in tests).
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    local_steps: int
+    max_grad_norm: float = 1.0
+    learning_rate: float = 0.05
+    optimizer: str = "sgd"
+
+    def _zero_noise_allowed(self) -> bool:
+        return False
+
+    def __post_init__(self) -> None:
+        _positive_finite("noise_multiplier", self.noise_multiplier, allow_zero=True)
+        if self.noise_multiplier == 0 and not self._zero_noise_allowed():
+            raise ConfigError(
+                "noise_multiplier must be > 0 (got 0: no privacy); set allow_zero_noise only "
+                "in tests"
+            )
+        _positive_finite("sample_rate", self.sample_rate)
+        if self.sample_rate > 1:
+            raise ConfigError(f"sample_rate must be in (0, 1] (got {self.sample_rate!r})")
+        if (
+            isinstance(self.local_steps, bool)
+            or not isinstance(self.local_steps, int)
+            or self.local_steps < 1
+        ):
+            raise ConfigError(f"local_steps must be an integer >= 1 (got {self.local_steps!r})")
+        _positive_finite("max_grad_norm", self.max_grad_norm)
+        _positive_finite("learning_rate", self.learning_rate)
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
+
+
+#: The DP-SGD fields, in order (RoundTerms carries each under the same name on the wire).
+DPSGD_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DPSGDTerms))
 
 
 class _Frozen(BaseModel):
@@ -146,6 +218,15 @@ class DPSettings(_Frozen):
     distributed: DistributedDPSettings | None = Field(
         None, description="enterprise-level DP (off when absent)"
     )
+
+    def sgd_terms(self, round_number: int, rounds: int, *, noise_multiplier: float) -> DPSGDTerms:
+        """The DP-SGD terms of round ``round_number`` of ``rounds`` at the federation's sigma
+        (pinned, or calibrated for the horizon by the caller)."""
+        return DPSGDTerms(
+            noise_multiplier=noise_multiplier, sample_rate=self.sample_rate,
+            local_steps=self.local_steps, max_grad_norm=self.max_grad_norm,
+            learning_rate=self.round_learning_rate(round_number, rounds), optimizer=self.optimizer,
+        )
 
     def round_learning_rate(self, round_number: int, rounds: int) -> float:
         """The step size of round ``round_number`` (1-based) of a ``rounds``-round horizon."""
@@ -285,6 +366,16 @@ class RoundTerms(_Frozen):
     optimizer: Optimizer = "sgd"
     delta: float = Field(gt=0, lt=1)
     distributed_dp: DistributedDPSettings | None = None  # the federation's [dp.distributed]
+
+    @property
+    def dp_sgd(self) -> DPSGDTerms:
+        """The round's DP-SGD mechanism (the flat fields above are its wire form)."""
+        return DPSGDTerms(**{name: getattr(self, name) for name in DPSGD_FIELDS})
+
+    @classmethod
+    def of(cls, dp: DPSGDTerms, **rest: Any) -> RoundTerms:
+        """Terms carrying ``dp`` plus the round's other fields (``rest``)."""
+        return cls(**dataclasses.asdict(dp), **rest)
 
 
 class SitePolicy(_Frozen):

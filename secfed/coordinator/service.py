@@ -175,14 +175,11 @@ class Coordinator:
         # (per neighbourhood in secagg+, none in ckks), which sites check their floor against.
         spec = self._spec(round_number)
         dp = self.fed.dp
-        return RoundTerms(
-            round_number=round_number, mode=spec.mode, participants=spec.participants,  # type: ignore[arg-type]
+        return RoundTerms.of(
+            dp.sgd_terms(round_number, self.fed.rounds, noise_multiplier=self._sigma),
+            round_number=round_number, mode=spec.mode, participants=spec.participants,
             threshold=spec.threshold, min_participants=spec.min_participants,
-            noise_multiplier=self._sigma, sample_rate=dp.sample_rate, local_steps=dp.local_steps,
-            max_grad_norm=dp.max_grad_norm,
-            learning_rate=dp.round_learning_rate(round_number, self.fed.rounds),
-            optimizer=dp.optimizer, delta=dp.delta,
-            distributed_dp=dp.distributed,
+            delta=dp.delta, distributed_dp=dp.distributed,
         )
 
     def _spec(self, round_number: int) -> RoundSpec:

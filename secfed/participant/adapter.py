@@ -306,15 +306,7 @@ class ModelSite:
         from secfed.training import DPConfig, train_local
 
         self._set(self._store.vector)
-        config = DPConfig(
-            noise_multiplier=terms.noise_multiplier,
-            max_grad_norm=terms.max_grad_norm,
-            sample_rate=terms.sample_rate,
-            local_steps=terms.local_steps,
-            learning_rate=terms.learning_rate,
-            optimizer=terms.optimizer,
-        )
-        result = train_local(self.model, self.dataset, config=config)
+        result = train_local(self.model, self.dataset, config=DPConfig.of(terms.dp_sgd))
         self._set(self._store.vector)  # the update leaves only through the protocol
         return TrainOutcome(
             np.asarray(result.delta, dtype=np.float32),

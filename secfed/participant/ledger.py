@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from secfed.config import DPSGDTerms
 from secfed.crypto.keys import IdentityKey
 from secfed.privacy import DistributedDPEvent, DPSGDEvent, Ledger, compose_epsilon
 from secfed.privacy.events import MechanismEvent
@@ -34,23 +35,34 @@ class SiteLedger:
         self._ledger = Ledger.open(path, enterprise_id=enterprise_id, identity=identity,
                                    budget_epsilon=budget_epsilon, delta=delta, create=create)
 
-    def check(self, *, noise_multiplier: float, sample_rate: float, steps: int,
-              distributed: DistributedDPEvent | None = None) -> float:
-        """Epsilon (budget accountant) after this round's charge(s).
+    def check_round(self, dp: DPSGDTerms, distributed: DistributedDPEvent | None = None) -> float:
+        """Epsilon (budget accountant) after this round's charge(s): its DP-SGD terms and the
+        planned distributed-DP release.
 
         Raises:
             BudgetExceeded: the charge would pass the site's budget.
         """
-        return float(self._ledger.check_budget(
-            _round_events(noise_multiplier, sample_rate, steps, distributed)))
+        return float(self._ledger.check_budget(_round_events(dp, distributed)))
+
+    def charge_round(self, *, round_number: int, session_id: bytes, dp: DPSGDTerms,
+                     distributed: DistributedDPEvent | None = None) -> bytes:
+        """Commit the round's charge(s); returns the signed ledger-head bytes for the upload."""
+        self._ledger.charge(round_number=round_number, session_id=session_id,
+                            event=_round_events(dp, distributed))
+        return self._ledger.head().to_bytes()
+
+    def check(self, *, noise_multiplier: float, sample_rate: float, steps: int,
+              distributed: DistributedDPEvent | None = None) -> float:
+        """:meth:`check_round` for a mechanism given by (sigma, q, steps)."""
+        return self.check_round(_terms(noise_multiplier, sample_rate, steps), distributed)
 
     def charge(self, *, round_number: int, session_id: bytes, noise_multiplier: float,
                sample_rate: float, steps: int,
                distributed: DistributedDPEvent | None = None) -> bytes:
-        """Commit the round's charge(s); returns the signed ledger-head bytes for the upload."""
-        self._ledger.charge(round_number=round_number, session_id=session_id,
-                            event=_round_events(noise_multiplier, sample_rate, steps, distributed))
-        return self._ledger.head().to_bytes()
+        """:meth:`charge_round` for a mechanism given by (sigma, q, steps)."""
+        return self.charge_round(round_number=round_number, session_id=session_id,
+                                 dp=_terms(noise_multiplier, sample_rate, steps),
+                                 distributed=distributed)
 
     def charge_event(self, *, round_number: int, session_id: bytes,
                      event: MechanismEvent) -> None:
@@ -81,11 +93,16 @@ class SiteLedger:
         self._ledger.add_receipt(receipt)
 
 
-def _round_events(noise_multiplier: float, sample_rate: float, steps: int,
+def _round_events(dp: DPSGDTerms,
                   distributed: DistributedDPEvent | None) -> list[MechanismEvent]:
     """A round's releases in charge order: the DP-SGD run, then the planned distributed DP."""
-    dpsgd = DPSGDEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    dpsgd = DPSGDEvent.of(dp)
     return [dpsgd] if distributed is None else [dpsgd, distributed]
+
+
+def _terms(noise_multiplier: float, sample_rate: float, steps: int) -> DPSGDTerms:
+    return DPSGDTerms(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                      local_steps=steps)
 
 
 def open_site_ledger(path: Path, *, enterprise_id: str, identity: IdentityKey,

@@ -231,10 +231,8 @@ class Participant:
             )
         if spec.mode == Mode.CKKS and self._ckks_context() is None:
             raise ConfigError("mode ckks needs ckks_secret.ctx in the kit (missing)")
-        eps_after = self.ledger.check(
-            noise_multiplier=terms.noise_multiplier, sample_rate=terms.sample_rate,
-            steps=terms.local_steps, distributed=hook.planned_event(spec) if hook else None,
-        )
+        eps_after = self.ledger.check_round(
+            terms.dp_sgd, distributed=hook.planned_event(spec) if hook else None)
         self.kit.policy.check_budget(spent_epsilon=self.ledger.epsilon(),
                                      round_epsilon_after=eps_after)
         return spec, terms, hook
@@ -527,10 +525,8 @@ class Participant:
                 stop: threading.Event) -> bytes:
         """Commit the round's charge(s) (runs beside training); the signed ledger head."""
         r = spec.round_number
-        head = self.ledger.charge(
-            round_number=r, session_id=spec.digest(), noise_multiplier=terms.noise_multiplier,
-            sample_rate=terms.sample_rate, steps=terms.local_steps, distributed=planned,
-        )
+        head = self.ledger.charge_round(round_number=r, session_id=spec.digest(),
+                                        dp=terms.dp_sgd, distributed=planned)
         epsilon = self.ledger.epsilon()
         self.state.set_round(r, "charged", mode=spec.mode, epsilon_prv=epsilon)
         self.emit("charged", round=r, epsilon=epsilon,

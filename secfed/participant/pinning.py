@@ -91,12 +91,10 @@ def pinned_terms(fed: FederationConfig, round_number: int, *, noise_multiplier: 
     spec's (the Shamir threshold actually used), the DP terms are ``[dp]``'s."""
     spec = pinned_spec(fed, round_number)
     dp = fed.dp
-    return RoundTerms(
-        round_number=round_number, mode=spec.mode,  # type: ignore[arg-type]
-        participants=spec.participants, threshold=spec.threshold,
-        min_participants=spec.min_participants, noise_multiplier=noise_multiplier,
-        sample_rate=dp.sample_rate, local_steps=dp.local_steps, max_grad_norm=dp.max_grad_norm,
-        learning_rate=dp.round_learning_rate(round_number, fed.rounds), optimizer=dp.optimizer,
+    return RoundTerms.of(
+        dp.sgd_terms(round_number, fed.rounds, noise_multiplier=noise_multiplier),
+        round_number=round_number, mode=spec.mode, participants=spec.participants,
+        threshold=spec.threshold, min_participants=spec.min_participants,
         delta=dp.delta, distributed_dp=dp.distributed,
     )
 

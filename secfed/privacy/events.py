@@ -14,6 +14,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from secfed.config import DPSGDTerms
 from secfed.crypto.errors import ConfigError, MessageFormatError
 
 __all__ = [
@@ -59,6 +60,12 @@ class DPSGDEvent:
     steps: int
 
     KIND = "dpsgd"
+
+    @classmethod
+    def of(cls, dp: DPSGDTerms) -> DPSGDEvent:
+        """The release a round's DP-SGD terms make (what the ledger charges)."""
+        return cls(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
+                   steps=dp.local_steps)
 
     def __post_init__(self) -> None:
         object.__setattr__(
