@@ -12,7 +12,8 @@ from secfed.errors import MessageFormatError, ProtocolAbort
 from secfed.protocol import Stage, decode_aggregate
 from secfed.protocol.messages import MaskedAggregate, decode_message
 from secfed.protocol.participant import SumShape
-from tests.protocol.harness import make_harness, make_updates, plain_sum
+
+from .harness import make_harness, make_updates, plain_sum
 
 
 def _final_payloads(mode: str = "secagg"):
