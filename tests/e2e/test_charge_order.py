@@ -64,13 +64,13 @@ def test_slow_charge_holds_the_upload_and_a_failed_charge_sends_nothing(federati
 
     def slow(eid: str, p: Participant) -> None:
         if eid == SLOW:
-            real = p.ledger.charge
+            real = p.ledger.charge_round
 
             def charge(**kwargs):
                 time.sleep(1.0)  # longer than the (instant) stand-in training
                 return real(**kwargs)
 
-            p.ledger.charge = charge  # type: ignore[method-assign]
+            p.ledger.charge_round = charge  # type: ignore[method-assign]
 
     out = _round(kits, slow)
     for eid in ENTERPRISES:
@@ -86,7 +86,7 @@ def test_slow_charge_holds_the_upload_and_a_failed_charge_sends_nothing(federati
             def charge(**kwargs):
                 raise LedgerError("ledger write failed (test)")
 
-            p.ledger.charge = charge  # type: ignore[method-assign]
+            p.ledger.charge_round = charge  # type: ignore[method-assign]
 
     out = _round(kits, failing)
     assert isinstance(out[SLOW], LedgerError), out[SLOW]
