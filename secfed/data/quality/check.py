@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from secfed import progress
 from secfed.data.loading import ImageTextDataset, load_dataset, model_inputs
 from secfed.data.quality.duplicates import find_duplicates
 from secfed.data.quality.embed import Embeddings, embed_dataset
@@ -48,8 +49,13 @@ def check_dataset(data_dir: Path | str, *, model_dir: Path | str,
     if model is None:
         from secfed.models.storage import load_classifier
 
-        model, _ = load_classifier(model_dir)
-    dataset = load_dataset(data_dir, inputs=model_inputs(model_dir))
+        with progress.task("data check: loading the model"):
+            model, _ = load_classifier(model_dir)
+    # every record read and every image decoded before the minutes of embedding: a missing
+    # or broken file is one error line, found first
+    with progress.task("data check: reading the records and decoding their images"):
+        dataset = load_dataset(data_dir, inputs=model_inputs(model_dir))
     descriptions = read_meta(Path(data_dir)).label_descriptions
-    return find_defects(dataset, embed_dataset(model, dataset, descriptions=descriptions),
-                        settings), dataset
+    embedded = embed_dataset(model, dataset, descriptions=descriptions)
+    with progress.task("data check: duplicates, mislabels, mismatches"):
+        return find_defects(dataset, embedded, settings), dataset

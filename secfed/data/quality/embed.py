@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from secfed import progress
 from secfed.crypto.errors import DataError
 from secfed.data.loading import ImageTextDataset
 from secfed.data.quality.images import image_statistics, thumbnail_of
@@ -51,24 +52,33 @@ def _tower_outputs(model: torch.nn.Module, dataset: ImageTextDataset,
     model.eval()
     texts, images = [np.zeros((0, 1), np.float32)], [np.zeros((0, 1), np.float32)]
     try:
-        for start in range(0, n, batch_size):
-            sl = slice(start, start + batch_size)
-            if text_tower is not None:
-                mask = dataset.attention_mask[sl]
-                hidden = text_tower(input_ids=dataset.input_ids[sl],
-                                    attention_mask=mask).last_hidden_state
-                w = mask.unsqueeze(-1).to(hidden.dtype)
-                texts.append(((hidden * w).sum(1) / w.sum(1).clamp(min=1.0)).numpy())
-            if image_tower is not None:
-                img_hidden = image_tower(pixel_values=dataset.pixel_values[sl]).last_hidden_state
-                images.append(torch.cat([img_hidden[:, 0], img_hidden[:, 1:].mean(1)],
-                                        dim=-1).numpy())
+        with progress.task("data check: the model's towers embed each record", total=n) as done:
+            for start in range(0, n, batch_size):
+                _tower_batch(text_tower, image_tower, dataset, slice(start, start + batch_size),
+                             texts, images)
+                done.advance(min(batch_size, n - start))
     finally:
         model.train(was_training)
     text = np.concatenate(texts[1:]) if text_tower is not None else np.zeros((n, 1), np.float32)
     image = (np.concatenate(images[1:]) if image_tower is not None
              else np.zeros((n, 1), np.float32))
     return text, image
+
+
+def _tower_batch(text_tower, image_tower, dataset: ImageTextDataset, sl: slice,
+                 texts: list[np.ndarray], images: list[np.ndarray]) -> None:
+    """Append one batch's pooled tower outputs to ``texts`` / ``images`` (no gradient: the
+    caller runs under ``torch.no_grad``)."""
+    if text_tower is not None:
+        mask = dataset.attention_mask[sl]
+        hidden = text_tower(input_ids=dataset.input_ids[sl],
+                            attention_mask=mask).last_hidden_state
+        w = mask.unsqueeze(-1).to(hidden.dtype)
+        texts.append(((hidden * w).sum(1) / w.sum(1).clamp(min=1.0)).numpy())
+    if image_tower is not None:
+        img_hidden = image_tower(pixel_values=dataset.pixel_values[sl]).last_hidden_state
+        images.append(torch.cat([img_hidden[:, 0], img_hidden[:, 1:].mean(1)],
+                                dim=-1).numpy())
 
 
 @torch.no_grad()
@@ -100,9 +110,10 @@ def embed_dataset(model: torch.nn.Module, dataset: ImageTextDataset, *,
         thumbs = stats = np.zeros((n_rows, 1), np.float32)
     thumbnail = unit_rows(thumbs) * image_present[:, None]
     stats = stats * image_present[:, None]
-    sentence, clause_focus, zero_shot, zero_shot_clauses = zero_shot_scores(
-        [r.text or "" for r in dataset.records], text_present, dataset.labels_names,
-        descriptions)
+    with progress.task("data check: sentence encoder and zero-shot label scores"):
+        sentence, clause_focus, zero_shot, zero_shot_clauses = zero_shot_scores(
+            [r.text or "" for r in dataset.records], text_present, dataset.labels_names,
+            descriptions)
     return Embeddings(text=text.astype(np.float32), image=image.astype(np.float32),
                       thumbnail=thumbnail.astype(np.float32), text_present=text_present,
                       image_present=image_present, sentence=sentence,
