@@ -36,7 +36,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 CKKS_CIPHERTEXT_BYTES = 300_000  # one N=8192, [60, 60] ciphertext serialises to ~262 KB
-LINGER_S = 3.0
+LINGER_S = 3.0  # after the last site was told the federation finished: its last fetches
+LINGER_MAX_S = 30.0  # the longest wait for a site that was heard from but not told yet
 GRACEFUL_S = 1  # on stop, open requests (long polls up to 60 s) get this long to finish
 LOCK_FILE = "coordinator.lock"  # next to state.sqlite in the coordinator kit
 
@@ -139,6 +140,7 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
 
         async def linger() -> None:
             await done.wait()
+            await until_told(coordinator, min(LINGER_MAX_S, kit.federation.deadlines.stage))
             await asyncio.sleep(LINGER_S)  # let participants fetch the last outcome
             stop.set()
 
@@ -171,6 +173,20 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
               "state": str(kit.state)})
         return stopped[0]
     return None
+
+
+async def until_told(coordinator: Any, limit: float, *, period: float = 0.1) -> bool:
+    """Wait (at most ``limit`` s) until every site the coordinator heard from was told the
+    federation finished: a site that was stalled or cut off during the last round learns it
+    on its next poll and stops, instead of retrying against a coordinator that left.
+    Returns whether all were told."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while not coordinator.told_everyone():
+        if loop.time() >= end:
+            return False
+        await asyncio.sleep(period)
+    return True
 
 
 def _start_status(coordinator: Any, sock: Any, stop: asyncio.Event, log_level: str,

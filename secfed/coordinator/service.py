@@ -62,6 +62,7 @@ EventSink = Callable[[dict[str, Any]], None]
 RESTART_GRACE_S = 30.0  # after a restart, give participants this long to re-send before closing
 TICK_S = 0.05  # deadline check period of the driver loop
 INLINE_BYTES = 64 * 1024  # messages up to this size are handled on the event loop
+POLL_PAST_DEADLINE_S = 1.0  # a long poll ends at most this long after the open stage's deadline
 
 
 @dataclass
@@ -123,6 +124,10 @@ class Coordinator:
         self._changed = asyncio.Condition()
         self._arrived = asyncio.Condition()
         self._stopping = False  # set by stop(): every wait returns at once
+        # Sites heard from, and those told the federation finished: the process lingers after
+        # the last round until every site it heard from was told (bounded by the caller).
+        self._heard: set[str] = set()
+        self._told: set[str] = set()
         self._global_hash = self.fed.model.initial_global_hash
         dp = self.fed.dp
         # What the status page and /metrics show (numbers and states only, never a payload).
@@ -479,14 +484,33 @@ class Coordinator:
             abort_reason=live.abort_reason,
         )
 
-    async def round_info(self, *, after: int, wait: float) -> RoundInfo:
+    def _poll_for(self, wait: float) -> float:
+        """A long poll ends by the open stage's deadline (plus :data:`POLL_PAST_DEADLINE_S`):
+        the site then hears what the deadline did, and a poll from a peer that went away holds
+        no task past the stage it was waiting on."""
+        live = self._live
+        if live is None or live.status not in ("open", "confirming") or self._finished:
+            return wait
+        return min(wait, max(0.0, live.deadline - time.time()) + POLL_PAST_DEADLINE_S)
+
+    def told_everyone(self) -> bool:
+        """Whether every site this coordinator heard from has been told the federation
+        finished (``round_info`` answered ``finished`` to it)."""
+        return self._finished and self._heard <= self._told
+
+    async def round_info(self, *, after: int, wait: float, sender: str | None = None) -> RoundInfo:
         def ready() -> bool:
             return self._finished or (
                 self._live is not None and self._live.spec.round_number > after
             )
 
-        await self._wait_change(ready, wait)
-        return self._info()
+        if sender is not None:
+            self._heard.add(sender)
+        await self._wait_change(ready, self._poll_for(wait))
+        info = self._info()
+        if sender is not None and info.status == "finished":
+            self._told.add(sender)
+        return info
 
     async def inbox(self, *, sender: str, round_number: int, stage: str, wait: float) -> bytes | None:
         def ready() -> bool:
@@ -497,7 +521,8 @@ class Coordinator:
                 return True
             return stage in live.outbox
 
-        await self._wait_change(ready, wait)
+        self._heard.add(sender)
+        await self._wait_change(ready, self._poll_for(wait))
         if not ready():
             return None
         live = self._current(round_number)
@@ -513,6 +538,7 @@ class Coordinator:
         return box[sender]
 
     async def submit(self, *, sender: str, envelope: Envelope) -> SubmitAck:
+        self._heard.add(sender)
         try:
             ack = await self._submit(sender=sender, envelope=envelope)
         except SecfedError as exc:
@@ -575,6 +601,7 @@ class Coordinator:
     async def confirm(
         self, *, sender: str, round_number: int, confirmation: AppliedConfirmation
     ) -> SubmitAck:
+        self._heard.add(sender)
         try:
             return await self._confirm(sender=sender, round_number=round_number,
                                        confirmation=confirmation)

@@ -122,7 +122,11 @@ class FlowerBridge:
             self._cond.wait(left)
         return True
 
-    def round_info(self, *, after: int = 0, wait: float = 0.0) -> RoundInfo:
+    # ``until`` (the participant's bound on a stage's calls) is not needed here: nothing
+    # crosses a network, and the Flower ServerApp paces the stages with the same deadlines.
+
+    def round_info(self, *, after: int = 0, wait: float = 0.0,
+                   until: float | None = None) -> RoundInfo:
         """The newest delivered round after ``after``; round ``after`` itself once, when its
         outcome arrived (the participant's "round settled" wait)."""
         with self._cond:
@@ -141,7 +145,8 @@ class FlowerBridge:
         if info is not None and info.round_number == round_number and info.status == "aborted":
             raise ProtocolAbort(f"round {round_number} was aborted: {info.abort_reason}")
 
-    def inbox(self, *, round_number: int, stage: str, wait: float = 0.0) -> bytes | None:
+    def inbox(self, *, round_number: int, stage: str, wait: float = 0.0,
+              until: float | None = None) -> bytes | None:
         with self._cond:
             key = (round_number, stage)
 
@@ -162,23 +167,25 @@ class FlowerBridge:
             self._outbox[(round_number, step)] = answer
             self._cond.notify_all()
 
-    def submit(self, envelope: Envelope) -> SubmitAck:
+    def submit(self, envelope: Envelope, *, until: float | None = None) -> SubmitAck:
         data = envelope.to_bytes()
         self._post(envelope.round_number, envelope.stage, Answer("envelope", data))
         return SubmitAck(accepted=True, round_number=envelope.round_number, stage=envelope.stage,
                          sha256=envelope.payload_sha256())
 
-    def exchange(self, envelope: Envelope, *, next_stage: str, wait: float = 0.0) -> bytes | None:
+    def exchange(self, envelope: Envelope, *, next_stage: str, wait: float = 0.0,
+                 until: float | None = None) -> bytes | None:
         self.submit(envelope)
         return self.inbox(round_number=envelope.round_number, stage=next_stage, wait=wait)
 
-    def confirm(self, *, round_number: int, confirmation: AppliedConfirmation) -> SubmitAck:
+    def confirm(self, *, round_number: int, confirmation: AppliedConfirmation,
+                until: float | None = None) -> SubmitAck:
         body = confirmation.model_dump_json().encode()
         self._post(round_number, APPLIED, Answer("confirmation", body))
         return SubmitAck(accepted=True, round_number=round_number, stage="done",
                          sha256=hashlib.sha256(body).hexdigest())
 
-    def outcome(self, *, round_number: int) -> RoundOutcome:
+    def outcome(self, *, round_number: int, until: float | None = None) -> RoundOutcome:
         with self._cond:
             if not self._wait(lambda: round_number in self._outcomes, 0.0):
                 raise ProtocolError(f"round {round_number}'s outcome was not delivered to this node")

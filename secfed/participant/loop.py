@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from secfed.config import RoundTerms
+from secfed.config import Deadlines, RoundTerms
 from secfed.crypto.errors import (
     ConfigError,
     DPGuardError,
@@ -71,9 +71,44 @@ from secfed.transport.kits import EnterpriseKit
 
 __all__ = ["Participant", "RoundReport"]
 
-POLL_S = 20.0  # long-poll length; the server answers as soon as something changes
+POLL_S = 20.0  # longest long poll; the server answers as soon as something changes
 SETUP_POLL_S = 2.0  # long-poll length of the key set-up thread (it checks for a stop between)
 STAGE_SLACK_S = 30.0  # how long past the announced deadline to keep asking for a stage
+STAGE_GRACE_S = 10.0  # past a stage's deadline: the coordinator's time to close it and answer
+REQUEST_TIMEOUT_S = (2.0, 10.0)  # bounds of one request's connect/read/write timeout
+
+
+def request_timeouts(deadlines: Deadlines) -> tuple[float, float]:
+    """(one request's connect/read/write timeout, long-poll length) from the federation's stage
+    deadline: a stalled connection costs a site at most a quarter of a stage (between 2 and
+    10 s) before it retries on a fresh one, and a long poll at most half a stage (<= 20 s)."""
+    low, high = REQUEST_TIMEOUT_S
+    return min(high, max(low, deadlines.stage / 4)), min(POLL_S, max(1.0, deadlines.stage / 2))
+
+
+class StageClock:
+    """When each stage's input reached this site (:func:`time.monotonic`), and from it the
+    latest time the next stage's input can come: a stage opens no later than its input is out,
+    so it closes by then plus its deadline (as the coordinator sets it), plus
+    :data:`STAGE_GRACE_S` for the close. Every call of the stage is bounded by that instant."""
+
+    def __init__(self, deadlines: Deadlines):
+        self._deadlines = deadlines
+        self._at: dict[Stage, float] = {}
+
+    def arrived(self, stage: Stage, at: float | None = None) -> None:
+        self._at[stage] = time.monotonic() if at is None else at
+
+    def length(self, stage: Stage) -> float:
+        """The stage's deadline, counted from its opening (the coordinator's rule)."""
+        d = self._deadlines
+        if stage in (Stage.ADVERTISE, Stage.UPLOAD):
+            return d.train
+        return d.applied if stage is Stage.DONE else d.stage
+
+    def cutoff(self, stage: Stage) -> float:
+        """The instant the input after ``stage`` must have arrived by."""
+        return self._at.get(stage, time.monotonic()) + self.length(stage) + STAGE_GRACE_S
 
 
 @dataclass(frozen=True)
@@ -138,9 +173,11 @@ class Participant:
         if create:
             self.emit("ledger_created", path=str(kit.ledger),
                       warning="a NEW privacy ledger was started (--new-ledger)")
+        timeout, self._poll = request_timeouts(self.fed.deadlines)
         self.client = CoordinatorClient(
             base_url=self.fed.coordinator_url, cert=kit.cert, key=kit.key, ca=kit.ca,
-            retry_for=retry_for, on_retry=lambda m: self.emit("retry", detail=m),
+            timeout=timeout, retry_for=retry_for,
+            on_retry=lambda m: self.emit("retry", detail=m),
         )
         self._ckks: Any = None
         self._sigma: float | None = None
@@ -155,17 +192,29 @@ class Participant:
     # ------------------------------------------------------------------ loop
 
     def run(self, *, max_rounds: int | None = None) -> list[RoundReport]:
-        """Take part in rounds until the federation is finished (or ``max_rounds`` were seen)."""
+        """Take part in rounds until the federation is finished (or ``max_rounds`` were seen).
+
+        Raises:
+            TransportError: the coordinator stayed unreachable for ``retry_for`` seconds (with
+                backoff) or refused this site; names the last round this site saw.
+        """
         reports: list[RoundReport] = []
         after = self.state.last_round()
         while (max_rounds is None or len(reports) < max_rounds) and after < self.fed.rounds:
-            info = self.client.round_info(after=after, wait=POLL_S)
+            try:
+                info = self.client.round_info(after=after, wait=self._poll)
+            except TransportError as exc:
+                raise TransportError(
+                    f"this site stopped after round {after} of {self.fed.rounds}: {exc} (run "
+                    "join again to catch up if the federation goes on)") from None
+            received = time.monotonic()
             if info.round_number <= after:
                 if info.status == "finished":
+                    self.emit("federation_finished", round=after)
                     break
                 continue
             after = info.round_number
-            report = self._round(info)
+            report = self._round(info, received)
             reports.append(report)
             self.emit("round_report", round=report.round_number, status=report.status,
                       mode=report.mode, survivors=list(report.survivors), epsilon=report.epsilon,
@@ -174,7 +223,7 @@ class Participant:
                 break
         return reports
 
-    def _round(self, info: RoundInfo) -> RoundReport:
+    def _round(self, info: RoundInfo, received: float) -> RoundReport:
         r = info.round_number
         mode = info.terms.mode if info.terms else "?"
         if self.state.round_status(r) is not None:
@@ -189,7 +238,7 @@ class Participant:
             self.emit("round_refused", round=r, reason=str(exc))
             return RoundReport(r, "refused", mode, detail=str(exc))
         try:
-            return self._take_part(spec, terms, hook)
+            return self._take_part(spec, terms, hook, received)
         except (ProtocolAbort, ProtocolError, TransportError) as exc:
             self.state.set_round(r, "aborted", detail=str(exc))
             self.emit("round_aborted", round=r, reason=str(exc))
@@ -265,34 +314,49 @@ class Participant:
         return self._ckks
 
     def _send(self, spec: RoundSpec, stage: Stage, payload: bytes, ledger_head: bytes = b"",
-              *, then: Stage | None = None, stop: threading.Event | None = None) -> bytes | None:
+              *, then: Stage | None = None, stop: threading.Event | None = None,
+              by: float | None = None) -> bytes | None:
         """Record and post one stage message. With ``then``: post it and long-poll that
-        stage's input in the same round trip, returning the input (waiting past one poll)."""
+        stage's input in the same round trip, returning the input (waiting past one poll).
+        Every call ends by ``by`` (:meth:`StageClock.cutoff`; TransportError past it)."""
         envelope = Envelope(round_number=spec.round_number, stage=stage.value,
                             ledger_head=ledger_head, payload=payload)
         self.state.sent(round_number=spec.round_number, stage=stage.value,
                         destination="coordinator", payload=payload,
                         protection=protection_of(stage, spec.mode).value)
         if then is None:
-            self.client.submit(envelope)
+            self.client.submit(envelope, until=by)
             return None
-        wait = POLL_S if stop is None else SETUP_POLL_S
-        data = self.client.exchange(envelope, next_stage=then.value, wait=wait)
-        return data if data is not None else self._await_stage(spec, then, stop=stop)
+        wait = self._poll if stop is None else SETUP_POLL_S
+        data = self.client.exchange(envelope, next_stage=then.value, wait=wait, until=by)
+        return data if data is not None else self._await_stage(spec, then, stop=stop, by=by)
 
     def _await_stage(self, spec: RoundSpec, stage: Stage,
-                     stop: threading.Event | None = None) -> bytes:
+                     stop: threading.Event | None = None, by: float | None = None) -> bytes:
+        """This site's input for ``stage``, long-polled until ``by``.
+
+        Raises:
+            ProtocolAbort: the round ended (aborted, superseded, the federation finished) or
+                the key set-up was stopped.
+            TransportError: the stage did not open by ``by`` (or its announced deadline).
+        """
+        r = spec.round_number
         while True:
             if stop is not None and stop.is_set():
-                raise ProtocolAbort(f"round {spec.round_number}: local training failed")
-            wait = POLL_S if stop is None else SETUP_POLL_S
-            data = self.client.inbox(round_number=spec.round_number, stage=stage.value, wait=wait)
+                raise ProtocolAbort(f"round {r}: local training failed")
+            wait = self._poll if stop is None else SETUP_POLL_S
+            data = self.client.inbox(round_number=r, stage=stage.value, wait=wait, until=by)
             if data is not None:
                 return data
-            info = self.client.round_info(after=0, wait=0)
-            if info.round_number != spec.round_number or info.status == "aborted":
-                raise ProtocolAbort(f"round {spec.round_number} ended before stage {stage.value}")
-            if info.stage_deadline_unix and time.time() > info.stage_deadline_unix + STAGE_SLACK_S:
+            info = self.client.round_info(after=0, wait=0, until=by)
+            if info.status == "finished":
+                raise ProtocolAbort(f"the federation finished before stage {stage.value} of "
+                                    f"round {r} opened for this site")
+            if info.round_number != r or info.status == "aborted":
+                raise ProtocolAbort(f"round {r} ended before stage {stage.value}")
+            late = by is not None and time.monotonic() >= by
+            if late or (info.stage_deadline_unix
+                        and time.time() > info.stage_deadline_unix + STAGE_SLACK_S):
                 raise TransportError(f"stage {stage.value} did not open before its deadline")
 
     def _clip(self, spec: RoundSpec, delta: np.ndarray) -> np.ndarray:
@@ -304,28 +368,33 @@ class Participant:
         return delta
 
     def _take_part(self, spec: RoundSpec, terms: RoundTerms,
-                   hook: DistributedDP | None) -> RoundReport:
-        """One accepted round: advertise keys and answer the share stage while the model trains
-        and the charge is committed; protect and upload the update; answer the later stages;
-        apply the sum; confirm; keep the receipts and check the peers."""
+                   hook: DistributedDP | None, received: float) -> RoundReport:
+        """One accepted round (announced to this site at ``received``, monotonic): advertise
+        keys and answer the share stage while the model trains and the charge is committed;
+        protect and upload the update; answer the later stages; apply the sum; confirm; keep
+        the receipts and check the peers. Every call is bounded by its stage's deadline."""
         planned = hook.planned_event(spec) if hook is not None else None
-        machine = self._enter(spec, hook)
-        setup = _Background(self._setup_stages, machine)
+        clock = StageClock(self.fed.deadlines)
+        clock.arrived(Stage.ADVERTISE, received)
+        machine = self._enter(spec, hook, clock)
+        setup = _Background(self._setup_stages, machine, clock)
         outcome, head = self._train_charged(spec, terms, planned, setup)
         payload = setup.result()  # key set-up failed -> abort, nothing sent
         machine.set_update(self._clip(spec, outcome.delta), ledger_head=head)
         self.emit("update_ready", round=spec.round_number)
-        self.drive(machine, payload, until=_finished, ledger_head=head)
+        self.drive(machine, payload, until=_finished, ledger_head=head, clock=clock)
         result = machine.result()
         detail = ""
         if hook is not None and planned is not None:
             detail = self._account_survivors(spec, hook, planned, result.survivors)
         epsilon = self.ledger.epsilon()
-        new_hash, final_head = self._apply_and_confirm(spec, result)
+        by = clock.cutoff(Stage.DONE)
+        new_hash, final_head = self._apply_and_confirm(spec, result, by)
         return self._settle(spec, result, new_hash, {(head, "upload"), (final_head, "applied")},
-                            epsilon, detail)
+                            epsilon, detail, by)
 
-    def _enter(self, spec: RoundSpec, hook: DistributedDP | None) -> ParticipantRound:
+    def _enter(self, spec: RoundSpec, hook: DistributedDP | None,
+               clock: StageClock) -> ParticipantRound:
         """The round's state machine, started: its signed keys are advertised."""
         r = spec.round_number
         policy = self._policy(spec)  # before this round is recorded (replay floor = last round)
@@ -340,7 +409,7 @@ class Participant:
         # "keys" marks the round as entered: a restart from here on counts it as lost.
         self.state.set_round(r, "keys", mode=spec.mode)
         self.emit("protocol_started", round=r)
-        self._send(spec, Stage.ADVERTISE, machine.start())
+        self._send(spec, Stage.ADVERTISE, machine.start(), by=clock.cutoff(Stage.ADVERTISE))
         return machine
 
     def _train_charged(self, spec: RoundSpec, terms: RoundTerms,
@@ -384,22 +453,29 @@ class Participant:
 
     def drive(self, machine: ParticipantRound, payload: bytes, *,
               until: Callable[[ParticipantRound], bool], ledger_head: bytes = b"",
-              stop: threading.Event | None = None) -> bytes | None:
+              stop: threading.Event | None = None,
+              clock: StageClock | None = None) -> bytes | None:
         """Answer stages until ``until(machine)``: hand the machine its input, record and post
         its reply together with the long poll for the next stage's input (or only wait for
         that input). Returns the input the machine waits for next; None once the round is done.
 
         ``ledger_head`` goes with the upload; ``stop`` (the key set-up thread) ends the waits
-        when training failed.
+        when training failed; ``clock`` (when each input arrived; default: ``payload`` now)
+        bounds every call by its stage's deadline and records the arrivals.
 
         Raises:
             ProtocolAbort: the machine refused a message, or the round ended meanwhile.
             TransportError: a stage did not open before its deadline.
         """
         spec = machine.spec
+        if clock is None:
+            clock = StageClock(self.fed.deadlines)
+            if machine.stage is not None:
+                clock.arrived(machine.stage)
         while not until(machine):
             stage = machine.stage
             assert stage is not None
+            by = clock.cutoff(stage)
             reply = machine.handle(stage, payload)
             self.emit("stage", round=spec.round_number, stage=stage.value)
             if machine.done:
@@ -407,17 +483,20 @@ class Participant:
             then = machine.stage
             assert then is not None
             if reply is None:
-                payload = self._await_stage(spec, then, stop=stop)
+                payload = self._await_stage(spec, then, stop=stop, by=by)
+                clock.arrived(then)
                 continue
-            answer = self._send(spec, stage, reply, then=then, stop=stop,
+            answer = self._send(spec, stage, reply, then=then, stop=stop, by=by,
                                 ledger_head=ledger_head if stage is Stage.UPLOAD else b"")
             assert answer is not None
             payload = answer
+            clock.arrived(then)
         return payload
 
-    def _apply_and_confirm(self, spec: RoundSpec, result: ParticipantResult) -> tuple[str, bytes]:
-        """FedAvg the sum into the global adapter, sign and send its hash; the new hash and
-        the ledger head the confirmation carried."""
+    def _apply_and_confirm(self, spec: RoundSpec, result: ParticipantResult,
+                           by: float | None = None) -> tuple[str, bytes]:
+        """FedAvg the sum into the global adapter, sign and send its hash (by ``by``); the new
+        hash and the ledger head the confirmation carried."""
         r = spec.round_number
         # The hook wrote g * (grid + noise) with g = 2^scale_bits * grid_step, so the sum decodes
         # at the round's scale like any masked sum: FedAvg = sum / survivors.
@@ -438,22 +517,30 @@ class Participant:
                         payload=confirmation.model_dump_json().encode(),
                         protection=Protection.SIGNED.value)
         try:
-            self.client.confirm(round_number=r, confirmation=confirmation)
+            self.client.confirm(round_number=r, confirmation=confirmation, until=by)
         finally:
             self.site.flush()  # the adapter's durable write ran meanwhile; on disk before "done"
         return new_hash, final_head
 
     def _settle(self, spec: RoundSpec, result: ParticipantResult, new_hash: str,
-                heads: set[tuple[bytes, str]], epsilon: float, detail: str) -> RoundReport:
+                heads: set[tuple[bytes, str]], epsilon: float, detail: str,
+                by: float | None = None) -> RoundReport:
         """After the confirmation: keep the receipts of ``heads``, check the peers' signed
-        hashes, evaluate, record the round as done."""
+        hashes, evaluate, record the round as done. The sum is applied and confirmed by now:
+        a coordinator that does not answer by ``by`` costs the receipts and the peer check
+        (events ``receipt_missing`` / ``peers_unchecked``), not the round."""
         r = spec.round_number
-        self.client.round_info(after=r, wait=POLL_S)  # answers once round r is settled
-        self._keep_receipts(r, sent=heads)
         try:
-            self.emit("peers_agree", round=r, signatures=self.check_peers(r))
+            self.client.round_info(after=r, wait=self._poll, until=by)  # once r is settled
+        except TransportError as exc:
+            self.emit("settle_unknown", round=r, reason=str(exc))
+        self._keep_receipts(r, sent=heads, by=by)
+        try:
+            self.emit("peers_agree", round=r, signatures=self.check_peers(r, by=by))
         except ProtocolAbort as exc:
             self.emit("peers_disagree", round=r, reason=str(exc))
+        except TransportError as exc:
+            self.emit("peers_unchecked", round=r, reason=str(exc))
         metrics = self.site.evaluate()
         self.state.set_round(
             r, "done", survivors=result.survivors, global_hash_after=new_hash,
@@ -461,7 +548,8 @@ class Participant:
         )
         return RoundReport(r, "done", spec.mode, result.survivors, epsilon, metrics, detail)
 
-    def _keep_receipts(self, round_number: int, *, sent: set[tuple[bytes, str]]) -> int:
+    def _keep_receipts(self, round_number: int, *, sent: set[tuple[bytes, str]],
+                       by: float | None = None) -> int:
         """Keep the coordinator's signed receipts of this round's ledger heads in the ledger.
 
         A receipt is kept only if it verifies under the coordinator key ``federation.toml``
@@ -471,7 +559,7 @@ class Participant:
         Returns the number kept.
         """
         try:
-            out = self.client.outcome(round_number=round_number)
+            out = self.client.outcome(round_number=round_number, until=by)
         except (ProtocolError, TransportError) as exc:
             self.emit("receipt_missing", round=round_number, reason=str(exc))
             return 0
@@ -533,14 +621,17 @@ class Participant:
                   distributed_dp=planned.to_dict() if planned is not None else None)
         return head
 
-    def _setup_stages(self, machine: ParticipantRound, stop: threading.Event) -> bytes:
+    def _setup_stages(self, machine: ParticipantRound, clock: StageClock,
+                      stop: threading.Event) -> bytes:
         """Answer the stages before the upload (key roster -> [secagg+: graph coin reveal ->
         coin roster ->] shares); return the upload stage's input (the forwarded shares, or the
         key roster in ckks mode)."""
         stage = machine.stage
         assert stage is not None
-        payload = self._await_stage(machine.spec, stage, stop=stop)
-        upload = self.drive(machine, payload, until=_at_upload, stop=stop)
+        payload = self._await_stage(machine.spec, stage, stop=stop,
+                                    by=clock.cutoff(Stage.ADVERTISE))
+        clock.arrived(stage)
+        upload = self.drive(machine, payload, until=_at_upload, stop=stop, clock=clock)
         assert upload is not None
         return upload
 
@@ -603,13 +694,14 @@ class Participant:
             check_sum_norm(total, bound=bound, what=f"round {round_number} catch-up")
         return total, members
 
-    def check_peers(self, round_number: int, *, expected_hash: str | None = None) -> int:
+    def check_peers(self, round_number: int, *, expected_hash: str | None = None,
+                    by: float | None = None) -> int:
         """Verify the peers' signed confirmations of round ``round_number``'s new global hash.
 
         Returns the number of agreeing signatures. Raises ProtocolAbort on a disagreeing or
         badly signed confirmation, or when no peer confirmed.
         """
-        out = self.client.outcome(round_number=round_number)
+        out = self.client.outcome(round_number=round_number, until=by)
         if not out.confirmations:
             raise ProtocolAbort(f"round {round_number} has no signed confirmation")
         mine = expected_hash or self.site.global_hash()

@@ -177,7 +177,8 @@ def applied_signed_bytes(*, federation: str, round_number: int, global_hash: str
 class FederationService(Protocol):
     """What the HTTP layer calls; implemented by :mod:`secfed.coordinator`. Raise typed errors."""
 
-    async def round_info(self, *, after: int, wait: float) -> RoundInfo: ...
+    async def round_info(self, *, after: int, wait: float, sender: str | None = None
+                         ) -> RoundInfo: ...
 
     async def inbox(
         self, *, sender: str, round_number: int, stage: str, wait: float

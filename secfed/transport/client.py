@@ -3,7 +3,10 @@
 It pins the federation CA (no system roots), presents the enterprise's client certificate, puts
 a timeout on every call, and retries connection failures and 5xx answers with capped
 exponential backoff and jitter until ``retry_for`` seconds have passed, so a coordinator restart
-is ridden out. Uploads are idempotent on the server side (same bytes -> same acknowledgement), so
+is ridden out. A call given ``until`` (a :func:`time.monotonic` instant: the stage's deadline as
+the participant bounds it) ends by then whatever the network does: its long poll is shortened
+to answer before it, each attempt's connect/read/write timeouts are cut to the time left (a
+stalled connection blocks no longer) and the retries stop there. Uploads are idempotent on the server side (same bytes -> same acknowledgement), so
 retrying a POST whose answer was lost is safe. Typed errors from the server are raised again as
 the same :mod:`secfed.errors` class.
 """
@@ -35,6 +38,7 @@ from secfed.transport.pki import check_not_expired, client_ssl_context
 __all__ = ["CoordinatorClient", "check_client_certificate"]
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
+ANSWER_S = 2.0  # a long poll asked with ``until`` ends this long before it (time to answer)
 COALESCE_BYTES = 64 * 1024  # request writes up to this size wait for the rest of the request
 
 
@@ -107,7 +111,8 @@ class CoordinatorClient:
         base_url: ``https://HOST:PORT`` from ``federation.toml``.
         cert, key, ca: the enterprise's client certificate, key and the federation CA.
         timeout: seconds for connect/read/write of one call (long polls add their wait).
-        retry_for: total seconds to keep retrying transient failures of one call.
+        retry_for: total seconds to keep retrying transient failures of one call (a call
+            given ``until`` stops retrying at ``until`` if that comes first).
     """
 
     def __init__(
@@ -117,7 +122,7 @@ class CoordinatorClient:
         cert: Path,
         key: Path,
         ca: Path,
-        timeout: float = 30.0,
+        timeout: float = 10.0,
         retry_for: float = 120.0,
         backoff: float = 0.1,
         max_backoff: float = 2.0,
@@ -146,11 +151,35 @@ class CoordinatorClient:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _call(self, method: str, url: str, *, extra_timeout: float = 0.0, **kw: Any) -> httpx.Response:
-        deadline = time.monotonic() + self._retry_for
+    def _call(self, method: str, url: str, *, wait: float | None = None,
+              until: float | None = None, **kw: Any) -> httpx.Response:
+        """One API call, retried on connection failures and 5xx with capped backoff.
+
+        ``wait``: the long poll the call asks for (its ``wait`` parameter), shortened so the
+        answer can arrive before ``until``. ``until``: a :func:`time.monotonic` instant the call
+        ends by -- every attempt's timeouts are cut to the time left and retries stop there.
+
+        Raises:
+            TransportError: no answer within ``retry_for`` / before ``until`` (names the last
+                failure), or a refused TLS handshake (not retried).
+        """
+        give_up = time.monotonic() + self._retry_for
+        if until is not None:
+            give_up = min(give_up, until)
         delay = self._backoff
-        timeout = httpx.Timeout(self._timeout + extra_timeout, connect=self._timeout)
+        reason = "no attempt"
         while True:
+            left = (until - time.monotonic()) if until is not None else None
+            if left is not None and left <= 0:
+                raise TransportError(
+                    f"{method} {url} must succeed before the stage's deadline (last: {reason})")
+            poll = 0.0
+            if wait is not None:  # the server answers after at most ``poll`` s
+                poll = wait if left is None else max(0.0, min(wait, left - ANSWER_S))
+                kw["params"] = {**kw.get("params", {}), "wait": round(poll, 3)}
+            per_op = self._timeout if left is None else min(self._timeout, left)
+            read = per_op + poll if left is None else min(per_op + poll, left)
+            timeout = httpx.Timeout(per_op, read=read)
             try:
                 response = self._http.request(method, url, timeout=timeout, **kw)
             except httpx.TransportError as exc:
@@ -162,7 +191,11 @@ class CoordinatorClient:
                 if response.status_code not in RETRY_STATUSES:
                     return response
                 reason = f"HTTP {response.status_code}"
-            if time.monotonic() + delay > deadline:
+            if time.monotonic() + delay > give_up:
+                if until is not None and give_up == until:
+                    raise TransportError(
+                        f"{method} {url} must succeed before the stage's deadline "
+                        f"(last: {reason})")
                 raise TransportError(
                     f"{method} {url} must succeed within {self._retry_for:.0f} s (last: {reason})"
                 )
@@ -200,58 +233,62 @@ class CoordinatorClient:
         self._raise_for(r)
         return r.json()
 
-    def round_info(self, *, after: int = 0, wait: float = 0.0) -> RoundInfo:
-        r = self._call("GET", "/v1/round", params={"after": after, "wait": wait}, extra_timeout=wait)
+    def round_info(self, *, after: int = 0, wait: float = 0.0,
+                   until: float | None = None) -> RoundInfo:
+        r = self._call("GET", "/v1/round", params={"after": after}, wait=wait, until=until)
         self._raise_for(r)
         return RoundInfo.model_validate_json(r.content)
 
-    def inbox(self, *, round_number: int, stage: str, wait: float = 0.0) -> bytes | None:
+    def inbox(self, *, round_number: int, stage: str, wait: float = 0.0,
+              until: float | None = None) -> bytes | None:
         """This enterprise's input for ``stage``; None while the stage is not open yet."""
-        r = self._call(
-            "GET", f"/v1/rounds/{round_number}/inbox/{stage}", params={"wait": wait},
-            extra_timeout=wait,
-        )
+        r = self._call("GET", f"/v1/rounds/{round_number}/inbox/{stage}", wait=wait,
+                       until=until)
         if r.status_code == 425:
             return None
         self._raise_for(r)
         return r.content
 
-    def submit(self, envelope: Envelope) -> SubmitAck:
+    def submit(self, envelope: Envelope, *, until: float | None = None) -> SubmitAck:
         r = self._call(
             "POST",
             f"/v1/rounds/{envelope.round_number}/stages/{envelope.stage}",
             content=envelope.to_bytes(),
             headers={"content-type": "application/octet-stream"},
+            until=until,
         )
         self._raise_for(r)
         return SubmitAck.model_validate_json(r.content)
 
-    def exchange(self, envelope: Envelope, *, next_stage: str, wait: float = 0.0) -> bytes | None:
+    def exchange(self, envelope: Envelope, *, next_stage: str, wait: float = 0.0,
+                 until: float | None = None) -> bytes | None:
         """Submit ``envelope`` and wait for this enterprise's input for ``next_stage`` in one
         call; None when the message was accepted but that stage did not open within ``wait``
         (then poll :meth:`inbox`). Safe to retry: a re-sent identical message is a duplicate."""
         r = self._call(
             "POST",
             f"/v1/rounds/{envelope.round_number}/stages/{envelope.stage}/exchange",
-            params={"next": next_stage, "wait": wait},
+            params={"next": next_stage},
             content=envelope.to_bytes(),
             headers={"content-type": "application/octet-stream"},
-            extra_timeout=wait,
+            wait=wait, until=until,
         )
         if r.status_code == 202:
             return None
         self._raise_for(r)
         return r.content
 
-    def confirm(self, *, round_number: int, confirmation: AppliedConfirmation) -> SubmitAck:
+    def confirm(self, *, round_number: int, confirmation: AppliedConfirmation,
+                until: float | None = None) -> SubmitAck:
         r = self._call(
-            "POST", f"/v1/rounds/{round_number}/applied", json=confirmation.model_dump()
+            "POST", f"/v1/rounds/{round_number}/applied", json=confirmation.model_dump(),
+            until=until,
         )
         self._raise_for(r)
         return SubmitAck.model_validate_json(r.content)
 
-    def outcome(self, *, round_number: int) -> RoundOutcome:
-        r = self._call("GET", f"/v1/rounds/{round_number}/outcome")
+    def outcome(self, *, round_number: int, until: float | None = None) -> RoundOutcome:
+        r = self._call("GET", f"/v1/rounds/{round_number}/outcome", until=until)
         self._raise_for(r)
         return RoundOutcome.model_validate_json(r.content)
 

@@ -241,8 +241,7 @@ def create_app(
         after: int = Query(0, ge=0, le=2**62),
         wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S),
     ) -> RoundInfo:
-        caller(request)
-        return await service.round_info(after=after, wait=wait)
+        return await service.round_info(after=after, wait=wait, sender=caller(request))
 
     @app.get("/v1/rounds/{round_number}/inbox/{stage}",
              responses={200: {"content": {OCTET: {}}}, 425: {"description": "stage not open yet"},

@@ -61,7 +61,7 @@ def _behind_proxy(kits) -> FaultProxy:
 @pytest.mark.slow
 def test_fault_matrix_rounds_finish_exactly_or_abort_cleanly(tmp_path) -> None:
     kits = make_federation(tmp_path / "fed", enterprises=ENTERPRISES, dim=DIM,
-                           schedule=("secagg",), rounds=ROUNDS, stage=10.0, train=30.0,
+                           schedule=("secagg",), rounds=ROUNDS, stage=10.0, train=90.0,
                            applied=8.0)
     proxy = _behind_proxy(kits)
     procs = Processes(kits)
