@@ -51,6 +51,8 @@ def describe(event: dict[str, Any]) -> str | None:
         verb = {"round_refused": "refused", "round_aborted": "aborted",
                 "peers_disagree": "peers disagree"}[kind]
         return f"round {r} {verb}: {event.get('reason')}"
+    if kind == "federation_finished":
+        return f"the federation finished (last round seen: {r}); stopping"
     if kind == "distributed_dp":
         rest = {k: v for k, v in event.items() if k not in ("event", "at", "enterprise", "round")}
         return f"round {r}: distributed DP " + ", ".join(

@@ -151,6 +151,21 @@ def test_a_site_that_learns_the_federation_finished_stops_waiting(kits) -> None:
         p.close()
 
 
+def test_a_site_told_the_federation_finished_between_rounds_says_so_and_stops(kits) -> None:
+    from secfed.cli.join import describe
+
+    events: list[dict] = []
+    p = _participant(kits)
+    p._events = events.append
+    p.client = _Coordinator(RoundInfo(round_number=0, status="finished"))  # type: ignore[assignment]
+    try:
+        assert p.run() == []
+    finally:
+        p.close()
+    said = [describe(e) for e in events if e["event"] == "federation_finished"]
+    assert said == ["the federation finished (last round seen: 0); stopping"]
+
+
 def test_a_coordinator_lost_after_the_confirmation_costs_the_receipts_not_the_round(kits) -> None:
     events: list[dict] = []
     p = _participant(kits, ENTERPRISES[1])
