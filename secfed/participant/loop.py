@@ -74,7 +74,9 @@ __all__ = ["Participant", "RoundReport"]
 POLL_S = 20.0  # longest long poll; the server answers as soon as something changes
 SETUP_POLL_S = 2.0  # long-poll length of the key set-up thread (it checks for a stop between)
 STAGE_SLACK_S = 30.0  # how long past the announced deadline to keep asking for a stage
-STAGE_GRACE_S = 10.0  # past a stage's deadline: the coordinator's time to close it and answer
+# Past a stage's deadline: the coordinator's time to close it and answer, and to come back from
+# a restart (it then extends the open stage by 30 s for the sites to re-send: RESTART_GRACE_S).
+STAGE_GRACE_S = 30.0
 REQUEST_TIMEOUT_S = (2.0, 10.0)  # bounds of one request's connect/read/write timeout
 
 
