@@ -123,8 +123,12 @@ def _finished_rounds(db_path: Path) -> int:
 
 
 def soak(root: Path, *, sites: int, rounds: int, dim: int, drop: float, warmup: int,
-         seed: int = 0, timeout: float = 4 * 3600) -> dict[str, Any]:
-    """Run the soak under ``root``; the figures (see the module docstring)."""
+         seed: int = 0, timeout: float = 4 * 3600, max_seconds: float | None = None
+         ) -> dict[str, Any]:
+    """Run the soak under ``root``; the figures (see the module docstring).
+
+    ``max_seconds``: stop every process (SIGTERM) after this long and report what ran (the
+    figures then cover the rounds that finished; ``stopped_early`` says so)."""
     kits = make_kits(root / "fed", sites=sites, rounds=rounds, dim=dim)
     py = [sys.executable, "-m", "secfed.cli.main"]
     logs: dict[str, Any] = {}
@@ -151,9 +155,20 @@ def soak(root: Path, *, sites: int, rounds: int, dim: int, drop: float, warmup: 
     sampler = threading.Thread(target=sample, daemon=True)
     start = time.monotonic()
     sampler.start()
+    stopped_early = False
     try:
-        codes = {n: p.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
-                 for n, p in procs.items()}
+        limit = timeout if max_seconds is None else min(timeout, max_seconds)
+        while any(p.poll() is None for p in procs.values()):
+            if time.monotonic() - start > limit:
+                stopped_early = True
+                for p in procs.values():
+                    if p.poll() is None:
+                        p.terminate()
+                for p in procs.values():
+                    p.wait(timeout=60)
+                break
+            time.sleep(1.0)
+        codes = {n: p.returncode for n, p in procs.items()}
     finally:
         stop.set()
         sampler.join()
@@ -164,9 +179,11 @@ def soak(root: Path, *, sites: int, rounds: int, dim: int, drop: float, warmup: 
         for handle in logs.values():
             handle.close()
     elapsed = time.monotonic() - start
-    return {**_figures(kits, samples, warmup=warmup, rounds=rounds, dim=dim),
+    ran = _finished_rounds(state) if stopped_early else rounds
+    return {**_figures(kits, samples, warmup=warmup, rounds=ran, dim=dim),
             "exit_codes": codes, "sites": sites, "dim": dim, "drop": drop,
-            "seconds": round(elapsed, 1), "seconds_per_round": round(elapsed / rounds, 2),
+            "rounds_planned": rounds, "stopped_early": stopped_early,
+            "seconds": round(elapsed, 1), "seconds_per_round": round(elapsed / max(ran, 1), 2),
             "audit": audit(kits, root / "audit")}
 
 
@@ -276,15 +293,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", type=Path, default=None, help="keep the run here (default: temp)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="stop after this long and report the rounds that finished")
     a = p.parse_args()
+    run = dict(sites=a.sites, rounds=a.rounds, dim=a.dim, drop=a.drop, warmup=a.warmup,
+               seed=a.seed, max_seconds=a.max_seconds)
     if a.root is not None:
         a.root.mkdir(parents=True, exist_ok=True)
-        figures = soak(a.root, sites=a.sites, rounds=a.rounds, dim=a.dim, drop=a.drop,
-                       warmup=a.warmup, seed=a.seed)
+        figures = soak(a.root, **run)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            figures = soak(Path(tmp), sites=a.sites, rounds=a.rounds, dim=a.dim, drop=a.drop,
-                           warmup=a.warmup, seed=a.seed)
+            figures = soak(Path(tmp), **run)
     print(json.dumps(figures, sort_keys=True))
 
 

@@ -66,7 +66,7 @@ from secfed.transport.api import (
     RoundInfo,
     applied_signed_bytes,
 )
-from secfed.transport.client import CoordinatorClient
+from secfed.transport.client import CoordinatorClient, CoordinatorUnreachable
 from secfed.transport.kits import EnterpriseKit
 
 __all__ = ["Participant", "RoundReport"]
@@ -197,16 +197,17 @@ class Participant:
         """Take part in rounds until the federation is finished (or ``max_rounds`` were seen).
 
         Raises:
-            TransportError: the coordinator stayed unreachable for ``retry_for`` seconds (with
-                backoff) or refused this site; names the last round this site saw.
+            CoordinatorUnreachable: the coordinator stayed unreachable for ``retry_for``
+                seconds (with backoff); names the last round this site saw.
+            TransportError: the coordinator refused this site (TLS, allow-list).
         """
         reports: list[RoundReport] = []
         after = self.state.last_round()
         while (max_rounds is None or len(reports) < max_rounds) and after < self.fed.rounds:
             try:
                 info = self.client.round_info(after=after, wait=self._poll)
-            except TransportError as exc:
-                raise TransportError(
+            except CoordinatorUnreachable as exc:
+                raise CoordinatorUnreachable(
                     f"this site stopped after round {after} of {self.fed.rounds}: {exc} (run "
                     "join again to catch up if the federation goes on)") from None
             received = time.monotonic()
@@ -225,7 +226,11 @@ class Participant:
                 break
         return reports
 
-    def _round(self, info: RoundInfo, received: float) -> RoundReport:
+    def _round(self, info: RoundInfo, received: float | None = None) -> RoundReport:
+        """Check and take part in the round ``info`` announces (it reached this site at
+        ``received``, :func:`time.monotonic`; default now)."""
+        if received is None:
+            received = time.monotonic()
         r = info.round_number
         mode = info.terms.mode if info.terms else "?"
         if self.state.round_status(r) is not None:

@@ -35,11 +35,16 @@ from secfed.transport.api import (
 from secfed.transport.lifecycle import renew_command
 from secfed.transport.pki import check_not_expired, client_ssl_context
 
-__all__ = ["CoordinatorClient", "check_client_certificate"]
+__all__ = ["CoordinatorClient", "CoordinatorUnreachable", "check_client_certificate"]
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 ANSWER_S = 2.0  # a long poll asked with ``until`` ends this long before it (time to answer)
 COALESCE_BYTES = 64 * 1024  # request writes up to this size wait for the rest of the request
+
+
+class CoordinatorUnreachable(TransportError):
+    """No answer within the call's retries (``retry_for``, or before its ``until``); a refusal
+    (TLS, allow-list) is a plain :class:`TransportError` and is never retried."""
 
 
 class _CoalescingStream(httpcore.NetworkStream):
@@ -160,8 +165,9 @@ class CoordinatorClient:
         ends by -- every attempt's timeouts are cut to the time left and retries stop there.
 
         Raises:
-            TransportError: no answer within ``retry_for`` / before ``until`` (names the last
-                failure), or a refused TLS handshake (not retried).
+            CoordinatorUnreachable: no answer within ``retry_for`` / before ``until`` (names
+                the last failure).
+            TransportError: a refused TLS handshake (not retried).
         """
         give_up = time.monotonic() + self._retry_for
         if until is not None:
@@ -171,7 +177,7 @@ class CoordinatorClient:
         while True:
             left = (until - time.monotonic()) if until is not None else None
             if left is not None and left <= 0:
-                raise TransportError(
+                raise CoordinatorUnreachable(
                     f"{method} {url} must succeed before the stage's deadline (last: {reason})")
             poll = 0.0
             if wait is not None:  # the server answers after at most ``poll`` s
@@ -193,10 +199,10 @@ class CoordinatorClient:
                 reason = f"HTTP {response.status_code}"
             if time.monotonic() + delay > give_up:
                 if until is not None and give_up == until:
-                    raise TransportError(
+                    raise CoordinatorUnreachable(
                         f"{method} {url} must succeed before the stage's deadline "
                         f"(last: {reason})")
-                raise TransportError(
+                raise CoordinatorUnreachable(
                     f"{method} {url} must succeed within {self._retry_for:.0f} s (last: {reason})"
                 )
             if self._on_retry:
