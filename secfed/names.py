@@ -26,6 +26,7 @@ __all__ = [
     "Stage",
     "MESSAGE_STAGES",
     "STAGES_OF",
+    "PROBE_ONLY_STAGES",
     "WIRE_STAGES",
     "Protection",
     "PROTECTIONS",
@@ -68,8 +69,10 @@ class Stage(enum.StrEnum):
     REVEAL = "reveal"  # secagg+ only: each party's graph coin, committed to in its advert
     SHARE = "share"  # encrypted Shamir shares of the self-mask seed and the mask key
     UPLOAD = "upload"  # masked vector (ckks: signed ciphertexts)
+    PROBE = "probe"  # spec.probes > 0: mask terms of the norm probes, fixed by every upload
     CONSISTENCY = "consistency"  # each survivor signs the survivor set
     UNMASK = "unmask"  # shares of survivors' seeds / dropouts' keys, never both
+    CONTRIBUTE = "contribute"  # spec.probes > 0: pair-mask terms of <mask, aggregate>
     DONE = "done"
     ABORTED = "aborted"
 
@@ -77,10 +80,14 @@ class Stage(enum.StrEnum):
 #: Stages in which a participant sends a message, in round order.
 MESSAGE_STAGES: tuple[Stage, ...] = tuple(s for s in Stage if s not in (Stage.DONE, Stage.ABORTED))
 
-#: The message stages each mode runs, in round order.
+#: Message stages that exist only in probed rounds (``RoundSpec.probes`` > 0, mask modes).
+PROBE_ONLY_STAGES: tuple[Stage, ...] = (Stage.PROBE, Stage.CONTRIBUTE)
+
+#: The message stages each mode runs without probes, in round order (probed rounds add
+#: PROBE after UPLOAD and CONTRIBUTE after UNMASK).
 STAGES_OF: dict[Mode, tuple[Stage, ...]] = {
     Mode.SECAGG: (Stage.ADVERTISE, Stage.SHARE, Stage.UPLOAD, Stage.CONSISTENCY, Stage.UNMASK),
-    Mode.SECAGG_PLUS: MESSAGE_STAGES,
+    Mode.SECAGG_PLUS: tuple(s for s in MESSAGE_STAGES if s not in PROBE_ONLY_STAGES),
     Mode.CKKS: (Stage.ADVERTISE, Stage.UPLOAD),
 }
 
@@ -89,7 +96,7 @@ STAGES_OF: dict[Mode, tuple[Stage, ...]] = {
 #: Every stage but ``aborted`` (nobody posts to an aborted round) has one.
 WIRE_STAGES: tuple[Stage, ...] = (
     Stage.ADVERTISE, Stage.SHARE, Stage.UPLOAD, Stage.CONSISTENCY, Stage.UNMASK, Stage.DONE,
-    Stage.REVEAL,
+    Stage.REVEAL, Stage.PROBE, Stage.CONTRIBUTE,
 )
 
 

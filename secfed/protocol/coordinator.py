@@ -10,7 +10,7 @@ vectors, sealed shares, and at the end exactly the shares the unmasking needs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -44,11 +44,14 @@ from secfed.protocol.messages import (
     CoinRoster,
     ConsistencyRequest,
     ConsistencySignature,
+    ContributionReport,
     ForwardedShares,
     KeyRoster,
     MaskedAggregate,
     MaskedUpload,
     Message,
+    ProbeReport,
+    ProbeRequest,
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
@@ -57,7 +60,17 @@ from secfed.protocol.messages import (
     decode_message,
     seed_commitment,
 )
-from secfed.protocol.participant import ring_bytes
+from secfed.protocol.participant import contribution_bound, probe_limit, ring_bytes
+from secfed.protocol.probes import (
+    centered,
+    contribution_vector,
+    mask_products,
+    norm_estimate,
+    probe_products,
+    probe_seed,
+    ring_dot,
+    upload_digest,
+)
 from secfed.protocol.spec import (
     MASK_MODES,
     RoundSpec,
@@ -67,9 +80,35 @@ from secfed.protocol.spec import (
     session_id,
 )
 
-__all__ = ["CoordinatorRound", "CoordinatorResult", "SEALED_SHARE_BYTES"]
+__all__ = ["CoordinatorRound", "CoordinatorResult", "ProbeOutcome", "SEALED_SHARE_BYTES"]
 
 SEALED_SHARE_BYTES = 12 + 70 + 16  # GCM nonce + two 35-byte shares + tag
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeOutcome:
+    """What the probes of one round established (``spec.probes`` > 0).
+
+    ``norm_estimates``: every probed uploader -> its JL estimate of ``||u_i||``; ``excluded``:
+    those above ``limit`` (margin x bound), treated as dropped (their self-mask seed never
+    revealed); ``revealed``: every probed uploader -> the ``<u_i, v_j>`` it revealed (centered
+    ring integers at scale 2^scale_bits). ``contributions``: survivor -> ``<u_i, U>/<U, U>``
+    (filled once the contribute stage closes; see :meth:`CoordinatorRound._close_contribute`
+    for ``unverified``, ``disputed`` and ``without_share``); ``contribution_terms``: survivor
+    -> the one scalar ``<u_i, U'>`` revealed for it (scale 2^(scale_bits + contribution_scale)).
+    """
+
+    probes: int
+    limit: float
+    norm_estimates: Mapping[str, float]
+    excluded: tuple[str, ...]
+    revealed: Mapping[str, tuple[int, ...]]
+    contributions: Mapping[str, float] = field(default_factory=dict)
+    contribution_terms: Mapping[str, int] = field(default_factory=dict)
+    contribution_scale: int = 0
+    unverified: tuple[str, ...] = ()
+    disputed: tuple[str, ...] = ()
+    without_share: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +125,7 @@ class CoordinatorResult:
     ring_sum: npt.NDArray[np.unsignedinteger] | None
     ciphertexts: tuple[bytes, ...] | None
     ledger_heads: Mapping[str, bytes]
+    probes: ProbeOutcome | None = None
 
 
 class CoordinatorRound:
@@ -163,6 +203,15 @@ class CoordinatorRound:
         self._asked: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._unmask: dict[str, UnmaskResponse] = {}
         self._result: CoordinatorResult | None = None
+        # Probed rounds: every masked upload is kept (O(n d)) until the contribute stage closes,
+        # because excluded uploads leave the sum and each survivor's <y_i, U'> is needed.
+        self._uploads: dict[str, npt.NDArray[np.unsignedinteger]] = {}
+        self._probe_seed = b""
+        self._probe_reports: dict[str, ProbeReport] = {}
+        self._probe: ProbeOutcome | None = None
+        self._own_masks: dict[str, list[tuple[bytes, int]]] = {}  # known after unmasking
+        self._contrib: dict[str, ContributionReport] = {}
+        self._dropped_pairs: list[tuple[str, str, bytes]] = []  # (survivor, dropped, pair seed)
 
     # -- public API ---------------------------------------------------------------------------
     @property
@@ -222,10 +271,14 @@ class CoordinatorRound:
                 return self._close_share()
             if stage is Stage.UPLOAD:
                 return self._close_upload()
+            if stage is Stage.PROBE:
+                return self._close_probe()
             if stage is Stage.CONSISTENCY:
                 return self._close_consistency()
             if stage is Stage.UNMASK:
                 return self._close_unmask()
+            if stage is Stage.CONTRIBUTE:
+                return self._close_contribute()
         except ProtocolAbort as exc:
             self.stage = Stage.ABORTED
             if exc.stage is None:
@@ -272,10 +325,14 @@ class CoordinatorRound:
             return frozenset(self._shares)
         if st is Stage.UPLOAD:
             return frozenset(self._ckks_uploads if self.spec.mode == "ckks" else self._heads)
+        if st is Stage.PROBE:
+            return frozenset(self._probe_reports)
         if st is Stage.CONSISTENCY:
             return frozenset(self._consistency)
         if st is Stage.UNMASK:
             return frozenset(self._unmask)
+        if st is Stage.CONTRIBUTE:
+            return frozenset(self._contrib)
         return frozenset()
 
     def _quorum(self, count: int, what: str) -> None:
@@ -343,6 +400,8 @@ class CoordinatorRound:
             if self._acc is None:
                 self._acc = np.zeros(spec.vector_length, dtype=ring_dtype(spec.ring_bits))
             np.add(self._acc, vec, out=self._acc, casting="unsafe")
+            if spec.probes:
+                self._uploads[sender] = vec
             self._heads[sender] = m.ledger_head
         elif st is Stage.UPLOAD and isinstance(m, CkksUpload):
             self._check(sender, m.sender, m.session_id)
@@ -366,6 +425,33 @@ class CoordinatorRound:
             self._ckks_sum = list(total)
             self._ckks_uploads[sender] = (m.ledger_head, m.ciphertexts, m.signature)
             self._heads[sender] = m.ledger_head
+        elif st is Stage.PROBE and isinstance(m, ProbeReport):
+            self._check(sender, m.sender, m.session_id)
+            if len(m.self_terms) != spec.probes:
+                raise ProtocolError(
+                    f"probe report of {sender!r} must carry {spec.probes} terms (got {len(m.self_terms)})"
+                )
+            if [p for p, _ in m.pair_terms] != self._mask_peers(sender):
+                raise ProtocolError(
+                    f"probe report of {sender!r} must cover each peer whose mask its upload "
+                    "carries once, in spec order"
+                )
+            modulus = 1 << spec.ring_bits
+            if any(t >= modulus for t in m.self_terms) or any(
+                t >= modulus for _, terms in m.pair_terms for t in terms
+            ):
+                raise ProtocolError(f"probe report of {sender!r} holds a term outside Z_2^{spec.ring_bits}")
+            self._probe_reports[sender] = m
+        elif st is Stage.CONTRIBUTE and isinstance(m, ContributionReport):
+            self._check(sender, m.sender, m.session_id)
+            surviving = [p for p in self._mask_peers(sender) if p in set(self._survivors)]
+            if [p for p, _ in m.pair_terms] != surviving:
+                raise ProtocolError(
+                    f"contribution report of {sender!r} must cover each surviving peer once, in spec order"
+                )
+            if any(t >= 1 << spec.ring_bits for _, t in m.pair_terms):
+                raise ProtocolError(f"contribution report of {sender!r} holds a term outside Z_2^{spec.ring_bits}")
+            self._contrib[sender] = m
         elif st is Stage.CONSISTENCY and isinstance(m, ConsistencySignature):
             self._check(sender, m.sender, m.session_id)
             verify_signature(self._roster[sender], m.signature, self._consistency_bytes)
@@ -449,7 +535,70 @@ class CoordinatorRound:
         if spec.mode == "ckks":
             return self._close_ckks()
         self._quorum(len(self._heads), "uploaded")
-        self._survivors = tuple(p for p in spec.participants if p in self._heads)
+        uploaders = tuple(p for p in spec.participants if p in self._heads)
+        if spec.probes:
+            # The probes are fixed here, by every upload's digest: none existed before this.
+            digests = tuple((p, upload_digest(ring_bytes(self._uploads[p]))) for p in uploaders)
+            self._probe_seed = probe_seed(self._sid, digests)
+            self.stage = Stage.PROBE
+            self._expected = frozenset(uploaders)
+            request = ProbeRequest(spec.round_number, self._sid, spec.probes, digests).to_bytes()
+            return {p: request for p in uploaders}
+        return self._request_consistency(uploaders)
+
+    def _mask_peers(self, owner: str) -> list[str]:
+        """Peers whose pairwise mask ``owner``'s upload carries: neighbours that sent shares."""
+        u2 = set(self._u2)
+        return [p for p in self.spec.participants if p in self._graph[owner] and p in u2]
+
+    def _close_probe(self) -> dict[str, bytes]:
+        """Check the pair reports, estimate every reporter's norm, drop the uploads above the
+        limit (and those that did not report) from the sum, then ask for consistency."""
+        spec = self.spec
+        self._quorum(len(self._probe_reports), "sent probe reports")
+        reporters = [p for p in spec.participants if p in self._probe_reports]
+        pairs = {p: dict(self._probe_reports[p].pair_terms) for p in reporters}
+        for i in reporters:
+            for peer, terms in pairs[i].items():
+                if peer in pairs and spec.index(i) < spec.index(peer) and pairs[peer][i] != terms:
+                    raise ProtocolAbort(
+                        f"stage probe: the pair reports of {i!r} and {peer!r} disagree: one of "
+                        "them misreported its pairwise mask; the round is aborted",
+                        stage="probe",
+                    )
+        masked = probe_products(
+            [self._uploads[p] for p in reporters], seed=self._probe_seed, k=spec.probes,
+            ring_bits=spec.ring_bits, length=spec.vector_length,
+        )
+        modulus = 1 << spec.ring_bits
+        estimates: dict[str, float] = {}
+        revealed: dict[str, tuple[int, ...]] = {}
+        for i, y in zip(reporters, masked):
+            pos = spec.index(i)
+            own = self._probe_reports[i].self_terms
+            inner: list[int] = []
+            for j in range(spec.probes):
+                value = y[j] - own[j]
+                for peer, pterms in pairs[i].items():
+                    value -= pterms[j] if pos < spec.index(peer) else -pterms[j]
+                inner.append(value % modulus)
+            revealed[i] = tuple(centered(t, spec.ring_bits) for t in inner)
+            estimates[i] = norm_estimate(inner, ring_bits=spec.ring_bits, scale_bits=spec.scale_bits)
+        limit = probe_limit(spec)
+        excluded = tuple(p for p in reporters if estimates[p] > limit)
+        self._probe = ProbeOutcome(spec.probes, limit, estimates, excluded, revealed)
+        keep = [p for p in reporters if p not in excluded]
+        assert self._acc is not None
+        for p in spec.participants:
+            if p in self._uploads and p not in keep:
+                # Excluded or silent: its upload leaves the sum, and it is treated as dropped.
+                np.subtract(self._acc, self._uploads.pop(p), out=self._acc)
+        return self._request_consistency(tuple(keep))
+
+    def _request_consistency(self, survivors: tuple[str, ...]) -> dict[str, bytes]:
+        spec = self.spec
+        self._quorum(len(survivors), "remain in the sum")
+        self._survivors = survivors
         self._consistency_bytes = consistency_signed_bytes(
             session_id=self._sid, round_number=spec.round_number, survivors=self._survivors
         )
@@ -526,7 +675,9 @@ class CoordinatorRound:
                     "commitment (a share holder sent a wrong share)",
                     stage="unmask",
                 )
-            masks.append((derive_key(seed, session_id=self._sid, purpose=LABEL_SELF_MASK), -1))
+            self_key = derive_key(seed, session_id=self._sid, purpose=LABEL_SELF_MASK)
+            masks.append((self_key, -1))
+            self._own_masks[owner] = [(bytes(self_key), 1)]
         for owner in self._u2:
             if owner in survivors:
                 continue
@@ -541,16 +692,116 @@ class CoordinatorRound:
                 seed = derive_key(agree(key, self._adverts[u].mask_key), session_id=self._sid, purpose=LABEL_PAIRWISE_MASK)
                 # u added +PRG if u precedes owner, -PRG otherwise; remove exactly that.
                 masks.append((seed, -1 if spec.index(u) < v_pos else 1))
+                if spec.probes:
+                    self._own_masks[u].append((bytes(seed), 1 if spec.index(u) < v_pos else -1))
+                    self._dropped_pairs.append((u, owner, bytes(seed)))
+        if spec.probes:
+            self._check_probe_reports()
         acc = self._acc
         apply_masks(acc, masks, workers=self._workers)
         aggregate = decode(acc, scale_bits=spec.scale_bits)
         if self._clock:
             self.timings["unmask"] = self._clock() - started
-        self._result = CoordinatorResult(self._survivors, aggregate, acc, None, dict(self._heads))
-        self.stage = Stage.DONE
-        self._expected = frozenset()
+        heads = {p: h for p, h in self._heads.items() if p in survivors}
+        self._result = CoordinatorResult(self._survivors, aggregate, acc, None, heads, self._probe)
+        self.stage = Stage.CONTRIBUTE if spec.probes else Stage.DONE
+        self._expected = frozenset(self._survivors) if spec.probes else frozenset()
         payload = MaskedAggregate(spec.round_number, self._sid, self._survivors, spec.ring_bits, ring_bytes(acc)).to_bytes()
         return {p: payload for p in self._survivors}
+
+    def _check_probe_reports(self) -> None:
+        """Every mask term the unmasking lets the coordinator compute is checked against what
+        was reported: each survivor's self-mask term, and each survivor's pair terms with a
+        dropped or excluded peer (whose key was just reconstructed). A false report aborts the
+        round before the sum is released, naming the enterprise.
+
+        Raises:
+            ProtocolAbort: naming the enterprise whose report is false.
+        """
+        spec = self.spec
+        owners = list(self._survivors)
+        sources = [self._own_masks[o][0][0] for o in owners] + [seed for _, _, seed in self._dropped_pairs]
+        products = probe_products(
+            sources, seed=self._probe_seed, k=spec.probes, ring_bits=spec.ring_bits,
+            length=spec.vector_length,
+        )
+        for owner, got in zip(owners, products):
+            if got != self._probe_reports[owner].self_terms:
+                raise ProtocolAbort(
+                    f"stage unmask: the self-mask probe report of {owner!r} is false (its revealed "
+                    "seed gives other terms); the round is aborted and the sum discarded",
+                    stage="unmask",
+                )
+        for (u, owner, _), got in zip(self._dropped_pairs, products[len(owners):]):
+            if dict(self._probe_reports[u].pair_terms).get(owner) != got:
+                raise ProtocolAbort(
+                    f"stage unmask: the probe report of {u!r} on its pairwise mask with the "
+                    f"dropped {owner!r} is false; the round is aborted and the sum discarded",
+                    stage="unmask",
+                )
+
+    def _close_contribute(self) -> dict[str, bytes]:
+        """Contribution shares ``<u_i, U'> / <U, U'>`` of the survivors. The sum is already
+        released, so nothing here aborts: both ends of a pair whose two reports disagree get no
+        share this round (``disputed``); a pair term only one end reported (the other gone) is
+        used and both ends are listed ``unverified``; a survivor with a pair neither end
+        reported gets no share (``without_share``)."""
+        spec = self.spec
+        assert self._result is not None and self._result.ring_sum is not None and self._probe is not None
+        coarse, scale = contribution_vector(
+            self._result.ring_sum, ring_bits=spec.ring_bits, scale_bits=spec.scale_bits,
+            update_bound=contribution_bound(spec),
+        )
+        reports = {p: dict(m.pair_terms) for p, m in self._contrib.items()}
+        survivors = set(self._survivors)
+        shares: dict[str, float] = {}
+        terms: dict[str, int] = {}
+        unverified: set[str] = set()
+        disputed: set[str] = set()
+        missing: list[str] = []
+        signed_sum = coarse.astype(np.dtype(f"i{coarse.dtype.itemsize}")).astype(np.float64)
+        total_sum = self._result.ring_sum.astype(np.dtype(f"i{coarse.dtype.itemsize}")).astype(np.float64)
+        denominator = float(np.dot(total_sum, signed_sum))
+        for i in self._survivors:
+            pos = spec.index(i)
+            value = ring_dot(self._uploads[i], coarse)
+            own = self._own_masks[i]
+            for term, (_, sign) in zip(mask_products([sd for sd, _ in own], coarse, ring_bits=spec.ring_bits), own):
+                value -= sign * term
+            ok = True
+            for peer in self._mask_peers(i):
+                if peer not in survivors:
+                    continue  # a dropped peer's mask was rebuilt above (in own)
+                mine, theirs = reports.get(i, {}).get(peer), reports.get(peer, {}).get(i)
+                if mine is not None and theirs is not None and mine != theirs:
+                    disputed.update((i, peer))
+                    ok = False
+                    break
+                vouched = mine if mine is not None else theirs
+                if vouched is None:
+                    ok = False  # neither end reported: this pair's term is unknown
+                    break
+                if mine is None or theirs is None:
+                    unverified.add(i)  # one end vouched for it (the other was gone)
+                value -= vouched if pos < spec.index(peer) else -vouched
+            if not ok:
+                missing.append(i)
+                continue
+            terms[i] = centered(value, spec.ring_bits)
+            shares[i] = terms[i] / denominator if denominator else 0.0
+        self._probe = replace(
+            self._probe, contributions={p: v for p, v in shares.items() if p not in disputed},
+            contribution_terms={p: v for p, v in terms.items() if p not in disputed},
+            contribution_scale=scale,
+            unverified=tuple(p for p in self._survivors if p in unverified and p not in disputed),
+            disputed=tuple(p for p in self._survivors if p in disputed),
+            without_share=tuple(p for p in self._survivors if p in missing or p in disputed),
+        )
+        self._result = replace(self._result, probes=self._probe)
+        self._uploads = {}
+        self.stage = Stage.DONE
+        self._expected = frozenset()
+        return {}
 
     def _close_ckks(self) -> dict[str, bytes]:
         """Send every member's signed upload (not the running sum): each participant checks

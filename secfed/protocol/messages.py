@@ -15,6 +15,7 @@ from typing import ClassVar, TypeVar, Union
 
 from secfed import names
 from secfed.crypto.errors import MessageFormatError
+from secfed.protocol.probes import MAX_PROBES
 from secfed.protocol.spec import COIN_BYTES
 from secfed.protocol.wire import Reader, Writer
 
@@ -27,6 +28,9 @@ __all__ = [
     "KeyRoster",
     "CoinReveal",
     "CoinRoster",
+    "ProbeRequest",
+    "ProbeReport",
+    "ContributionReport",
     "ShareKeys",
     "ForwardedShares",
     "MaskedUpload",
@@ -552,17 +556,122 @@ class CkksAggregate(_Wire):
         return cls(round_number, sid, tuple(members))
 
 
+def _read_probe_count(r: Reader, what: str) -> int:
+    k = r.u16()
+    if not 1 <= k <= MAX_PROBES:
+        raise MessageFormatError(f"{what}: probes must be in [1, {MAX_PROBES}] (got {k})")
+    return k
+
+
+def _words(w: Writer, values: tuple[int, ...]) -> None:
+    for v in values:
+        w.u64(v)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRequest(_Wire):
+    """Coordinator -> uploaders (``spec.probes`` > 0): every masked upload in the sum, as
+    (sender, SHA-256 of its vector) in spec order. There is no seed field: each enterprise
+    derives the probes itself from these digests (:func:`secfed.protocol.probes.probe_seed`),
+    so they exist only once every listed upload does.
+
+    Fields: session_id[32], probes:u16, count:u32, then (sender, digest[32]) pairs.
+    """
+
+    TYPE: ClassVar[int] = 15
+    round_number: int
+    session_id: bytes
+    probes: int
+    uploads: tuple[tuple[str, bytes], ...]
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES).u16(self.probes).u32(len(self.uploads))
+        for sender, digest in self.uploads:
+            w.text(sender).fixed(digest, DIGEST_BYTES)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> ProbeRequest:
+        sid, k = r.fixed(DIGEST_BYTES), _read_probe_count(r, "ProbeRequest")
+        uploads = tuple((r.text(), r.fixed(DIGEST_BYTES)) for _ in range(r.count()))
+        return cls(round_number, sid, k, uploads)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeReport(_Wire):
+    """Uploader -> coordinator: ``<self mask, v_j>`` and, for every peer whose pairwise mask
+    its upload carries, ``<PRG(pair seed), v_j>`` (unsigned: both ends report the same words),
+    all mod 2^ring_bits, for j < probes.
+
+    Fields: session_id[32], sender, probes:u16, probes x u64 self terms, count:u32, then
+    (peer, probes x u64) pairs.
+    """
+
+    TYPE: ClassVar[int] = 16
+    round_number: int
+    session_id: bytes
+    sender: str
+    self_terms: tuple[int, ...]
+    pair_terms: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def write(self, w: Writer) -> None:
+        k = len(self.self_terms)
+        if any(len(t) != k for _, t in self.pair_terms):
+            raise MessageFormatError("ProbeReport: every pair must carry as many terms as the self mask")
+        w.fixed(self.session_id, DIGEST_BYTES).text(self.sender).u16(k)
+        _words(w, self.self_terms)
+        w.u32(len(self.pair_terms))
+        for peer, terms in self.pair_terms:
+            w.text(peer)
+            _words(w, terms)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> ProbeReport:
+        sid, sender = r.fixed(DIGEST_BYTES), r.text()
+        k = _read_probe_count(r, "ProbeReport")
+        own = tuple(r.u64() for _ in range(k))
+        pairs = tuple((r.text(), tuple(r.u64() for _ in range(k))) for _ in range(r.count()))
+        return cls(round_number, sid, sender, own, pairs)
+
+
+@dataclass(frozen=True, slots=True)
+class ContributionReport(_Wire):
+    """Survivor -> coordinator (stage contribute): ``<PRG(pair seed), U'>`` mod 2^ring_bits for
+    each surviving peer whose pairwise mask its upload carries, ``U'`` being the round's sum on
+    the grid of :func:`secfed.protocol.probes.contribution_vector`.
+
+    Fields: session_id[32], sender, count:u32, then (peer, u64) pairs.
+    """
+
+    TYPE: ClassVar[int] = 17
+    round_number: int
+    session_id: bytes
+    sender: str
+    pair_terms: tuple[tuple[str, int], ...]
+
+    def write(self, w: Writer) -> None:
+        w.fixed(self.session_id, DIGEST_BYTES).text(self.sender).u32(len(self.pair_terms))
+        for peer, term in self.pair_terms:
+            w.text(peer).u64(term)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> ContributionReport:
+        sid, sender = r.fixed(DIGEST_BYTES), r.text()
+        return cls(round_number, sid, sender, tuple((r.text(), r.u64()) for _ in range(r.count())))
+
+
 Message = Union[  # noqa: UP007 - a runtime alias, kept readable
     AdvertiseKeys, KeyRoster, ShareKeys, ForwardedShares, MaskedUpload, CkksUpload,
     ConsistencyRequest, ConsistencySignature, UnmaskRequest, UnmaskResponse,
-    MaskedAggregate, CkksAggregate, CoinReveal, CoinRoster,
+    MaskedAggregate, CkksAggregate, CoinReveal, CoinRoster, ProbeRequest, ProbeReport,
+    ContributionReport,
 ]
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         AdvertiseKeys, KeyRoster, ShareKeys, ForwardedShares, MaskedUpload, CkksUpload,
         ConsistencyRequest, ConsistencySignature, UnmaskRequest, UnmaskResponse,
-        MaskedAggregate, CkksAggregate, CoinReveal, CoinRoster,
+        MaskedAggregate, CkksAggregate, CoinReveal, CoinRoster, ProbeRequest, ProbeReport,
+        ContributionReport,
     )
 }
 

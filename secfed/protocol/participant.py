@@ -44,11 +44,14 @@ from secfed.protocol.messages import (
     CoinRoster,
     ConsistencyRequest,
     ConsistencySignature,
+    ContributionReport,
     ForwardedShares,
     KeyRoster,
     MaskedAggregate,
     MaskedUpload,
     Message,
+    ProbeReport,
+    ProbeRequest,
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
@@ -59,6 +62,13 @@ from secfed.protocol.messages import (
     decode_message,
     masked_upload_signed_bytes,
     seed_commitment,
+)
+from secfed.protocol.probes import (
+    contribution_vector,
+    mask_products,
+    probe_products,
+    probe_seed,
+    upload_digest,
 )
 from secfed.protocol.spec import (
     MASK_MODES,
@@ -76,6 +86,8 @@ __all__ = [
     "NoiseHook",
     "CLIP_SLACK",
     "sum_norm_bound",
+    "update_norm_bound",
+    "probe_limit",
     "check_sum_norm",
     "round_to_grid",
     "open_ckks_aggregate",
@@ -114,6 +126,29 @@ def sum_norm_bound(*, members: int, clip_bound: float, vector_length: int, scale
     """
     rounding = math.sqrt(vector_length) * 2.0 ** -(scale_bits + 1)
     return members * (clip_bound * (1 + CLIP_SLACK) + rounding)
+
+
+def update_norm_bound(spec: RoundSpec) -> float:
+    """The L2 bound one enterprise's encoded update must meet in a probed round:
+    ``spec.probe_bound``, or one clipped input's bound (:func:`sum_norm_bound`, one member)."""
+    if spec.probe_bound > 0:
+        return spec.probe_bound
+    return sum_norm_bound(
+        members=1, clip_bound=spec.clip_bound, vector_length=spec.vector_length,
+        scale_bits=spec.scale_bits,
+    )
+
+
+def probe_limit(spec: RoundSpec) -> float:
+    """The norm estimate above which an upload is excluded: the announced margin x the bound."""
+    return spec.probe_margin * update_norm_bound(spec)
+
+
+def contribution_bound(spec: RoundSpec) -> float:
+    """The update norm :func:`secfed.protocol.probes.contribution_vector` sizes its grid for:
+    twice the exclusion limit, so an included update whose estimate fell short of its norm by
+    up to half still cannot wrap the ring."""
+    return 2.0 * probe_limit(spec)
 
 
 def check_sum_norm(total: npt.NDArray[np.float64], *, bound: float, what: str) -> None:
@@ -339,6 +374,12 @@ class ParticipantRound:
         self._mask_keys: X25519KeyPair | None = None
         self._self_seed: bytes | None = None
         self._held: dict[str, tuple[Share, Share]] = {}
+        # Probed rounds: the AES keys of this upload's masks, kept until the probe report
+        # (self mask) and the contribution report (pairwise masks) have left.
+        self._self_mask_key: bytes | None = None
+        self._pair_seeds: dict[str, bytes] = {}
+        self._upload_digest = b""
+        self._probed: frozenset[str] = frozenset()  # uploads the probe request listed
         self._coin: bytes | None = None  # secagg+ graph coin: hidden until the roster is fixed
         # Public round state.
         self._advert: AdvertiseKeys | None = None
@@ -427,11 +468,12 @@ class ParticipantRound:
                 f"participant {self.me!r} cannot handle {stage.value}: "
                 f"stage is {self.stage.value if self.stage else 'not started'}"
             )
-        if stage is Stage.DONE and self.stage is Stage.UNMASK:
+        final = Stage.CONTRIBUTE if self.spec.probes else Stage.DONE
+        if stage is final and self.stage is Stage.UNMASK:
             # The coordinator unmasked without this party (its signature came late or enough
             # others answered); it may still take the result. Its shares are never needed now.
             self._forget_secrets()
-            self.stage = Stage.DONE
+            self.stage = final
         if stage is not self.stage:
             want = self.stage.value
             self._abort_now()
@@ -465,6 +507,8 @@ class ParticipantRound:
     def _abort_now(self) -> None:
         self.stage = Stage.ABORTED
         self._forget_secrets()
+        self._self_mask_key = None
+        self._pair_seeds = {}
 
     def _forget_secrets(self) -> None:
         self._cipher_keys = None
@@ -478,8 +522,10 @@ class ParticipantRound:
             Stage.REVEAL: KeyRoster,
             Stage.SHARE: CoinRoster if self.spec.mode == "secagg+" else KeyRoster,
             Stage.UPLOAD: KeyRoster if self.spec.mode == "ckks" else ForwardedShares,
+            Stage.PROBE: ProbeRequest,
             Stage.CONSISTENCY: ConsistencyRequest,
             Stage.UNMASK: UnmaskRequest,
+            Stage.CONTRIBUTE: MaskedAggregate,
             Stage.DONE: CkksAggregate if self.spec.mode == "ckks" else MaskedAggregate,
         }
         want = expected[stage]
@@ -499,12 +545,16 @@ class ParticipantRound:
             return self._share_keys()
         if isinstance(message, ForwardedShares):
             return self._masked_upload(message)
+        if isinstance(message, ProbeRequest):
+            return self._probe_report(message)
         if isinstance(message, ConsistencyRequest):
             return self._consistency(message)
         if isinstance(message, UnmaskRequest):
             return self._unmask(message)
         if isinstance(message, MaskedAggregate):
             self._masked_result(message)
+            if stage is Stage.CONTRIBUTE:
+                return self._contribution_report(message)
             return None
         assert isinstance(message, CkksAggregate)
         self._ckks_result(message)
@@ -655,12 +705,17 @@ class ParticipantRound:
             shared = agree(self._mask_keys, self._adverts[peer].mask_key)
             seed = derive_key(shared, session_id=self._sid, purpose=LABEL_PAIRWISE_MASK)
             masks.append((seed, 1 if my_pos < spec.index(peer) else -1))
+            if spec.probes:
+                self._pair_seeds[peer] = bytes(seed)
+        if spec.probes:
+            self._self_mask_key = bytes(masks[0][0])
         apply_masks(encoded, masks, workers=self._workers)
         if self._clock:
             self.timings["protect"] = self._clock() - started
         self._update = None  # the plaintext update is not needed any more
-        self.stage = Stage.CONSISTENCY
+        self.stage = Stage.PROBE if spec.probes else Stage.CONSISTENCY
         vector = ring_bytes(encoded)
+        self._upload_digest = upload_digest(vector)
         # The ledger head travels signed with the vector (as in ckks mode): the coordinator can
         # hold this site to it, and nobody can move it onto another upload.
         sig = self._identity.sign(masked_upload_signed_bytes(
@@ -670,6 +725,68 @@ class ParticipantRound:
         return MaskedUpload(
             spec.round_number, self._sid, self.me, self._ledger_head, spec.ring_bits, vector, sig
         ).to_bytes()
+
+    def _probe_report(self, req: ProbeRequest) -> bytes:
+        """Report this upload's mask terms for the probes fixed by every listed upload.
+
+        The enterprise derives the probes itself from the listed upload digests, which must
+        include its own upload unchanged: the probes cannot have been chosen before its upload
+        (or any other listed one) existed. The count must be the one the round terms announce.
+        """
+        spec = self.spec
+        self._check_sid(req.session_id)
+        if req.probes != spec.probes:
+            raise ProtocolAbort(
+                f"probe request asks for {req.probes} probes; the round terms announce "
+                f"{spec.probes}: each probe reveals one more scalar of every update"
+            )
+        last = -1
+        for sender, _ in req.uploads:
+            pos = spec.index(sender)
+            if pos <= last:
+                raise ProtocolAbort("probe request must list each upload once, in spec order")
+            last = pos
+            if sender not in self._adverts:
+                raise ProtocolAbort(f"probe request lists {sender!r}, which never advertised keys")
+        digests = dict(req.uploads)
+        if digests.get(self.me) != self._upload_digest:
+            raise ProtocolAbort(
+                "probe request must list this enterprise's own upload digest unchanged: probes "
+                "are derived from the uploads and cannot exist before them"
+            )
+        if len(req.uploads) < spec.quorum:
+            raise ProtocolAbort(
+                f"probe request lists {len(req.uploads)} uploads, below the quorum {spec.quorum}"
+            )
+        assert self._self_mask_key is not None
+        peers = [p for p in spec.participants if p in self._pair_seeds]
+        seed = probe_seed(self._sid, req.uploads)
+        products = probe_products(
+            [self._self_mask_key, *(self._pair_seeds[p] for p in peers)],
+            seed=seed, k=spec.probes, ring_bits=spec.ring_bits, length=spec.vector_length,
+        )
+        self._self_mask_key = None
+        self._probed = frozenset(digests)
+        self.stage = Stage.CONSISTENCY
+        return ProbeReport(
+            spec.round_number, self._sid, self.me, products[0], tuple(zip(peers, products[1:]))
+        ).to_bytes()
+
+    def _contribution_report(self, agg: MaskedAggregate) -> bytes:
+        """``<PRG(pair seed), U'>`` for every surviving peer (the only mask terms of
+        ``<y_i, U'>`` the coordinator cannot compute itself once it unmasked)."""
+        spec = self.spec
+        dtype = np.dtype(f"<u{spec.ring_bits // 8}")
+        ring_sum = np.frombuffer(agg.vector, dtype=dtype).astype(dtype.newbyteorder("="))
+        coarse, _ = contribution_vector(
+            ring_sum, ring_bits=spec.ring_bits, scale_bits=spec.scale_bits,
+            update_bound=contribution_bound(spec),
+        )
+        peers = [p for p in agg.survivors if p in self._pair_seeds]
+        terms = mask_products([self._pair_seeds[p] for p in peers], coarse, ring_bits=spec.ring_bits)
+        self._pair_seeds = {}
+        self.stage = Stage.DONE
+        return ContributionReport(spec.round_number, self._sid, self.me, tuple(zip(peers, terms))).to_bytes()
 
     def _check_survivor_list(self, survivors: tuple[str, ...]) -> None:
         spec = self.spec
@@ -685,6 +802,12 @@ class ParticipantRound:
                 raise ProtocolAbort(f"survivor {s!r} is a neighbour that never sent this enterprise shares")
         if self.me not in survivors:
             raise ProtocolAbort("survivor set must include this enterprise, which uploaded")
+        unprobed = [s for s in survivors if spec.probes and s not in self._probed]
+        if unprobed:
+            raise ProtocolAbort(
+                f"survivor set names uploads the probe request did not list {unprobed[:3]}: "
+                "every upload in the sum must have been norm-checked"
+            )
         others = sum(1 for s in survivors if s != self.me and s in self._peers)
         if others < spec.threshold:
             raise ProtocolAbort(
@@ -758,7 +881,7 @@ class ParticipantRound:
         out = [(o, SHARE_KIND_SELF_MASK, self._held[o][0].to_bytes()) for o in req.self_mask_of]
         out += [(o, SHARE_KIND_MASK_KEY, self._held[o][1].to_bytes()) for o in req.mask_key_of]
         self._forget_secrets()
-        self.stage = Stage.DONE
+        self.stage = Stage.CONTRIBUTE if spec.probes else Stage.DONE
         return UnmaskResponse(spec.round_number, self._sid, self.me, tuple(out)).to_bytes()
 
     def _sum_bound(self, members: int) -> tuple[float, str] | None:

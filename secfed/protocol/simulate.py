@@ -19,8 +19,8 @@ import numpy.typing as npt
 
 from secfed.crypto.errors import ConfigError, ProtocolAbort, SecfedError
 from secfed.crypto.keys import IdentityKey, X25519KeyPair
-from secfed.names import ADVERSARIES, MODES, STAGES_OF, Mode
-from secfed.protocol.coordinator import CoordinatorRound
+from secfed.names import ADVERSARIES, MODES, PROBE_ONLY_STAGES, STAGES_OF, Mode
+from secfed.protocol.coordinator import CoordinatorRound, ProbeOutcome
 from secfed.protocol.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
@@ -35,6 +35,8 @@ from secfed.protocol.spec import ParticipantPolicy, RoundSpec, Stage
 __all__ = ["simulate", "SimulationResult", "ADVERSARIES", "DROP_STAGES", "SentRecord"]
 
 DROP_STAGES: tuple[str, ...] = tuple(s.value for s in STAGES_OF[Mode.SECAGG])
+# probed rounds only (probes > 0): the norm-probe report and the contribution report
+PROBE_STAGES: tuple[str, ...] = tuple(s.value for s in PROBE_ONLY_STAGES)
 # secagg+ only: a party that withholds its graph coin aborts the round (never excluded)
 REVEAL_STAGE = Stage.REVEAL.value
 _FEDERATION = "simulation"
@@ -61,6 +63,7 @@ class SimulationResult:
     neighbours: int
     participants_agree: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
+    probes: ProbeOutcome | None = None
 
 
 def _ids(n: int) -> list[str]:
@@ -70,8 +73,10 @@ def _ids(n: int) -> list[str]:
 def _parse_dropouts(dropouts: Mapping[str, Sequence[int]] | None, n: int) -> dict[Stage, set[int]]:
     out: dict[Stage, set[int]] = {}
     for name, idx in (dropouts or {}).items():
-        if name not in (*DROP_STAGES, REVEAL_STAGE):
-            raise ConfigError(f"dropout stage must be one of {(*DROP_STAGES, REVEAL_STAGE)} (got {name!r})")
+        if name not in (*DROP_STAGES, REVEAL_STAGE, *PROBE_STAGES):
+            raise ConfigError(
+                f"dropout stage must be one of {(*DROP_STAGES, REVEAL_STAGE, *PROBE_STAGES)} (got {name!r})"
+            )
         bad = [i for i in idx if not 0 <= int(i) < n]
         if bad:
             raise ConfigError(f"dropout indices must be in [0, {n - 1}] (got {bad[:3]})")
@@ -123,6 +128,10 @@ def simulate(
     workers: int = 2,
     transcript: list[SentRecord] | None = None,
     ckks_context: Any = None,
+    probes: int = 0,
+    clip_bound: float = 0.0,
+    probe_margin: float | None = None,
+    tamper: Callable[[Stage, int, bytes], bytes] | None = None,
 ) -> SimulationResult:
     """Run one full round in-process over ``updates`` (participant i = ``updates[i]``).
 
@@ -139,6 +148,13 @@ def simulate(
         transcript: if a list, every participant message is appended as
             ``(stage, index, type name, payload)`` -- tests inspect it for leaked secrets.
         ckks_context: a secret-key CKKS context shared by the enterprises (made if ``None``).
+        probes: norm probes k (mask modes; 0 = none): the round then checks every upload's
+            norm against ``clip_bound`` x ``probe_margin`` before the sum is released and
+            computes contribution shares (:attr:`SimulationResult.probes`). Drop stages
+            ``probe`` and ``contribute`` exist then.
+        clip_bound: the per-update L2 bound the round announces (0: none).
+        tamper: ``(stage, participant index, payload) -> payload`` rewrites what a participant
+            sends (a lying enterprise); tests use it.
 
     Raises:
         ProtocolAbort: the round aborted (too many dropouts, or an attack was detected); the
@@ -177,10 +193,15 @@ def simulate(
         ctx_secret = ckks_context if ckks_context is not None else ckks.new_context()
         ctx_public = ctx_secret.serialize(secret=False)
         clip = max(float(np.linalg.norm(v.astype(np.float64))) for v in vecs) * (1 + 1e-6) + 1e-6
+    if clip_bound:
+        clip = clip_bound
+    if not probes and any(s.value in PROBE_STAGES for s in drops):
+        raise ConfigError("dropout stages probe and contribute exist only with probes > 0")
     spec = RoundSpec.create(
         federation=_FEDERATION, round_number=round_number, mode=mode, participants=ids,
         vector_length=d, threshold=threshold, neighbours=neighbours,
         min_participants=min_participants, scale_bits=scale_bits, ring_bits=ring_bits, clip_bound=clip,
+        probes=probes, probe_margin=probe_margin,
     )
     ctx = _AttackContext(spec, ids, {})
     if adversary == "replay-previous-round":
@@ -255,6 +276,8 @@ def simulate(
                 continue
             times.append(time.perf_counter() - t0)
             if reply is not None:
+                if tamper is not None:
+                    reply = tamper(stage, i, reply)
                 net.note_sent(stage, i, reply)
                 replies[i] = reply
         if times:
@@ -293,7 +316,8 @@ def simulate(
     else:
         assert result.aggregate is not None
         aggregate = result.aggregate
-        agree = all(np.array_equal(parties[i].result().aggregate, aggregate) for i in sorted(alive))
+        holders = [i for i in sorted(alive) if ids[i] in result.survivors]
+        agree = all(np.array_equal(parties[i].result().aggregate, aggregate) for i in holders)
     return SimulationResult(
         aggregate=aggregate,
         survivors=survivors,
@@ -307,6 +331,7 @@ def simulate(
         threshold=spec.threshold,
         neighbours=spec.neighbours,
         participants_agree=agree,
+        probes=result.probes,
     )
 
 

@@ -25,6 +25,7 @@ from secfed.crypto.encoding import check_headroom
 from secfed.crypto.errors import ConfigError, HeadroomError, MessageFormatError, ProtocolAbort
 from secfed.crypto.prg import keystream
 from secfed.names import MASK_MODES, MIN_THRESHOLD, MODES, Stage, default_threshold
+from secfed.protocol.probes import DEFAULT_PROBE_MARGIN, MAX_PROBES
 from secfed.protocol.wire import Reader, Writer
 
 __all__ = [
@@ -140,6 +141,9 @@ class RoundSpec:
     min_participants: int = 2
     neighbours: int = 0
     global_hash: str = ""
+    probes: int = 0
+    probe_margin: float = 0.0
+    probe_bound: float = 0.0
 
     @classmethod
     def create(
@@ -157,8 +161,17 @@ class RoundSpec:
         ring_bits: int = 64,
         clip_bound: float = 0.0,
         global_hash: str = "",
+        probes: int = 0,
+        probe_margin: float | None = None,
+        probe_bound: float = 0.0,
     ) -> RoundSpec:
-        """A spec with the privacy-first defaults filled in (t = floor(2n/3), k = O(log n))."""
+        """A spec with the privacy-first defaults filled in (t = floor(2n/3), k = O(log n)).
+
+        ``probes`` > 0 (mask modes; :data:`secfed.protocol.probes.DEFAULT_PROBES` is the usual
+        choice) turns on the verified norm check and contribution shares; ``probe_margin``
+        defaults to :data:`secfed.protocol.probes.DEFAULT_PROBE_MARGIN` then, and the bound
+        each update must meet is ``probe_bound``, or the clip bound when that is 0.
+        """
         n = len(participants)
         k = 0
         if mode == "secagg+":
@@ -184,6 +197,9 @@ class RoundSpec:
             min_participants=mp,
             neighbours=k,
             global_hash=global_hash,
+            probes=probes,
+            probe_margin=(DEFAULT_PROBE_MARGIN if probes else 0.0) if probe_margin is None else probe_margin,
+            probe_bound=probe_bound,
         )
         spec.validate()
         return spec
@@ -240,6 +256,29 @@ class RoundSpec:
                 )
         elif self.threshold != 0 or self.neighbours != 0:
             raise ConfigError("threshold and neighbours must be 0 for mode ckks")
+        self._validate_probes()
+
+    def _validate_probes(self) -> None:
+        if self.probes == 0:
+            if self.probe_margin != 0.0 or self.probe_bound != 0.0:
+                raise ConfigError(
+                    f"probe_margin and probe_bound must be 0 when probes is 0 (got "
+                    f"{self.probe_margin}, {self.probe_bound})"
+                )
+            return
+        if self.mode not in MASK_MODES:
+            raise ConfigError(
+                f"probes must be 0 for mode {self.mode}: ckks rounds carry no verified probes "
+                f"(got {self.probes})"
+            )
+        if not 1 <= self.probes <= MAX_PROBES:
+            raise ConfigError(f"probes must be in [0, {MAX_PROBES}] (got {self.probes})")
+        if not math.isfinite(self.probe_margin) or self.probe_margin < 1.0:
+            raise ConfigError(f"probe_margin must be finite and >= 1 (got {self.probe_margin})")
+        if not math.isfinite(self.probe_bound) or self.probe_bound < 0:
+            raise ConfigError(f"probe_bound must be finite and >= 0 (got {self.probe_bound})")
+        if self.probe_bound == 0 and self.clip_bound == 0:
+            raise ConfigError("probes need a bound to check: clip_bound or probe_bound must be > 0 (got 0)")
 
     @property
     def quorum(self) -> int:
@@ -261,6 +300,9 @@ class RoundSpec:
         w.u8(_MODE_CODE[self.mode]).texts(self.participants).u32(self.threshold)
         w.u64(self.vector_length).u8(self.scale_bits).u8(self.ring_bits).f64(self.clip_bound)
         w.u32(self.min_participants).u32(self.neighbours).blob(self.global_hash.encode("utf-8"))
+        if self.probes:
+            # Present exactly when probes are on, so every probe-less spec keeps its encoding.
+            w.u16(self.probes).f64(self.probe_margin).f64(self.probe_bound)
         return w.getvalue()
 
     @classmethod
@@ -287,10 +329,16 @@ class RoundSpec:
             clip_bound = r.f64()
             min_participants, neighbours = r.u32(), r.u32()
             global_hash = r.blob().decode("utf-8")
+            probes, margin, bound = 0, 0.0, 0.0
+            if not r.at_end():
+                probes, margin, bound = r.u16(), r.f64(), r.f64()
+                if probes == 0:
+                    raise MessageFormatError("RoundSpec probe fields must be absent when probes is 0")
             r.end()
             spec = cls(
                 federation, round_number, MODES[code], participants, threshold, vector_length,
                 scale_bits, ring_bits, clip_bound, min_participants, neighbours, global_hash,
+                probes, margin, bound,
             )
             spec.validate()
         except (UnicodeDecodeError, ConfigError) as exc:

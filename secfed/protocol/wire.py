@@ -138,6 +138,10 @@ class Reader:
     def texts(self) -> tuple[str, ...]:
         return tuple(self.text() for _ in range(self.count()))
 
+    def at_end(self) -> bool:
+        """True when every byte has been read (for optional trailing fields)."""
+        return self._pos == len(self._data)
+
     def end(self) -> None:
         if self._pos != len(self._data):
             raise MessageFormatError(

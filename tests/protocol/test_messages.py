@@ -19,10 +19,13 @@ from secfed.protocol.messages import (
     CoinRoster,
     ConsistencyRequest,
     ConsistencySignature,
+    ContributionReport,
     ForwardedShares,
     KeyRoster,
     MaskedAggregate,
     MaskedUpload,
+    ProbeReport,
+    ProbeRequest,
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
@@ -49,12 +52,19 @@ SAMPLES = [
     UnmaskResponse(7, SID, "org-a", (("org-a", 0, os.urandom(35)), ("org-c", 1, os.urandom(35)))),
     MaskedAggregate(7, SID, ("org-a", "org-b"), 64, os.urandom(16)),
     CkksAggregate(7, SID, (("org-a", b"h", (b"ct0", b"ct1"), SIG), ("org-b", b"", (), SIG))),
+    ProbeRequest(7, SID, 3, (("org-a", os.urandom(32)), ("org-b", os.urandom(32)))),
+    ProbeReport(7, SID, "org-a", (1, 2**64 - 1, 5), (("org-b", (0, 7, 9)), ("org-c", (3, 3, 3)))),
+    ContributionReport(7, SID, "org-a", (("org-b", 2**63), ("org-c", 0))),
 ]
 SPEC = RoundSpec.create(
     federation="fed", round_number=3, mode="secagg+", participants=[f"p{i}" for i in range(12)],
     vector_length=1000, clip_bound=1.5, global_hash="ab" * 32,
 )
-ENCODED = [m.to_bytes() for m in SAMPLES] + [SPEC.to_bytes()]
+PROBED_SPEC = RoundSpec.create(
+    federation="fed", round_number=3, mode="secagg", participants=[f"p{i}" for i in range(5)],
+    vector_length=1000, clip_bound=1.5, probes=32,
+)
+ENCODED = [m.to_bytes() for m in SAMPLES] + [SPEC.to_bytes(), PROBED_SPEC.to_bytes()]
 
 
 def test_every_message_type_is_covered() -> None:
