@@ -55,9 +55,10 @@ __all__ = [
 DEFAULT_PROBES = 32  # k: the squared estimate's relative s.d. <= sqrt(2/32) = 0.25
 MAX_PROBES = 256  # each probe reveals one more scalar per enterprise; more buys little
 # Exclusion at margin x bound: an update at the bound is excluded when the mean of k squared
-# +-1 projections exceeds margin^2 = 2.25 x its expectation: for k = 32 about 2e-5 (the chi^2_32
-# tail; +-1 projections are sub-Gaussian, so their tail is no heavier), while an update at 10x
-# the bound passes only if that mean falls below 0.0225 x its expectation (~1e-28).
+# +-1 projections exceeds margin^2 = 2.25 x its expectation: for k = 32 the chi^2_32 tail gives
+# 6.5e-5 (Gaussian projections; +-1 projections of a spread-out vector behave alike, measured in
+# bench/probes.py), while an update at 10x the bound passes only if that mean falls below 0.0225
+# x its expectation (3e-21); at 2x the bound it passes with 0.022.
 DEFAULT_PROBE_MARGIN = 1.5
 CHUNK = 1 << 15  # coordinates per BLAS call: C x 2^22 < 2^53 with room to spare
 _LIMB_BITS = 22  # 3 limbs hold a 64-bit word; partial sums <= d x 2^22 < 2^53 for d < 2^31
