@@ -32,7 +32,18 @@ from secfed.protocol.messages import (
 from secfed.protocol.participant import NoiseHook, ParticipantRound
 from secfed.protocol.spec import ParticipantPolicy, RoundSpec, Stage
 
-__all__ = ["simulate", "SimulationResult", "ADVERSARIES", "DROP_STAGES", "SentRecord"]
+__all__ = [
+    "simulate",
+    "SimulationResult",
+    "ADVERSARIES",
+    "DROP_STAGES",
+    "SentRecord",
+    "role_updates",
+    "plaintext_contributions",
+    "ROLES",
+]
+
+ROLES = ("honest", "free-rider", "attacker")
 
 DROP_STAGES: tuple[str, ...] = tuple(s.value for s in STAGES_OF[Mode.SECAGG])
 # probed rounds only (probes > 0): the norm-probe report and the contribution report
@@ -64,6 +75,63 @@ class SimulationResult:
     participants_agree: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
     probes: ProbeOutcome | None = None
+
+
+def role_updates(
+    n: int,
+    d: int,
+    *,
+    free_riders: int = 0,
+    attackers: int = 0,
+    attack_scale: float = 10.0,
+    bound: float = 1.0,
+    seed: int = 0,
+) -> tuple[list[npt.NDArray[np.float32]], list[str]]:
+    """Test updates for enterprises with roles (test inputs only, from numpy's generator).
+
+    The last ``attackers`` enterprises are attackers, the ``free_riders`` before them free
+    riders, the rest honest. With g a direction all honest sites share and w_i a private unit
+    vector orthogonal to it (think: DP noise): honest ``0.999 bound (0.8 g + 0.6 w_i)`` (at
+    the bound); free rider ``0.999 bound 0.6 w_i`` (the noise part alone, no signal);
+    attacker ``-attack_scale bound g`` (against the honest direction). A free rider's share
+    is then about ||0.6 w||^2 / ||U||^2, 0.36 / (0.64 h^2 + 0.36 (h + f)) for h honest sites.
+
+    Returns ``(updates, roles)``.
+
+    Raises:
+        ConfigError: more free riders and attackers than enterprises.
+    """
+    if free_riders < 0 or attackers < 0 or free_riders + attackers > n:
+        raise ConfigError(
+            f"free riders + attackers must be in [0, {n}] (got {free_riders} + {attackers})"
+        )
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal(d)
+    g /= np.linalg.norm(g)
+    roles = ["honest"] * (n - free_riders - attackers) + ["free-rider"] * free_riders + ["attacker"] * attackers
+    out = []
+    for role in roles:
+        w = rng.standard_normal(d)
+        w -= (w @ g) * g
+        w /= np.linalg.norm(w)
+        if role == "attacker":
+            u = -attack_scale * bound * g
+        elif role == "free-rider":
+            u = 0.999 * bound * 0.6 * w
+        else:
+            u = 0.999 * bound * (0.8 * g + 0.6 * w)
+        out.append(u.astype(np.float32))
+    return out, roles
+
+
+def plaintext_contributions(
+    updates: Sequence[npt.ArrayLike], survivors: Sequence[int]
+) -> dict[int, float]:
+    """``<u_i, U> / <U, U>`` in the clear over ``survivors`` (U their float64 sum), for checking."""
+    vecs = {i: np.asarray(updates[i], dtype=np.float32).astype(np.float64) for i in survivors}
+    total = np.sum(list(vecs.values()), axis=0)
+    norm2 = float(total @ total)
+    return {i: float(v @ total) / norm2 if norm2 else 0.0 for i, v in vecs.items()}
 
 
 def _ids(n: int) -> list[str]:
