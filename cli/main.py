@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "simulate",
     "budget",
     "audit",
+    "contributions",
     "data",
     "demo",
     "model",

@@ -270,6 +270,14 @@ class FederationConfig(_Frozen):
     threshold: int
     min_participants: int
     neighbours: int = Field(0, ge=0, description="secagg+ graph degree; 0 = protocol default")
+    probes: int = Field(
+        0, ge=0, le=256, description="verified norm probes per mask-mode round (0 = none; 32 is "
+        "the usual choice): norm check before the sum is released, and contribution shares"
+    )
+    probe_margin: float = Field(1.5, ge=1.0, description="exclusion above margin x the bound")
+    probe_bound: float = Field(
+        0.0, ge=0.0, description="L2 bound of each encoded update; 0 = model.clip_bound"
+    )
     deadlines: Deadlines = Deadlines()
     dp: DPSettings = DPSettings()
     model: ModelSettings
@@ -315,7 +323,17 @@ class FederationConfig(_Frozen):
                 f"min_participants must be in [threshold={self.threshold}, {n}] "
                 f"(got {self.min_participants})"
             )
+        if self.probes and self.model.ring_bits != 64:
+            raise ValueError(
+                "model.ring_bits must be 64 when probes are on: contribution shares do not fit "
+                f"Z_2^32 (got {self.model.ring_bits})"
+            )
         ddp = self.dp.distributed
+        if ddp is not None and self.probes and self.probe_bound == 0:
+            raise ValueError(
+                "probe_bound must be > 0 when probes run with dp.distributed: each upload then "
+                "carries its noise share, whose norm the clip bound does not cover (got 0)"
+            )
         if ddp is not None:
             ckks = [m for m in self.mode_schedule if m not in MASK_MODES]
             if ckks:
@@ -338,6 +356,13 @@ class FederationConfig(_Frozen):
 
     def enterprise_ids(self) -> tuple[str, ...]:
         return tuple(e.id for e in self.roster)
+
+    def probe_settings(self, mode: str) -> dict[str, Any]:
+        """The probe fields of a round spec in ``mode``: these settings in mask modes, none in
+        ckks (ckks rounds carry no verified probes)."""
+        if not self.probes or mode not in MASK_MODES:
+            return {"probes": 0, "probe_margin": 0.0, "probe_bound": 0.0}
+        return {"probes": self.probes, "probe_margin": self.probe_margin, "probe_bound": self.probe_bound}
 
     def coordinator_public_key(self) -> bytes:
         """The coordinator's pinned Ed25519 public key (raw 32 bytes)."""
@@ -646,6 +671,9 @@ def federation_to_toml(cfg: FederationConfig) -> str:
             "threshold",
             "min_participants",
             "neighbours",
+            "probes",
+            "probe_margin",
+            "probe_bound",
         )
     }
     doc = {

@@ -197,7 +197,7 @@ class Coordinator:
             neighbours=(self.fed.neighbours or None) if mode == "secagg+" else None,
             min_participants=self.fed.min_participants if mode != "secagg+" else None,
             scale_bits=m.scale_bits, ring_bits=m.ring_bits, clip_bound=m.clip_bound,
-            global_hash=self._global_hash,
+            global_hash=self._global_hash, **self.fed.probe_settings(mode),
         )
 
     def _machine(self, spec: RoundSpec, heads: dict[str, bytes] | None = None) -> CoordinatorRound:
@@ -385,7 +385,8 @@ class Coordinator:
             if not (machine.complete() or time.time() >= live.deadline):
                 continue
             async with self._lock:
-                if machine.stage in (Stage.UPLOAD, Stage.UNMASK):  # sums and unmasking: heavy
+                # sums, unmasking and probe products: heavy
+                if machine.stage in (Stage.UPLOAD, Stage.PROBE, Stage.UNMASK, Stage.CONTRIBUTE):
                     await asyncio.to_thread(self._close_stage, live)
                 else:
                     self._close_stage(live)
@@ -418,10 +419,14 @@ class Coordinator:
         with self.state.transaction():  # one commit for the whole stage transition
             self.state.close_stage(r, closing.value, n)
             self.state.open_stage(r, machine.stage.value, deadline)
+            if machine.stage in (Stage.CONTRIBUTE, Stage.DONE) and out:
+                # probed rounds send the sum with the contribute stage, and nothing at done
+                self.state.store_aggregate(r, next(iter(out.values())))
             if machine.stage is Stage.DONE:
                 self.state.set_survivors(r, machine.result().survivors)
-                if out:
-                    self.state.store_aggregate(r, next(iter(out.values())))
+                probes = machine.result().probes
+                if probes is not None:
+                    self.state.store_probe_outcome(r, probes.to_json())
         live.outbox[machine.stage.value] = out
         live.deadline = deadline
         self.emit("stage_closed", round=r, stage=closing.value, received=n, missing=late,
@@ -615,7 +620,9 @@ class Coordinator:
     ) -> SubmitAck:
         async with self._lock:
             live = self._current(round_number)
-            if live.status not in ("confirming", "done"):
+            # In a probed round the sum goes out with the contribute stage: a survivor applies
+            # it and confirms while the coordinator still collects contribution reports.
+            if live.status not in ("confirming", "done") and live.machine.stage is not Stage.CONTRIBUTE:
                 raise ProtocolError(f"round {round_number} has no aggregate to confirm yet")
             if sender not in live.machine.result().survivors:
                 raise ProtocolError(f"{sender!r} is not a survivor of round {round_number}")

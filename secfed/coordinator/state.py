@@ -71,6 +71,10 @@ CREATE TABLE IF NOT EXISTS transcript (
     payload     BLOB NOT NULL,                 -- the protocol message, replayed after a crash
     UNIQUE (round, stage, sender)
 );
+CREATE TABLE IF NOT EXISTS probe_outcomes (  -- probed rounds (issue 17): norm checks, shares
+    round   INTEGER PRIMARY KEY REFERENCES rounds(round),
+    outcome TEXT NOT NULL                      -- ProbeOutcome.to_json()
+);
 CREATE TABLE IF NOT EXISTS aggregates (
     round   INTEGER PRIMARY KEY REFERENCES rounds(round),
     payload BLOB NOT NULL                      -- the protocol's final message (masked sum or CKKS sum)
@@ -266,6 +270,10 @@ class CoordinatorState:
     def store_aggregate(self, round_number: int, payload: bytes) -> None:
         self.db.execute("INSERT OR REPLACE INTO aggregates(round, payload) VALUES (?, ?)",
                         (round_number, payload))
+
+    def store_probe_outcome(self, round_number: int, outcome_json: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO probe_outcomes(round, outcome) VALUES (?, ?)",
+                        (round_number, outcome_json))
 
     def aggregate(self, round_number: int) -> bytes | None:
         row = self.db.execute("SELECT payload FROM aggregates WHERE round = ?",

@@ -486,6 +486,8 @@ class Participant:
             reply = machine.handle(stage, payload)
             self.emit("stage", round=spec.round_number, stage=stage.value)
             if machine.done:
+                if reply is not None:  # a probed round's contribution report, after the sum
+                    self._send(spec, stage, reply)
                 return None
             then = machine.stage
             assert then is not None

@@ -33,6 +33,7 @@ __all__ = [
 PINNED_SPEC_FIELDS: tuple[str, ...] = (
     "federation", "round_number", "mode", "participants", "neighbours", "threshold",
     "min_participants", "vector_length", "scale_bits", "ring_bits", "clip_bound",
+    "probes", "probe_margin", "probe_bound",
 )
 UNPINNED_SPEC_FIELDS: tuple[str, ...] = ("global_hash",)
 
@@ -62,6 +63,7 @@ def pinned_spec(fed: FederationConfig, round_number: int) -> RoundSpec:
         neighbours=(fed.neighbours or None) if mode == "secagg+" else None,
         min_participants=fed.min_participants if mode != "secagg+" else None,
         scale_bits=m.scale_bits, ring_bits=m.ring_bits, clip_bound=m.clip_bound,
+        **fed.probe_settings(mode),
     )
 
 

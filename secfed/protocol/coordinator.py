@@ -9,6 +9,7 @@ vectors, sealed shares, and at the end exactly the shares the unmasking needs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -109,6 +110,15 @@ class ProbeOutcome:
     unverified: tuple[str, ...] = ()
     disputed: tuple[str, ...] = ()
     without_share: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys) of every field, for the coordinator's transcript."""
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return json.dumps(
+            {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)
+             for k, v in fields.items()},
+            sort_keys=True,
+        )
 
 
 @dataclass(frozen=True, slots=True)

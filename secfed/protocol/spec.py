@@ -277,6 +277,12 @@ class RoundSpec:
             raise ConfigError(f"probe_margin must be finite and >= 1 (got {self.probe_margin})")
         if not math.isfinite(self.probe_bound) or self.probe_bound < 0:
             raise ConfigError(f"probe_bound must be finite and >= 0 (got {self.probe_bound})")
+        if self.ring_bits != 64:
+            # <enc(u_i), U'> carries 2 x scale_bits of fraction: 32 bits leave no room for it
+            raise ConfigError(
+                f"ring_bits must be 64 when probes are on: contribution shares do not fit "
+                f"Z_2^32 at scale 2^{self.scale_bits} (got {self.ring_bits})"
+            )
         if self.probe_bound == 0 and self.clip_bound == 0:
             raise ConfigError("probes need a bound to check: clip_bound or probe_bound must be > 0 (got 0)")
 

@@ -135,6 +135,9 @@ def test_probes_need_a_bound_and_round_trip() -> None:
     plain = RoundSpec.create(federation="f", round_number=1, mode="secagg", participants=["a", "b", "c"],
                              vector_length=4, clip_bound=1.0)
     assert spec.digest() != plain.digest()  # the probe terms are bound into every advert
+    with pytest.raises(ConfigError, match="ring_bits must be 64 when probes are on"):
+        RoundSpec.create(federation="f", round_number=1, mode="secagg", participants=["a", "b", "c"],
+                         vector_length=4, clip_bound=1.0, probes=32, ring_bits=32)
 
 
 # -- the stages ----------------------------------------------------------------------------------
