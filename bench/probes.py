@@ -22,8 +22,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
-
 from secfed.protocol.simulate import plaintext_contributions, role_updates, simulate
 
 

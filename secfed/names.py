@@ -207,6 +207,7 @@ LABEL_SPEC = b"secfed/v1/round-spec"
 LABEL_SESSION = b"secfed/v1/session"
 LABEL_GRAPH = b"secfed/v1/secagg+-graph"
 LABEL_GRAPH_SEED = b"secfed/v1/secagg+-graph-coins"
+LABEL_PROBES = b"secfed/v1/norm-probes"  # seed of the norm probes (issue 17)
 # privacy: ledger entries, receipts, transcripts (the NUL ends the label before the body)
 LABEL_LEDGER_ENTRY = b"secfed/v1/ledger-entry\x00"  # SHA-256 domain of an entry's encoding
 LABEL_RECEIPT = b"secfed/v1/ledger-receipt\x00"

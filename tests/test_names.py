@@ -71,11 +71,12 @@ def test_every_mode_is_handled_everywhere() -> None:
 
 def test_every_stage_is_known_to_the_tables() -> None:
     from secfed.cli.simulate import _STAGES
-    from secfed.protocol.simulate import DROP_STAGES, REVEAL_STAGE
+    from secfed.protocol.simulate import DROP_STAGES, PROBE_STAGES, REVEAL_STAGE
 
     assert set(MESSAGE_STAGES) == set(Stage) - {Stage.DONE, Stage.ABORTED}
-    assert set().union(*STAGES_OF.values()) == set(MESSAGE_STAGES)  # every stage runs somewhere
-    assert set(_STAGES) == set(MESSAGE_STAGES) == {*DROP_STAGES, REVEAL_STAGE}
+    # every stage runs somewhere: probe and contribute in probed mask-mode rounds (issue 17)
+    assert set().union(*STAGES_OF.values(), names.PROBE_ONLY_STAGES) == set(MESSAGE_STAGES)
+    assert set(_STAGES) == set(MESSAGE_STAGES) == {*DROP_STAGES, REVEAL_STAGE, *PROBE_STAGES}
     from secfed.protocol import spec
 
     assert spec.Stage is Stage

@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 from threadpoolctl import threadpool_limits
 
+from secfed import names
 from secfed.crypto.errors import ConfigError
 from secfed.crypto.prg import SEED_BYTES, KeystreamReader
 
@@ -63,7 +64,6 @@ MAX_PROBES = 256  # each probe reveals one more scalar per enterprise; more buys
 DEFAULT_PROBE_MARGIN = 1.5
 CHUNK = 1 << 15  # coordinates per BLAS call: C x 2^22 < 2^53 with room to spare
 _LIMB_BITS = 22  # 3 limbs hold a 64-bit word; partial sums <= d x 2^22 < 2^53 for d < 2^31
-_PROBE_LABEL = b"secfed/v1/norm-probes"
 
 UArray = npt.NDArray[np.unsignedinteger]
 
@@ -81,7 +81,7 @@ def probe_seed(session_id: bytes, uploads: Sequence[tuple[str, bytes]]) -> bytes
     Raises:
         ConfigError: a digest that is not 32 bytes.
     """
-    h = hashlib.sha256(_PROBE_LABEL + session_id)
+    h = hashlib.sha256(names.LABEL_PROBES + session_id)
     for sender, digest in uploads:
         if len(digest) != 32:
             raise ConfigError(f"upload digest must be 32 bytes (got {len(digest)})")

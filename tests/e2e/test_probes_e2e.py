@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from e2e.harness import Processes, adapter_of, coordinator_db, expected_global, make_federation
 
+from e2e.harness import Processes, adapter_of, coordinator_db, expected_global, make_federation
 from secfed.cli.main import cli
 from secfed.config import federation_to_toml, load_federation
 
