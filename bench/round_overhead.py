@@ -87,10 +87,26 @@ def _kits(root: Path, *, dim: int, rounds: int, mode: str):
 # ------------------------------------------------------------------ secure
 
 
-def secure_rounds(root: Path, *, dim: int, rounds: int, mode: str, train_s: float
-                  ) -> tuple[list[float], list[float], list[float]]:
-    """(trained -> applied, trained -> confirmed, opened -> applied) per round, seconds."""
+def _set_probes(root: Path, probes: int) -> None:
+    """Every party's federation.toml gains ``probes`` and the Z_2^64 ring (probes need it; the
+    run without probes gets the same ring, so only the probes differ)."""
+    from secfed.config import federation_to_toml, load_federation
+
+    for path in sorted(root.rglob("federation.toml")):
+        fed = load_federation(path)
+        model = fed.model.model_copy(update={"ring_bits": 64})
+        path.write_text(federation_to_toml(fed.model_copy(update={"probes": probes, "model": model})))
+
+
+def secure_rounds(root: Path, *, dim: int, rounds: int, mode: str, train_s: float,
+                  probes: int | None = None) -> tuple[list[float], list[float], list[float]]:
+    """(trained -> applied, trained -> confirmed, opened -> applied) per round, seconds.
+    ``probes``: None = the kit as made; else that many norm probes on the Z_2^64 ring."""
+    root = root / ("secure" if probes is None else f"secure-probes-{probes}")
+    root.mkdir(parents=True, exist_ok=True)
     kits = _kits(root / "secure", dim=dim, rounds=rounds, mode=mode)
+    if probes is not None:
+        _set_probes(kits.root, probes)
     py = [sys.executable, "-m", "secfed.cli.main"]
     logs = {}
     procs = []
@@ -289,7 +305,13 @@ def main() -> None:
                     help="plaintext/secure run pairs per training time (alternating)")
     ap.add_argument("--train-s", default="0,1",
                     help="comma-separated stand-in training seconds per round (one run each)")
+    ap.add_argument("--probes", type=int, default=0,
+                    help="also run the secure rounds with this many norm probes and without, "
+                         "both on the Z_2^64 ring, and print the probes' extra time (issue 17)")
     args = ap.parse_args()
+    if args.probes:
+        probe_overhead(args)
+        return
     print(f"d = {args.dim}, 3 clients, {args.rounds} rounds per run, mode {args.mode}, "
           f"{args.repeats} alternating run pairs, load average {os.getloadavg()[0]:.2f}; "
           "medians of per-run medians, round 1 (connection set-up) left out")
@@ -323,6 +345,26 @@ def main() -> None:
     print(f"Flower 1.42 (issue 8, this machine): {FLOWER_SECURE_S} s / {FLOWER_PLAIN_S} s = "
           f"{FLOWER_SECURE_S / FLOWER_PLAIN_S:.1f}x; secfed's slowest secure tail median is "
           f"{FLOWER_SECURE_S / max(tails):.0f}x faster than Flower's secure round")
+
+
+def probe_overhead(args: argparse.Namespace) -> None:
+    """Secure rounds with probes off and on (alternating, same ring): round and tail medians."""
+    print(f"d = {args.dim}, 3 clients, {args.rounds} rounds per run, mode {args.mode}, ring 2^64, "
+          f"{args.repeats} alternating run pairs, load average {os.getloadavg()[0]:.2f}")
+    for train_s in [float(x) for x in args.train_s.split(",")]:
+        runs: dict[str, list[float]] = {k: [] for k in ("off_tail", "on_tail", "off_round", "on_round")}
+        for _ in range(args.repeats):
+            for k, tag in ((0, "off"), (args.probes, "on")):
+                with tempfile.TemporaryDirectory() as tmp:
+                    tail, _conf, rnd = secure_rounds(Path(tmp), dim=args.dim, rounds=args.rounds,
+                                                     mode=args.mode, train_s=train_s, probes=k)
+                runs[f"{tag}_tail"].append(_median(tail))
+                runs[f"{tag}_round"].append(_median(rnd))
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        print(f"train {train_s:.1f} s | tail: probes off {med['off_tail']:.3f} s, on "
+              f"{med['on_tail']:.3f} s | round: off {med['off_round']:.3f} s, on "
+              f"{med['on_round']:.3f} s, extra {100 * (med['on_round'] / med['off_round'] - 1):.0f} %")
+    print("target (issue 17): extra time per round <= 10 % of a secure round at d = 1e6")
 
 
 if __name__ == "__main__":

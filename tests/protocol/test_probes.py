@@ -30,7 +30,8 @@ from secfed.protocol.probes import (
     probe_signs,
 )
 from secfed.protocol.simulate import simulate
-from tests.protocol.harness import make_harness
+
+from .harness import make_harness
 
 CLIP = 1.0
 
