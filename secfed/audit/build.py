@@ -10,6 +10,7 @@ from typing import Any
 
 from secfed import __version__
 from secfed.audit.assumptions import assumptions_for
+from secfed.audit.contributions import audit_contributions
 from secfed.audit.model import (
     AuditReport,
     Check,
@@ -198,6 +199,13 @@ def build_report(
                     "no outbound log given (--outbound)",
                 )
             )
+    contributions = None
+    if transcript is not None:
+        contributions, findings = audit_contributions(transcript)
+        checks.extend(
+            Check("probe_outcomes", subject, CheckStatus.PASS if ok else CheckStatus.FAIL, detail)
+            for _, subject, ok, detail in findings
+        )
     if transcript_data is not None:
         checks.extend(check_transcript(audits, transcript_data, roster))
         checks.extend(check_ledgers_supplied(audits, transcript_data, roster))
@@ -230,4 +238,5 @@ def build_report(
         federation=_with_sigma_used(fed, audits),
         assumptions=assumptions_for(modes),
         checks=tuple(checks),
+        contributions=contributions,
     )

@@ -169,6 +169,9 @@ class AuditReport:
     assumptions: tuple[Assumption, ...]
     checks: tuple[Check, ...]
     plots: dict[str, str] = field(default_factory=dict)
+    # verified contribution shares and norm-check exclusions (issue 17); None without a
+    # transcript or when the coordinator never kept probe outcomes
+    contributions: dict[str, Any] | None = None
 
     @property
     def failures(self) -> tuple[Check, ...]:

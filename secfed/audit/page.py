@@ -235,6 +235,50 @@ def _federation(report: AuditReport) -> str:
     )
 
 
+def _contributions(section: dict[str, Any] | None) -> str:
+    """Per probed round: norm estimates, exclusions, shares and revealed scalars; then each
+    enterprise's cumulative share with its participation; then the rounds without probes."""
+    if section is None:
+        return ('<p class="muted">No probe outcomes in the transcript (probes = 0, ckks rounds, '
+                "or no <code>--transcript</code>): nothing beyond the sum was revealed.</p>")
+    parts = [f'<p id="revealed">{_e(section["statement"])}</p>']
+    for r in section["rounds"]:
+        rows = []
+        for p in r["participants"]:
+            share = r["shares"].get(p)
+            state = ("excluded (norm check)" if p in r["excluded"]
+                     else "disputed pair term" if p in r["disputed"]
+                     else "in sum" if p in r["survivors"] else "not in sum")
+            rows.append(
+                f"<tr><td>{_e(p)}</td><td class='num'>{_num(r['norm_estimates'].get(p))}</td>"
+                f"<td>{_e(state)}</td><td class='num'>{_num(share, 6)}</td>"
+                f"<td class='num'>{_e(r['revealed_scalars'].get(p, 0))}</td></tr>"
+            )
+        parts.append(
+            f"<h4>Round {_e(r['round'])} ({_e(r['mode'])}, {_e(r['status'])}): k = {_e(r['probes'])}"
+            f" probes, exclusion above {_num(r['exclusion_limit'])}; excluded: "
+            f"{_e(', '.join(r['excluded']) or 'none')}</h4>"
+            + _table(["enterprise", "norm estimate", "", "share", "scalars revealed"], rows,
+                     table_id=f"contributions-round-{r['round']}")
+        )
+    cumulative = [
+        f"<tr><td>{_e(p)}</td><td class='num'>{_num(row['share'], 6)}</td>"
+        f"<td class='num'>{_e(row['in_sum'])} / {_e(row['rounds'])}</td>"
+        f"<td class='num'>{_e(row['excluded'])}</td><td class='num'>{_e(row['revealed_scalars'])}</td></tr>"
+        for p, row in section["cumulative"].items()
+    ]
+    parts.append(
+        "<h4>Cumulative (done probed rounds; a missed or excluded round counts as share 0)</h4>"
+        + _table(["enterprise", "mean share", "in sum / asked", "excluded", "scalars revealed"],
+                 cumulative, table_id="contributions-cumulative")
+    )
+    if section["unprobed_rounds"]:
+        parts.append("<p>Rounds without verified probes: " + "; ".join(
+            f"round {_e(u['round'])} ({_e(u['mode'])}): {_e(u['reason'])}"
+            for u in section["unprobed_rounds"]) + ".</p>")
+    return "".join(parts)
+
+
 def _img(alt: str, png: bytes | None, ident: str) -> str:
     if not png:
         return ""
@@ -290,6 +334,8 @@ def render_html(report: AuditReport, *, plots: dict[str, bytes]) -> str:
         + "".join(_enterprise(ent) for ent in report.enterprises)
         + "<h2>Federation</h2>"
         + _federation(report)
+        + '<h2 id="contributions">Contributions and norm checks</h2>'
+        + _contributions(report.contributions)
         + "<h2>Assumptions the guarantee rests on</h2><ul>"
         + "".join(f"<li><b>{_e(a.key)}</b>: {_e(a.text)}</li>" for a in report.assumptions)
         + "</ul></body></html>\n"

@@ -71,8 +71,11 @@ def run_federation(
     modes: tuple[str, ...] = ("secagg", "secagg", "ckks"),
     dropped: dict[int, str] | None = None,
     seed: int = 7,
+    probes: int = 0,
 ) -> FederationRun:
-    """Run ``len(modes)`` rounds; ``dropped[r]`` vanishes after advertising in round r (no charge)."""
+    """Run ``len(modes)`` rounds; ``dropped[r]`` vanishes after advertising in round r (no charge).
+    ``probes`` > 0: the mask-mode rounds carry that many verified norm probes (issue 17) and
+    the coordinator keeps each one's probe outcome, as `secfed aggregate` does."""
     dropped = dict(dropped or {})
     rng = np.random.default_rng(seed)  # update values only: not keys, not noise
     identities = {e: IdentityKey.generate() for e in ENTERPRISES}
@@ -124,8 +127,9 @@ def run_federation(
                 vector_length=VECTOR_LENGTH,
                 threshold=0 if mode == "ckks" else 2,
                 min_participants=2,
-                clip_bound=8.0 if mode == "ckks" else 0.0,
+                clip_bound=8.0 if mode == "ckks" or probes else 0.0,
                 global_hash=global_hash,
+                probes=probes if mode != "ckks" else 0,
             )
             coord_state.open_round(
                 round_number=r,
@@ -211,6 +215,8 @@ def run_federation(
                         send(e, stage, reply, heads[e] if stage is Stage.UPLOAD else None)
             result = coord.result()
             coord_state.set_survivors(r, result.survivors)
+            if result.probes is not None:
+                coord_state.store_probe_outcome(r, result.probes.to_json())
             global_hash = hashlib.sha256(f"{FEDERATION}/{r}".encode()).hexdigest()
             coord_state.finish_round(r, global_hash_after=global_hash)
             coord_state.seal(coordinator_identity, federation=FEDERATION, before=r + 1)
