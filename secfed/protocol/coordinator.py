@@ -216,6 +216,7 @@ class CoordinatorRound:
         # Probed rounds: every masked upload is kept (O(n d)) until the contribute stage closes,
         # because excluded uploads leave the sum and each survivor's <y_i, U'> is needed.
         self._uploads: dict[str, npt.NDArray[np.unsignedinteger]] = {}
+        self._upload_digests: dict[str, bytes] = {}  # probed rounds: hashed as each arrives
         self._probe_seed = b""
         self._probe_reports: dict[str, ProbeReport] = {}
         self._probe: ProbeOutcome | None = None
@@ -412,6 +413,7 @@ class CoordinatorRound:
             np.add(self._acc, vec, out=self._acc, casting="unsafe")
             if spec.probes:
                 self._uploads[sender] = vec
+                self._upload_digests[sender] = upload_digest(m.vector)
             self._heads[sender] = m.ledger_head
         elif st is Stage.UPLOAD and isinstance(m, CkksUpload):
             self._check(sender, m.sender, m.session_id)
@@ -548,7 +550,7 @@ class CoordinatorRound:
         uploaders = tuple(p for p in spec.participants if p in self._heads)
         if spec.probes:
             # The probes are fixed here, by every upload's digest: none existed before this.
-            digests = tuple((p, upload_digest(ring_bytes(self._uploads[p]))) for p in uploaders)
+            digests = tuple((p, self._upload_digests[p]) for p in uploaders)
             self._probe_seed = probe_seed(self._sid, digests)
             self.stage = Stage.PROBE
             self._expected = frozenset(uploaders)

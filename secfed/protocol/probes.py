@@ -8,20 +8,23 @@ peer's pairwise masks are rebuilt from its reconstructed key as in unmasking.
 
 Two kinds of ``v``:
 
-* **norm probes**: ``k`` vectors of independent uniform +-1 entries drawn from an AES-CTR stream
-  keyed by :func:`probe_seed`, a hash of the session id and of the SHA-256 of *every* masked
-  upload in the sum. Nobody can know the probes before every upload is fixed: an upload that
-  depended on them would have to be a fixed point of SHA-256. ``E <u, v>^2 = ||u||^2`` for +-1
-  entries, so :func:`norm_estimate` (the root mean square of the ``k`` products) is a
-  Johnson-Lindenstrauss estimate of ``||u_i||`` whose square has relative standard deviation
-  at most ``sqrt(2/k)`` (Achlioptas 2003).
+* **norm probes**: ``k`` vectors of +-1 entries drawn from an AES-CTR stream keyed by
+  :func:`probe_seed`, a hash of the session id and of the SHA-256 of *every* masked upload in
+  the sum. Nobody can know the probes before every upload is fixed: an upload that depended on
+  them would have to be a fixed point of SHA-256. Each probe is ``v_j = S^T w_j`` with ``S`` a
+  random signed folding of the vector to :data:`SKETCH` words and ``w_j`` uniform +-1
+  (:class:`ProbeBasis`): ``||S x||^2`` estimates ``||x||^2`` within a relative s.d. of
+  ``sqrt(2/SKETCH)`` for every x, and the root mean square of the ``k`` products
+  (:func:`norm_estimate`) is then a Johnson-Lindenstrauss estimate of ``||u_i||`` whose square
+  has relative standard deviation at most ``sqrt(2/k + 2/SKETCH)`` (Achlioptas 2003).
 * **the round's aggregate** ``U`` (rounded to a coarser grid so no product wraps the ring,
   :func:`contribution_vector`): ``<u_i, U> / <U, U>`` is enterprise i's contribution share; the
   shares of the survivors sum to one because their updates sum to ``U`` exactly in the ring.
 
-Inner products are computed exactly in the ring: a ring word is split into 22-bit limbs held in
-float64, and each chunk of at most :data:`CHUNK` coordinates is multiplied by the +-1 matrix in
-one BLAS call (every partial sum stays below 2^53, so the float arithmetic is exact).
+Inner products are computed exactly in the ring: each source is folded to ``SKETCH`` words
+with ring arithmetic (one multiply and one add per coordinate), the folded words are split into
+22-bit limbs held in float64, and all sources meet the ``k`` rows in one BLAS call (every sum
+stays below 2^53, so the float arithmetic is exact).
 """
 
 from __future__ import annotations
@@ -29,23 +32,26 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from secfed import names
 from secfed.crypto.errors import ConfigError
-from secfed.crypto.prg import SEED_BYTES, KeystreamReader
+from secfed.crypto.prg import SEED_BYTES, ZERO_PIECE_BYTES, KeystreamReader
 
 __all__ = [
     "DEFAULT_PROBES",
     "MAX_PROBES",
     "DEFAULT_PROBE_MARGIN",
-    "CHUNK",
+    "SKETCH",
+    "ProbeBasis",
+    "probe_basis",
     "upload_digest",
     "probe_seed",
-    "probe_signs",
     "probe_products",
     "ring_dot",
     "centered",
@@ -62,8 +68,9 @@ MAX_PROBES = 256  # each probe reveals one more scalar per enterprise; more buys
 # bench/probes.py), while an update at 10x the bound passes only if that mean falls below 0.0225
 # x its expectation (3e-21); at 2x the bound it passes with 0.022.
 DEFAULT_PROBE_MARGIN = 1.5
-CHUNK = 1 << 15  # coordinates per BLAS call: C x 2^22 < 2^53 with room to spare
-_LIMB_BITS = 22  # 3 limbs hold a 64-bit word; partial sums <= d x 2^22 < 2^53 for d < 2^31
+SKETCH = 1 << 16  # folded width: ||S x||^2 has relative s.d. <= sqrt(2 / 2^16) = 0.55 %
+PIECE_WORDS = 1 << 17  # mask keystream expanded this many words at a time
+_LIMB_BITS = 22  # 3 limbs hold a 64-bit word; products of folded limbs <= 2^16 x 2^22 < 2^53
 
 UArray = npt.NDArray[np.unsignedinteger]
 
@@ -90,37 +97,98 @@ def probe_seed(session_id: bytes, uploads: Sequence[tuple[str, bytes]]) -> bytes
     return h.digest()
 
 
-def _stride(length: int) -> int:
-    """Keystream bytes per probe: one bit per coordinate, padded to whole AES blocks."""
-    return -(-length // 128) * 16
+def _layout(length: int) -> tuple[int, int]:
+    """(sketch width, blocks): the vector is cut into blocks of ``width`` coordinates."""
+    width = min(SKETCH, length)
+    return width, -(-length // width)
 
 
-def probe_signs(seed: bytes, k: int, start: int, stop: int, *, length: int) -> npt.NDArray[np.float64]:
-    """The +-1 entries of probes ``0..k-1`` at coordinates ``start..stop`` of a ``length``-long
-    vector, as a (k, stop-start) float64 matrix. Probe j owns keystream bytes
-    ``j*stride .. (j+1)*stride`` (stride = ceil(length/128) AES blocks); bit i (little-endian
-    within each byte) is its sign at coordinate i, 1 meaning -1. ``start`` must be a multiple of
-    :data:`CHUNK`.
+def _read(reader: KeystreamReader, out: npt.NDArray[Any]) -> None:
+    """Fill ``out`` (a contiguous array) from ``reader`` in pieces the reader accepts."""
+    view = out.reshape(-1).view(np.uint8)
+    for at in range(0, view.shape[0], ZERO_PIECE_BYTES):
+        reader.read_into(view[at:at + ZERO_PIECE_BYTES].data.cast("B"))
+
+
+@dataclass(frozen=True)
+class ProbeBasis:
+    """The ``k`` probes of one round, ``v_j = S^T w_j``: ``S`` (width x length) sends coordinate
+    ``i`` of block ``f`` to ``(i mod width + shift_f) mod width`` with sign ``sign_i``, and
+    ``w_j`` are ``k`` rows of uniform +-1 of length width, so every ``v_j`` entry is +-1.
+
+    ``<x, v_j> = <S x, w_j>``: each source is first folded to ``width`` words in the ring (one
+    sign multiply and one add per coordinate, exact mod 2^r), and the k products are taken on
+    the folded vector only. Any two coordinates share a bucket with probability 1/width (block
+    shifts are uniform; within a block never), and signs are independent, so ``||S x||^2`` is
+    an unbiased estimate of ``||x||^2`` with relative s.d. at most ``sqrt(2/width)`` (0.55 % at
+    2^16) for every ``x`` (CountSketch; Charikar, Chen, Farach-Colton 2002); conditioned on S
+    the k products give the usual +-1 JL estimate of ``||S x||``.
+    """
+
+    k: int
+    length: int
+    ring_bits: int
+    signs: UArray  # (length,): 1 or 2^r - 1 (that is, -1 in the ring)
+    shifts: tuple[int, ...]
+    rows: npt.NDArray[np.float64]  # (k, width): the w_j
+
+    @property
+    def width(self) -> int:
+        return int(self.rows.shape[1])
+
+    def fold_into(self, out: UArray, piece: UArray, start: int) -> None:
+        """Add ``S`` applied to coordinates ``start..start+len(piece)`` to ``out`` (width
+        words); ``start`` must be a multiple of the width."""
+        width = self.width
+        signed = np.multiply(piece, self.signs[start:start + piece.shape[0]])  # wraps mod 2^r
+        for at in range(0, piece.shape[0], width):
+            block = signed[at:at + width]
+            shift = self.shifts[(start + at) // width]
+            head = min(block.shape[0], width - shift)
+            out[shift:shift + head] += block[:head]
+            if block.shape[0] > head:
+                out[: block.shape[0] - head] += block[head:]
+
+    def vectors(self) -> npt.NDArray[np.int8]:
+        """The probes as a dense (k, length) +-1 matrix (for checking; length x k bytes)."""
+        width = self.width
+        idx = np.arange(self.length)
+        bucket = (idx % width + np.asarray(self.shifts)[idx // width]) % width
+        sign = np.where(self.signs == 1, 1, -1).astype(np.int8)
+        return (self.rows[:, bucket].astype(np.int8) * sign).astype(np.int8)
+
+
+def probe_basis(seed: bytes, k: int, *, length: int, ring_bits: int) -> ProbeBasis:
+    """Derive the round's probes from ``seed`` (:func:`probe_seed`): one AES-CTR stream read in
+    order: ``length`` sign bits (bit i little-endian within each byte, 1 meaning -1), then one
+    little-endian uint32 per block (its shift, taken mod width: bias below width / 2^32), then
+    ``k`` rows of ``width`` bits (bit b of row j, 1 meaning -1).
 
     Raises:
-        ConfigError: k out of range or an unaligned chunk.
+        ConfigError: k out of range, a bad length or ring.
     """
     if not 1 <= k <= MAX_PROBES:
         raise ConfigError(f"probes must be in [1, {MAX_PROBES}] (got {k})")
-    if start % CHUNK or not start <= stop <= length:
-        raise ConfigError(f"probe chunk must start on a multiple of {CHUNK} (got {start}..{stop})")
-    stride = _stride(length)
-    nbytes = -(-(stop - start) // 8)
-    raw = np.empty((k, nbytes), dtype=np.uint8)
-    for j in range(k):
-        KeystreamReader(seed, offset_bytes=j * stride + start // 8, length_bytes=nbytes).read_into(
-            raw[j].data.cast("B")
-        )
-    bits = np.unpackbits(raw, axis=1, count=stop - start, bitorder="little")
-    signs = bits.astype(np.float64)
-    signs *= -2.0
-    signs += 1.0
-    return signs
+    if length < 1 or ring_bits not in (32, 64):
+        raise ConfigError(f"probes need length >= 1 and ring_bits 32 or 64 (got {length}, {ring_bits})")
+    width, blocks = _layout(length)
+    sign_bytes, row_bytes = -(-length // 8), -(-width // 8)
+    reader = KeystreamReader(seed, length_bytes=sign_bytes + 4 * blocks + k * row_bytes)
+    raw = np.empty(sign_bytes, dtype=np.uint8)
+    _read(reader, raw)
+    dtype = np.dtype(f"u{ring_bits // 8}")
+    bits = np.unpackbits(raw, count=length, bitorder="little")
+    signs = np.ones(length, dtype=dtype)
+    signs -= (bits.astype(dtype) << dtype.type(1))  # 1 - 2b, wrapping to 2^r - 1 for b = 1
+    shifts_raw = np.empty(blocks, dtype="<u4")
+    _read(reader, shifts_raw)
+    rows_raw = np.empty((k, row_bytes), dtype=np.uint8)
+    _read(reader, rows_raw)
+    rows = np.unpackbits(rows_raw, axis=1, count=width, bitorder="little").astype(np.float64)
+    rows *= -2.0
+    rows += 1.0
+    shifts = tuple(int(v) % width for v in shifts_raw)
+    return ProbeBasis(k, length, ring_bits, signs, shifts, rows)
 
 
 def _limbs(words: UArray, out: npt.NDArray[np.float64], row: int) -> int:
@@ -146,6 +214,16 @@ def _check_sources(sources: Sequence[UArray | bytes], length: int, ring_bits: in
             )
 
 
+_CONTROLLER: list[ThreadpoolController] = []
+
+
+def _blas() -> ThreadpoolController:
+    """One controller per process: building one scans the loaded libraries (milliseconds)."""
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0]
+
+
 def probe_products(
     sources: Sequence[UArray | bytes],
     *,
@@ -154,68 +232,50 @@ def probe_products(
     ring_bits: int,
     length: int,
 ) -> list[tuple[int, ...]]:
-    """``<x, v_j> mod 2^ring_bits`` for every source ``x`` and probe ``j < k``.
+    """``<x, v_j> mod 2^ring_bits`` for every source ``x`` and probe ``j < k`` (the probes of
+    :func:`probe_basis`).
 
     A source is a ring vector of ``length`` words, or a 32-byte mask seed whose AES-CTR
-    keystream (the mask :func:`secfed.crypto.masking.apply_masks` adds) is expanded chunk by
-    chunk here and never held whole.
+    keystream (the mask :func:`secfed.crypto.masking.apply_masks` adds) is expanded piece by
+    piece here and never held whole. Each source is folded to the sketch width in the ring,
+    then all folded sources are multiplied by the k rows at once.
 
     Raises:
         ConfigError: a source of the wrong length, dtype or seed size; k out of range.
     """
     _check_sources(sources, length, ring_bits)
+    basis = probe_basis(seed, k, length=length, ring_bits=ring_bits)
     dtype = np.dtype(f"<u{ring_bits // 8}")
+    native = dtype.newbyteorder("=")
+    width = basis.width
+    step = width * max(1, PIECE_WORDS // width)  # pieces start on block boundaries
+    buf = np.empty(min(step, length), dtype=dtype)
     per = -(-ring_bits // _LIMB_BITS)
-    acc = np.zeros((per * len(sources), k), dtype=np.int64)
-    # one contiguous row per limb of each source: OpenBLAS multiplies (rows x C) by (C x k)
-    # about 20x faster than the transposed shapes at these sizes (measured)
-    limbs = np.zeros((per * len(sources), min(CHUNK, length)), dtype=np.float64)
-    readers = [
-        KeystreamReader(bytes(s), length_bytes=length * dtype.itemsize)
-        if isinstance(s, bytes | bytearray) else None
-        for s in sources
-    ]
-    buf = np.empty(min(CHUNK, length), dtype=dtype)
+    limbs = np.zeros((per * len(sources), width), dtype=np.float64)
+    for i, src in enumerate(sources):
+        folded = np.zeros(width, dtype=native)
+        if isinstance(src, bytes | bytearray):
+            reader = KeystreamReader(bytes(src), length_bytes=length * dtype.itemsize)
+            for start in range(0, length, step):
+                piece = buf[: min(step, length - start)]
+                _read(reader, piece)
+                basis.fold_into(folded, piece.astype(native, copy=False), start)
+        else:
+            basis.fold_into(folded, src.astype(native, copy=False), 0)
+        _limbs(folded, limbs, i * per)
+    # every entry of this product is an integer below width x 2^22 <= 2^38: exact in float64.
     # One BLAS thread: these skinny products are memory-bound, and OpenBLAS's threads made
     # them 10-25x slower on the shared 2-core reference machine (measured).
-    with threadpool_limits(limits=1, user_api="blas"):
-        _accumulate(sources, readers, buf, limbs, acc, seed=seed, k=k, length=length, per=per)
+    with _blas().limit(limits=1, user_api="blas"):
+        acc = np.rint(limbs @ basis.rows.T).astype(np.int64)
     modulus = 1 << ring_bits
-    out = []
-    for i in range(len(sources)):
-        out.append(tuple(
+    return [
+        tuple(
             sum(int(acc[i * per + limb, j]) << (limb * _LIMB_BITS) for limb in range(per)) % modulus
             for j in range(k)
-        ))
-    return out
-
-
-def _accumulate(
-    sources: Sequence[UArray | bytes],
-    readers: Sequence[KeystreamReader | None],
-    buf: UArray,
-    limbs: npt.NDArray[np.float64],
-    acc: npt.NDArray[np.int64],
-    *,
-    seed: bytes,
-    k: int,
-    length: int,
-    per: int,
-) -> None:
-    for start in range(0, length, CHUNK):
-        stop = min(start + CHUNK, length)
-        signs = probe_signs(seed, k, start, stop, length=length)
-        for i, src in enumerate(sources):
-            reader = readers[i]
-            if reader is not None:
-                chunk = buf[: stop - start]
-                reader.read_into(chunk.data.cast("B"))
-            else:
-                assert not isinstance(src, bytes | bytearray)
-                chunk = src[start:stop]
-            _limbs(chunk, limbs, i * per)
-        # every entry of this product is an integer below C x 2^22 < 2^53: exact in float64
-        acc += np.rint(limbs[:, : stop - start] @ signs.T).astype(np.int64)
+        )
+        for i in range(len(sources))
+    ]
 
 
 def ring_dot(x: UArray, y: UArray) -> int:

@@ -21,13 +21,15 @@ from secfed.protocol.messages import (
     decode_message,
 )
 from secfed.protocol.probes import (
-    CHUNK,
+    PIECE_WORDS,
+    SKETCH,
     centered,
     contribution_vector,
     mask_products,
+    norm_estimate,
+    probe_basis,
     probe_products,
     probe_seed,
-    probe_signs,
 )
 from secfed.protocol.simulate import simulate
 
@@ -69,15 +71,17 @@ def plaintext_shares(updates, survivors):
 @pytest.mark.parametrize("ring_bits", [64, 32])
 def test_probe_products_are_exact_ring_inner_products(ring_bits: int) -> None:
     dtype = np.uint64 if ring_bits == 64 else np.uint32
-    d, k = CHUNK + 1000, 5  # crosses a chunk boundary
+    d, k = PIECE_WORDS + 1000, 5  # three sketch blocks (the last partial), two keystream pieces
+    assert PIECE_WORDS >= 2 * SKETCH
     x = keystream(secrets.token_bytes(32), d, dtype)
     mask_seed = secrets.token_bytes(32)
     seed = probe_seed(b"s" * 32, [("a", bytes(32)), ("b", bytes(range(32)))])
     got = probe_products([x, mask_seed], seed=seed, k=k, ring_bits=ring_bits, length=d)
-    signs = np.concatenate(
-        [probe_signs(seed, k, a, min(a + CHUNK, d), length=d) for a in range(0, d, CHUNK)], axis=1
-    ).astype(int)
-    assert set(np.unique(signs)) == {-1, 1}
+    signs = probe_basis(seed, k, length=d, ring_bits=ring_bits).vectors().astype(int)
+    assert signs.shape == (k, d) and set(np.unique(signs)) == {-1, 1}
+    # probes differ from each other and are balanced (the folding keeps entries +-1 and random)
+    assert all(abs(int(row.sum())) < 4 * d**0.5 for row in signs)
+    assert len({row.tobytes() for row in signs}) == k
     mask = keystream(mask_seed, d, dtype)
     for source, products in ((x, got[0]), (mask, got[1])):
         values = [int(v) for v in source.tolist()]
@@ -88,6 +92,38 @@ def test_probe_products_are_exact_ring_inner_products(ring_bits: int) -> None:
     # <PRG(seed), x> for a general ring vector (the contribution stage)
     want_dot = sum(int(a) * int(b) for a, b in zip(mask.tolist(), x.tolist())) % (1 << ring_bits)
     assert mask_products([mask_seed], x, ring_bits=ring_bits) == [want_dot]
+
+
+def _shaped(shape: str, d: int) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    x = np.zeros(d, dtype=np.int64)
+    if shape in ("dense", "one-block"):
+        x[:] = rng.integers(-1000, 1001, d)
+    elif shape == "spike":
+        x[d // 2] = 10**6
+    else:  # comb: one coordinate at the same offset of every block, which a fixed fold would add up
+        x[7::SKETCH] = 1000
+    return x
+
+
+@pytest.mark.parametrize("shape", ["dense", "spike", "comb", "one-block"])
+def test_norm_estimate_is_unbiased_with_the_jl_spread_for_every_shape(shape: str) -> None:
+    """The squared estimate's mean is ||x||^2 and its relative s.d. at most sqrt(2/k + 2/SKETCH)
+    (with sampling slack), whatever the update's shape: the random block shifts keep coordinates
+    an attacker lines up across blocks from adding up."""
+    d = 5000 if shape == "one-block" else 3 * SKETCH + 123
+    x = _shaped(shape, d)
+    words = x.astype(np.uint64)  # two's complement: the ring encoding at scale 0
+    norm2 = float(np.dot(x.astype(np.float64), x.astype(np.float64)))
+    k, trials = 32, 200
+    ratios = []
+    for t in range(trials):
+        seed = probe_seed(b"s" * 32, [("a", t.to_bytes(32, "big"))])
+        products = probe_products([words], seed=seed, k=k, ring_bits=64, length=d)[0]
+        ratios.append(norm_estimate(products, ring_bits=64, scale_bits=0) ** 2 / norm2)
+    bound = (2 / k + 2 / SKETCH) ** 0.5
+    assert abs(float(np.mean(ratios)) - 1.0) < 4 * bound / trials**0.5
+    assert float(np.std(ratios, ddof=1)) < 1.3 * bound
 
 
 def test_probe_seed_depends_on_every_upload_and_the_session() -> None:
