@@ -70,6 +70,7 @@ from secfed.protocol.probes import (
     probe_products,
     probe_seed,
     ring_dot,
+    signed_words,
     upload_digest,
 )
 from secfed.protocol.spec import (
@@ -403,8 +404,10 @@ class CoordinatorRound:
                     f"masked upload must hold {spec.vector_length} words of Z_2^{spec.ring_bits} "
                     f"(got {len(m.vector)} bytes at ring_bits {m.ring_bits})"
                 )
-            # The signature binds the ledger head to this session, round and vector.
-            verify_signature(self._roster[sender], m.signature, m.signed_bytes())
+            # The signature binds the ledger head to this session, round and vector; the vector's
+            # SHA-256 also feeds a probed round's probe seed (hashed once).
+            digest = upload_digest(m.vector)
+            verify_signature(self._roster[sender], m.signature, m.signed_bytes(digest))
             if self._head_check is not None:
                 self._head_check(sender, m.ledger_head)
             vec = np.frombuffer(m.vector, dtype=np.dtype(f"<u{width}"))
@@ -413,7 +416,7 @@ class CoordinatorRound:
             np.add(self._acc, vec, out=self._acc, casting="unsafe")
             if spec.probes:
                 self._uploads[sender] = vec
-                self._upload_digests[sender] = upload_digest(m.vector)
+                self._upload_digests[sender] = digest
             self._heads[sender] = m.ledger_head
         elif st is Stage.UPLOAD and isinstance(m, CkksUpload):
             self._check(sender, m.sender, m.session_id)
@@ -771,8 +774,8 @@ class CoordinatorRound:
         unverified: set[str] = set()
         disputed: set[str] = set()
         missing: list[str] = []
-        signed_sum = coarse.astype(np.dtype(f"i{coarse.dtype.itemsize}")).astype(np.float64)
-        total_sum = self._result.ring_sum.astype(np.dtype(f"i{coarse.dtype.itemsize}")).astype(np.float64)
+        signed_sum = signed_words(coarse).astype(np.float64)
+        total_sum = signed_words(self._result.ring_sum).astype(np.float64)
         denominator = float(np.dot(total_sum, signed_sum))
         for i in self._survivors:
             pos = spec.index(i)

@@ -123,12 +123,16 @@ def ckks_upload_signed_bytes(
 
 
 def masked_upload_signed_bytes(
-    *, session_id: bytes, round_number: int, sender: str, ledger_head: bytes, vector: bytes
+    *, session_id: bytes, round_number: int, sender: str, ledger_head: bytes, vector: bytes,
+    vector_digest: bytes | None = None,
 ) -> bytes:
     """What an enterprise signs over its masked upload: its ledger head bound to this session,
-    round and the SHA-256 of the masked vector (so the head cannot be moved to another upload)."""
+    round and the SHA-256 of the masked vector (so the head cannot be moved to another upload).
+    ``vector_digest``: that SHA-256 when the caller already computed it from ``vector`` (a
+    probed round hashes each upload once, for the probe seed too)."""
+    digest = hashlib.sha256(vector).digest() if vector_digest is None else vector_digest
     w = Writer().fixed(session_id, DIGEST_BYTES).u64(round_number).text(sender)
-    w.blob(ledger_head).fixed(hashlib.sha256(vector).digest(), DIGEST_BYTES)
+    w.blob(ledger_head).fixed(digest, DIGEST_BYTES)
     return _MASKED_UPLOAD_LABEL + w.getvalue()
 
 
@@ -348,10 +352,11 @@ class MaskedUpload(_Wire):
     vector: bytes
     signature: bytes
 
-    def signed_bytes(self) -> bytes:
+    def signed_bytes(self, vector_digest: bytes | None = None) -> bytes:
+        """The signed bytes; ``vector_digest`` = SHA-256 of :attr:`vector` if already known."""
         return masked_upload_signed_bytes(
             session_id=self.session_id, round_number=self.round_number, sender=self.sender,
-            ledger_head=self.ledger_head, vector=self.vector,
+            ledger_head=self.ledger_head, vector=self.vector, vector_digest=vector_digest,
         )
 
     def write(self, w: Writer) -> None:

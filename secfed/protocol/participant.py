@@ -720,7 +720,7 @@ class ParticipantRound:
         # hold this site to it, and nobody can move it onto another upload.
         sig = self._identity.sign(masked_upload_signed_bytes(
             session_id=self._sid, round_number=spec.round_number, sender=self.me,
-            ledger_head=self._ledger_head, vector=vector,
+            ledger_head=self._ledger_head, vector=vector, vector_digest=self._upload_digest,
         ))
         return MaskedUpload(
             spec.round_number, self._sid, self.me, self._ledger_head, spec.ring_bits, vector, sig

@@ -29,6 +29,7 @@ stays below 2^53, so the float arithmetic is exact).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -57,6 +58,7 @@ __all__ = [
     "centered",
     "norm_estimate",
     "contribution_vector",
+    "signed_words",
     "mask_products",
 ]
 
@@ -159,6 +161,13 @@ class ProbeBasis:
 
 
 def probe_basis(seed: bytes, k: int, *, length: int, ring_bits: int) -> ProbeBasis:
+    """See :func:`_probe_basis`; the last few are kept (a pure function of its arguments: the
+    coordinator derives the same probes at stage probe and again at unmask)."""
+    return _probe_basis(bytes(seed), k, length, ring_bits)
+
+
+@functools.lru_cache(maxsize=2)
+def _probe_basis(seed: bytes, k: int, length: int, ring_bits: int) -> ProbeBasis:
     """Derive the round's probes from ``seed`` (:func:`probe_seed`): one AES-CTR stream read in
     order: ``length`` sign bits (bit i little-endian within each byte, 1 meaning -1), then one
     little-endian uint32 per block (its shift, taken mod width: bias below width / 2^32), then
@@ -178,8 +187,8 @@ def probe_basis(seed: bytes, k: int, *, length: int, ring_bits: int) -> ProbeBas
     _read(reader, raw)
     dtype = np.dtype(f"u{ring_bits // 8}")
     bits = np.unpackbits(raw, count=length, bitorder="little")
-    signs = np.ones(length, dtype=dtype)
-    signs -= (bits.astype(dtype) << dtype.type(1))  # 1 - 2b, wrapping to 2^r - 1 for b = 1
+    signs = np.left_shift(bits, 1, dtype=dtype)
+    np.subtract(dtype.type(1), signs, out=signs)  # 1 - 2b, wrapping to 2^r - 1 for b = 1
     shifts_raw = np.empty(blocks, dtype="<u4")
     _read(reader, shifts_raw)
     rows_raw = np.empty((k, row_bytes), dtype=np.uint8)
@@ -188,6 +197,8 @@ def probe_basis(seed: bytes, k: int, *, length: int, ring_bits: int) -> ProbeBas
     rows *= -2.0
     rows += 1.0
     shifts = tuple(int(v) % width for v in shifts_raw)
+    signs.setflags(write=False)  # shared through the cache
+    rows.setflags(write=False)
     return ProbeBasis(k, length, ring_bits, signs, shifts, rows)
 
 
@@ -347,13 +358,30 @@ def contribution_vector(
     2^-s grid already) keeps it below 2^(r-2). U' = round(U_int / 2^(s - s')), computed in
     integers, so coordinator and enterprises derive the same words. Returns ``(U', s')``.
     """
-    signed = ring_sum.astype(np.dtype(f"i{ring_sum.dtype.itemsize}"), copy=False).astype(np.int64)
-    norm = float(np.linalg.norm(signed.astype(np.float64))) / 2.0**scale_bits
+    signed = signed_words(ring_sum)
+    as_float = signed.astype(np.float64)
+    with _blas().limit(limits=1, user_api="blas"):
+        norm = math.sqrt(float(np.dot(as_float, as_float))) / 2.0**scale_bits
     span = max(update_bound, 2.0**-scale_bits) * (norm + 1.0)
     coarse = min(scale_bits, ring_bits - 3 - scale_bits - math.ceil(math.log2(span)))
     shift = scale_bits - coarse
+    unsigned = np.dtype(f"u{ring_sum.dtype.itemsize}")
     if shift == 0:
-        rounded = signed
-    else:
-        rounded = (signed >> np.int64(shift)) + ((signed >> np.int64(shift - 1)) & np.int64(1))
-    return rounded.astype(np.dtype(f"u{ring_sum.dtype.itemsize}")), coarse
+        return signed.astype(unsigned), coarse
+    # round half up: (x >> (shift - 1)), then halve and add the bit shifted out
+    rounded = signed >> np.int64(shift - 1)
+    low = rounded & np.int64(1)
+    rounded >>= np.int64(1)
+    rounded += low
+    if unsigned.itemsize == 8:
+        return rounded.view(np.uint64), coarse
+    return rounded.astype(unsigned), coarse
+
+
+def signed_words(ring: UArray) -> npt.NDArray[np.int64]:
+    """The centred representatives of ring words as int64 (a view when the words already are
+    native 64-bit)."""
+    native = ring.dtype.newbyteorder("=")
+    if ring.dtype == native and ring.dtype.itemsize == 8:
+        return ring.view(np.int64)
+    return ring.astype(np.dtype(f"i{ring.dtype.itemsize}")).astype(np.int64, copy=False)
