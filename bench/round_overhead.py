@@ -99,8 +99,11 @@ def _set_probes(root: Path, probes: int) -> None:
 
 
 def secure_rounds(root: Path, *, dim: int, rounds: int, mode: str, train_s: float,
-                  probes: int | None = None) -> tuple[list[float], list[float], list[float]]:
-    """(trained -> applied, trained -> confirmed, opened -> applied) per round, seconds.
+                  probes: int | None = None
+                  ) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(trained -> applied, trained -> confirmed, opened -> applied, opened -> next opened) per
+    round, seconds (the last is the round period: it includes what follows the sites' apply,
+    e.g. a probed round's contribution stage and the confirmations).
     ``probes``: None = the kit as made; else that many norm probes on the Z_2^64 ring."""
     root = root / ("secure" if probes is None else f"secure-probes-{probes}")
     root.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,8 @@ def secure_rounds(root: Path, *, dim: int, rounds: int, mode: str, train_s: floa
     full = [r for r in sorted(done) if len(done[r]) == 3]
     return ([max(applied[r]) - max(ready[r]) for r in full],
             [max(done[r]) - max(ready[r]) for r in full],
-            [max(applied[r]) - opened[r] for r in full])
+            [max(applied[r]) - opened[r] for r in full],
+            [opened[r + 1] - opened[r] for r in full if r + 1 in opened])
 
 
 # ------------------------------------------------------------------ plaintext, same transport
@@ -327,8 +331,8 @@ def main() -> None:
                 root = Path(tmp)
                 p_tail, p_round = plaintext_rounds(root, dim=args.dim, rounds=args.rounds,
                                                    train_s=train_s)
-                s_tail, s_conf, s_round = secure_rounds(root, dim=args.dim, rounds=args.rounds,
-                                                        mode=args.mode, train_s=train_s)
+                s_tail, s_conf, s_round, _ = secure_rounds(root, dim=args.dim, rounds=args.rounds,
+                                                           mode=args.mode, train_s=train_s)
             for key, xs in zip(("pt", "st", "sc", "pr", "sr"),
                                (p_tail, s_tail, s_conf, p_round, s_round), strict=True):
                 runs[key].append(_median(xs))
@@ -352,18 +356,27 @@ def probe_overhead(args: argparse.Namespace) -> None:
     print(f"d = {args.dim}, 3 clients, {args.rounds} rounds per run, mode {args.mode}, ring 2^64, "
           f"{args.repeats} alternating run pairs, load average {os.getloadavg()[0]:.2f}")
     for train_s in [float(x) for x in args.train_s.split(",")]:
-        runs: dict[str, list[float]] = {k: [] for k in ("off_tail", "on_tail", "off_round", "on_round")}
+        runs: dict[str, list[float]] = {
+            k: [] for k in ("off_tail", "on_tail", "off_round", "on_round", "off_period", "on_period")}
         for _ in range(args.repeats):
             for k, tag in ((0, "off"), (args.probes, "on")):
                 with tempfile.TemporaryDirectory() as tmp:
-                    tail, _conf, rnd = secure_rounds(Path(tmp), dim=args.dim, rounds=args.rounds,
-                                                     mode=args.mode, train_s=train_s, probes=k)
+                    tail, _conf, rnd, period = secure_rounds(
+                        Path(tmp), dim=args.dim, rounds=args.rounds, mode=args.mode,
+                        train_s=train_s, probes=k)
                 runs[f"{tag}_tail"].append(_median(tail))
                 runs[f"{tag}_round"].append(_median(rnd))
+                runs[f"{tag}_period"].append(_median(period))
         med = {k: statistics.median(v) for k, v in runs.items()}
         print(f"train {train_s:.1f} s | tail: probes off {med['off_tail']:.3f} s, on "
               f"{med['on_tail']:.3f} s | round: off {med['off_round']:.3f} s, on "
-              f"{med['on_round']:.3f} s, extra {100 * (med['on_round'] / med['off_round'] - 1):.0f} %")
+              f"{med['on_round']:.3f} s, extra {100 * (med['on_round'] / med['off_round'] - 1):.0f} % | "
+              f"period (opened -> next opened): off {med['off_period']:.3f} s, on "
+              f"{med['on_period']:.3f} s, extra {100 * (med['on_period'] / med['off_period'] - 1):.0f} %")
+        print("        per run pair (round extra %, period extra %): " + ", ".join(
+            f"({100 * (b / a - 1):.0f}, {100 * (d / c - 1):.0f})" for a, b, c, d in zip(
+                runs["off_round"], runs["on_round"], runs["off_period"], runs["on_period"],
+                strict=True)))
     print("target (issue 17): extra time per round <= 10 % of a secure round at d = 1e6")
 
 
