@@ -161,12 +161,13 @@ class ProbeBasis:
 
 
 def probe_basis(seed: bytes, k: int, *, length: int, ring_bits: int) -> ProbeBasis:
-    """See :func:`_probe_basis`; the last few are kept (a pure function of its arguments: the
-    coordinator derives the same probes at stage probe and again at unmask)."""
+    """See :func:`_probe_basis`. The last one is kept (a pure function of its arguments: the
+    coordinator derives the same probes at stage probe and again at unmask); it holds one ring
+    word per coordinate (the signs), as much as one upload."""
     return _probe_basis(bytes(seed), k, length, ring_bits)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _probe_basis(seed: bytes, k: int, length: int, ring_bits: int) -> ProbeBasis:
     """Derive the round's probes from ``seed`` (:func:`probe_seed`): one AES-CTR stream read in
     order: ``length`` sign bits (bit i little-endian within each byte, 1 meaning -1), then one
