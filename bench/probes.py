@@ -19,9 +19,14 @@ sending only the noise part, attackers at S x the bound against the honest direc
 from __future__ import annotations
 
 import argparse
+import math
+import secrets
 import statistics
 import time
 
+import numpy as np
+
+from secfed.protocol.probes import DEFAULT_PROBE_MARGIN, norm_estimate, probe_products
 from secfed.protocol.simulate import plaintext_contributions, role_updates, simulate
 
 
@@ -37,6 +42,29 @@ def exclusion(trials: int, *, n: int, d: int, scale: float, mode: str) -> tuple[
         caught += ids[n - 1] in excluded
         honest_out += sum(1 for i in range(n - 1) if ids[i] in excluded)
     return caught, honest_out, trials * (n - 1)
+
+
+def exclusion_estimates(trials: int, *, n: int, d: int, scale: float) -> tuple[int, int, int, float, float]:
+    """The same decision at the estimator level, for larger d: the protocol's probe terms are
+    exactly ``<enc(u_i), v_j>`` (``test_probe_products_are_exact_ring_inner_products``), so each
+    update is encoded, probed with a fresh seed and compared with margin x bound (bound 1).
+    Returns (attacker excluded, honest excluded, honest seen, largest honest estimate,
+    smallest attacker estimate)."""
+    scale_bits = 24
+    limit = DEFAULT_PROBE_MARGIN * 1.0
+    caught = honest_out = 0
+    worst_honest, best_attacker = 0.0, math.inf
+    for t in range(trials):
+        updates, _ = role_updates(n, d, attackers=1, attack_scale=scale, seed=t)
+        words = [np.rint(u.astype(np.float64) * 2.0**scale_bits).astype(np.int64).astype(np.uint64)
+                 for u in updates]
+        products = probe_products(words, seed=secrets.token_bytes(32), k=32, ring_bits=64, length=d)
+        est = [norm_estimate(p, ring_bits=64, scale_bits=scale_bits) for p in products]
+        caught += est[-1] > limit
+        honest_out += sum(e > limit for e in est[:-1])
+        worst_honest = max(worst_honest, *est[:-1])
+        best_attacker = min(best_attacker, est[-1])
+    return caught, honest_out, trials * (n - 1), worst_honest, best_attacker
 
 
 def shares(*, n: int, d: int, free_riders: int) -> tuple[float, list[float], float]:
@@ -84,19 +112,35 @@ def main() -> None:
     ap.add_argument("--cost-dim", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mode", default="secagg", choices=("secagg", "secagg+"))
+    ap.add_argument("--estimator-dim", type=int, default=0,
+                    help="also measure exclusion at the estimator level at this d (see "
+                         "exclusion_estimates); 0 = skip")
+    ap.add_argument("--parts", default="exclusion,shares,cost",
+                    help="comma-separated subset of exclusion, shares, cost")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
 
-    caught, honest_out, honest_seen = exclusion(
-        args.trials, n=10, d=args.trial_dim, scale=args.attack_scale, mode=args.mode
-    )
-    print(f"exclusion ({args.mode}, n=10, d={args.trial_dim}, k=32, margin 1.5):")
-    print(f"  attacker at {args.attack_scale:g}x the bound excluded in {caught} of {args.trials} rounds")
-    print(f"  honest updates at 0.999x the bound excluded: {honest_out} of {honest_seen}")
-
-    err, riders, total = shares(n=10, d=args.dim, free_riders=2)
-    print(f"shares (secagg, n=10, d={args.dim}, 2 free riders):")
-    print(f"  max |protocol - plaintext| = {err:.3e}   sum of shares = {total:.12f}")
-    print(f"  free riders' shares: {', '.join(f'{r:.5f}' for r in riders)}")
+    if "exclusion" in parts:
+        caught, honest_out, honest_seen = exclusion(
+            args.trials, n=10, d=args.trial_dim, scale=args.attack_scale, mode=args.mode
+        )
+        print(f"exclusion ({args.mode}, n=10, d={args.trial_dim}, k=32, margin 1.5):")
+        print(f"  attacker at {args.attack_scale:g}x the bound excluded in {caught} of {args.trials} rounds")
+        print(f"  honest updates at 0.999x the bound excluded: {honest_out} of {honest_seen}")
+    if "exclusion" in parts and args.estimator_dim:
+        caught, honest_out, honest_seen, worst, best = exclusion_estimates(
+            args.trials, n=10, d=args.estimator_dim, scale=args.attack_scale)
+        print(f"exclusion, estimator level (n=10, d={args.estimator_dim}, k=32, margin 1.5):")
+        print(f"  attacker at {args.attack_scale:g}x excluded in {caught} of {args.trials}; honest "
+              f"excluded {honest_out} of {honest_seen}; largest honest estimate {worst:.3f}, "
+              f"smallest attacker estimate {best:.3f} (limit 1.5)")
+    if "shares" in parts:
+        err, riders, total = shares(n=10, d=args.dim, free_riders=2)
+        print(f"shares (secagg, n=10, d={args.dim}, 2 free riders):")
+        print(f"  max |protocol - plaintext| = {err:.3e}   sum of shares = {total:.12f}")
+        print(f"  free riders' shares: {', '.join(f'{r:.5f}' for r in riders)}")
+    if "cost" not in parts:
+        return
 
     off, on, timings = cost(n=10, d=args.cost_dim, repeats=args.repeats)
     print(f"cost (secagg, n=10, d={args.cost_dim}, in-process compute, median of {args.repeats}):")
