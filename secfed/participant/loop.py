@@ -487,7 +487,7 @@ class Participant:
             self.emit("stage", round=spec.round_number, stage=stage.value)
             if machine.done:
                 if reply is not None:  # a probed round's contribution report, after the sum
-                    self._send(spec, stage, reply)
+                    self._send(spec, stage, reply, by=by)
                 return None
             then = machine.stage
             assert then is not None
