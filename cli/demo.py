@@ -29,8 +29,12 @@ def command() -> None:
               show_default=True, help="classify: the image+text classifier of `demo run`; "
               "generative: instruction records and a small causal LM pre-trained here "
               "(no weights exist offline), LoRA-ready.")
+@click.option("--vision", is_flag=True, default=False,
+              help="With --task generative: the vision-language variant (each record carries "
+              "its camera frame; a LLaVA-style model built from the pre-trained LM and a small "
+              "vision tower).")
 @json_option
-def prepare(out: Path, seed: int, scale: str, task: str, as_json: bool) -> None:
+def prepare(out: Path, seed: int, scale: str, task: str, vision: bool, as_json: bool) -> None:
     """Generate the city-safety data and build the model (pre-training) once."""
     from rich.console import Console
 
@@ -38,7 +42,7 @@ def prepare(out: Path, seed: int, scale: str, task: str, as_json: bool) -> None:
 
     console = Console(highlight=False)
     data, model = prepare_demo(out, settings=DemoSettings(seed=seed, scale=scale), task=task,
-                               say=(lambda m: None) if as_json else (lambda m: console.print(m)))
+                               vision=vision, say=(lambda m: None) if as_json else (lambda m: console.print(m)))
     if as_json:
         emit_json({"data": str(data), "model": str(model)})
     else:

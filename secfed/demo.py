@@ -133,24 +133,59 @@ def _prepare_generative(out: Path, settings: DemoSettings,
     return data, model
 
 
+def _prepare_vision_language(out: Path, settings: DemoSettings,
+                             say: Callable[[str], None]) -> tuple[Path, Path]:
+    """The vision-language variant: records with their camera frames, and a LLaVA-style model
+    assembled from the generative task's pre-trained causal LM (built first if missing) and a
+    vision tower aligned on generic scenes."""
+    from secfed.tasks.citysafety import generate_instruction_federation
+    from secfed.tasks.citysafety.vision_language import prepare_vision_language_model
+
+    _, text_model = _prepare_generative(out, settings, say)
+    data, built = out / "data-vision-language", out / "model-vision-language"
+    if not (data / "federation.json").is_file():
+        shutil.rmtree(data, ignore_errors=True)
+        t = time.monotonic()
+        generate_instruction_federation(data, seed=settings.seed, scale=settings.scale,
+                                        vision=True)
+        say(f"data: instruction records with camera frames under {data} "
+            f"({time.monotonic() - t:.1f} s)")
+    model = built / "model"
+    if not (model / "secfed_model.json").is_file():
+        shutil.rmtree(built, ignore_errors=True)
+        t = time.monotonic()
+        say("model: a LLaVA-style model from the pre-trained causal LM and a vision tower "
+            "aligned on generic scenes (the stand-in vision-language foundation model)")
+        prepare_vision_language_model(built, seed=settings.seed, size=settings.scale,
+                                      lm_base=text_model.parent / "base",
+                                      log=lambda m: say(f"model: {m}"))
+        say(f"model: built under {model} ({time.monotonic() - t:.1f} s)")
+    return data, model
+
+
 def prepare_demo(out: str | Path, *, settings: DemoSettings | None = None,
                  say: Callable[[str], None] = print,
-                 task: str = "classify") -> tuple[Path, Path]:
+                 task: str = "classify", vision: bool = False) -> tuple[Path, Path]:
     """``secfed demo prepare``: generate the demo data and build (pre-train) the model once.
 
     ``task`` is ``"classify"`` (the image+text classifier of ``demo run``) or ``"generative"``
     (instruction records and a small pre-trained causal LM with LoRA, under
-    ``data-generative/`` and ``model-generative/``). Returns ``(data_dir, model_dir)`` under
-    ``out``; both are reused by a later run.
+    ``data-generative/`` and ``model-generative/``); with ``vision``, its vision-language
+    variant (records with camera frames and a LLaVA-style model, under
+    ``data-vision-language/`` and ``model-vision-language/``). Returns ``(data_dir,
+    model_dir)`` under ``out``; both are reused by a later run.
 
     Raises:
-        ConfigError: an unknown ``task``.
+        ConfigError: an unknown ``task``, or ``vision`` without ``task="generative"``.
     """
-    if task == "generative":
-        return _prepare_generative(Path(out), settings or DemoSettings(), say)
-    if task != "classify":
-        from secfed.crypto.errors import ConfigError
+    from secfed.crypto.errors import ConfigError
 
+    if vision and task != "generative":
+        raise ConfigError(f"vision must go with task generative (got task {task!r})")
+    if task == "generative":
+        prepare = _prepare_vision_language if vision else _prepare_generative
+        return prepare(Path(out), settings or DemoSettings(), say)
+    if task != "classify":
         raise ConfigError(f"task must be classify or generative (got {task!r})")
     return _prepare(Path(out), settings or DemoSettings(), say)
 

@@ -14,6 +14,12 @@ classification task.
 Records are written in the instruction format of ``docs/MODELS.md`` (``records.jsonl``, one
 ``{"prompt", "completion"}`` object per line); one record is one privacy unit. numpy's
 Generator is used for *data* only.
+
+The vision-language variant (``vision=True``) adds the camera frame of each incident (the
+classification task's procedural scenes, in the enterprise's camera style) as
+``images/<id>.png`` and an ``"image"`` field; prompts and answers are the text variant's, record
+for record (the frames come from a separate random stream). The frame shows the hazard even when
+the report is too vague to name it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 
 from secfed.crypto.errors import DataError
 from secfed.tasks.citysafety.reports import write_report
+from secfed.tasks.citysafety.scenes import render_scene
 from secfed.tasks.citysafety.taxonomy import (
     ENTERPRISES,
     HAZARD_CLASSES,
@@ -122,8 +129,16 @@ def _record(report: str, fields: dict[str, str], rid: str) -> dict[str, str]:
     return {"id": rid, "prompt": prompt_of(report), "completion": answer_text(fields)}
 
 
-def _write(out: Path, records: list[dict[str, str]]) -> None:
+def _write(out: Path, records: list[dict[str, str]],
+           frames: list[np.ndarray] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    if frames is not None:
+        from PIL import Image
+
+        (out / "images").mkdir(exist_ok=True)
+        for record, frame in zip(records, frames, strict=True):
+            record["image"] = f"images/{record['id']}.png"
+            Image.fromarray(frame, mode="RGB").save(out / record["image"], format="PNG")
     lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records]
     (out / "records.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -147,21 +162,32 @@ class GenerativeData:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def _held_out(rng: np.random.Generator, per_class: int, prefix: str) -> list[dict[str, str]]:
-    """Every class equally, each report in the style of a random enterprise."""
-    out = []
+def _frames(profiles: list[EnterpriseProfile], records: list[dict[str, str]],
+            rng: np.random.Generator) -> list[np.ndarray]:
+    """One camera frame per record: its hazard, drawn in its enterprise's camera style."""
+    return [render_scene(parse_answer(r["completion"])["hazard"], rng,
+                         night_fraction=p.night_fraction, tint=p.tint)
+            for p, r in zip(profiles, records, strict=True)]
+
+
+def _held_out(rng: np.random.Generator, per_class: int, prefix: str
+              ) -> tuple[list[dict[str, str]], list[EnterpriseProfile]]:
+    """Every class equally, each report in the style of a random enterprise (returned too)."""
+    out, profiles = [], []
     for label in HAZARD_CLASSES:
         for _ in range(per_class):
             profile = ENTERPRISES[int(rng.integers(0, len(ENTERPRISES)))]
             report, fields = _incident(profile, label, rng)
             out.append(_record(report, fields, f"{prefix}-{len(out):05d}"))
+            profiles.append(profile)
     order = rng.permutation(len(out))
-    return [out[int(i)] for i in order]
+    return [out[int(i)] for i in order], [profiles[int(i)] for i in order]
 
 
 def generate_instruction_federation(out_dir: Path | str, *, seed: int,
-                                    scale: str = "demo") -> GenerativeData:
-    """Write each enterprise's instruction records, a held-out ``test/`` and ``validation/``.
+                                    scale: str = "demo", vision: bool = False) -> GenerativeData:
+    """Write each enterprise's instruction records, a held-out ``test/`` and ``validation/``;
+    with ``vision``, each record also carries its camera frame (``images/<id>.png``).
 
     Raises:
         DataError: bad scale or seed, or ``out_dir`` is not empty.
@@ -174,8 +200,11 @@ def generate_instruction_federation(out_dir: Path | str, *, seed: int,
     if root.exists() and any(root.iterdir()):
         raise DataError(f"out_dir must be empty or absent (got {str(root)!r}, not empty)")
     seeds = np.random.SeedSequence([seed, 0x6E6]).spawn(len(ENTERPRISES) + 2)
+    # frames from streams of their own, so the text records equal the text-only variant's
+    frame_rngs = [np.random.default_rng(s)
+                  for s in np.random.SeedSequence([seed, 0x1A6]).spawn(len(ENTERPRISES) + 2)]
     paths, counts = {}, {}
-    for profile, ss in zip(ENTERPRISES, seeds):
+    for k, (profile, ss) in enumerate(zip(ENTERPRISES, seeds)):
         rng = np.random.default_rng(ss)
         records = []
         per_class = _class_counts(profile.class_weights, _SIZES[scale][profile.name])
@@ -184,18 +213,20 @@ def generate_instruction_federation(out_dir: Path | str, *, seed: int,
                 records.append(_incident(profile, label, rng))
         prefix = "".join(w[0] for w in profile.name.split("_"))
         order = rng.permutation(len(records))
-        rows = [_record(*records[int(i)], f"{prefix}-{k:05d}") for k, i in enumerate(order)]
-        _write(root / profile.name, rows)
+        rows = [_record(*records[int(i)], f"{prefix}-{j:05d}") for j, i in enumerate(order)]
+        frames = _frames([profile] * len(rows), rows, frame_rngs[k]) if vision else None
+        _write(root / profile.name, rows, frames)
         paths[profile.name], counts[profile.name] = root / profile.name, len(rows)
     per_class = _TEST_PER_CLASS[scale]
-    test = _held_out(np.random.default_rng(seeds[-2]), per_class, "test")
-    validation = _held_out(np.random.default_rng(seeds[-1]), per_class, "val")
-    _write(root / "test", test)
-    _write(root / "validation", validation)
-    counts.update(test=len(test), validation=len(validation))
+    for name, ss, frame_rng in (("test", seeds[-2], frame_rngs[-2]),
+                                ("validation", seeds[-1], frame_rngs[-1])):
+        held, profiles = _held_out(np.random.default_rng(ss), per_class,
+                                   "test" if name == "test" else "val")
+        _write(root / name, held, _frames(profiles, held, frame_rng) if vision else None)
+        counts[name] = len(held)
     (root / "federation.json").write_text(json.dumps(
         {"task": "generative", "seed": seed, "scale": scale, "enterprises": sorted(paths),
-         "counts": counts}, sort_keys=True, indent=1) + "\n")
+         "counts": counts, "vision": vision}, sort_keys=True, indent=1) + "\n")
     return GenerativeData(root=root, enterprises=paths, test_dir=root / "test",
                           validation_dir=root / "validation", counts=counts)
 
