@@ -131,3 +131,21 @@ def test_vision_needs_the_generative_task(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match="vision"):
         prepare_demo(tmp_path, task="classify", vision=True)
+
+
+def test_answers_are_generated_from_report_and_frame(built) -> None:
+    from secfed.tasks.citysafety.generative import answer_accuracy, generate_answers
+
+    model, info = load_model(built["model"])
+    test_dir = built["data"].root / "test"
+    records = _records(test_dir)[:6]
+    frames = load_instruction_dataset(test_dir, model_dir=built["model"]).pixel_values[:6]
+    image = (info.image_token_id, info.image_tokens)
+    scores = answer_accuracy(model, info.tokenizer, records, pixel_values=frames, image=image)
+    assert set(scores) == {"hazard", "priority", "action", "fields", "exact"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    with pytest.raises(ModelError, match="pixel_values"):
+        generate_answers(model, info.tokenizer, [r["prompt"] for r in records],
+                         pixel_values=frames[:2], image=image)
+    with pytest.raises(ModelError, match="pixel_values"):
+        generate_answers(model, info.tokenizer, [r["prompt"] for r in records], image=image)

@@ -164,10 +164,38 @@ def prepare_generative_model(out_dir: Path | str, *, seed: int, size: str = "dem
     return report.out
 
 
+def _prompt_rows(tokenizer, prompts: list[str], image: tuple[int, int] | None) -> list[list[int]]:
+    """Prompt token ids; with ``image = (token id, count)``, the image placeholders after BOS
+    (where :mod:`secfed.data.instructions` puts them)."""
+    rows = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    if image is None:
+        return rows
+    token, count = image
+    bos = tokenizer.bos_token_id
+    out = []
+    for r in rows:
+        at = 1 if r and bos is not None and r[0] == bos else 0
+        out.append(r[:at] + [int(token)] * int(count) + r[at:])
+    return out
+
+
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer, prompts: list[str], *,
-                     max_new_tokens: int = 28, batch_size: int = 64) -> list[str]:
-    """Greedy completions of ``prompts`` (the text after the prompt, up to EOS)."""
+                     max_new_tokens: int = 28, batch_size: int = 64,
+                     pixel_values: torch.Tensor | None = None,
+                     image: tuple[int, int] | None = None) -> list[str]:
+    """Greedy completions of ``prompts`` (the text after the prompt, up to EOS); a
+    vision-language model also gets each prompt's frame (``pixel_values [N, 3, S, S]``) and
+    ``image = (image token id, tokens per image)``.
+
+    Raises:
+        ModelError: ``pixel_values`` without ``image`` (or the other way), or not one per prompt.
+    """
+    if (pixel_values is None) != (image is None) or (
+            pixel_values is not None and len(pixel_values) != len(prompts)):
+        raise ModelError("pixel_values (one per prompt) and image go together (got "
+                         f"{None if pixel_values is None else len(pixel_values)} frames for "
+                         f"{len(prompts)} prompts, image {image!r})")
     lm = model.lm if hasattr(model, "lm") else model
     was_training = lm.training
     lm.eval()
@@ -175,17 +203,18 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], *,
     out: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            rows = [tokenizer(p, add_special_tokens=True)["input_ids"]
-                    for p in prompts[start:start + batch_size]]
+            rows = _prompt_rows(tokenizer, prompts[start:start + batch_size], image)
             width = max(len(r) for r in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for j, r in enumerate(rows):  # left padding: every row ends where generation starts
                 ids[j, width - len(r):] = torch.tensor(r)
                 mask[j, width - len(r):] = 1
+            extra = {} if pixel_values is None else {
+                "pixel_values": pixel_values[start:start + batch_size]}
             generated = lm.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                     max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                    pad_token_id=pad)
+                                    pad_token_id=pad, **extra)
             for row in generated[:, width:].tolist():
                 row = row[:row.index(eos)] if eos in row else row
                 out.append(tokenizer.decode(row, skip_special_tokens=True))
@@ -194,11 +223,14 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], *,
     return out
 
 
-def answer_accuracy(model: nn.Module, tokenizer, records: list[dict[str, str]]) -> dict[
-        str, float]:
+def answer_accuracy(model: nn.Module, tokenizer, records: list[dict[str, str]], *,
+                    pixel_values: torch.Tensor | None = None,
+                    image: tuple[int, int] | None = None) -> dict[str, float]:
     """Per answer field, the share of ``records`` (``prompt``/``completion`` dicts) whose
-    greedy answer names it exactly; ``fields`` is their mean, ``exact`` all three right."""
-    answers = generate_answers(model, tokenizer, [r["prompt"] for r in records])
+    greedy answer names it exactly; ``fields`` is their mean, ``exact`` all three right.
+    A vision-language model gets the records' frames as in :func:`generate_answers`."""
+    answers = generate_answers(model, tokenizer, [r["prompt"] for r in records],
+                               pixel_values=pixel_values, image=image)
     right = np.zeros((len(records), len(ANSWER_FIELDS)), bool)
     for i, (r, text) in enumerate(zip(records, answers)):
         want, got = parse_answer(r["completion"]), parse_answer(text)
@@ -207,4 +239,3 @@ def answer_accuracy(model: nn.Module, tokenizer, records: list[dict[str, str]]) 
     out["fields"] = float(right.mean())
     out["exact"] = float(right.all(1).mean())
     return out
-
