@@ -1,0 +1,111 @@
+"""Federated DP settings of the generative task, scored on the VALIDATION split only.
+
+The tuning harness behind ``bench/generative_utility.py``'s defaults: one federated DP-SGD run
+(FedAvg of the sites' DP-SGD deltas; the plain sum here, which SecAgg reproduces exactly) at one
+epsilon, with sigma from ``plan_noise`` (RDP), scored by greedy field accuracy on
+``validation/`` -- never on ``test/``, which only the utility table reads. ``--sigma-scale 0``
+is a diagnostic (no noise: no privacy) that separates the cost of the noise from the cost of
+too few steps; it is refused without ``--diagnostic``.
+
+    .venv/bin/python bench/generative_tune.py --work bench/.work-generative/demo-demo-7 \\
+        --lora-r 2 --clip 0.3 --central
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generative_utility import cosine, model_at_rank, train_plain  # noqa: E402
+
+from secfed.data.instructions import load_instruction_dataset  # noqa: E402
+from secfed.models import adapter_layout, get_flat, load_model, set_flat  # noqa: E402
+from secfed.privacy import plan_noise  # noqa: E402
+from secfed.tasks.citysafety.generative import answer_accuracy  # noqa: E402
+from secfed.training import DPConfig, train_local  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="generative DP settings on the validation split")
+    ap.add_argument("--work", type=Path, default=Path("bench/.work-generative/demo-demo-7"),
+                    help="a work directory bench/utility.py --task generative prepared")
+    ap.add_argument("--size", default="demo")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--local-epochs", type=float, default=1.0)
+    ap.add_argument("--dp-batch", type=int, default=128)
+    ap.add_argument("--dp-lr", type=float, default=0.02)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--eps", type=float, default=8.0)
+    ap.add_argument("--sigma-scale", type=float, default=1.0)
+    ap.add_argument("--diagnostic", action="store_true")
+    ap.add_argument("--central", action="store_true", help="also centralized non-private")
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--eval-every", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.sigma_scale != 1.0 and not args.diagnostic:
+        ap.error("--sigma-scale other than 1 runs below the planned noise: add --diagnostic")
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    model_dir = model_at_rank(args.work, args, args.lora_r)
+    base, info = load_model(model_dir)
+    names = json.loads((args.work / "data" / "federation.json").read_text())["enterprises"]
+    sites = {n: load_instruction_dataset(args.work / "data" / n, model_dir=model_dir)
+             for n in names}
+    val = [json.loads(line) for line in
+           (args.work / "data" / "validation" / "records.jsonl").read_text().splitlines()]
+    start = time.time()
+
+    def score(model, tag: str) -> None:
+        s = answer_accuracy(model, info.tokenizer, val)
+        print(f"{tag}: validation fields {s['fields']:.3f} hazard {s['hazard']:.3f} priority "
+              f"{s['priority']:.3f} action {s['action']:.3f} ({time.time() - start:.0f} s)",
+              flush=True)
+
+    if args.central:
+        m = copy.deepcopy(base)
+        train_plain(m, torch.utils.data.ConcatDataset(list(sites.values())),
+                    epochs=args.epochs, lr=args.lr, batch=32, seed=args.seed)
+        score(m, "centralized (non-private)")
+    model = copy.deepcopy(base)
+    layout = adapter_layout(model)
+    global_vec = get_flat(model, layout)
+    plans = {}
+    for name, ds in sites.items():
+        q = min(1.0, args.dp_batch / len(ds))
+        steps = max(1, math.ceil(args.local_epochs / q))
+        plan = plan_noise(n_records=len(ds), sample_rate=q, steps_per_round=steps,
+                          rounds=args.rounds, budget_epsilon=args.eps, accountant="rdp")
+        plans[name] = (q, steps, plan.noise_multiplier)
+    print("plans (q, steps/round, sigma):", plans, flush=True)
+    for r in range(args.rounds):
+        deltas = []
+        for name, ds in sites.items():
+            q, steps, sigma = plans[name]
+            cfg = DPConfig(noise_multiplier=sigma * args.sigma_scale, sample_rate=q,
+                           local_steps=steps, max_grad_norm=args.clip,
+                           learning_rate=cosine(args.dp_lr, r, args.rounds), optimizer="adam",
+                           allow_zero_noise=args.diagnostic)
+            deltas.append(train_local(copy.deepcopy(model), ds, config=cfg).delta)
+        global_vec = (global_vec.astype(np.float64) + np.sum(deltas, axis=0) / len(deltas)
+                      ).astype(np.float32)
+        set_flat(model, layout, global_vec)
+        if args.eval_every and (r + 1) % args.eval_every == 0 and r + 1 < args.rounds:
+            score(model, f"federated round {r + 1}")
+    score(model, f"federated DP eps={args.eps:g} ({vars(args)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
