@@ -217,6 +217,12 @@ def _figures(kits: Any, samples: list[tuple[int, dict[str, int]]], *, warmup: in
         total = total + np.mean(
             [synthetic_update(e, r, dim).astype(np.float64) for e in survivors], 0)
         want[r] = total
+    # a run stopped early: the round in its confirmation stage (sum known) may be applied
+    flight = None
+    for r, st, s in rows:
+        if st == "open" and s:
+            flight = np.mean([synthetic_update(e, r, dim).astype(np.float64)
+                              for e in json.loads(s)], 0)
     lost = doubled = behind = 0
     worst = 0.0
     dropouts = 0
@@ -236,7 +242,10 @@ def _figures(kits: Any, samples: list[tuple[int, dict[str, int]]], *, warmup: in
         # catch it up in: its adapter holds every finished round up to the last it applied
         upto = max((r for r in want if r <= max(applied, default=0)), default=0)
         behind += sum(1 for r, _ in finished if r > upto)
-        worst = max(worst, float(np.abs(adapter - want[upto]).max()))
+        error = float(np.abs(adapter - want[upto]).max())
+        if flight is not None and upto == max(want):  # stopped early: it may have applied it
+            error = min(error, float(np.abs(adapter - (want[upto] + flight)).max()))
+        worst = max(worst, error)
         log = (kits.root.parent / f"{eid}.jsonl")
         dropouts += log.read_text(errors="replace").count('"soak_dropout"') if log.exists() else 0
     growth = _growth(samples, warmup, rounds)
