@@ -75,6 +75,11 @@ class SiteSession:
         self.participant.client.close()  # its HTTPS client is never used: Flower carries it
         self.participant.client = self.bridge  # type: ignore[assignment]
         self.identity = self.participant.identity
+        # the ledger's accountant (Opacus + torch) loads now, with the node, not in the first
+        # round's charge (which the upload waits for)
+        from secfed.privacy.accounting import load_accountant
+
+        load_accountant()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"secfed-flower-{self.kit.enterprise_id}")
         self._thread.start()

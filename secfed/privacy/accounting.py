@@ -18,6 +18,7 @@ Composition is order-free: a sequence of events is replayed into a fresh account
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ __all__ = [
     "event_rdp",
     "compose_epsilon",
     "compute_epsilon",
+    "load_accountant",
     "calibrate_noise",
     "prv_eps_error",
     "check_accounting_matches",
@@ -140,6 +142,12 @@ def _prv_history(events: Sequence[MechanismEvent]) -> tuple[tuple[float, float, 
     return tuple(sorted((s, q, n) for (s, q), n in merged.items()))
 
 
+def load_accountant() -> None:
+    """Import the PRV accountant now (Opacus, and with it torch: seconds), so a process that
+    will charge a ledger pays that at start-up instead of inside its first round's charge."""
+    _fft_friendly_prv_class()
+
+
 def _fft_friendly_prv_accountant():
     """A fresh accountant of :func:`_fft_friendly_prv_class`."""
     return _fft_friendly_prv_class()()
@@ -191,6 +199,28 @@ def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
     return eps
 
 
+_PRV_PENDING: dict[tuple[tuple[tuple[float, float, int], ...], float], threading.Lock] = {}
+_PRV_PENDING_GUARD = threading.Lock()
+
+
+def _prv_epsilon_once(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """:func:`_prv_epsilon`, computed once per (history, δ) even when many threads ask at the
+    same moment: callers of one key wait for the first one's result (then the cache answers)
+    instead of each missing the cache and composing the same PRV again. A simulation runs every
+    site's participant in one process and they all charge the same round together, so without
+    this n sites cost n PRV compositions (~1 s each) instead of one."""
+    key = (history, delta)
+    with _PRV_PENDING_GUARD:
+        lock = _PRV_PENDING.setdefault(key, threading.Lock())
+    try:
+        with lock:
+            return _prv_epsilon(history, delta)
+    finally:
+        with _PRV_PENDING_GUARD:
+            if _PRV_PENDING.get(key) is lock:
+                del _PRV_PENDING[key]
+
+
 def _rdp_epsilon(events: Sequence[MechanismEvent], delta: float) -> float:
     total = np.zeros(len(RDP_ORDERS))
     for event in events:
@@ -219,7 +249,7 @@ def compose_epsilon(
         history = _prv_history(events)
         if history is not None:
             try:
-                return _prv_epsilon(history, float(delta))
+                return _prv_epsilon_once(history, float(delta))
             except (ValueError, FloatingPointError, ArithmeticError, MemoryError):
                 pass  # documented fallback: the RDP bound is also a valid upper bound
     return _rdp_epsilon(events, float(delta))

@@ -5,6 +5,7 @@ CLI-managed node authentication, one SuperNode per site (its own EC key, registe
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from secfed.transport.pki import issue_server_cert, make_ca, write_private_pem
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
+PORT_TRIES = 3  # a port free_port() picked may be taken before the process binds it
 
 
 def free_port() -> int:
@@ -54,12 +56,15 @@ class Deployment:
         write_private_pem(tls / "server.key", server.key_pem)
         self.tls = tls
         self.port = free_port()
+        self._write_config()
+
+    def _write_config(self) -> None:
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{tls / "ca.pem"}"\n')
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.tls / "ca.pem"}"\n')
 
     def _start(self, name: str, args: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                             env=self.env, cwd=self.root)
 
@@ -68,19 +73,7 @@ class Deployment:
                               env=self.env, timeout=timeout, cwd=self.root)
 
     def start(self) -> None:
-        self._start("superlink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.tls / "ca.pem"),
-            "--ssl-certfile", str(self.tls / "server.pem"), "--ssl-keyfile",
-            str(self.tls / "server.key"), "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1",
-            "--port", str(self.port), "--database", str(self.root / "superlink.db")])
-        end = time.monotonic() + 60
-        while True:  # the Control API answers once the SuperLink is up
-            if self._flwr("supernode", "ls", timeout=30).returncode == 0:
-                break
-            if time.monotonic() > end:
-                raise RuntimeError(self.log("superlink"))
-            time.sleep(1)
+        self._start_superlink()
         for eid, kit in sorted(self.kits.enterprises.items()):
             key = self.root / f"node-{eid}.key"
             _ssh_key(key)
@@ -89,35 +82,93 @@ class Deployment:
                 raise RuntimeError(f"register {eid}: {done.stdout} {done.stderr}")
             self._start(f"site-{eid}", [str(BIN / "secfed"), "flower", "site", "--kit", str(kit),
                                         "--new-ledger"])
-            self._start(f"supernode-{eid}", [
-                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-                "--root-certificates", str(self.tls / "ca.pem"),
-                "--auth-supernode-private-key", str(key),
-                "--node-config", f'kit="{kit}"', "--port", str(free_port())])
-        self._wait_ready(len(self.kits.enterprises), end=time.monotonic() + 180)
+            self._start_supernode(eid)
+        self._wait_ready(end=time.monotonic() + 300)
 
-    def _wait_ready(self, n: int, *, end: float) -> None:
+    def _start_superlink(self) -> None:
+        """Start the SuperLink and wait until its Control API answers. A port picked by
+        :func:`free_port` can be taken by another process before the SuperLink binds it (other
+        suites run beside this one): a SuperLink that exits is started again on a new port."""
+        for attempt in range(PORT_TRIES):
+            if attempt:
+                self.port = free_port()
+                self._write_config()
+            self._start("superlink", [
+                str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.tls / "ca.pem"),
+                "--ssl-certfile", str(self.tls / "server.pem"), "--ssl-keyfile",
+                str(self.tls / "server.key"), "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                "--port", str(self.port), "--database", str(self.root / "superlink.db")])
+            end = time.monotonic() + 120
+            while self.procs["superlink"].poll() is None and time.monotonic() < end:
+                if self._flwr("supernode", "ls", timeout=60).returncode == 0:
+                    return
+                time.sleep(1)
+            self._stop("superlink")
+        raise RuntimeError("SuperLink did not come up: " + self.log("superlink"))
+
+    def _start_supernode(self, eid: str) -> None:
+        key, kit = self.root / f"node-{eid}.key", self.kits.enterprises[eid]
+        self._start(f"supernode-{eid}", [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates", str(self.tls / "ca.pem"),
+            "--auth-supernode-private-key", str(key),
+            "--node-config", f'kit="{kit}"', "--port", str(free_port())])
+
+    def _wait_ready(self, *, end: float) -> None:
         """Every site's agent socket exists and every SuperNode is online before the run (a
-        node registered but not connected yet would miss the first steps)."""
+        node registered but not connected yet would miss the first steps). A SuperNode that
+        exited (its runtime port taken meanwhile) is started again on a new port."""
         from secfed.flower.agent import socket_path
 
+        restarts = 0
         while True:
-            listed = self._flwr("supernode", "ls", "--format", "json", timeout=30).stdout
+            for eid in self.kits.enterprises:
+                if self.procs[f"site-{eid}"].poll() is not None:
+                    raise RuntimeError(f"site {eid} exited: {self.log(f'site-{eid}')}")
+                if self.procs[f"supernode-{eid}"].poll() is not None and restarts < PORT_TRIES:
+                    restarts += 1
+                    self._start_supernode(eid)
+            online = self._online()
             sockets = all(socket_path(k).exists() for k in self.kits.enterprises.values())
-            if sockets and listed.count('"online"') >= n:
+            if sockets and online >= len(self.kits.enterprises):
                 return
             if time.monotonic() > end:
-                raise RuntimeError(f"nodes not online: {listed[-2000:]}")
+                raise RuntimeError(f"{online} nodes online, sockets {sockets}: {self.logs()}")
             time.sleep(1)
+
+    def _online(self) -> int:
+        done = self._flwr("supernode", "ls", "--format", "json", timeout=60)
+        try:
+            nodes = json.loads(done.stdout)["nodes"]
+        except (ValueError, KeyError, TypeError):
+            return 0
+        return sum(1 for node in nodes if node.get("status") == "online")
 
     def run(self, timeout: float) -> subprocess.CompletedProcess:
         app = REPO / "examples" / "flower"
-        return self._flwr("run", str(app), "--stream", "--run-config",
+        done = self._flwr("run", str(app), "--stream", "--run-config",
                           f'coordinator-kit="{self.kits.coordinator}"', timeout=timeout)
+        (self.root / "flwr-run.log").write_text(done.stdout + done.stderr)  # the steps' times
+        return done
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def logs(self) -> str:
+        """The tail of every process's log (for a failed assertion's message)."""
+        return "".join(f"\n--- {name}\n{self.log(name)[-1500:]}" for name in self.procs)
+
+    def _stop(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -1,18 +1,19 @@
-"""secfed on Flower's simulation engine, end to end (slow), through ``secfed flower simulate``.
-
-The deployment engine harness (``tests/flower/deployment.py``: SuperLink with TLS and CLI-managed
-node authentication, one SuperNode and one ``secfed flower site`` per site, ``flwr run`` of
-``examples/flower``) completed 2 secagg+ rounds when run by hand, but its automated test did not
-pass reliably yet, so it is not part of the suite."""
+"""secfed on Flower's two engines, end to end (slow): the Ray simulation engine through
+``secfed flower simulate``, and the deployment engine -- a SuperLink with TLS and CLI-managed
+node authentication, one SuperNode and one ``secfed flower site`` process per site, on loopback
+-- through ``flwr run`` of ``examples/flower`` (harness: ``tests/flower/deployment.py``)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
-from .deployment import BIN
+from secfed.flower.simulate import _max_abs_error, make_kits
+
+from .deployment import BIN, Deployment
 
 
 @pytest.mark.slow
@@ -32,3 +33,27 @@ def test_simulation_engine_exact_sums_with_a_site_dropped_after_upload(mode, tmp
     assert out["max_abs_error"] <= 1e-5
     assert len(out["round_s"]) == 2 and out["coordinator_cpu_s"] > 0
     assert out["bytes_per_enterprise"] > 2000 * 4  # at least one masked/encrypted upload each
+
+
+@pytest.mark.slow
+def test_deployment_engine_tls_node_auth_flwr_run(tmp_path):
+    kits = make_kits(tmp_path / "kits", enterprises=3, dim=200, mode="secagg+", rounds=1)
+    deployment = Deployment(tmp_path, kits)
+    try:
+        deployment.start()
+        done = deployment.run(timeout=1500)
+    finally:
+        deployment.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:] + deployment.logs()
+    assert '"event": "round_done"' in done.stdout, done.stdout[-3000:] + deployment.logs()
+    error, survivors = _max_abs_error(kits, "secagg+", 200)
+    assert survivors == [3] and error <= 1e-5, (survivors, error, deployment.logs())
+    # the ledgers and transcript of the Flower run pass the audit unchanged
+    args = [sys.executable, "-m", "secfed.cli.main", "audit", "--out", str(tmp_path / "report"),
+            "--json", "--transcript", str(kits.coordinator / "state.sqlite"),
+            "--federation", str(kits.coordinator / "federation.toml")]
+    for kit in kits.enterprises.values():
+        args += ["--ledger", str(kit / "ledger.sqlite"), "--outbound", str(kit / "state.sqlite")]
+    audit = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert audit.returncode == 0, audit.stderr
+    assert json.loads(audit.stdout)["verdict"] == "pass"

@@ -244,3 +244,37 @@ def test_events_accept_numpy_scalars_and_stay_canonical() -> None:
     event = DPSGDEvent(np.float32(1.5), np.float64(0.01), np.int64(40))
     assert event == DPSGDEvent(1.5, 0.01, 40) and type(event.steps) is int
     assert event_from_json(event.to_json()) == event
+
+
+def test_concurrent_charges_of_one_history_compose_the_prv_once(monkeypatch) -> None:
+    """Many sites in one process (the Flower simulation) charge the same round at the same
+    moment: the PRV of one (history, δ) is composed once, the others wait for it and get the
+    same ε (before, every thread missed the cache and composed it again: n sites, n times)."""
+    import threading
+
+    from secfed.privacy import accounting
+
+    accounting._prv_epsilon.cache_clear()
+    calls = []
+    real = accounting._fft_friendly_prv_accountant
+
+    def counting():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(accounting, "_fft_friendly_prv_accountant", counting)
+    events = [DPSGDEvent(noise_multiplier=1.07, sample_rate=0.013, steps=5)] * 3
+    start, results = threading.Barrier(8), []
+
+    def charge():
+        start.wait()
+        results.append(compose_epsilon(events, delta=1e-5))
+
+    threads = [threading.Thread(target=charge) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert len(results) == 8 and len(set(results)) == 1 and results[0] > 0
+    accounting._prv_epsilon.cache_clear()
