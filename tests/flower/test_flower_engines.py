@@ -37,11 +37,22 @@ def test_simulation_engine_exact_sums_with_a_site_dropped_after_upload(mode, tmp
 
 @pytest.mark.slow
 def test_deployment_engine_tls_node_auth_flwr_run(tmp_path):
+    """One secagg+ round over a SuperLink with TLS and node authentication, 3 SuperNodes,
+    ``flwr run`` of the example app: exact sum, every site in it, the audit passes.
+
+    What made it flaky, and what the harness does about it: ``flwr run`` started before every
+    SuperNode was online or every site agent listened (a node mapped late misses the round:
+    wait for both, from ``flwr supernode ls --format json``); a port from :func:`free_port`
+    taken before the SuperLink or a SuperNode bound it (start it again on a new port); and
+    load -- the SuperNode starts a process per message, which must check in within Flower's
+    30 s task-claim window or is stopped and started again (self-healing, but a step can take
+    minutes on a loaded 2-core machine), so the run gets 2400 s, not 900.
+    """
     kits = make_kits(tmp_path / "kits", enterprises=3, dim=200, mode="secagg+", rounds=1)
     deployment = Deployment(tmp_path, kits)
     try:
         deployment.start()
-        done = deployment.run(timeout=1500)
+        done = deployment.run(timeout=2400)
     finally:
         deployment.stop()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:] + deployment.logs()
