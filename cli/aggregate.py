@@ -43,6 +43,18 @@ def _printer(as_json: bool):
             if kind == "message_refused":
                 console.print(f"  [dim]r{event['round']} {event['stage']:<11} refused from "
                               f"{event['sender']}: {event['kind']} ({event['error']})[/dim]")
+        elif kind == "site_refused":
+            console.print(f"  [yellow]r{event['round']} {event['enterprise']} refused the round "
+                          f"({event['kind']})[/yellow]: {event['reason']}")
+        elif kind == "awaiting_sites":
+            console.print(f"waiting for {len(event['roster'])} sites to report ready (round 1 "
+                          f"opens when all are, at the latest in "
+                          f"{max(0.0, event['deadline'] - event['at']):.0f} s)")
+        elif kind == "site_ready":
+            console.print(f"  {event['enterprise']} ready")
+        elif kind == "sites_ready":
+            missing = f"; not ready: {', '.join(event['missing'])}" if event["missing"] else ""
+            console.print(f"opening round 1: {event['reason']}{missing}")
         elif kind == "round_done":
             console.print(f"[bold green]round {event['round']} done[/bold green]: global hash "
                           f"{(event['global_hash'] or '-')[:16]}, confirmed by {event['confirmed']}")

@@ -73,6 +73,9 @@ _SETTINGS = [
                       "training)."),
     click.option("--stage-deadline", type=float, default=60.0, show_default=True,
                  help="Seconds every other stage stays open."),
+    click.option("--start-deadline", type=float, default=600.0, show_default=True,
+                 help="Seconds round 1 waits for every site to report ready (model loaded, "
+                      "features computed) before it opens anyway."),
     click.option("--clip-bound", type=float, default=None,
                  help="L2 bound on one site's update (default 8); larger updates are scaled down."),
     click.option("--dp-distributed", is_flag=True,
@@ -133,7 +136,8 @@ def _settings(opts: dict[str, Any]) -> dict[str, Any]:
         delta=opts["delta"],
         distributed=distributed,
     )
-    for warning in default_policy_refusals(dp):
+    # (a σ below the default floor is refused in every round: the budget warning adds nothing)
+    for warning in default_policy_refusals(dp) or _budget_refusals(dp, int(opts["rounds"])):
         click.echo(f"secfed: warning: {warning}", err=True)
     return dict(
         name=str(opts["name"]),
@@ -143,9 +147,30 @@ def _settings(opts: dict[str, Any]) -> dict[str, Any]:
         rounds=int(opts["rounds"]),
         threshold=opts["threshold"],
         min_participants=opts["min_participants"],
-        deadlines=validated(Deadlines, train=opts["train_deadline"], stage=opts["stage_deadline"]),
+        deadlines=validated(Deadlines, train=opts["train_deadline"], stage=opts["stage_deadline"],
+                            start=opts["start_deadline"]),
         dp=dp,
     )
+
+
+def _budget_refusals(dp: Any, rounds: int) -> list[str]:
+    """With σ given (not calibrated for the horizon): the round from which a site with the
+    default budget (site.toml: budget_epsilon = the federation's target ε, the RDP gate)
+    refuses every round, if the planned rounds do not all fit."""
+    if dp.noise_multiplier is None:
+        return []
+    from secfed.privacy.accounting import rounds_within_budget
+
+    fit = rounds_within_budget(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
+                               steps=dp.local_steps, rounds=rounds, budget=dp.target_epsilon,
+                               delta=dp.delta)
+    if fit >= rounds:
+        return []
+    return [f"--noise-multiplier {dp.noise_multiplier:g} with --sample-rate {dp.sample_rate:g} "
+            f"and --local-steps {dp.local_steps} fits {fit} of the {rounds} --rounds in the "
+            f"default site budget (--epsilon {dp.target_epsilon:g}, RDP): every site enrolled with "
+            f"the defaults refuses round {fit + 1} and later (raise --noise-multiplier, lower "
+            "--rounds, or leave --noise-multiplier out to calibrate it for the rounds)"]
 
 
 @command.command("invite")

@@ -31,6 +31,7 @@ LEVELS = {
     "site_refused": "warning", "hash_disagreement": "error", "peers_disagree": "error",
     "receipt_refused": "error", "receipt_missing": "warning", "warning": "warning",
     "ledger_created": "warning", "retry": "warning", "coordinator_stopped": "warning",
+    "refusal_not_delivered": "warning", "ready_not_delivered": "warning",
     "message": "debug", "stage": "debug", "ledger_head": "debug",
 }
 # Field names that never go to a log, whatever an event carries (defence in depth).

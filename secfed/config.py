@@ -183,6 +183,10 @@ class Deadlines(_Frozen):
     stage: float = Field(60.0, gt=0, description="every later protocol stage")
     applied: float = Field(60.0, gt=0, description="signed new-global-hash confirmations")
     between_rounds: float = Field(0.0, ge=0, description="pause before opening the next round")
+    start: float = Field(
+        600.0, ge=0, description="round 1 opens once every roster site reports ready (model "
+        "loaded, features computed) or this long after the coordinator starts, whichever is first"
+    )
 
 
 class DistributedDPSettings(_Frozen):

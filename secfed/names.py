@@ -215,6 +215,7 @@ LABEL_TRANSCRIPT = b"secfed/v1/transcript\x00"
 LABEL_TRANSCRIPT_ROUND = b"secfed/v1/transcript-round\x00"
 # transport: applied confirmations and enrolment
 LABEL_APPLIED = b"secfed/v1/applied-global-hash"
+LABEL_REFUSAL = b"secfed/v1/round-refusal"  # a site's signed refusal of a round by its policy
 LABEL_ENROL_REQUEST = b"secfed/v1/enrol-request"  # a request's proof of possession of the key
 LABEL_KEM_KEY = b"secfed/v1/enrol-ckks-kem-key"  # a site's X25519 key, signed by its identity
 LABEL_CKKS_TRANSFER = b"secfed/v1/ckks-secret-transfer"  # HKDF info and AEAD AD of a copy

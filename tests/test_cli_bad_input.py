@@ -83,6 +83,33 @@ def test_noise_multiplier_every_default_site_refuses_is_warned(tmp_path: Path) -
     assert calibrated.exit_code == 0 and "warning" not in calibrated.stderr
 
 
+def test_rounds_past_the_default_site_budget_are_warned(tmp_path: Path) -> None:
+    """σ given explicitly for more rounds than the default site budget (ε = target, RDP gate)
+    holds: init names the first round every default site refuses (issue 22 item 6)."""
+    import re
+
+    from secfed.privacy import DPSGDEvent, compose_epsilon
+
+    args = ["federation", "invite", "--name", "x", "--coordinator-url", URL, "--synthetic-dim", "8",
+            "--noise-multiplier", "0.8", "--sample-rate", "0.05", "--local-steps", "20",
+            "--epsilon", "8", "--json"]
+    many = _invoke([*args, "--rounds", "200", "--out", "many"], tmp_path)
+    assert many.exit_code == 0, many.output
+    json.loads(many.stdout)
+    warnings = [ln for ln in many.stderr.splitlines() if ln.startswith("secfed: warning: ")]
+    assert len(warnings) == 1, many.stderr
+    fit = int(re.search(r"fits (\d+) of the 200 --rounds", warnings[0]).group(1))
+    assert f"refuses round {fit + 1} and later" in warnings[0]
+
+    def eps(rounds: int) -> float:
+        return compose_epsilon([DPSGDEvent(noise_multiplier=0.8, sample_rate=0.05,
+                                           steps=20 * rounds)], delta=1e-5, accountant="rdp")
+
+    assert eps(fit) <= 8.0 < eps(fit + 1)  # the warning names exactly the first refused round
+    few = _invoke([*args, "--rounds", str(fit), "--out", "few"], tmp_path)
+    assert few.exit_code == 0 and "warning" not in few.stderr, few.stderr
+
+
 @pytest.mark.parametrize(("mode", "bound"), [("secagg", "[2, 9]"), ("secagg+", "[2, 9]"),
                                              ("ckks", "[1, 10]")])
 def test_simulate_threshold_too_large_names_threshold(tmp_path: Path, mode: str, bound: str) -> None:

@@ -25,6 +25,7 @@ from secfed.audit.verify import (
     check_ledgers_supplied,
     check_outbound,
     check_receipts,
+    check_releases,
     check_transcript,
     check_transcript_signed,
     read_enterprise_id,
@@ -206,6 +207,9 @@ def build_report(
             Check("probe_outcomes", subject, CheckStatus.PASS if ok else CheckStatus.FAIL, detail)
             for _, subject, ok, detail in findings
         )
+    for audit in audits:
+        checks.extend(check_releases(audit, transcript=transcript_data,
+                                     outbound=logs.get(audit.report.enterprise_id)))
     if transcript_data is not None:
         checks.extend(check_transcript(audits, transcript_data, roster))
         checks.extend(check_ledgers_supplied(audits, transcript_data, roster))

@@ -51,7 +51,8 @@ from secfed.privacy import (
     read_ledger_meta,
     verify_ledger,
 )
-from secfed.privacy.ledger import read_receipts, verify_receipts
+from secfed.privacy.events import ChargeRelease
+from secfed.privacy.ledger import effective_events, read_receipts, verify_receipts
 from secfed.privacy.receipts import (
     GENESIS_LINK,
     LedgerReceipt,
@@ -73,6 +74,7 @@ __all__ = [
     "check_receipts",
     "check_ledgers_supplied",
     "check_outbound",
+    "check_releases",
 ]
 
 # A recorded ε must equal the recomputed one to this relative tolerance (plus 1e-9 absolute):
@@ -264,8 +266,11 @@ def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool
     unreadable = any(c.name == "ledger_readable" for c in checks)
     eps_prv = eps_rdp = float("nan") if unreadable else 0.0
     mismatches = 0
-    for entry in entries:
-        events.append(entry.event)
+    for position, entry in enumerate(entries, start=1):
+        if isinstance(entry.event, ChargeRelease):  # composes the charges not withdrawn
+            events = effective_events(entries[:position])
+        else:
+            events.append(entry.event)
         try:
             eps_prv = compose_epsilon(events, delta=delta, accountant="prv")
             eps_rdp = compose_epsilon(events, delta=delta, accountant="rdp")
@@ -358,9 +363,10 @@ def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool
             )
         )
 
-    last = entries[-1].event if entries else None
+    charges = [e for e in entries if not isinstance(e.event, ChargeRelease)]
+    last = charges[-1].event if charges else None
     remaining = None
-    if entries and math.isfinite(spent):
+    if events and math.isfinite(spent):
         try:
             remaining = rounds_remaining(events, budget=budget, delta=delta, accountant=accountant)
         except SecfedError:
@@ -720,8 +726,9 @@ def check_outbound(enterprise_id: str, log: OutboundLog, audit: LedgerAudit) -> 
             )
         )
     charged = {}
-    for e in audit.entries:  # the round's newest entry (the head its upload carries)
-        charged[e.round_number] = e
+    for e in audit.entries:  # the round's newest charge (the head its upload carries)
+        if not isinstance(e.event, ChargeRelease):
+            charged[e.round_number] = e
     late: list[Check] = []
     for m in log.messages:
         if m.stage not in UPDATE_STAGES:
@@ -760,3 +767,50 @@ def check_outbound(enterprise_id: str, log: OutboundLog, audit: LedgerAudit) -> 
             )
         )
     return checks
+
+
+def check_releases(audit: LedgerAudit, *, transcript: Transcript | None,
+                   outbound: OutboundLog | None) -> list[Check]:
+    """Every release entry (a withdrawn charge) re-verified against what left the site: the
+    coordinator's transcript must hold the round and no upload of this enterprise in it, and
+    the site's outbound log (when given) no upload message in it. A release that fails is a
+    FAIL naming the entry (the ledger then under-reports: the audit's ε above omits a round
+    whose update did leave). Without a transcript the releases cannot be verified (skipped)."""
+    eid = audit.report.enterprise_id
+    releases = [e for e in audit.entries if isinstance(e.event, ChargeRelease)]
+    if not releases:
+        return [_pass("ledger_releases", eid, "no charge released")]
+    if transcript is None:
+        return [_skip("ledger_releases", eid,
+                      f"{len(releases)} released charges (rounds "
+                      f"{sorted({e.round_number for e in releases})}) not verifiable without the "
+                      "coordinator's transcript (--transcript)")]
+    rounds = {r.round_number for r in transcript.rounds}
+    uploaded = {u.round_number for u in transcript.uploads
+                if u.sender == eid and u.stage in UPDATE_STAGES}
+    sent = set() if outbound is None else {m.round_number for m in outbound.messages
+                                           if m.stage in UPDATE_STAGES}
+    failures = []
+    for entry in releases:
+        r = entry.round_number
+        where = {"entry": entry.index, "round_number": r}
+        if r not in rounds:
+            failures.append(_fail("ledger_releases", eid, f"entry {entry.index} releases the "
+                                  f"charge of round {r}, which the transcript does not hold",
+                                  **where))
+        elif r in uploaded:
+            failures.append(_fail("ledger_releases", eid, f"entry {entry.index} releases the "
+                                  f"charge of round {r} but the coordinator accepted {eid!r}'s "
+                                  "upload in that round (released wrongly: the ledger "
+                                  "under-reports)", **where))
+        elif r in sent:
+            failures.append(_fail("ledger_releases", eid, f"entry {entry.index} releases the "
+                                  f"charge of round {r} but the site's outbound log shows its "
+                                  "update sent in that round (released wrongly)", **where))
+    if failures:
+        return failures
+    return [_pass("ledger_releases", eid,
+                  f"{len(releases)} released charges (rounds "
+                  f"{sorted({e.round_number for e in releases})}): the transcript holds no upload "
+                  f"of {eid!r} in those rounds" + ("" if outbound is None else
+                                                   " and neither does its outbound log"))]

@@ -78,12 +78,13 @@ def _lock(path: Path) -> Any:
 def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
                     log_level: str = "warning", durable: bool = False,
                     status_listen: str | None = DEFAULT_STATUS_LISTEN,
-                    status_public: bool = False) -> str | None:
+                    status_public: bool = False, wait_for_ready: bool = True) -> str | None:
     """Serve the coordinator's HTTPS API and drive every round of the federation in the kit.
 
     With ``status_listen`` (``HOST:PORT``; port 0 picks a free one) the read-only status page
     and ``/metrics`` are served there over plain HTTP; a non-loopback host needs
-    ``status_public`` and is announced with a ``warning`` event. Both ports are bound before
+    ``status_public`` and is announced with a ``warning`` event. With ``wait_for_ready`` round
+    1 opens once every roster site reported ready or ``deadlines.start`` passed. Both ports are bound before
     anything starts, and the kit is locked first, so a busy port or a second coordinator on
     the same kit is one error.
 
@@ -116,7 +117,7 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
     status_sock = bind(*status_addr, what="--status-listen") if status_addr else None
     from secfed.coordinator.service import Coordinator
 
-    coordinator = Coordinator(kit, events=events, durable=durable)
+    coordinator = Coordinator(kit, events=events, durable=durable, wait_for_ready=wait_for_ready)
     stopped: list[str] = []
 
     async def main() -> None:

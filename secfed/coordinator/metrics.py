@@ -63,6 +63,11 @@ class _BoardCollector(Collector):
         for reason, n in sorted(b.refusals.items()):
             refusals.add_metric([reason], n)
         yield refusals
+        by_site = CounterMetricFamily("secfed_site_refusals", "Rounds sites refused by their own "
+                                      "policy (signed refusals), by reason.", labels=["reason"])
+        for reason, n in sorted(b.site_refusals.items()):
+            by_site.add_metric([reason], n)
+        yield by_site
         yield from self._heads(b)
         current = GaugeMetricFamily("secfed_current_round", "Number of the newest round opened "
                                     "(0: none).")

@@ -51,8 +51,10 @@ from secfed.transport.api import (
     Envelope,
     RoundInfo,
     RoundOutcome,
+    RoundRefusal,
     SubmitAck,
     applied_signed_bytes,
+    refusal_signed_bytes,
 )
 from secfed.transport.kits import CoordinatorKit
 
@@ -76,6 +78,7 @@ class _Live:
     deadline: float = 0.0
     abort_reason: str | None = None
     heads: dict[str, bytes] = field(default_factory=dict)  # sender -> upload head it signed
+    refused: dict[str, str] = field(default_factory=dict)  # sender -> reason of its refusal
 
 
 def noise_multiplier_for(fed: FederationConfig) -> float:
@@ -102,10 +105,15 @@ class Coordinator:
         kit: the coordinator's startup kit.
         events: receives one dict per event (round opened, stage closed, ...).
         durable: fsync every commit (survives power loss, not only a killed process).
+        wait_for_ready: open the federation's first round only once every roster site has
+            reported ready (``POST /v1/ready``: model loaded, features computed) or
+            ``deadlines.start`` has passed (``secfed aggregate`` turns it on), so no site spends
+            budget on a round it could not have finished; the stage deadlines count from the
+            round's opening.
     """
 
     def __init__(self, kit: CoordinatorKit, *, events: EventSink | None = None,
-                 durable: bool = False):
+                 durable: bool = False, wait_for_ready: bool = False):
         self.kit = kit
         self.fed = kit.federation
         self.roster = {e.id: e.public_key_bytes() for e in self.fed.roster}
@@ -128,6 +136,8 @@ class Coordinator:
         # the last round until every site it heard from was told (bounded by the caller).
         self._heard: set[str] = set()
         self._told: set[str] = set()
+        self._wait_for_ready = wait_for_ready
+        self._ready: set[str] = set()  # roster sites that reported ready (memory: re-sent)
         self._global_hash = self.fed.model.initial_global_hash
         dp = self.fed.dp
         # What the status page and /metrics show (numbers and states only, never a payload).
@@ -321,6 +331,7 @@ class Coordinator:
         records = self.state.transcript(round_number)
         stages = self.state.stages(round_number)
         machine = live.machine
+        live.refused = {s: why for s, (why, _detail) in self.state.refusals(round_number).items()}
         if not stages:  # a state file from before rounds and first stages were one commit
             live.deadline = max(self._deadline_for(Stage.ADVERTISE), time.time() + RESTART_GRACE_S)
             self.state.open_stage(round_number, Stage.ADVERTISE.value, live.deadline)
@@ -357,6 +368,8 @@ class Coordinator:
                   next_round=first)
         await self._notify()
         r = first
+        if r == 1 and self._live is None and self._wait_for_ready:
+            await self._await_ready()
         while r <= self.fed.rounds:
             if self._live is None or self._live.spec.round_number != r:
                 async with self._lock:
@@ -373,16 +386,39 @@ class Coordinator:
         self.emit("federation_finished", rounds=self.fed.rounds, global_hash=self._global_hash)
         await self._notify()
 
+    async def _await_ready(self) -> None:
+        """Hold round 1 until every roster site is ready or ``deadlines.start`` has passed."""
+        deadline = time.time() + self.fed.deadlines.start
+        roster = set(self.roster)
+        self.emit("awaiting_sites", deadline=deadline, roster=sorted(roster),
+                  ready=sorted(self._ready))
+        await self._wait_change(lambda: roster <= self._ready or self._stopping,
+                                max(0.0, deadline - time.time()), self._arrived)
+        self.emit("sites_ready", ready=sorted(self._ready & roster),
+                  missing=sorted(roster - self._ready),
+                  reason="all ready" if roster <= self._ready else "start deadline passed")
+
+    async def ready(self, *, sender: str) -> RoundInfo:
+        """A site reports it can train now (model loaded, features computed); idempotent."""
+        if sender not in self.roster:
+            raise ProtocolError(f"{sender!r} is not on the roster")
+        self._heard.add(sender)
+        if sender not in self._ready:
+            self._ready.add(sender)
+            self.emit("site_ready", enterprise=sender)
+            await self._notify(self._arrived)
+        return self._info()
+
     async def _drive(self) -> None:
         live = self._live
         assert live is not None
         machine = live.machine
         while live.status == "open":
             await self._wait_change(
-                lambda: machine.complete() or time.time() >= live.deadline,
+                lambda: self._answered(live) or time.time() >= live.deadline,
                 max(0.0, live.deadline - time.time()) + TICK_S, self._arrived,
             )
-            if not (machine.complete() or time.time() >= live.deadline):
+            if not (self._answered(live) or time.time() >= live.deadline):
                 continue
             async with self._lock:
                 # sums, unmasking and probe products: heavy
@@ -399,6 +435,13 @@ class Coordinator:
             async with self._lock:
                 self._finish(live)
             await self._notify()
+
+    @staticmethod
+    def _answered(live: _Live) -> bool:
+        """Every participant the open stage waits for has sent its message or refused the
+        round (signed): the stage closes now rather than at its deadline."""
+        machine = live.machine
+        return machine.complete() or set(machine.expected()) <= set(live.refused)
 
     def _close_stage(self, live: _Live) -> None:
         machine = live.machine
@@ -665,6 +708,60 @@ class Coordinator:
         await self._notify(self._arrived)
         return SubmitAck(accepted=True, duplicate=prior is not None, round_number=round_number,
                          stage="done", sha256=hashlib.sha256(message).hexdigest())
+
+    async def refuse(self, *, sender: str, round_number: int,
+                     refusal: RoundRefusal) -> SubmitAck:
+        """Record a site's signed refusal of the open round: shown on the status page, counted
+        by reason in the metrics, and the stage waiting for the site closes without waiting out
+        its deadline once everyone else has answered.
+
+        Raises:
+            InvalidSignature: not signed by ``sender``'s pinned identity key.
+            ProtocolError: a round not open, a spec other than the announced one, or a sender
+                that is not a participant of the round.
+        """
+        try:
+            return await self._refuse(sender=sender, round_number=round_number, refusal=refusal)
+        except SecfedError as exc:
+            self.emit("message_refused", round=round_number, stage="refusal", sender=sender,
+                      error=type(exc).__name__, kind=refusal_kind(type(exc).__name__, str(exc)))
+            raise
+
+    async def _refuse(self, *, sender: str, round_number: int,
+                      refusal: RoundRefusal) -> SubmitAck:
+        if sender not in self.roster:
+            raise ProtocolError(f"{sender!r} is not on the roster")
+        message = refusal_signed_bytes(
+            federation=self.fed.name, round_number=round_number,
+            spec_sha256=refusal.spec_sha256, reason=refusal.reason, detail=refusal.detail)
+        try:  # before anything else: an unsigned or forged refusal changes nothing
+            verify_signature(self.roster[sender], bytes.fromhex(refusal.signature_hex), message)
+        except InvalidSignature:
+            raise InvalidSignature() from None
+        async with self._lock:
+            live = self._current(round_number)
+            announced = hashlib.sha256(live.spec.to_bytes()).hexdigest()
+            if not constant_time_equal(announced.encode(), refusal.spec_sha256.encode()):
+                raise ProtocolError(
+                    f"refusal must name the spec announced for round {round_number} "
+                    f"(got spec_sha256 {refusal.spec_sha256[:12]}...)")
+            if sender not in live.spec.participants:
+                raise ProtocolError(f"{sender!r} is not a participant of round {round_number}")
+            if live.status != "open":
+                raise ProtocolError(f"round {round_number} is past its stages: refusal too late")
+            duplicate = sender in live.refused
+            if not duplicate:
+                with self.state.transaction():
+                    self.state.refuse(round_number, sender, reason=refusal.reason,
+                                      detail=refusal.detail, spec_sha256=refusal.spec_sha256,
+                                      signature=bytes.fromhex(refusal.signature_hex))
+                live.refused[sender] = refusal.reason
+        if not duplicate:
+            self.emit("site_refused", round=round_number, enterprise=sender,
+                      kind=refusal.reason, reason=refusal.detail)
+            await self._notify(self._arrived)
+        return SubmitAck(accepted=True, duplicate=duplicate, round_number=round_number,
+                         stage="refusal", sha256=hashlib.sha256(message).hexdigest())
 
     async def aggregate(self, *, sender: str, round_number: int) -> bytes:
         """The final protocol message of a finished round, for a participant catching up."""

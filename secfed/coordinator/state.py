@@ -101,6 +101,16 @@ CREATE TABLE IF NOT EXISTS confirmations (
     received_at REAL NOT NULL,
     PRIMARY KEY (round, sender)
 );
+CREATE TABLE IF NOT EXISTS refusals (          -- sites that declined a round by their policy
+    round       INTEGER NOT NULL REFERENCES rounds(round),
+    sender      TEXT NOT NULL,
+    reason      TEXT NOT NULL,                 -- secfed.transport.api.REFUSAL_REASONS
+    detail      TEXT NOT NULL,                 -- the site's own error line
+    spec_sha256 TEXT NOT NULL,                 -- hex SHA-256 of the refused RoundSpec bytes
+    signature   BLOB NOT NULL,                 -- Ed25519 over refusal_signed_bytes(...)
+    received_at REAL NOT NULL,
+    PRIMARY KEY (round, sender)
+);
 """
 
 
@@ -362,6 +372,22 @@ class CoordinatorState:
             " VALUES (?, ?, ?, ?, ?)",
             (round_number, sender, global_hash, signature, time.time()),
         )
+
+    # refusals
+    def refuse(self, round_number: int, sender: str, *, reason: str, detail: str,
+               spec_sha256: str, signature: bytes) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO refusals(round, sender, reason, detail, spec_sha256, signature,"
+            " received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (round_number, sender, reason, detail, spec_sha256, signature, time.time()),
+        )
+
+    def refusals(self, round_number: int) -> dict[str, tuple[str, str]]:
+        """sender -> (reason, detail) of the signed refusals accepted for a round."""
+        rows = self.db.execute(
+            "SELECT sender, reason, detail FROM refusals WHERE round = ?", (round_number,)
+        ).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def confirmations(self, round_number: int) -> dict[str, tuple[str, bytes]]:
         rows = self.db.execute(

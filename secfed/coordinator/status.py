@@ -10,12 +10,14 @@ O(enterprises + rounds shown), so a scrape does not touch SQLite.
 Per enterprise and round, the board tracks one state (:data:`ENTERPRISE_STATES`):
 
 * ``waiting``: a participant of the round not heard from in it yet;
+* ``ready``: before round 1, the site reported its model and data loaded (round 1 opens once
+  every roster site is ready or ``deadlines.start`` passed);
 * ``advertised`` / ``uploaded`` / ``confirmed``: its key advert, its upload, its signed
   confirmation of the new global hash were accepted;
 * ``dropped``: a stage closed without its message (the round goes on without it);
 * ``late``: a message of it arrived after its stage closed and was refused;
 * ``refused by policy``: the site declined the round under its own policy (event
-  ``site_refused``: the hook for the signed refusal of issue J item 6);
+  ``site_refused``, from the site's signed refusal: its reason and the rule it names);
 * ``excluded``: a roster member that is not a participant of this round.
 
 ε per enterprise is what the coordinator can attest from the ledger heads it accepted: each
@@ -39,7 +41,7 @@ from secfed.privacy.events import DPSGDEvent
 
 __all__ = ["StatusBoard", "ENTERPRISE_STATES", "abort_kind", "refusal_kind", "REFRESH_S"]
 
-ENTERPRISE_STATES = ("waiting", "advertised", "uploaded", "confirmed", "dropped", "late",
+ENTERPRISE_STATES = ("waiting", "ready", "advertised", "uploaded", "confirmed", "dropped", "late",
                      "refused by policy", "excluded")
 REFRESH_S = 1  # the page reloads itself this often: a change shows within REFRESH_S + a render
 HISTORY_SHOWN = 50  # rounds listed on the page (all are counted in the metrics)
@@ -139,11 +141,13 @@ class StatusBoard:
         self.stage_opened_at: float | None = None
         self.deadline: float | None = None
         self.finished = False
+        self.start_deadline: float | None = None  # round 1 opens by then (awaiting sites)
         self.started_at = clock()
         # metrics (cumulative over this process, plus history loaded at start)
         self.completed = 0
         self.aborted: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
+        self.site_refusals: Counter[str] = Counter()  # signed policy refusals, by reason
         self.bytes_in: Counter[str] = Counter()  # per stage
         self.bytes_out: Counter[str] = Counter()
         self.heads_seen: Counter[str] = Counter()  # per stage (upload | applied)
@@ -214,6 +218,18 @@ class StatusBoard:
     def _on_coordinator_started(self, event: dict[str, Any]) -> None:
         self.started_at = float(event.get("at", self._clock()))
 
+    def _on_awaiting_sites(self, event: dict[str, Any]) -> None:
+        self.start_deadline = float(event["deadline"])
+        for eid in event.get("ready") or ():
+            self._on_site_ready({"enterprise": eid})
+
+    def _on_site_ready(self, event: dict[str, Any]) -> None:
+        if self.current is None:
+            self._mark(str(event["enterprise"]), "ready")
+
+    def _on_sites_ready(self, _event: dict[str, Any]) -> None:
+        self.start_deadline = None
+
     def _on_round_opened(self, event: dict[str, Any]) -> None:
         now = float(event.get("at", self._clock()))
         participants = tuple(event["participants"])
@@ -271,8 +287,9 @@ class StatusBoard:
             self.enterprises[eid].note = f"{event.get('stage')} refused: {kind}"
 
     def _on_site_refused(self, event: dict[str, Any]) -> None:
-        """The site declined the round under its own policy (issue J item 6 reports it)."""
+        """The site declined the round under its own policy (its signed refusal)."""
         self.refusals["policy"] += 1
+        self.site_refusals[str(event.get("kind") or "policy")] += 1
         if int(event.get("round", -1)) == self.current:
             self._mark(str(event["enterprise"]), "refused by policy", str(event.get("reason", "")))
 
@@ -359,6 +376,10 @@ class StatusBoard:
                 "number": current.round, "mode": current.mode, "status": current.status,
                 "stage": self.stage, "deadline": self.deadline,
                 "participants": len(current.participants)},
+            "start": None if self.start_deadline is None else {
+                "deadline": self.start_deadline,
+                "ready": sum(e.state == "ready" for e in self.enterprises.values()),
+                "roster": len(self.enterprises)},
             "target_epsilon": self.target_epsilon,
             "enterprises": [
                 {"id": e.id, "state": e.state, "note": e.note, "head_index": e.head_index,

@@ -24,7 +24,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.2em 2em;color:#1b1b1b;backgroun
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
 table{border-collapse:collapse;background:#fff}th,td{padding:.25em .7em;border:1px solid #ddd;
 text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.muted{color:#666}.s-waiting{color:#555}.s-advertised{color:#0a5a9c}.s-uploaded{color:#0a6f3c}
+.muted{color:#666}.s-waiting{color:#555}.s-ready{color:#0a5a9c}.s-advertised{color:#0a5a9c}.s-uploaded{color:#0a6f3c}
 .s-confirmed{color:#0a6f3c;font-weight:600}.s-dropped,.s-late{color:#a35b00;font-weight:600}
 .s-refused-by-policy,.s-excluded{color:#a11;font-weight:600}.st-aborted{color:#a11}
 .st-done{color:#0a6f3c}.bar{display:inline-block;height:.7em;background:#5b8def;vertical-align:middle}
@@ -53,7 +53,14 @@ def _bytes(n: int) -> str:
 def _round_section(snap: dict[str, Any]) -> str:
     r = snap["round"]
     if r is None:
-        return '<p id="round" data-field="round-none">No round opened yet.</p>'
+        start = snap.get("start")
+        if start is None:
+            return '<p id="round" data-field="round-none">No round opened yet.</p>'
+        left = max(0.0, start["deadline"] - snap["now"])
+        return ('<p id="round" data-field="round-none">No round opened yet: waiting for the '
+                f'sites to report ready (<b data-field="ready">{start["ready"]}</b> of '
+                f'{start["roster"]}); round 1 opens when all are, or at '
+                f'{_when(start["deadline"])} ({left:.0f} s left) at the latest.</p>')
     left = "" if r["deadline"] is None else f" ({max(0.0, r['deadline'] - snap['now']):.0f} s left)"
     return (
         f'<p id="round">Round <b data-field="round">{r["number"]}</b> of '

@@ -26,6 +26,7 @@ from secfed.transport.api import (
     Envelope,
     RoundInfo,
     RoundOutcome,
+    RoundRefusal,
     SubmitAck,
 )
 
@@ -184,6 +185,17 @@ class FlowerBridge:
         self._post(round_number, APPLIED, Answer("confirmation", body))
         return SubmitAck(accepted=True, round_number=round_number, stage="done",
                          sha256=hashlib.sha256(body).hexdigest())
+
+    def refuse(self, *, round_number: int, refusal: RoundRefusal) -> SubmitAck:
+        """Over Flower a refusing site answers the step with its round report (the workflow
+        closes the stage once every node answered), so the refusal itself goes nowhere."""
+        return SubmitAck(accepted=True, round_number=round_number, stage="refusal",
+                         sha256=hashlib.sha256(refusal.model_dump_json().encode()).hexdigest())
+
+    def ready(self) -> RoundInfo:
+        """Flower's workflow starts once every node has connected and proved its identity."""
+        with self._cond:
+            return self._info or RoundInfo(round_number=0, status="waiting")
 
     def outcome(self, *, round_number: int, until: float | None = None) -> RoundOutcome:
         with self._cond:

@@ -12,6 +12,11 @@ the upload: the DP-SGD release, then the distributed-DP release planned for the 
 never fewer, so this over-reports rather than under-reports). The ledger is append-only and
 composes every entry, so a later entry can only add to ε: the exact figure for the survivors is
 reported beside the ledger (:meth:`SiteLedger.exact_epsilon`), never written into it.
+
+A round that aborted before this site's update left it (its outbound log holds no upload) gets
+its charge(s) withdrawn by signed release entries (:meth:`SiteLedger.release_round`): the ledger
+then composes as if the round had not been charged, and the audit re-verifies each release
+against the coordinator's transcript.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from secfed.config import DPSGDTerms
 from secfed.crypto.keys import IdentityKey
 from secfed.privacy import DistributedDPEvent, DPSGDEvent, Ledger, compose_epsilon
 from secfed.privacy.events import MechanismEvent
+from secfed.privacy.ledger import effective_events
 from secfed.privacy.receipts import LedgerReceipt
 
 __all__ = ["SiteLedger", "open_site_ledger"]
@@ -72,13 +78,27 @@ class SiteLedger:
     def exact_epsilon(self, *, planned: DistributedDPEvent, exact: DistributedDPEvent) -> float:
         """ε (budget accountant) over the ledger's events with the newest ``planned``
         distributed-DP entry replaced by ``exact`` (the shares that reached the sum)."""
-        events: list[MechanismEvent] = [e.event for e in self._ledger.entries()]
+        events: list[MechanismEvent] = effective_events(self._ledger.entries())
         for i in range(len(events) - 1, -1, -1):
             if events[i] == planned:
                 events[i] = exact
                 break
         return float(compose_epsilon(events, delta=self._ledger.delta,
                                      accountant=self._ledger.budget_accountant))
+
+    def release_round(self, round_number: int) -> bytes | None:
+        """Withdraw the round's charge(s) -- only for a round whose update never left the site
+        (the caller checked its outbound log): one signed release entry per charge, so ε
+        equals ε without the round. Returns the signed head after it, or None when the round
+        has no charge to release (the round aborted before the charge was committed).
+
+        Raises:
+            LedgerError: the write failed (nothing written).
+        """
+        if not self._ledger.unreleased_charges(round_number):
+            return None
+        self._ledger.release(round_number=round_number)
+        return self._ledger.head().to_bytes()
 
     def epsilon(self) -> float:
         """Epsilon spent so far (PRV accountant, the reported figure)."""

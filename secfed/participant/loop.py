@@ -21,10 +21,12 @@ joins the next one.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,10 +63,13 @@ from secfed.privacy.receipts import LedgerReceipt
 from secfed.protocol.participant import ParticipantResult, ParticipantRound
 from secfed.protocol.spec import ParticipantPolicy, RoundSpec, Stage
 from secfed.transport.api import (
+    MAX_REFUSAL_DETAIL,
     AppliedConfirmation,
     Envelope,
     RoundInfo,
+    RoundRefusal,
     applied_signed_bytes,
+    refusal_signed_bytes,
 )
 from secfed.transport.client import CoordinatorClient, CoordinatorUnreachable
 from secfed.transport.kits import EnterpriseKit
@@ -203,18 +208,21 @@ class Participant:
         """
         reports: list[RoundReport] = []
         after = self.state.last_round()
+        info = self._report_ready(after)
         while (max_rounds is None or len(reports) < max_rounds) and after < self.fed.rounds:
-            try:
-                info = self.client.round_info(after=after, wait=self._poll)
-            except CoordinatorUnreachable as exc:
-                raise CoordinatorUnreachable(
-                    f"this site stopped after round {after} of {self.fed.rounds}: {exc} (run "
-                    "join again to catch up if the federation goes on)") from None
+            if info is None or info.round_number <= after:
+                try:
+                    info = self.client.round_info(after=after, wait=self._poll)
+                except CoordinatorUnreachable as exc:
+                    raise self._stopped(after, exc) from None
             received = time.monotonic()
             if info.round_number <= after:
                 if info.status == "finished":
                     self.emit("federation_finished", round=after)
                     break
+                if info.round_number == 0:  # a restarted coordinator forgot who was ready
+                    self._report_ready(after)
+                info = None
                 continue
             after = info.round_number
             report = self._round(info, received)
@@ -224,7 +232,27 @@ class Participant:
                       metrics=report.metrics, detail=report.detail)
             if info.status == "finished":
                 break
+            info = None
         return reports
+
+    def _stopped(self, after: int, exc: CoordinatorUnreachable) -> CoordinatorUnreachable:
+        return CoordinatorUnreachable(
+            f"this site stopped after round {after} of {self.fed.rounds}: {exc} (run "
+            "join again to catch up if the federation goes on)")
+
+    def _report_ready(self, after: int) -> RoundInfo | None:
+        """Tell the coordinator this site can train now (its model and data are loaded before
+        the loop starts), so round 1 need not open before it; the round info it answers with.
+        A coordinator that does not take the report is simply not told (None)."""
+        try:
+            info = self.client.ready()
+        except CoordinatorUnreachable as exc:
+            raise self._stopped(after, exc) from None
+        except (ProtocolError, TransportError, ConfigError) as exc:
+            self.emit("ready_not_delivered", reason=f"{type(exc).__name__}: {exc}")
+            return None
+        self.emit("ready", round=info.round_number)
+        return info
 
     def _round(self, info: RoundInfo, received: float | None = None) -> RoundReport:
         """Check and take part in the round ``info`` announces (it reached this site at
@@ -241,20 +269,78 @@ class Participant:
         try:
             spec, terms, hook = self._check(info)
         except (ConfigError, EncodingError, PrivacyError, ProtocolAbort) as exc:
+            why = getattr(exc, REFUSAL_ATTR, "config")
             self.state.set_round(r, "refused", mode=mode, detail=str(exc))
-            self.emit("round_refused", round=r, reason=str(exc))
+            self.emit("round_refused", round=r, reason=str(exc), why=why)
+            self._tell_refusal(info, why, str(exc))
             return RoundReport(r, "refused", mode, detail=str(exc))
         try:
             return self._take_part(spec, terms, hook, received)
         except (ProtocolAbort, ProtocolError, TransportError) as exc:
             self.state.set_round(r, "aborted", detail=str(exc))
             self.emit("round_aborted", round=r, reason=str(exc))
+            self._release_unsent(r)
             return RoundReport(r, "aborted", spec.mode, epsilon=self.ledger.epsilon(),
                                detail=str(exc))
 
+    def _release_unsent(self, round_number: int) -> None:
+        """After an aborted round: if this site's update never left it (no upload in its
+        outbound log, whose rows are written before a message is sent), withdraw the round's
+        charge with a signed release entry; ``secfed audit`` re-verifies it against the
+        coordinator's transcript. An upload that may have left keeps its charge."""
+        if self.state.has_sent(round_number, Stage.UPLOAD.value):
+            return
+        if self.ledger.release_round(round_number) is None:
+            return
+        self.emit("charge_released", round=round_number, epsilon=self.ledger.epsilon(),
+                  detail="the round aborted before this site's update left it")
+
     def _check(self, info: RoundInfo) -> tuple[RoundSpec, RoundTerms, DistributedDP | None]:
         """Every check that can refuse the round, before training and before any secret;
-        returns the spec, the terms and the round's distributed-DP noise hook (or None)."""
+        returns the spec, the terms and the round's distributed-DP noise hook (or None).
+
+        Raises:
+            ConfigError, EncodingError, PrivacyError, ProtocolAbort: the round is refused; the
+                error carries the reason (one of ``REFUSAL_REASONS``) as ``refusal_reason``.
+        """
+        with _refusing("pinned"):
+            spec, terms = self._announced(info)
+            # Everything federation.toml pins (scheduled mode, roster, k, t, min_participants,
+            # clip, ring, scale, the DP terms) must be exactly what the coordinator announced.
+            check_pinned(self.fed, spec, terms, noise_multiplier=self._pinned_sigma())
+        with _refusing("policy"):
+            self.kit.policy.check_round(terms, roster=self.fed.enterprise_ids(),
+                                        schedule=self.fed.mode_schedule)
+            self._policy(spec).check(spec, me=self.me, roster=self.roster)
+            hook = distributed_hook(federation=self.fed, policy=self.kit.policy, spec=spec,
+                                    terms=terms)
+        with _refusing("global_hash"):
+            mine = self.site.global_hash()
+            if spec.global_hash != mine:
+                self._catch_up(before=spec.round_number)
+                mine = self.site.global_hash()
+            if spec.global_hash != mine:
+                raise ProtocolAbort(
+                    f"global_hash must be this site's adapter hash {mine[:12]}... "
+                    f"(got {spec.global_hash[:12]}...)", stage="advertise",
+                )
+        with _refusing("config"):
+            if spec.mode == Mode.CKKS and self._ckks_context() is None:
+                raise ConfigError("mode ckks needs ckks_secret.ctx in the kit (missing)")
+        with _refusing("budget"):
+            eps_after = self.ledger.check_round(
+                terms.dp_sgd, distributed=hook.planned_event(spec) if hook else None)
+            self.kit.policy.check_budget(spent_epsilon=self.ledger.epsilon(),
+                                         round_epsilon_after=eps_after)
+        return spec, terms, hook
+
+    def _announced(self, info: RoundInfo) -> tuple[RoundSpec, RoundTerms]:
+        """The round's spec and terms as announced, consistent with each other and this
+        federation's name and vector length.
+
+        Raises:
+            ConfigError: missing or inconsistent spec/terms.
+        """
         if info.spec_hex is None or info.terms is None:
             raise ConfigError("round info must carry spec and terms (got none)")
         spec = RoundSpec.from_bytes(bytes.fromhex(info.spec_hex))
@@ -269,29 +355,29 @@ class Participant:
             raise ConfigError(
                 f"vector_length must be {self.fed.model.vector_length} (got {spec.vector_length})"
             )
-        # Everything federation.toml pins (scheduled mode, roster, k, t, min_participants, clip,
-        # ring, scale, the DP terms) must be exactly what the coordinator announced.
-        check_pinned(self.fed, spec, terms, noise_multiplier=self._pinned_sigma())
-        self.kit.policy.check_round(terms, roster=self.fed.enterprise_ids(),
-                                    schedule=self.fed.mode_schedule)
-        self._policy(spec).check(spec, me=self.me, roster=self.roster)
-        hook = distributed_hook(federation=self.fed, policy=self.kit.policy, spec=spec, terms=terms)
-        mine = self.site.global_hash()
-        if spec.global_hash != mine:
-            self._catch_up(before=spec.round_number)
-            mine = self.site.global_hash()
-        if spec.global_hash != mine:
-            raise ProtocolAbort(
-                f"global_hash must be this site's adapter hash {mine[:12]}... "
-                f"(got {spec.global_hash[:12]}...)", stage="advertise",
-            )
-        if spec.mode == Mode.CKKS and self._ckks_context() is None:
-            raise ConfigError("mode ckks needs ckks_secret.ctx in the kit (missing)")
-        eps_after = self.ledger.check_round(
-            terms.dp_sgd, distributed=hook.planned_event(spec) if hook else None)
-        self.kit.policy.check_budget(spent_epsilon=self.ledger.epsilon(),
-                                     round_epsilon_after=eps_after)
-        return spec, terms, hook
+        return spec, terms
+
+    def _tell_refusal(self, info: RoundInfo, reason: str, detail: str) -> None:
+        """Send the coordinator this site's signed refusal (it records it and stops waiting
+        for this site). Best effort: a coordinator that cannot take it waits out its deadline,
+        as before; the refusal stays in this site's state either way."""
+        if info.spec_hex is None:
+            return
+        r = info.round_number
+        spec_sha256 = hashlib.sha256(bytes.fromhex(info.spec_hex)).hexdigest()
+        detail = detail[:MAX_REFUSAL_DETAIL]
+        signature = self.identity.sign(refusal_signed_bytes(
+            federation=self.fed.name, round_number=r, spec_sha256=spec_sha256, reason=reason,
+            detail=detail))
+        refusal = RoundRefusal(reason=reason, detail=detail,  # type: ignore[arg-type]
+                               spec_sha256=spec_sha256, signature_hex=signature.hex())
+        self.state.sent(round_number=r, stage="refusal", destination="coordinator",
+                        payload=refusal.model_dump_json().encode(),
+                        protection=Protection.SIGNED.value)
+        try:
+            self.client.refuse(round_number=r, refusal=refusal)
+        except (ProtocolError, TransportError, ConfigError) as exc:
+            self.emit("refusal_not_delivered", round=r, reason=f"{type(exc).__name__}: {exc}")
 
     def _policy(self, spec: RoundSpec) -> ParticipantPolicy:
         """The protocol-level policy: the site's floors plus every value federation.toml pins
@@ -731,6 +817,21 @@ class Participant:
                 )
             agree += 1
         return agree
+
+
+REFUSAL_ATTR = "refusal_reason"  # why a refusing error refused (set by _refusing)
+
+
+@contextlib.contextmanager
+def _refusing(reason: str) -> Iterator[None]:
+    """Tag a refusing error of the block with ``reason`` (one of ``REFUSAL_REASONS``: what the
+    site's signed refusal tells the coordinator) and let it go on unchanged."""
+    try:
+        yield
+    except (ConfigError, EncodingError, PrivacyError, ProtocolAbort) as exc:
+        if not hasattr(exc, REFUSAL_ATTR):
+            setattr(exc, REFUSAL_ATTR, reason)
+        raise
 
 
 class _Background:

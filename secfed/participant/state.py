@@ -125,6 +125,13 @@ class ParticipantState:
                                   (round_number,)).fetchone()
         return row[0] if row else None
 
+    def has_sent(self, round_number: int, stage: str) -> bool:
+        """Whether a ``stage`` message of the round was recorded (rows are written before the
+        message is sent, so False means it never left)."""
+        with self._lock:
+            return self.db.execute("SELECT 1 FROM outbound WHERE round = ? AND stage = ? LIMIT 1",
+                                   (round_number, stage)).fetchone() is not None
+
     def outbound(self) -> list[tuple]:
         with self._lock:
             return self.db.execute(

@@ -52,6 +52,7 @@ __all__ = [
     "check_accounting_matches",
     "NoisePlan",
     "plan_noise",
+    "rounds_within_budget",
 ]
 
 Accountant = Literal["prv", "rdp"]
@@ -393,3 +394,26 @@ def check_accounting_matches(
                 f"{name} must be the same for the accountant and the optimizer "
                 f"(accountant {a!r}, optimizer {o!r})"
             )
+
+
+def rounds_within_budget(*, noise_multiplier: float, sample_rate: float, steps: int,
+                         rounds: int, budget: float, delta: float,
+                         accountant: Accountant = "rdp") -> int:
+    """How many of ``rounds`` rounds of ``steps`` DP-SGD steps each fit a fresh ledger's
+    ``budget`` (the ledger's gate: ``accountant`` at ``delta``); ``rounds`` when all do.
+
+    Raises:
+        ConfigError: bad parameters.
+    """
+    def fits(k: int) -> bool:
+        event = DPSGDEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                           steps=steps * k)
+        return compose_epsilon([event], delta=delta, accountant=accountant) <= budget
+
+    if fits(rounds):
+        return rounds
+    lo, hi = 0, rounds  # fits(lo) (nothing spent) and not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

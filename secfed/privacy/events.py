@@ -23,6 +23,8 @@ __all__ = [
     "GaussianEvent",
     "DistributedDPEvent",
     "MechanismEvent",
+    "ChargeRelease",
+    "LedgerEvent",
     "event_from_json",
     "canonical_json",
 ]
@@ -147,6 +149,41 @@ class DistributedDPEvent:
 
 MechanismEvent = DPSGDEvent | GaussianEvent | DistributedDPEvent
 
+
+@dataclass(frozen=True)
+class ChargeRelease:
+    """Not a release of anything about the data: it withdraws the ledger's earlier charge entry
+    ``entry`` (whose hash is ``entry_hash``, hex) for a round whose update never left the site
+    (the round aborted before its upload). The ledger composes every charge it has not
+    withdrawn; the audit re-verifies each withdrawal against the coordinator's transcript (no
+    upload from the site in that round) and fails it otherwise. Added in issue 22 as a new kind
+    (its own ``v`` 1): a reader that predates it refuses the entry instead of misreading it.
+    """
+
+    entry: int
+    entry_hash: str
+
+    KIND = "charge_release"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "entry", _positive_int("charge_release", "entry", self.entry))
+        digest = self.entry_hash
+        if not (isinstance(digest, str) and len(digest) == 64
+                and all(c in "0123456789abcdef" for c in digest)):
+            raise ConfigError(f"charge_release.entry_hash must be 64 lower-case hex characters "
+                              f"(got {str(digest)[:70]!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": EVENT_VERSION, "kind": self.KIND, "entry": self.entry,
+                "entry_hash": self.entry_hash}
+
+    def to_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+
+#: What a ledger entry holds: a charge (a mechanism event) or the release of an earlier charge.
+LedgerEvent = MechanismEvent | ChargeRelease
+
 # The fixed table of kinds this version can decode: name -> (class, field names).
 _KINDS: dict[str, tuple[type, tuple[str, ...]]] = {
     DPSGDEvent.KIND: (DPSGDEvent, ("noise_multiplier", "sample_rate", "steps")),
@@ -154,10 +191,11 @@ _KINDS: dict[str, tuple[type, tuple[str, ...]]] = {
     DistributedDPEvent.KIND: (
         DistributedDPEvent, ("l2_sensitivity", "l1_sensitivity", "variance", "shares", "count")
     ),
+    ChargeRelease.KIND: (ChargeRelease, ("entry", "entry_hash")),
 }
 
 
-def event_from_json(text: str | bytes) -> MechanismEvent:
+def event_from_json(text: str | bytes) -> LedgerEvent:
     """Decode an event's canonical JSON; the text must be exactly canonical.
 
     Raises:

@@ -10,6 +10,12 @@ Append-only is enforced twice: SQL triggers abort any UPDATE or DELETE, and the 
 signatures make any edit of the file detectable by :func:`verify_ledger`, which also recomputes
 every ε from the recorded events. A charge is committed and fsync'd before :meth:`Ledger.charge`
 returns, so a crash between charge and send over-reports, never under-reports.
+
+A charge for a round whose update never left the site (the round aborted before its upload) can
+be withdrawn by a later signed entry, a :class:`~secfed.privacy.events.ChargeRelease` naming the
+charge entry and its hash (:meth:`Ledger.release`). The ledger composes every charge not
+withdrawn (:func:`effective_events`), so ε after a release equals ε without that round; nothing
+is deleted, and ``secfed audit`` re-verifies every release against the coordinator's transcript.
 """
 
 from __future__ import annotations
@@ -47,7 +53,13 @@ from secfed.privacy.accounting import (
     event_rdp,
 )
 from secfed.privacy.analysis import RDP_ORDERS, rdp_to_epsilon
-from secfed.privacy.events import MechanismEvent, canonical_json, event_from_json
+from secfed.privacy.events import (
+    ChargeRelease,
+    LedgerEvent,
+    MechanismEvent,
+    canonical_json,
+    event_from_json,
+)
 from secfed.privacy.receipts import LedgerReceipt
 
 _T = TypeVar("_T")
@@ -66,6 +78,8 @@ __all__ = [
     "verify_receipts",
     "entry_hash",
     "head_message",
+    "effective_events",
+    "released_entries",
 ]
 
 LEDGER_FORMAT = 1  # schema + canonical-encoding version, stored in the meta table
@@ -131,13 +145,15 @@ def head_message(enterprise_id: str, index: int, entry_hash_: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
-    """One charge. ``index`` counts from 1; ε are totals after this entry."""
+    """One charge, or the release of an earlier charge (``event`` a
+    :class:`~secfed.privacy.events.ChargeRelease`). ``index`` counts from 1; ε are totals after
+    this entry over the charges not released."""
 
     enterprise_id: str
     index: int
     round_number: int
     session_id: bytes
-    event: MechanismEvent
+    event: LedgerEvent
     event_json: str
     eps_prv: float
     eps_rdp: float
@@ -181,6 +197,47 @@ def _canonical(*, enterprise_id: str, index: int, round_number: int, session_id:
 def entry_hash(canonical_entry: bytes) -> bytes:
     """SHA-256 over the domain tag and an entry's canonical encoding."""
     return hashlib.sha256(_ENTRY_DOMAIN + canonical_entry).digest()
+
+
+def released_entries(entries: Sequence[LedgerEntry]) -> set[int]:
+    """Indices of the charge entries a later :class:`ChargeRelease` entry withdrew."""
+    return {e.event.entry for e in entries if isinstance(e.event, ChargeRelease)}
+
+
+def effective_events(entries: Sequence[LedgerEntry]) -> list[MechanismEvent]:
+    """The mechanism events the ledger composes: every charge, in order, except those a later
+    entry released (release entries compose nothing)."""
+    released = released_entries(entries)
+    return [e.event for e in entries
+            if not isinstance(e.event, ChargeRelease) and e.index not in released]
+
+
+def _rdp_of(events: Sequence[MechanismEvent]) -> np.ndarray:
+    """The composed RDP curve, summed in order (the same floats as a ledger that never held
+    the released charges)."""
+    rdp = np.zeros(len(RDP_ORDERS))
+    for event in events:
+        rdp = rdp + event_rdp(event)
+    return rdp
+
+
+def _check_release(entry: LedgerEntry, earlier: Sequence[LedgerEntry], released: set[int]) -> str | None:
+    """Why ``entry`` (a release) is not a valid release of an earlier charge (None: it is)."""
+    assert isinstance(entry.event, ChargeRelease)
+    target = entry.event.entry
+    if not 1 <= target < entry.index or target > len(earlier):
+        return f"releases entry {target}, which is not an earlier entry"
+    charge = earlier[target - 1]
+    if not constant_time_equal(charge.entry_hash.hex().encode(), entry.event.entry_hash.encode()):
+        return f"releases entry {target} by a hash that is not that entry's"
+    if isinstance(charge.event, ChargeRelease):
+        return f"releases entry {target}, which is itself a release"
+    if target in released:
+        return f"releases entry {target} a second time"
+    if charge.round_number != entry.round_number or charge.session_id != entry.session_id:
+        return (f"releases entry {target} (round {charge.round_number}) but names round "
+                f"{entry.round_number} or another session")
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +316,10 @@ class LedgerReport:
 
     @property
     def rounds(self) -> tuple[int, ...]:
-        return tuple(e.round_number for e in self.entries)
+        """The round of every charge entry not released (a released round is not spent)."""
+        released = released_entries(self.entries)
+        return tuple(e.round_number for e in self.entries
+                     if not isinstance(e.event, ChargeRelease) and e.index not in released)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -319,8 +379,10 @@ class Ledger:
         self.budget_accountant: Accountant = meta["budget_accountant"]  # type: ignore[assignment]
         self._identity = identity
         self._clock = clock
-        self._events: list[MechanismEvent] = []
+        self._events: list[MechanismEvent] = []  # the charges not released, in order
         self._rdp = np.zeros(len(RDP_ORDERS))
+        self._charges: dict[int, LedgerEntry] = {}  # index -> charge entry
+        self._released: set[int] = set()
         self._last: LedgerEntry | None = None
         self._load()
 
@@ -395,11 +457,12 @@ class Ledger:
             raise
 
     def _load(self) -> None:
-        for row in self._conn.execute(_SELECT):
-            entry = _row_to_entry(self.enterprise_id, row)
-            self._events.append(entry.event)
-            self._rdp += event_rdp(entry.event)
-            self._last = entry
+        entries = [_row_to_entry(self.enterprise_id, row) for row in self._conn.execute(_SELECT)]
+        self._events = effective_events(entries)
+        self._rdp = _rdp_of(self._events)
+        self._charges = {e.index: e for e in entries if not isinstance(e.event, ChargeRelease)}
+        self._released = released_entries(entries)
+        self._last = entries[-1] if entries else None
 
     def close(self) -> None:
         self._conn.close()
@@ -500,18 +563,71 @@ class Ledger:
                 raise LedgerError(f"ledger {self.path}: charge for round {round_number} not written ({exc})") from exc
             raise
         for entry, rdp in written:
+            assert not isinstance(entry.event, ChargeRelease)
             self._events.append(entry.event)
+            self._charges[entry.index] = entry
             self._rdp = rdp
             self._last = entry
         return written[-1][0]
 
+    def unreleased_charges(self, round_number: int) -> list[LedgerEntry]:
+        """The charge entries of ``round_number`` no release has withdrawn, oldest first."""
+        return [e for i, e in sorted(self._charges.items())
+                if e.round_number == round_number and i not in self._released]
+
+    def release(self, *, round_number: int) -> LedgerEntry:
+        """Withdraw every charge of ``round_number`` not released yet: one signed
+        :class:`ChargeRelease` entry per charge, in one durable transaction. Call it only for a
+        round whose update never left the site (the round aborted before its upload): ε then
+        equals ε without that round, and ``secfed audit`` fails the ledger if the coordinator's
+        transcript holds an upload of this site in that round. Returns the newest entry.
+
+        Raises:
+            LedgerError: read-only ledger, no charge of that round to release, or the write
+                failed (nothing written).
+        """
+        if self._identity is None:
+            raise LedgerError(f"ledger {self.path} was opened without an identity: it cannot release")
+        charges = self.unreleased_charges(round_number)
+        if not charges:
+            raise LedgerError(f"round_number must name a round with a charge not yet released "
+                              f"(got {round_number})")
+        conn = self._conn
+        released = set(self._released)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute(_SELECT.replace("ORDER BY idx", "ORDER BY idx DESC LIMIT 1")).fetchone()
+            last = None if row is None else _row_to_entry(self.enterprise_id, row)
+            if last is None or self._last is None or last.index != self._last.index:
+                raise LedgerError(f"ledger {self.path} changed under this writer; reopen it")
+            for charge in charges:
+                released.add(charge.index)
+                events = [e.event for i, e in sorted(self._charges.items()) if i not in released]
+                event = ChargeRelease(entry=charge.index, entry_hash=charge.entry_hash.hex())
+                last = self._insert(conn, last, round_number, charge.session_id, event,
+                                    events, _rdp_of(events))  # type: ignore[arg-type]
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if isinstance(exc, sqlite3.Error):
+                raise LedgerError(f"ledger {self.path}: release of round {round_number} not "
+                                  f"written ({exc})") from exc
+            raise
+        self._load()
+        return last
+
     def _insert(self, conn: sqlite3.Connection, last: LedgerEntry | None, round_number: int,
-                session_id: bytes, event: MechanismEvent, events: list[MechanismEvent],
+                session_id: bytes, event: LedgerEvent, events: list[MechanismEvent],
                 rdp: np.ndarray) -> LedgerEntry:
-        """Write one signed entry after ``last`` (inside the caller's transaction)."""
+        """Write one signed entry after ``last`` (inside the caller's transaction); ``events``
+        and ``rdp`` are what the ledger composes after it."""
         assert self._identity is not None
         event_json = event.to_json()
-        eps_rdp = rdp_to_epsilon(rdp, delta=self.delta)
+        eps_rdp = rdp_to_epsilon(rdp, delta=self.delta) if events else 0.0  # as compose_epsilon
         eps_prv = compose_epsilon(events, delta=self.delta, accountant="prv")
         index = 1 if last is None else last.index + 1
         prev = GENESIS_HASH if last is None else last.entry_hash
@@ -751,6 +867,7 @@ def verify_ledger(
     prev = GENESIS_HASH
     rdp = np.zeros(len(RDP_ORDERS))
     events: list[MechanismEvent] = []
+    released: set[int] = set()
     for position, entry in enumerate(entries, start=1):
         def fail(reason: str, entry: LedgerEntry = entry) -> LedgerVerificationError:
             return LedgerVerificationError(f"ledger entry {entry.index}: {reason}", entry=entry.index)
@@ -767,9 +884,17 @@ def verify_ledger(
             raise fail("signature does not verify under the identity key") from None
         if entry.delta != delta or entry.budget != budget:
             raise fail(f"delta/budget ({entry.delta}, {entry.budget}) differ from the ledger's ({delta}, {budget})")
-        events.append(entry.event)
-        rdp = rdp + event_rdp(entry.event)
-        eps_rdp = rdp_to_epsilon(rdp, delta=delta)
+        if isinstance(entry.event, ChargeRelease):
+            why = _check_release(entry, entries[:position - 1], released)
+            if why is not None:
+                raise fail(why)
+            released.add(entry.event.entry)
+            events = effective_events(entries[:position])
+            rdp = _rdp_of(events)
+        else:
+            events.append(entry.event)
+            rdp = rdp + event_rdp(entry.event)
+        eps_rdp = rdp_to_epsilon(rdp, delta=delta) if events else 0.0
         if not _close(entry.eps_rdp, eps_rdp):
             raise fail(f"recorded eps_rdp {entry.eps_rdp!r} is not the recomputed {eps_rdp!r}")
         if not skip_prv and (recompute_prv or position == len(entries)):

@@ -12,6 +12,10 @@ Routes (all under mutual TLS; the caller's identity is its verified client certi
                                                        caller's input for stage N (long poll;
                                                        202 + SubmitAck if N is not open in time)
     POST /v1/rounds/{r}/applied                        AppliedConfirmation (signed new global hash)
+    POST /v1/rounds/{r}/refusal                        RoundRefusal (signed: the site declines
+                                                       round r under its own policy, and why)
+    POST /v1/ready                                     SiteReady (model loaded, features
+                                                       computed: round 1 may open)
     GET  /v1/rounds/{r}/outcome                        RoundOutcome (survivors, agreed hash)
     GET  /v1/rounds/{r}/aggregate                      a done round's final message (catch-up)
 """
@@ -44,6 +48,11 @@ __all__ = [
     "status_for",
     "error_from_body",
     "applied_signed_bytes",
+    "RoundRefusal",
+    "REFUSAL_REASONS",
+    "MAX_REFUSAL_DETAIL",
+    "refusal_signed_bytes",
+    "SiteReady",
 ]
 
 API_VERSION = 1
@@ -55,6 +64,14 @@ ENVELOPE_MAGIC = b"SFE1"  # secfed envelope, format 1
 _HEADER = struct.Struct(">4sBQBI")  # magic, version, round, stage code, ledger-head length
 MAX_LEDGER_HEAD = 4096  # a LedgerHead is ~150 bytes; bound the allocation on bad input
 _APPLIED_LABEL = names.LABEL_APPLIED
+_REFUSAL_LABEL = names.LABEL_REFUSAL
+#: Why a site refuses a round (a small fixed set: the coordinator counts refusals by it).
+#: ``budget``: the round would take the site past its privacy budget; ``policy``: the terms are
+#: weaker than the site's own floors (site.toml); ``pinned``: the announced round differs from
+#: the site's pinned federation.toml; ``global_hash``: the round starts from another adapter;
+#: ``config``: the site cannot take part as configured (e.g. a missing CKKS key).
+REFUSAL_REASONS: tuple[str, ...] = ("budget", "policy", "pinned", "global_hash", "config")
+MAX_REFUSAL_DETAIL = 1000  # characters of the site's own error line (names a rule, no secret)
 
 
 class Envelope:
@@ -147,6 +164,27 @@ class AppliedConfirmation(_Model):
     )
 
 
+class RoundRefusal(_Model):
+    """A site's signed statement: it declines round ``r`` under its own policy, and why.
+
+    The signature (the site's pinned Ed25519 identity) covers :func:`refusal_signed_bytes` --
+    federation, round, the announced spec's SHA-256, reason and detail -- so the coordinator
+    records only refusals the site really made, for the round it really announced.
+    """
+
+    reason: Literal["budget", "policy", "pinned", "global_hash", "config"]
+    detail: str = Field("", max_length=MAX_REFUSAL_DETAIL)
+    spec_sha256: str = Field(pattern=r"^[0-9a-f]{64}$",
+                             description="SHA-256 of the RoundSpec bytes the site refused")
+    signature_hex: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+class SiteReady(_Model):
+    """A site has loaded its model and data (tower features computed) and can train now."""
+
+    ready: Literal[True] = True
+
+
 class RoundOutcome(_Model):
     round_number: int
     status: Literal["open", "done", "aborted"]
@@ -174,6 +212,17 @@ def applied_signed_bytes(*, federation: str, round_number: int, global_hash: str
     )
 
 
+def refusal_signed_bytes(*, federation: str, round_number: int, spec_sha256: str, reason: str,
+                         detail: str) -> bytes:
+    """Domain-separated bytes an enterprise signs to refuse a round (length-prefixed fields)."""
+    fed, why, text = (x.encode("utf-8") for x in (federation, reason, detail))
+    return (
+        _REFUSAL_LABEL + struct.pack(">H", len(fed)) + fed + struct.pack(">Q", round_number)
+        + bytes.fromhex(spec_sha256) + struct.pack(">H", len(why)) + why
+        + struct.pack(">I", len(text)) + text
+    )
+
+
 class FederationService(Protocol):
     """What the HTTP layer calls; implemented by :mod:`secfed.coordinator`. Raise typed errors."""
 
@@ -191,6 +240,12 @@ class FederationService(Protocol):
     ) -> SubmitAck: ...
 
     async def outcome(self, *, round_number: int) -> RoundOutcome: ...
+
+    async def refuse(
+        self, *, sender: str, round_number: int, refusal: RoundRefusal
+    ) -> SubmitAck: ...
+
+    async def ready(self, *, sender: str) -> RoundInfo: ...
 
     async def aggregate(self, *, sender: str, round_number: int) -> bytes: ...
 

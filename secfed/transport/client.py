@@ -29,6 +29,8 @@ from secfed.transport.api import (
     ErrorBody,
     RoundInfo,
     RoundOutcome,
+    RoundRefusal,
+    SiteReady,
     SubmitAck,
     error_from_body,
 )
@@ -39,6 +41,7 @@ __all__ = ["CoordinatorClient", "CoordinatorUnreachable", "check_client_certific
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 ANSWER_S = 2.0  # a long poll asked with ``until`` ends this long before it (time to answer)
+REFUSAL_RETRY_S = 5.0  # a refusal is best effort: the refusing site does not wait long for it
 COALESCE_BYTES = 64 * 1024  # request writes up to this size wait for the rest of the request
 
 
@@ -292,6 +295,21 @@ class CoordinatorClient:
         )
         self._raise_for(r)
         return SubmitAck.model_validate_json(r.content)
+
+    def refuse(self, *, round_number: int, refusal: RoundRefusal,
+               retry_for: float = REFUSAL_RETRY_S) -> SubmitAck:
+        """Tell the coordinator this site declines the round (signed reason); best effort, so
+        it retries only briefly (``retry_for``)."""
+        r = self._call("POST", f"/v1/rounds/{round_number}/refusal", json=refusal.model_dump(),
+                       until=time.monotonic() + retry_for)
+        self._raise_for(r)
+        return SubmitAck.model_validate_json(r.content)
+
+    def ready(self) -> RoundInfo:
+        """Report that this site can train now (round 1 waits for the roster's reports)."""
+        r = self._call("POST", "/v1/ready", json=SiteReady().model_dump())
+        self._raise_for(r)
+        return RoundInfo.model_validate_json(r.content)
 
     def outcome(self, *, round_number: int, until: float | None = None) -> RoundOutcome:
         r = self._call("GET", f"/v1/rounds/{round_number}/outcome", until=until)

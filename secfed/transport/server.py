@@ -30,6 +30,8 @@ from secfed.transport.api import (
     FederationService,
     RoundInfo,
     RoundOutcome,
+    RoundRefusal,
+    SiteReady,
     SubmitAck,
     status_for,
 )
@@ -315,6 +317,18 @@ def create_app(
         sender = caller(request)
         return await service.confirm(sender=sender, round_number=round_number,
                                      confirmation=confirmation)
+
+    @app.post("/v1/rounds/{round_number}/refusal", response_model=SubmitAck,
+              responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody},
+                         409: {"model": ErrorBody}, 410: {"model": ErrorBody}})
+    async def refusal(request: Request, round_number: int, refusal: RoundRefusal) -> SubmitAck:
+        sender = caller(request)
+        return await service.refuse(sender=sender, round_number=round_number, refusal=refusal)
+
+    @app.post("/v1/ready", response_model=RoundInfo,
+              responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody}})
+    async def ready(request: Request, body: SiteReady) -> RoundInfo:  # noqa: ARG001
+        return await service.ready(sender=caller(request))
 
     @app.get("/v1/rounds/{round_number}/outcome", response_model=RoundOutcome,
              responses={403: {"model": ErrorBody}, 409: {"model": ErrorBody}})

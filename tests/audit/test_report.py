@@ -30,6 +30,7 @@ CHECKS = {
     "transcript_heads",
     "transcript_rounds",
     "ledger_receipts",
+    "ledger_releases",  # issue 22 item 5b: every released charge re-verified
 }
 
 

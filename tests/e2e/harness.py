@@ -32,13 +32,15 @@ def free_port() -> int:
 def make_federation(root: Path, *, enterprises: list[str], dim: int, schedule: tuple[str, ...],
                     rounds: int, stage: float = 20.0, train: float = 120.0,
                     applied: float = 20.0, between: float = 0.0, threshold: int | None = None,
-                    min_participants: int | None = None, dp: DPSettings | None = None) -> KitPaths:
+                    min_participants: int | None = None, dp: DPSettings | None = None,
+                    start: float = 600.0) -> KitPaths:
     return create_kits(
         root, name="e2e", enterprises=enterprises,
         coordinator_url=f"https://127.0.0.1:{free_port()}",
         model=model_settings_for(model_dir=None, synthetic_dim=dim), mode_schedule=schedule,
         rounds=rounds, threshold=threshold, min_participants=min_participants,
-        deadlines=Deadlines(train=train, stage=stage, applied=applied, between_rounds=between),
+        deadlines=Deadlines(train=train, stage=stage, applied=applied, between_rounds=between,
+                            start=start),
         dp=dp or DPSettings(noise_multiplier=1.0, sample_rate=0.01, local_steps=5),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -17,8 +18,11 @@ from e2e.harness import (
     make_federation,
     wait_for,
 )
+from secfed.audit import build_report
 from secfed.crypto.errors import LedgerError
+from secfed.crypto.keys import verify_signature
 from secfed.privacy import LedgerHead, read_ledger, verify_ledger
+from secfed.transport.api import refusal_signed_bytes
 from secfed.transport.kits import EnterpriseKit
 
 DIM = 3000
@@ -256,8 +260,12 @@ def test_coordinator_sigkilled_at_each_stage_loop(tmp_path, stage, attempt) -> N
 
 
 def test_site_policy_refuses_before_any_secret_or_charge(tmp_path) -> None:
+    """The strict site refuses round 1 before any secret or charge and tells the coordinator
+    why (signed, issue 22 item 6): the coordinator records the refusal and closes the advertise
+    stage as soon as every participant has answered, not at its 600 s deadline."""
+    train = 600.0
     kits = make_federation(tmp_path / "fed", enterprises=ENTERPRISES, dim=DIM,
-                           schedule=("secagg",), rounds=1, train=15.0)
+                           schedule=("secagg",), rounds=1, train=train)
     strict = "city-ops"  # its own floor: sigma >= 5, the federation asks for sigma = 1
     site = kits.enterprises[strict] / "site.toml"
     site.write_text(site.read_text().replace("min_noise_multiplier = 0.5",
@@ -274,10 +282,44 @@ def test_site_policy_refuses_before_any_secret_or_charge(tmp_path) -> None:
     state = sqlite3.connect(kits.enterprises[strict] / "state.sqlite")
     status, detail = state.execute("SELECT status, detail FROM rounds WHERE round = 1").fetchone()
     assert status == "refused" and "noise_multiplier must be >= 5.0" in detail
-    assert state.execute("SELECT COUNT(*) FROM outbound").fetchone()[0] == 0  # nothing sent
+    # nothing sent but the signed refusal (no key advert, no share, no update)
+    assert state.execute("SELECT round, stage, protection FROM outbound").fetchall() == \
+        [(1, "refusal", "signed")]
     ledger = kits.enterprises[strict] / "ledger.sqlite"
     assert not ledger.exists() or read_ledger(ledger) == []  # nothing charged
     db = coordinator_db(kits)
     assert db.execute("SELECT status FROM rounds WHERE round = 1").fetchone()[0] == "aborted"
     assert db.execute("SELECT COUNT(*) FROM transcript WHERE sender = ?",
                       (strict,)).fetchone()[0] == 0
+    # the coordinator holds the refusal, signed by the site's pinned identity over the round's
+    # spec, with its reason and the rule the site named
+    reason, why, spec_sha, sig = db.execute(
+        "SELECT reason, detail, spec_sha256, signature FROM refusals WHERE round = 1 AND sender = ?",
+        (strict,)).fetchone()
+    assert reason == "policy" and "noise_multiplier must be >= 5.0" in why
+    spec = db.execute("SELECT spec FROM rounds WHERE round = 1").fetchone()[0]
+    assert spec_sha == hashlib.sha256(spec).hexdigest()
+    key = EnterpriseKit.load(kits.enterprises[strict]).identity().public_bytes()
+    verify_signature(key, sig, refusal_signed_bytes(federation="e2e", round_number=1,
+                                                   spec_sha256=spec_sha, reason=reason,
+                                                   detail=why))
+    # the advertise stage closed once all three had answered, long before its deadline
+    opened, deadline, closed = db.execute(
+        "SELECT opened_at, deadline, closed_at FROM stages WHERE round = 1 AND stage = 'advertise'"
+    ).fetchone()
+    assert deadline - opened == pytest.approx(train, abs=1.0)
+    assert closed is not None and closed - opened < train / 4, (opened, closed)
+    # the round aborted before any upload: the two sites that had charged it released their
+    # charges (signed entries naming them), so they spent nothing; the audit re-verifies the
+    # releases against the transcript (issue 22 item 5b)
+    for eid in ENTERPRISES:
+        if eid == strict:
+            continue
+        entries = read_ledger(kits.enterprises[eid] / "ledger.sqlite")
+        assert [type(e.event).__name__ for e in entries] == ["DPSGDEvent", "ChargeRelease"]
+        assert entries[1].event.entry == 1 and (entries[1].eps_rdp, entries[1].eps_prv) == (0, 0)
+    report = build_report(
+        ledgers=[kits.enterprises[e] / "ledger.sqlite" for e in ENTERPRISES if e != strict],
+        transcript=kits.coordinator / "state.sqlite", federation=kits.coordinator / "federation.toml")
+    releases = [c for c in report.checks if c.name == "ledger_releases"]
+    assert len(releases) == 2 and all(c.status.value == "pass" for c in releases), releases

@@ -55,8 +55,9 @@ def _port(kits) -> int:
 
 @pytest.fixture
 def kits(tmp_path):
+    # start=0: round 1 opens at once, no site needs to report ready (no site runs here)
     return make_federation(tmp_path / "fed", enterprises=ENTERPRISES, dim=16,
-                           schedule=("secagg",), rounds=1, train=120.0)
+                           schedule=("secagg",), rounds=1, train=120.0, start=0.0)
 
 
 def test_busy_coordinator_port_is_one_line_naming_it(kits) -> None:

@@ -54,8 +54,11 @@ def _info(spec: RoundSpec, terms) -> RoundInfo:
 
 
 def _nothing_left_the_site(p: Participant) -> None:
+    """No key, share or update left, nothing was charged; the one thing a refusing site may
+    send is its signed refusal (issue 22 item 6: it tells the coordinator why)."""
     db = sqlite3.connect(p.kit.state)
-    assert db.execute("SELECT COUNT(*) FROM outbound").fetchone()[0] == 0
+    sent = db.execute("SELECT stage, protection FROM outbound").fetchall()
+    assert sent in ([], [("refusal", "signed")]), sent
     assert p.ledger.epsilon() == 0.0
 
 

@@ -64,7 +64,8 @@ def test_status_page_follows_a_federation_in_chromium(tmp_path) -> None:
     browser = None
     try:
         deadline = time.monotonic() + 120
-        while not any(e["event"] == "round_opened" for e in events):
+        # round 1 waits for the sites to report ready: the page is open before they start
+        while not any(e["event"] == "awaiting_sites" for e in events):
             assert time.monotonic() < deadline and coord.poll() is None, coord.stderr.read()
             time.sleep(0.1)
         url = next(e["url"] for e in events if e["event"] == "status_listening")

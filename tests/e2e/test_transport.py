@@ -27,8 +27,9 @@ ENTERPRISES = ["energy-utility", "security-operator", "city-ops"]
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("transport")
+    # start=0: round 1 opens at once (the raw-client tests post to it before any site joins)
     kits = make_federation(root / "fed", enterprises=ENTERPRISES, dim=64,
-                           schedule=("secagg",), rounds=2, train=300.0, stage=30.0)
+                           schedule=("secagg",), rounds=2, train=300.0, stage=30.0, start=0.0)
     procs = Processes(kits)
     procs.start_coordinator()
     good = _client(kits, ENTERPRISES[0], retry_for=60.0)
