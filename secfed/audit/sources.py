@@ -23,9 +23,13 @@ from secfed.privacy.receipts import round_digest
 
 __all__ = ["TranscriptUpload", "TranscriptSeal", "Transcript", "read_transcript", "read_outbound"]
 
-# Column names accepted for each field (first match wins); the contract's name comes first.
-_ROUND = ("round", "round_number")
-_BYTES = ("bytes", "size_bytes", "size", "nbytes")
+# The pinned schema's columns the audit reads (CONTRACTS.md "Federation state"); a file
+# without one of them is not a secfed state database of this version.
+_ROUNDS_COLUMNS = ("round", "mode", "status", "threshold", "participants", "survivors",
+                   "global_hash_before", "global_hash_after")
+_TRANSCRIPT_COLUMNS = ("round", "stage", "sender", "ledger_head", "seq")
+_OUTBOUND_COLUMNS = ("round", "stage", "destination", "bytes", "protection", "sha256", "sent_at",
+                     "seq")
 
 
 @contextmanager
@@ -48,27 +52,28 @@ def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
     return [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
 
 
-def _pick(columns: list[str], names: tuple[str, ...], *, table: str, what: str) -> str:
-    for name in names:
-        if name in columns:
-            return name
-    raise AuditError(f"{what}: table {table!r} must have a column {names[0]!r} (got {columns})")
+def _require(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], what: str) -> None:
+    """The table has every pinned column the audit reads.
 
-
-def _optional(columns: list[str], *names: str) -> str | None:
-    return next((n for n in names if n in columns), None)
+    Raises:
+        AuditError: naming the table and the missing columns.
+    """
+    have = _columns(conn, table)
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise AuditError(
+            f"{what}: table {table!r} must have the pinned columns "
+            f"{', '.join(map(repr, missing))} (got {have})"
+        )
 
 
 def _id_list(value: object) -> tuple[str, ...]:
-    """participants/survivors: a JSON list, or comma-separated ids, or empty."""
-    if value is None or value == "":
+    """participants/survivors: a JSON list of ids (NULL: none yet)."""
+    if value is None:
         return ()
     if isinstance(value, bytes):
         value = value.decode("utf-8")
-    text = str(value).strip()
-    if text.startswith("["):
-        return tuple(str(v) for v in json.loads(text))
-    return tuple(p.strip() for p in text.split(",") if p.strip())
+    return tuple(str(v) for v in json.loads(str(value)))
 
 
 def _when(value: object) -> str | None:
@@ -136,42 +141,26 @@ def read_transcript(path: str | Path) -> Transcript:
                 raise AuditError(
                     f"{what}: database must have a {table!r} table (got {sorted(tables)})"
                 )
-        cols = _columns(conn, "rounds")
-        rc = _pick(cols, _ROUND, table="rounds", what=what)
-        mode = _pick(cols, ("mode",), table="rounds", what=what)
-        status = _optional(cols, "status")
-        threshold = _optional(cols, "threshold")
-        parts = _pick(cols, ("participants",), table="rounds", what=what)
-        surv = _optional(cols, "survivors")
-        before = _optional(cols, "global_hash_before")
-        after = _optional(cols, "global_hash_after")
-        select = ", ".join(
-            c or "NULL" for c in (rc, mode, status, threshold, parts, surv, before, after)
-        )
+        _require(conn, "rounds", _ROUNDS_COLUMNS, what)
         rounds = tuple(
             RoundRecord(
                 round_number=int(r[0]),
                 mode=str(r[1]),
-                status=str(r[2]) if r[2] is not None else "unknown",
-                threshold=int(r[3]) if r[3] is not None else None,
+                status=str(r[2]),
+                threshold=int(r[3]),
                 participants=_id_list(r[4]),
                 survivors=_id_list(r[5]),
                 global_hash_before=_hex(r[6]),
                 global_hash_after=_hex(r[7]),
             )
-            for r in conn.execute(f"SELECT {select} FROM rounds ORDER BY {rc}")
+            for r in conn.execute(f"SELECT {', '.join(_ROUNDS_COLUMNS)} FROM rounds ORDER BY round")
         )
-        cols = _columns(conn, "transcript")
-        tc = _pick(cols, _ROUND, table="transcript", what=what)
-        stage = _pick(cols, ("stage",), table="transcript", what=what)
-        sender = _pick(cols, ("sender",), table="transcript", what=what)
-        head = _pick(cols, ("ledger_head",), table="transcript", what=what)
-        order = _optional(cols, "id", "seq", "received_at") or "rowid"
+        _require(conn, "transcript", _TRANSCRIPT_COLUMNS, what)
         uploads = tuple(
             TranscriptUpload(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]))
             for r in conn.execute(
-                f"SELECT {tc}, {stage}, {sender}, {head} FROM transcript "
-                f"WHERE {head} IS NOT NULL AND length({head}) > 0 ORDER BY {order}"
+                "SELECT round, stage, sender, ledger_head FROM transcript "
+                "WHERE ledger_head IS NOT NULL AND length(ledger_head) > 0 ORDER BY seq"
             )
         )
         seals = None
@@ -198,30 +187,21 @@ def read_outbound(path: str | Path) -> OutboundLog:
     path = Path(path)
     what = "--outbound"
     with _open_readonly(path, what) as conn:
-        cols = _columns(conn, "outbound")
-        if not cols:
+        if not _columns(conn, "outbound"):
             raise AuditError(f"{what}: database {str(path)!r} must have an 'outbound' table")
-        names = (
-            _pick(cols, _ROUND, table="outbound", what=what),
-            _pick(cols, ("stage",), table="outbound", what=what),
-            _pick(cols, ("destination",), table="outbound", what=what),
-            _pick(cols, _BYTES, table="outbound", what=what),
-            _pick(cols, ("protection",), table="outbound", what=what),
-            _optional(cols, "sha256") or "NULL",
-            _optional(cols, "sent_at") or "NULL",
-        )
-        order = _optional(cols, "id", "seq", "sent_at") or "rowid"
+        _require(conn, "outbound", _OUTBOUND_COLUMNS, what)
         messages = tuple(
             OutboundMessage(
                 round_number=int(r[0]),
                 stage=str(r[1]),
                 destination=str(r[2]),
-                size_bytes=int(r[3]) if not isinstance(r[3], bytes) else len(r[3]),
+                size_bytes=int(r[3]),
                 protection=str(r[4]),
                 sha256=_hex(r[5]) or "",
                 sent_at=_when(r[6]),
             )
-            for r in conn.execute(f"SELECT {', '.join(names)} FROM outbound ORDER BY {order}")
+            for r in conn.execute(f"SELECT {', '.join(_OUTBOUND_COLUMNS[:-1])} FROM outbound "
+                                  "ORDER BY seq")
         )
     counts = Counter(m.protection for m in messages)
     return OutboundLog(

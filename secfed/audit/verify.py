@@ -181,101 +181,117 @@ def _mechanism(entry: LedgerEntry) -> dict[str, Any]:
     return dict(entry.event.to_dict())
 
 
-def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool) -> LedgerAudit:
-    """Re-verify one ledger; failures become checks naming the entry, never exceptions.
-
-    Args:
-        path: the ledger file.
-        pinned_key: the enterprise's Ed25519 key from federation.toml (None: not pinned).
-        federation_given: whether a federation file was given (an unlisted enterprise fails).
-
-    Raises:
-        AuditError: the file is not a readable secfed ledger at all.
-    """
-    checks: list[Check] = []
-    header = _header(path)
-    eid = header["enterprise_id"]
-
-    # -- identity ----------------------------------------------------------------------------
+def _identity_check(eid: str, pinned_key: bytes | None, federation_given: bool) -> Check:
+    """Whether the ledger's signer is pinned by the federation file."""
     if pinned_key is not None:
-        checks.append(_pass("identity_pinned", eid, "Ed25519 key pinned in the federation file"))
-    elif federation_given:
-        checks.append(
-            _fail(
-                "identity_pinned", eid, f"enterprise {eid!r} is not on the federation file's roster"
-            )
+        return _pass("identity_pinned", eid, "Ed25519 key pinned in the federation file")
+    if federation_given:
+        return _fail(
+            "identity_pinned", eid, f"enterprise {eid!r} is not on the federation file's roster"
         )
-    else:
-        checks.append(
-            _skip(
-                "identity_pinned",
-                eid,
-                "no federation file (--federation): signatures checked only against "
-                "the key the ledger records for itself",
-            )
-        )
+    return _skip(
+        "identity_pinned",
+        eid,
+        "no federation file (--federation): signatures checked only against "
+        "the key the ledger records for itself",
+    )
 
-    # -- the privacy package's verification path ----------------------------------------------
-    verified: LedgerReport | None = None
+
+def _integrity_check(path: Path, eid: str, pinned_key: bytes | None) -> tuple[Check, LedgerReport | None]:
+    """The privacy package's one verification path (chain, indices, signatures, budget, δ)."""
     try:
         verified = verify_ledger(path, public_key=pinned_key)
-        checks.append(
-            _pass(
-                "ledger_integrity",
-                eid,
-                f"{len(verified.entries)} entries: indices contiguous, hash chain intact, every "
-                "signature verifies under the "
-                + ("pinned identity" if pinned_key is not None else "ledger's own recorded key"),
-            )
-        )
     except LedgerVerificationError as exc:
-        checks.append(_fail("ledger_integrity", eid, str(exc), entry=exc.entry))
+        return _fail("ledger_integrity", eid, str(exc), entry=exc.entry), None
     except LedgerError as exc:
-        checks.append(_fail("ledger_integrity", eid, str(exc)))
+        return _fail("ledger_integrity", eid, str(exc)), None
+    return (
+        _pass(
+            "ledger_integrity",
+            eid,
+            f"{len(verified.entries)} entries: indices contiguous, hash chain intact, every "
+            "signature verifies under the "
+            + ("pinned identity" if pinned_key is not None else "ledger's own recorded key"),
+        ),
+        verified,
+    )
 
+
+def _read_entries(path: Path, eid: str) -> tuple[tuple[LedgerEntry, ...], Check | None]:
+    """The ledger's entries, or none and the failing ``ledger_readable`` check."""
     try:
-        entries = tuple(read_ledger(path))
+        return tuple(read_ledger(path)), None
     except LedgerVerificationError as exc:
-        entries = ()
-        checks.append(_fail("ledger_readable", eid, str(exc), entry=exc.entry))
+        return (), _fail("ledger_readable", eid, str(exc), entry=exc.entry)
     except LedgerError as exc:
-        entries = ()
-        checks.append(_fail("ledger_readable", eid, str(exc)))
+        return (), _fail("ledger_readable", eid, str(exc))
 
+
+@dataclass(frozen=True)
+class _Settings:
+    """The budget the ledger is held to (verified, else its header's)."""
+
+    budget: float
+    delta: float
+    accountant: str
+    verify_key: bytes | None
+
+
+def _settings(path: Path, header: Mapping[str, str], verified: LedgerReport | None,
+              pinned_key: bytes | None, checks: Sequence[Check]) -> _Settings:
+    """Budget, δ, accountant and key: the verified ledger's, else (already FAIL) its header's.
+
+    Raises:
+        AuditError: an unverified ledger whose header's budget or δ cannot be read.
+    """
     if verified is not None:
-        budget, delta = verified.budget, verified.delta
-        accountant = verified.budget_accountant
-        verify_key: bytes | None = verified.public_key
-    else:
-        # Unverified ledger (the verdict is already FAIL): show its header's budget and δ.
-        try:
-            budget, delta = float(header["budget_epsilon"]), float(header["delta"])
-        except (KeyError, ValueError) as exc:
-            raise AuditError(
-                f"--ledger {str(path)!r}: header budget/delta unreadable ({exc}); "
-                + "; ".join(c.detail for c in checks if c.status is CheckStatus.FAIL)
-            ) from exc
-        accountant = header.get("budget_accountant", FALLBACK_BUDGET_ACCOUNTANT)
-        if accountant not in ("prv", "rdp"):
-            accountant = FALLBACK_BUDGET_ACCOUNTANT
-        verify_key = pinned_key
+        return _Settings(verified.budget, verified.delta, verified.budget_accountant,
+                         verified.public_key)
+    try:
+        budget, delta = float(header["budget_epsilon"]), float(header["delta"])
+    except (KeyError, ValueError) as exc:
+        raise AuditError(
+            f"--ledger {str(path)!r}: header budget/delta unreadable ({exc}); "
+            + "; ".join(c.detail for c in checks if c.status is CheckStatus.FAIL)
+        ) from exc
+    accountant = header.get("budget_accountant", FALLBACK_BUDGET_ACCOUNTANT)
+    if accountant not in ("prv", "rdp"):
+        accountant = FALLBACK_BUDGET_ACCOUNTANT
+    return _Settings(budget, delta, accountant, pinned_key)
 
-    # -- ε recomputed from the events, entry by entry ----------------------------------------------
-    records: list[EntryRecord] = []
-    events: list[MechanismEvent] = []
-    unreadable = any(c.name == "ledger_readable" for c in checks)
-    eps_prv = eps_rdp = float("nan") if unreadable else 0.0
-    mismatches = 0
+
+def _timestamp(entry: LedgerEntry) -> str | None:
+    if math.isfinite(entry.timestamp) and 0 <= entry.timestamp < 1e11:
+        return datetime.fromtimestamp(entry.timestamp, tz=UTC).isoformat(timespec="milliseconds")
+    return None
+
+
+@dataclass
+class _Recomputed:
+    """ε recomputed entry by entry from the recorded events, and the mismatches found."""
+
+    records: list[EntryRecord]
+    events: list[MechanismEvent]
+    eps_prv: float
+    eps_rdp: float
+    failures: list[Check]
+
+
+def _recompute(eid: str, entries: Sequence[LedgerEntry], delta: float,
+               unreadable: bool) -> _Recomputed:
+    """Each entry's ε (PRV and RDP) recomputed from the events so far; a mismatch fails."""
+    out = _Recomputed([], [], float("nan") if unreadable else 0.0,
+                      float("nan") if unreadable else 0.0, [])
     for position, entry in enumerate(entries, start=1):
         if isinstance(entry.event, ChargeRelease):  # composes the charges not withdrawn
-            events = effective_events(entries[:position])
+            out.events = list(effective_events(entries[:position]))
         else:
-            events.append(entry.event)
+            out.events.append(entry.event)
         try:
-            eps_prv = compose_epsilon(events, delta=delta, accountant="prv")
-            eps_rdp = compose_epsilon(events, delta=delta, accountant="rdp")
+            out.eps_prv = compose_epsilon(out.events, delta=delta, accountant="prv")
+            out.eps_rdp = compose_epsilon(out.events, delta=delta, accountant="rdp")
         except SecfedError as exc:
-            checks.append(
+            out.failures.append(
                 _fail(
                     "epsilon_recomputed",
                     eid,
@@ -284,16 +300,14 @@ def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool
                     round_number=entry.round_number,
                 )
             )
-            mismatches += 1
-            eps_prv = eps_rdp = float("nan")
+            out.eps_prv = out.eps_rdp = float("nan")
         else:
             for name, recorded, recomputed in (
-                ("PRV", entry.eps_prv, eps_prv),
-                ("RDP", entry.eps_rdp, eps_rdp),
+                ("PRV", entry.eps_prv, out.eps_prv),
+                ("RDP", entry.eps_rdp, out.eps_rdp),
             ):
                 if not _close(recorded, recomputed):
-                    mismatches += 1
-                    checks.append(
+                    out.failures.append(
                         _fail(
                             "epsilon_recomputed",
                             eid,
@@ -303,7 +317,7 @@ def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool
                             round_number=entry.round_number,
                         )
                     )
-        records.append(
+        out.records.append(
             EntryRecord(
                 index=entry.index,
                 round_number=entry.round_number,
@@ -311,218 +325,222 @@ def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool
                 mechanism=_mechanism(entry),
                 recorded_epsilon_prv=entry.eps_prv,
                 recorded_epsilon_rdp=entry.eps_rdp,
-                recomputed_epsilon_prv=eps_prv if math.isfinite(eps_prv) else None,
-                recomputed_epsilon_rdp=eps_rdp if math.isfinite(eps_rdp) else None,
+                recomputed_epsilon_prv=out.eps_prv if math.isfinite(out.eps_prv) else None,
+                recomputed_epsilon_rdp=out.eps_rdp if math.isfinite(out.eps_rdp) else None,
                 entry_hash=entry.entry_hash.hex(),
-                timestamp=datetime.fromtimestamp(entry.timestamp, tz=UTC).isoformat(
-                    timespec="milliseconds"
-                )
-                if math.isfinite(entry.timestamp) and 0 <= entry.timestamp < 1e11
-                else None,
+                timestamp=_timestamp(entry),
             )
         )
-    if unreadable:
-        checks.append(_skip("epsilon_recomputed", eid, "the ledger's entries cannot be read"))
-    elif not mismatches:
-        checks.append(
-            _pass(
-                "epsilon_recomputed",
-                eid,
-                f"every recorded ε (PRV and RDP) of {len(entries)} entries equals the "
-                "accountant's recomputation from the recorded events",
-            )
-        )
+    return out
 
-    # -- budget --------------------------------------------------------------------------------
-    spent = eps_rdp if accountant == "rdp" else eps_prv
+
+def _recompute_checks(eid: str, rec: _Recomputed, n_entries: int, unreadable: bool) -> list[Check]:
+    """The ``epsilon_recomputed`` verdict: each mismatch, else one pass (or skip)."""
+    if unreadable:
+        return [*rec.failures, _skip("epsilon_recomputed", eid, "the ledger's entries cannot be read")]
+    if rec.failures:
+        return list(rec.failures)
+    return [
+        _pass(
+            "epsilon_recomputed",
+            eid,
+            f"every recorded ε (PRV and RDP) of {n_entries} entries equals the "
+            "accountant's recomputation from the recorded events",
+        )
+    ]
+
+
+def _budget_check(eid: str, spent: float, settings: _Settings, rec: _Recomputed) -> Check:
+    """ε spent (the budget's accountant) against the budget; names the first entry over."""
+    budget, accountant = settings.budget, settings.accountant
     if not math.isfinite(spent):
-        checks.append(_skip("budget", eid, "ε spent unknown: the ledger's entries cannot be read"))
-    elif entries and not (spent <= budget):
+        return _skip("budget", eid, "ε spent unknown: the ledger's entries cannot be read")
+    if rec.records and not (spent <= budget):
 
         def over(r: EntryRecord) -> bool:
             eps = r.recomputed_epsilon_rdp if accountant == "rdp" else r.recomputed_epsilon_prv
             return eps is None or eps > budget
 
-        first = next((r for r in records if over(r)), records[-1])
-        checks.append(
-            _fail(
-                "budget",
-                eid,
-                f"ε spent {spent:.4f} ({accountant.upper()}) exceeds the budget "
-                f"{budget:g}; first over at entry {first.index}",
-                entry=first.index,
-                round_number=first.round_number,
-            )
+        first = next((r for r in rec.records if over(r)), rec.records[-1])
+        return _fail(
+            "budget",
+            eid,
+            f"ε spent {spent:.4f} ({accountant.upper()}) exceeds the budget "
+            f"{budget:g}; first over at entry {first.index}",
+            entry=first.index,
+            round_number=first.round_number,
         )
-    else:
-        checks.append(
-            _pass(
-                "budget",
-                eid,
-                f"ε spent {spent:.4f} ({accountant.upper()}) within budget {budget:g}",
-            )
-        )
+    return _pass("budget", eid, f"ε spent {spent:.4f} ({accountant.upper()}) within budget {budget:g}")
 
+
+def _outlook(entries: Sequence[LedgerEntry], events: Sequence[MechanismEvent], spent: float,
+             settings: _Settings) -> BudgetOutlook:
+    """ε left and how many more rounds like the newest one the budget allows."""
     charges = [e for e in entries if not isinstance(e.event, ChargeRelease)]
     last = charges[-1].event if charges else None
     remaining = None
     if events and math.isfinite(spent):
         try:
-            remaining = rounds_remaining(events, budget=budget, delta=delta, accountant=accountant)
+            remaining = rounds_remaining(events, budget=settings.budget, delta=settings.delta,
+                                         accountant=settings.accountant)
         except SecfedError:
             remaining = None
-    outlook = BudgetOutlook(
-        remaining_epsilon=max(0.0, budget - spent) if math.isfinite(spent) else None,
+    return BudgetOutlook(
+        remaining_epsilon=max(0.0, settings.budget - spent) if math.isfinite(spent) else None,
         rounds_remaining=remaining,
-        accountant=accountant,
+        accountant=settings.accountant,
         noise_multiplier=None if last is None else float(last.noise_multiplier),
         sample_rate=float(last.sample_rate) if isinstance(last, DPSGDEvent) else None,
         steps_per_round=int(last.steps) if isinstance(last, DPSGDEvent) else None,
     )
+
+
+def audit_ledger(path: Path, *, pinned_key: bytes | None, federation_given: bool) -> LedgerAudit:
+    """Re-verify one ledger; failures become checks naming the entry, never exceptions.
+
+    The checks, in order: identity pinned, ledger integrity (the privacy package's path),
+    entries readable, every ε recomputed, spend within budget.
+
+    Args:
+        path: the ledger file.
+        pinned_key: the enterprise's Ed25519 key from federation.toml (None: not pinned).
+        federation_given: whether a federation file was given (an unlisted enterprise fails).
+
+    Raises:
+        AuditError: the file is not a readable secfed ledger at all.
+    """
+    header = _header(path)
+    eid = header["enterprise_id"]
+    checks = [_identity_check(eid, pinned_key, federation_given)]
+    integrity, verified = _integrity_check(path, eid, pinned_key)
+    checks.append(integrity)
+    entries, unreadable_check = _read_entries(path, eid)
+    if unreadable_check is not None:
+        checks.append(unreadable_check)
+    settings = _settings(path, header, verified, pinned_key, checks)
+    unreadable = unreadable_check is not None
+    rec = _recompute(eid, entries, settings.delta, unreadable)
+    checks.extend(_recompute_checks(eid, rec, len(entries), unreadable))
+    spent = rec.eps_rdp if settings.accountant == "rdp" else rec.eps_prv
+    checks.append(_budget_check(eid, spent, settings, rec))
     report = EnterpriseReport(
         enterprise_id=eid,
         ledger_path=str(path),
-        identity_public_key=None if verify_key is None else verify_key.hex(),
+        identity_public_key=None if settings.verify_key is None else settings.verify_key.hex(),
         identity_pinned=pinned_key is not None,
-        budget_epsilon=budget,
-        delta=delta,
-        epsilon_prv=eps_prv if math.isfinite(eps_prv) else None,
-        epsilon_rdp=eps_rdp if math.isfinite(eps_rdp) else None,
+        budget_epsilon=settings.budget,
+        delta=settings.delta,
+        epsilon_prv=rec.eps_prv if math.isfinite(rec.eps_prv) else None,
+        epsilon_rdp=rec.eps_rdp if math.isfinite(rec.eps_rdp) else None,
         recorded_epsilon_prv=entries[-1].eps_prv if entries else 0.0,
         recorded_epsilon_rdp=entries[-1].eps_rdp if entries else 0.0,
         rounds=tuple(e.round_number for e in entries),
-        entries=tuple(records),
-        outlook=outlook,
+        entries=tuple(rec.records),
+        outlook=_outlook(entries, rec.events, spent, settings),
         head_hash=entries[-1].entry_hash.hex() if entries else None,
     )
-    return LedgerAudit(report=report, checks=tuple(checks), entries=entries, verify_key=verify_key)
+    return LedgerAudit(report=report, checks=tuple(checks), entries=entries,
+                       verify_key=settings.verify_key)
+
+
+def _head_check(eid: str, up: Any, key: bytes | None,
+                entries: Sequence[LedgerEntry]) -> Check | None:
+    """One stored upload's signed ledger head against the ledger; ``None`` when it matches.
+
+    Flags a head that does not parse, names another enterprise, is not signed by the
+    enterprise's key, names an entry the ledger no longer has (truncated), differs from the
+    ledger's entry (rewritten), or points at an entry charged for another round.
+    """
+    where = {"round_number": up.round_number}
+    try:
+        head = LedgerHead.from_bytes(up.ledger_head)
+    except MessageFormatError as exc:
+        return _fail("transcript_heads", eid,
+                     f"round {up.round_number}: stored ledger head is malformed ({exc})", **where)
+    if head.enterprise_id != eid:
+        return _fail("transcript_heads", eid,
+                     f"round {up.round_number}: upload carries the head of "
+                     f"{head.enterprise_id!r}", **where)
+    try:
+        if key is None:
+            raise InvalidSignature()
+        head.verify(key)
+    except InvalidSignature:
+        return _fail("transcript_heads", eid,
+                     f"round {up.round_number}: ledger head (entry {head.index}) "
+                     "is not signed by the enterprise's identity key", entry=head.index, **where)
+    if head.index == 0 or head.index > len(entries):
+        return _fail(
+            "transcript_heads",
+            eid,
+            f"round {up.round_number}: the coordinator holds a signed head for entry "
+            f"{head.index} but the ledger has {len(entries)} entries "
+            + (
+                "(no charge recorded for an upload)"
+                if head.index == 0
+                else "(ledger truncated: an entry was deleted)"
+            ),
+            entry=head.index,
+            **where,
+        )
+    entry = entries[head.index - 1]
+    if entry.index != head.index or not constant_time_equal(entry.entry_hash, head.entry_hash):
+        return _fail("transcript_heads", eid,
+                     f"round {up.round_number}: entry {head.index}'s hash differs from the signed "
+                     "head the coordinator stored (ledger rewritten after the upload)",
+                     entry=head.index, **where)
+    if entry.round_number != up.round_number:
+        return _fail("transcript_heads", eid,
+                     f"round {up.round_number}: upload's ledger head points at entry {head.index}, "
+                     f"charged for round {entry.round_number}", entry=head.index, **where)
+    return None
+
+
+def _round_checks(eid: str, uploads: Sequence[Any], transcript: Transcript,
+                  entries: Sequence[LedgerEntry]) -> list[Check]:
+    """Uploads with no charge for their round, and survivors with no upload in the transcript."""
+    failures: list[Check] = []
+    charged_rounds = {e.round_number for e in entries}
+    uploaded = {u.round_number for u in uploads}
+    for r in sorted(uploaded - charged_rounds):
+        failures.append(
+            _fail(
+                "transcript_rounds",
+                eid,
+                f"round {r}: the coordinator accepted an upload from {eid!r} "
+                "but the ledger has no charge for that round",
+                round_number=r,
+            )
+        )
+    for rnd in transcript.rounds:
+        if eid in rnd.survivors and rnd.round_number not in uploaded:
+            failures.append(
+                _fail(
+                    "transcript_rounds",
+                    eid,
+                    f"round {rnd.round_number}: {eid!r} is a survivor but no "
+                    "upload with a ledger head is in the transcript",
+                    round_number=rnd.round_number,
+                )
+            )
+    return failures
 
 
 def check_transcript(
     audits: Sequence[LedgerAudit], transcript: Transcript, roster: Mapping[str, bytes]
 ) -> list[Check]:
-    """Match each signed ledger head the coordinator stored with the audited ledgers.
-
-    Flags: a head that does not parse or is not signed by the enterprise's key, a head naming an
-    entry the ledger no longer has (truncated), a head whose entry hash differs from the ledger's
-    (rewritten), a head pointing at an entry charged for another round, and an upload round with
-    no ledger entry at all.
-    """
+    """Match each signed ledger head the coordinator stored with the audited ledgers
+    (:func:`_head_check` per upload, :func:`_round_checks` per enterprise)."""
     checks: list[Check] = []
     for audit in audits:
         eid = audit.report.enterprise_id
         uploads = [u for u in transcript.uploads if u.sender == eid]
         key = roster.get(eid, audit.verify_key)
-        failures: list[Check] = []
-        entries = audit.entries
-        for up in uploads:
-            where = {"round_number": up.round_number}
-            try:
-                head = LedgerHead.from_bytes(up.ledger_head)
-            except MessageFormatError as exc:
-                failures.append(
-                    _fail(
-                        "transcript_heads",
-                        eid,
-                        f"round {up.round_number}: stored ledger head is malformed ({exc})",
-                        **where,
-                    )
-                )
-                continue
-            if head.enterprise_id != eid:
-                failures.append(
-                    _fail(
-                        "transcript_heads",
-                        eid,
-                        f"round {up.round_number}: upload carries the head of "
-                        f"{head.enterprise_id!r}",
-                        **where,
-                    )
-                )
-                continue
-            try:
-                if key is None:
-                    raise InvalidSignature()
-                head.verify(key)
-            except InvalidSignature:
-                failures.append(
-                    _fail(
-                        "transcript_heads",
-                        eid,
-                        f"round {up.round_number}: ledger head (entry {head.index}) "
-                        "is not signed by the enterprise's identity key",
-                        entry=head.index,
-                        **where,
-                    )
-                )
-                continue
-            if head.index == 0 or head.index > len(entries):
-                failures.append(
-                    _fail(
-                        "transcript_heads",
-                        eid,
-                        f"round {up.round_number}: the coordinator holds a signed head for entry "
-                        f"{head.index} but the ledger has {len(entries)} entries "
-                        + (
-                            "(no charge recorded for an upload)"
-                            if head.index == 0
-                            else "(ledger truncated: an entry was deleted)"
-                        ),
-                        entry=head.index,
-                        **where,
-                    )
-                )
-                continue
-            entry = entries[head.index - 1]
-            if entry.index != head.index or not constant_time_equal(
-                entry.entry_hash, head.entry_hash
-            ):
-                failures.append(
-                    _fail(
-                        "transcript_heads",
-                        eid,
-                        f"round {up.round_number}: entry {head.index}'s hash differs from the signed "
-                        "head the coordinator stored (ledger rewritten after the upload)",
-                        entry=head.index,
-                        **where,
-                    )
-                )
-                continue
-            if entry.round_number != up.round_number:
-                failures.append(
-                    _fail(
-                        "transcript_heads",
-                        eid,
-                        f"round {up.round_number}: upload's ledger head points at entry {head.index}, "
-                        f"charged for round {entry.round_number}",
-                        entry=head.index,
-                        **where,
-                    )
-                )
-        charged_rounds = {e.round_number for e in entries}
-        for r in sorted({u.round_number for u in uploads} - charged_rounds):
-            failures.append(
-                _fail(
-                    "transcript_rounds",
-                    eid,
-                    f"round {r}: the coordinator accepted an upload from {eid!r} "
-                    "but the ledger has no charge for that round",
-                    round_number=r,
-                )
-            )
-        for rnd in transcript.rounds:
-            if eid in rnd.survivors and rnd.round_number not in {u.round_number for u in uploads}:
-                failures.append(
-                    _fail(
-                        "transcript_rounds",
-                        eid,
-                        f"round {rnd.round_number}: {eid!r} is a survivor but no "
-                        "upload with a ledger head is in the transcript",
-                        round_number=rnd.round_number,
-                    )
-                )
-        checks.extend(failures)
-        if not any(c.name == "transcript_heads" for c in failures):
+        heads = [c for up in uploads
+                 if (c := _head_check(eid, up, key, audit.entries)) is not None]
+        rounds = _round_checks(eid, uploads, transcript, audit.entries)
+        checks.extend(heads + rounds)
+        if not heads:
             checks.append(
                 _pass(
                     "transcript_heads",
@@ -530,7 +548,7 @@ def check_transcript(
                     f"{len(uploads)} signed ledger heads in the transcript match the ledger",
                 )
             )
-        if not any(c.name == "transcript_rounds" for c in failures):
+        if not rounds:
             checks.append(
                 _pass(
                     "transcript_rounds",
