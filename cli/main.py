@@ -1,37 +1,20 @@
 """The ``secfed`` console script.
 
 Each subcommand lives in its own module in this package and exposes ``command`` (a click
-command or group); :data:`COMMAND_MODULES` lists them. Heavy imports (torch, tenseal) happen
+command or group), registered explicitly below: a missing module is an import error, never a
+silently absent command. Heavy imports (torch, tenseal) happen
 inside the commands so ``secfed --help`` stays fast. Any :class:`SecfedError` becomes one line on
 stderr and exit status 1; click usage errors exit 2.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 
 import click
 
 from secfed import __version__
 from secfed.crypto.errors import SecfedError
-
-COMMAND_MODULES = (
-    "federation",
-    "coordinator",
-    "site",
-    "aggregate",
-    "join",
-    "simulate",
-    "budget",
-    "audit",
-    "contributions",
-    "data",
-    "demo",
-    "model",
-    "flower",
-)
 
 
 class SecfedGroup(click.Group):
@@ -61,18 +44,26 @@ def cli() -> None:
     progress.quiet_libraries()  # secfed's own progress instead of transformers' loading bars
 
 
-def _register() -> None:
-    for name in COMMAND_MODULES:
-        modname = f"secfed.cli.{name}"
-        if importlib.util.find_spec(modname) is None:
-            continue
-        module = importlib.import_module(modname)
-        command = getattr(module, "command", None)
-        if isinstance(command, click.Command):
-            cli.add_command(command)
+# After the group: the command modules import nothing heavy at module level.
+from secfed.cli import (  # noqa: E402
+    aggregate,
+    audit,
+    budget,
+    contributions,
+    coordinator,
+    data,
+    demo,
+    federation,
+    flower,
+    join,
+    model,
+    simulate,
+    site,
+)
 
-
-_register()
+for _module in (federation, coordinator, site, aggregate, join, simulate, budget, audit,
+                contributions, data, demo, model, flower):
+    cli.add_command(_module.command)
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ round on 2 cores, and at a few hundred records per site DP-SGD learned nothing.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -350,9 +349,6 @@ def _show(name: str, e: dict[str, Any], result: DemoResult, say: Callable[[str],
 
 
 def _audit(root: Path, kits: Path, sites: dict[str, Path], say: Callable[[str], None]) -> Path | None:
-    if importlib.util.find_spec("secfed.cli.audit") is None:
-        say("audit: not available in this build; skipped")
-        return None
     out = root / "report"
     args = ["audit", "--transcript", str(kits / "coordinator" / "state.sqlite"),
             "--federation", str(kits / "coordinator" / "federation.toml"), "--out", str(out)]

@@ -110,3 +110,23 @@ def test_usage_error_exit_2_from_the_console_script() -> None:
     result = run_secfed("--no-such-option")
     assert result.returncode == 2
     assert "No such option" in result.stderr
+
+
+def test_every_command_module_is_registered() -> None:
+    """Each module of the cli package that defines a ``command`` is registered under its name
+    (registration is explicit, so a forgotten module fails here instead of vanishing)."""
+    import importlib
+    import pkgutil
+
+    import click
+
+    import secfed.cli as package
+    from secfed.cli.main import cli
+
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        command = getattr(importlib.import_module(f"secfed.cli.{info.name}"), "command", None)
+        if isinstance(command, click.Command):
+            found[command.name] = command
+    assert len(found) >= 12
+    assert {name: cli.commands.get(name) for name in found} == found
