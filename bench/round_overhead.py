@@ -52,13 +52,13 @@ from pathlib import Path
 import numpy as np
 
 from secfed.config import Deadlines, DPSettings
+from secfed.federation.kits import create_kits
+from secfed.federation.plan import model_settings_for
 from secfed.participant.adapter import (
-    model_settings_for,
     synthetic_training,
     synthetic_update,
 )
 from secfed.transport.api import Envelope, RoundInfo, RoundOutcome, SubmitAck
-from secfed.transport.kits import create_kits
 
 ENTERPRISES = ["energy-utility", "security-operator", "city-ops"]
 FLOWER_SECURE_S, FLOWER_PLAIN_S = 31.0, 6.4  # issue 8: Flower 1.42, 3 clients, d = 1e5, loopback
@@ -228,7 +228,7 @@ def _serve_plain(kit_dir: str, dim: int, opened: mp.Queue) -> None:
     from urllib.parse import urlsplit
 
     from secfed.coordinator import max_body_bytes
-    from secfed.transport.kits import CoordinatorKit
+    from secfed.federation.kits import CoordinatorKit
     from secfed.transport.server import create_app, serve
 
     kit = CoordinatorKit.load(kit_dir)
@@ -241,9 +241,9 @@ def _serve_plain(kit_dir: str, dim: int, opened: mp.Queue) -> None:
 
 def _plain_client(kit_dir: str, eid: str, dim: int, rounds: int, train_s: float,
                   out: mp.Queue) -> None:
+    from secfed.federation.kits import EnterpriseKit
     from secfed.transport.api import AppliedConfirmation
     from secfed.transport.client import CoordinatorClient
-    from secfed.transport.kits import EnterpriseKit
 
     kit = EnterpriseKit.load(kit_dir)
     client = CoordinatorClient(base_url=kit.federation.coordinator_url, cert=kit.cert,

@@ -27,7 +27,7 @@ def command() -> None:
 @json_option
 def init(invitation: Path, out: Path, request: Path | None, force: bool, as_json: bool) -> None:
     """Make the coordinator's TLS and identity keys locally; write its request for the admin."""
-    from secfed.transport.enrol import coordinator_init
+    from secfed.federation.enrol import coordinator_init
 
     path = coordinator_init(invitation, out, request=request, force=force)
     if as_json:
@@ -43,7 +43,7 @@ def init(invitation: Path, out: Path, request: Path | None, force: bool, as_json
 @json_option
 def import_bundle(kit: Path, bundle: Path, as_json: bool) -> None:
     """Check the admin's bundle against the invitation and the coordinator's keys; install it."""
-    from secfed.transport.enrol import FEDERATION_FILE, coordinator_import, fingerprint
+    from secfed.federation.enrol import FEDERATION_FILE, coordinator_import, fingerprint
 
     fed = coordinator_import(kit, bundle)
     digest = fingerprint(kit / FEDERATION_FILE)
@@ -62,7 +62,7 @@ def import_bundle(kit: Path, bundle: Path, as_json: bool) -> None:
 @json_option
 def ckks_import(kit: Path, source: Path, as_json: bool) -> None:
     """Install the key-free CKKS public context after checking its sender's signature."""
-    from secfed.transport.enrol import coordinator_ckks_import
+    from secfed.federation.enrol import coordinator_ckks_import
 
     sender = coordinator_ckks_import(kit, source)
     if as_json:

@@ -9,13 +9,25 @@ it holds every party's keys.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import click
 
 from secfed.cli.options import emit_json, json_option
-from secfed.config import LRSchedule, Optimizer
+from secfed.config import (
+    Deadlines,
+    DistributedDPSettings,
+    DPSettings,
+    FederationConfig,
+    LRSchedule,
+    ModelSettings,
+    Optimizer,
+    default_of,
+)
 from secfed.names import TRAINABLE_SCOPES
+
+if TYPE_CHECKING:
+    from secfed.federation.plan import FederationPlan
 
 
 @click.group("federation")
@@ -31,9 +43,11 @@ def _settings_options(f: Any) -> Any:
 
 
 _SETTINGS = [
-    click.option("--mode-schedule", default="secagg", show_default=True,
+    click.option("--mode-schedule", default=",".join(default_of(FederationConfig, "mode_schedule")),
+                 show_default=True,
                  help="Comma-separated modes per round, repeated: e.g. secagg,secagg,secagg,ckks."),
-    click.option("--rounds", type=click.IntRange(min=1), default=4, show_default=True,
+    click.option("--rounds", type=click.IntRange(min=1), default=default_of(FederationConfig, "rounds"),
+                 show_default=True,
                  help="Rounds the federation runs; the coordinator and every site stop after "
                       "the last (each site's σ is calibrated to its budget over them)."),
     click.option("--threshold", type=int, default=None, help="Shamir threshold: holders besides each responder (default floor(2n/3))."),
@@ -44,65 +58,70 @@ _SETTINGS = [
                  default=None, help="Model directory: the adapter length and initial hash come from it."),
     click.option("--synthetic-dim", type=int, default=None,
                  help="No model: a zero-initialised synthetic adapter of this length (tests, benches)."),
-    click.option("--epsilon", "target_epsilon", type=float, default=8.0, show_default=True,
+    click.option("--epsilon", "target_epsilon", type=float,
+                 default=default_of(DPSettings, "target_epsilon"), show_default=True,
                  help="Target epsilon = each site's budget."),
-    click.option("--delta", type=float, default=1e-5, show_default=True,
+    click.option("--delta", type=float, default=default_of(DPSettings, "delta"), show_default=True,
                  help="DP delta per enterprise (each site's policy refuses a larger one)."),
     click.option("--noise-multiplier", type=float, default=None, help="sigma (default: calibrated)."),
-    click.option("--sample-rate", type=float, default=0.05, show_default=True,
+    click.option("--sample-rate", type=float, default=default_of(DPSettings, "sample_rate"),
+                 show_default=True,
                  help="DP-SGD Poisson sampling rate q: each record joins a step's batch with "
                       "this probability."),
-    click.option("--local-steps", type=int, default=20, show_default=True,
+    click.option("--local-steps", type=int, default=default_of(DPSettings, "local_steps"),
+                 show_default=True,
                  help="DP-SGD steps each site takes per round."),
-    click.option("--learning-rate", type=float, default=0.05, show_default=True,
+    click.option("--learning-rate", type=float, default=default_of(DPSettings, "learning_rate"),
+                 show_default=True,
                  help="Sites' learning rate (the start of the schedule)."),
-    click.option("--max-grad-norm", type=float, default=1.0, show_default=True,
+    click.option("--max-grad-norm", type=float, default=default_of(DPSettings, "max_grad_norm"),
+                 show_default=True,
                  help="DP-SGD per-example gradient clipping norm."),
-    click.option("--optimizer", type=click.Choice(get_args(Optimizer)), default="sgd", show_default=True,
+    click.option("--optimizer", type=click.Choice(get_args(Optimizer)),
+                 default=default_of(DPSettings, "optimizer"), show_default=True,
                  help="DP-SGD update rule at the sites."),
-    click.option("--lr-schedule", type=click.Choice(get_args(LRSchedule)), default="constant",
-                 show_default=True, help="cosine: the learning rate decays over the planned rounds."),
+    click.option("--lr-schedule", type=click.Choice(get_args(LRSchedule)),
+                 default=default_of(DPSettings, "lr_schedule"), show_default=True, help="cosine: the learning rate decays over the planned rounds."),
     click.option("--trainable", type=click.Choice(TRAINABLE_SCOPES),
-                 default="adapter", show_default=True,
+                 default=default_of(ModelSettings, "trainable"), show_default=True,
                  help="What sites train and the federation aggregates: LoRA on both towers + the "
                       "fusion head (adapter), the head + the last layer's LoRA (top), the head "
                       "(head; towers frozen, so sites train on tower features computed once), or "
                       "the head's MLP (classifier)."),
-    click.option("--train-deadline", type=float, default=600.0, show_default=True,
+    click.option("--train-deadline", type=float, default=default_of(Deadlines, "train"),
+                 show_default=True,
                  help="Seconds the advertise and upload stages stay open (they cover local "
                       "training)."),
-    click.option("--stage-deadline", type=float, default=60.0, show_default=True,
+    click.option("--stage-deadline", type=float, default=default_of(Deadlines, "stage"),
+                 show_default=True,
                  help="Seconds every other stage stays open."),
     click.option("--start-deadline", type=float, default=600.0, show_default=True,
                  help="Seconds round 1 waits for every site to report ready (model loaded, "
                       "features computed) before it opens anyway."),
     click.option("--clip-bound", type=float, default=None,
-                 help="L2 bound on one site's update (default 8); larger updates are scaled down."),
+                 help="L2 bound on one site's update (default "
+                      f"{default_of(ModelSettings, 'clip_bound'):g}); larger updates are scaled down."),
     click.option("--dp-distributed", is_flag=True,
                  help="Enterprise-level (distributed) DP: each site clips its whole update and adds "
                       "a Skellam noise share before masking (mask modes only; off by default)."),
     click.option("--dp-distributed-clip", type=float, default=None,
-                 help="Distributed DP: L2 bound C of one site's whole update [default: 1.0]."),
+                 help="Distributed DP: L2 bound C of one site's whole update "
+                      f"[default: {default_of(DistributedDPSettings, 'clip_norm')}]."),
     click.option("--dp-distributed-noise", type=float, default=None,
-                 help="Distributed DP: central sigma over the guaranteed noise shares [default: 1.0]."),
+                 help="Distributed DP: central sigma over the guaranteed noise shares "
+                      f"[default: {default_of(DistributedDPSettings, 'noise_multiplier')}]."),
     click.option("--dp-distributed-min-participants", type=int, default=None,
-                 help="Distributed DP: refuse rounds with fewer enterprises [default: 10]."),
+                 help="Distributed DP: refuse rounds with fewer enterprises "
+                      f"[default: {default_of(DistributedDPSettings, 'min_participants')}]."),
     click.option("--dp-distributed-force", is_flag=True,
                  help="Distributed DP: run even below --dp-distributed-min-participants."),
 ]
 
 
-def _settings(opts: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of :func:`~secfed.transport.enrol.invite` from the options."""
-    from secfed.config import (
-        Deadlines,
-        DistributedDPSettings,
-        DPSettings,
-        ModelSettings,
-        default_policy_refusals,
-        validated,
-    )
-    from secfed.participant.adapter import model_settings_for
+def _plan(opts: dict[str, Any]) -> FederationPlan:
+    """The federation's plan from the options (validated by the config models' own rules)."""
+    from secfed.config import default_policy_refusals, validated
+    from secfed.federation.plan import make_plan, model_settings_for
 
     modes = tuple(m.strip() for m in str(opts["mode_schedule"]).split(",") if m.strip())
     ddp_opts = {"clip_norm": "dp_distributed_clip", "noise_multiplier": "dp_distributed_noise",
@@ -120,7 +139,7 @@ def _settings(opts: dict[str, Any]) -> dict[str, Any]:
                 f"--{given[0].replace('_', '-')} needs --dp-distributed (distributed DP is off)"
             )
     model = model_settings_for(model_dir=opts["model_dir"], synthetic_dim=opts["synthetic_dim"],
-                              trainable=str(opts["trainable"]))
+                               trainable=str(opts["trainable"]))
     if opts["clip_bound"] is not None:
         model = validated(ModelSettings, **{**model.model_dump(), "clip_bound": opts["clip_bound"]})
     dp = validated(
@@ -139,7 +158,7 @@ def _settings(opts: dict[str, Any]) -> dict[str, Any]:
     # (a σ below the default floor is refused in every round: the budget warning adds nothing)
     for warning in default_policy_refusals(dp) or _budget_refusals(dp, int(opts["rounds"])):
         click.echo(f"secfed: warning: {warning}", err=True)
-    return dict(
+    return make_plan(
         name=str(opts["name"]),
         coordinator_url=str(opts["coordinator_url"]),
         model=model,
@@ -186,11 +205,11 @@ def invite(**opts: Any) -> None:
 
     Send OUT/invitation.toml to the coordinator and every site; keep OUT/ca.key.
     """
-    from secfed.transport.enrol import INVITATION_FILE
-    from secfed.transport.enrol import invite as make_invitation
+    from secfed.federation.enrol import INVITATION_FILE
+    from secfed.federation.enrol import invite as make_invitation
 
-    settings = _settings(opts)
-    inv = make_invitation(opts["out"], **settings, force=bool(opts["force"]))
+    plan = _plan(opts)
+    inv = make_invitation(opts["out"], **plan.invitation_settings(), force=bool(opts["force"]))
     path = Path(opts["out"]) / INVITATION_FILE
     if opts["as_json"]:
         emit_json({"invitation": str(path), "ca": str(Path(opts["out"]) / "ca.pem"),
@@ -214,7 +233,7 @@ def invite(**opts: Any) -> None:
 def sign(admin_dir: Path, requests: tuple[Path, ...], out: Path, force: bool,
          as_json: bool) -> None:
     """Admin: check the requests, certify the keys, pin the roster; write the bundle."""
-    from secfed.transport.enrol import FEDERATION_FILE, fingerprint, sign_requests
+    from secfed.federation.enrol import FEDERATION_FILE, fingerprint, sign_requests
 
     fed = sign_requests(admin_dir, list(requests), out, force=force)
     digest = fingerprint(out / FEDERATION_FILE)
@@ -244,12 +263,12 @@ def init(**opts: Any) -> None:
     OUT/<enterprise>, each made by its own step; the admin's and coordinator's folders hold
     no enterprise secret, but whoever runs this held them all. For a real federation use
     ``federation invite``, ``coordinator init``, ``site init``, ``federation sign``."""
-    from secfed.transport.kits import create_kits
+    from secfed.federation.plan import plan_federation
 
-    settings = _settings(opts)
-    paths = create_kits(opts["out"], enterprises=list(opts["enterprises"]), **settings,
-                       force=bool(opts["force"]))
-    model, distributed = settings["model"], settings["dp"].distributed
+    plan = _plan(opts)
+    paths = plan_federation(plan, opts["out"], enterprises=list(opts["enterprises"]),
+                            force=bool(opts["force"]))
+    model, distributed = plan.model, plan.dp.distributed
     summary = {
         "root": str(paths.root),
         "coordinator": str(paths.coordinator),
@@ -283,7 +302,7 @@ def renew(kit_root: Path, enterprises: tuple[str, ...], days: int, as_json: bool
     serves its new certificate from its next connection on."""
     import datetime as dt
 
-    from secfed.transport.lifecycle import renew as renew_certs
+    from secfed.federation.lifecycle import renew as renew_certs
 
     done = renew_certs(kit_root, enterprises=enterprises, validity=dt.timedelta(days=days))
     if as_json:
@@ -302,7 +321,7 @@ def renew(kit_root: Path, enterprises: tuple[str, ...], days: int, as_json: bool
 def revoke(enterprise: str, kit_root: Path, as_json: bool) -> None:
     """Admin: revoke ENTERPRISE. The coordinator refuses its certificate from the next
     connection on (CRL) and takes it off the allow-list; its ledger stays for `secfed audit`."""
-    from secfed.transport.lifecycle import revoke as revoke_enterprise
+    from secfed.federation.lifecycle import revoke as revoke_enterprise
 
     serials = revoke_enterprise(kit_root, enterprise)
     if as_json:

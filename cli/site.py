@@ -35,7 +35,7 @@ def init(invitation: Path, enterprise_id: str, out: Path, request: Path | None,
          as_json: bool) -> None:
     """Make this site's identity, TLS and (ckks federations) X25519 keys locally; write the
     request (public material only) to send to the admin."""
-    from secfed.transport.enrol import site_init
+    from secfed.federation.enrol import site_init
 
     path = site_init(invitation, enterprise_id, out, request=request, budget_epsilon=budget_epsilon,
                      min_noise_multiplier=min_noise_multiplier, force=force)
@@ -52,7 +52,7 @@ def init(invitation: Path, enterprise_id: str, out: Path, request: Path | None,
 @json_option
 def import_(kit: Path, bundle: Path, as_json: bool) -> None:
     """Check the admin's bundle against this site's invitation and keys, then install it."""
-    from secfed.transport.enrol import FEDERATION_FILE, fingerprint, site_import
+    from secfed.federation.enrol import FEDERATION_FILE, fingerprint, site_import
 
     fed = site_import(kit, bundle)
     digest = fingerprint(kit / FEDERATION_FILE)
@@ -73,7 +73,7 @@ def import_(kit: Path, bundle: Path, as_json: bool) -> None:
 @json_option
 def ckks_keygen(kit: Path, out: Path, force: bool, as_json: bool) -> None:
     """Make the federation's CKKS secret here; seal one copy to each other enterprise."""
-    from secfed.transport.enrol import ckks_keygen as keygen
+    from secfed.federation.enrol import ckks_keygen as keygen
 
     copies = keygen(kit, out, force=force)
     if as_json:
@@ -90,7 +90,7 @@ def ckks_keygen(kit: Path, out: Path, force: bool, as_json: bool) -> None:
 @json_option
 def ckks_import(kit: Path, source: Path, as_json: bool) -> None:
     """Open this site's sealed copy of the CKKS secret and install it."""
-    from secfed.transport.enrol import site_ckks_import
+    from secfed.federation.enrol import site_ckks_import
 
     sender = site_ckks_import(kit, source)
     if as_json:

@@ -33,8 +33,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import secfed
+from secfed.federation.kits import EnterpriseKit
 from secfed.training.noise import SecureGaussianNoise
-from secfed.transport.kits import EnterpriseKit
 
 FEATURES, CLASSES, HIDDEN = 8, 3, 16
 
@@ -111,7 +111,7 @@ class TabularSite:
 def init_federation(out: Path, enterprises: list[str], *, rounds: int, url: str) -> None:
     """The admin's side for a local trial: kits for a coordinator and each enterprise."""
     from secfed.config import Deadlines, DPSettings
-    from secfed.transport.kits import create_kits
+    from secfed.federation.kits import create_kits
 
     create_kits(out, name="custom-site", enterprises=enterprises, coordinator_url=url,
                 model=secfed.site_settings(TabularSite(enterprises[0]).global_vector()),

@@ -26,6 +26,7 @@ from secfed.names import FEATURE_SCOPES, MASK_MODES, MODES, default_threshold
 
 __all__ = [
     "AggregationMode",
+    "default_of",
     "FEATURE_SCOPES",
     "MODES",
     "RosterEntry",
@@ -263,7 +264,7 @@ class FederationConfig(_Frozen):
     # load (ConfigError naming this field). Ledger receipts and the signed transcript are
     # anchored under it, and a federation without it could not tell a rolled-back ledger
     # apart -- so there is no silent "unanchored" fallback. Upgrade path: generate the key with
-    # ``secfed.transport.kits.write_coordinator_identity`` and add its hex to every copy.
+    # ``secfed.federation.kits.write_coordinator_identity`` and add its hex to every copy.
     coordinator_identity_public_key: str = Field(
         description="the coordinator's Ed25519 public key (signs ledger receipts and its "
         "transcript), 64 lowercase hex digits"
@@ -571,6 +572,12 @@ def default_policy_refusals(dp: DPSettings) -> list[str]:
             f"round (raise it, or lower min_noise_multiplier in each site's site.toml)"
         )
     return refusals
+
+
+def default_of(model: type[BaseModel], field: str) -> Any:
+    """The default of ``model.field`` (the one place a setting's default is written; CLI
+    options take theirs from here)."""
+    return model.model_fields[field].get_default(call_default_factory=True)
 
 
 def validated(model: type[_M], /, **fields: Any) -> _M:

@@ -3,7 +3,7 @@
 Builds the city-safety demo data and model locally (``secfed.tasks.citysafety``), enrols
 three enterprises (energy utility, residential security operator, city operations centre) and
 the coordinator the way a real federation does, on this machine (``secfed federation init`` =
-:func:`secfed.transport.kits.create_kits`: the admin's invitation, each party's own keys and
+:func:`secfed.federation.kits.create_kits`: the admin's invitation, each party's own keys and
 request, the admin's signature, each party's import, the first enterprise's CKKS secret sealed
 to the others; one folder per party under ``kits/``), starts ``secfed aggregate`` and three ``secfed join`` processes on loopback,
 runs 20 rounds (three in ``secagg`` mode, then one in ``ckks``, repeated), prints per-round

@@ -182,6 +182,11 @@ def vector_hash(layout_digest: bytes, vec: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def synthetic_layout_digest(dim: int) -> bytes:
+    """The layout digest of a synthetic adapter of ``dim`` values (no model: tests, benches)."""
+    return hashlib.sha256(LABEL_SYNTHETIC_LAYOUT + dim.to_bytes(8, "big")).digest()
+
+
 # Domain-separation labels, ``b"secfed/v1/<purpose>"``: one per use, never reused.
 # HKDF info labels (secfed.crypto.keys.derive_key accepts exactly these).
 LABEL_PAIRWISE_MASK = b"secfed/v1/pairwise-mask"  # seed of the AES-CTR pairwise mask

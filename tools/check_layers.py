@@ -7,6 +7,7 @@ siblings in one layer (separated by ``|``) may not import each other:
     secfed.flower
     secfed.coordinator | secfed.participant | secfed.demo
     secfed.transport | secfed.audit | secfed.tasks
+    secfed.federation
     secfed.training | secfed.data
     secfed.protocol | secfed.privacy | secfed.models
     secfed.config
@@ -16,7 +17,8 @@ siblings in one layer (separated by ``|``) may not import each other:
 
 Forbidden third-party imports: secfed.crypto imports no torch/transformers/opacus/peft/http;
 secfed.protocol imports no torch and no transport/sockets; only secfed.transport (and the
-process-orchestrating demo and CLI) may import socket-level libraries. ``secfed.tasks`` (the
+process-orchestrating demo and CLI) may import socket-level libraries; ``secfed.federation``
+(PKI, enrolment, kits) plans and writes a federation without any of them. ``secfed.tasks`` (the
 demo's city-safety task: generator, taxonomy, model recipe) builds on models/data/training and
 nothing generic imports it.
 """
@@ -35,6 +37,7 @@ LAYERS = [
     ["secfed.flower"],
     ["secfed.coordinator", "secfed.participant", "secfed.demo"],
     ["secfed.transport", "secfed.audit", "secfed.tasks"],
+    ["secfed.federation"],
     ["secfed.training", "secfed.data"],
     ["secfed.protocol", "secfed.privacy", "secfed.models"],
     ["secfed.config"],
@@ -54,6 +57,7 @@ FORBIDDEN_EXTERNAL = {
     "secfed.data": NET,
     "secfed.audit": NET,
     "secfed.tasks": NET,
+    "secfed.federation": NET,
     "secfed.names": HEAVY | NET,
 }
 

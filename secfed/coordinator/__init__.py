@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from secfed.crypto.errors import ConfigError
+from secfed.federation.kits import CoordinatorKit
 from secfed.names import CKKS_SLOTS
-from secfed.transport.kits import CoordinatorKit
 from secfed.transport.status_http import DEFAULT_STATUS_LISTEN
 
 if TYPE_CHECKING:
@@ -95,8 +95,8 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
         ConfigError: the kit is locked by another coordinator, or a bad ``status_listen``.
         TransportError: a port is in use or cannot be bound.
     """
-    from secfed.transport.lifecycle import CRL_FILE, AllowList, renew_command
-    from secfed.transport.pki import check_not_expired
+    from secfed.federation.lifecycle import CRL_FILE, AllowList, renew_command
+    from secfed.federation.pki import check_not_expired
     from secfed.transport.server import create_app, serve
     from secfed.transport.status_http import bind, check_listen, parse_listen
 

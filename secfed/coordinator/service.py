@@ -42,6 +42,7 @@ from secfed.crypto.errors import (
     SecfedError,
 )
 from secfed.crypto.keys import constant_time_equal, verify_signature
+from secfed.federation.kits import CoordinatorKit
 from secfed.privacy.ledger import LedgerHead
 from secfed.privacy.receipts import sign_receipt
 from secfed.protocol.coordinator import CoordinatorRound
@@ -56,7 +57,6 @@ from secfed.transport.api import (
     applied_signed_bytes,
     refusal_signed_bytes,
 )
-from secfed.transport.kits import CoordinatorKit
 
 __all__ = ["Coordinator", "EventSink"]
 

@@ -59,8 +59,8 @@ class SiteSession:
 
     def __init__(self, kit_dir: Path, *, site_factory: SiteFactory = synthetic_site,
                  new_ledger: bool = False):
+        from secfed.federation.kits import EnterpriseKit
         from secfed.participant.loop import Participant
-        from secfed.transport.kits import EnterpriseKit
 
         self.kit = EnterpriseKit.load(kit_dir)
         self._lock = _take_lock(self.kit.root / LOCK_FILE)

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from secfed.coordinator.service import Coordinator, EventSink
 from secfed.crypto.errors import ProtocolAbort, ProtocolError, SecfedError, TransportError
+from secfed.federation.kits import CoordinatorKit
 from secfed.flower.wire import (
     IDENTITY,
     NONCE_BYTES,
@@ -43,7 +44,6 @@ from secfed.flower.wire import (
     verify_advert,
 )
 from secfed.transport.api import AppliedConfirmation, Envelope, RoundInfo
-from secfed.transport.kits import CoordinatorKit
 
 __all__ = ["SecfedWorkflow", "RunSummary", "FlowerCoordinator", "make_server_app"]
 

@@ -95,8 +95,8 @@ def quiet_stdout() -> Iterator[None]:
 def make_kits(root: Path, *, enterprises: int, dim: int, mode: str, rounds: int,
               schedule: tuple[str, ...] | None = None) -> Any:
     from secfed.config import Deadlines, DPSettings
-    from secfed.participant.adapter import model_settings_for
-    from secfed.transport.kits import create_kits
+    from secfed.federation.kits import create_kits
+    from secfed.federation.plan import model_settings_for
 
     ids = [f"enterprise-{i:04d}" for i in range(enterprises)]
     return create_kits(
@@ -118,8 +118,8 @@ class _Holder:
 def _max_abs_error(kits: Any, mode: str, dim: int) -> tuple[float, list[int]]:
     """Largest |decoded aggregate - plaintext sum of its survivors' updates| over done rounds."""
     from secfed.coordinator.state import CoordinatorState
+    from secfed.federation.kits import CoordinatorKit
     from secfed.participant.adapter import synthetic_update
-    from secfed.transport.kits import CoordinatorKit
 
     ckit = CoordinatorKit.load(kits.coordinator)
     state = CoordinatorState(ckit.state)
@@ -144,9 +144,9 @@ def _max_abs_error(kits: Any, mode: str, dim: int) -> tuple[float, list[int]]:
 
 def _decode(payload: bytes, ckit: Any, kits: Any, mode: str) -> tuple[np.ndarray, tuple[str, ...]]:
     from secfed.crypto.encoding import decode
+    from secfed.federation.kits import EnterpriseKit
     from secfed.protocol.messages import CkksAggregate, MaskedAggregate, decode_message
     from secfed.protocol.participant import open_ckks_aggregate
-    from secfed.transport.kits import EnterpriseKit
 
     model = ckit.federation.model
     message = decode_message(payload)

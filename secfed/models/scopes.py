@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -10,7 +12,7 @@ from secfed import names
 from secfed.errors import ModelError
 from secfed.models.classifiers import FusionClassifier
 
-__all__ = ["TRAINABLE_SCOPES", "select_trainable"]
+__all__ = ["TRAINABLE_SCOPES", "select_trainable", "load_for_scope"]
 
 #: What training updates (and the federation aggregates), largest first:
 #: ``"adapter"`` LoRA on both towers + the fusion head (as built; the default);
@@ -57,3 +59,17 @@ def select_trainable(model: nn.Module, scope: str) -> int:
         p.requires_grad_(train)
         total += p.numel() if train else 0
     return total
+
+
+def load_for_scope(model_dir: Path, trainable: str) -> Any:
+    """The model of ``model_dir`` (any task) with exactly the ``trainable`` set requiring grad.
+
+    Raises:
+        ModelError: a trainable set other than ``"adapter"`` on a model without the fusion head.
+    """
+    from secfed.models import load_model
+
+    model, _info = load_model(model_dir)
+    if trainable != "adapter":  # as loaded: LoRA on the towers + the head
+        select_trainable(model, trainable)
+    return model

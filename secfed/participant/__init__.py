@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from secfed import progress
+from secfed.federation.kits import EnterpriseKit
 from secfed.names import FEATURE_SCOPES
 from secfed.participant.adapter import ModelSite, SyntheticSite
 from secfed.participant.loop import Participant, RoundReport
-from secfed.transport.kits import EnterpriseKit
 
 __all__ = ["Participant", "RoundReport", "run_participant"]
 

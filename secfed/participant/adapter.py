@@ -23,10 +23,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from secfed import names
 from secfed.config import ModelSettings, RoundTerms
 from secfed.crypto.errors import ConfigError, ModelError
-from secfed.names import FEATURE_SCOPES, vector_hash
+from secfed.names import FEATURE_SCOPES, synthetic_layout_digest, vector_hash
 
 __all__ = [
     "TrainOutcome",
@@ -37,10 +36,8 @@ __all__ = [
     "synthetic_training",
     "synthetic_layout_digest",
     "vector_hash",
-    "model_settings_for",
 ]
 
-SYNTHETIC_LABEL = names.LABEL_SYNTHETIC_LAYOUT
 SYNTHETIC_NORM = 1.0  # L2 norm of a synthetic delta: well inside the default clip bound of 8
 
 
@@ -65,10 +62,6 @@ class LocalSite(Protocol):
     def apply(self, new_global: np.ndarray, round_number: int = 0) -> str: ...
     def flush(self) -> None: ...
     def evaluate(self) -> dict[str, float]: ...
-
-
-def synthetic_layout_digest(dim: int) -> bytes:
-    return hashlib.sha256(SYNTHETIC_LABEL + dim.to_bytes(8, "big")).digest()
 
 
 def synthetic_update(enterprise_id: str, round_number: int, dim: int) -> np.ndarray:
@@ -248,7 +241,9 @@ class ModelSite:
         from secfed.models import adapter_layout, get_flat
 
         self.enterprise_id = enterprise_id
-        self.model = _load_for_scope(model_dir, settings.trainable)
+        from secfed.models.scopes import load_for_scope
+
+        self.model = load_for_scope(model_dir, settings.trainable)
         self.layout = adapter_layout(self.model)
         if self.layout.total != settings.vector_length:
             raise ConfigError(
@@ -354,55 +349,3 @@ def _load_data(data_dir: Path, model_dir: Path):
     from secfed.data import load_dataset  # torch-heavy: import on use
 
     return load_dataset(data_dir, model_dir=model_dir)
-
-
-def _load_for_scope(model_dir: Path, trainable: str):
-    """The model of ``model_dir`` (any task) with exactly the ``trainable`` set requiring grad.
-
-    Raises:
-        ModelError: a trainable set other than ``"adapter"`` on a model without the fusion head.
-    """
-    from secfed.models import load_model
-
-    model, _info = load_model(model_dir)
-    if trainable != "adapter":  # as loaded: LoRA on the towers + the head
-        from secfed.models.scopes import select_trainable
-
-        select_trainable(model, trainable)
-    return model
-
-
-def model_settings_for(*, model_dir: Path | None, synthetic_dim: int | None,
-                       trainable: str = "adapter") -> ModelSettings:
-    """The ``[model]`` table of a new federation, from a model directory or a synthetic size.
-
-    ``trainable`` names what sites train (``secfed.models.TRAINABLE_SCOPES``); the vector the
-    federation aggregates is that set.
-
-    Raises:
-        ConfigError: neither or both given, or a trainable set for a synthetic model.
-        ModelError: a trainable set the model does not have.
-    """
-    if (model_dir is None) == (synthetic_dim is None):
-        raise ConfigError("exactly one of --model and --synthetic-dim must be given (got "
-                          f"{'both' if model_dir else 'neither'})")
-    if synthetic_dim is not None:
-        if synthetic_dim < 1:
-            raise ConfigError(f"--synthetic-dim must be >= 1 (got {synthetic_dim})")
-        if trainable != "adapter":
-            raise ConfigError(f"--trainable {trainable} needs --model (a synthetic federation "
-                              "has no towers)")
-        zeros = np.zeros(synthetic_dim, np.float32)
-        return ModelSettings(
-            vector_length=synthetic_dim,
-            initial_global_hash=vector_hash(synthetic_layout_digest(synthetic_dim), zeros),
-        )
-    from secfed.models import adapter_layout, get_flat
-
-    model = _load_for_scope(model_dir, trainable)
-    layout = adapter_layout(model)
-    vec = get_flat(model, layout)
-    return ModelSettings(
-        vector_length=layout.total, initial_global_hash=vector_hash(layout.digest(), vec),
-        trainable=trainable,  # type: ignore[arg-type]
-    )

@@ -46,6 +46,7 @@ from secfed.crypto.errors import (
     TransportError,
 )
 from secfed.crypto.keys import verify_signature
+from secfed.federation.kits import EnterpriseKit
 from secfed.names import Mode, Protection, protection_of
 from secfed.participant.adapter import LocalSite, TrainOutcome
 from secfed.participant.ledger import open_site_ledger
@@ -72,7 +73,6 @@ from secfed.transport.api import (
     refusal_signed_bytes,
 )
 from secfed.transport.client import CoordinatorClient, CoordinatorUnreachable
-from secfed.transport.kits import EnterpriseKit
 
 __all__ = ["Participant", "RoundReport"]
 

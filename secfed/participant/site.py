@@ -181,7 +181,7 @@ class DrivenSite:
 def join(kit: Any, site: Site, *, events: Callable[[dict[str, Any]], None] | None = None,
          max_rounds: int | None = None, new_ledger: bool = False) -> list:
     """Take part in the federation of ``kit`` (a kit directory or a loaded
-    :class:`~secfed.transport.kits.EnterpriseKit`) with the user's ``site`` until it finishes.
+    :class:`~secfed.federation.kits.EnterpriseKit`) with the user's ``site`` until it finishes.
 
     Returns one :class:`~secfed.participant.RoundReport` per round seen. ``new_ledger`` starts a
     fresh privacy ledger for a site that never took part (as ``secfed join --new-ledger``).
@@ -192,8 +192,8 @@ def join(kit: Any, site: Site, *, events: Callable[[dict[str, Any]], None] | Non
         DPGuardError: an update's mechanism differs from the round's terms (it is not sent).
         LedgerError: the ledger is missing (without ``new_ledger``).
     """
+    from secfed.federation.kits import EnterpriseKit
     from secfed.participant.loop import Participant
-    from secfed.transport.kits import EnterpriseKit
 
     loaded = kit if isinstance(kit, EnterpriseKit) else EnterpriseKit.load(kit)
     driven = DrivenSite(loaded.root, loaded.federation.model, site)

@@ -23,6 +23,8 @@ import httpcore
 import httpx
 
 from secfed.crypto.errors import TransportError
+from secfed.federation.lifecycle import renew_command
+from secfed.federation.pki import check_not_expired
 from secfed.transport.api import (
     AppliedConfirmation,
     Envelope,
@@ -34,8 +36,7 @@ from secfed.transport.api import (
     SubmitAck,
     error_from_body,
 )
-from secfed.transport.lifecycle import renew_command
-from secfed.transport.pki import check_not_expired, client_ssl_context
+from secfed.transport.tls import client_ssl_context
 
 __all__ = ["CoordinatorClient", "CoordinatorUnreachable", "check_client_certificate"]
 

@@ -35,7 +35,7 @@ from secfed.transport.api import (
     SubmitAck,
     status_for,
 )
-from secfed.transport.pki import ReloadingServerContext, peer_identity
+from secfed.transport.tls import ReloadingServerContext, peer_identity
 
 __all__ = ["create_app", "serve", "PeerCertH11Protocol", "BodyLimit", "PEER_KEY"]
 
@@ -364,7 +364,7 @@ async def serve(
 ) -> None:
     """Run ``app`` on ``host:port`` with mutual TLS until ``stop`` is set.
 
-    The TLS context is ours (:class:`~secfed.transport.pki.ReloadingServerContext`: TLS 1.3
+    The TLS context is ours (:class:`~secfed.transport.tls.ReloadingServerContext`: TLS 1.3
     only, client certificates checked against ``ca`` and ``crl``), not uvicorn's default; it
     picks up renewed certificates and revocations from the next connection on.
 

@@ -8,7 +8,8 @@ import pytest
 
 from secfed.config import RoundTerms
 from secfed.errors import ConfigError, ModelError
-from secfed.participant.adapter import ModelSite, model_settings_for
+from secfed.federation.plan import model_settings_for
+from secfed.participant.adapter import ModelSite
 
 
 def _terms() -> RoundTerms:

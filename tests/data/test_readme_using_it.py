@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import pytest
 
-from secfed.transport.kits import CoordinatorKit, EnterpriseKit
+from secfed.federation.kits import CoordinatorKit, EnterpriseKit
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from secfed.config import Deadlines, DPSettings
-from secfed.participant.adapter import model_settings_for, synthetic_update
-from secfed.transport.kits import KitPaths, create_kits
+from secfed.federation.kits import KitPaths, create_kits
+from secfed.federation.plan import model_settings_for
+from secfed.participant.adapter import synthetic_update
 
 PY = sys.executable
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

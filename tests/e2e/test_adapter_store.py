@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from secfed.crypto.errors import ModelError
-from secfed.participant.adapter import SyntheticSite, model_settings_for
+from secfed.federation.plan import model_settings_for
+from secfed.participant.adapter import SyntheticSite
 
 DIM = 1000
 

@@ -26,11 +26,11 @@ from e2e.harness import (
     wait_for,
 )
 from secfed.crypto.errors import ConfigError, TransportError
+from secfed.federation.kits import EnterpriseKit
+from secfed.federation.lifecycle import renew
+from secfed.federation.pki import CertifiedKey, issue_client_cert, write_private_pem
 from secfed.privacy import read_ledger
 from secfed.transport.client import CoordinatorClient
-from secfed.transport.kits import EnterpriseKit
-from secfed.transport.lifecycle import renew
-from secfed.transport.pki import CertifiedKey, issue_client_cert, write_private_pem
 
 ENTERPRISES = ["energy-utility", "security-operator", "city-ops", "transit-authority"]
 DIM = 32
@@ -175,7 +175,7 @@ def test_expired_certificates_give_one_line_naming_the_date_and_the_renew_comman
     server = kits.coordinator / "server.pem"
     server_cert = x509.load_pem_x509_certificate(server.read_bytes())
     admin = kits.root / "ca"
-    from secfed.transport.pki import _sign_leaf, load_tls_key, server_names
+    from secfed.federation.pki import _sign_leaf, load_tls_key, server_names
 
     ca = CertifiedKey((admin / "ca.key").read_bytes(), (admin / "ca.pem").read_bytes())
     now = dt.datetime.now(dt.UTC)

@@ -13,9 +13,9 @@ import pytest
 
 from e2e.harness import Processes, adapter_of, expected_global, make_federation
 from secfed.crypto.errors import LedgerError
+from secfed.federation.kits import EnterpriseKit
 from secfed.participant import Participant
 from secfed.participant.adapter import SyntheticSite
-from secfed.transport.kits import EnterpriseKit
 
 ENTERPRISES = ["a-site", "b-site", "c-site", "d-site"]  # n = 4, t = 3: one dropout tolerated
 SLOW, DIM = "a-site", 64

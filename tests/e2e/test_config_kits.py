@@ -17,9 +17,10 @@ from secfed.config import (
     load_site_policy,
 )
 from secfed.errors import BudgetExceeded, ConfigError
-from secfed.participant.adapter import model_settings_for
-from secfed.transport.kits import CoordinatorKit, EnterpriseKit, create_kits
-from secfed.transport.pki import make_ca, peer_identity
+from secfed.federation.kits import CoordinatorKit, EnterpriseKit, create_kits
+from secfed.federation.pki import make_ca
+from secfed.federation.plan import model_settings_for
+from secfed.transport.tls import peer_identity
 
 ENTERPRISES = ["energy-utility", "security-operator", "city-ops"]
 
@@ -147,7 +148,7 @@ def test_config_errors_name_field_rule_value(tmp_path: Path, kits) -> None:
 def test_ring_is_the_smallest_whose_headroom_holds_the_sum(tmp_path: Path, kits) -> None:
     from secfed.crypto.encoding import check_headroom
     from secfed.crypto.errors import HeadroomError
-    from secfed.transport.kits import ring_bits_for
+    from secfed.federation.kits import ring_bits_for
 
     model = model_settings_for(model_dir=None, synthetic_dim=16)  # clip 8, scale 2^24
     # n * round(8 * 2^24) <= 2^31 - 1  <=>  n <= 15
@@ -195,7 +196,7 @@ def test_round_terms_carry_the_optimizer_and_the_scheduled_learning_rate(tmp_pat
 
 
 def test_coordinator_kit_holds_its_own_identity_pinned_in_the_federation(tmp_path: Path, kits) -> None:
-    from secfed.transport.kits import write_coordinator_identity
+    from secfed.federation.kits import write_coordinator_identity
 
     coord = CoordinatorKit.load(kits.coordinator)
     pinned = load_federation(kits.coordinator / "federation.toml").coordinator_identity_public_key

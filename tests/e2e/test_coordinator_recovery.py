@@ -8,9 +8,9 @@ import time
 
 from secfed.config import Deadlines, DPSettings
 from secfed.coordinator.service import RESTART_GRACE_S, Coordinator
-from secfed.participant.adapter import model_settings_for
+from secfed.federation.kits import CoordinatorKit, create_kits
+from secfed.federation.plan import model_settings_for
 from secfed.protocol.spec import Stage
-from secfed.transport.kits import CoordinatorKit, create_kits
 
 ENTERPRISES = ["energy-utility", "security-operator", "city-ops"]
 

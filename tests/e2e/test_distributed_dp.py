@@ -38,12 +38,12 @@ from secfed.config import (
 )
 from secfed.crypto.keys import IdentityKey
 from secfed.errors import BudgetExceeded, ConfigError, DPGuardError, HeadroomError
+from secfed.federation.kits import EnterpriseKit
 from secfed.participant.ledger import open_site_ledger
 from secfed.participant.noise import distributed_hook, hook_from_settings
 from secfed.privacy import DistributedDPEvent, DPSGDEvent, read_ledger, verify_ledger
 from secfed.privacy.distributed import rounded_norm_bound
 from secfed.protocol import RoundSpec
-from secfed.transport.kits import EnterpriseKit
 
 ALPHA = 1e-6  # two-sided level of each statistical check
 DIM = 20_000  # coordinates: the chi-square interval for the variance is about +-5 %

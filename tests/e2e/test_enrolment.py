@@ -22,9 +22,9 @@ from secfed.crypto import ckks
 from secfed.crypto.aead import open_sealed
 from secfed.crypto.errors import ConfigError, DecryptionError
 from secfed.crypto.keys import IdentityKey, agree, hkdf
-from secfed.participant.adapter import model_settings_for
-from secfed.transport import enrol
-from secfed.transport.kits import CoordinatorKit, EnterpriseKit, create_kits
+from secfed.federation import enrol
+from secfed.federation.kits import CoordinatorKit, EnterpriseKit, create_kits
+from secfed.federation.plan import model_settings_for
 
 SITES = ["energy-utility", "security-operator", "city-ops"]
 PEM_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----",
@@ -353,7 +353,7 @@ def test_import_refuses_a_bundle_that_differs_from_the_invitation(tmp_path: Path
     with pytest.raises(ConfigError, match="must certify this party's own TLS key"):
         enrol.site_import(site, bundle)
     # another CA
-    from secfed.transport.pki import make_ca
+    from secfed.federation.pki import make_ca
 
     (bundle / "ca.pem").write_bytes(make_ca("rogue").cert_pem)
     with pytest.raises(ConfigError, match="ca.pem must be the invitation's CA"):

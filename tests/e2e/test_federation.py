@@ -21,9 +21,9 @@ from e2e.harness import (
 from secfed.audit import build_report
 from secfed.crypto.errors import LedgerError
 from secfed.crypto.keys import verify_signature
+from secfed.federation.kits import EnterpriseKit
 from secfed.privacy import LedgerHead, read_ledger, verify_ledger
 from secfed.transport.api import refusal_signed_bytes
-from secfed.transport.kits import EnterpriseKit
 
 DIM = 3000
 ENTERPRISES = ["energy-utility", "security-operator", "city-ops"]

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from e2e.harness import ENV, PY, free_port
+from secfed.federation.kits import EnterpriseKit
 from secfed.models.tiny import write_tiny_causal_lm
 from secfed.privacy import read_ledger, verify_ledger
-from secfed.transport.kits import EnterpriseKit
 
 SITES = ("north-clinic", "south-clinic", "east-clinic")
 BUDGET = 8.0

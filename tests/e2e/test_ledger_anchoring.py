@@ -18,12 +18,12 @@ from secfed.config import Deadlines, DPSettings
 from secfed.coordinator.service import Coordinator
 from secfed.crypto.errors import InvalidSignature, ProtocolError, SecfedError
 from secfed.crypto.keys import IdentityKey
-from secfed.participant.adapter import model_settings_for
+from secfed.federation.kits import CoordinatorKit, EnterpriseKit, create_kits
+from secfed.federation.plan import model_settings_for
 from secfed.privacy import DPSGDEvent, Ledger, LedgerHead
 from secfed.privacy.receipts import GENESIS_LINK, LedgerReceipt
 from secfed.protocol import ParticipantPolicy, ParticipantRound, Stage
 from secfed.transport.api import AppliedConfirmation, Envelope, applied_signed_bytes
-from secfed.transport.kits import CoordinatorKit, EnterpriseKit, create_kits
 
 ENTERPRISES = ["org-a", "org-b", "org-c", "org-d"]  # threshold 3: one refused site leaves 3
 DIM = 16

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from e2e.harness import make_federation
 from secfed.coordinator import max_body_bytes
 from secfed.coordinator.service import Coordinator
-from secfed.transport.kits import CoordinatorKit
+from secfed.federation.kits import CoordinatorKit
 from secfed.transport.server import PEER_KEY, create_app
 
 pytestmark = pytest.mark.slow

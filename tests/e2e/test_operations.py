@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from secfed.participant.adapter import model_settings_for
+from secfed.federation.kits import EnterpriseKit, create_kits
+from secfed.federation.plan import model_settings_for
 from secfed.transport.client import CoordinatorClient
-from secfed.transport.kits import EnterpriseKit, create_kits
-from secfed.transport.pki import server_ssl_context
+from secfed.transport.tls import server_ssl_context
 
 from .harness import ENV, PY, make_federation
 

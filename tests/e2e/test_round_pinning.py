@@ -18,11 +18,12 @@ import pytest
 from secfed.config import DistributedDPSettings, DPSettings, load_federation
 from secfed.coordinator.service import Coordinator
 from secfed.errors import ConfigError, ProtocolAbort
-from secfed.participant.adapter import SyntheticSite, model_settings_for
+from secfed.federation.kits import CoordinatorKit, EnterpriseKit, create_kits
+from secfed.federation.plan import model_settings_for
+from secfed.participant.adapter import SyntheticSite
 from secfed.participant.loop import Participant
 from secfed.protocol import ParticipantRound, RoundSpec
 from secfed.transport.api import RoundInfo
-from secfed.transport.kits import CoordinatorKit, EnterpriseKit, create_kits
 
 SITES = [f"site-{i:02d}" for i in range(12)]
 ME = "site-00"

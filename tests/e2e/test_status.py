@@ -17,10 +17,10 @@ from secfed.coordinator.status import StatusBoard
 from secfed.coordinator.status_page import render_page
 from secfed.crypto.errors import ProtocolError
 from secfed.crypto.keys import IdentityKey
+from secfed.federation.kits import CoordinatorKit
 from secfed.privacy import Ledger
 from secfed.protocol import ParticipantPolicy, ParticipantRound, Stage
 from secfed.transport.api import Envelope
-from secfed.transport.kits import CoordinatorKit
 
 from .test_ledger_anchoring import ENTERPRISES, EVENT, _fed, _round
 

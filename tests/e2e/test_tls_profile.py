@@ -1,4 +1,4 @@
-"""The coordinator's TLS is the one ``secfed.transport.pki`` configures: TLS 1.3 only, its AEAD
+"""The coordinator's TLS is the one ``secfed.transport.tls`` configures: TLS 1.3 only, its AEAD
 suites, X25519/P-256 key exchange, leaf certificates of at most 90 days -- Mozilla's "modern"
 profile, checked from outside by sslyze (slow test) and by plain handshakes here.
 """
@@ -19,8 +19,8 @@ import pytest
 from cryptography import x509
 
 from e2e.harness import Processes, make_federation
-from secfed.transport import pki
-from secfed.transport.kits import EnterpriseKit
+from secfed.federation.kits import EnterpriseKit
+from secfed.transport import tls as transport_tls
 
 ENTERPRISES = ["energy-utility", "security-operator", "city-ops"]
 SSLYZE = "sslyze==6.3.1"
@@ -69,7 +69,7 @@ def test_default_client_gets_tls13_and_an_aead_suite(live) -> None:
     _kits, address, site = live
     version, suite = _handshake(_client_context(site), address)
     assert version == "TLSv1.3"
-    assert suite in pki.TLS13_CIPHER_SUITES
+    assert suite in transport_tls.TLS13_CIPHER_SUITES
 
 
 def test_tls12_client_is_refused(live) -> None:
@@ -86,9 +86,9 @@ def test_client_offering_only_groups_outside_x25519_p256_is_refused(live) -> Non
     ctx = _client_context(site)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3  # _openssl_ctx checks it
-    lib, pointer = pki._openssl_ctx(ctx)
+    lib, pointer = transport_tls._openssl_ctx(ctx)
     groups = ctypes.c_char_p(b"X448:P-384:P-521")  # what OpenSSL's defaults also offer
-    assert lib.SSL_CTX_ctrl(pointer, pki._SSL_CTRL_SET_GROUPS_LIST, 0,
+    assert lib.SSL_CTX_ctrl(pointer, transport_tls._SSL_CTRL_SET_GROUPS_LIST, 0,
                             ctypes.cast(groups, ctypes.c_void_p)) == 1
     with pytest.raises((ssl.SSLError, ConnectionError)):
         _handshake(ctx, address)
@@ -96,11 +96,11 @@ def test_client_offering_only_groups_outside_x25519_p256_is_refused(live) -> Non
 
 def test_our_client_context_speaks_tls13_only_with_x25519_or_p256(live) -> None:
     _kits, address, site = live
-    ours = pki.client_ssl_context(cert=site / "client.pem", key=site / "client.key",
+    ours = transport_tls.client_ssl_context(cert=site / "client.pem", key=site / "client.key",
                                   ca=site / "ca.pem")
     assert ours.minimum_version == ours.maximum_version == ssl.TLSVersion.TLSv1_3
     version, suite = _handshake(ours, address)
-    assert (version, suite in pki.TLS13_CIPHER_SUITES) == ("TLSv1.3", True)
+    assert (version, suite in transport_tls.TLS13_CIPHER_SUITES) == ("TLSv1.3", True)
 
 
 def test_leaf_certificates_last_at_most_90_days(live) -> None:
@@ -142,6 +142,6 @@ def test_sslyze_finds_mozilla_modern_compliance(live, tmp_path_factory) -> None:
     assert report["issues"] == {}, report
     accepted = report["accepted_cipher_suites"]
     assert {k for k, v in accepted.items() if v} == {"tls_1_3"}
-    assert set(accepted["tls_1_3"]) <= set(pki.TLS13_CIPHER_SUITES)
+    assert set(accepted["tls_1_3"]) <= set(transport_tls.TLS13_CIPHER_SUITES)
     assert set(report["curves"]) <= {"X25519", "secp256r1", "prime256v1"}  # P-256 by two names
     assert report["leaf_lifespan_days"] <= 90

@@ -12,7 +12,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from secfed.transport import pki
+from secfed.federation import pki
+from secfed.transport import tls
 
 
 def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> int:
@@ -49,10 +50,10 @@ def pair(tmp_path: Path):
     (tmp_path / "client.pem").write_bytes(client.cert_pem)
     pki.write_private_pem(tmp_path / "client.key", client.key_pem)
     events: list[str] = []
-    ctx = pki.ReloadingServerContext(cert=tmp_path / "server.pem", key=tmp_path / "server.key",
+    ctx = tls.ReloadingServerContext(cert=tmp_path / "server.pem", key=tmp_path / "server.key",
                                      ca=tmp_path / "ca.pem", crl=tmp_path / "crl.pem",
                                      on_reload=events.append)
-    client_ctx = pki.client_ssl_context(cert=tmp_path / "client.pem",
+    client_ctx = tls.client_ssl_context(cert=tmp_path / "client.pem",
                                         key=tmp_path / "client.key", ca=tmp_path / "ca.pem")
     return tmp_path, ca, server, client, ctx, client_ctx, events
 

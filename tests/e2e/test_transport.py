@@ -14,12 +14,12 @@ import pytest
 
 from e2e.harness import Processes, coordinator_db, make_federation, wait_for
 from secfed.crypto.errors import ConfigError, MessageFormatError, TransportError
+from secfed.federation.kits import EnterpriseKit
+from secfed.federation.pki import CertifiedKey, issue_client_cert, make_ca, write_private_pem
 from secfed.participant import Participant
 from secfed.participant.adapter import SyntheticSite
 from secfed.transport.api import Envelope
 from secfed.transport.client import CoordinatorClient
-from secfed.transport.kits import EnterpriseKit
-from secfed.transport.pki import CertifiedKey, issue_client_cert, make_ca, write_private_pem
 
 ENTERPRISES = ["energy-utility", "security-operator", "city-ops"]
 

@@ -17,7 +17,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from secfed.transport.pki import issue_server_cert, make_ca, write_private_pem
+from secfed.federation.pki import issue_server_cert, make_ca, write_private_pem
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]

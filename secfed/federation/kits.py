@@ -1,5 +1,5 @@
 """Startup kits: one directory per party, each made by its own party (see
-:mod:`secfed.transport.enrol`).
+:mod:`secfed.federation.enrol`).
 
 :func:`create_kits` runs the whole enrolment in-process on one machine (tests, benches, ``make
 demo``), one folder per party under the output directory::
@@ -32,12 +32,13 @@ from secfed.config import (
     RosterEntry,
     SitePolicy,
     check_enterprise_id,
+    default_of,
     load_federation,
     load_site_policy,
 )
 from secfed.crypto.errors import ConfigError
 from secfed.crypto.keys import IdentityKey
-from secfed.transport.enrol import (
+from secfed.federation.enrol import (
     CA_FILE,
     CKKS_PUBLIC_FILE,
     CKKS_SECRET_FILE,
@@ -48,7 +49,7 @@ from secfed.transport.enrol import (
     distributed_sum_abs,
     ring_bits_for,
 )
-from secfed.transport.pki import write_private_pem
+from secfed.federation.pki import write_private_pem
 
 __all__ = ["KitPaths", "CoordinatorKit", "EnterpriseKit", "create_kits", "ring_bits_for",
            "distributed_sum_abs", "write_coordinator_identity"]
@@ -215,7 +216,7 @@ def create_kits(
     deadlines: Deadlines | None = None,
     dp: DPSettings | None = None,
     policy_budget_epsilon: float | None = None,
-    policy_min_noise_multiplier: float = 0.5,
+    policy_min_noise_multiplier: float | None = None,
     force: bool = False,
 ) -> KitPaths:
     """Run the whole enrolment on this machine: the admin's invitation, each party's own keys
@@ -225,7 +226,7 @@ def create_kits(
     Raises:
         ConfigError: a setting breaks a rule, or ``out`` exists and is not empty (without force).
     """
-    from secfed.transport import enrol
+    from secfed.federation import enrol
 
     root = Path(out)
     if root.exists() and any(root.iterdir()):
@@ -262,7 +263,9 @@ def create_kits(
         requests.append(enrol.site_init(
             invitation, eid, paths[eid], request=exchange / "requests" / f"{eid}.toml",
             budget_epsilon=policy_budget_epsilon,
-            min_noise_multiplier=policy_min_noise_multiplier,
+            min_noise_multiplier=(default_of(SitePolicy, "min_noise_multiplier")
+                                  if policy_min_noise_multiplier is None
+                                  else policy_min_noise_multiplier),
         ))
     bundle = exchange / "bundle"
     enrol.sign_requests(admin, requests, bundle)

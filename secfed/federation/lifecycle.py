@@ -7,7 +7,7 @@ state, ``federation.toml`` and every pin stay as they are.
 * :func:`renew` certifies each party's *existing* TLS key again (fresh serial, fresh validity,
   same names) and replaces ``server.pem`` / ``client.pem`` atomically (write, then rename), so a
   running coordinator -- whose TLS context reloads its files per connection
-  (:class:`~secfed.transport.pki.ReloadingServerContext`) -- serves the new certificate from
+  (:class:`~secfed.transport.tls.ReloadingServerContext`) -- serves the new certificate from
   its next connection on, and a round in flight is not disturbed.
 * :func:`revoke` adds the enterprise to ``ca/revoked.toml``, signs a CRL (``crl.pem``) listing
   every certificate serial the admin knows for it, and puts both into the coordinator's kit: the
@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from secfed.crypto.errors import ConfigError
-from secfed.transport.pki import (
+from secfed.federation.pki import (
     DEFAULT_LEAF_VALIDITY,
     CertifiedKey,
     _sign_leaf,

@@ -1,6 +1,6 @@
 """Enrolment: every party makes its own keys; the admin only certifies and pins public keys.
 
-The flow, one CLI command per step (:func:`secfed.transport.kits.create_kits` runs them all
+The flow, one CLI command per step (:func:`secfed.federation.kits.create_kits` runs them all
 in-process for tests and the demo, still writing one folder per party):
 
 1. admin, ``secfed federation invite``: the CA (``ca.pem``, ``ca.key``) and ``invitation.toml``
@@ -69,7 +69,7 @@ from secfed.config import (
 from secfed.crypto.aead import open_sealed, seal
 from secfed.crypto.errors import ConfigError, DecryptionError, InvalidSignature
 from secfed.crypto.keys import IdentityKey, X25519KeyPair, agree, hkdf, verify_signature
-from secfed.transport.pki import (
+from secfed.federation.pki import (
     CertifiedKey,
     issue_from_csr,
     load_csr,
@@ -629,7 +629,7 @@ def coordinator_init(invitation: str | Path, out: str | Path, *,
     load_invitation(invitation)
     root = Path(out)
     _fresh_dir(root, "--out", force)
-    from secfed.transport.kits import write_coordinator_identity
+    from secfed.federation.kits import write_coordinator_identity
 
     inv, digest = _invitation_copy(Path(invitation), root)
     write_coordinator_identity(root)  # the coordinator's own: made here, never by the admin
@@ -920,7 +920,7 @@ def ckks_keygen(kit: str | Path, out: str | Path, *, force: bool = False) -> lis
             (without force), or the recipients file is missing or forged.
     """
     from secfed.crypto import ckks
-    from secfed.transport.kits import EnterpriseKit
+    from secfed.federation.kits import EnterpriseKit
 
     k = EnterpriseKit.load(kit)
     fed = k.federation
@@ -967,7 +967,7 @@ def site_ckks_import(kit: str | Path, source_dir: str | Path) -> str:
     """
     from secfed.crypto import ckks
     from secfed.crypto.errors import CkksError
-    from secfed.transport.kits import EnterpriseKit
+    from secfed.federation.kits import EnterpriseKit
 
     k = EnterpriseKit.load(kit)
     eid = k.enterprise_id
@@ -997,7 +997,7 @@ def coordinator_ckks_import(kit: str | Path, source_dir: str | Path) -> str:
     """
     from secfed.crypto import ckks
     from secfed.crypto.errors import CkksError
-    from secfed.transport.kits import CoordinatorKit
+    from secfed.federation.kits import CoordinatorKit
 
     k = CoordinatorKit.load(kit)
     src = Path(source_dir)
