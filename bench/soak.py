@@ -80,7 +80,7 @@ def make_kits(root: Path, *, sites: int, rounds: int, dim: int) -> Any:
 
 def site_main(kit_dir: Path, drop: float, seed: int) -> None:
     """One site process: the participant loop; in a dropout round it goes silent after its upload."""
-    from secfed.crypto.errors import TransportError
+    from secfed.errors import TransportError
     from secfed.participant import Participant
     from secfed.participant.adapter import SyntheticSite
     from secfed.transport.kits import EnterpriseKit

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from secfed.cli.options import emit_json, json_option
-from secfed.crypto.errors import ConfigError, LedgerVerificationError, SecfedError
+from secfed.errors import ConfigError, LedgerVerificationError, SecfedError
 
 
 def load_public_key(value: str) -> bytes:

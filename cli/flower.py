@@ -16,7 +16,7 @@ def command() -> None:
 
 
 def _require_flower() -> None:
-    from secfed.crypto.errors import ConfigError
+    from secfed.errors import ConfigError
 
     try:
         import flwr  # noqa: F401

@@ -14,7 +14,7 @@ import sys
 import click
 
 from secfed import __version__
-from secfed.crypto.errors import SecfedError
+from secfed.errors import SecfedError
 
 
 class SecfedGroup(click.Group):

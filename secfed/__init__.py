@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from secfed.crypto.errors import SecfedError
+from secfed.errors import SecfedError
 
 __version__ = "0.1.0"
 __all__ = ["Mechanism", "SecfedError", "Site", "Update", "__version__", "join", "site_settings"]

@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from secfed.crypto.errors import BudgetExceeded, ConfigError
+from secfed.errors import BudgetExceeded, ConfigError
 from secfed.names import FEATURE_SCOPES, MASK_MODES, MODES, default_threshold
 
 __all__ = [

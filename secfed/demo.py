@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from secfed import progress
-from secfed.crypto.errors import SecfedError
+from secfed.errors import SecfedError
 from secfed.names import FEATURE_SCOPES
 
 __all__ = ["DemoSettings", "DemoResult", "run_demo"]
@@ -177,7 +177,7 @@ def prepare_demo(out: str | Path, *, settings: DemoSettings | None = None,
     Raises:
         ConfigError: an unknown ``task``, or ``vision`` without ``task="generative"``.
     """
-    from secfed.crypto.errors import ConfigError
+    from secfed.errors import ConfigError
 
     if vision and task != "generative":
         raise ConfigError(f"vision must go with task generative (got task {task!r})")

@@ -30,7 +30,7 @@ from secfed.audit.verify import (
     check_transcript_signed,
     read_enterprise_id,
 )
-from secfed.crypto.errors import AuditError, ConfigError
+from secfed.errors import AuditError, ConfigError
 
 __all__ = ["build_report"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from secfed.audit.sources import _open_readonly
-from secfed.crypto.errors import AuditError
+from secfed.errors import AuditError
 
 __all__ = [
     "RoundContributions",

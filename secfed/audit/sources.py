@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from secfed.audit.model import OutboundLog, OutboundMessage, RoundRecord
-from secfed.crypto.errors import AuditError
+from secfed.errors import AuditError
 from secfed.privacy.receipts import round_digest
 
 __all__ = ["TranscriptUpload", "TranscriptSeal", "Transcript", "read_transcript", "read_outbound"]

@@ -29,7 +29,8 @@ from secfed.audit.model import (
     OutboundLog,
 )
 from secfed.audit.sources import Transcript, TranscriptSeal
-from secfed.crypto.errors import (
+from secfed.crypto.keys import constant_time_equal, verify_signature
+from secfed.errors import (
     AuditError,
     InvalidSignature,
     LedgerError,
@@ -37,7 +38,6 @@ from secfed.crypto.errors import (
     MessageFormatError,
     SecfedError,
 )
-from secfed.crypto.keys import constant_time_equal, verify_signature
 from secfed.privacy import (
     DistributedDPEvent,
     DPSGDEvent,

@@ -9,7 +9,7 @@ from pathlib import Path
 from secfed.audit.model import AuditReport
 from secfed.audit.page import render_html
 from secfed.audit.plots import epsilon_plot, participants_plot
-from secfed.crypto.errors import AuditError
+from secfed.errors import AuditError
 
 __all__ = ["write_report", "PLOT_FILES"]
 

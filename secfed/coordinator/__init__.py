@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from secfed.crypto.errors import ConfigError
+from secfed.errors import ConfigError
 from secfed.federation.kits import CoordinatorKit
 from secfed.names import CKKS_SLOTS
 from secfed.transport.status_http import DEFAULT_STATUS_LISTEN

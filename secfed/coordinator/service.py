@@ -34,14 +34,14 @@ from typing import Any
 from secfed.config import FederationConfig, RoundTerms
 from secfed.coordinator.state import CoordinatorState
 from secfed.coordinator.status import StatusBoard, refusal_kind
-from secfed.crypto.errors import (
+from secfed.crypto.keys import constant_time_equal, verify_signature
+from secfed.errors import (
     ConfigError,
     InvalidSignature,
     ProtocolAbort,
     ProtocolError,
     SecfedError,
 )
-from secfed.crypto.keys import constant_time_equal, verify_signature
 from secfed.federation.kits import CoordinatorKit
 from secfed.privacy.ledger import LedgerHead
 from secfed.privacy.receipts import sign_receipt

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from secfed.crypto.errors import DataError, ModelError
+from secfed.errors import DataError, ModelError
 from secfed.models.generative import GENERATIVE_TASKS, IGNORE_INDEX
 from secfed.models.loading import load_tokenizer
 from secfed.models.model_init import LM_DIR, read_model_meta

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from secfed.crypto.errors import DataError, ModelError
 from secfed.data.records import Record, read_records
+from secfed.errors import DataError, ModelError
 from secfed.models.loading import load_tokenizer
 from secfed.models.storage import META_FILE, TOWER_DIRS
 

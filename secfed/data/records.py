@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from secfed.crypto.errors import DataError
+from secfed.errors import DataError
 
 RECORDS_FILE = "records.jsonl"
 META_FILE = "meta.json"

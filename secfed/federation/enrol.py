@@ -67,8 +67,8 @@ from secfed.config import (
     validated,
 )
 from secfed.crypto.aead import open_sealed, seal
-from secfed.crypto.errors import ConfigError, DecryptionError, InvalidSignature
 from secfed.crypto.keys import IdentityKey, X25519KeyPair, agree, hkdf, verify_signature
+from secfed.errors import ConfigError, DecryptionError, InvalidSignature
 from secfed.federation.pki import (
     CertifiedKey,
     issue_from_csr,
@@ -266,7 +266,7 @@ def ring_bits_for(n_participants: int, model: ModelSettings, distributed: Any = 
     updates at the model's scale (and, with distributed DP, their noise shares): half the
     upload bytes whenever the federation is small."""
     from secfed.crypto.encoding import check_headroom
-    from secfed.crypto.errors import HeadroomError
+    from secfed.errors import HeadroomError
 
     try:
         check_headroom(n_participants=n_participants, max_abs=model.clip_bound,
@@ -966,7 +966,7 @@ def site_ckks_import(kit: str | Path, source_dir: str | Path) -> str:
         ConfigError: no copy for this site, or the copy fails a check.
     """
     from secfed.crypto import ckks
-    from secfed.crypto.errors import CkksError
+    from secfed.errors import CkksError
     from secfed.federation.kits import EnterpriseKit
 
     k = EnterpriseKit.load(kit)
@@ -996,7 +996,7 @@ def coordinator_ckks_import(kit: str | Path, source_dir: str | Path) -> str:
         ConfigError: missing, unsigned, signed by no roster enterprise, or carrying a secret key.
     """
     from secfed.crypto import ckks
-    from secfed.crypto.errors import CkksError
+    from secfed.errors import CkksError
     from secfed.federation.kits import CoordinatorKit
 
     k = CoordinatorKit.load(kit)

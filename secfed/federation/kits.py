@@ -36,8 +36,8 @@ from secfed.config import (
     load_federation,
     load_site_policy,
 )
-from secfed.crypto.errors import ConfigError
 from secfed.crypto.keys import IdentityKey
+from secfed.errors import ConfigError
 from secfed.federation.enrol import (
     CA_FILE,
     CKKS_PUBLIC_FILE,

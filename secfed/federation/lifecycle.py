@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from secfed.crypto.errors import ConfigError
+from secfed.errors import ConfigError
 from secfed.federation.pki import (
     DEFAULT_LEAF_VALIDITY,
     CertifiedKey,

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from secfed.crypto.errors import ConfigError
+from secfed.errors import ConfigError
 
 __all__ = [
     "CertifiedKey",

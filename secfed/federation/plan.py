@@ -25,7 +25,7 @@ from secfed.config import (
     default_of,
     validated,
 )
-from secfed.crypto.errors import ConfigError
+from secfed.errors import ConfigError
 from secfed.federation.kits import KitPaths, create_kits
 from secfed.names import synthetic_layout_digest, vector_hash
 

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from secfed.crypto.errors import MessageFormatError, SecfedError, TransportError
+from secfed.errors import MessageFormatError, SecfedError, TransportError
 
 __all__ = ["SOCKET_NAME", "serve", "relay", "encode_frame", "read_frame"]
 

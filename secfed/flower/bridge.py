@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from secfed.crypto.errors import ProtocolAbort, ProtocolError, TransportError
+from secfed.errors import ProtocolAbort, ProtocolError, TransportError
 from secfed.flower.wire import OUTCOME
 from secfed.transport.api import (
     AppliedConfirmation,

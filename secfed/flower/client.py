@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from secfed.crypto.errors import ConfigError, SecfedError
+from secfed.errors import ConfigError, SecfedError
 from secfed.flower.bridge import Answer, FlowerBridge
 from secfed.flower.wire import IDENTITY, OUTCOME, STEPS, pack, sign_advert, step_of, unpack
 from secfed.transport.api import RoundInfo, RoundOutcome

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from secfed.coordinator.service import Coordinator, EventSink
-from secfed.crypto.errors import ProtocolAbort, ProtocolError, SecfedError, TransportError
+from secfed.errors import ProtocolAbort, ProtocolError, SecfedError, TransportError
 from secfed.federation.kits import CoordinatorKit
 from secfed.flower.wire import (
     IDENTITY,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from secfed.crypto.errors import ConfigError, ProtocolError
+from secfed.errors import ConfigError, ProtocolError
 from secfed.flower.wire import content_bytes, step_of
 
 __all__ = ["simulate", "CountingGrid", "drop_after_upload_mod", "AFTER_UPLOAD",

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from secfed import names
-from secfed.crypto.errors import InvalidSignature, MessageFormatError, ProtocolError
 from secfed.crypto.keys import IdentityKey, verify_signature
+from secfed.errors import InvalidSignature, MessageFormatError, ProtocolError
 from secfed.transport.api import STAGES
 
 __all__ = [

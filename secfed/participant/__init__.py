@@ -41,7 +41,7 @@ def run_participant(
                                   train_seconds=synthetic_train_s)
     else:
         if model_dir is None or data_dir is None:
-            from secfed.crypto.errors import ConfigError
+            from secfed.errors import ConfigError
 
             raise ConfigError("--model and --data must both be given (or --synthetic)")
         # minutes at the demo's scale with frozen towers (features computed once): say so

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from secfed.config import ModelSettings, RoundTerms
-from secfed.crypto.errors import ConfigError, ModelError
+from secfed.errors import ConfigError, ModelError
 from secfed.names import FEATURE_SCOPES, synthetic_layout_digest, vector_hash
 
 __all__ = [

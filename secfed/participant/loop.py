@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from secfed.config import Deadlines, RoundTerms
-from secfed.crypto.errors import (
+from secfed.crypto.keys import verify_signature
+from secfed.errors import (
     ConfigError,
     DPGuardError,
     EncodingError,
@@ -45,7 +46,6 @@ from secfed.crypto.errors import (
     SecfedError,
     TransportError,
 )
-from secfed.crypto.keys import verify_signature
 from secfed.federation.kits import EnterpriseKit
 from secfed.names import Mode, Protection, protection_of
 from secfed.participant.adapter import LocalSite, TrainOutcome

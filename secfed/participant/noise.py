@@ -15,7 +15,7 @@ from secfed.config import (
     RoundTerms,
     SitePolicy,
 )
-from secfed.crypto.errors import ConfigError, DPGuardError
+from secfed.errors import ConfigError, DPGuardError
 from secfed.privacy.distributed import DistributedDP, guaranteed_shares
 from secfed.protocol.spec import RoundSpec
 

@@ -14,7 +14,7 @@ hash, checked in the join loop.
 from __future__ import annotations
 
 from secfed.config import FederationConfig, RoundTerms
-from secfed.crypto.errors import ConfigError
+from secfed.errors import ConfigError
 from secfed.protocol.spec import RoundSpec
 
 __all__ = [

@@ -34,7 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from secfed.config import ModelSettings, RoundTerms
-from secfed.crypto.errors import ConfigError, DPGuardError
+from secfed.errors import ConfigError, DPGuardError
 from secfed.participant.adapter import (
     TrainOutcome,
     _StoredAdapter,

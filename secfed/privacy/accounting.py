@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from secfed.crypto.errors import ConfigError, DPGuardError
+from secfed.errors import ConfigError, DPGuardError
 from secfed.privacy.analysis import (
     RDP_ORDERS,
     rdp_to_epsilon,

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from secfed.crypto.errors import ConfigError, DPGuardError, HeadroomError, PrivacyError
 from secfed.crypto.prg import keystream
+from secfed.errors import ConfigError, DPGuardError, HeadroomError, PrivacyError
 from secfed.names import MASK_MODES
 from secfed.privacy.events import DistributedDPEvent
 

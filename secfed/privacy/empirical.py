@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.stats import beta as beta_dist
 
-from secfed.crypto.errors import ConfigError
+from secfed.errors import ConfigError
 from secfed.privacy.accounting import compute_epsilon
 
 __all__ = ["AuditResult", "clopper_pearson", "epsilon_lower_bound", "audit_dpsgd"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from secfed.config import DPSGDTerms
-from secfed.crypto.errors import ConfigError, MessageFormatError
+from secfed.errors import ConfigError, MessageFormatError
 
 __all__ = [
     "EVENT_VERSION",

@@ -34,7 +34,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from secfed import names
-from secfed.crypto.errors import (
+from secfed.crypto.keys import LABEL_LEDGER, IdentityKey, constant_time_equal, verify_signature
+from secfed.errors import (
     BudgetExceeded,
     ConfigError,
     InvalidSignature,
@@ -42,7 +43,6 @@ from secfed.crypto.errors import (
     LedgerVerificationError,
     MessageFormatError,
 )
-from secfed.crypto.keys import LABEL_LEDGER, IdentityKey, constant_time_equal, verify_signature
 from secfed.privacy.accounting import (
     ACCOUNTANTS,
     DEFAULT_BUDGET_EPSILON,

@@ -29,8 +29,8 @@ import struct
 from dataclasses import dataclass
 
 from secfed import names
-from secfed.crypto.errors import ConfigError, InvalidSignature, MessageFormatError
 from secfed.crypto.keys import IdentityKey, verify_signature
+from secfed.errors import ConfigError, InvalidSignature, MessageFormatError
 
 __all__ = [
     "RECEIPT_STAGES",

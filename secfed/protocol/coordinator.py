@@ -17,13 +17,6 @@ import numpy as np
 import numpy.typing as npt
 
 from secfed.crypto.encoding import decode, ring_dtype
-from secfed.crypto.errors import (
-    CkksError,
-    MessageFormatError,
-    ProtocolAbort,
-    ProtocolError,
-    ShamirError,
-)
 from secfed.crypto.keys import (
     LABEL_PAIRWISE_MASK,
     LABEL_SELF_MASK,
@@ -35,6 +28,13 @@ from secfed.crypto.keys import (
 )
 from secfed.crypto.masking import DEFAULT_WORKERS, apply_masks
 from secfed.crypto.shamir import Share, combine_shares
+from secfed.errors import (
+    CkksError,
+    MessageFormatError,
+    ProtocolAbort,
+    ProtocolError,
+    ShamirError,
+)
 from secfed.protocol.messages import (
     SHARE_KIND_MASK_KEY,
     SHARE_KIND_SELF_MASK,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar, TypeVar, Union
 
 from secfed import names
-from secfed.crypto.errors import MessageFormatError
+from secfed.errors import MessageFormatError
 from secfed.protocol.probes import MAX_PROBES
 from secfed.protocol.spec import COIN_BYTES
 from secfed.protocol.wire import Reader, Writer

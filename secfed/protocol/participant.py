@@ -19,7 +19,6 @@ import numpy.typing as npt
 
 from secfed.crypto.aead import binding_ad, open_sealed, seal
 from secfed.crypto.encoding import decode, encode
-from secfed.crypto.errors import ProtocolAbort, ProtocolError, SecfedError
 from secfed.crypto.keys import (
     LABEL_PAIRWISE_MASK,
     LABEL_SELF_MASK,
@@ -33,6 +32,7 @@ from secfed.crypto.keys import (
 )
 from secfed.crypto.masking import DEFAULT_WORKERS, apply_masks
 from secfed.crypto.shamir import Share, split_secret
+from secfed.errors import ProtocolAbort, ProtocolError, SecfedError
 from secfed.names import Mode
 from secfed.protocol.messages import (
     SHARE_KIND_MASK_KEY,

@@ -41,8 +41,8 @@ import numpy.typing as npt
 from threadpoolctl import ThreadpoolController
 
 from secfed import names
-from secfed.crypto.errors import ConfigError
 from secfed.crypto.prg import SEED_BYTES, ZERO_PIECE_BYTES, KeystreamReader
+from secfed.errors import ConfigError
 
 __all__ = [
     "DEFAULT_PROBES",

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from secfed.crypto.errors import ConfigError, ProtocolAbort, SecfedError
 from secfed.crypto.keys import IdentityKey, X25519KeyPair
+from secfed.errors import ConfigError, ProtocolAbort, SecfedError
 from secfed.names import ADVERSARIES, MODES, PROBE_ONLY_STAGES, STAGES_OF, Mode
 from secfed.protocol.coordinator import CoordinatorRound, ProbeOutcome
 from secfed.protocol.messages import (

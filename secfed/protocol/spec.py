@@ -22,8 +22,8 @@ import numpy as np
 
 from secfed import names
 from secfed.crypto.encoding import check_headroom
-from secfed.crypto.errors import ConfigError, HeadroomError, MessageFormatError, ProtocolAbort
 from secfed.crypto.prg import keystream
+from secfed.errors import ConfigError, HeadroomError, MessageFormatError, ProtocolAbort
 from secfed.names import MASK_MODES, MIN_THRESHOLD, MODES, Stage, default_threshold
 from secfed.protocol.probes import DEFAULT_PROBE_MARGIN, MAX_PROBES
 from secfed.protocol.wire import Reader, Writer

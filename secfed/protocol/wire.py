@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from secfed.crypto.errors import MessageFormatError
+from secfed.errors import MessageFormatError
 
 __all__ = ["Writer", "Reader", "MAX_ID_BYTES", "MAX_ITEMS"]
 

@@ -28,10 +28,10 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from secfed import errors as E
 from secfed import names
 from secfed.config import RoundTerms
-from secfed.crypto import errors as E
-from secfed.crypto.errors import MessageFormatError
+from secfed.errors import MessageFormatError
 
 __all__ = [
     "API_VERSION",

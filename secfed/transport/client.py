@@ -22,7 +22,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from secfed.crypto.errors import TransportError
+from secfed.errors import TransportError
 from secfed.federation.lifecycle import renew_command
 from secfed.federation.pki import check_not_expired
 from secfed.transport.api import (

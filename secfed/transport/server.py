@@ -21,7 +21,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from secfed.crypto.errors import SecfedError, TransportError
+from secfed.errors import SecfedError, TransportError
 from secfed.transport.api import (
     STAGES,
     AppliedConfirmation,
@@ -228,7 +228,7 @@ def create_app(
 
     def check_stage(stage: str) -> None:
         if stage not in STAGES:
-            from secfed.crypto.errors import MessageFormatError
+            from secfed.errors import MessageFormatError
 
             raise MessageFormatError(f"stage must be one of {STAGES} (got {stage!r})")
 
@@ -270,7 +270,7 @@ def create_app(
     async def submit(request: Request, round_number: int, stage: str) -> SubmitAck:
         sender = caller(request)
         check_stage(stage)
-        from secfed.crypto.errors import MessageFormatError
+        from secfed.errors import MessageFormatError
 
         body = await request.body()
         envelope = Envelope.from_bytes(body)

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from secfed.crypto.errors import ConfigError, TransportError
+from secfed.errors import ConfigError, TransportError
 
 __all__ = ["StatusViews", "create_status_app", "parse_listen", "check_listen", "bind",
            "serve_status", "DEFAULT_STATUS_LISTEN"]

@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-from secfed.crypto.errors import ConfigError, TransportError
+from secfed.errors import ConfigError, TransportError
 
 __all__ = [
     "server_ssl_context",

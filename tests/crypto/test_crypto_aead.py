@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secfed.crypto import aead
-from secfed.crypto.errors import ConfigError, DecryptionError
+from secfed.errors import ConfigError, DecryptionError
 
 KEY = secrets.token_bytes(32)
 AD_FIELDS = {"session_id": b"\x01" * 32, "round_number": 7, "sender": "acme", "receiver": "globex"}

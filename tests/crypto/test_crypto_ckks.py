@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from secfed.crypto import ckks
-from secfed.crypto.errors import CkksError
+from secfed.errors import CkksError
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from secfed.crypto.encoding import check_headroom, decode, encode, ring_dtype
-from secfed.crypto.errors import ConfigError, EncodingError, HeadroomError
+from secfed.errors import ConfigError, EncodingError, HeadroomError
 
 unit_floats = st.floats(-1.0, 1.0, allow_nan=False, width=32)
 

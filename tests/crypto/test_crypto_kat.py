@@ -7,7 +7,7 @@ import pytest
 from crypto_vectors import load_vectors
 
 from secfed.crypto import keys, prg
-from secfed.crypto.errors import InvalidSignature
+from secfed.errors import InvalidSignature
 
 X25519 = load_vectors("rfc7748_x25519.json")
 ED25519 = load_vectors("rfc8032_ed25519.json")

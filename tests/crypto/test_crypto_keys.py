@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from secfed.crypto import keys
-from secfed.crypto.errors import ConfigError, CryptoError, InvalidSignature
+from secfed.errors import ConfigError, CryptoError, InvalidSignature
 
 SESSION = b"\x07" * 32
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secfed.crypto import masking, prg
-from secfed.crypto.errors import ConfigError
+from secfed.errors import ConfigError
 
 DTYPES = (np.uint64, np.uint32)
 seeds = st.binary(min_size=32, max_size=32)

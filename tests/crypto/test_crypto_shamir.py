@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secfed.crypto import shamir
-from secfed.crypto.errors import ShamirError
+from secfed.errors import ShamirError
 
 # Deterministic Miller-Rabin bases: the first 13 primes make the test exact below 3.3e24, and
 # above that 64 fixed bases leave a composite a chance below 4^-64 -- ample for a constant.

@@ -14,7 +14,7 @@ from crypto_vectors import VECTORS, load_vectors
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from secfed.crypto import masking, prg, shamir
-from secfed.crypto.errors import ShamirError
+from secfed.errors import ShamirError
 
 MASKS = load_vectors("secfed_masks.json")
 SHAMIR = load_vectors("secfed_shamir.json")

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from secfed.crypto.errors import ModelError
+from secfed.errors import ModelError
 from secfed.federation.plan import model_settings_for
 from secfed.participant.adapter import SyntheticSite
 

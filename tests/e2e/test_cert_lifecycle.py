@@ -25,7 +25,7 @@ from e2e.harness import (
     make_federation,
     wait_for,
 )
-from secfed.crypto.errors import ConfigError, TransportError
+from secfed.errors import ConfigError, TransportError
 from secfed.federation.kits import EnterpriseKit
 from secfed.federation.lifecycle import renew
 from secfed.federation.pki import CertifiedKey, issue_client_cert, write_private_pem

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from e2e.harness import Processes, adapter_of, expected_global, make_federation
-from secfed.crypto.errors import LedgerError
+from secfed.errors import LedgerError
 from secfed.federation.kits import EnterpriseKit
 from secfed.participant import Participant
 from secfed.participant.adapter import SyntheticSite

@@ -147,7 +147,7 @@ def test_config_errors_name_field_rule_value(tmp_path: Path, kits) -> None:
 
 def test_ring_is_the_smallest_whose_headroom_holds_the_sum(tmp_path: Path, kits) -> None:
     from secfed.crypto.encoding import check_headroom
-    from secfed.crypto.errors import HeadroomError
+    from secfed.errors import HeadroomError
     from secfed.federation.kits import ring_bits_for
 
     model = model_settings_for(model_dir=None, synthetic_dim=16)  # clip 8, scale 2^24

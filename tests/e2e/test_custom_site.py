@@ -20,7 +20,7 @@ import pytest
 import secfed
 from e2e.harness import ENV, PY, Processes, adapter_of, free_port
 from secfed.config import Deadlines, DPSettings, RoundTerms
-from secfed.crypto.errors import ConfigError, DPGuardError
+from secfed.errors import ConfigError, DPGuardError
 from secfed.federation.kits import EnterpriseKit, create_kits
 from secfed.participant.site import DrivenSite
 from secfed.privacy.ledger import read_ledger

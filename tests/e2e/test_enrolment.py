@@ -20,8 +20,8 @@ from secfed.cli.main import cli
 from secfed.config import federation_to_toml, load_federation
 from secfed.crypto import ckks
 from secfed.crypto.aead import open_sealed
-from secfed.crypto.errors import ConfigError, DecryptionError
 from secfed.crypto.keys import IdentityKey, agree, hkdf
+from secfed.errors import ConfigError, DecryptionError
 from secfed.federation import enrol
 from secfed.federation.kits import CoordinatorKit, EnterpriseKit, create_kits
 from secfed.federation.plan import model_settings_for

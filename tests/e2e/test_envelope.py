@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secfed.crypto.errors import MessageFormatError
+from secfed.errors import MessageFormatError
 from secfed.transport.api import (
     MAX_LEDGER_HEAD,
     STAGES,
@@ -68,6 +68,6 @@ def test_applied_confirmation_binding_and_error_mapping() -> None:
     err = error_from_body(400, ErrorBody(error="MessageFormatError", message="x"))
     assert isinstance(err, MessageFormatError)
     # a class name outside the secfed family never gets instantiated from server text
-    from secfed.crypto.errors import TransportError
+    from secfed.errors import TransportError
 
     assert isinstance(error_from_body(400, ErrorBody(error="SystemExit", message="x")), TransportError)

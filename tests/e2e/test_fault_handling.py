@@ -21,7 +21,7 @@ import pytest
 from e2e.harness import make_federation
 from secfed.coordinator import until_told
 from secfed.coordinator.service import Coordinator
-from secfed.crypto.errors import ProtocolAbort, TransportError
+from secfed.errors import ProtocolAbort, TransportError
 from secfed.participant import Participant
 from secfed.participant.adapter import SyntheticSite
 from secfed.protocol.participant import ParticipantResult

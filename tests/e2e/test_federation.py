@@ -19,8 +19,8 @@ from e2e.harness import (
     wait_for,
 )
 from secfed.audit import build_report
-from secfed.crypto.errors import LedgerError
 from secfed.crypto.keys import verify_signature
+from secfed.errors import LedgerError
 from secfed.federation.kits import EnterpriseKit
 from secfed.privacy import LedgerHead, read_ledger, verify_ledger
 from secfed.transport.api import refusal_signed_bytes

@@ -16,8 +16,8 @@ import pytest
 
 from secfed.config import Deadlines, DPSettings
 from secfed.coordinator.service import Coordinator
-from secfed.crypto.errors import InvalidSignature, ProtocolError, SecfedError
 from secfed.crypto.keys import IdentityKey
+from secfed.errors import InvalidSignature, ProtocolError, SecfedError
 from secfed.federation.kits import CoordinatorKit, EnterpriseKit, create_kits
 from secfed.federation.plan import model_settings_for
 from secfed.privacy import DPSGDEvent, Ledger, LedgerHead
@@ -237,7 +237,7 @@ def test_receipts_and_the_sealed_transcript_anchor_every_entry(tmp_path) -> None
 
 
 def test_a_site_that_took_part_never_starts_a_fresh_ledger(tmp_path) -> None:
-    from secfed.crypto.errors import LedgerError
+    from secfed.errors import LedgerError
     from secfed.participant import Participant
     from secfed.participant.adapter import SyntheticSite
     from secfed.participant.state import ParticipantState

@@ -16,8 +16,8 @@ import pytest
 
 from secfed.config import Deadlines, DPSettings
 from secfed.coordinator.service import Coordinator
-from secfed.crypto.errors import InvalidSignature, ProtocolError
 from secfed.crypto.keys import IdentityKey
+from secfed.errors import InvalidSignature, ProtocolError
 from secfed.participant.adapter import model_settings_for
 from secfed.protocol import ParticipantPolicy, ParticipantRound
 from secfed.transport.api import Envelope, RoundRefusal, refusal_signed_bytes

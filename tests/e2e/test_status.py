@@ -15,8 +15,8 @@ from secfed.coordinator.metrics import Metrics
 from secfed.coordinator.service import Coordinator
 from secfed.coordinator.status import StatusBoard
 from secfed.coordinator.status_page import render_page
-from secfed.crypto.errors import ProtocolError
 from secfed.crypto.keys import IdentityKey
+from secfed.errors import ProtocolError
 from secfed.federation.kits import CoordinatorKit
 from secfed.privacy import Ledger
 from secfed.protocol import ParticipantPolicy, ParticipantRound, Stage

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from e2e.harness import Processes, coordinator_db, make_federation, wait_for
-from secfed.crypto.errors import ConfigError, MessageFormatError, TransportError
+from secfed.errors import ConfigError, MessageFormatError, TransportError
 from secfed.federation.kits import EnterpriseKit
 from secfed.federation.pki import CertifiedKey, issue_client_cert, make_ca, write_private_pem
 from secfed.participant import Participant

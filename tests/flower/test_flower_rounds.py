@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from secfed.coordinator.state import CoordinatorState  # noqa: E402
-from secfed.crypto.errors import InvalidSignature, MessageFormatError, ProtocolError  # noqa: E402
 from secfed.crypto.keys import IdentityKey  # noqa: E402
+from secfed.errors import InvalidSignature, MessageFormatError, ProtocolError  # noqa: E402
 from secfed.flower.simulate import _max_abs_error  # noqa: E402
 from secfed.flower.wire import (  # noqa: E402
     STEPS,

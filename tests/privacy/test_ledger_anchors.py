@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from secfed.crypto.errors import LedgerError, LedgerVerificationError
 from secfed.crypto.keys import IdentityKey
+from secfed.errors import LedgerError, LedgerVerificationError
 from secfed.privacy import DPSGDEvent, Ledger, LedgerHead, read_ledger
 from secfed.privacy.ledger import read_receipts, verify_receipts
 from secfed.privacy.receipts import GENESIS_LINK, LedgerReceipt, sign_receipt

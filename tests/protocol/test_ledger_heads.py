@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from secfed.crypto.errors import InvalidSignature, ProtocolError
+from secfed.errors import InvalidSignature, ProtocolError
 from secfed.protocol import CoordinatorRound, Stage
 from secfed.protocol.messages import MaskedUpload, decode_message
 

@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-from secfed.crypto.errors import DataError
 from secfed.data.quality.report import QualityReport
 from secfed.data.records import IMAGES_DIR, DatasetMeta, Record, read_records, write_records
+from secfed.errors import DataError
 
 __all__ = ["write_cleaned"]
 

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from secfed import progress
-from secfed.crypto.errors import DataError
 from secfed.data.loading import ImageTextDataset
 from secfed.data.quality.images import image_statistics, thumbnail_of
 from secfed.data.quality.sentences import unit_rows, zero_shot_scores
+from secfed.errors import DataError
 
 __all__ = ["Embeddings", "embed_dataset"]
 

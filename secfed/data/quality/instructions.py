@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from secfed.crypto.errors import DataError
 from secfed.data.instructions import (
     INSTRUCTION_FILE,
     InstructionRecord,
@@ -27,6 +26,7 @@ from secfed.data.instructions import (
 )
 from secfed.data.quality.sentences import encode_sentences
 from secfed.data.quality.settings import QualitySettings
+from secfed.errors import DataError
 
 __all__ = ["InstructionQualityReport", "check_instruction_dataset", "write_cleaned_instructions"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from secfed.crypto.errors import DataError
+from secfed.errors import DataError
 
 __all__ = ["MISLABEL_POLICIES", "FixPlan", "QualityReport"]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from secfed.crypto.errors import DataError
 from secfed.data.records import IMAGES_DIR, DatasetMeta, Record, write_json, write_records
+from secfed.errors import DataError
 from secfed.tasks.citysafety.reports import edit_report, write_report
 from secfed.tasks.citysafety.scenes import perturb_frame, render_scene
 from secfed.tasks.citysafety.taxonomy import (

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from secfed.crypto.errors import DataError
+from secfed.errors import DataError
 from secfed.tasks.citysafety.reports import write_report
 from secfed.tasks.citysafety.scenes import render_scene
 from secfed.tasks.citysafety.taxonomy import (

@@ -10,8 +10,8 @@ import json
 import time
 from pathlib import Path
 
-from secfed.crypto.errors import DataError
 from secfed.data.quality import QualityReport, check_dataset
+from secfed.errors import DataError
 from secfed.models.storage import load_classifier
 
 __all__ = ["read_truth", "score_against_truth", "score_federation"]
