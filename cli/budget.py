@@ -11,7 +11,8 @@ from secfed.errors import ConfigError, LedgerVerificationError, SecfedError
 
 
 def load_public_key(value: str) -> bytes:
-    """A 32-byte Ed25519 public key from 64 hex characters or a file (hex, raw, or PEM).
+    """A 32-byte Ed25519 public key from 64 hex characters or a file (hex, raw, or PEM; parsed
+    by :func:`secfed.crypto.keys.ed25519_public_key_from`).
 
     Raises:
         ConfigError: not a key in any of those forms.
@@ -25,31 +26,9 @@ def load_public_key(value: str) -> bytes:
     path = Path(value)
     if not path.is_file():
         raise ConfigError(f"--identity must be 64 hex characters or a key file (got {value!r})")
-    data = path.read_bytes()
-    if len(data) == 32:
-        return data
-    if b"-----BEGIN" in data:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from secfed.crypto.keys import ed25519_public_key_from
 
-        from secfed.crypto.keys import IdentityKey
-
-        if b"PRIVATE KEY" in data:
-            return IdentityKey.from_pem(data).public_bytes()
-        try:
-            key = serialization.load_pem_public_key(data)
-        except ValueError as exc:
-            raise ConfigError(f"--identity file {path} is not a PEM public key") from exc
-        if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(f"--identity file {path} must hold an Ed25519 key (got {type(key).__name__})")
-        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    try:
-        raw = bytes.fromhex(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"--identity file {path} is not hex, raw 32 bytes or PEM") from exc
-    if len(raw) != 32:
-        raise ConfigError(f"--identity key must be 32 bytes (got {len(raw)})")
-    return raw
+    return ed25519_public_key_from(path.read_bytes(), source=f"--identity file {path}")
 
 
 @click.group(name="budget")

@@ -34,6 +34,7 @@ __all__ = [
     "derive_key",
     "verify_signature",
     "constant_time_equal",
+    "ed25519_public_key_from",
 ]
 
 KEY_BYTES = 32  # X25519 / Ed25519 raw key size and every derived key (AES-256).
@@ -215,3 +216,32 @@ def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> Non
 def constant_time_equal(a: bytes, b: bytes) -> bool:
     """Compare two secrets (or MACs, hashes of secrets) in constant time."""
     return hmac.compare_digest(bytes(a), bytes(b))
+
+
+def ed25519_public_key_from(data: bytes, *, source: str) -> bytes:
+    """The raw 32-byte Ed25519 public key in ``data``: raw bytes, hex text, a PEM public key,
+    or a PEM private key (its public half). ``source`` names where ``data`` came from in errors.
+
+    Raises:
+        ConfigError: not an Ed25519 key in any of those forms (the message never quotes key
+            material).
+    """
+    if len(data) == KEY_BYTES:
+        return data
+    if b"-----BEGIN" in data:
+        if b"PRIVATE KEY" in data:
+            return IdentityKey.from_pem(data).public_bytes()
+        try:
+            key = serialization.load_pem_public_key(data)
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise ConfigError(f"{source} is not a PEM public key") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigError(f"{source} must hold an Ed25519 key (got {type(key).__name__})")
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    try:
+        raw = bytes.fromhex(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{source} is not hex, raw 32 bytes or PEM") from exc
+    if len(raw) != KEY_BYTES:
+        raise ConfigError(f"{source}: key must be 32 bytes (got {len(raw)})")
+    return raw

@@ -109,3 +109,29 @@ def test_private_key_length_is_checked() -> None:
         keys.X25519KeyPair.from_private_bytes(bytes(31))
     with pytest.raises(ConfigError, match="peer public key must be 32 bytes"):
         keys.agree(keys.X25519KeyPair.generate(), bytes(33))
+
+
+def test_ed25519_public_key_from_every_form(tmp_path) -> None:
+    """Raw, hex, PEM public and PEM private forms give the same 32 bytes; other keys and junk
+    are refused with an error that names the source and quotes no key material."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from secfed.crypto.keys import IdentityKey, ed25519_public_key_from
+    from secfed.errors import ConfigError
+
+    ident = IdentityKey.generate()
+    raw = ident.public_bytes()
+    pub_pem = ident.private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    for form in (raw, raw.hex().encode() + b"\n", pub_pem, ident.to_pem()):
+        assert ed25519_public_key_from(form, source="key file k") == raw
+    ec_pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with pytest.raises(ConfigError, match="key file k must hold an Ed25519 key"):
+        ed25519_public_key_from(ec_pem, source="key file k")
+    with pytest.raises(ConfigError, match="key file k: key must be 32 bytes") as info:
+        ed25519_public_key_from(raw.hex()[:40].encode(), source="key file k")
+    assert raw.hex()[:40] not in str(info.value)
+    with pytest.raises(ConfigError, match="not hex, raw 32 bytes or PEM"):
+        ed25519_public_key_from(b"\xff\xfe not a key", source="key file k")
