@@ -64,8 +64,8 @@ def rss_kib(pid: int) -> int:
 
 def make_kits(root: Path, *, sites: int, rounds: int, dim: int) -> Any:
     from secfed.config import Deadlines, DPSettings
-    from secfed.participant.adapter import model_settings_for
-    from secfed.transport.kits import create_kits
+    from secfed.federation.kits import create_kits
+    from secfed.federation.plan import model_settings_for
 
     return create_kits(
         root, name="soak", enterprises=[f"site-{i:02d}" for i in range(sites)],
@@ -81,9 +81,9 @@ def make_kits(root: Path, *, sites: int, rounds: int, dim: int) -> Any:
 def site_main(kit_dir: Path, drop: float, seed: int) -> None:
     """One site process: the participant loop; in a dropout round it goes silent after its upload."""
     from secfed.errors import TransportError
+    from secfed.federation.kits import EnterpriseKit
     from secfed.participant import Participant
     from secfed.participant.adapter import SyntheticSite
-    from secfed.transport.kits import EnterpriseKit
 
     kit = EnterpriseKit.load(kit_dir)
     draw = random.Random(f"{seed}/{kit.enterprise_id}")  # nosec B311 # dropout draws, no secret

@@ -22,13 +22,13 @@ from e2e.harness import make_federation
 from secfed.coordinator import until_told
 from secfed.coordinator.service import Coordinator
 from secfed.errors import ProtocolAbort, TransportError
+from secfed.federation.kits import CoordinatorKit, EnterpriseKit
 from secfed.participant import Participant
 from secfed.participant.adapter import SyntheticSite
 from secfed.protocol.participant import ParticipantResult
 from secfed.protocol.spec import Stage
 from secfed.transport.api import RoundInfo
 from secfed.transport.client import CoordinatorClient
-from secfed.transport.kits import CoordinatorKit, EnterpriseKit
 
 ENTERPRISES = ["a-site", "b-site", "c-site"]  # secagg needs n >= 3
 
