@@ -18,10 +18,10 @@ from secfed.config import Deadlines, DPSettings
 from secfed.coordinator.service import Coordinator
 from secfed.crypto.keys import IdentityKey
 from secfed.errors import InvalidSignature, ProtocolError
-from secfed.participant.adapter import model_settings_for
+from secfed.federation.kits import CoordinatorKit, EnterpriseKit, create_kits
+from secfed.federation.plan import model_settings_for
 from secfed.protocol import ParticipantPolicy, ParticipantRound
 from secfed.transport.api import Envelope, RoundRefusal, refusal_signed_bytes
-from secfed.transport.kits import CoordinatorKit, EnterpriseKit, create_kits
 
 from .test_status import _metrics
 
