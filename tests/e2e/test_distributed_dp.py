@@ -298,11 +298,13 @@ def test_federation_with_distributed_dp(tmp_path) -> None:
     # rounding adds at most 1/4 grid step^2 per share: negligible next to the +-5 % interval
     assert len(survivors) * 0.25 * gamma**2 / len(survivors) ** 2 < 1e-4 * claimed
 
-    # The refuser refused before any secret: nothing sent, nothing charged.
+    # The refuser refused before any secret: no key, share or update sent, nothing charged.
     state = sqlite3.connect(kits.enterprises[refuser] / "state.sqlite")
     status, detail = state.execute("SELECT status, detail FROM rounds WHERE round = 1").fetchone()
     assert status == "refused" and "accept_distributed_dp = false" in detail
-    assert state.execute("SELECT COUNT(*) FROM outbound").fetchone()[0] == 0
+    # the one message it sends is its signed refusal (issue 22 item 6: it says why)
+    assert state.execute("SELECT stage, protection FROM outbound").fetchall() == [
+        ("refusal", "signed")]
     ledger = kits.enterprises[refuser] / "ledger.sqlite"
     assert not ledger.exists() or read_ledger(ledger) == []
     assert db.execute("SELECT COUNT(*) FROM transcript WHERE sender = ?",
