@@ -229,24 +229,11 @@ def simulate(
             message names the stage and the counts or the refused request.
         ConfigError: bad arguments.
     """
-    if mode not in MODES:
-        raise ConfigError(f"mode must be one of {MODES} (got {mode!r})")
-    if adversary is not None and adversary not in ADVERSARIES:
-        raise ConfigError(f"adversary must be one of {ADVERSARIES} (got {adversary!r})")
-    vecs = [np.ascontiguousarray(u, dtype=np.float32) for u in updates]
+    vecs, d = _checked_updates(updates, mode, adversary)
     n = len(vecs)
-    if n < 2:
-        raise ConfigError(f"updates must hold at least 2 vectors (got {n})")
-    d = vecs[0].shape[0] if vecs[0].ndim == 1 else -1
-    if d < 1 or any(v.shape != (d,) for v in vecs):
-        raise ConfigError("updates must be non-empty 1-D vectors of one length")
     drops = _parse_dropouts(dropouts, n)
-    if Stage.REVEAL in drops and mode != "secagg+":
-        raise ConfigError(f"dropout stage reveal exists only in mode secagg+ (got mode {mode})")
+    _check_drop_stages(drops, mode, probes)
     if mode == "ckks":
-        absent = sorted(s.value for s in drops if s not in STAGES_OF[Mode.CKKS])
-        if absent:
-            raise ConfigError(f"dropout stages {absent} do not exist in mode ckks (advertise, upload)")
         # In ckks mode the "threshold" is the minimum number of uploads the sum must contain.
         min_participants, threshold = (threshold if threshold is not None else min_participants), None
     ids = _ids(n)
@@ -263,8 +250,6 @@ def simulate(
         clip = max(float(np.linalg.norm(v.astype(np.float64))) for v in vecs) * (1 + 1e-6) + 1e-6
     if clip_bound:
         clip = clip_bound
-    if not probes and any(s.value in PROBE_STAGES for s in drops):
-        raise ConfigError("dropout stages probe and contribute exist only with probes > 0")
     spec = RoundSpec.create(
         federation=_FEDERATION, round_number=round_number, mode=mode, participants=ids,
         vector_length=d, threshold=threshold, neighbours=neighbours,
@@ -277,130 +262,219 @@ def simulate(
     # An explicit threshold or k is the caller's choice; the defaults keep the policy's floors.
     policy = ParticipantPolicy(min_threshold_fraction=0.0 if threshold is not None else 2 / 3,
                                min_neighbours=neighbours)
-    parties = [
-        ParticipantRound(
-            spec, me=p, identity=k, roster=roster, policy=policy, ckks_context=ctx_secret,
-            noise_hook=noise_hook, workers=workers, clock=time.perf_counter,
-        )
-        for p, k in zip(ids, identities)
-    ]
-    coord = CoordinatorRound(
-        spec, roster=roster, ckks_public_context=ctx_public, workers=workers, clock=time.perf_counter,
-        keep_records=False,
+    run = _Run(
+        parties=[
+            ParticipantRound(
+                spec, me=p, identity=k, roster=roster, policy=policy, ckks_context=ctx_secret,
+                noise_hook=noise_hook, workers=workers, clock=time.perf_counter,
+            )
+            for p, k in zip(ids, identities)
+        ],
+        coord=CoordinatorRound(
+            spec, roster=roster, ckks_public_context=ctx_public, workers=workers,
+            clock=time.perf_counter, keep_records=False,
+        ),
+        net=_Network(n, transcript), ids=ids, drops=drops, adversary=adversary, ctx=ctx,
+        tamper=tamper,
     )
-    net = _Network(n, transcript)
-    timings: dict[str, float] = {}
-    alive = set(range(n))
-    index = {p: i for i, p in enumerate(ids)}
-    attack = _ATTACKS.get(adversary) if adversary else None
+    run.advertise(vecs)
+    run.stages()
+    return run.outcome(spec, mode)
 
-    # advertise
-    t_part = 0.0
-    for i in sorted(alive):
-        if i in drops.get(Stage.ADVERTISE, ()):
-            alive.discard(i)
-            continue
-        parties[i].set_update(vecs[i])
-        t0 = time.perf_counter()
-        msg = parties[i].start()
-        t_part += time.perf_counter() - t0
-        net.note_sent(Stage.ADVERTISE, i, msg)
-        coord.receive(ids[i], msg)
-    timings["participant_advertise"] = t_part / max(1, n)
 
-    aborts: list[ProtocolAbort] = []
-    while not _finished(coord):
-        closing = coord.stage
-        t0 = time.perf_counter()
-        try:
-            outgoing = coord.close_stage()  # raises ProtocolAbort below the quorum
-        except ProtocolAbort:
-            if not (adversary == "inconsistent-survivors" and closing is Stage.CONSISTENCY):
-                raise
-            # The lying coordinator ignores its own (honest) bookkeeping and forges requests.
-            outgoing, coord.stage = {}, Stage.UNMASK
-        timings[f"coordinator_close_{closing.value}"] = time.perf_counter() - t0
-        if "unmask" in coord.timings or "aggregate" in coord.timings:
-            timings["coordinator_unmask"] = coord.timings.get("unmask", coord.timings.get("aggregate", 0.0))
-        stage = coord.stage
-        if attack is not None:
-            outgoing = attack(stage, outgoing, ctx)
+def _checked_updates(updates: Sequence[npt.ArrayLike], mode: str,
+                     adversary: str | None) -> tuple[list[npt.NDArray[np.float32]], int]:
+    """The updates as float32 vectors of one length, and that length.
+
+    Raises:
+        ConfigError: an unknown mode or adversary, fewer than 2 updates, or ragged/empty ones.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES} (got {mode!r})")
+    if adversary is not None and adversary not in ADVERSARIES:
+        raise ConfigError(f"adversary must be one of {ADVERSARIES} (got {adversary!r})")
+    vecs = [np.ascontiguousarray(u, dtype=np.float32) for u in updates]
+    n = len(vecs)
+    if n < 2:
+        raise ConfigError(f"updates must hold at least 2 vectors (got {n})")
+    d = vecs[0].shape[0] if vecs[0].ndim == 1 else -1
+    if d < 1 or any(v.shape != (d,) for v in vecs):
+        raise ConfigError("updates must be non-empty 1-D vectors of one length")
+    return vecs, d
+
+
+def _check_drop_stages(drops: Mapping[Stage, set[int]], mode: str, probes: int) -> None:
+    """Every dropout stage exists in this round's mode.
+
+    Raises:
+        ConfigError: reveal outside secagg+, a stage ckks does not have, or a probe stage
+            without probes.
+    """
+    if Stage.REVEAL in drops and mode != "secagg+":
+        raise ConfigError(f"dropout stage reveal exists only in mode secagg+ (got mode {mode})")
+    if mode == "ckks":
+        absent = sorted(s.value for s in drops if s not in STAGES_OF[Mode.CKKS])
+        if absent:
+            raise ConfigError(f"dropout stages {absent} do not exist in mode ckks (advertise, upload)")
+    if not probes and any(s.value in PROBE_STAGES for s in drops):
+        raise ConfigError("dropout stages probe and contribute exist only with probes > 0")
+
+
+@dataclass
+class _Run:
+    """One simulated round in progress: the parties, the coordinator and the network."""
+
+    parties: list[ParticipantRound]
+    coord: CoordinatorRound
+    net: _Network
+    ids: list[str]
+    drops: Mapping[Stage, set[int]]
+    adversary: str | None
+    ctx: _AttackContext
+    tamper: Callable[[Stage, int, bytes], bytes] | None
+    timings: dict[str, float] = field(default_factory=dict)
+    alive: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.alive = set(range(len(self.parties)))
+        self.index = {p: i for i, p in enumerate(self.ids)}
+        self.attack = _ATTACKS.get(self.adversary) if self.adversary else None
+
+    def advertise(self, vecs: Sequence[npt.NDArray[np.float32]]) -> None:
+        """Every participant not dropped at advertise starts the round."""
+        t_part = 0.0
+        for i in sorted(self.alive):
+            if i in self.drops.get(Stage.ADVERTISE, ()):
+                self.alive.discard(i)
+                continue
+            self.parties[i].set_update(vecs[i])
+            t0 = time.perf_counter()
+            msg = self.parties[i].start()
+            t_part += time.perf_counter() - t0
+            self.net.note_sent(Stage.ADVERTISE, i, msg)
+            self.coord.receive(self.ids[i], msg)
+        self.timings["participant_advertise"] = t_part / max(1, len(self.parties))
+
+    def stages(self) -> None:
+        """Close stage after stage until the coordinator is done (or aborts).
+
+        Raises:
+            ProtocolAbort: the coordinator or a participant aborted.
+        """
+        coord = self.coord
+        while not _finished(coord):
+            closing = coord.stage
+            t0 = time.perf_counter()
+            try:
+                outgoing = coord.close_stage()  # raises ProtocolAbort below the quorum
+            except ProtocolAbort:
+                if not (self.adversary == "inconsistent-survivors"
+                        and closing is Stage.CONSISTENCY):
+                    raise
+                # The lying coordinator ignores its own (honest) bookkeeping and forges requests.
+                outgoing, coord.stage = {}, Stage.UNMASK
+            self.timings[f"coordinator_close_{closing.value}"] = time.perf_counter() - t0
+            if "unmask" in coord.timings or "aggregate" in coord.timings:
+                self.timings["coordinator_unmask"] = coord.timings.get(
+                    "unmask", coord.timings.get("aggregate", 0.0))
+            stage = coord.stage
+            if self.attack is not None:
+                outgoing = self.attack(stage, outgoing, self.ctx)
+            replies = self._answer(stage, outgoing)
+            if _finished(coord):
+                break
+            self._deliver(stage, replies)
+
+    def _answer(self, stage: Stage, outgoing: Mapping[str, bytes]) -> dict[int, bytes]:
+        """The live participants' replies to the coordinator's messages of ``stage``.
+
+        Raises:
+            ProtocolAbort: a participant aborted (naming how many and the first reason).
+        """
         replies: dict[int, bytes] = {}
         times: list[float] = []
+        aborts: list[ProtocolAbort] = []
         for p, payload in outgoing.items():
-            i = index[p]
-            if i not in alive:
+            i = self.index[p]
+            if i not in self.alive:
                 continue
-            net.received[i] += len(payload)
-            if stage in drops and i in drops[stage]:
-                alive.discard(i)
+            self.net.received[i] += len(payload)
+            if stage in self.drops and i in self.drops[stage]:
+                self.alive.discard(i)
                 continue
             t0 = time.perf_counter()
             try:
-                reply = parties[i].handle(stage, payload)
+                reply = self.parties[i].handle(stage, payload)
             except ProtocolAbort as exc:
                 aborts.append(exc)
-                alive.discard(i)
+                self.alive.discard(i)
                 continue
             times.append(time.perf_counter() - t0)
             if reply is not None:
-                if tamper is not None:
-                    reply = tamper(stage, i, reply)
-                net.note_sent(stage, i, reply)
+                if self.tamper is not None:
+                    reply = self.tamper(stage, i, reply)
+                self.net.note_sent(stage, i, reply)
                 replies[i] = reply
         if times:
-            timings[f"participant_{stage.value}"] = float(np.mean(times))
-            protect = [parties[i].timings["protect"] for i in replies if "protect" in parties[i].timings]
+            self.timings[f"participant_{stage.value}"] = float(np.mean(times))
+            protect = [self.parties[i].timings["protect"] for i in replies
+                       if "protect" in self.parties[i].timings]
             if stage is Stage.UPLOAD and protect:
-                timings["participant_protect"] = float(np.mean(protect))
+                self.timings["participant_protect"] = float(np.mean(protect))
         if aborts:
             first = aborts[0]
             raise ProtocolAbort(
                 f"{len(aborts)} participant(s) aborted at stage {stage.value}: {first}",
                 stage=first.stage,
             ) from first
-        if _finished(coord):
-            break
+        return replies
+
+    def _deliver(self, stage: Stage, replies: Mapping[int, bytes]) -> None:
+        """Hand the replies to the coordinator (a lying one keeps the consistency replies)."""
         t0 = time.perf_counter()
         for i, reply in replies.items():
-            if adversary == "inconsistent-survivors" and stage is Stage.CONSISTENCY:
-                ctx.raw_consistency[ids[i]] = reply
+            if self.adversary == "inconsistent-survivors" and stage is Stage.CONSISTENCY:
+                self.ctx.raw_consistency[self.ids[i]] = reply
                 try:
-                    coord.receive(ids[i], reply)
+                    self.coord.receive(self.ids[i], reply)
                 except SecfedError:
                     pass  # signed a set the (lying) coordinator did not expect
                 continue
-            coord.receive(ids[i], reply)
-        timings[f"coordinator_receive_{stage.value}"] = time.perf_counter() - t0
+            self.coord.receive(self.ids[i], reply)
+        self.timings[f"coordinator_receive_{stage.value}"] = time.perf_counter() - t0
 
-    result = coord.result()
-    survivors = tuple(index[p] for p in result.survivors)
-    agree = True
-    aggregate: npt.NDArray[np.float64]
-    if mode == "ckks":
-        outs = [parties[i].result().aggregate for i in sorted(alive)]
-        aggregate = outs[0]
-        agree = all(np.array_equal(o, aggregate) or np.allclose(o, aggregate, atol=1e-6) for o in outs)
-    else:
-        assert result.aggregate is not None
-        aggregate = result.aggregate
-        holders = [i for i in sorted(alive) if ids[i] in result.survivors]
-        agree = all(np.array_equal(parties[i].result().aggregate, aggregate) for i in holders)
-    return SimulationResult(
-        aggregate=aggregate,
-        survivors=survivors,
-        timings=timings,
-        bytes_per_participant={
-            "sent": float(np.mean(net.sent)),
-            "received": float(np.mean(net.received)),
-            "upload": float(np.mean([b for b in net.upload if b] or [0])),
-        },
-        mode=mode,
-        threshold=spec.threshold,
-        neighbours=spec.neighbours,
-        participants_agree=agree,
-        probes=result.probes,
-    )
+    def outcome(self, spec: RoundSpec, mode: str) -> SimulationResult:
+        """The round's result, and whether every surviving party holds the same aggregate."""
+        result = self.coord.result()
+        survivors = tuple(self.index[p] for p in result.survivors)
+        aggregate: npt.NDArray[np.float64]
+        if mode == "ckks":
+            outs = [self.parties[i].result().aggregate for i in sorted(self.alive)]
+            aggregate = outs[0]
+            agree = all(np.array_equal(o, aggregate) or np.allclose(o, aggregate, atol=1e-6)
+                        for o in outs)
+        else:
+            assert result.aggregate is not None
+            aggregate = result.aggregate
+            holders = [i for i in sorted(self.alive) if self.ids[i] in result.survivors]
+            agree = all(np.array_equal(self.parties[i].result().aggregate, aggregate)
+                        for i in holders)
+        net = self.net
+        return SimulationResult(
+            aggregate=aggregate,
+            survivors=survivors,
+            timings=self.timings,
+            bytes_per_participant={
+                "sent": float(np.mean(net.sent)),
+                "received": float(np.mean(net.received)),
+                "upload": float(np.mean([b for b in net.upload if b] or [0])),
+            },
+            mode=mode,
+            threshold=spec.threshold,
+            neighbours=spec.neighbours,
+            participants_agree=agree,
+            probes=result.probes,
+        )
 
 
 def _finished(coord: CoordinatorRound) -> bool:
