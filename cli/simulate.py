@@ -157,6 +157,12 @@ def command(
     if as_json:
         emit_json(report)
         return
+    _print_report(report, result, mode=mode, participants=participants, dim=dim)
+
+
+def _print_report(report: dict[str, Any], result: Any, *, mode: str, participants: int,
+                  dim: int) -> None:
+    """The simulated round in words: timings, bytes, error and (with probes) the shares."""
     click.echo(
         f"{mode}: n={participants} d={dim} t={result.threshold}"
         + (f" k={result.neighbours}" if result.neighbours else "")
@@ -169,7 +175,7 @@ def command(
     for name, value in result.bytes_per_participant.items():
         click.echo(f"  {name:<34} {value:12.0f}")
     click.echo(f"upload bytes per parameter: {result.bytes_per_participant['upload'] / dim:.3f}")
-    click.echo(f"max |error| vs plaintext sum: {max_error:.3e}")
+    click.echo(f"max |error| vs plaintext sum: {report['max_abs_error']:.3e}")
     if result.probes is not None:
         click.echo(f"norm probes k={result.probes.probes}, exclusion above {result.probes.limit:.6g}:")
         for enterprise, estimate in report["norm_estimates"].items():
