@@ -138,6 +138,21 @@ def _match_outbound(
     return logs
 
 
+def _owners(paths: Sequence[Path]) -> dict[Path, str]:
+    """Each ledger file's enterprise (its header).
+
+    Raises:
+        AuditError: a file is not a ledger, or two belong to one enterprise.
+    """
+    owners: dict[Path, str] = {}
+    for p in paths:
+        eid = read_enterprise_id(p)
+        if eid in owners.values():
+            raise AuditError(f"ledgers must belong to distinct enterprises ({eid!r} given twice)")
+        owners[p] = eid
+    return owners
+
+
 def build_report(
     *,
     ledgers: Sequence[str | Path],
@@ -166,12 +181,7 @@ def build_report(
     fed, roster, coordinator_key = _federation_settings(
         None if federation is None else Path(federation), transcript_data
     )
-    owners: dict[Path, str] = {}
-    for p in paths:
-        eid = read_enterprise_id(p)
-        if eid in owners.values():
-            raise AuditError(f"ledgers must belong to distinct enterprises ({eid!r} given twice)")
-        owners[p] = eid
+    owners = _owners(paths)
     logs = _match_outbound([(n, Path(d)) for n, d in outbound], owners)
 
     audits: list[LedgerAudit] = []
@@ -192,14 +202,8 @@ def build_report(
         if eid in logs:
             checks.extend(check_outbound(eid, logs[eid], audit))
         else:
-            checks.append(
-                Check(
-                    "outbound_protection",
-                    eid,
-                    CheckStatus.SKIPPED,
-                    "no outbound log given (--outbound)",
-                )
-            )
+            checks.append(Check("outbound_protection", eid, CheckStatus.SKIPPED,
+                                "no outbound log given (--outbound)"))
     contributions = None
     if transcript is not None:
         contributions, findings = audit_contributions(transcript)
