@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -362,132 +363,163 @@ class CoordinatorRound:
             raise ProtocolError("session_id does not match this round's session")
 
     def _accept(self, sender: str, m: Message) -> None:
-        spec = self.spec
-        st = self.stage
-        if st is Stage.ADVERTISE and isinstance(m, AdvertiseKeys):
-            self._check(sender, m.sender, None)
-            if m.spec_digest != self._spec_digest:
-                raise ProtocolError("advertisement is for another round spec")
-            key_len = 32 if spec.mode in MASK_MODES else 0
-            if len(m.cipher_key) != key_len or len(m.mask_key) != key_len:
-                raise ProtocolError(f"advertisement must carry {key_len}-byte keys")
-            commit_len = 32 if spec.mode == "secagg+" else 0
-            if len(m.coin_commitment) != commit_len:
-                raise ProtocolError(
-                    f"advertisement must carry a {commit_len}-byte coin commitment in mode "
-                    f"{spec.mode} (got {len(m.coin_commitment)})"
-                )
-            verify_signature(self._roster[sender], m.signature, m.signed_bytes())
-            self._adverts[sender] = m
-        elif st is Stage.REVEAL and isinstance(m, CoinReveal):
-            self._check(sender, m.sender, m.session_id)
-            committed = self._adverts[sender].coin_commitment
-            if not constant_time_equal(
-                coin_commitment(spec_digest=self._spec_digest, sender=sender, coin=m.coin), committed
-            ):
-                raise ProtocolError(f"coin of {sender!r} does not match the commitment in its advert")
-            self._coins[sender] = m.coin
-        elif st is Stage.SHARE and isinstance(m, ShareKeys):
-            self._check(sender, m.sender, m.session_id)
-            neighbours = self._graph[sender] & self._adverts.keys()
-            got = [r for r, _ in m.sealed]
-            if len(set(got)) != len(got) or set(got) != neighbours:
-                raise ProtocolError(f"shares from {sender!r} must go to each advertised neighbour once")
-            if any(len(blob) != SEALED_SHARE_BYTES for _, blob in m.sealed):
-                raise ProtocolError(f"sealed shares must be {SEALED_SHARE_BYTES} bytes")
-            self._shares[sender] = m
-        elif st is Stage.UPLOAD and isinstance(m, MaskedUpload):
-            self._check(sender, m.sender, m.session_id)
-            width = spec.ring_bits // 8
-            if m.ring_bits != spec.ring_bits or len(m.vector) != spec.vector_length * width:
-                raise ProtocolError(
-                    f"masked upload must hold {spec.vector_length} words of Z_2^{spec.ring_bits} "
-                    f"(got {len(m.vector)} bytes at ring_bits {m.ring_bits})"
-                )
-            # The signature binds the ledger head to this session, round and vector; the vector's
-            # SHA-256 also feeds a probed round's probe seed (hashed once).
-            digest = upload_digest(m.vector)
-            verify_signature(self._roster[sender], m.signature, m.signed_bytes(digest))
-            if self._head_check is not None:
-                self._head_check(sender, m.ledger_head)
-            vec = np.frombuffer(m.vector, dtype=np.dtype(f"<u{width}"))
-            if self._acc is None:
-                self._acc = np.zeros(spec.vector_length, dtype=ring_dtype(spec.ring_bits))
-            np.add(self._acc, vec, out=self._acc, casting="unsafe")
-            if spec.probes:
-                self._uploads[sender] = vec
-                self._upload_digests[sender] = digest
-            self._heads[sender] = m.ledger_head
-        elif st is Stage.UPLOAD and isinstance(m, CkksUpload):
-            self._check(sender, m.sender, m.session_id)
-            # Signature first, over the raw bytes: nothing is parsed before it verifies.
-            verify_signature(self._roster[sender], m.signature, m.signed_bytes())
-            if len(m.ciphertexts) != self._n_ciphertexts:
-                raise ProtocolError(
-                    f"ckks upload must hold {self._n_ciphertexts} ciphertexts (got {len(m.ciphertexts)})"
-                )
-            if self._head_check is not None:
-                self._head_check(sender, m.ledger_head)
-            # Then fold it into the running encrypted sum: a ciphertext that does not parse or
-            # has other parameters is rejected here (CkksError), so it cannot spoil the round.
-            from secfed.crypto import ckks
+        """Check ``m`` from ``sender`` against the open stage and keep it (one acceptor per
+        stage and message type, :attr:`_ACCEPTORS`)."""
+        for stage, kind, accept in self._ACCEPTORS:
+            if self.stage is stage and isinstance(m, kind):
+                accept(self, sender, m)
+                return
+        raise ProtocolError(f"message {type(m).__name__} is not accepted in stage {self.stage.value}")
 
-            started = self._clock() if self._clock else 0.0
-            parts = [list(m.ciphertexts)] if self._ckks_sum is None else [self._ckks_sum, list(m.ciphertexts)]
-            total = ckks.add_encrypted(self._ckks_ctx, parts, length=spec.vector_length, workers=self._workers)
-            if self._clock:
-                self.timings["aggregate"] = self.timings.get("aggregate", 0.0) + self._clock() - started
-            self._ckks_sum = list(total)
-            self._ckks_uploads[sender] = (m.ledger_head, m.ciphertexts, m.signature)
-            self._heads[sender] = m.ledger_head
-        elif st is Stage.PROBE and isinstance(m, ProbeReport):
-            self._check(sender, m.sender, m.session_id)
-            if len(m.self_terms) != spec.probes:
-                raise ProtocolError(
-                    f"probe report of {sender!r} must carry {spec.probes} terms (got {len(m.self_terms)})"
-                )
-            if [p for p, _ in m.pair_terms] != self._mask_peers(sender):
-                raise ProtocolError(
-                    f"probe report of {sender!r} must cover each peer whose mask its upload "
-                    "carries once, in spec order"
-                )
-            modulus = 1 << spec.ring_bits
-            if any(t >= modulus for t in m.self_terms) or any(
-                t >= modulus for _, terms in m.pair_terms for t in terms
-            ):
-                raise ProtocolError(f"probe report of {sender!r} holds a term outside Z_2^{spec.ring_bits}")
-            self._probe_reports[sender] = m
-        elif st is Stage.CONTRIBUTE and isinstance(m, ContributionReport):
-            self._check(sender, m.sender, m.session_id)
-            surviving = [p for p in self._mask_peers(sender) if p in set(self._survivors)]
-            if [p for p, _ in m.pair_terms] != surviving:
-                raise ProtocolError(
-                    f"contribution report of {sender!r} must cover each surviving peer once, in spec order"
-                )
-            if any(t >= 1 << spec.ring_bits for _, t in m.pair_terms):
-                raise ProtocolError(f"contribution report of {sender!r} holds a term outside Z_2^{spec.ring_bits}")
-            self._contrib[sender] = m
-        elif st is Stage.CONSISTENCY and isinstance(m, ConsistencySignature):
-            self._check(sender, m.sender, m.session_id)
-            verify_signature(self._roster[sender], m.signature, self._consistency_bytes)
-            self._consistency[sender] = m.signature
-        elif st is Stage.UNMASK and isinstance(m, UnmaskResponse):
-            self._check(sender, m.sender, m.session_id)
-            self_of, key_of = self._asked[sender]
-            want = [(o, SHARE_KIND_SELF_MASK) for o in self_of] + [(o, SHARE_KIND_MASK_KEY) for o in key_of]
-            if [(o, k) for o, k, _ in m.shares] != want:
-                raise ProtocolError(f"unmask response of {sender!r} must answer exactly what was asked")
-            x = spec.index(sender) + 1
-            for _, _, raw in m.shares:
-                try:
-                    share = Share.from_bytes(raw)
-                except ShamirError as exc:
-                    raise MessageFormatError(f"unmask response of {sender!r}: {exc}") from exc
-                if share.x != x:
-                    raise ProtocolError(f"share from {sender!r} must be at x={x} (got {share.x})")
-            self._unmask[sender] = m
-        else:
-            raise ProtocolError(f"message {type(m).__name__} is not accepted in stage {st.value}")
+    def _accept_advert(self, sender: str, m: AdvertiseKeys) -> None:
+        spec = self.spec
+        self._check(sender, m.sender, None)
+        if m.spec_digest != self._spec_digest:
+            raise ProtocolError("advertisement is for another round spec")
+        key_len = 32 if spec.mode in MASK_MODES else 0
+        if len(m.cipher_key) != key_len or len(m.mask_key) != key_len:
+            raise ProtocolError(f"advertisement must carry {key_len}-byte keys")
+        commit_len = 32 if spec.mode == "secagg+" else 0
+        if len(m.coin_commitment) != commit_len:
+            raise ProtocolError(
+                f"advertisement must carry a {commit_len}-byte coin commitment in mode "
+                f"{spec.mode} (got {len(m.coin_commitment)})"
+            )
+        verify_signature(self._roster[sender], m.signature, m.signed_bytes())
+        self._adverts[sender] = m
+
+    def _accept_coin(self, sender: str, m: CoinReveal) -> None:
+        self._check(sender, m.sender, m.session_id)
+        committed = self._adverts[sender].coin_commitment
+        if not constant_time_equal(
+            coin_commitment(spec_digest=self._spec_digest, sender=sender, coin=m.coin), committed
+        ):
+            raise ProtocolError(f"coin of {sender!r} does not match the commitment in its advert")
+        self._coins[sender] = m.coin
+
+    def _accept_shares(self, sender: str, m: ShareKeys) -> None:
+        self._check(sender, m.sender, m.session_id)
+        neighbours = self._graph[sender] & self._adverts.keys()
+        got = [r for r, _ in m.sealed]
+        if len(set(got)) != len(got) or set(got) != neighbours:
+            raise ProtocolError(f"shares from {sender!r} must go to each advertised neighbour once")
+        if any(len(blob) != SEALED_SHARE_BYTES for _, blob in m.sealed):
+            raise ProtocolError(f"sealed shares must be {SEALED_SHARE_BYTES} bytes")
+        self._shares[sender] = m
+
+    def _accept_masked_upload(self, sender: str, m: MaskedUpload) -> None:
+        spec = self.spec
+        self._check(sender, m.sender, m.session_id)
+        width = spec.ring_bits // 8
+        if m.ring_bits != spec.ring_bits or len(m.vector) != spec.vector_length * width:
+            raise ProtocolError(
+                f"masked upload must hold {spec.vector_length} words of Z_2^{spec.ring_bits} "
+                f"(got {len(m.vector)} bytes at ring_bits {m.ring_bits})"
+            )
+        # The signature binds the ledger head to this session, round and vector; the vector's
+        # SHA-256 also feeds a probed round's probe seed (hashed once).
+        digest = upload_digest(m.vector)
+        verify_signature(self._roster[sender], m.signature, m.signed_bytes(digest))
+        if self._head_check is not None:
+            self._head_check(sender, m.ledger_head)
+        vec = np.frombuffer(m.vector, dtype=np.dtype(f"<u{width}"))
+        if self._acc is None:
+            self._acc = np.zeros(spec.vector_length, dtype=ring_dtype(spec.ring_bits))
+        np.add(self._acc, vec, out=self._acc, casting="unsafe")
+        if spec.probes:
+            self._uploads[sender] = vec
+            self._upload_digests[sender] = digest
+        self._heads[sender] = m.ledger_head
+
+    def _accept_ckks_upload(self, sender: str, m: CkksUpload) -> None:
+        spec = self.spec
+        self._check(sender, m.sender, m.session_id)
+        # Signature first, over the raw bytes: nothing is parsed before it verifies.
+        verify_signature(self._roster[sender], m.signature, m.signed_bytes())
+        if len(m.ciphertexts) != self._n_ciphertexts:
+            raise ProtocolError(
+                f"ckks upload must hold {self._n_ciphertexts} ciphertexts (got {len(m.ciphertexts)})"
+            )
+        if self._head_check is not None:
+            self._head_check(sender, m.ledger_head)
+        # Then fold it into the running encrypted sum: a ciphertext that does not parse or
+        # has other parameters is rejected here (CkksError), so it cannot spoil the round.
+        from secfed.crypto import ckks
+
+        started = self._clock() if self._clock else 0.0
+        parts = [list(m.ciphertexts)] if self._ckks_sum is None else [self._ckks_sum, list(m.ciphertexts)]
+        total = ckks.add_encrypted(self._ckks_ctx, parts, length=spec.vector_length, workers=self._workers)
+        if self._clock:
+            self.timings["aggregate"] = self.timings.get("aggregate", 0.0) + self._clock() - started
+        self._ckks_sum = list(total)
+        self._ckks_uploads[sender] = (m.ledger_head, m.ciphertexts, m.signature)
+        self._heads[sender] = m.ledger_head
+
+    def _accept_probe_report(self, sender: str, m: ProbeReport) -> None:
+        spec = self.spec
+        self._check(sender, m.sender, m.session_id)
+        if len(m.self_terms) != spec.probes:
+            raise ProtocolError(
+                f"probe report of {sender!r} must carry {spec.probes} terms (got {len(m.self_terms)})"
+            )
+        if [p for p, _ in m.pair_terms] != self._mask_peers(sender):
+            raise ProtocolError(
+                f"probe report of {sender!r} must cover each peer whose mask its upload "
+                "carries once, in spec order"
+            )
+        modulus = 1 << spec.ring_bits
+        if any(t >= modulus for t in m.self_terms) or any(
+            t >= modulus for _, terms in m.pair_terms for t in terms
+        ):
+            raise ProtocolError(f"probe report of {sender!r} holds a term outside Z_2^{spec.ring_bits}")
+        self._probe_reports[sender] = m
+
+    def _accept_contribution(self, sender: str, m: ContributionReport) -> None:
+        spec = self.spec
+        self._check(sender, m.sender, m.session_id)
+        surviving = [p for p in self._mask_peers(sender) if p in set(self._survivors)]
+        if [p for p, _ in m.pair_terms] != surviving:
+            raise ProtocolError(
+                f"contribution report of {sender!r} must cover each surviving peer once, in spec order"
+            )
+        if any(t >= 1 << spec.ring_bits for _, t in m.pair_terms):
+            raise ProtocolError(f"contribution report of {sender!r} holds a term outside Z_2^{spec.ring_bits}")
+        self._contrib[sender] = m
+
+    def _accept_consistency(self, sender: str, m: ConsistencySignature) -> None:
+        self._check(sender, m.sender, m.session_id)
+        verify_signature(self._roster[sender], m.signature, self._consistency_bytes)
+        self._consistency[sender] = m.signature
+
+    def _accept_unmask(self, sender: str, m: UnmaskResponse) -> None:
+        spec = self.spec
+        self._check(sender, m.sender, m.session_id)
+        self_of, key_of = self._asked[sender]
+        want = [(o, SHARE_KIND_SELF_MASK) for o in self_of] + [(o, SHARE_KIND_MASK_KEY) for o in key_of]
+        if [(o, k) for o, k, _ in m.shares] != want:
+            raise ProtocolError(f"unmask response of {sender!r} must answer exactly what was asked")
+        x = spec.index(sender) + 1
+        for _, _, raw in m.shares:
+            try:
+                share = Share.from_bytes(raw)
+            except ShamirError as exc:
+                raise MessageFormatError(f"unmask response of {sender!r}: {exc}") from exc
+            if share.x != x:
+                raise ProtocolError(f"share from {sender!r} must be at x={x} (got {share.x})")
+        self._unmask[sender] = m
+
+    # Which message each stage takes, and the method that checks and keeps it.
+    _ACCEPTORS: ClassVar[tuple[tuple[Stage, type[Any], Callable[[Any, str, Any], None]], ...]] = (
+        (Stage.ADVERTISE, AdvertiseKeys, _accept_advert),
+        (Stage.REVEAL, CoinReveal, _accept_coin),
+        (Stage.SHARE, ShareKeys, _accept_shares),
+        (Stage.UPLOAD, MaskedUpload, _accept_masked_upload),
+        (Stage.UPLOAD, CkksUpload, _accept_ckks_upload),
+        (Stage.PROBE, ProbeReport, _accept_probe_report),
+        (Stage.CONTRIBUTE, ContributionReport, _accept_contribution),
+        (Stage.CONSISTENCY, ConsistencySignature, _accept_consistency),
+        (Stage.UNMASK, UnmaskResponse, _accept_unmask),
+    )
 
     def _close_advertise(self) -> dict[str, bytes]:
         spec = self.spec

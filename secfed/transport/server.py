@@ -186,35 +186,9 @@ def _error(exc: SecfedError) -> JSONResponse:
     return JSONResponse(status_code=status_for(exc), content=body.model_dump())
 
 
-def create_app(
-    service: FederationService,
-    *,
-    allowed: Container[str],
-    max_body: int,
-    background: Callable[[], Awaitable[None]] | None = None,
-    title: str = "secfed coordinator",
-) -> Any:
-    """The coordinator's ASGI app (FastAPI wrapped in :class:`BodyLimit`).
-
-    ``background`` (the coordinator's round driver) runs for the app's lifetime.
-    """
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(background()) if background else None
-        try:
-            yield
-        finally:
-            if task:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-
-    app = FastAPI(title=title, version="1", lifespan=lifespan)
-
-    @app.exception_handler(SecfedError)
-    async def _typed(_request: Request, exc: SecfedError) -> JSONResponse:
-        return _error(exc)
+def _caller_of(allowed: Container[str]) -> Callable[[Request], str]:
+    """The authenticated caller of a request: its client certificate's enterprise id, which
+    must be on ``allowed``."""
 
     def caller(request: Request) -> str:
         peer = request.scope.get("extensions", {}).get(PEER_KEY)
@@ -226,11 +200,19 @@ def create_app(
             raise TransportError(f"enterprise id must be on the allow-list (got {peer['id']!r})")
         return peer["id"]
 
-    def check_stage(stage: str) -> None:
-        if stage not in STAGES:
-            from secfed.errors import MessageFormatError
+    return caller
 
-            raise MessageFormatError(f"stage must be one of {STAGES} (got {stage!r})")
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        from secfed.errors import MessageFormatError
+
+        raise MessageFormatError(f"stage must be one of {STAGES} (got {stage!r})")
+
+
+def _stage_routes(app: FastAPI, service: FederationService, caller: Callable[[Request], str]
+                  ) -> None:
+    """The protocol's routes: health, the round's info, each stage's inbox and submissions."""
 
     @app.get("/v1/health")
     async def health(request: Request) -> dict[str, str]:
@@ -256,7 +238,7 @@ def create_app(
         wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S),
     ) -> Response:
         sender = caller(request)
-        check_stage(stage)
+        _check_stage(stage)
         data = await service.inbox(sender=sender, round_number=round_number, stage=stage, wait=wait)
         if data is None:
             return Response(status_code=425)
@@ -269,7 +251,7 @@ def create_app(
                          413: {"model": ErrorBody}})
     async def submit(request: Request, round_number: int, stage: str) -> SubmitAck:
         sender = caller(request)
-        check_stage(stage)
+        _check_stage(stage)
         from secfed.errors import MessageFormatError
 
         body = await request.body()
@@ -299,7 +281,7 @@ def create_app(
     ) -> Response:
         """Submit this stage's message and long-poll the next stage's input in one round trip
         (same checks and idempotence as the two calls it stands for)."""
-        check_stage(next)
+        _check_stage(next)
         ack = await submit(request, round_number, stage)
         data = await service.inbox(sender=caller(request), round_number=round_number,
                                    stage=next, wait=wait)
@@ -308,6 +290,11 @@ def create_app(
         return Response(content=data, media_type=OCTET,
                         headers={"x-secfed-sha256": ack.sha256,
                                  "x-secfed-duplicate": "1" if ack.duplicate else "0"})
+
+
+def _round_routes(app: FastAPI, service: FederationService, caller: Callable[[Request], str]
+                  ) -> None:
+    """A round's other routes: confirmations, refusals, readiness, outcomes, aggregates."""
 
     @app.post("/v1/rounds/{round_number}/applied", response_model=SubmitAck,
               responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody},
@@ -344,6 +331,40 @@ def create_app(
         data = await service.aggregate(sender=sender, round_number=round_number)
         return Response(content=data, media_type=OCTET)
 
+
+def create_app(
+    service: FederationService,
+    *,
+    allowed: Container[str],
+    max_body: int,
+    background: Callable[[], Awaitable[None]] | None = None,
+    title: str = "secfed coordinator",
+) -> Any:
+    """The coordinator's ASGI app (FastAPI wrapped in :class:`BodyLimit`).
+
+    ``background`` (the coordinator's round driver) runs for the app's lifetime.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(background()) if background else None
+        try:
+            yield
+        finally:
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    app = FastAPI(title=title, version="1", lifespan=lifespan)
+
+    @app.exception_handler(SecfedError)
+    async def _typed(_request: Request, exc: SecfedError) -> JSONResponse:
+        return _error(exc)
+
+    caller = _caller_of(allowed)
+    _stage_routes(app, service, caller)
+    _round_routes(app, service, caller)
     return BodyLimit(app, max_bytes=max_body)
 
 
