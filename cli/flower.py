@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from secfed.cli.options import emit_json, json_option
+from secfed.names import MODES
 
 
 @click.group("flower")
@@ -32,7 +33,7 @@ def _require_flower() -> None:
               help="Number of simulated enterprises (Flower virtual nodes).")
 @click.option("--dim", "-d", type=click.IntRange(1, 50_000_000), default=100_000, show_default=True,
               help="Length of each synthetic update vector.")
-@click.option("--mode", "-m", type=click.Choice(("secagg", "secagg+", "ckks")), default="secagg+",
+@click.option("--mode", "-m", type=click.Choice(MODES), default="secagg+",
               show_default=True, help="Secure aggregation mode of every round.")
 @click.option("--rounds", "-r", type=click.IntRange(1, 1000), default=1, show_default=True,
               help="Number of rounds to run.")

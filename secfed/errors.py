@@ -23,16 +23,8 @@ from secfed.crypto.errors import (
     ShamirError,
 )
 
+# This module's own errors, then (re-exported) the root and the crypto layer's.
 __all__ = [
-    "SecfedError",
-    "ConfigError",
-    "CryptoError",
-    "DecryptionError",
-    "InvalidSignature",
-    "EncodingError",
-    "HeadroomError",
-    "ShamirError",
-    "CkksError",
     "MessageFormatError",
     "ProtocolError",
     "ProtocolAbort",
@@ -46,6 +38,17 @@ __all__ = [
     "DataError",
     "TransportError",
     "AuditError",
+]
+__all__ += [
+    "CkksError",
+    "ConfigError",
+    "CryptoError",
+    "DecryptionError",
+    "EncodingError",
+    "HeadroomError",
+    "InvalidSignature",
+    "SecfedError",
+    "ShamirError",
 ]
 
 

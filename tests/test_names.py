@@ -57,7 +57,10 @@ def test_every_mode_is_handled_everywhere() -> None:
     from secfed.protocol.spec import RoundSpec
 
     assert set(STAGES_OF) == set(Mode)
+    from secfed.flower.simulate import MODES as FLOWER_MODES
+
     assert get_args(config.AggregationMode) == MODES == config.MODES == SPEC_MODES == _MODES
+    assert FLOWER_MODES is MODES
     assert set(names.MASK_MODES) <= set(MODES) and config.MASK_MODES == names.MASK_MODES
     parties = tuple(f"org-{i}" for i in range(5))
     for mode in Mode:

@@ -20,7 +20,6 @@ part in sampling, with zero loss).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from secfed.data.records import jsonl_objects
 from secfed.errors import DataError, ModelError
 from secfed.models.generative import GENERATIVE_TASKS, IGNORE_INDEX
 from secfed.models.loading import load_tokenizer
@@ -145,14 +145,7 @@ def read_instruction_records(data: Path | str) -> list[InstructionRecord]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: must be UTF-8 ({exc})") from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path.name} line {lineno}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: must be one JSON object ({exc.msg})") from None
+    for _, where, raw in jsonl_objects(lines, path.name):
         record = _parse(raw, where, len(out))
         if record.id in seen:
             raise DataError(f"{where}: field 'id' must be unique (got {record.id!r} twice)")

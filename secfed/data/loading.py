@@ -10,7 +10,6 @@ every ``image_present`` is 0; one without a text tower likewise ignores the text
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from secfed.data.records import Record, read_records
 from secfed.errors import DataError, ModelError
 from secfed.models.loading import load_tokenizer
-from secfed.models.storage import META_FILE, TOWER_DIRS
+from secfed.models.storage import META_FILE, TOWER_DIRS, read_meta_file
 
 __all__ = ["ImageTextDataset", "ModelInputs", "load_dataset", "model_inputs", "pixels_to_tensor"]
 
@@ -69,12 +68,7 @@ def model_inputs(model_dir: Path | str) -> ModelInputs:
     """
     root = Path(model_dir)
     path = root / META_FILE
-    if not path.is_file():
-        raise ModelError(f"model_dir must contain {META_FILE} (missing in {str(root)!r})")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ModelError(f"{path}: must be JSON ({exc})") from None
+    meta = read_meta_file(root)
     labels, length, size = meta.get("labels"), meta.get("max_text_length"), meta.get("image_size")
     if not isinstance(labels, list) or not labels:
         raise ModelError(f"{path}: field 'labels' must be the list of class names (got {labels!r})")

@@ -7,7 +7,7 @@ This is the format a user's real data uses too, so reading is strict: every prob
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -167,6 +167,24 @@ def _check_record(raw: Any, taxonomy: tuple[str, ...], *, where: str) -> None:
         raise DataError(f"{label}: field 'source' must be a string or null (got {source!r})")
 
 
+def jsonl_objects(lines: Iterable[str], name: str) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "NAME line N", parsed JSON)`` for each non-blank line of a JSON Lines
+    file called ``name``.
+
+    Raises:
+        DataError: a line is not one JSON value (names the file and line).
+    """
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{name} line {lineno}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: must be one JSON object per line ({exc.msg})") from None
+        yield lineno, where, raw
+
+
 def read_records(data_dir: Path, *, check_images: bool = True) -> tuple[DatasetMeta, list[Record]]:
     """Read and validate a dataset directory.
 
@@ -187,14 +205,7 @@ def read_records(data_dir: Path, *, check_images: bool = True) -> tuple[DatasetM
     seen: dict[str, int] = {}
     root = data_dir.resolve()
     with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {lineno}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: must be one JSON object per line ({exc.msg})") from None
+        for lineno, where, raw in jsonl_objects(fh, path.name):
             _check_record(raw, meta.taxonomy, where=where)
             rid = raw["id"]
             if rid in seen:

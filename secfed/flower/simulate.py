@@ -26,12 +26,13 @@ import numpy as np
 
 from secfed.errors import ConfigError, ProtocolError
 from secfed.flower.wire import content_bytes, step_of
+from secfed.names import MODES, Stage
 
 __all__ = ["simulate", "CountingGrid", "drop_after_upload_mod", "AFTER_UPLOAD",
            "make_kits", "quiet_stdout"]
 
-MODES = ("secagg", "secagg+", "ckks")
-AFTER_UPLOAD = ("consistency", "unmask", "done")  # the steps a site dropped after upload misses
+# the steps a site dropped after upload misses
+AFTER_UPLOAD = tuple(s.value for s in (Stage.CONSISTENCY, Stage.UNMASK, Stage.DONE))
 
 
 class CountingGrid:

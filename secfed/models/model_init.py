@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from secfed.errors import ModelError
-from secfed.models.adapter import AdapterLayout, adapter_hash, adapter_layout, get_flat
+from secfed.models.adapter import AdapterLayout, adapter_hash, adapter_layout
 from secfed.models.classifiers import ClassifierSpec, build_from_towers
 from secfed.models.generative import GENERATIVE_TASKS, CausalLM, GenerativeInfo
 from secfed.models.loading import load_tokenizer, load_tower, resolve_model_dir
@@ -38,8 +38,10 @@ from secfed.models.storage import (
     MODEL_FORMAT,
     classifier_from_towers,
     load_classifier,
+    read_meta_file,
     restore_adapter,
     save_classifier,
+    write_adapter_file,
 )
 from secfed.models.targets import auto_lora_targets, named_lora_targets
 
@@ -191,14 +193,7 @@ def _summary(targets: list[str]) -> str:
 
 
 def _write_adapter(model: nn.Module, out: Path, meta: dict[str, Any]) -> AdapterLayout:
-    from safetensors.torch import save_file
-
-    layout = adapter_layout(model)
-    vec = get_flat(model, layout)
-    params = dict(model.named_parameters())
-    tensors = {e.name: params[e.name].detach().to(torch.float32).contiguous().clone()
-               for e in layout.entries}
-    save_file(tensors, str(out / ADAPTER_FILE), metadata={"format": MODEL_FORMAT})
+    layout, vec = write_adapter_file(model, out)
     meta = {**meta, "adapter": {"file": ADAPTER_FILE, "layout": json.loads(layout.to_json()),
                                 "hash": adapter_hash(layout, vec)}}
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -308,27 +303,13 @@ def init_model(
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_any_meta(root: Path) -> dict[str, Any]:
-    path = root / META_FILE
-    if not path.is_file():
-        raise ModelError(f"model_dir must contain {META_FILE} (missing in {str(root)!r})")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ModelError(f"{META_FILE} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else None
-        raise ModelError(f"{META_FILE} format must be {MODEL_FORMAT!r} (got {got!r})")
-    return meta
-
-
 def read_model_meta(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``secfed_model.json`` of any secfed model directory (format checked, no weights loaded).
 
     Raises:
         ModelError: missing, not JSON, or another format.
     """
-    return _read_any_meta(Path(model_dir))
+    return read_meta_file(Path(model_dir))
 
 
 def task_of(model_dir: str | os.PathLike[str]) -> str:
@@ -337,7 +318,7 @@ def task_of(model_dir: str | os.PathLike[str]) -> str:
     Raises:
         ModelError: not a secfed model directory.
     """
-    meta = _read_any_meta(Path(model_dir))
+    meta = read_meta_file(Path(model_dir))
     kind = meta.get("task", meta.get("kind"))
     by_kind = {v: k for k, v in CLASSIFIER_TASKS.items()}
     task = by_kind.get(kind, kind)
@@ -359,7 +340,7 @@ def load_generative(model_dir: str | os.PathLike[str]) -> tuple[CausalLM, Genera
             recorded one.
     """
     root = Path(model_dir)
-    meta = _read_any_meta(root)
+    meta = read_meta_file(root)
     try:
         task = meta["task"]
         lora = LoraSettings.from_dict(meta["lora"])

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from secfed.errors import ModelError
-from secfed.models.adapter import adapter_hash, adapter_layout, get_flat
+from secfed.models.adapter import AdapterLayout, adapter_hash, adapter_layout, get_flat
 from secfed.models.classifiers import ClassifierSpec, build_from_towers
 from secfed.models.loading import load_tokenizer, load_tower, resolve_model_dir
 from secfed.models.lora import LoraSettings, attach_lora
@@ -158,6 +159,20 @@ def _info_of(model: nn.Module) -> ProcessorInfo:
     return info
 
 
+def write_adapter_file(model: nn.Module, out: Path) -> tuple[AdapterLayout, np.ndarray]:
+    """Write ``model``'s trainable (adapter) parameters to ``out/ADAPTER_FILE`` (float32
+    safetensors); returns their layout and flat vector."""
+    from safetensors.torch import save_file
+
+    layout = adapter_layout(model)
+    vec = get_flat(model, layout)
+    params = dict(model.named_parameters())
+    tensors = {e.name: params[e.name].detach().to(torch.float32).contiguous().clone()
+               for e in layout.entries}
+    save_file(tensors, str(out / ADAPTER_FILE), metadata={"format": MODEL_FORMAT})
+    return layout, vec
+
+
 def save_classifier(
     model: nn.Module, model_dir: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
@@ -167,7 +182,6 @@ def save_classifier(
         ModelError: the directory is not empty (without ``overwrite``) or the model was not
             built by this module.
     """
-    from safetensors.torch import save_file
 
     info = _info_of(model)
     out = Path(model_dir)
@@ -180,12 +194,7 @@ def save_classifier(
         tower.save_pretrained(str(tower_dir), state_dict=_base_state_dict(tower))
         if role == "text" and info.tokenizer is not None:
             info.tokenizer.save_pretrained(str(tower_dir))
-    layout = adapter_layout(model)
-    vec = get_flat(model, layout)
-    params = dict(model.named_parameters())
-    tensors = {e.name: params[e.name].detach().to(torch.float32).contiguous().clone()
-               for e in layout.entries}
-    save_file(tensors, str(out / ADAPTER_FILE), metadata={"format": MODEL_FORMAT})
+    layout, vec = write_adapter_file(model, out)
     meta = {
         "format": MODEL_FORMAT,
         "kind": info.kind,
@@ -211,7 +220,12 @@ def save_classifier(
     return out
 
 
-def _read_meta(model_dir: Path) -> dict[str, Any]:
+def read_meta_file(model_dir: Path) -> dict[str, Any]:
+    """The JSON object of ``model_dir``'s :data:`META_FILE`, of format :data:`MODEL_FORMAT`.
+
+    Raises:
+        ModelError: the file is missing, not JSON, or of another format.
+    """
     path = model_dir / META_FILE
     if not path.is_file():
         raise ModelError(f"model_dir must contain {META_FILE} (missing in {str(model_dir)!r})")
@@ -222,6 +236,11 @@ def _read_meta(model_dir: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else None
         raise ModelError(f"{META_FILE} format must be {MODEL_FORMAT!r} (got {got!r})")
+    return meta
+
+
+def _read_meta(model_dir: Path) -> dict[str, Any]:
+    meta = read_meta_file(model_dir)
     towers = meta.get("towers")
     if not isinstance(towers, dict) or any(
         role not in TOWER_DIRS or sub != TOWER_DIRS[role] for role, sub in towers.items()

@@ -20,13 +20,14 @@ is deleted, and ``secfed audit`` re-verifies every release against the coordinat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import sqlite3
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -537,31 +538,13 @@ class Ledger:
         self.check_budget(batch)
         conn = self._conn
         written: list[tuple[LedgerEntry, float]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            # Re-read the tail inside the write lock: another process may have appended.
-            row = conn.execute(_SELECT.replace("ORDER BY idx", "ORDER BY idx DESC LIMIT 1")).fetchone()
-            last = None if row is None else _row_to_entry(self.enterprise_id, row)
-            if (last is None) != (self._last is None) or (
-                last is not None and self._last is not None and last.index != self._last.index
-            ):
-                raise LedgerError(f"ledger {self.path} changed under this writer; reopen it")
+        with self._writing(f"charge for round {round_number}") as last:
             events, rdp = list(self._events), self._rdp
             for one in batch:
                 events.append(one)
                 rdp = rdp + event_rdp(one)
                 last = self._insert(conn, last, round_number, bytes(session_id), one, events, rdp)
                 written.append((last, rdp))
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-            if isinstance(exc, sqlite3.Error):
-                raise LedgerError(f"ledger {self.path}: charge for round {round_number} not written ({exc})") from exc
-            raise
         for entry, rdp in written:
             assert not isinstance(entry.event, ChargeRelease)
             self._events.append(entry.event)
@@ -594,31 +577,45 @@ class Ledger:
                               f"(got {round_number})")
         conn = self._conn
         released = set(self._released)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            row = conn.execute(_SELECT.replace("ORDER BY idx", "ORDER BY idx DESC LIMIT 1")).fetchone()
-            last = None if row is None else _row_to_entry(self.enterprise_id, row)
-            if last is None or self._last is None or last.index != self._last.index:
-                raise LedgerError(f"ledger {self.path} changed under this writer; reopen it")
+        with self._writing(f"release of round {round_number}") as last:
             for charge in charges:
                 released.add(charge.index)
                 events = [e.event for i, e in sorted(self._charges.items()) if i not in released]
                 event = ChargeRelease(entry=charge.index, entry_hash=charge.entry_hash.hex())
                 last = self._insert(conn, last, round_number, charge.session_id, event,
                                     events, _rdp_of(events))  # type: ignore[arg-type]
+        self._load()
+        assert last is not None
+        return last
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[LedgerEntry | None]:
+        """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``) that starts from the tail
+        this writer knows, which it yields; rolled back whole on any error.
+
+        Raises:
+            LedgerError: another process appended meanwhile, or SQLite failed (``what`` not
+                written).
+        """
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            # Re-read the tail inside the write lock: another process may have appended.
+            row = conn.execute(_SELECT.replace("ORDER BY idx", "ORDER BY idx DESC LIMIT 1")).fetchone()
+            last = None if row is None else _row_to_entry(self.enterprise_id, row)
+            if (last is None) != (self._last is None) or (
+                last is not None and self._last is not None and last.index != self._last.index
+            ):
+                raise LedgerError(f"ledger {self.path} changed under this writer; reopen it")
+            yield last
             conn.execute("COMMIT")
         except BaseException as exc:
             if conn.in_transaction:
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
             if isinstance(exc, sqlite3.Error):
-                raise LedgerError(f"ledger {self.path}: release of round {round_number} not "
-                                  f"written ({exc})") from exc
+                raise LedgerError(f"ledger {self.path}: {what} not written ({exc})") from exc
             raise
-        self._load()
-        return last
 
     def _insert(self, conn: sqlite3.Connection, last: LedgerEntry | None, round_number: int,
                 session_id: bytes, event: LedgerEvent, events: list[MechanismEvent],

@@ -24,12 +24,7 @@ def write_cleaned(data_dir: Path | str, out_dir: Path | str, report: QualityRepo
         DataError: ``out_dir`` is the original, lies inside it, or is not empty; an unknown
             ``mislabels`` policy.
     """
-    src, dst = Path(data_dir).resolve(), Path(out_dir).resolve()
-    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
-        raise DataError(f"out must be a directory outside the dataset (got {str(out_dir)!r} "
-                        f"for data {str(data_dir)!r})")
-    if dst.exists() and any(dst.iterdir()):
-        raise DataError(f"out must be empty or absent (got non-empty {str(out_dir)!r})")
+    src, dst = copy_target(data_dir, out_dir)
     plan = report.fix_plan(mislabels)
     meta, records = read_records(src)
     kept = []
@@ -55,3 +50,19 @@ def write_cleaned(data_dir: Path | str, out_dir: Path | str, report: QualityRepo
     body = report.to_json() | {"fix": plan.to_json()}
     (dst / "quality_report.json").write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
     return dst
+
+
+def copy_target(data_dir: Path | str, out_dir: Path | str) -> tuple[Path, Path]:
+    """The resolved dataset and output directories of a cleaned copy.
+
+    Raises:
+        DataError: ``out_dir`` is the original, lies inside it (or it inside ``out_dir``), or
+            is not empty.
+    """
+    src, dst = Path(data_dir).resolve(), Path(out_dir).resolve()
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        raise DataError(f"out must be a directory outside the dataset (got {str(out_dir)!r} "
+                        f"for data {str(data_dir)!r})")
+    if dst.exists() and any(dst.iterdir()):
+        raise DataError(f"out must be empty or absent (got non-empty {str(out_dir)!r})")
+    return src, dst

@@ -24,9 +24,9 @@ from secfed.data.instructions import (
     InstructionRecord,
     load_instruction_dataset,
 )
+from secfed.data.quality.clean import copy_target
 from secfed.data.quality.sentences import encode_sentences
 from secfed.data.quality.settings import QualitySettings
-from secfed.errors import DataError
 
 __all__ = ["InstructionQualityReport", "check_instruction_dataset", "write_cleaned_instructions"]
 
@@ -134,12 +134,7 @@ def write_cleaned_instructions(data_dir: Path | str, out_dir: Path | str,
     Raises:
         DataError: ``out_dir`` is the original, lies inside it, or is not empty.
     """
-    src, dst = Path(data_dir).resolve(), Path(out_dir).resolve()
-    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
-        raise DataError(f"out must be a directory outside the dataset (got {str(out_dir)!r} "
-                        f"for data {str(data_dir)!r})")
-    if dst.exists() and any(dst.iterdir()):
-        raise DataError(f"out must be empty or absent (got non-empty {str(out_dir)!r})")
+    src, dst = copy_target(data_dir, out_dir)
     drop = report.flagged()
     lines = (src / INSTRUCTION_FILE).read_text(encoding="utf-8").splitlines()
     kept: list[str] = []

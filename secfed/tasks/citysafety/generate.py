@@ -198,7 +198,7 @@ def _write_held_out(out: Path, rng: np.random.Generator, *, seed: int, scale: st
     return len(drafts)
 
 
-def _checked_out_dir(out_dir: Path | str, *, seed: int, scale: str) -> Path:
+def checked_out_dir(out_dir: Path | str, *, seed: int, scale: str) -> Path:
     """The output directory after checking scale, seed and that it is empty or absent."""
     if scale not in SCALES:
         raise DataError(f"scale must be one of {list(SCALES)} (got {scale!r})")
@@ -219,7 +219,7 @@ def generate_held_out(out_dir: Path | str, *, seed: int, scale: str = "demo") ->
     Raises:
         DataError: bad scale/seed, or ``out_dir`` is not empty.
     """
-    root = _checked_out_dir(out_dir, seed=seed, scale=scale)
+    root = checked_out_dir(out_dir, seed=seed, scale=scale)
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(len(ENTERPRISES) + 1)[-1])
     _write_held_out(root, rng, seed=seed, scale=scale, per_class=TEST_PER_CLASS[scale])
     return root
@@ -236,7 +236,7 @@ def generate_federation(out_dir: Path | str, *, seed: int, scale: str = "demo") 
     Raises:
         DataError: bad scale/seed, or ``out_dir`` already holds datasets.
     """
-    root = _checked_out_dir(out_dir, seed=seed, scale=scale)
+    root = checked_out_dir(out_dir, seed=seed, scale=scale)
     truth_dir = root / TRUTH_DIR
     truth_dir.mkdir(parents=True, exist_ok=True)
     seeds = np.random.SeedSequence(seed).spawn(len(ENTERPRISES) + 1)

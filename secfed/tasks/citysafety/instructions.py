@@ -31,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from secfed.errors import DataError
+from secfed.tasks.citysafety.generate import checked_out_dir
 from secfed.tasks.citysafety.reports import write_report
 from secfed.tasks.citysafety.scenes import render_scene
 from secfed.tasks.citysafety.taxonomy import (
     ENTERPRISES,
     HAZARD_CLASSES,
     HAZARD_DESCRIPTIONS,
-    SCALES,
     EnterpriseProfile,
 )
 
@@ -192,13 +191,7 @@ def generate_instruction_federation(out_dir: Path | str, *, seed: int,
     Raises:
         DataError: bad scale or seed, or ``out_dir`` is not empty.
     """
-    if scale not in SCALES:
-        raise DataError(f"scale must be one of {list(SCALES)} (got {scale!r})")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise DataError(f"seed must be a non-negative integer (got {seed!r})")
-    root = Path(out_dir)
-    if root.exists() and any(root.iterdir()):
-        raise DataError(f"out_dir must be empty or absent (got {str(root)!r}, not empty)")
+    root = checked_out_dir(out_dir, seed=seed, scale=scale)
     seeds = np.random.SeedSequence([seed, 0x6E6]).spawn(len(ENTERPRISES) + 2)
     # frames from streams of their own, so the text records equal the text-only variant's
     frame_rngs = [np.random.default_rng(s)
