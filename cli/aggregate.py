@@ -37,6 +37,9 @@ def _printer(as_json: bool):
             console.print(f"[bold red]round {event['round']} aborted[/bold red]: {event['reason']}")
         elif kind == "status_listening":
             console.print(f"status page: {event['url']}  metrics: {event['metrics']}")
+        elif kind == "serving_until_stopped":
+            console.print("the federation finished; still serving the status page and the API "
+                          "(--keep-serving): Ctrl-C or SIGTERM stops")
         elif kind == "warning":
             console.print(f"[bold yellow]warning[/bold yellow]: {event['warning']}")
         elif kind in ("ledger_head", "confirmed", "message_refused", "coordinator_stopped"):
@@ -79,10 +82,13 @@ def _printer(as_json: bool):
 @click.option("--status-public", is_flag=True, default=False,
               help="Allow --status-listen on a non-loopback address (unauthenticated HTTP: put "
                    "it behind your own access control).")
+@click.option("--keep-serving", is_flag=True, default=False,
+              help="After the federation's last round, keep serving the status page and the "
+                   "API (outcomes, aggregates) until stopped with SIGTERM or Ctrl-C.")
 @log_format_option
 @json_option
 def command(kit_dir: Path, durable: bool, status_listen: str, status_public: bool,
-            log_format: str, as_json: bool) -> None:
+            keep_serving: bool, log_format: str, as_json: bool) -> None:
     """Serve the coordinator API (mutual TLS) and drive every round of the federation.
 
     Stops cleanly on SIGTERM or Ctrl-C (state committed; run the same command to resume).
@@ -104,7 +110,7 @@ def command(kit_dir: Path, durable: bool, status_listen: str, status_public: boo
 
     listen = None if status_listen.strip().lower() in ("off", "none", "") else status_listen
     stopped = run_coordinator(kit_dir, events=events, durable=durable, status_listen=listen,
-                              status_public=status_public)
+                              status_public=status_public, keep_serving=keep_serving)
     if stopped:
         what = "interrupted" if stopped == "SIGINT" else f"stopped by {stopped}"
         click.echo(f"secfed: {what} (state saved; run the same command to resume)", err=True)

@@ -57,8 +57,12 @@ def prepare(out: Path, seed: int, scale: str, task: str, vision: bool, as_json: 
 @click.option("--local-steps", type=int, default=None, help="DP-SGD steps per round.")
 @click.option("--scale", type=click.Choice(["tiny", "demo", "full"]), default="demo",
               show_default=True, help="Data scale and model size (tiny: a quick smoke run).")
+@click.option("--keep-serving", is_flag=True, default=False,
+              help="After the last round (and the audit), keep the coordinator's status page "
+                   "up for a look until Ctrl-C or SIGTERM.")
 @json_option
-def run(out: Path, seed: int, local_steps: int | None, scale: str, as_json: bool) -> None:
+def run(out: Path, seed: int, local_steps: int | None, scale: str, keep_serving: bool,
+        as_json: bool) -> None:
     """Build data + model, start a coordinator and three enterprises on loopback, run 20 DP rounds."""
     from rich.console import Console
 
@@ -68,7 +72,7 @@ def run(out: Path, seed: int, local_steps: int | None, scale: str, as_json: bool
     settings = DemoSettings(seed=seed, scale=scale)
     if local_steps is not None:
         settings = DemoSettings(seed=seed, scale=scale, local_steps=local_steps)
-    result = run_demo(out, settings=settings,
+    result = run_demo(out, settings=settings, keep_serving=keep_serving,
                       say=(lambda m: None) if as_json else (lambda m: console.print(m)))
     if as_json:
         emit_json({"out": str(result.out), "rounds": result.rounds,

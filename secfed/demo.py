@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -66,6 +67,8 @@ class DemoResult:
     coordinator_rounds: list[dict[str, Any]] = field(default_factory=list)
     report: Path | None = None
     seconds: float = 0.0
+    status_url: str | None = None
+    serving: bool = False  # the coordinator finished and stays up (--keep-serving)
 
 
 def _free_port() -> int:
@@ -196,8 +199,12 @@ def _enterprise_dirs(data: Path) -> dict[str, Path]:
 
 
 def run_demo(out: str | Path, *, settings: DemoSettings | None = None,
-             say: Callable[[str], None] = print) -> DemoResult:
+             say: Callable[[str], None] = print, keep_serving: bool = False) -> DemoResult:
     """Run the demo federation under ``out``; returns per-round metrics and the report path.
+
+    The coordinator serves its status page on a free loopback port (announced). With
+    ``keep_serving`` it stays up after the last round, with the audit written, until Ctrl-C or
+    SIGTERM stops the demo.
 
     Raises:
         SecfedError: a process failed or the federation did not finish in time.
@@ -243,7 +250,9 @@ def run_demo(out: str | Path, *, settings: DemoSettings | None = None,
     try:
         files["coordinator"] = open(logs / "coordinator.jsonl", "wb")
         procs["coordinator"] = subprocess.Popen(
-            _secfed("aggregate", "--kit", str(kits / "coordinator"), "--json"),
+            _secfed("aggregate", "--kit", str(kits / "coordinator"), "--json",
+                    "--status-listen", "127.0.0.1:0",
+                    *(["--keep-serving"] if keep_serving else [])),
             stdout=files["coordinator"], stderr=subprocess.STDOUT, env=_env(),
         )
         for eid, site_data in sites.items():
@@ -255,6 +264,12 @@ def run_demo(out: str | Path, *, settings: DemoSettings | None = None,
                 stdout=files[eid], stderr=subprocess.STDOUT, env=_env(),
             )
         result = _follow(root, procs, settings, say)
+        if keep_serving:
+            _finish(result, root, kits, sites, started, say)
+            say(f"status page: {result.status_url} stays up (--keep-serving)")
+            say("Ctrl-C or SIGTERM stops the coordinator")
+            _wait_for_stop(procs["coordinator"])
+            return result
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -265,10 +280,30 @@ def run_demo(out: str | Path, *, settings: DemoSettings | None = None,
                     p.kill()
         for f in files.values():
             f.close()
+    _finish(result, root, kits, sites, started, say)
+    return result
+
+
+def _finish(result: DemoResult, root: Path, kits: Path, sites: dict[str, Path], started: float,
+            say: Callable[[str], None]) -> None:
     result.report = _audit(root, kits, sites, say)
     result.seconds = time.monotonic() - started
     _print_summary(result, sites, say)
-    return result
+
+
+def _wait_for_stop(coordinator: subprocess.Popen) -> None:
+    """Wait until the coordinator ends, or Ctrl-C / SIGTERM reaches the demo (then the caller
+    stops it)."""
+    def interrupted(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        coordinator.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _read_events(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
@@ -314,7 +349,7 @@ def _follow_events(root: Path, procs: dict[str, subprocess.Popen], settings: Dem
         failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
         if failed:
             raise SecfedError(f"demo process(es) {failed} failed; see {root / 'logs'}")
-        if not running:
+        if not running or (running == ["coordinator"] and result.serving):
             return result
         if time.monotonic() > deadline:
             raise SecfedError(f"demo must finish within {settings.timeout_s:.0f} s (timed out)")
@@ -324,7 +359,12 @@ def _follow_events(root: Path, procs: dict[str, subprocess.Popen], settings: Dem
 def _show(name: str, e: dict[str, Any], result: DemoResult, say: Callable[[str], None]) -> None:
     kind = e.get("event")
     if name == "coordinator":
-        if kind == "round_opened":
+        if kind == "status_listening":
+            result.status_url = e["url"]
+            say(f"status page: {e['url']} (live; metrics at {e['metrics']})")
+        elif kind == "serving_until_stopped":
+            result.serving = True
+        elif kind == "round_opened":
             say(f"round {e['round']}: opened ({e['mode']}, threshold {e['threshold']})")
         elif kind == "stage_closed":
             say(f"round {e['round']}: stage {e['stage']} closed ({e['received']} messages)")

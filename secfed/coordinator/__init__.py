@@ -78,7 +78,8 @@ def _lock(path: Path) -> Any:
 def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
                     log_level: str = "warning", durable: bool = False,
                     status_listen: str | None = DEFAULT_STATUS_LISTEN,
-                    status_public: bool = False, wait_for_ready: bool = True) -> str | None:
+                    status_public: bool = False, wait_for_ready: bool = True,
+                    keep_serving: bool = False) -> str | None:
     """Serve the coordinator's HTTPS API and drive every round of the federation in the kit.
 
     With ``status_listen`` (``HOST:PORT``; port 0 picks a free one) the read-only status page
@@ -89,7 +90,9 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
     the same kit is one error.
 
     Returns when the federation's last round is done: None; or on SIGTERM / SIGINT (after the
-    servers stopped, state committed): the signal's name.
+    servers stopped, state committed): the signal's name. With ``keep_serving`` it does not
+    return after the last round: the API (outcomes, aggregates) and the status page stay up
+    for a look until a signal stops them (event ``serving_until_stopped``).
 
     Raises:
         ConfigError: the kit is locked by another coordinator, or a bad ``status_listen``.
@@ -139,17 +142,12 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
             background=drive,
         )
 
-        async def linger() -> None:
-            await done.wait()
-            await until_told(coordinator, min(LINGER_MAX_S, kit.federation.deadlines.stage))
-            await asyncio.sleep(LINGER_S)  # let participants fetch the last outcome
-            stop.set()
-
         async def release() -> None:
             await stop.wait()
             await coordinator.stop()  # long polls answer now, before the server closes
 
-        lingering = asyncio.create_task(linger())
+        lingering = asyncio.create_task(_linger(coordinator, done, stop, keep_serving=keep_serving,
+                                                limit=min(LINGER_MAX_S, kit.federation.deadlines.stage)))
         releasing = asyncio.create_task(release())
         status_task = _start_status(coordinator, status_sock, stop, log_level, emit)
         try:
@@ -174,6 +172,20 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
               "state": str(kit.state)})
         return stopped[0]
     return None
+
+
+async def _linger(coordinator: Any, done: asyncio.Event, stop: asyncio.Event, *,
+                  keep_serving: bool, limit: float) -> None:
+    """Once the federation is ``done``: wait (at most ``limit`` s) until every site was told,
+    let them fetch the last outcome, then ``stop`` -- unless ``keep_serving`` (the operator
+    asked for a look: the servers stay up until SIGTERM / SIGINT)."""
+    await done.wait()
+    await until_told(coordinator, limit)
+    await asyncio.sleep(LINGER_S)
+    if keep_serving:
+        coordinator.emit("serving_until_stopped", rounds=coordinator.fed.rounds)
+        return
+    stop.set()
 
 
 async def until_told(coordinator: Any, limit: float, *, period: float = 0.1) -> bool:

@@ -225,13 +225,14 @@ def test_federation_with_distributed_dp(tmp_path) -> None:
     sites = ["a-site", "b-site", "c-site", "d-site"]  # n = 4, t = 2 (+ the responder: 3)
     refuser = "d-site"  # its site.toml does not accept distributed DP
     kits = make_federation(tmp_path / "fed", enterprises=sites, dim=DIM, schedule=("secagg",),
-                           rounds=1, train=12.0, stage=20.0, dp=SGD)
+                           rounds=1, train=60.0, stage=20.0, dp=SGD)
     site_toml = kits.enterprises[refuser] / "site.toml"
     site_toml.write_text(site_toml.read_text().replace("accept_distributed_dp = true",
                                                        "accept_distributed_dp = false"))
     procs = Processes(kits)
-    # The advertise stage waits its whole deadline for the refuser; start the sites first (they
-    # retry until the coordinator listens) so that the deadline need not cover their start-up.
+    # Start the sites first (they retry until the coordinator listens) so that the deadlines
+    # need not cover their start-up. A stage closes as soon as every site answered or refused,
+    # so the 60 s train deadline only matters on a loaded machine (it was 12 s: too short there).
     for eid in sites:
         procs.start_join(eid)
     try:

@@ -220,3 +220,36 @@ def test_join_with_another_federations_kit_names_both_federations(tmp_path) -> N
     assert "Traceback" not in proc.stderr and "CERTIFICATE_VERIFY_FAILED" not in proc.stderr
     assert errors[0].startswith("secfed: error: this kit belongs to federation 'other'")
     assert f"coordinator at 127.0.0.1:{port} serves federation 'e2e'" in errors[0]
+
+
+def test_keep_serving_keeps_the_status_page_up_after_the_last_round_until_sigterm(
+        tmp_path) -> None:
+    """``aggregate --keep-serving`` (what ``secfed demo run --keep-serving`` starts): after the
+    last round the coordinator does not exit; its status page shows the finished federation
+    until SIGTERM stops it cleanly."""
+    kits = make_federation(tmp_path / "fed", enterprises=ENTERPRISES, dim=16,
+                           schedule=("secagg",), rounds=1, train=120.0, start=120.0)
+    proc = _aggregate(kits.coordinator, "--json", "--status-listen", "127.0.0.1:0",
+                      "--keep-serving")
+    joins = [subprocess.Popen([PY, "-m", "secfed.cli.main", "join", "--kit",
+                               str(kits.enterprises[e]), "--synthetic", "--json", "--new-ledger"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=ENV) for e in ENTERPRISES]
+    try:
+        listening = _wait_line(proc, "status_listening")
+        _wait_line(proc, "serving_until_stopped", timeout=240)
+        assert [j.wait(timeout=60) for j in joins] == [0, 0, 0]
+        time.sleep(2.0)
+        assert proc.poll() is None, "the coordinator exited although --keep-serving was given"
+        snap = json.loads(_get(listening["url"] + "status.json")[1])
+        assert snap["round"]["number"] == 1 and snap["round"]["status"] == "done"
+        assert snap["completed"] == 1
+        proc.terminate()
+        proc.wait(timeout=60)
+        err = proc.stderr.read()
+        assert proc.returncode == 0 and "stopped by SIGTERM (state saved" in err, err
+    finally:
+        for p in [proc, *joins]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
