@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from secfed.cli.options import emit_json, json_option
+from secfed.cli.options import json_option, report, report_import
 
 _KIT = click.Path(exists=True, file_okay=False, path_type=Path)
 
@@ -30,11 +30,8 @@ def init(invitation: Path, out: Path, request: Path | None, force: bool, as_json
     from secfed.federation.enrol import coordinator_init
 
     path = coordinator_init(invitation, out, request=request, force=force)
-    if as_json:
-        emit_json({"kit": str(out), "request": str(path)})
-    else:
-        click.echo(f"coordinator: keys made under {out} (they stay there)")
-        click.echo(f"  send {path} to the admin")
+    report(as_json, {"kit": str(out), "request": str(path)},
+           f"coordinator: keys made under {out} (they stay there)", f"  send {path} to the admin")
 
 
 @command.command("import")
@@ -43,16 +40,9 @@ def init(invitation: Path, out: Path, request: Path | None, force: bool, as_json
 @json_option
 def import_bundle(kit: Path, bundle: Path, as_json: bool) -> None:
     """Check the admin's bundle against the invitation and the coordinator's keys; install it."""
-    from secfed.federation.enrol import FEDERATION_FILE, coordinator_import, fingerprint
+    from secfed.federation.enrol import coordinator_import
 
-    fed = coordinator_import(kit, bundle)
-    digest = fingerprint(kit / FEDERATION_FILE)
-    if as_json:
-        emit_json({"kit": str(kit), "roster": list(fed.enterprise_ids()),
-                   "federation_sha256": digest})
-    else:
-        click.echo(f"bundle installed in {kit}; roster: {', '.join(fed.enterprise_ids())}")
-        click.echo(f"  federation.toml sha256: {digest} (compare it with the other parties)")
+    report_import(kit, coordinator_import(kit, bundle), as_json)
 
 
 @command.command("ckks-import")
@@ -65,7 +55,5 @@ def ckks_import(kit: Path, source: Path, as_json: bool) -> None:
     from secfed.federation.enrol import coordinator_ckks_import
 
     sender = coordinator_ckks_import(kit, source)
-    if as_json:
-        emit_json({"kit": str(kit), "sender": sender})
-    else:
-        click.echo(f"CKKS public context from {sender} installed in {kit}")
+    report(as_json, {"kit": str(kit), "sender": sender},
+           f"CKKS public context from {sender} installed in {kit}")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import click
 
-from secfed.cli.options import emit_json, json_option
+from secfed.cli.options import emit_json, json_option, report
 from secfed.config import (
     Deadlines,
     DistributedDPSettings,
@@ -237,13 +237,10 @@ def sign(admin_dir: Path, requests: tuple[Path, ...], out: Path, force: bool,
 
     fed = sign_requests(admin_dir, list(requests), out, force=force)
     digest = fingerprint(out / FEDERATION_FILE)
-    if as_json:
-        emit_json({"bundle": str(out), "roster": list(fed.enterprise_ids()),
-                  "federation_sha256": digest})
-    else:
-        click.echo(f"bundle written to {out} (hand it to the coordinator and every site)")
-        click.echo(f"  roster: {', '.join(fed.enterprise_ids())}")
-        click.echo(f"  federation.toml sha256: {digest}")
+    report(as_json, {"bundle": str(out), "roster": list(fed.enterprise_ids()),
+                     "federation_sha256": digest},
+           f"bundle written to {out} (hand it to the coordinator and every site)",
+           f"  roster: {', '.join(fed.enterprise_ids())}", f"  federation.toml sha256: {digest}")
 
 
 @command.command("init")
@@ -324,8 +321,6 @@ def revoke(enterprise: str, kit_root: Path, as_json: bool) -> None:
     from secfed.federation.lifecycle import revoke as revoke_enterprise
 
     serials = revoke_enterprise(kit_root, enterprise)
-    if as_json:
-        emit_json({"revoked": enterprise, "serials": [str(s) for s in serials]})
-    else:
-        click.echo(f"revoked {enterprise}: {len(serials)} certificate(s) in "
-                   f"{kit_root / 'coordinator' / 'crl.pem'}")
+    report(as_json, {"revoked": enterprise, "serials": [str(s) for s in serials]},
+           f"revoked {enterprise}: {len(serials)} certificate(s) in "
+           f"{kit_root / 'coordinator' / 'crl.pem'}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from secfed.cli.options import emit_json, json_option
+from secfed.cli.options import json_option, report, report_import
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 _KIT = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -39,11 +39,9 @@ def init(invitation: Path, enterprise_id: str, out: Path, request: Path | None,
 
     path = site_init(invitation, enterprise_id, out, request=request, budget_epsilon=budget_epsilon,
                      min_noise_multiplier=min_noise_multiplier, force=force)
-    if as_json:
-        emit_json({"kit": str(out), "request": str(path)})
-    else:
-        click.echo(f"site {enterprise_id}: keys made under {out} (they stay there)")
-        click.echo(f"  send {path} to the admin")
+    report(as_json, {"kit": str(out), "request": str(path)},
+           f"site {enterprise_id}: keys made under {out} (they stay there)",
+           f"  send {path} to the admin")
 
 
 @command.command("import")
@@ -52,16 +50,10 @@ def init(invitation: Path, enterprise_id: str, out: Path, request: Path | None,
 @json_option
 def import_(kit: Path, bundle: Path, as_json: bool) -> None:
     """Check the admin's bundle against this site's invitation and keys, then install it."""
-    from secfed.federation.enrol import FEDERATION_FILE, fingerprint, site_import
+    from secfed.federation.enrol import site_import
 
     fed = site_import(kit, bundle)
-    digest = fingerprint(kit / FEDERATION_FILE)
-    if as_json:
-        emit_json({"kit": str(kit), "roster": list(fed.enterprise_ids()),
-                   "federation_sha256": digest, "uses_ckks": "ckks" in fed.mode_schedule})
-    else:
-        click.echo(f"bundle installed in {kit}; roster: {', '.join(fed.enterprise_ids())}")
-        click.echo(f"  federation.toml sha256: {digest} (compare it with the other parties)")
+    report_import(kit, fed, as_json, uses_ckks="ckks" in fed.mode_schedule)
 
 
 @command.command("ckks-keygen")
@@ -76,11 +68,9 @@ def ckks_keygen(kit: Path, out: Path, force: bool, as_json: bool) -> None:
     from secfed.federation.enrol import ckks_keygen as keygen
 
     copies = keygen(kit, out, force=force)
-    if as_json:
-        emit_json({"kit": str(kit), "out": str(out), "copies": [str(p) for p in copies]})
-    else:
-        click.echo(f"CKKS secret made in {kit}; {len(copies)} sealed copies and the public "
-                   f"context under {out}")
+    report(as_json, {"kit": str(kit), "out": str(out), "copies": [str(p) for p in copies]},
+           f"CKKS secret made in {kit}; {len(copies)} sealed copies and the public context "
+           f"under {out}")
 
 
 @command.command("ckks-import")
@@ -93,7 +83,5 @@ def ckks_import(kit: Path, source: Path, as_json: bool) -> None:
     from secfed.federation.enrol import site_ckks_import
 
     sender = site_ckks_import(kit, source)
-    if as_json:
-        emit_json({"kit": str(kit), "sender": sender})
-    else:
-        click.echo(f"CKKS secret from {sender} installed in {kit}")
+    report(as_json, {"kit": str(kit), "sender": sender},
+           f"CKKS secret from {sender} installed in {kit}")
