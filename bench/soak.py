@@ -230,7 +230,8 @@ def _figures(kits: Any, samples: list[tuple[int, dict[str, int]]], *, warmup: in
         ledger = [e.round_number for e in read_ledger(kit_dir / "ledger.sqlite")]
         with sqlite3.connect(kit_dir / "state.sqlite") as st:
             charged = {r for (r,) in st.execute(
-                "SELECT round FROM rounds WHERE status IN ('charged','done','aborted','lost')")}
+                "SELECT round FROM rounds WHERE status IN ('charged','done','aborted','lost',"
+                "'rolled-back')")}
             applied = {r for (r,) in st.execute(
                 "SELECT round FROM rounds WHERE status IN ('done','caught-up')")}
         doubled += len(ledger) - len(set(ledger))

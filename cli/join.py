@@ -53,6 +53,10 @@ def describe(event: dict[str, Any]) -> str | None:
         return f"round {r} {verb}: {event.get('reason')}"
     if kind == "federation_finished":
         return f"the federation finished (last round seen: {r}); stopping"
+    if kind == "rolled_back":
+        return f"round {r} rolled back: the coordinator aborted it after this site applied " \
+               f"its sum ({event.get('reason')}); back to global hash " \
+               f"{str(event.get('global_hash'))[:12]}..."
     if kind == "distributed_dp":
         rest = {k: v for k, v in event.items() if k not in ("event", "at", "enterprise", "round")}
         return f"round {r}: distributed DP " + ", ".join(

@@ -663,6 +663,11 @@ class Coordinator:
     ) -> SubmitAck:
         async with self._lock:
             live = self._current(round_number)
+            if live.status == "aborted":  # e.g. no confirmation came by the deadline: too late
+                raise ProtocolAbort(
+                    f"round {round_number} was aborted ({live.abort_reason}): a confirmation "
+                    "after the abort is refused; the federation goes on from the round's "
+                    f"starting hash {live.spec.global_hash[:12]}... (sites roll back to it)")
             # In a probed round the sum goes out with the contribute stage: a survivor applies
             # it and confirms while the coordinator still collects contribution reports.
             if live.status not in ("confirming", "done") and live.machine.stage is not Stage.CONTRIBUTE:

@@ -60,6 +60,8 @@ class LocalSite(Protocol):
     def hash_of(self, vec: np.ndarray) -> str: ...
     def train(self, terms: RoundTerms) -> TrainOutcome: ...
     def apply(self, new_global: np.ndarray, round_number: int = 0) -> str: ...
+    def previous(self) -> tuple[str, int, int] | None: ...
+    def roll_back(self) -> str: ...
     def flush(self) -> None: ...
     def evaluate(self) -> dict[str, float]: ...
 
@@ -87,11 +89,20 @@ class _StoredAdapter:
     The data file is replaced before its metadata; a crash between the two renames leaves the
     new metadata at ``adapter.json.tmp``, which :meth:`__init__` completes (roll forward) when
     it matches the data file.
+
+    Each store also keeps the adapter it replaces (``adapter.prev.f32`` + ``adapter.prev.json``:
+    its hash, its round and the round that replaced it; a hard link to the old data file where
+    the file system allows one), overwritten by the next store: a site that applied a round the
+    coordinator then aborted at its confirmation stage returns to it with :meth:`roll_back`
+    (the join loop decides when). :meth:`previous` offers it only while it is exactly the
+    adapter the current one replaced and its data still match its recorded hash.
     """
 
     def __init__(self, root: Path, layout_digest: bytes, initial: np.ndarray, initial_hash: str):
         self._path = root / "adapter.f32"
         self._meta = root / "adapter.json"
+        self._prev_path = root / "adapter.prev.f32"
+        self._prev_meta = root / "adapter.prev.json"
         self._digest = layout_digest
         self._writer: threading.Thread | None = None
         self._write_error: BaseException | None = None
@@ -128,28 +139,33 @@ class _StoredAdapter:
     def hash_of(self, vec: np.ndarray) -> str:
         return vector_hash(self._digest, vec)
 
-    def store(self, vec: np.ndarray, round_number: int) -> str:
+    def store(self, vec: np.ndarray, round_number: int, *, keep_previous: bool = True) -> str:
         """Make ``vec`` the current adapter; returns its hash. The disk write runs in the
-        background (:meth:`flush` waits for it)."""
+        background (:meth:`flush` waits for it). ``keep_previous``: keep the adapter it replaces
+        for :meth:`roll_back` (off for the roll-back itself: the undone one is not kept)."""
         self.flush()  # one write at a time, in order
+        previous: tuple[bytes, bytes] | None = None
+        if keep_previous:
+            old = np.ascontiguousarray(self.vector, dtype="<f4").tobytes()
+            previous = (old, json.dumps({"hash": self.hash(), "round": self.applied_round,
+                                         "replaced_by": round_number}).encode())
         data = np.ascontiguousarray(vec, dtype="<f4").tobytes()
         self.vector = np.frombuffer(data, dtype="<f4").astype(np.float32)
         self.applied_round = round_number
         digest = vector_hash(self._digest, self.vector)
         meta = json.dumps({"hash": digest, "round": round_number}).encode()
-        self._writer = threading.Thread(target=self._write, args=(data, meta), daemon=False,
-                                        name="secfed-adapter-write")
+        self._writer = threading.Thread(target=self._write, args=(data, meta, previous),
+                                        daemon=False, name="secfed-adapter-write")
         self._writer.start()
         return digest
 
-    def _write(self, data: bytes, meta: bytes) -> None:
+    def _write(self, data: bytes, meta: bytes, previous: tuple[bytes, bytes] | None) -> None:
         try:
             tmp, tmp_meta = _pending(self._path), _pending(self._meta)
             for path, content in ((tmp, data), (tmp_meta, meta)):
-                with open(path, "wb") as fh:
-                    fh.write(content)
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                _write_synced(path, content)
+            if previous is not None:
+                self._keep_previous(*previous)
             os.replace(tmp, self._path)
             os.replace(tmp_meta, self._meta)
             dir_fd = os.open(self._path.parent, os.O_RDONLY)
@@ -159,6 +175,52 @@ class _StoredAdapter:
                 os.close(dir_fd)
         except BaseException as exc:  # handed to the caller by flush()
             self._write_error = exc
+
+    def _keep_previous(self, old: bytes, meta: bytes) -> None:
+        """Put the adapter about to be replaced at ``adapter.prev.*`` (data, then metadata;
+        a crash between leaves a pair whose hashes differ, which :meth:`previous` ignores)."""
+        tmp, tmp_meta = _pending(self._prev_path), _pending(self._prev_meta)
+        tmp.unlink(missing_ok=True)
+        linked = False
+        if self._path.is_file():  # the old data file: the same bytes, nothing to copy
+            try:
+                os.link(self._path, tmp)
+                linked = True
+            except OSError:  # no hard links here: write the bytes instead
+                pass
+        if not linked:
+            _write_synced(tmp, old)
+        _write_synced(tmp_meta, meta)
+        os.replace(tmp, self._prev_path)
+        os.replace(tmp_meta, self._prev_meta)
+
+    def previous(self) -> tuple[str, int, int] | None:
+        """The adapter the current one replaced, as (hash, its round, the round that replaced
+        it), or None: none kept, already rolled back to, or its data do not match its hash."""
+        self.flush()
+        try:
+            meta = json.loads(self._prev_meta.read_text())
+            vec = np.fromfile(self._prev_path, dtype="<f4")
+            kept = (str(meta["hash"]), int(meta["round"]), int(meta["replaced_by"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if kept[2] != self.applied_round or vec.size != self.vector.size:
+            return None
+        return kept if vector_hash(self._digest, vec) == kept[0] else None
+
+    def roll_back(self) -> str:
+        """Make the adapter the current one replaced current again (durably); its hash.
+
+        Raises:
+            ModelError: no previous adapter is kept (see :meth:`previous`).
+        """
+        kept = self.previous()
+        if kept is None:
+            raise ModelError(f"{self._prev_path}: no previous adapter to roll back to")
+        vec = np.fromfile(self._prev_path, dtype="<f4")
+        digest = self.store(vec, kept[1], keep_previous=False)
+        self.flush()
+        return digest
 
     def flush(self) -> None:
         """Wait until the last stored adapter is on disk; re-raises a failed write."""
@@ -172,6 +234,13 @@ class _StoredAdapter:
 
 def _pending(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
+
+
+def _write_synced(path: Path, content: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(content)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def synthetic_training(seconds: float) -> None:
@@ -216,6 +285,12 @@ class SyntheticSite:
 
     def apply(self, new_global: np.ndarray, round_number: int = 0) -> str:
         return self._store.store(new_global, round_number)
+
+    def previous(self) -> tuple[str, int, int] | None:
+        return self._store.previous()
+
+    def roll_back(self) -> str:
+        return self._store.roll_back()
 
     def flush(self) -> None:
         self._store.flush()
@@ -321,6 +396,14 @@ class ModelSite:
 
     def apply(self, new_global: np.ndarray, round_number: int = 0) -> str:
         digest = self._store.store(new_global, round_number)
+        self._set(self._store.vector)
+        return digest
+
+    def previous(self) -> tuple[str, int, int] | None:
+        return self._store.previous()
+
+    def roll_back(self) -> str:
+        digest = self._store.roll_back()
         self._set(self._store.vector)
         return digest
 

@@ -8,11 +8,16 @@ check that training ran the charged (sigma, q, steps) -> protect (protocol; with
 ``[dp.distributed]`` the noise hook clips the whole update and adds this site's Skellam share
 first) -> upload with the signed ledger head -> answer
 the later stages (each reply posted together with the long poll for the next stage's input) ->
-decode the sum, apply sum / survivors (FedAvg) -> sign and send the new global hash (the
-adapter's fsync'd write runs meanwhile and is waited for before the round counts as done) ->
+decode the sum, apply sum / survivors (FedAvg; the adapter it replaces is kept) -> sign and
+send the new global hash (the adapter's fsync'd write runs meanwhile and is waited for before
+the round counts as done) ->
 check the peers' signed hashes -> keep the coordinator's signed receipts of the upload's and the
 confirmation's ledger heads in the ledger. Every outbound message is recorded in the site's own
 SQLite ``outbound`` table. A missing ledger is never replaced silently (``new_ledger``).
+
+A round the coordinator aborts after this site applied its sum (the confirmations lost or late)
+is rolled back to the kept adapter once the coordinator's outcome says so (the next round's
+check, or the federation's end): the federation goes on from the hash it recorded.
 
 A participant restarted mid-round cannot continue that round (its ephemeral secrets lived only in
 memory, by design): the round counts as lost for it -- its charge stays in the ledger -- and it
@@ -209,6 +214,7 @@ class Participant:
         reports: list[RoundReport] = []
         after = self.state.last_round()
         info = self._report_ready(after)
+        finished = False
         while (max_rounds is None or len(reports) < max_rounds) and after < self.fed.rounds:
             if info is None or info.round_number <= after:
                 try:
@@ -219,6 +225,7 @@ class Participant:
             if info.round_number <= after:
                 if info.status == "finished":
                     self.emit("federation_finished", round=after)
+                    finished = True
                     break
                 if info.round_number == 0:  # a restarted coordinator forgot who was ready
                     self._report_ready(after)
@@ -231,9 +238,60 @@ class Participant:
                       mode=report.mode, survivors=list(report.survivors), epsilon=report.epsilon,
                       metrics=report.metrics, detail=report.detail)
             if info.status == "finished":
+                finished = True
                 break
             info = None
+        if finished or after >= self.fed.rounds:
+            self._settle_last()
         return reports
+
+    def _settle_last(self) -> None:
+        """At the federation's end no next round announces the hash the last one left: once
+        the coordinator says the federation finished, ask whether this site's last applied
+        round was aborted after all (its confirmations lost or late) and roll it back if so."""
+        if self.site.previous() is None:
+            return
+        try:
+            self.client.round_info(after=self.fed.rounds, wait=self._poll)
+        except TransportError as exc:
+            self.emit("rollback_unchecked", reason=f"{type(exc).__name__}: {exc}")
+            return
+        self._roll_back_if_aborted()
+
+    def _roll_back_if_aborted(self) -> bool:
+        """Undo this site's last applied round if the coordinator aborted it after the sum went
+        out (no survivor's confirmation reached it by the deadline, or a probed round failed its
+        contribute stage): the coordinator never recorded the new hash, so the federation goes
+        on from the hash before it, and a site left ahead would refuse every later round.
+
+        Only ever back to the adapter this site kept before that apply, and only when the
+        coordinator's outcome of that very round says ``aborted`` and names exactly that
+        adapter's hash as the round's starting point; a round the coordinator calls done is
+        never undone (a site behind it catches up instead). The round's ledger charge stays:
+        its update left the site. Returns whether it rolled back (event ``rolled_back``, state
+        ``rolled-back``).
+        """
+        kept = self.site.previous()
+        if kept is None:
+            return False
+        before, _, r = kept
+        try:
+            out = self.client.outcome(round_number=r)
+        except (ProtocolError, TransportError) as exc:
+            self.emit("rollback_unchecked", round=r, reason=f"{type(exc).__name__}: {exc}")
+            return False
+        if out.status != "aborted" or out.global_hash_before != before:
+            return False
+        undone = self.site.global_hash()
+        restored = self.site.roll_back()
+        reason = out.abort_reason or "aborted"
+        self.state.set_round(
+            r, "rolled-back", global_hash_after=restored,
+            detail=f"the coordinator aborted round {r} after this site applied its sum "
+                   f"({reason}): adapter {undone[:12]}... undone, back to {restored[:12]}...; "
+                   "the round's ledger charge stays")
+        self.emit("rolled_back", round=r, global_hash=restored, undone=undone, reason=reason)
+        return True
 
     def _stopped(self, after: int, exc: CoordinatorUnreachable) -> CoordinatorUnreachable:
         return CoordinatorUnreachable(
@@ -317,6 +375,7 @@ class Participant:
         with _refusing("global_hash"):
             mine = self.site.global_hash()
             if spec.global_hash != mine:
+                self._roll_back_if_aborted()  # a round aborted after this site applied it
                 self._catch_up(before=spec.round_number)
                 mine = self.site.global_hash()
             if spec.global_hash != mine:

@@ -171,6 +171,16 @@ class DrivenSite:
         self.site.apply(self._store.vector.copy())
         return digest
 
+    def previous(self) -> tuple[str, int, int] | None:
+        return self._store.previous()
+
+    def roll_back(self) -> str:
+        """Back to the adapter the last apply replaced (the coordinator aborted that round);
+        the user's site is handed it through ``apply`` like any new global vector."""
+        digest = self._store.roll_back()
+        self.site.apply(self._store.vector.copy())
+        return digest
+
     def flush(self) -> None:
         self._store.flush()
 

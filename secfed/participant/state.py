@@ -6,7 +6,7 @@ Schema (docs/CONTRACTS.md, "Federation state")::
         protection in {masked, encrypted, signed, control}
     rounds(round, status, mode, survivors, global_hash_after, epsilon_prv, epsilon_rdp,
            accuracy, detail, updated_at)
-        status in {keys, charged, done, aborted, lost, refused, caught-up}
+        status in {keys, charged, done, aborted, lost, refused, caught-up, rolled-back}
 """
 
 from __future__ import annotations
