@@ -248,35 +248,40 @@ class Participant:
     def _settle_last(self) -> None:
         """At the federation's end no next round announces the hash the last one left: once
         the coordinator says the federation finished, ask whether this site's last applied
-        round was aborted after all (its confirmations lost or late) and roll it back if so."""
-        if self.site.previous() is None:
+        round was aborted after all (its confirmations lost or late) and roll it back if so.
+        Nothing to ask when that round is ``done`` here (the coordinator acknowledged this
+        site's confirmation, so it recorded the round) or was caught up (only done rounds are);
+        the questions end by :data:`STAGE_GRACE_S` (the coordinator may have left)."""
+        kept = self.site.previous()
+        if kept is None or self.state.round_status(kept[2]) in ("done", "caught-up"):
             return
+        by = time.monotonic() + STAGE_GRACE_S
         try:
-            self.client.round_info(after=self.fed.rounds, wait=self._poll)
+            self.client.round_info(after=self.fed.rounds, wait=self._poll, until=by)
         except TransportError as exc:
-            self.emit("rollback_unchecked", reason=f"{type(exc).__name__}: {exc}")
+            self.emit("rollback_unchecked", round=kept[2], reason=f"{type(exc).__name__}: {exc}")
             return
-        self._roll_back_if_aborted()
+        self._roll_back_if_aborted(by=by)
 
-    def _roll_back_if_aborted(self) -> bool:
+    def _roll_back_if_aborted(self, by: float | None = None) -> bool:
         """Undo this site's last applied round if the coordinator aborted it after the sum went
-        out (no survivor's confirmation reached it by the deadline, or a probed round failed its
-        contribute stage): the coordinator never recorded the new hash, so the federation goes
-        on from the hash before it, and a site left ahead would refuse every later round.
+        out (no survivor's confirmation reached it by the deadline: lost or late): the
+        coordinator never recorded the new hash, so the federation goes on from the hash before
+        it, and a site left ahead would refuse every later round.
 
         Only ever back to the adapter this site kept before that apply, and only when the
         coordinator's outcome of that very round says ``aborted`` and names exactly that
         adapter's hash as the round's starting point; a round the coordinator calls done is
         never undone (a site behind it catches up instead). The round's ledger charge stays:
         its update left the site. Returns whether it rolled back (event ``rolled_back``, state
-        ``rolled-back``).
+        ``rolled-back``). The question ends by ``by`` (monotonic; default: the client's retries).
         """
         kept = self.site.previous()
         if kept is None:
             return False
         before, _, r = kept
         try:
-            out = self.client.outcome(round_number=r)
+            out = self.client.outcome(round_number=r, until=by)
         except (ProtocolError, TransportError) as exc:
             self.emit("rollback_unchecked", round=r, reason=f"{type(exc).__name__}: {exc}")
             return False
