@@ -79,6 +79,9 @@ class _Live:
     abort_reason: str | None = None
     heads: dict[str, bytes] = field(default_factory=dict)  # sender -> upload head it signed
     refused: dict[str, str] = field(default_factory=dict)  # sender -> reason of its refusal
+    # Survivors that answered the stage whose close released the sum: the confirmations the
+    # round waits for (None after a restart: every survivor, as before).
+    confirmers: frozenset[str] | None = None
 
 
 def noise_multiplier_for(fed: FederationConfig) -> float:
@@ -447,7 +450,8 @@ class Coordinator:
         machine = live.machine
         closing = machine.stage
         r = live.spec.round_number
-        n = len(machine.received())
+        answered = machine.received()
+        n = len(answered)
         late = sorted(machine.expected())
         try:
             out = machine.close_stage()
@@ -472,6 +476,11 @@ class Coordinator:
                     self.state.store_probe_outcome(r, probes.to_json())
         live.outbox[machine.stage.value] = out
         live.deadline = deadline
+        if machine.stage in (Stage.CONTRIBUTE, Stage.DONE) and live.confirmers is None:
+            # the sum goes out now: a survivor silent at this stage (it went away after its
+            # upload) is not waited for at the confirmation stage; one that confirms anyway,
+            # later, is still recorded
+            live.confirmers = frozenset(answered) & frozenset(machine.result().survivors)
         self.emit("stage_closed", round=r, stage=closing.value, received=n, missing=late,
                   next=machine.stage.value, deadline=deadline)
         if machine.stage is Stage.DONE:
@@ -480,8 +489,9 @@ class Coordinator:
                       survivors=list(machine.result().survivors))
 
     def _all_confirmed(self, live: _Live) -> bool:
-        survivors = set(live.machine.result().survivors)
-        return survivors <= set(self.state.confirmations(live.spec.round_number))
+        """Every survivor still taking part (:attr:`_Live.confirmers`) has confirmed."""
+        waited = live.confirmers or frozenset(live.machine.result().survivors)
+        return waited <= set(self.state.confirmations(live.spec.round_number))
 
     def _finish(self, live: _Live) -> None:
         confirmations = self.state.confirmations(live.spec.round_number)

@@ -63,6 +63,7 @@ from secfed.participant.pinning import (
     pinned_spec,
 )
 from secfed.participant.state import ParticipantState
+from secfed.privacy.accounting import load_accountant
 from secfed.privacy.distributed import DistributedDP
 from secfed.privacy.events import DistributedDPEvent
 from secfed.privacy.receipts import LedgerReceipt
@@ -213,6 +214,9 @@ class Participant:
         """
         reports: list[RoundReport] = []
         after = self.state.last_round()
+        # The PRV accountant's import (Opacus, torch: seconds, minutes for many sites on one
+        # host) before "ready", not inside round 1's charge, where it outlasted the deadline.
+        load_accountant()
         info = self._report_ready(after)
         finished = False
         while (max_rounds is None or len(reports) < max_rounds) and after < self.fed.rounds:

@@ -174,3 +174,58 @@ def test_a_valid_confirmation_after_the_abort_is_refused_clearly(tmp_path) -> No
         assert c.state.confirmations(1) == {}  # nothing recorded for an aborted round
     finally:
         c.state.close()
+
+
+def test_a_survivor_gone_after_its_upload_is_not_waited_for_at_confirmation(tmp_path) -> None:
+    """Its update is in the sum (its masks are recovered), but it answers nothing after the
+    upload: the round is done once the survivors still taking part confirmed, not at the
+    ``applied`` deadline (which a soak with dropouts paid in a third of its rounds)."""
+    sites = ["a-site", "b-site", "c-site", "d-site", "e-site"]  # t = 3: 4 sign the survivor set
+    gone = "e-site"
+    kits = make_federation(tmp_path / "fed", enterprises=sites, dim=DIM, schedule=("secagg",),
+                           rounds=1, train=20.0, stage=3.0, applied=30.0, threshold=3)
+    procs = Processes(kits)
+    procs.start_coordinator()
+    reports: dict[str, object] = {}
+
+    def take_part(eid: str) -> None:
+        kit = EnterpriseKit.load(kits.enterprises[eid])
+        p = Participant(kit, SyntheticSite(kit.root, eid, kit.federation.model),
+                        retry_for=60.0, new_ledger=True)
+        if eid == gone:
+            exchange = p.client.exchange
+
+            def upload_then_vanish(envelope, **kw):
+                if envelope.stage == "upload":
+                    p.client.submit(envelope, until=kw.get("until"))
+                    raise CoordinatorUnreachable("gone after its upload")
+                return exchange(envelope, **kw)
+
+            p.client.exchange = upload_then_vanish  # type: ignore[method-assign]
+        try:
+            reports[eid] = p.run()
+        finally:
+            p.close()
+
+    threads = [threading.Thread(target=take_part, args=(e,)) for e in sites]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        codes = procs.wait(60)
+    finally:
+        procs.stop()
+    assert codes["coordinator"] == 0, procs.log("coordinator.0")
+    events = [json.loads(x) for x in procs.log("coordinator.0").splitlines() if x.startswith("{")]
+    at = {e["event"]: e["at"] for e in events if e.get("round") == 1}
+    assert "round_done" in at, procs.log("coordinator.0")[-3000:]
+    assert at["round_done"] - at["aggregated"] < 15.0, at  # not the 30 s applied deadline
+    row = coordinator_db(kits).execute("SELECT survivors FROM rounds WHERE round=1").fetchone()
+    survivors = tuple(json.loads(row[0]))
+    assert gone in survivors  # its update is in the sum
+    want = expected_global([(1, survivors)], DIM)
+    for eid in sites:
+        if eid != gone:
+            np.testing.assert_allclose(adapter_of(kits, eid), want, atol=2e-6, rtol=0)
+    assert [r.status for r in reports[gone]] == ["aborted"]  # type: ignore[union-attr]
