@@ -802,9 +802,19 @@ class Participant:
         """Apply the rounds this site missed (a dropout, a restart) from their stored aggregates.
 
         Each missed round is applied only if it starts from this site's current hash and the
-        result matches the hash its survivors signed (:meth:`check_peers`).
+        result matches the hash its survivors signed (:meth:`check_peers`). The rounds after
+        the last one this site finished or caught up are asked first (one question each, not
+        one per round of the federation's history); all of them only if that applied none.
         """
-        for k in range(1, before):
+        synced = self.state.last_round("done", "caught-up")
+        if not self._catch_up_from(synced + 1, before) and synced:
+            self._catch_up_from(1, before)
+
+    def _catch_up_from(self, first: int, before: int) -> bool:
+        """Apply the done rounds ``first .. before - 1`` that continue this site's adapter, in
+        order (see :meth:`_catch_up`); whether any was applied."""
+        applied = False
+        for k in range(first, before):
             out = self.client.outcome(round_number=k)
             if out.status != "done" or out.global_hash_before != self.site.global_hash():
                 continue
@@ -818,6 +828,8 @@ class Participant:
             self.site.flush()
             self.state.set_round(k, "caught-up", global_hash_after=self.site.global_hash())
             self.emit("caught_up", round=k, survivors=count)
+            applied = True
+        return applied
 
     def _decode_aggregate(self, payload: bytes, *, mode: str, round_number: int
                           ) -> tuple[np.ndarray, int]:

@@ -103,9 +103,14 @@ class ParticipantState:
                                 (value, round_number))
             self.db.execute("COMMIT")
 
-    def last_round(self) -> int:
+    def last_round(self, *statuses: str) -> int:
+        """The highest round recorded (with one of ``statuses``, when given); 0 if none."""
+        query, args = "SELECT MAX(round) FROM rounds", ()
+        if statuses:
+            query += f" WHERE status IN ({', '.join('?' * len(statuses))})"
+            args = statuses
         with self._lock:
-            row = self.db.execute("SELECT MAX(round) FROM rounds").fetchone()
+            row = self.db.execute(query, args).fetchone()
         return int(row[0] or 0)
 
     def took_part(self) -> str:

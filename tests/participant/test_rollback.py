@@ -156,3 +156,49 @@ def test_no_roll_back_without_the_coordinators_word(setting) -> None:
         p._check(info)  # (the catch-up's own question fails the same way)
     assert p.site.global_hash() == ahead
     assert [e["event"] for e in events if e["event"].startswith("roll")] == ["rollback_unchecked"]
+
+
+class _History:
+    """Outcomes of a long federation: round ``done_round`` is done from ``start`` (this site's
+    hash), every other round aborted; counts the questions."""
+
+    def __init__(self, done_round: int, start: str):
+        self.done_round, self.start = done_round, start
+        self.asked: list[int] = []
+
+    def outcome(self, *, round_number: int, until: float | None = None):
+        from secfed.transport.api import RoundOutcome
+
+        self.asked.append(round_number)
+        done = round_number == self.done_round
+        return RoundOutcome(round_number=round_number, status="done" if done else "aborted",
+                            mode="secagg", global_hash_before=self.start)
+
+    def aggregate(self, *, round_number: int) -> bytes:
+        return b"sum"
+
+    def close(self) -> None:
+        pass
+
+
+def test_catch_up_asks_about_the_rounds_since_the_last_one_this_site_finished(tmp_path) -> None:
+    kits = make_federation(tmp_path / "fed", enterprises=ENTERPRISES, dim=DIM,
+                           schedule=("secagg",), rounds=60)
+    kit = EnterpriseKit.load(kits.enterprises["a-site"])
+    p = Participant(kit, SyntheticSite(kit.root, "a-site", kit.federation.model), new_ledger=True)
+    try:
+        for r in range(1, 48):
+            p.state.set_round(r, "done")
+        history = _History(48, p.site.global_hash())
+        p.client = history  # type: ignore[assignment]
+        p._decode_aggregate = lambda payload, **_kw: (np.ones(DIM), 1)  # type: ignore[method-assign]
+        p.check_peers = lambda k, **_kw: 1  # type: ignore[method-assign]
+        p._catch_up(before=50)
+        assert history.asked == [48, 49]  # not one question per round since round 1
+        assert p.state.round_status(48) == "caught-up"
+        np.testing.assert_array_equal(p.site.global_vector(), np.ones(DIM, np.float32))
+        history.asked.clear()
+        p._catch_up(before=51)  # nothing continues the adapter: every round is asked, as before
+        assert history.asked == [49, 50, *range(1, 51)]
+    finally:
+        p.close()
