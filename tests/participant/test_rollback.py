@@ -2,7 +2,9 @@
 back to the adapter it kept -- durably, once, only to that adapter, and only when the
 coordinator's outcome of that very round says ``aborted`` from exactly that adapter's hash.
 Unit level: the stored adapter, and the join loop's round check against an in-process
-coordinator's state (the end-to-end run is ``tests/e2e/test_confirmation_stall.py``)."""
+coordinator's state (the end-to-end run is ``tests/e2e/test_confirmation_stall.py``). Also the
+join loop's round costs the soak showed: catch-up asks only about the rounds since the last one
+the site finished, and the accountant is loaded before the site reports ready."""
 
 from __future__ import annotations
 
@@ -200,5 +202,37 @@ def test_catch_up_asks_about_the_rounds_since_the_last_one_this_site_finished(tm
         history.asked.clear()
         p._catch_up(before=51)  # nothing continues the adapter: every round is asked, as before
         assert history.asked == [49, 50, *range(1, 51)]
+    finally:
+        p.close()
+
+
+def test_the_accountant_is_loaded_before_the_site_reports_ready(tmp_path) -> None:
+    """Its import (Opacus, torch) inside round 1's charge outlasted the train deadline when 20
+    sites shared a host (the soak's first rounds aborted): it is paid before "ready"."""
+    from secfed.privacy import accounting
+    from secfed.transport.api import RoundInfo
+
+    kits = make_federation(tmp_path / "fed", enterprises=ENTERPRISES, dim=DIM,
+                           schedule=("secagg",), rounds=1)
+    kit = EnterpriseKit.load(kits.enterprises["a-site"])
+    p = Participant(kit, SyntheticSite(kit.root, "a-site", kit.federation.model), new_ledger=True)
+    loaded: list[int] = []
+
+    class _Finished:
+        def ready(self) -> RoundInfo:
+            loaded.append(accounting._fft_friendly_prv_class.cache_info().currsize)
+            return RoundInfo(round_number=0, status="finished")
+
+        def round_info(self, **_kw) -> RoundInfo:
+            return RoundInfo(round_number=0, status="finished")
+
+        def close(self) -> None:
+            pass
+
+    p.client = _Finished()  # type: ignore[assignment]
+    accounting._fft_friendly_prv_class.cache_clear()
+    try:
+        assert p.run() == []
+        assert loaded == [1]
     finally:
         p.close()
