@@ -351,6 +351,31 @@ def main() -> None:
           f"{FLOWER_SECURE_S / max(tails):.0f}x faster than Flower's secure round")
 
 
+def stage_spans(path: Path) -> dict[str, list[float]]:
+    """Per stage, the seconds from the previous stage's close (or the round's opening) to this
+    stage's close, one value per round after round 1, from the coordinator's event log."""
+    opened: dict[int, float] = {}
+    closed: dict[int, list[tuple[float, str]]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") == "round_opened":
+            opened[e["round"]] = e["at"]
+        elif e.get("event") == "stage_closed":
+            closed.setdefault(e["round"], []).append((e["at"], e["stage"]))
+    spans: dict[str, list[float]] = {}
+    for r, events in closed.items():
+        if r == 1 or r not in opened:
+            continue  # round 1 carries the connection set-up
+        last = opened[r]
+        for at, stage in sorted(events):
+            spans.setdefault(stage, []).append(at - last)
+            last = at
+    return spans
+
+
 def probe_overhead(args: argparse.Namespace) -> None:
     """Secure rounds with probes off and on (alternating, same ring): round and tail medians."""
     print(f"d = {args.dim}, 3 clients, {args.rounds} rounds per run, mode {args.mode}, ring 2^64, "
@@ -358,12 +383,16 @@ def probe_overhead(args: argparse.Namespace) -> None:
     for train_s in [float(x) for x in args.train_s.split(",")]:
         runs: dict[str, list[float]] = {
             k: [] for k in ("off_tail", "on_tail", "off_round", "on_round", "off_period", "on_period")}
+        spans: dict[str, dict[str, list[float]]] = {"off": {}, "on": {}}
         for _ in range(args.repeats):
             for k, tag in ((0, "off"), (args.probes, "on")):
                 with tempfile.TemporaryDirectory() as tmp:
                     tail, _conf, rnd, period = secure_rounds(
                         Path(tmp), dim=args.dim, rounds=args.rounds, mode=args.mode,
                         train_s=train_s, probes=k)
+                    log = Path(tmp) / f"secure-probes-{k}" / "coordinator.jsonl"
+                    for stage, xs in stage_spans(log).items():
+                        spans[tag].setdefault(stage, []).extend(xs)
                 runs[f"{tag}_tail"].append(_median(tail))
                 runs[f"{tag}_round"].append(_median(rnd))
                 runs[f"{tag}_period"].append(_median(period))
@@ -377,6 +406,11 @@ def probe_overhead(args: argparse.Namespace) -> None:
             f"({100 * (b / a - 1):.0f}, {100 * (d / c - 1):.0f})" for a, b, c, d in zip(
                 runs["off_round"], runs["on_round"], runs["off_period"], runs["on_period"],
                 strict=True)))
+        print("        coordinator stage spans, median s over rounds (previous close -> close), "
+              "off / on: " + ", ".join(
+                  f"{stage} {statistics.median(spans['off'][stage]) if stage in spans['off'] else 0:.3f}"
+                  f"/{statistics.median(spans['on'][stage]):.3f}"
+                  for stage in spans["on"]))
     print("target (issue 17): extra time per round <= 10 % of a secure round at d = 1e6")
 
 

@@ -66,12 +66,15 @@ from secfed.protocol.participant import contribution_bound, probe_limit, ring_by
 from secfed.protocol.probes import (
     centered,
     contribution_vector,
-    mask_products,
+    folded_products,
+    mask_pieces,
     norm_estimate,
+    piece_step,
+    probe_basis,
     probe_products,
     probe_seed,
     ring_dot,
-    signed_words,
+    signed_dot,
     upload_digest,
 )
 from secfed.protocol.spec import (
@@ -222,7 +225,6 @@ class CoordinatorRound:
         self._probe_seed = b""
         self._probe_reports: dict[str, ProbeReport] = {}
         self._probe: ProbeOutcome | None = None
-        self._own_masks: dict[str, list[tuple[bytes, int]]] = {}  # known after unmasking
         self._contrib: dict[str, ContributionReport] = {}
         self._dropped_pairs: list[tuple[str, str, bytes]] = []  # (survivor, dropped, pair seed)
 
@@ -724,7 +726,6 @@ class CoordinatorRound:
                 )
             self_key = derive_key(seed, session_id=self._sid, purpose=LABEL_SELF_MASK)
             masks.append((self_key, -1))
-            self._own_masks[owner] = [(bytes(self_key), 1)]
         for owner in self._u2:
             if owner in survivors:
                 continue
@@ -740,12 +741,12 @@ class CoordinatorRound:
                 # u added +PRG if u precedes owner, -PRG otherwise; remove exactly that.
                 masks.append((seed, -1 if spec.index(u) < v_pos else 1))
                 if spec.probes:
-                    self._own_masks[u].append((bytes(seed), 1 if spec.index(u) < v_pos else -1))
                     self._dropped_pairs.append((u, owner, bytes(seed)))
-        if spec.probes:
-            self._check_probe_reports()
         acc = self._acc
-        apply_masks(acc, masks, workers=self._workers)
+        if spec.probes:
+            self._unmask_probed(acc, [bytes(seed) for seed, _ in masks[: len(self._survivors)]])
+        else:
+            apply_masks(acc, masks, workers=self._workers)
         aggregate = decode(acc, scale_bits=spec.scale_bits)
         if self._clock:
             self.timings["unmask"] = self._clock() - started
@@ -756,22 +757,56 @@ class CoordinatorRound:
         payload = MaskedAggregate(spec.round_number, self._sid, self._survivors, spec.ring_bits, ring_bytes(acc)).to_bytes()
         return {p: payload for p in self._survivors}
 
-    def _check_probe_reports(self) -> None:
-        """Every mask term the unmasking lets the coordinator compute is checked against what
-        was reported: each survivor's self-mask term, and each survivor's pair terms with a
-        dropped or excluded peer (whose key was just reconstructed). A false report aborts the
-        round before the sum is released, naming the enterprise.
+    def _unmask_probed(self, acc: npt.NDArray[np.unsignedinteger], self_keys: list[bytes]) -> None:
+        """Unmask a probed round: every mask the unmasking reveals (each survivor's self mask,
+        in ``self_keys`` order, and each survivor's pairwise mask with a dropped or excluded
+        peer) is expanded once, and each piece is both folded for the probe check and taken
+        off its owner's upload. ``self._uploads`` then holds ``y_i - b_i - (masks with dropped
+        peers)``, which the contribute stage needs; the reports are checked
+        (:meth:`_check_probe_reports`) before ``acc`` becomes the sum of these (the survivors'
+        pairwise masks among themselves cancel there), so a false report leaves no sum.
+        """
+        spec = self.spec
+        basis = probe_basis(self._probe_seed, spec.probes, length=spec.vector_length,
+                            ring_bits=spec.ring_bits)
+        native = acc.dtype
+        step = piece_step(basis)
+        rest: dict[str, npt.NDArray[np.unsignedinteger]] = {}
+        jobs: list[tuple[str, bytes, int]] = [(o, key, 1) for o, key in zip(self._survivors, self_keys)]
+        for u, owner, seed in self._dropped_pairs:
+            # u added +PRG if it precedes the dropped owner, -PRG otherwise; remove exactly that.
+            jobs.append((u, seed, 1 if spec.index(u) < spec.index(owner) else -1))
+        folded = []
+        for owner, key, sign in jobs:
+            out = np.zeros(basis.width, dtype=native)
+            first = owner not in rest
+            if first:  # the upload is read-only (the message's bytes): write a new vector
+                rest[owner] = np.empty(spec.vector_length, dtype=native)
+            src = self._uploads[owner] if first else rest[owner]
+            dst = rest[owner]
+            combine = np.subtract if sign > 0 else np.add
+            for start, piece in mask_pieces(key, length=spec.vector_length, ring_bits=spec.ring_bits,
+                                            step=step):
+                basis.fold_into(out, piece, start)
+                stop = start + piece.shape[0]
+                combine(src[start:stop], piece, out=dst[start:stop], casting="unsafe")
+            folded.append(out)
+        self._check_probe_reports(folded_products(basis, folded))
+        self._uploads = rest
+        np.copyto(acc, rest[self._survivors[0]])
+        for owner in self._survivors[1:]:
+            np.add(acc, rest[owner], out=acc)
+
+    def _check_probe_reports(self, products: list[tuple[int, ...]]) -> None:
+        """Every mask term the unmasking lets the coordinator compute (``products``: each
+        survivor's self-mask term in survivor order, then each pair term with a dropped or
+        excluded peer in ``self._dropped_pairs`` order) is checked against what was reported.
+        A false report aborts the round before the sum is released, naming the enterprise.
 
         Raises:
             ProtocolAbort: naming the enterprise whose report is false.
         """
-        spec = self.spec
         owners = list(self._survivors)
-        sources = [self._own_masks[o][0][0] for o in owners] + [seed for _, _, seed in self._dropped_pairs]
-        products = probe_products(
-            sources, seed=self._probe_seed, k=spec.probes, ring_bits=spec.ring_bits,
-            length=spec.vector_length,
-        )
         for owner, got in zip(owners, products):
             if got != self._probe_reports[owner].self_terms:
                 raise ProtocolAbort(
@@ -806,15 +841,11 @@ class CoordinatorRound:
         unverified: set[str] = set()
         disputed: set[str] = set()
         missing: list[str] = []
-        signed_sum = signed_words(coarse).astype(np.float64)
-        total_sum = signed_words(self._result.ring_sum).astype(np.float64)
-        denominator = float(np.dot(total_sum, signed_sum))
+        denominator = signed_dot(self._result.ring_sum, coarse)
         for i in self._survivors:
             pos = spec.index(i)
+            # the upload less its self mask and its masks with dropped peers (_unmask_probed)
             value = ring_dot(self._uploads[i], coarse)
-            own = self._own_masks[i]
-            for term, (_, sign) in zip(mask_products([sd for sd, _ in own], coarse, ring_bits=spec.ring_bits), own):
-                value -= sign * term
             ok = True
             for peer in self._mask_peers(i):
                 if peer not in survivors:

@@ -777,7 +777,7 @@ class ParticipantRound:
         ``<y_i, U'>`` the coordinator cannot compute itself once it unmasked)."""
         spec = self.spec
         dtype = np.dtype(f"<u{spec.ring_bits // 8}")
-        ring_sum = np.frombuffer(agg.vector, dtype=dtype).astype(dtype.newbyteorder("="))
+        ring_sum = np.frombuffer(agg.vector, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
         coarse, _ = contribution_vector(
             ring_sum, ring_bits=spec.ring_bits, scale_bits=spec.scale_bits,
             update_bound=contribution_bound(spec),

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,11 +54,15 @@ __all__ = [
     "upload_digest",
     "probe_seed",
     "probe_products",
+    "folded_products",
+    "mask_pieces",
+    "piece_step",
     "ring_dot",
     "centered",
     "norm_estimate",
     "contribution_vector",
     "signed_words",
+    "signed_dot",
     "mask_products",
 ]
 
@@ -236,6 +240,57 @@ def _blas() -> ThreadpoolController:
     return _CONTROLLER[0]
 
 
+def mask_pieces(
+    seed: bytes, *, length: int, ring_bits: int, step: int = PIECE_WORDS
+) -> Iterator[tuple[int, UArray]]:
+    """The mask ``PRG(seed)`` (``length`` ring words) as successive ``(start, piece)``: each
+    piece is a view of one reused buffer (valid until the next is yielded) of ``step`` words
+    (the last may be shorter). The keystream is the one :func:`secfed.crypto.masking.apply_masks`
+    adds, expanded once, piece by piece, never held whole.
+
+    Raises:
+        ConfigError: a seed that is not 32 bytes.
+    """
+    if len(seed) != SEED_BYTES:
+        raise ConfigError(f"mask seed must be {SEED_BYTES} bytes (got {len(seed)})")
+    dtype = np.dtype(f"<u{ring_bits // 8}")
+    reader = KeystreamReader(bytes(seed), length_bytes=length * dtype.itemsize)
+    buf = np.empty(min(step, length), dtype=dtype)
+    for start in range(0, length, step):
+        piece = buf[: min(step, length - start)]
+        _read(reader, piece)
+        yield start, piece.view(dtype.newbyteorder("="))
+
+
+def piece_step(basis: ProbeBasis) -> int:
+    """Words per piece for :func:`mask_pieces` whose pieces :meth:`ProbeBasis.fold_into`
+    accepts (every piece starts on a block boundary)."""
+    return basis.width * max(1, PIECE_WORDS // basis.width)
+
+
+def folded_products(basis: ProbeBasis, folded: Sequence[UArray]) -> list[tuple[int, ...]]:
+    """``<x, v_j> mod 2^r`` for every source ``x`` given as its fold ``S x`` (``width`` ring
+    words, :meth:`ProbeBasis.fold_into`), and every probe ``j < k``."""
+    k, width = basis.k, basis.width
+    per = -(-basis.ring_bits // _LIMB_BITS)
+    limbs = np.zeros((per * len(folded), width), dtype=np.float64)
+    for i, words in enumerate(folded):
+        _limbs(words, limbs, i * per)
+    # every entry of this product is an integer below width x 2^22 <= 2^38: exact in float64.
+    # One BLAS thread: these skinny products are memory-bound, and OpenBLAS's threads made
+    # them 10-25x slower on the shared 2-core reference machine (measured).
+    with _blas().limit(limits=1, user_api="blas"):
+        acc = np.rint(limbs @ basis.rows.T).astype(np.int64)
+    modulus = 1 << basis.ring_bits
+    return [
+        tuple(
+            sum(int(acc[i * per + limb, j]) << (limb * _LIMB_BITS) for limb in range(per)) % modulus
+            for j in range(k)
+        )
+        for i in range(len(folded))
+    ]
+
+
 def probe_products(
     sources: Sequence[UArray | bytes],
     *,
@@ -257,50 +312,28 @@ def probe_products(
     """
     _check_sources(sources, length, ring_bits)
     basis = probe_basis(seed, k, length=length, ring_bits=ring_bits)
-    dtype = np.dtype(f"<u{ring_bits // 8}")
-    native = dtype.newbyteorder("=")
-    width = basis.width
-    step = width * max(1, PIECE_WORDS // width)  # pieces start on block boundaries
-    buf = np.empty(min(step, length), dtype=dtype)
-    per = -(-ring_bits // _LIMB_BITS)
-    limbs = np.zeros((per * len(sources), width), dtype=np.float64)
-    for i, src in enumerate(sources):
-        folded = np.zeros(width, dtype=native)
+    native = np.dtype(f"u{ring_bits // 8}")
+    step = piece_step(basis)
+    folded = []
+    for src in sources:
+        out = np.zeros(basis.width, dtype=native)
         if isinstance(src, bytes | bytearray):
-            reader = KeystreamReader(bytes(src), length_bytes=length * dtype.itemsize)
-            for start in range(0, length, step):
-                piece = buf[: min(step, length - start)]
-                _read(reader, piece)
-                basis.fold_into(folded, piece.astype(native, copy=False), start)
+            for start, piece in mask_pieces(bytes(src), length=length, ring_bits=ring_bits, step=step):
+                basis.fold_into(out, piece, start)
         else:
-            basis.fold_into(folded, src.astype(native, copy=False), 0)
-        _limbs(folded, limbs, i * per)
-    # every entry of this product is an integer below width x 2^22 <= 2^38: exact in float64.
-    # One BLAS thread: these skinny products are memory-bound, and OpenBLAS's threads made
-    # them 10-25x slower on the shared 2-core reference machine (measured).
-    with _blas().limit(limits=1, user_api="blas"):
-        acc = np.rint(limbs @ basis.rows.T).astype(np.int64)
-    modulus = 1 << ring_bits
-    return [
-        tuple(
-            sum(int(acc[i * per + limb, j]) << (limb * _LIMB_BITS) for limb in range(per)) % modulus
-            for j in range(k)
-        )
-        for i in range(len(sources))
-    ]
+            basis.fold_into(out, src.astype(native, copy=False), 0)
+        folded.append(out)
+    return folded_products(basis, folded)
 
 
 def ring_dot(x: UArray, y: UArray) -> int:
-    """``<x, y> mod 2^r`` for two ring vectors of one dtype (numpy's unsigned products and sums
-    wrap mod 2^r: exactly the ring arithmetic)."""
+    """``<x, y> mod 2^r`` for two ring vectors of one dtype. numpy's integer dot (no BLAS, no
+    temporary) accumulates in an unsigned 64-bit word, whose wrap-around is reduction mod 2^64,
+    so the result is exactly the ring's (mod 2^32 for 32-bit words, as 32 divides 64)."""
     if x.shape != y.shape or x.dtype.itemsize != y.dtype.itemsize:
         raise ConfigError(f"ring vectors must match (got {x.dtype}{x.shape} and {y.dtype}{y.shape})")
     native = np.dtype(f"u{x.dtype.itemsize}")
-    total = 0
-    for start in range(0, x.shape[0], 1 << 20):  # bounded temporaries
-        a = x[start:start + (1 << 20)].astype(native, copy=False)
-        b = y[start:start + (1 << 20)].astype(native, copy=False)
-        total += int(np.multiply(a, b).sum(dtype=native))
+    total = int(np.dot(x.astype(native, copy=False), y.astype(native, copy=False)))
     return total % (1 << (8 * x.dtype.itemsize))
 
 
@@ -314,18 +347,11 @@ def mask_products(
     """
     length = vector.shape[0]
     _check_sources([*seeds, vector], length, ring_bits)
-    dtype = np.dtype(f"<u{ring_bits // 8}")
     out = []
-    step = 1 << 17
-    buf = np.empty(min(step, length), dtype=dtype)
     for seed in seeds:
-        reader = KeystreamReader(bytes(seed), length_bytes=length * dtype.itemsize)
         total = 0
-        for start in range(0, length, step):
-            stop = min(start + step, length)
-            chunk = buf[: stop - start]
-            reader.read_into(chunk.data.cast("B"))
-            total += ring_dot(chunk, vector[start:stop])
+        for start, piece in mask_pieces(bytes(seed), length=length, ring_bits=ring_bits):
+            total += ring_dot(piece, vector[start:start + piece.shape[0]])
         out.append(total % (1 << ring_bits))
     return out
 
@@ -386,3 +412,12 @@ def signed_words(ring: UArray) -> npt.NDArray[np.int64]:
     if ring.dtype == native and ring.dtype.itemsize == 8:
         return ring.view(np.int64)
     return ring.astype(np.dtype(f"i{ring.dtype.itemsize}")).astype(np.int64, copy=False)
+
+
+def signed_dot(x: UArray, y: UArray) -> float:
+    """``<x, y>`` of the centred representatives, in float64 (not reduced mod 2^r: a sum of
+    squares can exceed the ring), on one BLAS thread."""
+    a = signed_words(x).astype(np.float64)
+    b = signed_words(y).astype(np.float64)
+    with _blas().limit(limits=1, user_api="blas"):
+        return float(np.dot(a, b))
