@@ -66,10 +66,9 @@ from secfed.protocol.participant import contribution_bound, probe_limit, ring_by
 from secfed.protocol.probes import (
     centered,
     contribution_vector,
+    fold_sources,
     folded_products,
-    mask_pieces,
     norm_estimate,
-    piece_step,
     probe_basis,
     probe_products,
     probe_seed,
@@ -617,7 +616,7 @@ class CoordinatorRound:
                     )
         masked = probe_products(
             [self._uploads[p] for p in reporters], seed=self._probe_seed, k=spec.probes,
-            ring_bits=spec.ring_bits, length=spec.vector_length,
+            ring_bits=spec.ring_bits, length=spec.vector_length, workers=self._workers,
         )
         modulus = 1 << spec.ring_bits
         estimates: dict[str, float] = {}
@@ -769,28 +768,25 @@ class CoordinatorRound:
         spec = self.spec
         basis = probe_basis(self._probe_seed, spec.probes, length=spec.vector_length,
                             ring_bits=spec.ring_bits)
-        native = acc.dtype
-        step = piece_step(basis)
-        rest: dict[str, npt.NDArray[np.unsignedinteger]] = {}
         jobs: list[tuple[str, bytes, int]] = [(o, key, 1) for o, key in zip(self._survivors, self_keys)]
         for u, owner, seed in self._dropped_pairs:
             # u added +PRG if it precedes the dropped owner, -PRG otherwise; remove exactly that.
             jobs.append((u, seed, 1 if spec.index(u) < spec.index(owner) else -1))
-        folded = []
-        for owner, key, sign in jobs:
-            out = np.zeros(basis.width, dtype=native)
-            first = owner not in rest
-            if first:  # the upload is read-only (the message's bytes): write a new vector
-                rest[owner] = np.empty(spec.vector_length, dtype=native)
-            src = self._uploads[owner] if first else rest[owner]
-            dst = rest[owner]
-            combine = np.subtract if sign > 0 else np.add
-            for start, piece in mask_pieces(key, length=spec.vector_length, ring_bits=spec.ring_bits,
-                                            step=step):
-                basis.fold_into(out, piece, start)
-                stop = start + piece.shape[0]
-                combine(src[start:stop], piece, out=dst[start:stop], casting="unsafe")
-            folded.append(out)
+        # the uploads are read-only (the messages' bytes): each survivor's rest is a new vector,
+        # written from its upload by its first job (its self mask) and updated by the others
+        rest = {o: np.empty(spec.vector_length, dtype=acc.dtype) for o in self._survivors}
+        first = {o: True for o in self._survivors}
+        sources: list[tuple[npt.NDArray[np.unsignedinteger], npt.NDArray[np.unsignedinteger], bool]] = []
+        for owner, _, sign in jobs:
+            sources.append((self._uploads[owner] if first[owner] else rest[owner], rest[owner], sign > 0))
+            first[owner] = False
+
+        def take_off(i: int, at: int, piece: npt.NDArray[np.unsignedinteger]) -> None:
+            src, dst, minus = sources[i]
+            stop = at + piece.shape[0]
+            (np.subtract if minus else np.add)(src[at:stop], piece, out=dst[at:stop], casting="unsafe")
+
+        folded = fold_sources(basis, [key for _, key, _ in jobs], each=take_off, workers=self._workers)
         self._check_probe_reports(folded_products(basis, folded))
         self._uploads = rest
         np.copyto(acc, rest[self._survivors[0]])

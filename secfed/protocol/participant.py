@@ -764,6 +764,7 @@ class ParticipantRound:
         products = probe_products(
             [self._self_mask_key, *(self._pair_seeds[p] for p in peers)],
             seed=seed, k=spec.probes, ring_bits=spec.ring_bits, length=spec.vector_length,
+            workers=self._workers,
         )
         self._self_mask_key = None
         self._probed = frozenset(digests)

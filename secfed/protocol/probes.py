@@ -23,7 +23,7 @@ Two kinds of ``v``:
 
 Inner products are computed exactly in the ring: each source is folded to ``SKETCH`` words
 with ring arithmetic (one multiply and one add per coordinate), the folded words are split into
-22-bit limbs held in float64, and all sources meet the ``k`` rows in one BLAS call (every sum
+32-bit limbs held in float64, and all sources meet the ``k`` rows in one BLAS call (every sum
 stays below 2^53, so the float arithmetic is exact).
 """
 
@@ -32,7 +32,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,7 @@ __all__ = [
     "probe_products",
     "folded_products",
     "mask_pieces",
+    "fold_sources",
     "piece_step",
     "ring_dot",
     "centered",
@@ -76,7 +78,8 @@ MAX_PROBES = 256  # each probe reveals one more scalar per enterprise; more buys
 DEFAULT_PROBE_MARGIN = 1.5
 SKETCH = 1 << 16  # folded width: ||S x||^2 has relative s.d. <= sqrt(2 / 2^16) = 0.55 %
 PIECE_WORDS = 1 << 17  # mask keystream expanded this many words at a time
-_LIMB_BITS = 22  # 3 limbs hold a 64-bit word; products of folded limbs <= 2^16 x 2^22 < 2^53
+# 2 limbs hold a 64-bit word; a sum of width <= 2^16 signed limbs stays below 2^16 x 2^32 < 2^53
+_LIMB_BITS = 32
 
 UArray = npt.NDArray[np.unsignedinteger]
 
@@ -208,7 +211,7 @@ def _probe_basis(seed: bytes, k: int, length: int, ring_bits: int) -> ProbeBasis
 
 
 def _limbs(words: UArray, out: npt.NDArray[np.float64], row: int) -> int:
-    """Write the 22-bit limbs of ``words`` into rows ``row..`` of ``out``; returns the count."""
+    """Write the 32-bit limbs of ``words`` into rows ``row..`` of ``out``; returns the count."""
     bits = words.dtype.itemsize * 8
     count = -(-bits // _LIMB_BITS)
     mask = np.uint64((1 << _LIMB_BITS) - 1)
@@ -241,31 +244,90 @@ def _blas() -> ThreadpoolController:
 
 
 def mask_pieces(
-    seed: bytes, *, length: int, ring_bits: int, step: int = PIECE_WORDS
+    seed: bytes, *, length: int, ring_bits: int, step: int = PIECE_WORDS,
+    start: int = 0, stop: int | None = None,
 ) -> Iterator[tuple[int, UArray]]:
-    """The mask ``PRG(seed)`` (``length`` ring words) as successive ``(start, piece)``: each
-    piece is a view of one reused buffer (valid until the next is yielded) of ``step`` words
-    (the last may be shorter). The keystream is the one :func:`secfed.crypto.masking.apply_masks`
-    adds, expanded once, piece by piece, never held whole.
+    """Words ``start..stop`` (default: all ``length``) of the mask ``PRG(seed)`` as successive
+    ``(position, piece)``: each piece is a view of one reused buffer (valid until the next is
+    yielded) of ``step`` words (the last may be shorter). The keystream is the one
+    :func:`secfed.crypto.masking.apply_masks` adds, expanded once, piece by piece, never held
+    whole. ``start`` must fall on a 16-byte keystream block.
 
     Raises:
-        ConfigError: a seed that is not 32 bytes.
+        ConfigError: a seed that is not 32 bytes, an unaligned or out-of-range start.
     """
     if len(seed) != SEED_BYTES:
         raise ConfigError(f"mask seed must be {SEED_BYTES} bytes (got {len(seed)})")
+    stop = length if stop is None else stop
+    if not 0 <= start <= stop <= length:
+        raise ConfigError(f"mask range must lie in [0, {length}] (got {start}..{stop})")
     dtype = np.dtype(f"<u{ring_bits // 8}")
-    reader = KeystreamReader(bytes(seed), length_bytes=length * dtype.itemsize)
-    buf = np.empty(min(step, length), dtype=dtype)
-    for start in range(0, length, step):
-        piece = buf[: min(step, length - start)]
+    native = dtype.newbyteorder("=")
+    reader = KeystreamReader(bytes(seed), offset_bytes=start * dtype.itemsize,
+                             length_bytes=(stop - start) * dtype.itemsize)
+    buf = np.empty(max(0, min(step, stop - start)), dtype=dtype)
+    for at in range(start, stop, step):
+        piece = buf[: min(step, stop - at)]
         _read(reader, piece)
-        yield start, piece.view(dtype.newbyteorder("="))
+        yield at, piece.astype(native, copy=False)
 
 
 def piece_step(basis: ProbeBasis) -> int:
     """Words per piece for :func:`mask_pieces` whose pieces :meth:`ProbeBasis.fold_into`
     accepts (every piece starts on a block boundary)."""
     return basis.width * max(1, PIECE_WORDS // basis.width)
+
+
+PieceHook = Callable[[int, int, UArray], None]
+
+
+def fold_sources(
+    basis: ProbeBasis,
+    sources: Sequence[UArray | bytes],
+    *,
+    each: PieceHook | None = None,
+    workers: int = 1,
+) -> list[UArray]:
+    """``S x`` (:meth:`ProbeBasis.fold_into`) of every source: a ring vector of ``basis.length``
+    words or a 32-byte mask seed, whose keystream is expanded piece by piece (never whole).
+    ``each(i, position, piece)`` sees every piece of seed source ``i`` while it is in cache
+    (the coordinator takes it off an upload there), in order within a range of coordinates.
+
+    The coordinates are split into up to ``workers`` ranges on block boundaries, one thread
+    each (pyca and numpy release the GIL): ``each`` must only touch ``position`` onwards for
+    ``len(piece)`` words. Each thread folds into its own words; the folds are added mod 2^r.
+    """
+    length, native = basis.length, np.dtype(f"u{basis.ring_bits // 8}")
+    step = piece_step(basis)
+    per = max(step, -(-length // max(1, workers)))
+    per = -(-per // step) * step  # ranges start on piece (hence block and AES-block) bounds
+    ranges = [(a, min(a + per, length)) for a in range(0, length, per)]
+
+    def fold_range(bounds: tuple[int, int]) -> list[UArray]:
+        lo, hi = bounds
+        outs = []
+        for i, src in enumerate(sources):
+            out = np.zeros(basis.width, dtype=native)
+            if isinstance(src, bytes | bytearray):
+                for at, piece in mask_pieces(bytes(src), length=length, ring_bits=basis.ring_bits,
+                                             step=step, start=lo, stop=hi):
+                    basis.fold_into(out, piece, at)
+                    if each is not None:
+                        each(i, at, piece)
+            else:
+                basis.fold_into(out, src[lo:hi].astype(native, copy=False), lo)
+            outs.append(out)
+        return outs
+
+    if len(ranges) <= 1:
+        return fold_range(ranges[0]) if ranges else [np.zeros(basis.width, native) for _ in sources]
+    with ThreadPoolExecutor(max_workers=len(ranges) - 1) as pool:
+        futures = [pool.submit(fold_range, r) for r in ranges[1:]]
+        total = fold_range(ranges[0])  # the calling thread takes the first range itself
+        for future in futures:
+            for out, part in zip(total, future.result()):
+                np.add(out, part, out=out)
+    return total
 
 
 def folded_products(basis: ProbeBasis, folded: Sequence[UArray]) -> list[tuple[int, ...]]:
@@ -276,7 +338,8 @@ def folded_products(basis: ProbeBasis, folded: Sequence[UArray]) -> list[tuple[i
     limbs = np.zeros((per * len(folded), width), dtype=np.float64)
     for i, words in enumerate(folded):
         _limbs(words, limbs, i * per)
-    # every entry of this product is an integer below width x 2^22 <= 2^38: exact in float64.
+    # every entry of this product is an integer below width x 2^32 <= 2^48: exact in float64
+    # whatever the summation order.
     # One BLAS thread: these skinny products are memory-bound, and OpenBLAS's threads made
     # them 10-25x slower on the shared 2-core reference machine (measured).
     with _blas().limit(limits=1, user_api="blas"):
@@ -298,32 +361,23 @@ def probe_products(
     k: int,
     ring_bits: int,
     length: int,
+    workers: int = 1,
 ) -> list[tuple[int, ...]]:
     """``<x, v_j> mod 2^ring_bits`` for every source ``x`` and probe ``j < k`` (the probes of
     :func:`probe_basis`).
 
     A source is a ring vector of ``length`` words, or a 32-byte mask seed whose AES-CTR
     keystream (the mask :func:`secfed.crypto.masking.apply_masks` adds) is expanded piece by
-    piece here and never held whole. Each source is folded to the sketch width in the ring,
-    then all folded sources are multiplied by the k rows at once.
+    piece here and never held whole. Each source is folded to the sketch width in the ring
+    (:func:`fold_sources`, on up to ``workers`` threads), then all folded sources are multiplied
+    by the k rows at once.
 
     Raises:
         ConfigError: a source of the wrong length, dtype or seed size; k out of range.
     """
     _check_sources(sources, length, ring_bits)
     basis = probe_basis(seed, k, length=length, ring_bits=ring_bits)
-    native = np.dtype(f"u{ring_bits // 8}")
-    step = piece_step(basis)
-    folded = []
-    for src in sources:
-        out = np.zeros(basis.width, dtype=native)
-        if isinstance(src, bytes | bytearray):
-            for start, piece in mask_pieces(bytes(src), length=length, ring_bits=ring_bits, step=step):
-                basis.fold_into(out, piece, start)
-        else:
-            basis.fold_into(out, src.astype(native, copy=False), 0)
-        folded.append(out)
-    return folded_products(basis, folded)
+    return folded_products(basis, fold_sources(basis, sources, workers=workers))
 
 
 def ring_dot(x: UArray, y: UArray) -> int:

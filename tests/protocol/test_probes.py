@@ -25,6 +25,8 @@ from secfed.protocol.probes import (
     SKETCH,
     centered,
     contribution_vector,
+    fold_sources,
+    folded_products,
     mask_products,
     norm_estimate,
     probe_basis,
@@ -92,6 +94,55 @@ def test_probe_products_are_exact_ring_inner_products(ring_bits: int) -> None:
     # <PRG(seed), x> for a general ring vector (the contribution stage)
     want_dot = sum(int(a) * int(b) for a, b in zip(mask.tolist(), x.tolist())) % (1 << ring_bits)
     assert mask_products([mask_seed], x, ring_bits=ring_bits) == [want_dot]
+
+
+@pytest.mark.parametrize("ring_bits", [64, 32])
+def test_probe_products_exact_at_the_largest_folded_words(ring_bits: int) -> None:
+    """The folded words at 2^r - 1 in an odd number m (about width/2) of the buckets where
+    probe 0 is +1, and 0 elsewhere: probe 0's low-limb sum is m x the largest limb, an odd
+    integer, and the float products must still be exact (with a limb too wide for
+    width x limb < 2^53 that sum is an odd integer above 2^53, which float64 cannot hold)."""
+    dtype = np.uint64 if ring_bits == 64 else np.uint32
+    d, k = SKETCH, 4
+    seed = secrets.token_bytes(32)
+    basis = probe_basis(seed, k, length=d, ring_bits=ring_bits)
+    probes = basis.vectors().astype(np.int64)
+    sign = np.where(basis.signs == 1, 1, -1)
+    top = dtype(np.iinfo(dtype).max)
+    # one block: coordinate i lands alone in its bucket, with sign s_i, so S x = s_i x_i there
+    plus = np.flatnonzero(probes[0] * sign > 0)
+    m = len(plus) - 1 + len(plus) % 2  # odd
+    x = np.zeros(d, dtype=dtype)
+    x[plus[:m]] = np.multiply(basis.signs[plus[:m]], top)
+    got = probe_products([x], seed=seed, k=k, ring_bits=ring_bits, length=d)[0]
+    want = tuple(int(np.dot(x, probes[j].astype(dtype))) % (1 << ring_bits) for j in range(k))
+    assert got == want
+    assert got[0] == -m % (1 << ring_bits)  # m buckets holding -1 in the ring, met by +1
+
+
+def test_fold_sources_on_threads_equals_one_thread_and_hands_over_every_piece() -> None:
+    d = 3 * PIECE_WORDS + 777  # four ranges on four workers, the last one short
+    seeds = [secrets.token_bytes(32) for _ in range(2)]
+    x = keystream(secrets.token_bytes(32), d)
+    probe = secrets.token_bytes(32)
+    basis = probe_basis(probe, 8, length=d, ring_bits=64)
+    rebuilt = [np.zeros(d, np.uint64) for _ in seeds]
+    seen = [np.zeros(d, bool) for _ in seeds]
+
+    def hook(i: int, at: int, piece: np.ndarray) -> None:
+        assert not seen[i][at:at + piece.shape[0]].any()  # each word handed over once
+        rebuilt[i][at:at + piece.shape[0]] = piece
+        seen[i][at:at + piece.shape[0]] = True
+
+    one = fold_sources(basis, [seeds[0], x, seeds[1]], workers=1)
+    many = fold_sources(basis, [seeds[0], x, seeds[1]], workers=4, each=lambda i, at, p: hook(i // 2, at, p))
+    assert all(np.array_equal(a, b) for a, b in zip(one, many))
+    for seed, words, covered in zip(seeds, rebuilt, seen):
+        assert covered.all() and np.array_equal(words, keystream(seed, d))
+    # the products of the threaded folds are the exact ring inner products with the probes
+    signs = basis.vectors().astype(np.int64).view(np.uint64)
+    want = [tuple(int(np.dot(v, signs[j])) for j in range(8)) for v in (keystream(seeds[0], d), x)]
+    assert folded_products(basis, many)[:2] == want
 
 
 def _shaped(shape: str, d: int) -> np.ndarray:
