@@ -9,17 +9,20 @@ sending only the noise part, attackers at S x the bound against the honest direc
    honest updates are (target: 200 of 200, at most 1).
 2. **shares**: n = 10, d = ``--dim`` with 2 free riders: the largest |protocol share - share
    computed in the clear| (target 1e-6) and the free riders' shares (target <= 0.02).
-3. **cost**: one secagg round of n = 10 at d = ``--cost-dim`` with probes off and on, in the
-   same run, alternating; medians of the per-party compute (the slowest participant's stages
-   plus the coordinator's) and the ratio.
+3. **cost**: one secagg round of n = ``--cost-n`` (10) at d = ``--cost-dim`` with probes off
+   and on, in the same run, alternating; medians of the critical-path compute (each stage's
+   mean participant time plus the coordinator's) and of the CPU seconds of all parties
+   together, and the ratios. The figure over the real transport is bench/round_overhead.py's.
 
     .venv/bin/python bench/probes.py [--trials 200] [--dim 100000] [--cost-dim 1000000]
+                                     [--cost-n 10] [--parts exclusion,shares,cost]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import secrets
 import statistics
 import time
@@ -86,21 +89,25 @@ def _compute_seconds(timings: dict[str, float]) -> float:
                and k not in ("participant_protect",))
 
 
-def cost(*, n: int, d: int, repeats: int) -> tuple[float, float, dict[str, float]]:
+def cost(*, n: int, d: int, repeats: int) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Medians over ``repeats`` alternating pairs, probes off then on: ``compute`` (the critical
+    path's stage timings, :func:`_compute_seconds`) and ``cpu`` (CPU seconds of the whole
+    in-process round, every party together: steadier than wall time on a loaded machine).
+    Returns (off, on, the last probed round's stage timings)."""
     updates, _ = role_updates(n, d, seed=2)
-    off, on = [], []
+    simulate(updates, probes=32, clip_bound=1.0)  # warm-up: imports, first allocations
+    runs: dict[int, list[tuple[float, float]]] = {0: [], 32: []}
     last: dict[str, float] = {}
     for _ in range(repeats):
-        for k, sink in ((0, off), (32, on)):
-            started = time.perf_counter()
+        for k in (0, 32):
+            started = time.process_time()
             res = simulate(updates, probes=k, clip_bound=1.0)
-            wall = time.perf_counter() - started
-            sink.append((_compute_seconds(dict(res.timings)), wall))
+            runs[k].append((_compute_seconds(dict(res.timings)), time.process_time() - started))
             if k:
                 last = dict(res.timings)
-    med_off = statistics.median(c for c, _ in off)
-    med_on = statistics.median(c for c, _ in on)
-    return med_off, med_on, last
+    med = {k: {"compute": statistics.median(c for c, _ in v), "cpu": statistics.median(u for _, u in v)}
+           for k, v in runs.items()}
+    return med[0], med[32], last
 
 
 def main() -> None:
@@ -110,6 +117,7 @@ def main() -> None:
     ap.add_argument("--attack-scale", type=float, default=10.0)
     ap.add_argument("--dim", type=int, default=100_000)
     ap.add_argument("--cost-dim", type=int, default=1_000_000)
+    ap.add_argument("--cost-n", type=int, default=10, help="enterprises in the cost rounds")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mode", default="secagg", choices=("secagg", "secagg+"))
     ap.add_argument("--estimator-dim", type=int, default=0,
@@ -142,10 +150,13 @@ def main() -> None:
     if "cost" not in parts:
         return
 
-    off, on, timings = cost(n=10, d=args.cost_dim, repeats=args.repeats)
-    print(f"cost (secagg, n=10, d={args.cost_dim}, in-process compute, median of {args.repeats}):")
-    print(f"  probes off {off:.3f} s   probes on {on:.3f} s   extra {on - off:.3f} s "
-          f"= {100 * (on - off) / off:.0f} % of the round without probes")
+    off, on, timings = cost(n=args.cost_n, d=args.cost_dim, repeats=args.repeats)
+    print(f"cost (secagg, n={args.cost_n}, d={args.cost_dim}, in-process compute, median of "
+          f"{args.repeats}, load average {os.getloadavg()[0]:.1f}):")
+    for what in ("compute", "cpu"):
+        a, b = off[what], on[what]
+        print(f"  {what:<8} probes off {a:.3f} s   probes on {b:.3f} s   extra {b - a:.3f} s "
+              f"= {100 * (b - a) / a:.0f} % of the round without probes")
     for name in ("participant_probe", "coordinator_close_probe", "participant_contribute",
                  "coordinator_close_contribute", "coordinator_close_unmask"):
         if name in timings:

@@ -309,6 +309,8 @@ def main() -> None:
                     help="plaintext/secure run pairs per training time (alternating)")
     ap.add_argument("--train-s", default="0,1",
                     help="comma-separated stand-in training seconds per round (one run each)")
+    ap.add_argument("--keep", default="",
+                    help="probe runs: keep every run's kits and JSON logs under this folder")
     ap.add_argument("--probes", type=int, default=0,
                     help="also run the secure rounds with this many norm probes and without, "
                          "both on the Z_2^64 ring, and print the probes' extra time (issue 17)")
@@ -384,13 +386,14 @@ def probe_overhead(args: argparse.Namespace) -> None:
         runs: dict[str, list[float]] = {
             k: [] for k in ("off_tail", "on_tail", "off_round", "on_round", "off_period", "on_period")}
         spans: dict[str, dict[str, list[float]]] = {"off": {}, "on": {}}
-        for _ in range(args.repeats):
+        for rep in range(args.repeats):
             for k, tag in ((0, "off"), (args.probes, "on")):
                 with tempfile.TemporaryDirectory() as tmp:
+                    where = Path(args.keep) / f"train-{train_s:g}-run-{rep}" if args.keep else Path(tmp)
                     tail, _conf, rnd, period = secure_rounds(
-                        Path(tmp), dim=args.dim, rounds=args.rounds, mode=args.mode,
+                        where, dim=args.dim, rounds=args.rounds, mode=args.mode,
                         train_s=train_s, probes=k)
-                    log = Path(tmp) / f"secure-probes-{k}" / "coordinator.jsonl"
+                    log = where / f"secure-probes-{k}" / "coordinator.jsonl"
                     for stage, xs in stage_spans(log).items():
                         spans[tag].setdefault(stage, []).extend(xs)
                 runs[f"{tag}_tail"].append(_median(tail))
