@@ -213,6 +213,10 @@ LABEL_SESSION = b"secfed/v1/session"
 LABEL_GRAPH = b"secfed/v1/secagg+-graph"
 LABEL_GRAPH_SEED = b"secfed/v1/secagg+-graph-coins"
 LABEL_PROBES = b"secfed/v1/norm-probes"  # seed of the norm probes (issue 17)
+# protocol: the committed SecAgg+ key roster (secfed.protocol.roster)
+LABEL_SESSION_ROSTER = b"secfed/v1/session-committed-roster"  # secagg+ session id over roots
+LABEL_ROSTER_LEAF = b"secfed/v1/roster-advert-leaf"  # Merkle leaf of one signed advert
+LABEL_ROSTER_COINS = b"secfed/v1/roster-coin-commitments"  # hash over every coin commitment
 # privacy: ledger entries, receipts, transcripts (the NUL ends the label before the body)
 LABEL_LEDGER_ENTRY = b"secfed/v1/ledger-entry\x00"  # SHA-256 domain of an entry's encoding
 LABEL_RECEIPT = b"secfed/v1/ledger-receipt\x00"

@@ -242,8 +242,8 @@ class SecfedWorkflow:
                info: RoundInfo) -> dict[str, Any]:
         r = info.round_number
         stage = "advertise"
-        fields = {e: {"round": r, "info": info.model_dump_json()}
-                  for e in self.node_of if e not in self.gone}
+        shown = info.model_dump_json()  # once, not once per node: it lists every participant
+        fields = {e: {"round": r, "info": shown} for e in self.node_of if e not in self.gone}
         while True:
             answers = self._exchange(grid, stage, fields)
             for eid, (kind, payload) in answers.items():
@@ -294,9 +294,9 @@ class SecfedWorkflow:
         last = r >= self.fed.rounds
         status = "aborted" if outcome.status == "aborted" else ("finished" if last else "done")
         settled = RoundInfo(round_number=r, status=status, abort_reason=outcome.abort_reason)  # type: ignore[arg-type]
-        fields = {e: {"round": r, "outcome": outcome.model_dump_json(),
-                      "info": settled.model_dump_json()}
-                  for e in self.node_of if e not in self.gone}
+        # serialized once: the outcome carries every member's receipts and confirmation
+        common = {"round": r, "outcome": outcome.model_dump_json(), "info": settled.model_dump_json()}
+        fields = {e: dict(common) for e in self.node_of if e not in self.gone}
         reports: dict[str, Any] = {}
         for eid, (kind, payload) in self._exchange(grid, OUTCOME, fields).items():
             if kind == "report":

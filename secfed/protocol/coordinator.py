@@ -43,7 +43,6 @@ from secfed.protocol.messages import (
     CkksAggregate,
     CkksUpload,
     CoinReveal,
-    CoinRoster,
     ConsistencyRequest,
     ConsistencySignature,
     ContributionReport,
@@ -76,6 +75,7 @@ from secfed.protocol.probes import (
     signed_dot,
     upload_digest,
 )
+from secfed.protocol.roster import CommittedRoster, commit_roster
 from secfed.protocol.spec import (
     MASK_MODES,
     RoundSpec,
@@ -202,6 +202,7 @@ class CoordinatorRound:
         self._expected: frozenset[str] = frozenset(spec.participants)
         self._adverts: dict[str, AdvertiseKeys] = {}
         self._sid = b""
+        self._committed: CommittedRoster | None = None  # secagg+: the roster's Merkle commitment
         self._graph: dict[str, frozenset[str]] = {}
         self._coins: dict[str, bytes] = {}  # secagg+: revealed graph coins
         self._shares: dict[str, ShareKeys] = {}
@@ -527,20 +528,23 @@ class CoordinatorRound:
         self._quorum(len(self._adverts), "advertised keys")
         order = [p for p in spec.participants if p in self._adverts]
         self._adverts = {p: self._adverts[p] for p in order}
-        plus = spec.mode == "secagg+"
+        self._expected = frozenset(order)
+        if spec.mode == "secagg+":
+            # Each member gets the committed roster (O(log n)), not every advert: it checks its
+            # neighbours' adverts against the commitment once the coins fix the graph.
+            self._committed = commit_roster(spec, self._adverts, self._roster)
+            self._sid = self._committed.session_id
+            self.stage = Stage.REVEAL  # the graph waits for every coin
+            return {p: self._committed.commitment_for(p).to_bytes() for p in order}
         self._sid = session_id(
             spec, [(p, self._roster[p], a.cipher_key, a.mask_key) for p, a in self._adverts.items()],
-            coin_commitments=[a.coin_commitment for a in self._adverts.values()] if plus else (),
         )
         payload = KeyRoster(spec.round_number, tuple(self._adverts.values())).to_bytes()
-        if plus:
-            self.stage = Stage.REVEAL  # the graph waits for every coin
-        elif spec.mode == "secagg":
+        if spec.mode == "secagg":
             self._graph = neighbour_graph(spec, self._sid)
             self.stage = Stage.SHARE
         else:
             self.stage = Stage.UPLOAD
-        self._expected = frozenset(order)
         return {p: payload for p in order}
 
     def _close_reveal(self) -> dict[str, bytes]:
@@ -555,12 +559,12 @@ class CoordinatorRound:
                 "exclude a party after the reveal",
                 stage="reveal",
             )
-        coins = tuple((p, self._coins[p]) for p in self._adverts)
-        self._graph = neighbour_graph(spec, graph_seed(self._sid, [c for _, c in coins]))
+        coins = tuple(self._coins[p] for p in self._adverts)
+        self._graph = neighbour_graph(spec, graph_seed(self._sid, coins))
         self.stage = Stage.SHARE
         self._expected = frozenset(self._adverts)
-        payload = CoinRoster(spec.round_number, self._sid, coins).to_bytes()
-        return {p: payload for p in self._adverts}
+        assert self._committed is not None
+        return {p: self._committed.neighbours_for(p, coins, self._graph[p]).to_bytes() for p in self._adverts}
 
     def _close_share(self) -> dict[str, bytes]:
         spec = self.spec

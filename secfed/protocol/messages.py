@@ -27,7 +27,8 @@ __all__ = [
     "AdvertiseKeys",
     "KeyRoster",
     "CoinReveal",
-    "CoinRoster",
+    "RosterCommitment",
+    "NeighbourRoster",
     "ProbeRequest",
     "ProbeReport",
     "ContributionReport",
@@ -58,6 +59,7 @@ WIRE_VERSION = 1
 SIGNATURE_BYTES = 64  # Ed25519
 KEY_BYTES = 32
 DIGEST_BYTES = 32
+MAX_PATH = 32  # a roster Merkle audit path: ceil(log2(65535)) = 16 hashes at most; 32 bounds it
 SHARE_BYTES = 35  # secfed.crypto.shamir.Share.to_bytes
 SHARE_KIND_SELF_MASK = 0  # share of a survivor's self-mask seed
 SHARE_KIND_MASK_KEY = 1  # share of a dropout's pairwise-mask X25519 private key
@@ -252,27 +254,86 @@ class CoinReveal(_Wire):
         return cls(round_number, r.fixed(DIGEST_BYTES), r.text(), r.fixed(COIN_BYTES))
 
 
-@dataclass(frozen=True, slots=True)
-class CoinRoster(_Wire):
-    """Coordinator -> participants (secagg+): every key-roster member's coin, in spec order.
+def _path(w: Writer, path: tuple[bytes, ...]) -> None:
+    if len(path) > MAX_PATH:
+        raise MessageFormatError(f"roster audit path must hold <= {MAX_PATH} hashes (got {len(path)})")
+    w.u8(len(path))
+    for h in path:
+        w.fixed(h, DIGEST_BYTES)
 
-    Fields: session_id[32], count:u32, then (sender, coin[32]) pairs.
+
+def _read_path(r: Reader, what: str) -> tuple[bytes, ...]:
+    count = r.u8()
+    if count > MAX_PATH:
+        raise MessageFormatError(f"{what}: audit path must hold <= {MAX_PATH} hashes (got {count})")
+    return tuple(r.fixed(DIGEST_BYTES) for _ in range(count))
+
+
+@dataclass(frozen=True, slots=True)
+class RosterCommitment(_Wire):
+    """Coordinator -> each key-roster member (secagg+): the committed roster
+    (:mod:`secfed.protocol.roster`) instead of every advertisement.
+
+    Fields: members blob (bitmap over the spec's participants, first one in the top bit),
+    coin_root[32], advert_root[32], path count:u8 + hashes[32] (the audit path of the
+    recipient's own advert). The session id is
+    :func:`secfed.protocol.spec.committed_session_id` of these.
     """
 
-    TYPE: ClassVar[int] = 14
+    TYPE: ClassVar[int] = 18
     round_number: int
-    session_id: bytes
-    coins: tuple[tuple[str, bytes], ...]
+    members: bytes
+    coin_root: bytes
+    advert_root: bytes
+    path: tuple[bytes, ...]
 
     def write(self, w: Writer) -> None:
-        w.fixed(self.session_id, DIGEST_BYTES).u32(len(self.coins))
-        for sender, coin in self.coins:
-            w.text(sender).fixed(coin, COIN_BYTES)
+        w.blob(self.members).fixed(self.coin_root, DIGEST_BYTES).fixed(self.advert_root, DIGEST_BYTES)
+        _path(w, self.path)
 
     @classmethod
-    def read(cls, r: Reader, round_number: int) -> CoinRoster:
-        sid = r.fixed(DIGEST_BYTES)
-        return cls(round_number, sid, tuple((r.text(), r.fixed(COIN_BYTES)) for _ in range(r.count())))
+    def read(cls, r: Reader, round_number: int) -> RosterCommitment:
+        members, coins, adverts = r.blob(), r.fixed(DIGEST_BYTES), r.fixed(DIGEST_BYTES)
+        return cls(round_number, members, coins, adverts, _read_path(r, "RosterCommitment"))
+
+
+@dataclass(frozen=True, slots=True)
+class NeighbourRoster(_Wire):
+    """Coordinator -> each key-roster member (secagg+): every member's graph coin (roster
+    order), and the signed adverts of the recipient's neighbours, each with its audit path
+    into the committed ``advert_root``.
+
+    Fields: session_id[32], coins blob (32 bytes per member), count:u32, then per neighbour
+    (spec order): the advert's fields as in :class:`AdvertiseKeys` (after its header), path
+    count:u8 + hashes[32].
+    """
+
+    TYPE: ClassVar[int] = 19
+    round_number: int
+    session_id: bytes
+    coins: tuple[bytes, ...]
+    adverts: tuple[tuple[AdvertiseKeys, tuple[bytes, ...]], ...]
+
+    def write(self, w: Writer) -> None:
+        if any(len(c) != COIN_BYTES for c in self.coins):
+            raise MessageFormatError(f"NeighbourRoster: every coin must be {COIN_BYTES} bytes")
+        w.fixed(self.session_id, DIGEST_BYTES).blob(b"".join(self.coins)).u32(len(self.adverts))
+        for a, path in self.adverts:
+            if a.round_number != self.round_number:
+                raise MessageFormatError("NeighbourRoster: every advertisement must carry the roster's round")
+            a.write(w)
+            _path(w, path)
+
+    @classmethod
+    def read(cls, r: Reader, round_number: int) -> NeighbourRoster:
+        sid, raw = r.fixed(DIGEST_BYTES), r.blob()
+        if len(raw) % COIN_BYTES:
+            raise MessageFormatError(f"NeighbourRoster: coins must be {COIN_BYTES} bytes each (got {len(raw)} bytes)")
+        coins = tuple(raw[i:i + COIN_BYTES] for i in range(0, len(raw), COIN_BYTES))
+        adverts = tuple(
+            (AdvertiseKeys.read(r, round_number), _read_path(r, "NeighbourRoster")) for _ in range(r.count())
+        )
+        return cls(round_number, sid, coins, adverts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -667,16 +728,16 @@ class ContributionReport(_Wire):
 Message = Union[  # noqa: UP007 - a runtime alias, kept readable
     AdvertiseKeys, KeyRoster, ShareKeys, ForwardedShares, MaskedUpload, CkksUpload,
     ConsistencyRequest, ConsistencySignature, UnmaskRequest, UnmaskResponse,
-    MaskedAggregate, CkksAggregate, CoinReveal, CoinRoster, ProbeRequest, ProbeReport,
-    ContributionReport,
+    MaskedAggregate, CkksAggregate, CoinReveal, ProbeRequest, ProbeReport,
+    ContributionReport, RosterCommitment, NeighbourRoster,
 ]
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         AdvertiseKeys, KeyRoster, ShareKeys, ForwardedShares, MaskedUpload, CkksUpload,
         ConsistencyRequest, ConsistencySignature, UnmaskRequest, UnmaskResponse,
-        MaskedAggregate, CkksAggregate, CoinReveal, CoinRoster, ProbeRequest, ProbeReport,
-        ContributionReport,
+        MaskedAggregate, CkksAggregate, CoinReveal, ProbeRequest, ProbeReport,
+        ContributionReport, RosterCommitment, NeighbourRoster,
     )
 }
 

@@ -41,7 +41,6 @@ from secfed.protocol.messages import (
     CkksAggregate,
     CkksUpload,
     CoinReveal,
-    CoinRoster,
     ConsistencyRequest,
     ConsistencySignature,
     ContributionReport,
@@ -50,8 +49,10 @@ from secfed.protocol.messages import (
     MaskedAggregate,
     MaskedUpload,
     Message,
+    NeighbourRoster,
     ProbeReport,
     ProbeRequest,
+    RosterCommitment,
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
@@ -70,11 +71,18 @@ from secfed.protocol.probes import (
     probe_seed,
     upload_digest,
 )
+from secfed.protocol.roster import (
+    advert_leaf,
+    coin_root,
+    members_from_bitmap,
+    verify_inclusion,
+)
 from secfed.protocol.spec import (
     MASK_MODES,
     ParticipantPolicy,
     RoundSpec,
     Stage,
+    committed_session_id,
     graph_seed,
     neighbour_graph,
     session_id,
@@ -383,7 +391,9 @@ class ParticipantRound:
         self._coin: bytes | None = None  # secagg+ graph coin: hidden until the roster is fixed
         # Public round state.
         self._advert: AdvertiseKeys | None = None
-        self._adverts: dict[str, AdvertiseKeys] = {}
+        self._adverts: dict[str, AdvertiseKeys] = {}  # secagg+: own + neighbours' only
+        self._members: dict[str, int] = {}  # key-roster members (spec order) -> roster index
+        self._roots = (b"", b"")  # secagg+: the committed coin and advert roots
         self._sid = b""
         self._graph: dict[str, frozenset[str]] = {}
         self._holders: frozenset[str] = frozenset()  # me + advertised neighbours
@@ -518,9 +528,10 @@ class ParticipantRound:
         self._held = {}
 
     def _dispatch(self, stage: Stage, message: Message) -> bytes | None:
+        plus = self.spec.mode == "secagg+"
         expected: dict[Stage, type] = {
-            Stage.REVEAL: KeyRoster,
-            Stage.SHARE: CoinRoster if self.spec.mode == "secagg+" else KeyRoster,
+            Stage.REVEAL: RosterCommitment if plus else KeyRoster,
+            Stage.SHARE: NeighbourRoster if plus else KeyRoster,
             Stage.UPLOAD: KeyRoster if self.spec.mode == "ckks" else ForwardedShares,
             Stage.PROBE: ProbeRequest,
             Stage.CONSISTENCY: ConsistencyRequest,
@@ -535,13 +546,14 @@ class ParticipantRound:
             self._on_roster(message)
             if self.spec.mode == "ckks":
                 return self._ckks_upload()
-            if self.spec.mode == "secagg+":
-                assert self._coin is not None
-                self.stage = Stage.SHARE
-                return CoinReveal(self.spec.round_number, self._sid, self.me, self._coin).to_bytes()
             return self._share_keys()
-        if isinstance(message, CoinRoster):
-            self._on_coins(message)
+        if isinstance(message, RosterCommitment):
+            self._on_commitment(message)
+            assert self._coin is not None
+            self.stage = Stage.SHARE
+            return CoinReveal(self.spec.round_number, self._sid, self.me, self._coin).to_bytes()
+        if isinstance(message, NeighbourRoster):
+            self._on_neighbours(message)
             return self._share_keys()
         if isinstance(message, ForwardedShares):
             return self._masked_upload(message)
@@ -569,7 +581,7 @@ class ParticipantRound:
         last = -1
         adverts: dict[str, AdvertiseKeys] = {}
         key_len = 32 if spec.mode in MASK_MODES else 0
-        commit_len = 32 if spec.mode == "secagg+" else 0
+        commit_len = 0  # secagg+ takes a RosterCommitment, never a full KeyRoster
         for a in roster.adverts:
             if a.spec_digest != digest:
                 raise ProtocolAbort(f"advertisement of {a.sender!r} is for another round spec")
@@ -595,49 +607,95 @@ class ParticipantRound:
         if len(adverts) < spec.quorum:
             raise ProtocolAbort(f"key roster names {len(adverts)} participants, below the quorum {spec.quorum}")
         self._adverts = adverts
+        self._members = {p: i for i, p in enumerate(adverts)}
         self._sid = session_id(
             spec, [(p, self._roster[p], a.cipher_key, a.mask_key) for p, a in adverts.items()],
-            coin_commitments=[a.coin_commitment for a in adverts.values()] if commit_len else (),
         )
         if spec.mode == "secagg":
             self._set_graph(neighbour_graph(spec, self._sid))
-        # Every advertisement is checked, not only the neighbours': the session id (and so the
-        # SecAgg+ graph) depends on all of them, and in secagg+ this party reveals its coin
-        # only once every commitment it will be checked against is signed and fixed.
+        # Every advertisement is checked: in secagg every party is every party's neighbour.
         for p, a in adverts.items():
             if p != self.me:
                 verify_signature(self._roster[p], a.signature, a.signed_bytes())
 
     def _set_graph(self, graph: dict[str, frozenset[str]]) -> None:
         self._graph = graph
-        self._holders = frozenset((graph[self.me] & self._adverts.keys()) | {self.me})
+        self._holders = frozenset((graph[self.me] & self._members.keys()) | {self.me})
         if len(self._holders) - 1 < self.spec.threshold:
             raise ProtocolAbort(
                 f"{len(self._holders) - 1} share holders besides this enterprise advertised, below "
                 f"the threshold {self.spec.threshold}"
             )
 
-    def _on_coins(self, coins: CoinRoster) -> None:
-        """Check every revealed coin against the commitment in its signed advert, then fix the
-        graph. A missing or wrong coin aborts: excluding the party instead would let colluders
-        pick the graph among 2^c outcomes by withholding reveals."""
-        self._check_sid(coins.session_id)
-        senders = [p for p, _ in coins.coins]
-        if senders != list(self._adverts):
-            missing = [p for p in self._adverts if p not in senders]
+    def _on_commitment(self, msg: RosterCommitment) -> None:
+        """secagg+: take the committed roster (members, coin root, advert root) and check this
+        party's own advert is in it, unchanged, before the coin leaves. The session id binds
+        all of it; the neighbours' adverts are checked against it once the graph is fixed."""
+        spec = self.spec
+        members = members_from_bitmap(spec.participants, msg.members)
+        self._members = {p: i for i, p in enumerate(members)}
+        index = self._members.get(self.me)
+        assert self._advert is not None
+        mine = self._advert
+        leaf = advert_leaf(sender=self.me, identity_key=self._roster[self.me], cipher_key=mine.cipher_key,
+                           mask_key=mine.mask_key, coin_commitment=mine.coin_commitment, signature=mine.signature)
+        if index is None or not verify_inclusion(leaf, index, len(members), msg.path, msg.advert_root):
+            raise ProtocolAbort("key roster must carry this enterprise's own advertisement unchanged")
+        if len(members) < spec.quorum:
+            raise ProtocolAbort(f"key roster names {len(members)} participants, below the quorum {spec.quorum}")
+        self._roots = (msg.coin_root, msg.advert_root)
+        self._adverts = {self.me: mine}
+        self._sid = committed_session_id(spec, members=msg.members, coin_root=msg.coin_root,
+                                         advert_root=msg.advert_root)
+
+    def _on_neighbours(self, msg: NeighbourRoster) -> None:
+        """secagg+: check every revealed coin against the committed commitments, fix the graph,
+        then check each neighbour's advert (signature and audit path) before using its keys.
+        A missing or wrong coin aborts: excluding the party instead would let colluders pick
+        the graph among 2^c outcomes by withholding reveals."""
+        spec = self.spec
+        self._check_sid(msg.session_id)
+        members = list(self._members)
+        if len(msg.coins) != len(members):
             raise ProtocolAbort(
                 f"coin roster must carry the coin of every key-roster member, in spec order "
-                f"(missing {missing[:3]}): a withheld reveal aborts the round"
+                f"({len(msg.coins)} coins for {len(members)} members): a withheld reveal aborts the round"
             )
-        digest = self.spec.digest()
-        for p, coin in coins.coins:
-            want = self._adverts[p].coin_commitment
-            if not constant_time_equal(coin_commitment(spec_digest=digest, sender=p, coin=coin), want):
-                raise ProtocolAbort(f"coin of {p!r} does not match the commitment in its signed advert")
+        digest = spec.digest()
+        commitments = [coin_commitment(spec_digest=digest, sender=p, coin=c) for p, c in zip(members, msg.coins)]
+        if not constant_time_equal(coin_root(commitments), self._roots[0]):
+            raise ProtocolAbort("a coin does not match the commitment in its signed advert (coin root differs)")
         assert self._coin is not None
-        if not constant_time_equal(dict(coins.coins)[self.me], self._coin):
+        if not constant_time_equal(msg.coins[self._members[self.me]], self._coin):
             raise ProtocolAbort("coin roster must carry this enterprise's own coin unchanged")
-        self._set_graph(neighbour_graph(self.spec, graph_seed(self._sid, [c for _, c in coins.coins])))
+        self._set_graph(neighbour_graph(spec, graph_seed(self._sid, msg.coins)))
+        want = [p for p in members if p in self._holders and p != self.me]
+        if [a.sender for a, _ in msg.adverts] != want:
+            raise ProtocolAbort(f"neighbour roster must carry exactly the adverts of this enterprise's "
+                                f"{len(want)} advertised neighbours, in spec order")
+        for a, path in msg.adverts:
+            self._check_neighbour(a, path, commitments[self._members[a.sender]], digest)
+            self._adverts[a.sender] = a
+        mask_keys = [a.mask_key for a in self._adverts.values()]
+        cipher_keys = {a.cipher_key for a in self._adverts.values()}
+        if len(set(mask_keys)) != len(mask_keys) or len(cipher_keys) != len(mask_keys):
+            raise ProtocolAbort("key roster repeats an ephemeral public key")
+
+    def _check_neighbour(self, a: AdvertiseKeys, path: tuple[bytes, ...], commitment: bytes, digest: bytes) -> None:
+        p = a.sender
+        if a.spec_digest != digest:
+            raise ProtocolAbort(f"advertisement of {p!r} is for another round spec")
+        if len(a.cipher_key) != 32 or len(a.mask_key) != 32:
+            raise ProtocolAbort(f"advertisement of {p!r} must carry 32-byte keys")
+        if a.coin_commitment != commitment:
+            raise ProtocolAbort(f"advertisement of {p!r} carries another coin commitment than the committed one")
+        # This party uses these keys: it verifies the signature itself, then that the advert
+        # is the one every other member's session id commits to.
+        verify_signature(self._roster[p], a.signature, a.signed_bytes())
+        leaf = advert_leaf(sender=p, identity_key=self._roster[p], cipher_key=a.cipher_key, mask_key=a.mask_key,
+                           coin_commitment=a.coin_commitment, signature=a.signature)
+        if not verify_inclusion(leaf, self._members[p], len(self._members), path, self._roots[1]):
+            raise ProtocolAbort(f"advertisement of {p!r} is not the one under the committed roster")
 
     def _share_key(self, peer: str) -> bytes:
         assert self._cipher_keys is not None
@@ -746,7 +804,7 @@ class ParticipantRound:
             if pos <= last:
                 raise ProtocolAbort("probe request must list each upload once, in spec order")
             last = pos
-            if sender not in self._adverts:
+            if sender not in self._members:
                 raise ProtocolAbort(f"probe request lists {sender!r}, which never advertised keys")
         digests = dict(req.uploads)
         if digests.get(self.me) != self._upload_digest:
@@ -797,7 +855,7 @@ class ParticipantRound:
             if pos <= last:
                 raise ProtocolAbort("survivor set must list each participant once, in spec order")
             last = pos
-            if s not in self._adverts:
+            if s not in self._members:
                 raise ProtocolAbort(f"survivor {s!r} never advertised keys")
             if s in self._holders and s != self.me and s not in self._peers:
                 raise ProtocolAbort(f"survivor {s!r} is a neighbour that never sent this enterprise shares")
@@ -955,7 +1013,7 @@ class ParticipantRound:
                 f"aggregate holds {len(members)} members, below the minimum {spec.min_participants}"
             )
         for sender in members:
-            if sender not in self._adverts:
+            if sender not in self._members:
                 raise ProtocolAbort(f"aggregate member {sender!r} never advertised in this round")
         total = decode_aggregate(
             spec, agg, ckks_context=self._ckks, roster=self._roster,

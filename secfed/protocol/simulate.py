@@ -26,6 +26,7 @@ from secfed.protocol.messages import (
     ConsistencyRequest,
     ConsistencySignature,
     KeyRoster,
+    NeighbourRoster,
     UnmaskRequest,
     decode_message,
 )
@@ -519,27 +520,32 @@ def _substitute_key(stage: Stage, out: dict[str, bytes], ctx: _AttackContext) ->
     """Swap the first participant's keys for ones the coordinator holds (signature kept).
 
     With the victim's cipher key it could open every share sent to the victim; with its mask
-    key it could strip the victim's pairwise masks.
+    key it could strip the victim's pairwise masks. In secagg+ the victim's advert reaches only
+    its neighbours (:class:`NeighbourRoster`, after the coins fixed the graph), so that is
+    where it is swapped.
     """
     if not out or stage not in (Stage.REVEAL, Stage.SHARE, Stage.UPLOAD) or ctx.spec.mode == "ckks":
         return out
     victim = ctx.ids[0]
     evil_cipher = X25519KeyPair.generate().public_bytes()
     evil_mask = X25519KeyPair.generate().public_bytes()
+
+    def swap(a: AdvertiseKeys, p: str) -> AdvertiseKeys:
+        if a.sender != victim or p == victim:
+            return a
+        return AdvertiseKeys(a.round_number, a.spec_digest, a.sender, evil_cipher, evil_mask, a.signature,
+                             a.coin_commitment)
+
     forged: dict[str, bytes] = {}
     for p, payload in out.items():
         msg = decode_message(payload)
-        if not isinstance(msg, KeyRoster):
+        if isinstance(msg, KeyRoster):
+            forged[p] = KeyRoster(msg.round_number, tuple(swap(a, p) for a in msg.adverts)).to_bytes()
+        elif isinstance(msg, NeighbourRoster):
+            near = tuple((swap(a, p), path) for a, path in msg.adverts)
+            forged[p] = NeighbourRoster(msg.round_number, msg.session_id, msg.coins, near).to_bytes()
+        else:
             return out
-        adverts = tuple(
-            AdvertiseKeys(
-                a.round_number, a.spec_digest, a.sender, evil_cipher, evil_mask, a.signature,
-                a.coin_commitment,
-            )
-            if a.sender == victim and p != victim else a
-            for a in msg.adverts
-        )
-        forged[p] = KeyRoster(msg.round_number, adverts).to_bytes()
     return forged
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "graph_seed",
     "COIN_BYTES",
     "session_id",
+    "committed_session_id",
     "neighbourhood_failure_bound",
     "tolerated_colluders",
 ]
@@ -49,6 +50,7 @@ SPEC_VERSION = 1
 _MODE_CODE = {m: i for i, m in enumerate(MODES)}
 _SPEC_LABEL = names.LABEL_SPEC
 _SESSION_LABEL = names.LABEL_SESSION
+_COMMITTED_SESSION_LABEL = names.LABEL_SESSION_ROSTER
 _GRAPH_LABEL = names.LABEL_GRAPH
 _GRAPH_SEED_LABEL = names.LABEL_GRAPH_SEED
 COIN_BYTES = 32  # each party's contribution to the SecAgg+ graph seed
@@ -466,25 +468,12 @@ class ParticipantPolicy:
                     refuse(f"ring headroom: {exc}")
 
 
-def session_id(
-    spec: RoundSpec,
-    adverts: Sequence[tuple[str, bytes, bytes, bytes]],
-    *,
-    coin_commitments: Sequence[bytes] = (),
-) -> bytes:
-    """SHA-256 over the spec digest, the round number and the ordered (id, public keys) list.
+def session_id(spec: RoundSpec, adverts: Sequence[tuple[str, bytes, bytes, bytes]]) -> bytes:
+    """SHA-256 over the spec digest, the round number and the ordered (id, public keys) list
+    (``secagg`` and ``ckks``; ``secagg+`` commits to its roster by :func:`committed_session_id`).
 
-    ``adverts`` holds ``(enterprise id, identity key, cipher key, mask key)`` in spec order;
-    ``coin_commitments`` (secagg+: one per advert, same order) binds the committed graph coins
-    too, so one session id fixes the coins and hence the graph.
-
-    Raises:
-        ConfigError: ``coin_commitments`` given but not one per advert.
+    ``adverts`` holds ``(enterprise id, identity key, cipher key, mask key)`` in spec order.
     """
-    if coin_commitments and len(coin_commitments) != len(adverts):
-        raise ConfigError(
-            f"coin_commitments must hold one per advert ({len(adverts)}) (got {len(coin_commitments)})"
-        )
     h = hashlib.sha256(_SESSION_LABEL)
     h.update(spec.digest())
     h.update(spec.round_number.to_bytes(8, "big"))
@@ -493,8 +482,26 @@ def session_id(
         h.update(len(raw).to_bytes(1, "big") + raw)
         for key in (identity, cpk, spk):
             h.update(len(key).to_bytes(1, "big") + key)
-    for commitment in coin_commitments:
-        h.update(len(commitment).to_bytes(1, "big") + commitment)
+    return h.digest()
+
+
+def committed_session_id(spec: RoundSpec, *, members: bytes, coin_root: bytes, advert_root: bytes) -> bytes:
+    """The secagg+ session id: SHA-256 over the spec digest, the round number, the roster's
+    member bitmap, its coin-commitment hash and its advert Merkle root
+    (:mod:`secfed.protocol.roster`). Like :func:`session_id` it fixes every advert and every
+    coin commitment (hence the graph once the coins are out), but a party checks only its own
+    advert and its neighbours' against it, each with an O(log n) audit path.
+
+    Raises:
+        ConfigError: a root that is not 32 bytes.
+    """
+    if len(coin_root) != 32 or len(advert_root) != 32:
+        raise ConfigError(f"roster roots must be 32 bytes (got {len(coin_root)}, {len(advert_root)})")
+    h = hashlib.sha256(_COMMITTED_SESSION_LABEL)
+    h.update(spec.digest())
+    h.update(spec.round_number.to_bytes(8, "big"))
+    h.update(len(members).to_bytes(4, "big") + members)
+    h.update(coin_root + advert_root)
     return h.digest()
 
 

@@ -74,10 +74,18 @@ def test_substitute_key(mode: str) -> None:
             assert mode == "secagg+"
     assert [k for k in sent if k[2] == "UnmaskResponse"] == []
     exc = info.value
-    # secagg+ checks the key roster before revealing its graph coin (stage reveal)
-    assert isinstance(exc, ProtocolAbort) and exc.stage == ("reveal" if mode == "secagg+" else "share")
-    # every party but the victim (shown its own genuine roster) refused before its coin left
-    assert {i for _s, i, kind, _p in sent if kind == "CoinReveal"} <= {0}
+    # secagg checks the key roster before its shares; secagg+ sends the victim's advert only to
+    # its neighbours, with the coins that fix the graph, and each checks it before its shares
+    # (issue 18: the committed roster): both stage share.
+    assert isinstance(exc, ProtocolAbort) and exc.stage == "share"
+    if mode == "secagg":
+        assert {i for _s, i, kind, _p in sent if kind == "CoinReveal"} <= {0}
+    else:
+        # every neighbour of the victim (shown the substituted key) refused before any share left it
+        own = [decode_message(p) for _s, i, kind, p in sent if kind == "ShareKeys" and i == 0]
+        neighbours = {r for m in own for r, _ in m.sealed}
+        senders = {f"enterprise-{i:04d}" for _s, i, kind, _p in sent if kind == "ShareKeys"}
+        assert neighbours and not neighbours & senders
     assert isinstance(exc.__cause__, ProtocolAbort)
     assert isinstance(exc.__cause__.__cause__, InvalidSignature)
 

@@ -37,7 +37,6 @@ from secfed.protocol.messages import (
     SHARE_KIND_SELF_MASK,
     AdvertiseKeys,
     CoinReveal,
-    CoinRoster,
     ConsistencyRequest,
     ConsistencySignature,
     ForwardedShares,
@@ -50,6 +49,7 @@ from secfed.protocol.messages import (
     consistency_signed_bytes,
     decode_message,
 )
+from secfed.protocol.roster import commit_roster
 from secfed.protocol.spec import (
     default_neighbours,
     default_threshold,
@@ -383,16 +383,16 @@ def test_victim_neighbourhood_is_fixed_once_it_revealed() -> None:
     adverts = {VICTIM: AdvertiseKeys.from_bytes(victim.start())}
     coll = {p: Colluder(spec, p, idk[p]) for p in ids if p != VICTIM}
     adverts.update({p: c.advert for p, c in coll.items()})
-    roster_msg = KeyRoster(7, tuple(adverts[p] for p in ids)).to_bytes()
+    roster_msg = commit_roster(spec, {p: adverts[p] for p in ids}, roster).commitment_for(VICTIM).to_bytes()
     reveal = CoinReveal.from_bytes(victim.handle(Stage.REVEAL, roster_msg))
     assert victim.stage is Stage.SHARE
     assert reveal.session_id == victim.session_id and reveal.sender == VICTIM
     # The coordinator now knows every coin; grinding would need new colluder adverts. The victim
     # takes no second key roster (its neighbourhood was fixed by the first) ...
     fresh = {p: Colluder(spec, p, idk[p]) for p in BAD}
-    again = KeyRoster(7, tuple(fresh[p].advert if p in fresh else adverts[p] for p in ids)).to_bytes()
-    with pytest.raises(ProtocolAbort, match="message must be CoinRoster"):
-        victim.handle(Stage.SHARE, again)
+    again = commit_roster(spec, {p: fresh[p].advert if p in fresh else adverts[p] for p in ids}, roster)
+    with pytest.raises(ProtocolAbort, match="message must be NeighbourRoster"):
+        victim.handle(Stage.SHARE, again.commitment_for(VICTIM).to_bytes())
     assert victim.stage is Stage.ABORTED and victim._self_seed is None
 
 
@@ -407,8 +407,8 @@ def test_coin_roster_lies_abort_before_any_share(lie: str) -> None:
     adverts = {VICTIM: AdvertiseKeys.from_bytes(victim.start())}
     coll = {p: Colluder(spec, p, idk[p]) for p in ids if p != VICTIM}
     adverts.update({p: c.advert for p, c in coll.items()})
-    reveal = CoinReveal.from_bytes(
-        victim.handle(Stage.REVEAL, KeyRoster(7, tuple(adverts[p] for p in ids)).to_bytes()))
+    committed = commit_roster(spec, {p: adverts[p] for p in ids}, roster)
+    reveal = CoinReveal.from_bytes(victim.handle(Stage.REVEAL, committed.commitment_for(VICTIM).to_bytes()))
     coins = {p: c.coin for p, c in coll.items()} | {VICTIM: reveal.coin}
     if lie == "changed-coin":  # a colluder wants another coin after its commitment
         coins[BAD[0]] = Colluder(spec, BAD[0], idk[BAD[0]]).coin
@@ -419,7 +419,9 @@ def test_coin_roster_lies_abort_before_any_share(lie: str) -> None:
     else:
         coins[VICTIM] = bytes(32)
         match = "does not match the commitment"
-    msg = CoinRoster(7, reveal.session_id, tuple((p, coins[p]) for p in ids if p in coins)).to_bytes()
+    listed = tuple(coins[p] for p in ids if p in coins)
+    graph = neighbour_graph(spec, graph_seed(reveal.session_id, listed))
+    msg = committed.neighbours_for(VICTIM, listed, graph[VICTIM]).to_bytes()
     with pytest.raises(ProtocolAbort, match=match) as info:
         victim.handle(Stage.SHARE, msg)
     assert info.value.stage == "share" and victim._self_seed is None and victim._held == {}
