@@ -16,6 +16,7 @@ that tries to open the same site is refused by the kit's lock file.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import threading
@@ -125,9 +126,15 @@ _SESSIONS: dict[str, SiteSession] = {}
 _SESSIONS_LOCK = threading.Lock()
 
 
+@functools.lru_cache(maxsize=65536)
+def _resolved(kit_dir: str) -> str:
+    # one realpath per kit, not one per message (each is a syscall per path component)
+    return str(Path(kit_dir).resolve())
+
+
 def session_for(kit_dir: Path, *, site_factory: SiteFactory = synthetic_site,
                 new_ledger: bool = False) -> SiteSession:
-    key = str(Path(kit_dir).resolve())
+    key = _resolved(str(kit_dir))
     with _SESSIONS_LOCK:
         session = _SESSIONS.get(key)
         if session is None:

@@ -43,9 +43,9 @@ from secfed.flower.wire import (
     unpack,
     verify_advert,
 )
-from secfed.transport.api import AppliedConfirmation, Envelope, RoundInfo
+from secfed.transport.api import AppliedConfirmation, Envelope, RoundInfo, RoundOutcome
 
-__all__ = ["SecfedWorkflow", "RunSummary", "FlowerCoordinator", "make_server_app"]
+__all__ = ["SecfedWorkflow", "RunSummary", "FlowerCoordinator", "make_server_app", "outcome_for"]
 
 T = TypeVar("T")
 NODE_WAIT_S = 120.0  # how long to wait for the roster's nodes to connect
@@ -294,9 +294,11 @@ class SecfedWorkflow:
         last = r >= self.fed.rounds
         status = "aborted" if outcome.status == "aborted" else ("finished" if last else "done")
         settled = RoundInfo(round_number=r, status=status, abort_reason=outcome.abort_reason)  # type: ignore[arg-type]
-        # serialized once: the outcome carries every member's receipts and confirmation
-        common = {"round": r, "outcome": outcome.model_dump_json(), "info": settled.model_dump_json()}
-        fields = {e: dict(common) for e in self.node_of if e not in self.gone}
+        shown = settled.model_dump_json()
+        # Each node gets its own receipts only (a site keeps its own; the others' would make
+        # the step n^2 bytes), and every peer's signed confirmation, which each site checks.
+        fields = {e: {"round": r, "outcome": outcome_for(outcome, e), "info": shown}
+                  for e in self.node_of if e not in self.gone}
         reports: dict[str, Any] = {}
         for eid, (kind, payload) in self._exchange(grid, OUTCOME, fields).items():
             if kind == "report":
@@ -309,6 +311,12 @@ class SecfedWorkflow:
         return {"round": r, "status": outcome.status, "mode": outcome.mode,
                 "survivors": list(outcome.survivors), "reports": reports,
                 "gone": sorted(self.gone)}
+
+
+def outcome_for(outcome: RoundOutcome, enterprise: str) -> str:
+    """``outcome`` as ``enterprise``'s node gets it (JSON): its own receipts, not every site's."""
+    mine = {enterprise: outcome.receipts[enterprise]} if enterprise in outcome.receipts else {}
+    return outcome.model_copy(update={"receipts": mine}).model_dump_json()
 
 
 def make_server_app(coordinator_kit: str | Path | None = None, **options: Any) -> Any:

@@ -62,14 +62,35 @@ def test_advert_binds_enterprise_node_and_nonce():
                       signature=sig)
 
 
+OUTCOMES: list[tuple[int, dict]] = []  # (node id, the outcome each node was sent)
+
+
+def _record_outcomes(message, context, call_next):
+    if step_of(message.metadata.message_type) == "outcome":
+        OUTCOMES.append((context.node_id, json.loads(str(unpack(message.content)["outcome"]))))
+    return call_next(message, context)
+
+
 @pytest.fixture(scope="module")
 def two_rounds(tmp_path_factory):
     """3 sites, a secagg round then a ckks round, over Flower messages."""
     root = tmp_path_factory.mktemp("flower")
     events: list = []
+    OUTCOMES.clear()
     kits, summary = run_local(root, enterprises=3, dim=256, schedule=("secagg", "ckks"),
-                              rounds=2, events=events)
+                              rounds=2, events=events, mods=[_record_outcomes])
     return kits, summary, events
+
+
+def test_each_node_is_sent_its_own_receipts_and_every_confirmation(two_rounds):
+    # a site keeps only its own receipts: sending each node every site's made the outcome step
+    # n^2 bytes (issue 18); the confirmations, which each site checks, all go to everyone
+    _kits, summary, _ = two_rounds
+    assert len(OUTCOMES) == 6  # 3 nodes x 2 rounds
+    for node, outcome in OUTCOMES:
+        me = summary.nodes[node]
+        assert set(outcome["receipts"]) == {me} and outcome["receipts"][me]
+        assert set(outcome["confirmations"]) == set(summary.nodes.values())
 
 
 def test_rounds_complete_with_exact_sums(two_rounds):
