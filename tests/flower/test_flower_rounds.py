@@ -200,3 +200,69 @@ def test_flwr_run_config_names_the_kits(tmp_path):
                               by_run_config=True)
     assert summary.rounds[0]["status"] == "done"
     assert summary.rounds[0]["survivors"] == sorted(kits.enterprises)
+
+
+class _FakeGrid:
+    """push/pull like Flower's InMemoryGrid: a reply for each pushed message, ``per_pull`` at a
+    time; records how many were outstanding when each push happened."""
+
+    def __init__(self, per_pull: int, silent: frozenset[int] = frozenset()):
+        self.per_pull, self.silent = per_pull, silent
+        self.stored: dict[str, object] = {}
+        self.outstanding_max = 0
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = f"m{len(self.stored) + len(ids)}-{m.metadata.dst_node_id}"
+            ids.append(mid)
+            self.stored[mid] = m
+        self.outstanding_max = max(self.outstanding_max, sum(1 for _ in self._open()))
+        return ids
+
+    def _open(self):
+        return [i for i, m in self.stored.items() if m is not None]
+
+    def pull_messages(self, ids):
+        from types import SimpleNamespace
+
+        out = []
+        for mid in sorted(ids)[: self.per_pull]:
+            m = self.stored.get(mid)
+            if m is None or m.metadata.dst_node_id in self.silent:
+                continue
+            self.stored[mid] = None
+            out.append(SimpleNamespace(
+                metadata=SimpleNamespace(reply_to_message_id=mid, src_node_id=m.metadata.dst_node_id),
+                has_content=lambda: False))
+        return out
+
+
+def _msgs(n):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=i), content=pack(x=i))
+            for i in range(n)]
+
+
+def test_simulation_grid_keeps_at_most_a_window_in_flight_and_returns_every_reply():
+    # Flower's simulation engine scans every stored message for every node every 0.1 s: n
+    # messages at once make each step O(n^2) in the ServerApp (issue 18); at most W are stored
+    from secfed.flower.simulate import CountingGrid
+
+    fake = _FakeGrid(per_pull=3)
+    grid = CountingGrid(fake, window=5)
+    replies = grid.send_and_receive(_msgs(40), timeout=30)
+    assert sorted(r.metadata.src_node_id for r in replies) == list(range(40))
+    assert fake.outstanding_max <= 5 and grid.in_flight_max == 5
+    assert set(grid.sent) == set(range(40))
+
+
+def test_simulation_grid_window_honours_the_step_timeout():
+    from secfed.flower.simulate import CountingGrid
+
+    fake = _FakeGrid(per_pull=10, silent=frozenset({7}))  # node 7 never answers
+    grid = CountingGrid(fake, window=4)
+    replies = grid.send_and_receive(_msgs(12), timeout=0.5)
+    got = {r.metadata.src_node_id for r in replies}
+    assert 7 not in got and got <= set(range(12)) and len(got) >= 3
