@@ -672,6 +672,9 @@ class Coordinator:
         self, *, sender: str, round_number: int, confirmation: AppliedConfirmation
     ) -> SubmitAck:
         async with self._lock:
+            retried = self._recorded_confirmation(sender, round_number, confirmation)
+            if retried is not None:
+                return retried
             live = self._current(round_number)
             if live.status == "aborted":  # e.g. no confirmation came by the deadline: too late
                 raise ProtocolAbort(
@@ -722,6 +725,24 @@ class Coordinator:
                       index=head.index)
         await self._notify(self._arrived)
         return SubmitAck(accepted=True, duplicate=prior is not None, round_number=round_number,
+                         stage="done", sha256=hashlib.sha256(message).hexdigest())
+
+    def _recorded_confirmation(self, sender: str, round_number: int,
+                               confirmation: AppliedConfirmation) -> SubmitAck | None:
+        """The acknowledgement of a confirmation of an earlier round that is already recorded
+        byte for byte (same hash, same deterministic Ed25519 signature): a site whose answer was
+        lost retries, and the retry may arrive after the next round opened -- refusing it told
+        the site its done round had aborted. Anything else: None (the usual checks decide)."""
+        live = self._live
+        if live is None or round_number >= live.spec.round_number:
+            return None
+        prior = self.state.confirmations(round_number).get(sender)
+        if prior is None or prior != (confirmation.global_hash,
+                                      bytes.fromhex(confirmation.signature_hex)):
+            return None
+        message = applied_signed_bytes(federation=self.fed.name, round_number=round_number,
+                                       global_hash=confirmation.global_hash)
+        return SubmitAck(accepted=True, duplicate=True, round_number=round_number,
                          stage="done", sha256=hashlib.sha256(message).hexdigest())
 
     async def refuse(self, *, sender: str, round_number: int,

@@ -229,3 +229,40 @@ def test_a_survivor_gone_after_its_upload_is_not_waited_for_at_confirmation(tmp_
         if eid != gone:
             np.testing.assert_allclose(adapter_of(kits, eid), want, atol=2e-6, rtol=0)
     assert [r.status for r in reports[gone]] == ["aborted"]  # type: ignore[union-attr]
+
+
+def test_a_retried_confirmation_of_a_done_round_is_acknowledged_after_the_next_opened(
+        tmp_path) -> None:
+    """The soak's loaded coordinator answered a confirmation too late for the site's read
+    timeout; the site's retry arrived after the next round opened and was refused, and the site
+    recorded its done round as aborted. An exact duplicate is acknowledged; anything else for
+    an earlier round is still refused."""
+    kits = make_federation(tmp_path / "fed", enterprises=ENTERPRISES, dim=DIM,
+                           schedule=("secagg",), rounds=3)
+    c = Coordinator(CoordinatorKit.load(kits.coordinator))
+    kit = EnterpriseKit.load(kits.enterprises[LATE])
+
+    def confirmation(global_hash: str) -> AppliedConfirmation:
+        signature = kit.identity().sign(applied_signed_bytes(
+            federation=kit.federation.name, round_number=1, global_hash=global_hash))
+        return AppliedConfirmation(global_hash=global_hash, signature_hex=signature.hex())
+
+    sent = confirmation("ab" * 32)
+    try:
+        c._open_round(1)
+        with c.state.transaction():  # recorded when it first arrived; the round then finished
+            c.state.confirm(1, LATE, sent.global_hash, bytes.fromhex(sent.signature_hex))
+        c.state.finish_round(1, global_hash_after=sent.global_hash)
+        c._global_hash = sent.global_hash
+        c._open_round(2)
+        ack = asyncio.run(c.confirm(sender=LATE, round_number=1, confirmation=sent))
+        assert ack.accepted and ack.duplicate and ack.round_number == 1
+        with pytest.raises(ProtocolAbort, match="a message for an earlier round is refused"):
+            asyncio.run(c.confirm(sender=LATE, round_number=1,
+                                  confirmation=confirmation("cd" * 32)))
+        with pytest.raises(ProtocolAbort, match="a message for an earlier round is refused"):
+            asyncio.run(c.confirm(sender=ENTERPRISES[0], round_number=1, confirmation=sent))
+        assert c.state.confirmations(1) == {
+            LATE: (sent.global_hash, bytes.fromhex(sent.signature_hex))}
+    finally:
+        c.state.close()
