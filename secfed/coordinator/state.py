@@ -207,18 +207,20 @@ class CoordinatorState:
             (reason, time.time(), round_number),
         )
 
+    _ROUND_COLUMNS = (
+        "SELECT round, mode, participants, threshold, status, survivors, global_hash_before,"
+        " global_hash_after, spec, abort_reason, opened_at, closed_at FROM rounds"
+    )
+
+    @staticmethod
+    def _round_row(r: tuple) -> RoundRow:
+        return RoundRow(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4],
+                        tuple(json.loads(r[5])) if r[5] else None, r[6], r[7], bytes(r[8]), r[9],
+                        r[10], r[11])
+
     def rounds(self) -> list[RoundRow]:
-        rows = self.db.execute(
-            "SELECT round, mode, participants, threshold, status, survivors, global_hash_before,"
-            " global_hash_after, spec, abort_reason, opened_at, closed_at FROM rounds"
-            " ORDER BY round"
-        ).fetchall()
-        return [
-            RoundRow(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4],
-                     tuple(json.loads(r[5])) if r[5] else None, r[6], r[7], bytes(r[8]), r[9],
-                     r[10], r[11])
-            for r in rows
-        ]
+        rows = self.db.execute(self._ROUND_COLUMNS + " ORDER BY round").fetchall()
+        return [self._round_row(r) for r in rows]
 
     def bytes_received(self) -> dict[int, int]:
         """Payload bytes accepted per round (the status page's history after a restart)."""
@@ -226,7 +228,11 @@ class CoordinatorState:
             "SELECT round, SUM(bytes) FROM transcript GROUP BY round")}
 
     def round(self, round_number: int) -> RoundRow | None:
-        return next((r for r in self.rounds() if r.round == round_number), None)
+        # one row by its key: every site asks for each round's outcome (receipts, peer check),
+        # and reading every round for it made each answer grow with the federation's history
+        row = self.db.execute(self._ROUND_COLUMNS + " WHERE round = ?",
+                              (round_number,)).fetchone()
+        return self._round_row(row) if row is not None else None
 
     # stages
     def open_stage(self, round_number: int, stage: str, deadline: float) -> None:
@@ -348,15 +354,16 @@ class CoordinatorState:
         only once those rounds can no longer change, inside the caller's transaction."""
         signed = {r for r, *_ in self.transcript_signatures()}
         link = self.latest_link()
-        for row in self.rounds():
-            if row.round >= before or row.round in signed:
+        for (number,) in self.db.execute("SELECT round FROM rounds WHERE round < ? ORDER BY round",
+                                         (before,)).fetchall():
+            if number in signed:
                 continue
-            digest = round_digest(self.db, row.round)
-            message = transcript_link_message(federation=federation, round_number=row.round,
+            digest = round_digest(self.db, number)
+            message = transcript_link_message(federation=federation, round_number=number,
                                               previous_link=link, digest=digest)
-            new = transcript_link(federation=federation, round_number=row.round,
+            new = transcript_link(federation=federation, round_number=number,
                                   previous_link=link, digest=digest)
-            self.add_transcript_signature(row.round, link, new, identity.sign(message))
+            self.add_transcript_signature(number, link, new, identity.sign(message))
             link = new
         return link
 
