@@ -11,9 +11,12 @@ alternates secagg+ and secagg.
 
 Prints, as one JSON object: rounds done/aborted, seconds per round, dropouts, each process's
 resident memory (VmRSS) once round ``--warmup`` finished and at the end, the largest growth of
-the coordinator and of the sites, ledger entries lost or doubled, the largest deviation of any
-site's adapter from the plaintext FedAvg of the finished rounds, and ``secfed audit``'s verdict
-over every ledger, the transcript, federation.toml and the outbound logs.
+the coordinator and of the sites, ledger entries lost (an update that left its site without a
+charge, or whose charge was released) or doubled (a round charged twice; a release that
+withdraws an aborted round's charge before its update left is counted apart), the largest
+deviation of any site's adapter from the plaintext FedAvg of the finished rounds, and
+``secfed audit``'s verdict over every ledger, the transcript, federation.toml and the outbound
+logs. The resident-memory series is written to ``rss.jsonl`` under the run's root.
 
     .venv/bin/python bench/soak.py [--sites 20] [--rounds 200] [--dim 10000] [--drop 0.02]
                                    [--warmup 20] [--root DIR]
@@ -180,6 +183,9 @@ def soak(root: Path, *, sites: int, rounds: int, dim: int, drop: float, warmup: 
             handle.close()
     elapsed = time.monotonic() - start
     ran = _finished_rounds(state) if stopped_early else rounds
+    with open(root / "rss.jsonl", "w") as fh:  # (rounds finished, VmRSS KiB per process)
+        for done, rss in samples:
+            fh.write(json.dumps({"rounds_finished": done, "rss_kib": rss}) + "\n")
     return {**_figures(kits, samples, warmup=warmup, rounds=ran, dim=dim),
             "exit_codes": codes, "sites": sites, "dim": dim, "drop": drop,
             "rounds_planned": rounds, "stopped_early": stopped_early,
@@ -223,19 +229,25 @@ def _figures(kits: Any, samples: list[tuple[int, dict[str, int]]], *, warmup: in
         if st == "open" and s:
             flight = np.mean([synthetic_update(e, r, dim).astype(np.float64)
                               for e in json.loads(s)], 0)
-    lost = doubled = behind = 0
+    lost = doubled = behind = charges = releases = 0
     worst = 0.0
     dropouts = 0
     for eid, kit_dir in kits.enterprises.items():
-        ledger = [e.round_number for e in read_ledger(kit_dir / "ledger.sqlite")]
+        # a charge is a DP-SGD entry; a release withdraws the charge of a round that aborted
+        # before the site's update left it (same round number, not a second charge)
+        kinds = [(e.round_number, json.loads(e.event_json).get("kind"))
+                 for e in read_ledger(kit_dir / "ledger.sqlite")]
+        charged = [r for r, kind in kinds if kind != "charge_release"]
+        released = {r for r, kind in kinds if kind == "charge_release"}
         with sqlite3.connect(kit_dir / "state.sqlite") as st:
-            charged = {r for (r,) in st.execute(
-                "SELECT round FROM rounds WHERE status IN ('charged','done','aborted','lost',"
-                "'rolled-back')")}
+            # rounds whose update left the site (its outbound row is written before the send)
+            sent = {r for (r,) in st.execute(
+                "SELECT DISTINCT round FROM outbound WHERE stage = 'upload'")}
             applied = {r for (r,) in st.execute(
                 "SELECT round FROM rounds WHERE status IN ('done','caught-up')")}
-        doubled += len(ledger) - len(set(ledger))
-        lost += len(charged - set(ledger))
+        charges, releases = charges + len(charged), releases + len(released)
+        doubled += len(charged) - len(set(charged))
+        lost += len(sent - set(charged)) + len(sent & released)
         path = kit_dir / "adapter.f32"  # absent until the site applied a round (zeros)
         adapter = (np.fromfile(path, dtype="<f4").astype(np.float64) if path.exists()
                    else np.zeros(dim))
@@ -257,6 +269,7 @@ def _figures(kits: Any, samples: list[tuple[int, dict[str, int]]], *, warmup: in
         "other": sorted({s for s in status.values()} - {"done", "aborted"}),
         "last_round_done": status.get(rounds) == "done", "dropouts": dropouts,
         "ledger_entries_lost": lost, "ledger_entries_doubled": doubled,
+        "ledger_charges": charges, "ledger_releases": releases,
         "max_adapter_error": worst, "site_rounds_behind_at_end": behind,
         "warmup_rounds": warmup,
         "coordinator_rss_kib": growth.get("coordinator", (0, 0, 0.0))[:2],
@@ -264,7 +277,16 @@ def _figures(kits: Any, samples: list[tuple[int, dict[str, int]]], *, warmup: in
         "site_rss_kib_median": (int(np.median([g[0] for g in sites.values()])) if sites else 0,
                                 int(np.median([g[1] for g in sites.values()])) if sites else 0),
         "site_growth_max": max((g[2] for g in sites.values()), default=None),
+        "coordinator_rss_kib_by_round": _by_round(samples, "coordinator", rounds),
     }
+
+
+def _by_round(samples: list[tuple[int, dict[str, int]]], name: str, rounds: int
+              ) -> dict[int, int]:
+    """``name``'s resident memory (KiB) when 1, 10, 20, 50, 100, ... rounds had finished: a
+    plateau or a steady climb (the whole series is in ``rss.jsonl`` beside the logs)."""
+    marks = sorted({1, 10, 20, *range(50, rounds + 1, 50), rounds})
+    return {m: next((rss.get(name, 0) for done, rss in samples if done >= m), 0) for m in marks}
 
 
 def audit(kits: Any, out: Path) -> dict[str, Any]:
