@@ -252,7 +252,45 @@ def synthetic_training(seconds: float) -> None:
         work = (work @ work) * np.float32(1.0 / 256)
 
 
-class SyntheticSite:
+class StoreBacked:
+    """The global adapter's half of a :class:`LocalSite`, kept in ``self._store`` (a
+    :class:`_StoredAdapter`): read, hash, apply, keep the previous one, roll back, flush.
+    :meth:`_loaded` hands each new current vector to whatever trains on it."""
+
+    _store: _StoredAdapter
+
+    def global_vector(self) -> np.ndarray:
+        return self._store.vector
+
+    def global_hash(self) -> str:
+        return self._store.hash()
+
+    def hash_of(self, vec: np.ndarray) -> str:
+        return self._store.hash_of(vec)
+
+    def apply(self, new_global: np.ndarray, round_number: int = 0) -> str:
+        digest = self._store.store(new_global, round_number)
+        self._loaded()
+        return digest
+
+    def previous(self) -> tuple[str, int, int] | None:
+        return self._store.previous()
+
+    def roll_back(self) -> str:
+        """Back to the adapter the last apply replaced (the coordinator aborted that round);
+        it is handed on through :meth:`_loaded` like any new global vector."""
+        digest = self._store.roll_back()
+        self._loaded()
+        return digest
+
+    def flush(self) -> None:
+        self._store.flush()
+
+    def _loaded(self) -> None:
+        """The current vector changed (apply or roll back); nothing to do by default."""
+
+
+class SyntheticSite(StoreBacked):
     """A stand-in site for transport tests and benchmarks (no model, no data).
 
     ``train_seconds`` keeps the CPU busy that long per round (float32 matrix products, which
@@ -269,37 +307,16 @@ class SyntheticSite:
             settings.initial_global_hash,
         )
 
-    def global_vector(self) -> np.ndarray:
-        return self._store.vector
-
-    def global_hash(self) -> str:
-        return self._store.hash()
-
-    def hash_of(self, vec: np.ndarray) -> str:
-        return self._store.hash_of(vec)
-
     def train(self, terms: RoundTerms) -> TrainOutcome:
         synthetic_training(self.train_seconds)
         delta = synthetic_update(self.enterprise_id, terms.round_number, self._store.vector.size)
         return TrainOutcome(delta, terms.noise_multiplier, terms.sample_rate, terms.local_steps, {})
 
-    def apply(self, new_global: np.ndarray, round_number: int = 0) -> str:
-        return self._store.store(new_global, round_number)
-
-    def previous(self) -> tuple[str, int, int] | None:
-        return self._store.previous()
-
-    def roll_back(self) -> str:
-        return self._store.roll_back()
-
-    def flush(self) -> None:
-        self._store.flush()
-
     def evaluate(self) -> dict[str, float]:
         return {}
 
 
-class ModelSite:
+class ModelSite(StoreBacked):
     """The real site: a LoRA model from ``model_dir`` (a classifier or a generative LM) trained
     with DP-SGD on ``data_dir``."""
 
@@ -363,15 +380,6 @@ class ModelSite:
 
         set_flat(self.model, self.layout, vec)
 
-    def global_vector(self) -> np.ndarray:
-        return self._store.vector
-
-    def global_hash(self) -> str:
-        return self._store.hash()
-
-    def hash_of(self, vec: np.ndarray) -> str:
-        return self._store.hash_of(vec)
-
     def train(self, terms: RoundTerms) -> TrainOutcome:
         from secfed.training import DPConfig, train_local
 
@@ -394,21 +402,8 @@ class ModelSite:
         return {"records": float(stats.records), "records_truncated": float(stats.truncated),
                 "records_without_target": float(stats.without_target)}
 
-    def apply(self, new_global: np.ndarray, round_number: int = 0) -> str:
-        digest = self._store.store(new_global, round_number)
+    def _loaded(self) -> None:
         self._set(self._store.vector)
-        return digest
-
-    def previous(self) -> tuple[str, int, int] | None:
-        return self._store.previous()
-
-    def roll_back(self) -> str:
-        digest = self._store.roll_back()
-        self._set(self._store.vector)
-        return digest
-
-    def flush(self) -> None:
-        self._store.flush()
 
     def evaluate(self) -> dict[str, float]:
         if self.test is None:

@@ -36,6 +36,7 @@ import numpy as np
 from secfed.config import ModelSettings, RoundTerms
 from secfed.errors import ConfigError, DPGuardError
 from secfed.participant.adapter import (
+    StoreBacked,
     TrainOutcome,
     _StoredAdapter,
     synthetic_layout_digest,
@@ -112,7 +113,7 @@ def _checked_vector(vec: Any, *, what: str, length: int | None = None) -> np.nda
     return arr.astype(np.float32)
 
 
-class DrivenSite:
+class DrivenSite(StoreBacked):
     """A user's :class:`Site` as the join loop's local site: the global vector persisted in the
     kit (a restarted site is handed the last applied vector), every update checked."""
 
@@ -129,15 +130,6 @@ class DrivenSite:
                                      settings.initial_global_hash)
         if self._store.applied_round:  # restarted: continue from the last applied round
             site.apply(self._store.vector.copy())
-
-    def global_vector(self) -> np.ndarray:
-        return self._store.vector
-
-    def global_hash(self) -> str:
-        return self._store.hash()
-
-    def hash_of(self, vec: np.ndarray) -> str:
-        return self._store.hash_of(vec)
 
     def train(self, terms: RoundTerms) -> TrainOutcome:
         """Run the site's training and check what it returns against the terms.
@@ -166,23 +158,9 @@ class DrivenSite:
         return TrainOutcome(delta, float(ran.noise_multiplier), float(ran.sample_rate),
                             int(ran.steps), metrics)
 
-    def apply(self, new_global: np.ndarray, round_number: int = 0) -> str:
-        digest = self._store.store(new_global, round_number)
+    def _loaded(self) -> None:
+        # the user's site is handed every new current vector (apply or roll back) as a copy
         self.site.apply(self._store.vector.copy())
-        return digest
-
-    def previous(self) -> tuple[str, int, int] | None:
-        return self._store.previous()
-
-    def roll_back(self) -> str:
-        """Back to the adapter the last apply replaced (the coordinator aborted that round);
-        the user's site is handed it through ``apply`` like any new global vector."""
-        digest = self._store.roll_back()
-        self.site.apply(self._store.vector.copy())
-        return digest
-
-    def flush(self) -> None:
-        self._store.flush()
 
     def evaluate(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.site.evaluate().items()}
