@@ -41,11 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="demo")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--lora-targets", default="auto",
+                    help="auto (attention q/v) or module leaf names NAME,...")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--local-epochs", type=float, default=1.0)
     ap.add_argument("--dp-batch", type=int, default=128)
     ap.add_argument("--dp-lr", type=float, default=0.02)
     ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     ap.add_argument("--eps", type=float, default=8.0)
     ap.add_argument("--sigma-scale", type=float, default=1.0)
     ap.add_argument("--diagnostic", action="store_true")
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--sigma-scale other than 1 runs below the planned noise: add --diagnostic")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    model_dir = model_at_rank(args.work, args, args.lora_r)
+    model_dir = model_at_rank(args.work, args, args.lora_r, args.lora_targets)
     base, info = load_model(model_dir)
     names = json.loads((args.work / "data" / "federation.json").read_text())["enterprises"]
     sites = {n: load_instruction_dataset(args.work / "data" / n, model_dir=model_dir)
@@ -88,19 +91,21 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_noise(n_records=len(ds), sample_rate=q, steps_per_round=steps,
                           rounds=args.rounds, budget_epsilon=args.eps, accountant="rdp")
         plans[name] = (q, steps, plan.noise_multiplier)
-    print("plans (q, steps/round, sigma):", plans, flush=True)
+    print(f"adapter values {layout.total}; plans (q, steps/round, sigma): {plans}", flush=True)
     for r in range(args.rounds):
         deltas = []
         for name, ds in sites.items():
             q, steps, sigma = plans[name]
             cfg = DPConfig(noise_multiplier=sigma * args.sigma_scale, sample_rate=q,
                            local_steps=steps, max_grad_norm=args.clip,
-                           learning_rate=cosine(args.dp_lr, r, args.rounds), optimizer="adam",
+                           learning_rate=cosine(args.dp_lr, r, args.rounds),
+                           optimizer=args.optimizer,
                            allow_zero_noise=args.diagnostic)
             deltas.append(train_local(copy.deepcopy(model), ds, config=cfg).delta)
         global_vec = (global_vec.astype(np.float64) + np.sum(deltas, axis=0) / len(deltas)
                       ).astype(np.float32)
         set_flat(model, layout, global_vec)
+        print(f"round {r + 1}/{args.rounds} ({time.time() - start:.0f} s)", flush=True)
         if args.eval_every and (r + 1) % args.eval_every == 0 and r + 1 < args.rounds:
             score(model, f"federated round {r + 1}")
     score(model, f"federated DP eps={args.eps:g} ({vars(args)})")

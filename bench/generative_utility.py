@@ -146,9 +146,10 @@ def command_line(argv: list[str] | None) -> str:
                                           else ["--task", "generative", *words])
 
 
-def model_at_rank(work: Path, args, rank: int) -> Path:
-    """The secfed model directory with LoRA rank ``rank`` on the stand-in foundation model,
-    pre-trained once per (scale, size, seed) work directory and shared by every rank."""
+def model_at_rank(work: Path, args, rank: int, targets: str = "auto") -> Path:
+    """The secfed model directory with LoRA rank ``rank`` (on ``targets``: ``auto`` = the
+    attention q/v projections, or module leaf names ``NAME,...``) on the stand-in foundation
+    model, pre-trained once per (scale, size, seed) work directory and shared by every rank."""
     from secfed.models import init_model
 
     base = work / "model" / "base"
@@ -157,12 +158,14 @@ def model_at_rank(work: Path, args, rank: int) -> Path:
 
         shutil.rmtree(work / "model", ignore_errors=True)
         pretrain_base_lm(base, size=args.size, seed=args.seed, log=log)
-    out = work / "model" / f"model-r{rank}"
+    suffix = "" if targets == "auto" else "-" + targets.replace(",", "+")
+    out = work / "model" / f"model-r{rank}{suffix}"
     if not (out / "secfed_model.json").is_file():
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
         init_model(base, task="causal-lm", out=out, lora_r=rank, lora_alpha=2 * rank,
+                   lora_targets=targets,
                    max_length=LM_SIZES[args.size].max_length, seed=args.seed, log=log)
     return out
 
