@@ -129,19 +129,11 @@ def secure_rounds(root: Path, *, dim: int, rounds: int, mode: str, train_s: floa
     applied: dict[int, list[float]] = {}
     done: dict[int, list[float]] = {}
     opened: dict[int, float] = {}
-    for line in (root / "coordinator.jsonl").read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
+    for e in json_events(root / "coordinator.jsonl"):
         if e.get("event") == "round_opened":
             opened[e["round"]] = e["at"]
     for eid in ENTERPRISES:
-        for line in (root / f"{eid}.jsonl").read_text().splitlines():
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue
+        for e in json_events(root / f"{eid}.jsonl"):
             if e.get("event") == "trained":
                 ready.setdefault(e["round"], []).append(e["at"])
             elif e.get("event") == "applied":
@@ -353,16 +345,23 @@ def main() -> None:
           f"{FLOWER_SECURE_S / max(tails):.0f}x faster than Flower's secure round")
 
 
+def json_events(path: Path) -> list[dict]:
+    """The JSON event lines of a ``--json`` log (other lines, e.g. library warnings, skipped)."""
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
 def stage_spans(path: Path) -> dict[str, list[float]]:
     """Per stage, the seconds from the previous stage's close (or the round's opening) to this
     stage's close, one value per round after round 1, from the coordinator's event log."""
     opened: dict[int, float] = {}
     closed: dict[int, list[tuple[float, str]]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
+    for e in json_events(path):
         if e.get("event") == "round_opened":
             opened[e["round"]] = e["at"]
         elif e.get("event") == "stage_closed":
