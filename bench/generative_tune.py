@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,11 +24,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generative_utility import cosine, model_at_rank, train_plain  # noqa: E402
+from generative_utility import cosine, model_at_rank, plan_sites, train_plain  # noqa: E402
 
 from secfed.data.instructions import load_instruction_dataset  # noqa: E402
 from secfed.models import adapter_layout, get_flat, load_model, set_flat  # noqa: E402
-from secfed.privacy import plan_noise  # noqa: E402
 from secfed.tasks.citysafety.generative import answer_accuracy  # noqa: E402
 from secfed.training import DPConfig, train_local  # noqa: E402
 
@@ -84,13 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     model = copy.deepcopy(base)
     layout = adapter_layout(model)
     global_vec = get_flat(model, layout)
-    plans = {}
-    for name, ds in sites.items():
-        q = min(1.0, args.dp_batch / len(ds))
-        steps = max(1, math.ceil(args.local_epochs / q))
-        plan = plan_noise(n_records=len(ds), sample_rate=q, steps_per_round=steps,
-                          rounds=args.rounds, budget_epsilon=args.eps, accountant="rdp")
-        plans[name] = (q, steps, plan.noise_multiplier)
+    plans = {name: plan[:3] for name, plan in plan_sites(sites, args, args.eps).items()}
     print(f"adapter values {layout.total}; plans (q, steps/round, sigma): {plans}", flush=True)
     for r in range(args.rounds):
         deltas = []

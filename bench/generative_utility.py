@@ -74,11 +74,9 @@ def train_plain(model, dataset, *, epochs: int, lr: float, batch: int, seed: int
             opt.step()
 
 
-def federated_dp(model0, sites: dict, *, epsilon: float, args, stats: dict):
-    """FedAvg of DP-SGD updates summed by SecAgg; sigma planned for the horizon per site."""
-    model = copy.deepcopy(model0)
-    layout = adapter_layout(model)
-    global_vec = get_flat(model, layout)
+def plan_sites(sites: dict, args, epsilon: float) -> dict:
+    """Per site (q, steps per round, sigma, delta): q from ``--dp-batch``, ``--local-epochs``
+    per round, sigma planned by the RDP accountant for ``--rounds`` rounds at ``epsilon``."""
     plans = {}
     for name, ds in sites.items():
         q = min(1.0, args.dp_batch / len(ds))
@@ -86,6 +84,15 @@ def federated_dp(model0, sites: dict, *, epsilon: float, args, stats: dict):
         plan = plan_noise(n_records=len(ds), sample_rate=q, steps_per_round=steps,
                           rounds=args.rounds, budget_epsilon=epsilon, accountant="rdp")
         plans[name] = (q, steps, plan.noise_multiplier, plan.delta)
+    return plans
+
+
+def federated_dp(model0, sites: dict, *, epsilon: float, args, stats: dict):
+    """FedAvg of DP-SGD updates summed by SecAgg; sigma planned for the horizon per site."""
+    model = copy.deepcopy(model0)
+    layout = adapter_layout(model)
+    global_vec = get_flat(model, layout)
+    plans = plan_sites(sites, args, epsilon)
     stats["sigma"] = {k: round(v[2], 3) for k, v in plans.items()}
     stats["ledger eps (rdp)"] = {
         k: round(compose_epsilon([DPSGDEvent(noise_multiplier=v[2], sample_rate=v[0],

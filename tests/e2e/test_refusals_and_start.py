@@ -136,13 +136,7 @@ def test_round_one_waits_for_every_site_to_be_ready(tmp_path) -> None:
         with pytest.raises(ProtocolError, match="roster"):
             await coord.ready(sender="mallory")
         await coord.ready(sender="org-d")
-        for _ in range(200):
-            if coord._live is not None:
-                break
-            await asyncio.sleep(0.01)
-        driver.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await driver
+        await _until_round_opens(coord, driver, tries=200)
 
     asyncio.run(run())
     kinds = [e["event"] for e in events]
@@ -157,6 +151,18 @@ def test_round_one_waits_for_every_site_to_be_ready(tmp_path) -> None:
     assert advertise.deadline - advertise.opened_at == pytest.approx(TRAIN_S, abs=0.5)
 
 
+async def _until_round_opens(coord: Coordinator, driver: asyncio.Task, *, tries: int) -> None:
+    """Poll (every 10 ms, ``tries`` times) until the coordinator opened a round; then stop its
+    driver."""
+    for _ in range(tries):
+        if coord._live is not None:
+            break
+        await asyncio.sleep(0.01)
+    driver.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await driver
+
+
 def test_round_one_opens_at_the_start_deadline_without_every_site(tmp_path) -> None:
     paths, _kits_ = _kits(tmp_path, start=0.3)
     coord = Coordinator(CoordinatorKit.load(paths.coordinator), wait_for_ready=True)
@@ -166,13 +172,7 @@ def test_round_one_opens_at_the_start_deadline_without_every_site(tmp_path) -> N
     async def run() -> None:
         driver = asyncio.create_task(coord.run())
         await coord.ready(sender="org-a")
-        for _ in range(300):
-            if coord._live is not None:
-                break
-            await asyncio.sleep(0.01)
-        driver.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await driver
+        await _until_round_opens(coord, driver, tries=300)
 
     asyncio.run(run())
     started = next(e for e in events if e["event"] == "awaiting_sites")
