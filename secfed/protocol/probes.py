@@ -35,6 +35,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,8 @@ __all__ = [
     "centered",
     "norm_estimate",
     "contribution_vector",
+    "sum_of_squares",
+    "grid_exponent",
     "signed_words",
     "signed_dot",
     "mask_products",
@@ -435,16 +438,18 @@ def contribution_vector(
 
     ``ring_sum`` is the unmasked ring sum (``U`` at scale ``scale_bits``); ``update_bound`` bounds
     every included ``||u_i||``. ``|<enc(u_i), U'>| <= 2^s ||u_i|| 2^s' (||U|| + sqrt(d) 2^-s')``,
-    so s' = ring_bits - 3 - s - ceil(log2(bound x (||U|| + 1))) (never above s: U lies on the
-    2^-s grid already) keeps it below 2^(r-2). U' = round(U_int / 2^(s - s')), computed in
-    integers, so coordinator and enterprises derive the same words. Returns ``(U', s')``.
+    so s' = ring_bits - 3 - s - e (never above s: U lies on the 2^-s grid already), where e is
+    the least integer with ``max(bound, 2^-s) x (||U|| + 1) <= 2^e``, keeps it below 2^(r-2).
+    U' = round(U_int / 2^(s - s')). Every step is exact integer (or exact rational) arithmetic,
+    never a float sum, so the coordinator and every enterprise derive the same words on any
+    CPU and any BLAS: the pair reports along U' must agree bit for bit. Returns ``(U', s')``.
+
+    Raises:
+        ConfigError: a bound that is not finite.
     """
     signed = signed_words(ring_sum)
-    as_float = signed.astype(np.float64)
-    with _blas().limit(limits=1, user_api="blas"):
-        norm = math.sqrt(float(np.dot(as_float, as_float))) / 2.0**scale_bits
-    span = max(update_bound, 2.0**-scale_bits) * (norm + 1.0)
-    coarse = min(scale_bits, ring_bits - 3 - scale_bits - math.ceil(math.log2(span)))
+    e = grid_exponent(sum_of_squares(signed), scale_bits=scale_bits, update_bound=update_bound)
+    coarse = min(scale_bits, ring_bits - 3 - scale_bits - e)
     shift = scale_bits - coarse
     unsigned = np.dtype(f"u{ring_sum.dtype.itemsize}")
     if shift == 0:
@@ -457,6 +462,68 @@ def contribution_vector(
     if unsigned.itemsize == 8:
         return rounded.view(np.uint64), coarse
     return rounded.astype(unsigned), coarse
+
+
+# sum_of_squares: 3 limbs of 22 bits hold |x| <= 2^63; a limb product is below 2^44, so a chunk
+# of 2^18 of them sums below 2^62 in numpy's integer dot (exact: no BLAS, no float)
+_SQUARE_LIMB_BITS = 22
+_SQUARE_CHUNK = 1 << 18
+
+
+def sum_of_squares(words: npt.NDArray[np.int64]) -> int:
+    """``sum_i x_i^2`` of signed 64-bit words, exactly (a Python int: it can exceed 2^126).
+
+    Each ``|x_i|`` is split into 22-bit limbs and the limb products are summed by numpy's
+    integer dot in chunks that cannot overflow, so the result does not depend on the summation
+    order, the CPU or the BLAS (a float dot's rounding does)."""
+    mag = np.abs(words).view(np.uint64)  # |-2^63| wraps to -2^63, which reads 2^63 unsigned
+    if mag.shape[0] == 0:
+        return 0
+    top = int(mag.max())
+    count = max(1, -(-top.bit_length() // _SQUARE_LIMB_BITS))
+    limb_mask = np.uint64((1 << _SQUARE_LIMB_BITS) - 1)
+    total = 0
+    for start in range(0, mag.shape[0], _SQUARE_CHUNK):
+        part = mag[start:start + _SQUARE_CHUNK]
+        limbs = [((part >> np.uint64(_SQUARE_LIMB_BITS * i)) & limb_mask).astype(np.int64)
+                 for i in range(count)]
+        for i in range(count):
+            for j in range(i, count):
+                cross = int(np.dot(limbs[i], limbs[j]))
+                total += (cross << (_SQUARE_LIMB_BITS * (i + j))) * (1 if i == j else 2)
+    return total
+
+
+def grid_exponent(square_sum: int, *, scale_bits: int, update_bound: float) -> int:
+    """The least integer e with ``max(bound, 2^-s) x (sqrt(N) / 2^s + 1) <= 2^e`` for
+    ``N = square_sum`` (``||U||^2`` at scale s), decided exactly: with ``B`` the bound as the
+    exact rational its float is, the condition is ``T_e = 2^s (2^e / B - 1) >= 0`` and
+    ``N <= T_e^2``, monotone in e. A float guess starts the search; only exact comparisons
+    decide, so the float's rounding never changes the answer.
+
+    Raises:
+        ConfigError: a bound that is not finite, or a negative square sum.
+    """
+    if not math.isfinite(update_bound) or square_sum < 0:
+        raise ConfigError(
+            f"contribution grid needs a finite bound and a square sum >= 0 (got {update_bound}, "
+            f"{'negative' if square_sum < 0 else 'ok'})"
+        )
+    bound = max(Fraction(update_bound), Fraction(1, 1 << scale_bits))
+    grid = 1 << scale_bits
+
+    def fits(e: int) -> bool:
+        power = Fraction(1 << e) if e >= 0 else Fraction(1, 1 << -e)
+        t = grid * (power / bound - 1)
+        return t >= 0 and square_sum <= t * t
+
+    guess = float(bound) * (math.sqrt(square_sum) / grid + 1.0)
+    e = math.ceil(math.log2(guess))
+    while not fits(e):
+        e += 1
+    while fits(e - 1):
+        e -= 1
+    return e
 
 
 def signed_words(ring: UArray) -> npt.NDArray[np.int64]:

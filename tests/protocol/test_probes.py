@@ -32,6 +32,7 @@ from secfed.protocol.probes import (
     probe_basis,
     probe_products,
     probe_seed,
+    sum_of_squares,
 )
 from secfed.protocol.simulate import simulate
 
@@ -201,6 +202,53 @@ def test_contribution_vector_cannot_wrap_for_bounded_updates() -> None:
     for u, t in zip(ups, terms):
         assert abs(t) < 2**62
         assert t / 2.0 ** (s + scale) == pytest.approx(float(u.astype(np.float32) @ exact), rel=1e-6)
+
+
+def _reference_grid(words: list[int], *, ring_bits: int, scale_bits: int,
+                    bound: float) -> tuple[list[int], int]:
+    """contribution_vector in pure Python integers and fractions (the definition, slowly)."""
+    from fractions import Fraction
+
+    square = sum(x * x for x in words)
+    b = max(Fraction(bound), Fraction(1, 2**scale_bits))
+    e = -300
+    while True:  # least e with b (sqrt(square) / 2^s + 1) <= 2^e, i.e. sqrt(square) <= t
+        t = 2**scale_bits * (Fraction(2) ** e / b - 1)
+        if t >= 0 and square <= t * t:
+            break
+        e += 1
+    coarse = min(scale_bits, ring_bits - 3 - scale_bits - e)
+    shift = scale_bits - coarse
+    modulus = 2**ring_bits
+    if shift == 0:
+        return [x % modulus for x in words], coarse
+    return [((x + 2 ** (shift - 1)) >> shift) % modulus for x in words], coarse  # half up
+
+
+@pytest.mark.parametrize("ring_bits", [32, 64])
+def test_contribution_grid_is_integer_exact_against_a_python_reference(ring_bits: int) -> None:
+    # Sites and coordinator must derive U' bit for bit on any CPU: the grid is decided by exact
+    # integers. Case 1: ||U|| + 1 lies one part in 2^60 above a power of two (words T and 1 with
+    # T = 2^24 (2^10 - 1), bound 2^20): a float64 sum of squares drops the 1 and picks the grid
+    # one bit finer, so each end's rounding would decide the pair reports.
+    dtype = np.uint64 if ring_bits == 64 else np.uint32
+    s = 24 if ring_bits == 64 else 8
+    edge = 2**s * (2**10 - 1)
+    rng = np.random.default_rng(7)
+    cases: list[tuple[list[int], float]] = [([edge, 1] + [0] * 5, 2.0**20 if ring_bits == 64 else 2.0**4)]
+    top = 2 ** (ring_bits - 1)
+    for size, mag, bound in ((1000, 2**30, 2.0), (3 * 2**18 + 5, 2**40, 0.5), (17, top, 1e-9)):
+        mag = min(mag, top)
+        vals = [int(v) for v in rng.integers(-mag, mag, size=size, dtype=np.int64, endpoint=False)]
+        cases.append((vals, bound))
+    cases.append(([-top, top - 1, -top], 3.0))  # the extreme words of the ring
+    for words, bound in cases:
+        ring = np.array([w % 2**ring_bits for w in words], dtype=dtype)
+        got, scale = contribution_vector(ring, ring_bits=ring_bits, scale_bits=s, update_bound=bound)
+        want, want_scale = _reference_grid(words, ring_bits=ring_bits, scale_bits=s, bound=bound)
+        assert scale == want_scale
+        assert [int(v) for v in got] == want
+    assert sum_of_squares(np.array([-(2**63), 2**63 - 1], dtype=np.int64)) == 2**126 + (2**63 - 1) ** 2
 
 
 # -- spec ----------------------------------------------------------------------------------------
