@@ -31,6 +31,7 @@ import json
 import os
 import random
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -126,20 +127,24 @@ def _finished_rounds(db_path: Path) -> int:
 
 
 def soak(root: Path, *, sites: int, rounds: int, dim: int, drop: float, warmup: int,
-         seed: int = 0, timeout: float = 4 * 3600, max_seconds: float | None = None
-         ) -> dict[str, Any]:
+         seed: int = 0, timeout: float = 4 * 3600, max_seconds: float | None = None,
+         tracemalloc: bool = False) -> dict[str, Any]:
     """Run the soak under ``root``; the figures (see the module docstring).
 
     ``max_seconds``: stop every process (SIGTERM) after this long and report what ran (the
-    figures then cover the rounds that finished; ``stopped_early`` says so)."""
+    figures then cover the rounds that finished; ``stopped_early`` says so). ``tracemalloc``:
+    the coordinator traces its allocations (``SECFED_TRACEMALLOC``) and dumps the top sites to
+    ``root/tracemalloc/`` once ``warmup`` rounds finished (the baseline), every ``warmup``
+    rounds after, and at its end."""
     kits = make_kits(root / "fed", sites=sites, rounds=rounds, dim=dim)
     py = [sys.executable, "-m", "secfed.cli.main"]
     logs: dict[str, Any] = {}
     procs: dict[str, subprocess.Popen] = {}
     logs["coordinator"] = open(root / "coordinator.jsonl", "wb")  # noqa: SIM115 -- closed below
+    coordinator_env = {**ENV, "SECFED_TRACEMALLOC": str(root / "tracemalloc")} if tracemalloc else ENV
     procs["coordinator"] = subprocess.Popen(
         [*py, "aggregate", "--kit", str(kits.coordinator), "--json"],
-        stdout=logs["coordinator"], stderr=subprocess.STDOUT, env=ENV)
+        stdout=logs["coordinator"], stderr=subprocess.STDOUT, env=coordinator_env)
     for eid, kit_dir in kits.enterprises.items():
         logs[eid] = open(root / f"{eid}.jsonl", "wb")  # noqa: SIM115 -- closed below
         procs[eid] = subprocess.Popen(
@@ -150,9 +155,14 @@ def soak(root: Path, *, sites: int, rounds: int, dim: int, drop: float, warmup: 
     stop = threading.Event()
 
     def sample() -> None:
+        dumped = 0  # rounds finished at the last allocation dump asked for
         while not stop.is_set():
             finished = _finished_rounds(state)
             samples.append((finished, {n: rss_kib(p.pid) for n, p in procs.items()}))
+            if tracemalloc and finished >= max(warmup, 1) + dumped and finished < rounds:
+                dumped = finished if not dumped else dumped + max(warmup, 1)
+                if procs["coordinator"].poll() is None:
+                    procs["coordinator"].send_signal(signal.SIGUSR1)
             stop.wait(1.0)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -327,9 +337,11 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=None, help="keep the run here (default: temp)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop after this long and report the rounds that finished")
+    p.add_argument("--tracemalloc", action="store_true",
+                   help="coordinator allocation dumps under ROOT/tracemalloc/ (slower)")
     a = p.parse_args()
     run = dict(sites=a.sites, rounds=a.rounds, dim=a.dim, drop=a.drop, warmup=a.warmup,
-               seed=a.seed, max_seconds=a.max_seconds)
+               seed=a.seed, max_seconds=a.max_seconds, tracemalloc=a.tracemalloc)
     if a.root is not None:
         a.root.mkdir(parents=True, exist_ok=True)
         figures = soak(a.root, **run)

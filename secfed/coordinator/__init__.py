@@ -118,8 +118,10 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
     host, port = url.hostname or "127.0.0.1", url.port or 443
     api_sock = bind(host, port, what="coordinator (coordinator_url)")
     status_sock = bind(*status_addr, what="--status-listen") if status_addr else None
+    from secfed.coordinator.memtrace import MemTrace
     from secfed.coordinator.service import Coordinator
 
+    trace = MemTrace.from_env()  # SECFED_TRACEMALLOC=DIR: allocation dumps (off by default)
     coordinator = Coordinator(kit, events=events, durable=durable, wait_for_ready=wait_for_ready)
     stopped: list[str] = []
 
@@ -128,6 +130,8 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda s=sig: (stopped.append(s.name), stop.set()))
+        if trace is not None:
+            loop.add_signal_handler(signal.SIGUSR1, trace.dump)
 
         async def drive() -> None:
             try:
@@ -167,6 +171,8 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
         asyncio.run(main())
     finally:
         lock.close()
+        if trace is not None:
+            trace.dump()
     if stopped:
         emit({"event": "coordinator_stopped", "signal": stopped[0],
               "state": str(kit.state)})

@@ -36,7 +36,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from secfed.privacy.accounting import compose_epsilon
+import numpy as np
+
+from secfed.privacy.accounting import event_rdp
+from secfed.privacy.analysis import rdp_to_epsilon
 from secfed.privacy.events import DPSGDEvent
 
 __all__ = ["StatusBoard", "ENTERPRISE_STATES", "abort_kind", "refusal_kind", "REFRESH_S"]
@@ -45,6 +48,9 @@ ENTERPRISE_STATES = ("waiting", "ready", "advertised", "uploaded", "confirmed", 
                      "refused by policy", "excluded")
 REFRESH_S = 1  # the page reloads itself this often: a change shows within REFRESH_S + a render
 HISTORY_SHOWN = 50  # rounds listed on the page (all are counted in the metrics)
+# Rounds kept in memory: those shown, plus a few so a late event (bytes, contributions) of a
+# recent round still lands; older views are dropped, so the board does not grow with rounds.
+ROUNDS_KEPT = HISTORY_SHOWN + 4
 STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0)
 # A state an enterprise keeps for the rest of the round once reached (later events don't undo it).
 _STICKY = frozenset({"refused by policy", "excluded"})
@@ -107,6 +113,11 @@ class EnterpriseView:
     head_index: int = 0  # newest accepted ledger-head index (0: none seen)
     charged_rounds: set[int] = field(default_factory=set)  # rounds with an accepted upload head
     epsilon: float = 0.0
+    # The RDP curve of the charges so far (RDP composes by addition) and the δ of the newest
+    # charged round: ε is recomputed from these, in memory that does not grow with rounds.
+    rdp: np.ndarray | None = None
+    delta_round: int = 0
+    delta: float = 1e-5
 
     @property
     def epsilon_is_lower_bound(self) -> bool:
@@ -154,7 +165,6 @@ class StatusBoard:
         self.stage_hist: dict[str, list[int]] = {}  # stage -> counts per bucket (+Inf last)
         self.stage_sum: Counter[str] = Counter()
         self.events_seen = 0
-        self._eps_cache: dict[tuple[int, ...], float] = {}
 
     # ------------------------------------------------------------------ feeding
 
@@ -193,6 +203,8 @@ class StatusBoard:
         if view.round not in self.rounds:
             self._order.append(view.round)
         self.rounds[view.round] = view
+        while len(self._order) > ROUNDS_KEPT:
+            self.rounds.pop(self._order.popleft(), None)
 
     def _mark(self, eid: str, state: str, note: str = "") -> None:
         ent = self.enterprises.get(eid)
@@ -309,18 +321,20 @@ class StatusBoard:
         ent.head_index = max(ent.head_index, index)
         if stage == "upload" and r not in ent.charged_rounds:
             ent.charged_rounds.add(r)
-            ent.epsilon = self._epsilon(tuple(sorted(ent.charged_rounds)))
+            ent.epsilon = self._charge(ent, r)
 
-    def _epsilon(self, rounds: tuple[int, ...]) -> float:
-        """RDP ε of one DP-SGD charge per round under each round's public terms (cached)."""
-        if rounds not in self._eps_cache:
-            events, delta = [], 1e-5
-            for r in rounds:
-                sigma, q, steps, delta = self._terms_for(r)
-                events.append(DPSGDEvent(noise_multiplier=sigma, sample_rate=q, steps=steps))
-            self._eps_cache[rounds] = float(compose_epsilon(events, delta=delta,
-                                                            accountant="rdp"))
-        return self._eps_cache[rounds]
+    def _charge(self, ent: EnterpriseView, r: int) -> float:
+        """Add one DP-SGD charge under round ``r``'s public terms to ``ent``'s RDP curve and
+        return the RDP ε of all its charges (the same accountant, orders and conversion as
+        ``compose_epsilon(..., accountant="rdp")``). A running sum instead of recomposing every
+        charged round: O(1) time and memory per head instead of a cache keyed by the whole
+        tuple of charged rounds, which grew quadratically over a long federation."""
+        sigma, q, steps, delta = self._terms_for(r)
+        curve = event_rdp(DPSGDEvent(noise_multiplier=sigma, sample_rate=q, steps=steps))
+        ent.rdp = curve if ent.rdp is None else ent.rdp + curve
+        if r >= ent.delta_round:  # compose_epsilon is given the δ of the newest round
+            ent.delta_round, ent.delta = r, delta
+        return float(rdp_to_epsilon(ent.rdp, delta=ent.delta))
 
     def _on_aggregated(self, event: dict[str, Any]) -> None:
         view = self.rounds.get(int(event["round"]))
