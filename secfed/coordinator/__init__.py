@@ -118,11 +118,12 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
     host, port = url.hostname or "127.0.0.1", url.port or 443
     api_sock = bind(host, port, what="coordinator (coordinator_url)")
     status_sock = bind(*status_addr, what="--status-listen") if status_addr else None
-    from secfed.coordinator.memtrace import MemTrace
+    from secfed.coordinator.memtrace import MemTrace, heap_trimmer
     from secfed.coordinator.service import Coordinator
 
     trace = MemTrace.from_env()  # SECFED_TRACEMALLOC=DIR: allocation dumps (off by default)
-    coordinator = Coordinator(kit, events=events, durable=durable, wait_for_ready=wait_for_ready)
+    coordinator = Coordinator(kit, events=_with_trim(events, heap_trimmer()), durable=durable,
+                              wait_for_ready=wait_for_ready)
     stopped: list[str] = []
 
     async def main() -> None:
@@ -178,6 +179,19 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
               "state": str(kit.state)})
         return stopped[0]
     return None
+
+
+def _with_trim(events: EventSink | None, trim: EventSink | None) -> EventSink | None:
+    """``events``, then the heap trim after each round (:func:`memtrace.heap_trimmer`)."""
+    if trim is None:
+        return events
+
+    def both(event: dict[str, Any]) -> None:
+        if events is not None:
+            events(event)
+        trim(event)
+
+    return both
 
 
 async def _linger(coordinator: Any, done: asyncio.Event, stop: asyncio.Event, *,

@@ -10,15 +10,67 @@ variable.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
+import re
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["ENV_VAR", "MemTrace"]
+__all__ = ["ENV_VAR", "TRIM_ENV_VAR", "MemTrace", "rss_kib", "trim_heap", "heap_trimmer"]
 
 ENV_VAR = "SECFED_TRACEMALLOC"
+TRIM_ENV_VAR = "SECFED_MALLOC_TRIM"  # "0": no heap trim after each round (default: trim)
 TOP = 40  # allocation sites listed per dump
 FRAMES = 1  # file:line of the allocating frame (deeper traces cost much more memory)
+
+
+def rss_kib() -> int:
+    """This process's resident memory (VmRSS, KiB); 0 where /proc is not there."""
+    try:
+        found = re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text())
+    except OSError:
+        return 0
+    return int(found.group(1)) if found else 0
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim(0)``).
+
+    Why: a round's buffers (uploads, masks, TLS records) are freed at its end, but glibc keeps
+    freed memory in its arenas, so the coordinator's resident memory only ever climbs to the
+    high-water mark of its busiest round and then creeps up with fragmentation although Python
+    holds no more objects (measured: ``docs/RESULTS.md``, soak). Returns False where there is no
+    glibc (then nothing happens)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def heap_trimmer() -> Callable[[dict[str, object]], None] | None:
+    """An event hook that trims the heap whenever a round ends (done or aborted); None when
+    ``SECFED_MALLOC_TRIM=0`` or without glibc."""
+    if os.environ.get(TRIM_ENV_VAR, "1") == "0" or _malloc_trim() is None:
+        return None
+
+    def on_event(event: dict[str, object]) -> None:
+        if event.get("event") in ("round_done", "round_aborted"):
+            trim_heap()
+
+    return on_event
 
 
 class MemTrace:
@@ -44,7 +96,7 @@ class MemTrace:
             (tracemalloc.Filter(False, tracemalloc.__file__),))
         self._n += 1
         lines = [f"traced now {tracemalloc.get_traced_memory()[0]} B; "
-                 f"peak {tracemalloc.get_traced_memory()[1]} B"]
+                 f"peak {tracemalloc.get_traced_memory()[1]} B; VmRSS {rss_kib()} KiB"]
         lines += ["", f"top {TOP} by size:"] + [str(s) for s in snap.statistics("lineno")[:TOP]]
         if self._baseline is None:
             self._baseline = snap

@@ -121,3 +121,22 @@ def test_memtrace_dumps_allocation_sites_and_growth(tmp_path, monkeypatch) -> No
     top = growth.strip().splitlines()[0]
     assert "test_status_memory.py" in top and "+" in top, top  # the line that allocated
     assert len(held) == 2000
+
+
+def test_heap_is_trimmed_when_a_round_ends(monkeypatch) -> None:
+    """Freed C-heap memory goes back to the system at each round's end (glibc keeps it
+    resident otherwise: the coordinator's RSS crept up while its Python objects did not)."""
+    from secfed.coordinator.memtrace import TRIM_ENV_VAR, heap_trimmer, rss_kib
+
+    monkeypatch.setenv(TRIM_ENV_VAR, "0")
+    assert heap_trimmer() is None  # the operator's opt-out
+    monkeypatch.delenv(TRIM_ENV_VAR)
+    trim = heap_trimmer()
+    assert trim is not None  # glibc (the supported platform)
+    held = [bytes(1000) + bytes([i % 256]) for i in range(100_000)]  # ~100 MB of malloc chunks
+    pinned = bytes(2000) + b"x"  # allocated after them: the heap's top cannot simply shrink
+    del held
+    freed = rss_kib()
+    trim({"event": "round_done", "round": 1})
+    assert freed - rss_kib() > 50 * 1024, (freed, rss_kib())
+    assert pinned[-1:] == b"x"
