@@ -13,7 +13,8 @@ siblings in one layer (separated by ``|``) may not import each other:
     secfed.config
     secfed.crypto
 
-``secfed.names`` (the shared vocabulary) and ``secfed.errors`` are leaves every layer may import.
+``secfed.names`` (the shared vocabulary), ``secfed.errors`` and ``secfed.sqlitefiles`` (read-only
+SQLite access) are leaves every layer may import.
 
 Forbidden third-party imports: secfed.crypto imports no torch/transformers/opacus/peft/http;
 secfed.protocol imports no torch and no transport/sockets; only secfed.transport (and the
@@ -44,7 +45,7 @@ LAYERS = [
     ["secfed.crypto"],
 ]
 # Modules outside the layers that anybody may import (shared leaves).
-FREE = {"secfed", "secfed.errors", "secfed.progress", "secfed.names"}
+FREE = {"secfed", "secfed.errors", "secfed.progress", "secfed.names", "secfed.sqlitefiles"}
 
 HEAVY = {"torch", "transformers", "opacus", "peft", "tenseal_torch"}
 NET = {"socket", "httpx", "fastapi", "uvicorn", "starlette", "requests", "urllib3", "ssl"}

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from secfed.audit.model import OutboundLog, OutboundMessage, RoundRecord
 from secfed.errors import AuditError
 from secfed.privacy.receipts import round_digest
+from secfed.sqlitefiles import open_readonly
 
 __all__ = ["TranscriptUpload", "TranscriptSeal", "Transcript", "read_transcript", "read_outbound"]
 
@@ -32,20 +32,8 @@ _OUTBOUND_COLUMNS = ("round", "stage", "destination", "bytes", "protection", "sh
                      "seq")
 
 
-@contextmanager
-def _open_readonly(path: Path, what: str) -> Iterator[sqlite3.Connection]:
-    if not path.is_file():
-        raise AuditError(f"{what} must be an existing SQLite file (got {str(path)!r})")
-    try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise AuditError(f"{what} {str(path)!r} cannot be opened read-only: {exc}") from exc
-    try:
-        yield conn
-    except sqlite3.DatabaseError as exc:
-        raise AuditError(f"{what} {str(path)!r} is not a readable SQLite database: {exc}") from exc
-    finally:
-        conn.close()
+def _open_readonly(path: Path, what: str) -> AbstractContextManager[sqlite3.Connection]:
+    return open_readonly(path, what, AuditError)
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> list[str]:

@@ -62,6 +62,7 @@ from secfed.privacy.events import (
     event_from_json,
 )
 from secfed.privacy.receipts import LedgerReceipt
+from secfed.sqlitefiles import open_readonly
 
 _T = TypeVar("_T")
 
@@ -703,16 +704,8 @@ def _read_only(path: Path, read: Callable[[sqlite3.Connection, Path], _T]) -> _T
     Raises:
         LedgerError: missing file, or it cannot be opened.
     """
-    if not path.is_file():
-        raise LedgerError(f"ledger {path} does not exist")
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise LedgerError(f"ledger {path} cannot be opened ({exc})") from exc
-    try:
+    with open_readonly(path, "ledger", LedgerError) as conn:
         return read(conn, path)
-    finally:
-        conn.close()
 
 
 def read_ledger(path: str | Path) -> list[LedgerEntry]:
