@@ -89,23 +89,34 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _build_once(done: Path, folder: Path, build: Callable[[], object],
+                say: Callable[[str], None], built: str) -> None:
+    """``build()`` unless ``done`` exists: a folder left half-built by an interrupted run is
+    removed first, and ``built`` is said with the time it took."""
+    if done.exists():
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    t = time.monotonic()
+    build()
+    say(f"{built} ({time.monotonic() - t:.1f} s)")
+
+
 def _prepare(out: Path, settings: DemoSettings, say: Callable[[str], None]) -> tuple[Path, Path]:
     from secfed.tasks.citysafety import generate_federation, prepare_demo_model
 
     data, model = out / "data", out / "model"
-    if not (data / "test").is_dir():
-        shutil.rmtree(data, ignore_errors=True)
-        t = time.monotonic()
+
+    def generate() -> None:
         with progress.task("demo: generating the city-safety data"):
             generate_federation(data, seed=settings.seed, scale=settings.scale)
-        say(f"data: generated under {data} ({time.monotonic() - t:.1f} s)")
-    if not (model / "secfed_model.json").is_file():
-        shutil.rmtree(model, ignore_errors=True)
-        t = time.monotonic()
+
+    def build() -> None:
         with progress.task("demo: building the model (image tower pre-training)"):
             prepare_demo_model(model, seed=settings.seed, size=settings.scale,
                                log=lambda m: say(f"model: {m}"))
-        say(f"model: built under {model} ({time.monotonic() - t:.1f} s)")
+
+    _build_once(data / "test", data, generate, say, f"data: generated under {data}")
+    _build_once(model / "secfed_model.json", model, build, say, f"model: built under {model}")
     return data, model
 
 
@@ -117,21 +128,20 @@ def _prepare_generative(out: Path, settings: DemoSettings,
     from secfed.tasks.citysafety.generative import prepare_generative_model
 
     data, built = out / "data-generative", out / "model-generative"
-    if not (data / "federation.json").is_file():
-        shutil.rmtree(data, ignore_errors=True)
-        t = time.monotonic()
-        generate_instruction_federation(data, seed=settings.seed, scale=settings.scale)
-        say(f"data: instruction records under {data} ({time.monotonic() - t:.1f} s)")
     model = built / "model"
-    if not (model / "secfed_model.json").is_file():
-        shutil.rmtree(built, ignore_errors=True)
-        t = time.monotonic()
+
+    def build() -> None:
         say("model: pre-training a small causal LM on generated city-safety text (the stand-in "
             "foundation model: no language-model weights exist offline)")
         prepare_generative_model(built, seed=settings.seed, size=settings.scale,
                                  log=lambda m: say(f"model: {m}"))
-        say(f"model: built under {model} (base weights in {built / 'base'}, "
-            f"{time.monotonic() - t:.1f} s)")
+
+    _build_once(data / "federation.json", data,
+                lambda: generate_instruction_federation(data, seed=settings.seed,
+                                                        scale=settings.scale),
+                say, f"data: instruction records under {data}")
+    _build_once(model / "secfed_model.json", built, build, say,
+                f"model: built under {model}, base weights in {built / 'base'}")
     return data, model
 
 
@@ -145,23 +155,20 @@ def _prepare_vision_language(out: Path, settings: DemoSettings,
 
     _, text_model = _prepare_generative(out, settings, say)
     data, built = out / "data-vision-language", out / "model-vision-language"
-    if not (data / "federation.json").is_file():
-        shutil.rmtree(data, ignore_errors=True)
-        t = time.monotonic()
-        generate_instruction_federation(data, seed=settings.seed, scale=settings.scale,
-                                        vision=True)
-        say(f"data: instruction records with camera frames under {data} "
-            f"({time.monotonic() - t:.1f} s)")
     model = built / "model"
-    if not (model / "secfed_model.json").is_file():
-        shutil.rmtree(built, ignore_errors=True)
-        t = time.monotonic()
+
+    def build() -> None:
         say("model: a LLaVA-style model from the pre-trained causal LM and a vision tower "
             "aligned on generic scenes (the stand-in vision-language foundation model)")
         prepare_vision_language_model(built, seed=settings.seed, size=settings.scale,
                                       lm_base=text_model.parent / "base",
                                       log=lambda m: say(f"model: {m}"))
-        say(f"model: built under {model} ({time.monotonic() - t:.1f} s)")
+
+    _build_once(data / "federation.json", data,
+                lambda: generate_instruction_federation(data, seed=settings.seed,
+                                                        scale=settings.scale, vision=True),
+                say, f"data: instruction records with camera frames under {data}")
+    _build_once(model / "secfed_model.json", built, build, say, f"model: built under {model}")
     return data, model
 
 
