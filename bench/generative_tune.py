@@ -29,6 +29,7 @@ from generative_utility import cosine, model_at_rank, plan_sites, train_plain  #
 from secfed.data.instructions import load_instruction_dataset  # noqa: E402
 from secfed.models import adapter_layout, get_flat, load_model, set_flat  # noqa: E402
 from secfed.tasks.citysafety.generative import answer_accuracy  # noqa: E402
+from secfed.tasks.citysafety.instructions import generate_instruction_federation  # noqa: E402
 from secfed.training import DPConfig, train_local  # noqa: E402
 
 
@@ -37,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("bench/.work-generative/demo-demo-7"),
                     help="a work directory bench/utility.py --task generative prepared")
     ap.add_argument("--size", default="demo")
+    ap.add_argument("--scale", default="demo", choices=["tiny", "demo", "full"],
+                    help="records a site, used only when --work holds no data yet")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--pretrain-epochs", type=int, default=None,
+                    help="pre-training epochs of the stand-in base (default: the size's)")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-targets", default="auto",
                     help="auto (attention q/v) or module leaf names NAME,...")
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--sigma-scale other than 1 runs below the planned noise: add --diagnostic")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
+    if not (args.work / "data" / "federation.json").is_file():
+        generate_instruction_federation(args.work / "data", seed=args.seed, scale=args.scale)
     model_dir = model_at_rank(args.work, args, args.lora_r, args.lora_targets)
     base, info = load_model(model_dir)
     names = json.loads((args.work / "data" / "federation.json").read_text())["enterprises"]

@@ -156,20 +156,21 @@ def command_line(argv: list[str] | None) -> str:
 def model_at_rank(work: Path, args, rank: int, targets: str = "auto") -> Path:
     """The secfed model directory with LoRA rank ``rank`` (on ``targets``: ``auto`` = the
     attention q/v projections, or module leaf names ``NAME,...``) on the stand-in foundation
-    model, pre-trained once per (scale, size, seed) work directory and shared by every rank."""
+    model, pre-trained once per (scale, size, seed, pre-training epochs) work directory and
+    shared by every rank. ``args.pretrain_epochs`` (None: the size's own) picks the base."""
+    import shutil
+
     from secfed.models import init_model
 
-    base = work / "model" / "base"
+    epochs = getattr(args, "pretrain_epochs", None)
+    root = work / ("model" if epochs is None else f"model-pe{epochs}")
+    base = root / "base"
     if not (base / "config.json").is_file() or not (base / "model.safetensors").is_file():
-        import shutil
-
-        shutil.rmtree(work / "model", ignore_errors=True)
-        pretrain_base_lm(base, size=args.size, seed=args.seed, log=log)
+        shutil.rmtree(root, ignore_errors=True)  # adapters built on an older base go too
+        pretrain_base_lm(base, size=args.size, seed=args.seed, log=log, epochs=epochs)
     suffix = "" if targets == "auto" else "-" + targets.replace(",", "+")
-    out = work / "model" / f"model-r{rank}{suffix}"
+    out = root / f"model-r{rank}{suffix}"
     if not (out / "secfed_model.json").is_file():
-        import shutil
-
         shutil.rmtree(out, ignore_errors=True)
         init_model(base, task="causal-lm", out=out, lora_r=rank, lora_alpha=2 * rank,
                    lora_targets=targets,
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="LoRA rank of every arm (default: the model size's)")
     ap.add_argument("--reference-r", type=int, default=8,
                     help="also train centralized non-private at this LoRA rank (0: skip)")
+    ap.add_argument("--pretrain-epochs", type=int, default=None,
+                    help="pre-training epochs of the stand-in base (default: the size's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS))
     ap.add_argument("--work", type=Path, default=Path("bench/.work-generative"))

@@ -329,3 +329,25 @@ def test_vision_language_records_carry_their_image(checkpoints, tmp_path):
     no_image = _write_records(tmp_path / "bare", _prompt_records(2))
     with pytest.raises(DataError, match="'image' is required"):
         _dataset(model_dir, no_image)
+
+
+def test_pretraining_epochs_override_the_size_and_are_checked(tmp_path, monkeypatch):
+    """``pretrain_base_lm(epochs=N)`` (the benchmarks' pre-training lever) trains N epochs
+    instead of the size's own, and refuses N < 1 before writing anything."""
+    from secfed.tasks.citysafety import generative
+    from secfed.tasks.citysafety.instructions import pretraining_corpus
+
+    small = pretraining_corpus(60, seed=0)
+    monkeypatch.setattr(generative, "pretraining_corpus", lambda n, seed: small)
+    runs = {}
+    for name, epochs in (("default", None), ("one", 1)):
+        lines: list[str] = []
+        generative.pretrain_base_lm(tmp_path / name, size="tiny", seed=0, log=lines.append,
+                                    epochs=epochs)
+        runs[name] = [line for line in lines if "pre-training epoch" in line]
+    assert len(runs["default"]) == generative.LM_SIZES["tiny"].pretrain_epochs
+    assert [line.split(":")[0] for line in runs["one"]] == [
+        "language model pre-training epoch 1/1"]
+    with pytest.raises(ModelError, match="epochs must be at least 1"):
+        generative.pretrain_base_lm(tmp_path / "zero", size="tiny", seed=0, epochs=0)
+    assert not (tmp_path / "zero").exists()

@@ -72,15 +72,17 @@ def _encode_corpus(tokenizer, texts: list[str], max_length: int) -> list[list[in
 
 
 def pretrain_base_lm(out_dir: Path | str, *, size: str = "demo", seed: int = 0,
-                     log: Callable[[str], None] | None = None) -> Path:
+                     log: Callable[[str], None] | None = None,
+                     epochs: int | None = None) -> Path:
     """Write a pre-trained small causal LM (weights, tokenizer) to ``out_dir``; returns it.
 
     A byte-level BPE tokenizer and a Llama-shaped model are built from scratch (random init
     from a ``transformers`` config), then trained with AdamW on the corpus (full weights,
     non-private: public generated text). Returns in eval mode on disk (safetensors).
+    ``epochs`` overrides the size's ``pretrain_epochs`` (the benchmarks' pre-training lever).
 
     Raises:
-        ModelError: unknown ``size`` or a non-empty ``out_dir``.
+        ModelError: unknown ``size``, ``epochs`` below 1, or a non-empty ``out_dir``.
     """
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -88,6 +90,8 @@ def pretrain_base_lm(out_dir: Path | str, *, size: str = "demo", seed: int = 0,
 
     if size not in LM_SIZES:
         raise ModelError(f"size must be one of {sorted(LM_SIZES)} (got {size!r})")
+    if epochs is not None and epochs < 1:
+        raise ModelError(f"epochs must be at least 1 (got {epochs!r})")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"out_dir must be empty or new (got non-empty {str(out)!r})")
@@ -101,7 +105,8 @@ def pretrain_base_lm(out_dir: Path | str, *, size: str = "demo", seed: int = 0,
     lm = AutoModelForCausalLM.from_pretrained(  # nosec B615  # the local dir just written
         str(out), local_files_only=True, use_safetensors=True)
     rows = _encode_corpus(tok, corpus, cfg.max_length)
-    _train_lm(lm, rows, pad=int(tok.pad_token_id), epochs=cfg.pretrain_epochs, seed=seed,
+    _train_lm(lm, rows, pad=int(tok.pad_token_id), seed=seed,
+              epochs=cfg.pretrain_epochs if epochs is None else epochs,
               log=log)
     lm.save_pretrained(str(out))
     return out
