@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"scale": f"{args.scale} ({', '.join(f'{n} {len(d)}' for n, d in sites.items())}; "
                      f"test {len(test)})",
             "model": f"{args.size}: {LM_SIZES[args.size]}", "seed": args.seed,
+            "pre-training epochs": args.pretrain_epochs or LM_SIZES[args.size].pretrain_epochs,
             "LoRA": f"r={rank} alpha={2 * rank} on q/v (every arm)",
             "non-private": f"Adam lr {args.lr}, {args.epochs} epochs, batch 32",
             "federated DP": f"{args.rounds} rounds x {args.local_epochs} local epoch(s), "
