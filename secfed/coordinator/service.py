@@ -723,9 +723,25 @@ class Coordinator:
         if head is not None:
             self.emit("ledger_head", round=round_number, enterprise=sender, stage="applied",
                       index=head.index)
+        if confirmation.contribution_hex:
+            await self._carried_report(sender, round_number, confirmation.contribution_hex)
         await self._notify(self._arrived)
         return SubmitAck(accepted=True, duplicate=prior is not None, round_number=round_number,
                          stage="done", sha256=hashlib.sha256(message).hexdigest())
+
+    async def _carried_report(self, sender: str, round_number: int, report_hex: str) -> None:
+        """A probed round's contribution report carried on ``sender``'s confirmation: taken
+        exactly as a contribute-stage message (same checks, same transcript row; a retried
+        confirmation's copy is a duplicate). A refused report (late: the stage closed at its
+        deadline; malformed) costs the site its share that round, never its confirmation,
+        which is recorded already: the event ``message_refused`` says why."""
+        envelope = Envelope(round_number=round_number, stage=Stage.CONTRIBUTE.value,
+                            ledger_head=b"", payload=bytes.fromhex(report_hex))
+        try:
+            await self._submit(sender=sender, envelope=envelope)
+        except SecfedError as exc:
+            self.emit("message_refused", round=round_number, stage=envelope.stage, sender=sender,
+                      error=type(exc).__name__, kind=refusal_kind(type(exc).__name__, str(exc)))
 
     def _recorded_confirmation(self, sender: str, round_number: int,
                                confirmation: AppliedConfirmation) -> SubmitAck | None:

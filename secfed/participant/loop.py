@@ -194,6 +194,8 @@ class Participant:
         )
         self._ckks: Any = None
         self._sigma: float | None = None
+        # a probed round's contribution report, sent on the round's applied confirmation
+        self._contribution: dict[int, bytes] = {}
 
     def emit(self, kind: str, **fields: Any) -> None:
         self._events({"event": kind, "enterprise": self.me, "at": round(time.time(), 3), **fields})
@@ -640,8 +642,12 @@ class Participant:
             reply = machine.handle(stage, payload)
             self.emit("stage", round=spec.round_number, stage=stage.value)
             if machine.done:
-                if reply is not None:  # a probed round's contribution report, after the sum
-                    self._send(spec, stage, reply, by=by)
+                if reply is not None:  # a probed round's contribution report, after the sum:
+                    # recorded now, sent on the applied confirmation (one round trip, not two)
+                    self.state.sent(round_number=spec.round_number, stage=stage.value,
+                                    destination="coordinator", payload=reply,
+                                    protection=protection_of(stage, spec.mode).value)
+                    self._contribution[spec.round_number] = reply
                 return None
             then = machine.stage
             assert then is not None
@@ -674,8 +680,9 @@ class Participant:
         # The head after the round (it covers an entry written after the upload, e.g. a
         # distributed-DP top-up): the coordinator receipts it in this round.
         final_head = self.ledger.head_bytes()
-        confirmation = AppliedConfirmation(global_hash=new_hash, signature_hex=signature.hex(),
-                                           ledger_head_hex=final_head.hex())
+        confirmation = AppliedConfirmation(
+            global_hash=new_hash, signature_hex=signature.hex(), ledger_head_hex=final_head.hex(),
+            contribution_hex=self._contribution.pop(r, b"").hex())
         self.state.sent(round_number=r, stage="applied", destination="coordinator",
                         payload=confirmation.model_dump_json().encode(),
                         protection=Protection.SIGNED.value)

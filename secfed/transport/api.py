@@ -51,6 +51,7 @@ __all__ = [
     "RoundRefusal",
     "REFUSAL_REASONS",
     "MAX_REFUSAL_DETAIL",
+    "MAX_CONTRIBUTION_HEX",
     "refusal_signed_bytes",
     "SiteReady",
 ]
@@ -72,6 +73,9 @@ _REFUSAL_LABEL = names.LABEL_REFUSAL
 #: ``config``: the site cannot take part as configured (e.g. a missing CKKS key).
 REFUSAL_REASONS: tuple[str, ...] = ("budget", "policy", "pinned", "global_hash", "config")
 MAX_REFUSAL_DETAIL = 1000  # characters of the site's own error line (names a rule, no secret)
+# hex characters of a ContributionReport carried on a confirmation: ~30 bytes per surviving peer,
+# so this holds over 8000 peers while bounding what one request can make the coordinator parse
+MAX_CONTRIBUTION_HEX = 1 << 19
 
 
 class Envelope:
@@ -154,13 +158,23 @@ class SubmitAck(_Model):
 
 
 class AppliedConfirmation(_Model):
-    """A survivor's signed statement: after round r the global adapter hash is ``global_hash``."""
+    """A survivor's signed statement: after round r the global adapter hash is ``global_hash``.
+
+    In a probed round it also carries the site's contribution report (``contribution_hex``),
+    which the coordinator takes exactly as a contribute-stage message; the signature covers the
+    hash only, and the report, like every stage message, is bound to its sender by mutual TLS.
+    """
 
     global_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
     signature_hex: str = Field(pattern=r"^[0-9a-f]{128}$")
     ledger_head_hex: str = Field(
         "", pattern=r"^([0-9a-f]{2}){0,2048}$",
         description="the site's signed ledger head after the round (the coordinator receipts it)",
+    )
+    contribution_hex: str = Field(
+        "", max_length=MAX_CONTRIBUTION_HEX, pattern=r"^([0-9a-f]{2})*$",
+        description="a probed round's contribution report (the contribute stage's message, "
+                    "the same bytes): carried here instead of a round trip of its own",
     )
 
 
