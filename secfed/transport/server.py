@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -41,6 +42,9 @@ __all__ = ["create_app", "serve", "PeerCertH11Protocol", "BodyLimit", "PEER_KEY"
 
 PEER_KEY = "secfed.peer"
 MAX_WAIT_S = 60.0  # longest long-poll a client may ask for
+# a round number in a path: what the coordinator's SQLite state can hold (64-bit signed), so
+# an absurd one is a 422 at the door rather than an overflow (a 500) deep in the service
+RoundNumber = Annotated[int, PathParam(ge=0, le=2**62)]
 OCTET = "application/octet-stream"
 COALESCE_BYTES = 64 * 1024  # writes up to this size are joined with the others of a loop step
 
@@ -233,7 +237,7 @@ def _stage_routes(app: FastAPI, service: FederationService, caller: Callable[[Re
                         403: {"model": ErrorBody}})
     async def inbox(
         request: Request,
-        round_number: int,
+        round_number: RoundNumber,
         stage: str,
         wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S),
     ) -> Response:
@@ -249,7 +253,7 @@ def _stage_routes(app: FastAPI, service: FederationService, caller: Callable[[Re
               responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody},
                          409: {"model": ErrorBody}, 410: {"model": ErrorBody},
                          413: {"model": ErrorBody}})
-    async def submit(request: Request, round_number: int, stage: str) -> SubmitAck:
+    async def submit(request: Request, round_number: RoundNumber, stage: str) -> SubmitAck:
         sender = caller(request)
         _check_stage(stage)
         from secfed.errors import MessageFormatError
@@ -274,7 +278,7 @@ def _stage_routes(app: FastAPI, service: FederationService, caller: Callable[[Re
                          413: {"model": ErrorBody}})
     async def exchange(
         request: Request,
-        round_number: int,
+        round_number: RoundNumber,
         stage: str,
         next: str = Query(..., description="the stage whose input to wait for"),  # noqa: A002
         wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S),
@@ -299,7 +303,7 @@ def _round_routes(app: FastAPI, service: FederationService, caller: Callable[[Re
     @app.post("/v1/rounds/{round_number}/applied", response_model=SubmitAck,
               responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody},
                          409: {"model": ErrorBody}})
-    async def applied(request: Request, round_number: int,
+    async def applied(request: Request, round_number: RoundNumber,
                       confirmation: AppliedConfirmation) -> SubmitAck:
         sender = caller(request)
         return await service.confirm(sender=sender, round_number=round_number,
@@ -308,7 +312,7 @@ def _round_routes(app: FastAPI, service: FederationService, caller: Callable[[Re
     @app.post("/v1/rounds/{round_number}/refusal", response_model=SubmitAck,
               responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody},
                          409: {"model": ErrorBody}, 410: {"model": ErrorBody}})
-    async def refusal(request: Request, round_number: int, refusal: RoundRefusal) -> SubmitAck:
+    async def refusal(request: Request, round_number: RoundNumber, refusal: RoundRefusal) -> SubmitAck:
         sender = caller(request)
         return await service.refuse(sender=sender, round_number=round_number, refusal=refusal)
 
@@ -319,14 +323,14 @@ def _round_routes(app: FastAPI, service: FederationService, caller: Callable[[Re
 
     @app.get("/v1/rounds/{round_number}/outcome", response_model=RoundOutcome,
              responses={403: {"model": ErrorBody}, 409: {"model": ErrorBody}})
-    async def outcome(request: Request, round_number: int) -> RoundOutcome:
+    async def outcome(request: Request, round_number: RoundNumber) -> RoundOutcome:
         caller(request)
         return await service.outcome(round_number=round_number)
 
     @app.get("/v1/rounds/{round_number}/aggregate",
              responses={200: {"content": {OCTET: {}}}, 403: {"model": ErrorBody},
                         409: {"model": ErrorBody}})
-    async def aggregate(request: Request, round_number: int) -> Response:
+    async def aggregate(request: Request, round_number: RoundNumber) -> Response:
         sender = caller(request)
         data = await service.aggregate(sender=sender, round_number=round_number)
         return Response(content=data, media_type=OCTET)
