@@ -358,7 +358,10 @@ def json_events(path: Path) -> list[dict]:
 
 def stage_spans(path: Path) -> dict[str, list[float]]:
     """Per stage, the seconds from the previous stage's close (or the round's opening) to this
-    stage's close, one value per round after round 1, from the coordinator's event log."""
+    stage's close, one value per round after round 1, from the coordinator's event log; the
+    last span, ``confirm``, runs from the last stage's close (the sum sent) to ``round_done``
+    (every survivor confirmed). A probed round's contribute stage closes as the confirmations
+    (which carry the reports) arrive, so compare ``contribute + confirm`` with ``confirm``."""
     opened: dict[int, float] = {}
     closed: dict[int, list[tuple[float, str]]] = {}
     for e in json_events(path):
@@ -366,13 +369,15 @@ def stage_spans(path: Path) -> dict[str, list[float]]:
             opened[e["round"]] = e["at"]
         elif e.get("event") == "stage_closed":
             closed.setdefault(e["round"], []).append((e["at"], e["stage"]))
+        elif e.get("event") == "round_done":
+            closed.setdefault(e["round"], []).append((e["at"], "~confirm"))  # sorts last at ties
     spans: dict[str, list[float]] = {}
     for r, events in closed.items():
         if r == 1 or r not in opened:
             continue  # round 1 carries the connection set-up
         last = opened[r]
         for at, stage in sorted(events):
-            spans.setdefault(stage, []).append(at - last)
+            spans.setdefault(stage.lstrip("~"), []).append(at - last)
             last = at
     return spans
 
@@ -413,7 +418,19 @@ def probe_overhead(args: argparse.Namespace) -> None:
                   f"{stage} {statistics.median(spans['off'][stage]) if stage in spans['off'] else 0:.3f}"
                   f"/{statistics.median(spans['on'][stage]):.3f}"
                   for stage in spans["on"]))
+        after = {tag: sum(statistics.median(xs) for stage, xs in spans[tag].items()
+                          if stage in AFTER_UPLOAD) for tag in ("off", "on")}
+        extra = after["on"] - after["off"]
+        print(f"        stages after the uploads ({', '.join(AFTER_UPLOAD)}; sums of medians): "
+              f"off {after['off']:.3f} s, on {after['on']:.3f} s: extra {extra:.3f} s = "
+              f"{100 * extra / med['off_round']:.0f} % of the round, "
+              f"{100 * extra / med['off_period']:.0f} % of the period without probes")
     print("target (issue 17): extra time per round <= 10 % of a secure round at d = 1e6")
+
+
+# the spans the probes add to or lengthen: all after every upload is in (less load noise than
+# whole rounds, whose training and upload spans swing by more than the probes cost)
+AFTER_UPLOAD = ("probe", "consistency", "unmask", "contribute", "confirm")
 
 
 if __name__ == "__main__":
