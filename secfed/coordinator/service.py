@@ -430,6 +430,10 @@ class Coordinator:
                 else:
                     self._close_stage(live)
             await self._notify()
+            if live.status == "open" and machine.stage is Stage.CONTRIBUTE:
+                # the sum is out: the coordinator's own part of the shares runs while the
+                # sites apply it and send their reports (with their confirmations), not after
+                await asyncio.to_thread(machine.prepare_contributions)
         if live.status == "confirming":
             await self._wait_change(
                 lambda: self._all_confirmed(live) or time.time() >= live.deadline,

@@ -226,6 +226,9 @@ class CoordinatorRound:
         self._probe_reports: dict[str, ProbeReport] = {}
         self._probe: ProbeOutcome | None = None
         self._contrib: dict[str, ContributionReport] = {}
+        # (s', <U, U'>, survivor -> <upload less its known masks, U'>): see
+        # prepare_contributions; None until computed
+        self._contrib_base: tuple[int, float, dict[str, int]] | None = None
         self._dropped_pairs: list[tuple[str, str, bytes]] = []  # (survivor, dropped, pair seed)
 
     # -- public API ---------------------------------------------------------------------------
@@ -822,6 +825,24 @@ class CoordinatorRound:
                     stage="unmask",
                 )
 
+    def prepare_contributions(self) -> None:
+        """The coordinator's own part of the contribution shares -- the grid ``U'``, ``<U, U'>``
+        and each survivor's upload less its known masks along ``U'`` -- computed once the sum
+        is out (stage contribute), so the service can run it while the reports travel rather
+        than after the last one. Idempotent; :meth:`close_stage` computes it when not done.
+        Reads only the sum and the uploads, which nothing changes at this stage (reports are
+        kept apart), so it may run beside :meth:`receive`."""
+        if self._contrib_base is not None or self.stage is not Stage.CONTRIBUTE:
+            return
+        spec = self.spec
+        assert self._result is not None and self._result.ring_sum is not None
+        coarse, scale = contribution_vector(
+            self._result.ring_sum, ring_bits=spec.ring_bits, scale_bits=spec.scale_bits,
+            update_bound=contribution_bound(spec),
+        )
+        own = {i: ring_dot(self._uploads[i], coarse) for i in self._survivors}
+        self._contrib_base = (scale, signed_dot(self._result.ring_sum, coarse), own)
+
     def _close_contribute(self) -> dict[str, bytes]:
         """Contribution shares ``<u_i, U'> / <U, U'>`` of the survivors. The sum is already
         released, so nothing here aborts: both ends of a pair whose two reports disagree get no
@@ -829,11 +850,10 @@ class CoordinatorRound:
         used and both ends are listed ``unverified``; a survivor with a pair neither end
         reported gets no share (``without_share``)."""
         spec = self.spec
-        assert self._result is not None and self._result.ring_sum is not None and self._probe is not None
-        coarse, scale = contribution_vector(
-            self._result.ring_sum, ring_bits=spec.ring_bits, scale_bits=spec.scale_bits,
-            update_bound=contribution_bound(spec),
-        )
+        assert self._result is not None and self._probe is not None
+        self.prepare_contributions()
+        assert self._contrib_base is not None
+        scale, denominator, own = self._contrib_base
         reports = {p: dict(m.pair_terms) for p, m in self._contrib.items()}
         survivors = set(self._survivors)
         shares: dict[str, float] = {}
@@ -841,11 +861,10 @@ class CoordinatorRound:
         unverified: set[str] = set()
         disputed: set[str] = set()
         missing: list[str] = []
-        denominator = signed_dot(self._result.ring_sum, coarse)
         for i in self._survivors:
             pos = spec.index(i)
             # the upload less its self mask and its masks with dropped peers (_unmask_probed)
-            value = ring_dot(self._uploads[i], coarse)
+            value = own[i]
             ok = True
             for peer in self._mask_peers(i):
                 if peer not in survivors:
@@ -877,6 +896,7 @@ class CoordinatorRound:
         )
         self._result = replace(self._result, probes=self._probe)
         self._uploads = {}
+        self._contrib_base = None
         self.stage = Stage.DONE
         self._expected = frozenset()
         return {}

@@ -10,7 +10,7 @@ import pytest
 from secfed.crypto.encoding import encode
 from secfed.crypto.prg import keystream
 from secfed.errors import ConfigError, ProtocolAbort, ProtocolError
-from secfed.protocol import RoundSpec, Stage
+from secfed.protocol import CoordinatorRound, RoundSpec, Stage
 from secfed.protocol.messages import (
     SHARE_KIND_MASK_KEY,
     SHARE_KIND_SELF_MASK,
@@ -464,6 +464,32 @@ def test_contribution_pair_reports_that_disagree_leave_both_without_a_share() ->
     plain = plaintext_shares(updates, range(6))
     for i in range(2, 6):
         assert probes.contributions[f"enterprise-{i:04d}"] == pytest.approx(plain[i], abs=1e-6)
+
+
+def test_contributions_prepared_before_the_reports_arrive_give_the_shares_in_the_clear(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The service runs the coordinator's own part of the shares (grid, <U, U'>, each upload less
+    # its known masks) as soon as the sum is out, beside the reports arriving; the close must
+    # then need nothing but those parts and the reports (the uploads are dropped here to prove it).
+    real = CoordinatorRound.receive
+    prepared: list[bool] = []
+
+    def receive(self: CoordinatorRound, sender: str, payload: bytes) -> None:
+        if self.stage is Stage.CONTRIBUTE and not prepared:
+            self.prepare_contributions()
+            self.prepare_contributions()  # idempotent
+            prepared.append(True)
+            self._uploads = {}
+        real(self, sender, payload)
+
+    monkeypatch.setattr(CoordinatorRound, "receive", receive)
+    updates = role_updates(6, 1000)
+    result = simulate(updates, probes=32, clip_bound=CLIP)
+    assert prepared and result.probes is not None
+    plain = plaintext_shares(updates, range(6))
+    assert set(result.probes.contributions) == {f"enterprise-{i:04d}" for i in range(6)}
+    for i in range(6):
+        assert result.probes.contributions[f"enterprise-{i:04d}"] == pytest.approx(plain[i], abs=1e-6)
 
 
 def test_excluded_enterprise_is_asked_only_for_its_pairwise_key() -> None:
