@@ -82,6 +82,16 @@ class FlowerCoordinator(Coordinator):
                          abort_reason=live.abort_reason)
 
 
+    async def neighbourhoods(self, round_number: int) -> dict[str, frozenset[str]]:
+        """secagg+: each member's neighbourhood (itself and its neighbours) in ``round_number``,
+        the confirmations its site checks; empty in other modes or once the round is gone."""
+        live = self._live
+        if live is None or live.spec.round_number != round_number:
+            return {}
+        got = {p: live.machine.neighbourhood(p) for p in live.spec.participants}
+        return {p: near for p, near in got.items() if near is not None}
+
+
 @dataclass
 class RunSummary:
     """What a run measured: seconds per round, the node -> enterprise map, and per round each
@@ -244,7 +254,10 @@ class SecfedWorkflow:
         stage = "advertise"
         shown = info.model_dump_json()  # once, not once per node: it lists every participant
         fields = {e: {"round": r, "info": shown} for e in self.node_of if e not in self.gone}
+        near: dict[str, frozenset[str]] = {}
         while True:
+            if stage == "done":  # the graph is fixed; read before the round can be replaced
+                near = loop.call(coordinator.neighbourhoods(r))
             answers = self._exchange(grid, stage, fields)
             for eid, (kind, payload) in answers.items():
                 self._accept(loop, coordinator, eid, r, stage, kind, payload)
@@ -264,7 +277,7 @@ class SecfedWorkflow:
                 if payload is not None:
                     fields[eid] = {"round": r, "payload": payload,
                                    "deadline": info.stage_deadline_unix or 0.0}
-        return self._close_round(grid, loop, coordinator, r, info)
+        return self._close_round(grid, loop, coordinator, r, near)
 
     def _accept(self, loop: _LoopThread, coordinator: FlowerCoordinator, eid: str, r: int,
                 stage: str, kind: str, payload: bytes) -> None:
@@ -288,16 +301,18 @@ class SecfedWorkflow:
                       reason=f"{type(exc).__name__}: {exc}")
 
     def _close_round(self, grid: Any, loop: _LoopThread, coordinator: FlowerCoordinator,
-                     r: int, info: RoundInfo) -> dict[str, Any]:
-        """Send the round's outcome (receipts) to every node still here; collect reports."""
+                     r: int, near: dict[str, frozenset[str]]) -> dict[str, Any]:
+        """Send the round's outcome (receipts) to every node still here; collect reports.
+        ``near``: secagg+ neighbourhoods, whose confirmations each site is sent."""
         outcome = loop.call(coordinator.outcome(round_number=r))
         last = r >= self.fed.rounds
         status = "aborted" if outcome.status == "aborted" else ("finished" if last else "done")
         settled = RoundInfo(round_number=r, status=status, abort_reason=outcome.abort_reason)  # type: ignore[arg-type]
         shown = settled.model_dump_json()
         # Each node gets its own receipts only (a site keeps its own; the others' would make
-        # the step n^2 bytes), and every peer's signed confirmation, which each site checks.
-        fields = {e: {"round": r, "outcome": outcome_for(outcome, e), "info": shown}
+        # the step n^2 bytes), and the signed confirmations it checks: in secagg+ its
+        # neighbourhood's (k + 1), otherwise every survivor's.
+        fields = {e: {"round": r, "outcome": outcome_for(outcome, e, near.get(e)), "info": shown}
                   for e in self.node_of if e not in self.gone}
         reports: dict[str, Any] = {}
         for eid, (kind, payload) in self._exchange(grid, OUTCOME, fields).items():
@@ -313,10 +328,16 @@ class SecfedWorkflow:
                 "gone": sorted(self.gone)}
 
 
-def outcome_for(outcome: RoundOutcome, enterprise: str) -> str:
-    """``outcome`` as ``enterprise``'s node gets it (JSON): its own receipts, not every site's."""
-    mine = {enterprise: outcome.receipts[enterprise]} if enterprise in outcome.receipts else {}
-    return outcome.model_copy(update={"receipts": mine}).model_dump_json()
+def outcome_for(outcome: RoundOutcome, enterprise: str,
+                neighbourhood: frozenset[str] | None = None) -> str:
+    """``outcome`` as ``enterprise``'s node gets it (JSON): its own receipts, not every site's,
+    and, given its secagg+ ``neighbourhood``, only the confirmations of that neighbourhood (the
+    ones its site checks, :meth:`secfed.participant.loop.Participant.check_peers`)."""
+    update: dict[str, Any] = {
+        "receipts": {enterprise: outcome.receipts[enterprise]} if enterprise in outcome.receipts else {}}
+    if neighbourhood is not None:
+        update["confirmations"] = {p: c for p, c in outcome.confirmations.items() if p in neighbourhood}
+    return outcome.model_copy(update=update).model_dump_json()
 
 
 def make_server_app(coordinator_kit: str | Path | None = None, **options: Any) -> Any:

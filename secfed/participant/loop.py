@@ -554,7 +554,7 @@ class Participant:
         by = clock.cutoff(Stage.DONE)
         new_hash, final_head = self._apply_and_confirm(spec, result, by)
         return self._settle(spec, result, new_hash, {(head, "upload"), (final_head, "applied")},
-                            epsilon, detail, by)
+                            epsilon, detail, by, peers=machine.neighbourhood)
 
     def _enter(self, spec: RoundSpec, hook: DistributedDP | None,
                clock: StageClock) -> ParticipantRound:
@@ -694,9 +694,10 @@ class Participant:
 
     def _settle(self, spec: RoundSpec, result: ParticipantResult, new_hash: str,
                 heads: set[tuple[bytes, str]], epsilon: float, detail: str,
-                by: float | None = None) -> RoundReport:
-        """After the confirmation: keep the receipts of ``heads``, check the peers' signed
-        hashes, evaluate, record the round as done. The sum is applied and confirmed by now:
+                by: float | None = None, *, peers: frozenset[str] | None = None) -> RoundReport:
+        """After the confirmation: keep the receipts of ``heads``, check the signed hashes of
+        ``peers`` (secagg+: this site and its neighbours; ``None``: everyone), evaluate, record
+        the round as done. The sum is applied and confirmed by now:
         a coordinator that does not answer by ``by`` costs the receipts and the peer check
         (events ``receipt_missing`` / ``peers_unchecked``), not the round."""
         r = spec.round_number
@@ -706,7 +707,7 @@ class Participant:
             self.emit("settle_unknown", round=r, reason=str(exc))
         self._keep_receipts(r, sent=heads, by=by)
         try:
-            self.emit("peers_agree", round=r, signatures=self.check_peers(r, by=by))
+            self.emit("peers_agree", round=r, signatures=self.check_peers(r, by=by, peers=peers))
         except ProtocolAbort as exc:
             self.emit("peers_disagree", round=r, reason=str(exc))
         except TransportError as exc:
@@ -877,18 +878,28 @@ class Participant:
         return total, members
 
     def check_peers(self, round_number: int, *, expected_hash: str | None = None,
-                    by: float | None = None) -> int:
-        """Verify the peers' signed confirmations of round ``round_number``'s new global hash.
+                    by: float | None = None, peers: frozenset[str] | None = None) -> int:
+        """Verify the signed confirmations of round ``round_number``'s new global hash.
+
+        With ``peers`` (a secagg+ round this site took part in: itself and its k neighbours,
+        :attr:`~secfed.protocol.participant.ParticipantRound.neighbourhood`) only their
+        confirmations are verified -- k + 1 signatures per site, not n; any other the outcome
+        lists is neither verified nor counted. Without it (secagg, ckks, catch-up) every listed
+        confirmation is. Either way each verified one must be signed by its sender's pinned
+        identity key over this federation, this round and this site's own hash.
 
         Returns the number of agreeing signatures. Raises ProtocolAbort on a disagreeing or
-        badly signed confirmation, or when no peer confirmed.
+        badly signed confirmation, or when none of the parties checked confirmed.
         """
         out = self.client.outcome(round_number=round_number, until=by)
-        if not out.confirmations:
-            raise ProtocolAbort(f"round {round_number} has no signed confirmation")
+        shown = (out.confirmations if peers is None
+                 else {p: c for p, c in out.confirmations.items() if p in peers})
+        if not shown:
+            whose = "" if peers is None else " from this site's neighbourhood"
+            raise ProtocolAbort(f"round {round_number} has no signed confirmation{whose}")
         mine = expected_hash or self.site.global_hash()
         agree = 0
-        for peer, conf in out.confirmations.items():
+        for peer, conf in shown.items():
             try:
                 verify_signature(
                     self.roster[peer], bytes.fromhex(conf.signature_hex),

@@ -236,6 +236,14 @@ class CoordinatorRound:
     def session_id(self) -> bytes:
         return self._sid
 
+    def neighbourhood(self, member: str) -> frozenset[str] | None:
+        """secagg+: ``member`` and its neighbours once the coins fixed the graph -- whose signed
+        confirmations of the result ``member`` checks (k + 1 parties). ``None`` in ``secagg``
+        and ``ckks`` (every party checks every party) or before the graph is fixed."""
+        if self.spec.mode != "secagg+" or member not in self._graph:
+            return None
+        return self._graph[member] | {member}
+
     def expected(self) -> frozenset[str]:
         """Who the current stage still waits for."""
         return self._expected - self._received()

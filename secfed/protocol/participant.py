@@ -412,6 +412,16 @@ class ParticipantRound:
         """The session id (empty before the key roster arrives)."""
         return self._sid
 
+    @property
+    def neighbourhood(self) -> frozenset[str] | None:
+        """secagg+: this enterprise and its advertised neighbours (its share holders), once the
+        coins fixed the graph -- the parties whose signed confirmations of the result it checks
+        (k + 1 of them, not n). ``None`` in ``secagg`` and ``ckks`` (every party is every
+        party's neighbour there: everyone is checked) and before the graph is fixed."""
+        if self.spec.mode != "secagg+" or not self._holders:
+            return None
+        return self._holders
+
     def start(self) -> bytes:
         """Check the spec against policy, then create this round's keys and advertise them.
 

@@ -159,6 +159,34 @@ def test_secaggplus_site_dropped_after_upload_stays_in_the_sum(tmp_path):
     assert survivors == [6, 5] and error <= 1e-5
 
 
+def test_secaggplus_sites_are_sent_and_check_their_neighbourhoods_confirmations(tmp_path,
+                                                                                monkeypatch):
+    # issue 18: a secagg+ site checks k + 1 confirmations, not n, and is sent only those; at
+    # n = 10 (k = 8) every site has a non-neighbour, whose confirmation it is not sent
+    from secfed.participant.loop import Participant
+
+    checked: dict[str, tuple[frozenset, int]] = {}
+    real = Participant.check_peers
+
+    def spy(self, round_number, **kw):
+        n = real(self, round_number, **kw)  # raises on a missing, forged or disagreeing one
+        checked[self.me] = (kw.get("peers"), n)
+        return n
+
+    monkeypatch.setattr(Participant, "check_peers", spy)
+    OUTCOMES.clear()
+    kits, summary = run_local(tmp_path, enterprises=10, dim=64, schedule=("secagg+",), rounds=1,
+                              mods=[_record_outcomes])
+    ids = sorted(kits.enterprises)
+    assert [r["status"] for r in summary.rounds] == ["done"]
+    assert sorted(checked) == ids
+    for node, outcome in OUTCOMES:
+        me = summary.nodes[node]
+        peers, agreeing = checked[me]
+        assert me in peers and len(peers) == 9 < len(ids)
+        assert set(outcome["confirmations"]) == peers and agreeing == len(peers)
+
+
 def test_a_node_cannot_claim_another_sites_identity(tmp_path):
     # node 0 rewrites its advert to claim site 1: the signature does not verify, so it is not
     # mapped; site 1's real node is

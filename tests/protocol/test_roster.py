@@ -212,3 +212,21 @@ def test_per_party_roster_bytes_are_logarithmic_not_linear(n: int) -> None:
     got = h.parties[h.ids[0]].result()
     want = plain_sum(make_updates(n, 8), range(n))
     assert np.max(np.abs(got.aggregate - want)) < 1e-4
+
+
+def test_each_party_and_the_coordinator_agree_on_its_neighbourhood() -> None:
+    """The confirmations a secagg+ site checks after the round (issue 18: k + 1, not n) are
+    those of the same neighbourhood on both sides: the coordinator sends exactly what the site
+    will check, computed from the same committed graph; secagg keeps everyone."""
+    h = make_harness(n=30, d=8, mode="secagg+")
+    assert all(h.parties[p].neighbourhood is None for p in h.ids)  # no graph before the coins
+    h.run()
+    assert h.coord.stage is Stage.DONE
+    for p in h.ids:
+        near = h.parties[p].neighbourhood
+        assert near is not None and p in near and len(near) == h.spec.neighbours + 1 < len(h.ids)
+        assert h.coord.neighbourhood(p) == near
+        assert all(p in h.parties[q].neighbourhood for q in near)  # the relation is symmetric
+    full = make_harness(n=5, d=8, mode="secagg")
+    full.run()
+    assert full.parties["org-0"].neighbourhood is None and full.coord.neighbourhood("org-0") is None
