@@ -155,9 +155,10 @@ def _table(rows: list[tuple[int, dict[str, Any], dict[str, Any]]], args: Any) ->
              "each run its own process, per-run timeout "
              f"{args.timeout:.0f} s (Flower: {args.flower_timeout or args.timeout:.0f} s).", "",
              "| n | secfed round s | Flower round s | Flower/secfed | secfed coord CPU s | "
+             "secfed coordinator threads CPU s | "
              "Flower coord CPU s | Flower/secfed CPU | secfed bytes/ent | Flower bytes/ent | "
              "secfed max err | Flower max err | survivors (secfed) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, o, t in rows:
         ocell, rs, _ = _round_cell(o)
         fcell, ft, bound = _round_cell(t)
@@ -165,12 +166,22 @@ def _table(rows: list[tuple[int, dict[str, Any], dict[str, Any]]], args: Any) ->
         ratio = (f"{'>= ' if bound else ''}{ft / rs:.1f}x" if rs and ft else "-")
         cratio = f"{fc / oc:.1f}x" if oc and fc else "-"
         lines.append(
-            f"| {n} | {ocell} | {fcell} | {ratio} | {_fmt(oc)} | {_fmt(fc)} | {cratio} | "
+            f"| {n} | {ocell} | {fcell} | {ratio} | {_fmt(oc)} | "
+            f"{_fmt(o.get('coordinator_threads_cpu_s'))} | {_fmt(fc)} | {cratio} | "
             f"{_fmt(o.get('bytes_per_enterprise'), ',')} | {_fmt(t.get('bytes_per_enterprise'), ',')} | "
             f"{_fmt(o.get('max_abs_error'), '.2e')} | {_fmt(t.get('max_abs_error'), '.2e')} | "
             f"{o.get('survivors', o.get('error'))} |")
-    pts = [(n, o["coordinator_cpu_s"]) for n, o, _ in rows if o.get("coordinator_cpu_s")]
-    lines += ["", "secfed coordinator CPU over n (growth from the first n, against n log2 n and n^2):"]
+    lines += _curve(rows, "coordinator_cpu_s", "secfed's ServerApp process CPU (Flower's engine "
+                    "threads included)")
+    lines += _curve(rows, "coordinator_threads_cpu_s", "secfed's own coordinator threads' CPU "
+                    "(workflow, coordinator loop and its workers; no engine threads)")
+    return "\n".join(lines)
+
+
+def _curve(rows: list[tuple[int, dict[str, Any], dict[str, Any]]], key: str, what: str) -> list[str]:
+    """Growth of ``key`` over n from the first n, against n log2 n and n^2, and log-log slopes."""
+    pts = [(n, o[key]) for n, o, _ in rows if o.get(key)]
+    lines = ["", f"{what} over n (growth from the first n, against n log2 n and n^2):"]
     if pts:
         n0, c0 = pts[0]
         for n, c in pts:
@@ -180,7 +191,7 @@ def _table(rows: list[tuple[int, dict[str, Any], dict[str, Any]]], args: Any) ->
         for (na, ca), (nb, cb) in zip(pts, pts[1:]):
             lines.append(f"- log-log slope {na}->{nb}: {math.log(cb / ca) / math.log(nb / na):.2f} "
                          "(1 = linear, 2 = quadratic)")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

@@ -101,6 +101,23 @@ class RunSummary:
     nodes: dict[int, str] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     refused_adverts: list[str] = field(default_factory=list)
+    # CPU seconds of secfed's own coordinator threads (this workflow's, the coordinator's event
+    # loop and its worker threads), without the engine's threads in the same process
+    coordinator_cpu_s: float | None = None
+
+
+def _threads_cpu(name: str) -> float | None:
+    """CPU seconds so far of the thread ``name`` and of the asyncio worker threads (where its
+    ``asyncio.to_thread`` calls run); None where per-thread clocks are not available."""
+    total = 0.0
+    for t in threading.enumerate():
+        if t.ident is None or not (t.name == name or t.name.startswith("asyncio_")):
+            continue
+        try:
+            total += time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        except (AttributeError, OSError):
+            return None
+    return total
 
 
 class _LoopThread:
@@ -223,6 +240,7 @@ class SecfedWorkflow:
             ProtocolError: no node proved a roster identity.
         """
         summary = RunSummary()
+        cpu0 = time.thread_time()
         self._map_nodes(grid, summary)
         loop = _LoopThread()
         coordinator = FlowerCoordinator(self.kit, events=self._events, durable=self._durable)
@@ -244,6 +262,8 @@ class SecfedWorkflow:
         finally:
             if not driver.done():
                 driver.cancel()
+            own = _threads_cpu(loop.thread.name)
+            summary.coordinator_cpu_s = None if own is None else own + time.thread_time() - cpu0
             loop.stop()
             coordinator.state.close()
         return summary

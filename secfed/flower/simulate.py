@@ -236,6 +236,8 @@ def simulate(*, enterprises: int, dim: int, mode: str, rounds: int = 1, drop: fl
         "rounds": rounds, "drop": drop, "dropped": len(dropped),
         "round_s": [round(s, 3) for s in summary.round_s],
         "coordinator_cpu_s": round(holder.cpu_s, 3),
+        "coordinator_threads_cpu_s": (None if summary.coordinator_cpu_s is None
+                                      else round(summary.coordinator_cpu_s, 3)),
         "bytes_per_enterprise": round(total / n / rounds),
         "bytes_up_per_enterprise": round(sum(grid.received.values()) / n / rounds),
         "max_abs_error": error,

@@ -102,6 +102,8 @@ def test_rounds_complete_with_exact_sums(two_rounds):
         assert r["survivors"] == ids
         assert {e: rep["status"] for e, rep in r["reports"].items()} == {e: "done" for e in ids}
     assert sorted(summary.nodes.values()) == ids  # every node mapped through its signed advert
+    # the coordinator's own threads' CPU, measured apart from the engine's (bench/flower_scale)
+    assert summary.coordinator_cpu_s is not None and 0 < summary.coordinator_cpu_s < 600
     error, survivors = _max_abs_error(kits, "ckks", 256)
     assert survivors == [3, 3]
     assert error <= 1e-5
