@@ -1,7 +1,8 @@
 """Federated DP settings of the generative task, scored on the VALIDATION split only.
 
 The tuning harness behind ``bench/generative_utility.py``'s defaults: one federated DP-SGD run
-(FedAvg of the sites' DP-SGD deltas; the plain sum here, which SecAgg reproduces exactly) at one
+(FedAvg of the sites' DP-SGD deltas, summed by the real SecAgg state machines, or a server
+optimizer over the rounds' mean updates: ``--server-opt momentum|adam``) at one
 epsilon, with sigma from ``plan_noise`` (RDP), scored by greedy field accuracy on
 ``validation/`` -- never on ``test/``, which only the utility table reads. ``--sigma-scale 0``
 is a diagnostic (no noise: no privacy) that separates the cost of the noise from the cost of
@@ -24,10 +25,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generative_utility import cosine, model_at_rank, plan_sites, train_plain  # noqa: E402
+from generative_utility import (  # noqa: E402
+    ServerStep,
+    add_server_args,
+    cosine,
+    model_at_rank,
+    plan_sites,
+    train_plain,
+)
 
 from secfed.data.instructions import load_instruction_dataset  # noqa: E402
 from secfed.models import adapter_layout, get_flat, load_model, set_flat  # noqa: E402
+from secfed.privacy import DPSGDEvent, compose_epsilon  # noqa: E402
+from secfed.protocol.simulate import simulate  # noqa: E402
 from secfed.tasks.citysafety.generative import answer_accuracy  # noqa: E402
 from secfed.tasks.citysafety.instructions import generate_instruction_federation  # noqa: E402
 from secfed.training import DPConfig, train_local  # noqa: E402
@@ -59,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--eval-every", type=int, default=0)
+    add_server_args(ap)
     args = ap.parse_args(argv)
     if args.sigma_scale != 1.0 and not args.diagnostic:
         ap.error("--sigma-scale other than 1 runs below the planned noise: add --diagnostic")
@@ -89,8 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     model = copy.deepcopy(base)
     layout = adapter_layout(model)
     global_vec = get_flat(model, layout)
-    plans = {name: plan[:3] for name, plan in plan_sites(sites, args, args.eps).items()}
-    print(f"adapter values {layout.total}; plans (q, steps/round, sigma): {plans}", flush=True)
+    full = plan_sites(sites, args, args.eps)
+    plans = {name: plan[:3] for name, plan in full.items()}
+    ledger = {name: round(compose_epsilon(
+        [DPSGDEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)] * args.rounds,
+        delta=delta, accountant="rdp"), 3) for name, (q, steps, sigma, delta) in full.items()}
+    print(f"adapter values {layout.total}; plans (q, steps/round, sigma): {plans}; "
+          f"accountant eps (rdp, {args.rounds} rounds): {ledger}", flush=True)
+    server = ServerStep.of(args)
     for r in range(args.rounds):
         deltas = []
         for name, ds in sites.items():
@@ -101,10 +118,15 @@ def main(argv: list[str] | None = None) -> int:
                            optimizer=args.optimizer,
                            allow_zero_noise=args.diagnostic)
             deltas.append(train_local(copy.deepcopy(model), ds, config=cfg).delta)
-        global_vec = (global_vec.astype(np.float64) + np.sum(deltas, axis=0) / len(deltas)
-                      ).astype(np.float32)
+        total = np.asarray(simulate(deltas, mode="secagg", round_number=r + 1).aggregate,
+                           dtype=np.float64)  # the real SecAgg state machines' sum
+        before = global_vec
+        global_vec = server(global_vec, total / len(deltas))
         set_flat(model, layout, global_vec)
-        print(f"round {r + 1}/{args.rounds} ({time.time() - start:.0f} s)", flush=True)
+        rms = float(np.sqrt(np.mean((total / len(deltas)) ** 2)))
+        moved = float(np.sqrt(np.mean((global_vec.astype(np.float64) - before) ** 2)))
+        print(f"round {r + 1}/{args.rounds} ({time.time() - start:.0f} s): mean update rms "
+              f"{rms:.2e}, server step rms {moved:.2e}", flush=True)
         if args.eval_every and (r + 1) % args.eval_every == 0 and r + 1 < args.rounds:
             score(model, f"federated round {r + 1}")
     score(model, f"federated DP eps={args.eps:g} ({vars(args)})")

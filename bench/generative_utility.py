@@ -74,6 +74,59 @@ def train_plain(model, dataset, *, epochs: int, lr: float, batch: int, seed: int
             opt.step()
 
 
+class ServerStep:
+    """The server step over the rounds' mean updates (post-processing of the public aggregate).
+
+    ``avg``: FedAvg, ``x += lr * mean``. ``momentum`` (DP-FedAvg with server momentum, McMahan et
+    al. 2018): ``m = beta * m + mean; x += lr * m`` (Nesterov: ``x += lr * (beta * m + mean)``).
+    ``adam`` (FedAdam, Reddi et al. 2021): ``m = b1 m + (1 - b1) mean; v = b2 v + (1 - b2)
+    mean^2; x += lr * m / (sqrt(v) + tau)``. float64 state; the new global vector is float32.
+    """
+
+    def __init__(self, kind: str = "avg", lr: float = 1.0, momentum: float = 0.0,
+                 beta2: float = 0.99, tau: float = 1e-3, nesterov: bool = False) -> None:
+        self.kind, self.lr, self.beta, self.beta2, self.tau = kind, lr, momentum, beta2, tau
+        self.nesterov = nesterov
+        self.m: np.ndarray | None = None
+        self.v: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, args) -> ServerStep:
+        return cls(getattr(args, "server_opt", "avg"), getattr(args, "server_lr", 1.0),
+                   getattr(args, "server_momentum", 0.0), getattr(args, "server_beta2", 0.99),
+                   getattr(args, "server_tau", 1e-3), getattr(args, "server_nesterov", False))
+
+    def __call__(self, global_vec: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        x = global_vec.astype(np.float64)
+        d = np.asarray(mean, dtype=np.float64)
+        if self.m is None:
+            self.m = np.zeros_like(d)
+            self.v = np.zeros_like(d)
+        if self.kind == "avg":
+            step = d
+        elif self.kind == "momentum":
+            self.m = self.beta * self.m + d
+            step = self.beta * self.m + d if self.nesterov else self.m
+        elif self.kind == "adam":
+            self.m = self.beta * self.m + (1.0 - self.beta) * d
+            self.v = self.beta2 * self.v + (1.0 - self.beta2) * d * d
+            step = self.m / (np.sqrt(self.v) + self.tau)
+        else:
+            raise ValueError(f"unknown server optimizer {self.kind!r}")
+        return (x + self.lr * step).astype(np.float32)
+
+
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--server-opt", default="avg", choices=["avg", "momentum", "adam"],
+                    help="server step over the rounds' mean updates (post-processing)")
+    ap.add_argument("--server-lr", type=float, default=1.0)
+    ap.add_argument("--server-momentum", type=float, default=0.0,
+                    help="momentum beta (momentum) or beta1 (adam)")
+    ap.add_argument("--server-beta2", type=float, default=0.99)
+    ap.add_argument("--server-tau", type=float, default=1e-3)
+    ap.add_argument("--server-nesterov", action="store_true")
+
+
 def plan_sites(sites: dict, args, epsilon: float) -> dict:
     """Per site (q, steps per round, sigma, delta): q from ``--dp-batch``, ``--local-epochs``
     per round, sigma planned by the RDP accountant for ``--rounds`` rounds at ``epsilon``."""
@@ -98,6 +151,7 @@ def federated_dp(model0, sites: dict, *, epsilon: float, args, stats: dict):
         k: round(compose_epsilon([DPSGDEvent(noise_multiplier=v[2], sample_rate=v[0],
                                              steps=v[1])] * args.rounds, delta=v[3],
                                  accountant="rdp"), 3) for k, v in plans.items()}
+    server = ServerStep.of(args)
     for r in range(args.rounds):
         deltas = []
         for name, ds in sites.items():
@@ -109,7 +163,7 @@ def federated_dp(model0, sites: dict, *, epsilon: float, args, stats: dict):
             deltas.append(train_local(local, ds, config=cfg).delta)
         total = np.asarray(simulate(deltas, mode="secagg", round_number=r + 1).aggregate,
                            dtype=np.float64)
-        global_vec = (global_vec.astype(np.float64) + total / len(deltas)).astype(np.float32)
+        global_vec = server(global_vec, total / len(deltas))
         set_flat(model, layout, global_vec)
         log(f"  eps={epsilon:g} round {r + 1}/{args.rounds}")
     return model
