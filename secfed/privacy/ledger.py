@@ -367,7 +367,7 @@ _SELECT = ("SELECT idx, round_number, session_id, event, eps_prv, eps_rdp, delta
            " prev_hash, entry_hash, signature FROM entries ORDER BY idx")
 
 
-class Ledger:
+class Ledger(contextlib.AbstractContextManager["Ledger"]):
     """An enterprise's open privacy ledger. Use :meth:`open`; one writer at a time."""
 
     def __init__(self, path: Path, conn: sqlite3.Connection, meta: dict[str, str],
@@ -468,9 +468,6 @@ class Ledger:
 
     def close(self) -> None:
         self._conn.close()
-
-    def __enter__(self) -> Ledger:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()

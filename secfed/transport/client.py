@@ -16,6 +16,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ def _transport(ssl_context: Any) -> httpx.HTTPTransport:
     return transport
 
 
-class CoordinatorClient:
+class CoordinatorClient(AbstractContextManager["CoordinatorClient"]):
     """Calls the coordinator's API as one enterprise.
 
     Args:
@@ -151,9 +152,6 @@ class CoordinatorClient:
 
     def close(self) -> None:
         self._http.close()
-
-    def __enter__(self) -> CoordinatorClient:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
