@@ -635,12 +635,10 @@ def check_transcript_signed(transcript: Transcript, *, federation: str | None,
             failures.append(_fail("transcript_signed", subject,
                                   f"round {r}: closed by a later round but not signed",
                                   round_number=r))
-    if failures:
-        return failures
     tail = f"; round {newest} not sealed yet (in flight)" if newest in unsealed else ""
-    return [_pass("transcript_signed", subject,
-                  f"{len(transcript.seals)} rounds sealed by the pinned coordinator key, each "
-                  f"chained to the one before{tail}")]
+    return failures or [_pass("transcript_signed", subject,
+                              f"{len(transcript.seals)} rounds sealed by the pinned coordinator "
+                              f"key, each chained to the one before{tail}")]
 
 
 def check_receipts(audit: LedgerAudit, path: Path, *, federation: str | None,
@@ -690,11 +688,9 @@ def check_receipts(audit: LedgerAudit, path: Path, *, federation: str | None,
                                       f"round {rc.round_number}: the receipt pins a transcript up "
                                       f"to round {rc.round_number - 1} that differs from the one "
                                       "given (transcript rolled back or re-signed)", **where))
-    if failures:
-        return failures
-    return [_pass("ledger_receipts", eid,
-                  f"{len(receipts)} coordinator receipts verify and match the ledger"
-                  + (" and the transcript" if transcript is not None else ""))]
+    return failures or [_pass("ledger_receipts", eid,
+                              f"{len(receipts)} coordinator receipts verify and match the ledger"
+                              + (" and the transcript" if transcript is not None else ""))]
 
 
 def _instant(text: str | None) -> float | None:
@@ -825,10 +821,8 @@ def check_releases(audit: LedgerAudit, *, transcript: Transcript | None,
             failures.append(_fail("ledger_releases", eid, f"entry {entry.index} releases the "
                                   f"charge of round {r} but the site's outbound log shows its "
                                   "update sent in that round (released wrongly)", **where))
-    if failures:
-        return failures
-    return [_pass("ledger_releases", eid,
-                  f"{len(releases)} released charges (rounds "
-                  f"{sorted({e.round_number for e in releases})}): the transcript holds no upload "
-                  f"of {eid!r} in those rounds" + ("" if outbound is None else
-                                                   " and neither does its outbound log"))]
+    return failures or [_pass("ledger_releases", eid,
+                              f"{len(releases)} released charges (rounds "
+                              f"{sorted({e.round_number for e in releases})}): the transcript "
+                              f"holds no upload of {eid!r} in those rounds"
+                              + ("" if outbound is None else " and neither does its outbound log"))]
