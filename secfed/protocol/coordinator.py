@@ -288,29 +288,16 @@ class CoordinatorRound:
             ProtocolAbort: fewer parties than the quorum remain (names stage and counts).
         """
         stage = self.stage
+        close = self._CLOSERS.get(stage)
+        if close is None:
+            raise ProtocolError(f"no stage to close (stage is {stage.value})")
         try:
-            if stage is Stage.ADVERTISE:
-                return self._close_advertise()
-            if stage is Stage.REVEAL:
-                return self._close_reveal()
-            if stage is Stage.SHARE:
-                return self._close_share()
-            if stage is Stage.UPLOAD:
-                return self._close_upload()
-            if stage is Stage.PROBE:
-                return self._close_probe()
-            if stage is Stage.CONSISTENCY:
-                return self._close_consistency()
-            if stage is Stage.UNMASK:
-                return self._close_unmask()
-            if stage is Stage.CONTRIBUTE:
-                return self._close_contribute()
+            return close(self)
         except ProtocolAbort as exc:
             self.stage = Stage.ABORTED
             if exc.stage is None:
                 exc.stage = stage.value
             raise
-        raise ProtocolError(f"no stage to close (stage is {stage.value})")
 
     def result(self) -> CoordinatorResult:
         if self._result is None:
@@ -342,24 +329,18 @@ class CoordinatorRound:
 
     # -- internals ----------------------------------------------------------------------------
     def _received(self) -> frozenset[str]:
-        st = self.stage
-        if st is Stage.ADVERTISE:
-            return frozenset(self._adverts)
-        if st is Stage.REVEAL:
-            return frozenset(self._coins)
-        if st is Stage.SHARE:
-            return frozenset(self._shares)
-        if st is Stage.UPLOAD:
-            return frozenset(self._ckks_uploads if self.spec.mode == "ckks" else self._heads)
-        if st is Stage.PROBE:
-            return frozenset(self._probe_reports)
-        if st is Stage.CONSISTENCY:
-            return frozenset(self._consistency)
-        if st is Stage.UNMASK:
-            return frozenset(self._unmask)
-        if st is Stage.CONTRIBUTE:
-            return frozenset(self._contrib)
-        return frozenset()
+        # each stage's accepted messages, keyed by sender (upload: by mode)
+        by_stage: dict[Stage, Mapping[str, object]] = {
+            Stage.ADVERTISE: self._adverts,
+            Stage.REVEAL: self._coins,
+            Stage.SHARE: self._shares,
+            Stage.UPLOAD: self._ckks_uploads if self.spec.mode == "ckks" else self._heads,
+            Stage.PROBE: self._probe_reports,
+            Stage.CONSISTENCY: self._consistency,
+            Stage.UNMASK: self._unmask,
+            Stage.CONTRIBUTE: self._contrib,
+        }
+        return frozenset(by_stage.get(self.stage, ()))
 
     def _quorum(self, count: int, what: str) -> None:
         if count < self.spec.quorum:
@@ -927,3 +908,15 @@ class CoordinatorRound:
             spec.round_number, self._sid, tuple((p, *self._ckks_uploads[p]) for p in members)
         ).to_bytes()
         return {p: payload for p in members}
+
+    #: The method that ends each message stage (:meth:`close_stage`); the other stages have none.
+    _CLOSERS: ClassVar[dict[Stage, Callable[[CoordinatorRound], dict[str, bytes]]]] = {
+        Stage.ADVERTISE: _close_advertise,
+        Stage.REVEAL: _close_reveal,
+        Stage.SHARE: _close_share,
+        Stage.UPLOAD: _close_upload,
+        Stage.PROBE: _close_probe,
+        Stage.CONSISTENCY: _close_consistency,
+        Stage.UNMASK: _close_unmask,
+        Stage.CONTRIBUTE: _close_contribute,
+    }
