@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -808,14 +808,7 @@ class ParticipantRound:
                 f"probe request asks for {req.probes} probes; the round terms announce "
                 f"{spec.probes}: each probe reveals one more scalar of every update"
             )
-        last = -1
-        for sender, _ in req.uploads:
-            pos = spec.index(sender)
-            if pos <= last:
-                raise ProtocolAbort("probe request must list each upload once, in spec order")
-            last = pos
-            if sender not in self._members:
-                raise ProtocolAbort(f"probe request lists {sender!r}, which never advertised keys")
+        self._check_listed((sender for sender, _ in req.uploads), "probe request", "upload")
         digests = dict(req.uploads)
         if digests.get(self.me) != self._upload_digest:
             raise ProtocolAbort(
@@ -857,16 +850,22 @@ class ParticipantRound:
         self.stage = Stage.DONE
         return ContributionReport(spec.round_number, self._sid, self.me, tuple(zip(peers, terms))).to_bytes()
 
+    def _check_listed(self, names: Iterable[str], what: str, item: str) -> None:
+        """``names``, a list the coordinator sent (``what``, of ``item``s), holds each party at
+        most once, in spec order, and only parties that advertised keys."""
+        last = -1
+        for name in names:
+            pos = self.spec.index(name)
+            if pos <= last:
+                raise ProtocolAbort(f"{what} must list each {item} once, in spec order")
+            last = pos
+            if name not in self._members:
+                raise ProtocolAbort(f"{what} lists {name!r}, which never advertised keys")
+
     def _check_survivor_list(self, survivors: tuple[str, ...]) -> None:
         spec = self.spec
-        last = -1
+        self._check_listed(survivors, "survivor set", "participant")
         for s in survivors:
-            pos = spec.index(s)
-            if pos <= last:
-                raise ProtocolAbort("survivor set must list each participant once, in spec order")
-            last = pos
-            if s not in self._members:
-                raise ProtocolAbort(f"survivor {s!r} never advertised keys")
             if s in self._holders and s != self.me and s not in self._peers:
                 raise ProtocolAbort(f"survivor {s!r} is a neighbour that never sent this enterprise shares")
         if self.me not in survivors:
