@@ -214,6 +214,11 @@ def _check_stage(stage: str) -> None:
         raise MessageFormatError(f"stage must be one of {STAGES} (got {stage!r})")
 
 
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for status codes whose body is an :class:`ErrorBody`."""
+    return {code: {"model": ErrorBody} for code in codes}
+
+
 def _stage_routes(app: FastAPI, service: FederationService, caller: Callable[[Request], str]
                   ) -> None:
     """The protocol's routes: health, the round's info, each stage's inbox and submissions."""
@@ -223,7 +228,7 @@ def _stage_routes(app: FastAPI, service: FederationService, caller: Callable[[Re
         return {"status": "ok", "caller": caller(request)}
 
     @app.get("/v1/round", response_model=RoundInfo,
-             responses={403: {"model": ErrorBody}, 400: {"model": ErrorBody}})
+             responses=_errors(403, 400))
     async def current_round(
         request: Request,
         after: int = Query(0, ge=0, le=2**62),
@@ -233,8 +238,7 @@ def _stage_routes(app: FastAPI, service: FederationService, caller: Callable[[Re
 
     @app.get("/v1/rounds/{round_number}/inbox/{stage}",
              responses={200: {"content": {OCTET: {}}}, 425: {"description": "stage not open yet"},
-                        409: {"model": ErrorBody}, 410: {"model": ErrorBody},
-                        403: {"model": ErrorBody}})
+                        **_errors(409, 410, 403)})
     async def inbox(
         request: Request,
         round_number: RoundNumber,
@@ -250,9 +254,7 @@ def _stage_routes(app: FastAPI, service: FederationService, caller: Callable[[Re
 
     @app.post("/v1/rounds/{round_number}/stages/{stage}", response_model=SubmitAck,
               openapi_extra=BINARY_BODY,
-              responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody},
-                         409: {"model": ErrorBody}, 410: {"model": ErrorBody},
-                         413: {"model": ErrorBody}})
+              responses=_errors(400, 403, 409, 410, 413))
     async def submit(request: Request, round_number: RoundNumber, stage: str) -> SubmitAck:
         sender = caller(request)
         _check_stage(stage)
@@ -273,9 +275,7 @@ def _stage_routes(app: FastAPI, service: FederationService, caller: Callable[[Re
                                "description": "accepted; the caller's input for stage `next`"},
                          202: {"model": SubmitAck,
                                "description": "accepted; stage `next` not open within `wait`"},
-                         400: {"model": ErrorBody}, 403: {"model": ErrorBody},
-                         409: {"model": ErrorBody}, 410: {"model": ErrorBody},
-                         413: {"model": ErrorBody}})
+                         **_errors(400, 403, 409, 410, 413)})
     async def exchange(
         request: Request,
         round_number: RoundNumber,
@@ -301,8 +301,7 @@ def _round_routes(app: FastAPI, service: FederationService, caller: Callable[[Re
     """A round's other routes: confirmations, refusals, readiness, outcomes, aggregates."""
 
     @app.post("/v1/rounds/{round_number}/applied", response_model=SubmitAck,
-              responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody},
-                         409: {"model": ErrorBody}})
+              responses=_errors(400, 403, 409))
     async def applied(request: Request, round_number: RoundNumber,
                       confirmation: AppliedConfirmation) -> SubmitAck:
         sender = caller(request)
@@ -310,26 +309,24 @@ def _round_routes(app: FastAPI, service: FederationService, caller: Callable[[Re
                                      confirmation=confirmation)
 
     @app.post("/v1/rounds/{round_number}/refusal", response_model=SubmitAck,
-              responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody},
-                         409: {"model": ErrorBody}, 410: {"model": ErrorBody}})
+              responses=_errors(400, 403, 409, 410))
     async def refusal(request: Request, round_number: RoundNumber, refusal: RoundRefusal) -> SubmitAck:
         sender = caller(request)
         return await service.refuse(sender=sender, round_number=round_number, refusal=refusal)
 
     @app.post("/v1/ready", response_model=RoundInfo,
-              responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody}})
+              responses=_errors(400, 403))
     async def ready(request: Request, body: SiteReady) -> RoundInfo:  # noqa: ARG001
         return await service.ready(sender=caller(request))
 
     @app.get("/v1/rounds/{round_number}/outcome", response_model=RoundOutcome,
-             responses={403: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+             responses=_errors(403, 409))
     async def outcome(request: Request, round_number: RoundNumber) -> RoundOutcome:
         caller(request)
         return await service.outcome(round_number=round_number)
 
     @app.get("/v1/rounds/{round_number}/aggregate",
-             responses={200: {"content": {OCTET: {}}}, 403: {"model": ErrorBody},
-                        409: {"model": ErrorBody}})
+             responses={200: {"content": {OCTET: {}}}, **_errors(403, 409)})
     async def aggregate(request: Request, round_number: RoundNumber) -> Response:
         sender = caller(request)
         data = await service.aggregate(sender=sender, round_number=round_number)
