@@ -115,35 +115,53 @@ def pretrain_base_lm(out_dir: Path | str, *, size: str = "demo", seed: int = 0,
 def _train_lm(lm: nn.Module, rows: list[list[int]], *, pad: int, epochs: int, seed: int,
               log: Callable[[str], None] | None, batch: int = 64, lr: float = 3e-3) -> None:
     """Plain causal-LM training on token rows (every token predicted), AdamW, one-cycle LR."""
-    steps = epochs * math.ceil(len(rows) / batch)
+
+    def batch_loss(indices: list[int]) -> torch.Tensor:
+        chunk = [rows[i] for i in indices]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(chunk):
+            ids[j, :len(r)] = torch.tensor(r)
+            mask[j, :len(r)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    train_in_batches(lm, list(lm.parameters()), batch_loss, rows=len(rows), epochs=epochs,
+                     steps=epochs * math.ceil(len(rows) / batch), batch=batch, lr=lr, seed=seed,
+                     log=log, what="language model pre-training", loss_name="loss")
+    lm.eval()
+
+
+def train_in_batches(model: nn.Module, params: list[nn.Parameter],
+                     batch_loss: Callable[[list[int]], torch.Tensor], *, rows: int, epochs: int,
+                     steps: int, batch: int, lr: float, seed: int,
+                     log: Callable[[str], None] | None, what: str, loss_name: str) -> None:
+    """Train ``params`` of ``model`` for ``epochs`` passes over ``rows`` examples in shuffled
+    batches: AdamW (weight decay 0.01), a one-cycle LR over ``steps``, gradient norm clipped to 1.
+
+    ``batch_loss`` maps a batch's row indices to its loss. Seeded by ``seed`` inside a forked
+    RNG (the caller's torch RNG is untouched); leaves ``model`` in train mode. Logs each
+    epoch's mean loss as ``"<what> epoch e/E: <loss_name> x"``.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-        lm.train()
+        model.train()
         for epoch in range(epochs):
-            order = torch.randperm(len(rows)).tolist()
+            order = torch.randperm(rows).tolist()
             total, count = 0.0, 0
             for start in range(0, len(order), batch):
-                chunk = [rows[i] for i in order[start:start + batch]]
-                width = max(len(r) for r in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for j, r in enumerate(chunk):
-                    ids[j, :len(r)] = torch.tensor(r)
-                    mask[j, :len(r)] = 1
-                labels = ids.masked_fill(mask == 0, -100)
-                loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss = batch_loss(order[start:start + batch])
                 opt.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 sched.step()
                 total, count = total + float(loss.detach()), count + 1
             if log is not None:
-                log(f"language model pre-training epoch {epoch + 1}/{epochs}: "
-                    f"loss {total / max(count, 1):.3f}")
-    lm.eval()
+                log(f"{what} epoch {epoch + 1}/{epochs}: {loss_name} {total / max(count, 1):.3f}")
 
 
 def prepare_generative_model(out_dir: Path | str, *, seed: int, size: str = "demo",

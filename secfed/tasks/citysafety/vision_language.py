@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from secfed.errors import ModelError
+from secfed.tasks.citysafety.generative import train_in_batches
 from secfed.tasks.citysafety.scenes import FRAME_SIZE, render_scene
 from secfed.tasks.citysafety.taxonomy import HAZARD_CLASSES, HAZARD_DESCRIPTIONS
 
@@ -90,35 +91,22 @@ def _align(model: nn.Module, tokenizer, size: VisionSize, *, seed: int,
     params = [p for p in model.parameters() if p.requires_grad]
     steps = max(1, size.align_epochs * math.ceil(len(rows) / batch))
     pad = int(tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-        model.train()
-        for epoch in range(size.align_epochs):
-            order = torch.randperm(len(rows)).tolist()
-            total, count = 0.0, 0
-            for start in range(0, len(order), batch):
-                chunk = order[start:start + batch]
-                width = max(len(rows[i]) for i in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                labels = torch.full_like(ids, -100)
-                for j, i in enumerate(chunk):
-                    ids[j, :len(rows[i])] = torch.tensor(rows[i])
-                    mask[j, :len(rows[i])] = 1
-                    labels[j, starts[i]:len(rows[i])] = ids[j, starts[i]:len(rows[i])]
-                loss = model(input_ids=ids, attention_mask=mask, pixel_values=frames[chunk],
-                             labels=labels).loss
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                total, count = total + float(loss.detach()), count + 1
-            if log is not None:
-                log(f"vision-language alignment epoch {epoch + 1}/{size.align_epochs}: "
-                    f"caption loss {total / max(count, 1):.3f}")
+
+    def batch_loss(chunk: list[int]) -> torch.Tensor:
+        width = max(len(rows[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for j, i in enumerate(chunk):
+            ids[j, :len(rows[i])] = torch.tensor(rows[i])
+            mask[j, :len(rows[i])] = 1
+            labels[j, starts[i]:len(rows[i])] = ids[j, starts[i]:len(rows[i])]
+        return model(input_ids=ids, attention_mask=mask, pixel_values=frames[chunk],
+                     labels=labels).loss
+
+    train_in_batches(model, params, batch_loss, rows=len(rows), epochs=size.align_epochs,
+                     steps=steps, batch=batch, lr=lr, seed=seed, log=log,
+                     what="vision-language alignment", loss_name="caption loss")
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
