@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -91,19 +91,28 @@ def _require(value: torch.Tensor | None, key: str, kind: str) -> torch.Tensor:
     return value
 
 
-class TextClassifier(nn.Module):
-    """A BERT-like text tower, pooled, then one Linear head."""
+class _OneTowerClassifier(nn.Module):
+    """One tower (the ``role`` tower, kept as attribute ``<role>_tower``), then one Linear head."""
 
     head_modules = ("head",)
+    role: ClassVar[str]
 
-    def __init__(self, text_tower: nn.Module, spec: ClassifierSpec) -> None:
+    def __init__(self, tower: nn.Module, spec: ClassifierSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.text_tower = text_tower
-        self.head = nn.Linear(_hidden_size(text_tower, "text"), spec.num_classes)
+        # the attribute's name is part of every parameter name (LoRA targets, adapter layout)
+        setattr(self, f"{self.role}_tower", tower)
+        self.head = nn.Linear(_hidden_size(tower, self.role), spec.num_classes)
 
     def towers(self) -> dict[str, nn.Module]:
-        return {"text": self.text_tower}
+        return {self.role: getattr(self, f"{self.role}_tower")}
+
+
+class TextClassifier(_OneTowerClassifier):
+    """A BERT-like text tower, pooled, then one Linear head."""
+
+    role = "text"
+    text_tower: nn.Module
 
     def forward(
         self,
@@ -116,19 +125,11 @@ class TextClassifier(nn.Module):
         return self.head(_pool(hidden, attention_mask, self.spec.text_pooling))
 
 
-class ImageClassifier(nn.Module):
+class ImageClassifier(_OneTowerClassifier):
     """A ViT-like image tower, pooled, then one Linear head."""
 
-    head_modules = ("head",)
-
-    def __init__(self, image_tower: nn.Module, spec: ClassifierSpec) -> None:
-        super().__init__()
-        self.spec = spec
-        self.image_tower = image_tower
-        self.head = nn.Linear(_hidden_size(image_tower, "image"), spec.num_classes)
-
-    def towers(self) -> dict[str, nn.Module]:
-        return {"image": self.image_tower}
+    role = "image"
+    image_tower: nn.Module
 
     def forward(self, pixel_values: torch.Tensor | None = None, **unused: Any) -> torch.Tensor:
         pixels = _require(pixel_values, "pixel_values", "image")
