@@ -68,3 +68,31 @@ def test_every_from_pretrained_is_local_only_and_says_why_it_is_silenced() -> No
                 assert NOSEC_B615.search(lines[call.lineno - 1]), \
                     f"{where}: needs '# nosec B615  # <why it is local-only>' on its first line"
     assert seen >= 4  # the tower, tokenizer and MiniLM loads exist and were checked
+
+
+MAX_FUNCTION_LINES = 100  # issue 21's limit; FastAPI route closures live in small route builders
+
+
+def _long_functions(roots: tuple[str, ...]) -> list[str]:
+    found = []
+    for root in roots:
+        for path in sorted((ROOT / root).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                    if lines > MAX_FUNCTION_LINES:
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_in_the_package_is_over_100_lines() -> None:
+    assert _long_functions(("secfed", "crypto", "cli")) == []
+
+
+def test_the_length_check_sees_a_long_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (pkg / "m.py").write_text(f"def short():\n    return 1\n\n\ndef long():\n{body}\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert _long_functions(("pkg",)) == [f"pkg/m.py:5 long ({MAX_FUNCTION_LINES + 1} lines)"]

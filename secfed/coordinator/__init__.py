@@ -75,6 +75,27 @@ def _lock(path: Path) -> Any:
     return handle
 
 
+def _bind_ports(kit: CoordinatorKit, status_listen: str | None, status_public: bool,
+                emit: EventSink) -> tuple[str, int, Any, Any]:
+    """Bind the API port (``coordinator_url``) and, with ``status_listen``, the status page's,
+    before anything starts; a non-loopback status host without ``status_public`` is refused and
+    one with it is announced as a ``warning`` event. Returns (API host, API port, API socket,
+    status socket or None)."""
+    from secfed.transport.status_http import bind, check_listen, parse_listen
+
+    status_addr = None
+    if status_listen:
+        status_addr = parse_listen(status_listen)
+        warning = check_listen(status_addr[0], allow_remote=status_public)
+        if warning:
+            emit({"event": "warning", "warning": warning})
+    url = urlsplit(kit.federation.coordinator_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 443
+    api_sock = bind(host, port, what="coordinator (coordinator_url)")
+    status_sock = bind(*status_addr, what="--status-listen") if status_addr else None
+    return host, port, api_sock, status_sock
+
+
 def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
                     log_level: str = "warning", durable: bool = False,
                     status_listen: str | None = DEFAULT_STATUS_LISTEN,
@@ -101,23 +122,13 @@ def run_coordinator(kit_dir: str | Path, *, events: EventSink | None = None,
     from secfed.federation.lifecycle import CRL_FILE, AllowList, renew_command
     from secfed.federation.pki import check_not_expired
     from secfed.transport.server import create_app, serve
-    from secfed.transport.status_http import bind, check_listen, parse_listen
 
     kit = CoordinatorKit.load(kit_dir)
     check_not_expired(kit.cert, what="coordinator certificate",
                       renew=renew_command(kit.root.resolve().parent))
     emit = events or (lambda _e: None)
     lock = _lock(kit.state.with_name(LOCK_FILE))
-    status_addr = None
-    if status_listen:
-        status_addr = parse_listen(status_listen)
-        warning = check_listen(status_addr[0], allow_remote=status_public)
-        if warning:
-            emit({"event": "warning", "warning": warning})
-    url = urlsplit(kit.federation.coordinator_url)
-    host, port = url.hostname or "127.0.0.1", url.port or 443
-    api_sock = bind(host, port, what="coordinator (coordinator_url)")
-    status_sock = bind(*status_addr, what="--status-listen") if status_addr else None
+    host, port, api_sock, status_sock = _bind_ports(kit, status_listen, status_public, emit)
     from secfed.coordinator.memtrace import MemTrace, heap_trimmer
     from secfed.coordinator.service import Coordinator
 
