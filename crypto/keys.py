@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from cryptography.exceptions import InvalidSignature as _PycaInvalidSignature
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -55,22 +56,31 @@ def _check_len(name: str, value: bytes, expected: int) -> None:
         raise ConfigError(f"{name} must be {expected} bytes (got {len(value)})")
 
 
-@dataclass(frozen=True, slots=True)
-class X25519KeyPair:
-    """An ephemeral X25519 key pair (fresh per session; never persisted by the protocol)."""
+_PrivateKeyT = TypeVar("_PrivateKeyT", X25519PrivateKey, Ed25519PrivateKey)
 
-    private: X25519PrivateKey
+
+@dataclass(frozen=True, slots=True, repr=False)
+class _RawKeyPair(Generic[_PrivateKeyT]):
+    """What an X25519 and an Ed25519 key pair share: one pyca private key, moved as 32 raw bytes,
+    and a ``repr`` that shows only the start of the public key."""
+
+    private: _PrivateKeyT
+
+    # Set by each subclass: the pyca class of ``private`` (typed loosely: a ClassVar cannot
+    # name _PrivateKeyT) and the algorithm's name for errors.
+    _KEY_TYPE: ClassVar[type[Any]]
+    _ALGORITHM: ClassVar[str]
 
     @classmethod
-    def generate(cls) -> X25519KeyPair:
+    def generate(cls) -> Self:
         """A new key pair from the OS CSPRNG."""
-        return cls(X25519PrivateKey.generate())
+        return cls(cls._KEY_TYPE.generate())
 
     @classmethod
-    def from_private_bytes(cls, raw: bytes) -> X25519KeyPair:
+    def from_private_bytes(cls, raw: bytes) -> Self:
         """Rebuild from the 32-byte raw private key (for Shamir recovery and test vectors)."""
-        _check_len("x25519 private key", raw, KEY_BYTES)
-        return cls(X25519PrivateKey.from_private_bytes(bytes(raw)))
+        _check_len(f"{cls._ALGORITHM} private key", raw, KEY_BYTES)
+        return cls(cls._KEY_TYPE.from_private_bytes(bytes(raw)))
 
     def private_bytes(self) -> bytes:
         """The raw 32-byte private key. Secret: never log it."""
@@ -81,13 +91,21 @@ class X25519KeyPair:
         )
 
     def public_bytes(self) -> bytes:
-        """The raw 32-byte public key."""
+        """The raw 32-byte public key (what the roster pins for an identity)."""
         return self.private.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
 
     def __repr__(self) -> str:  # never print the secret
-        return f"X25519KeyPair(public={self.public_bytes().hex()[:16]}...)"
+        return f"{type(self).__name__}(public={self.public_bytes().hex()[:16]}...)"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class X25519KeyPair(_RawKeyPair[X25519PrivateKey]):
+    """An ephemeral X25519 key pair (fresh per session; never persisted by the protocol)."""
+
+    _KEY_TYPE = X25519PrivateKey
+    _ALGORITHM = "x25519"
 
 
 def agree(private: X25519KeyPair, peer_public: bytes) -> bytes:
@@ -143,20 +161,12 @@ def derive_key(
     return hkdf(shared_secret, salt=session_id, info=purpose + context, length=length)
 
 
-@dataclass(frozen=True, slots=True)
-class IdentityKey:
+@dataclass(frozen=True, slots=True, repr=False)
+class IdentityKey(_RawKeyPair[Ed25519PrivateKey]):
     """A long-term Ed25519 identity (an enterprise's or the coordinator's), pinned in the roster."""
 
-    private: Ed25519PrivateKey
-
-    @classmethod
-    def generate(cls) -> IdentityKey:
-        return cls(Ed25519PrivateKey.generate())
-
-    @classmethod
-    def from_private_bytes(cls, raw: bytes) -> IdentityKey:
-        _check_len("ed25519 private key", raw, KEY_BYTES)
-        return cls(Ed25519PrivateKey.from_private_bytes(bytes(raw)))
+    _KEY_TYPE = Ed25519PrivateKey
+    _ALGORITHM = "ed25519"
 
     @classmethod
     def from_pem(cls, pem: bytes) -> IdentityKey:
@@ -176,25 +186,9 @@ class IdentityKey:
             serialization.NoEncryption(),
         )
 
-    def private_bytes(self) -> bytes:
-        return self.private.private_bytes(
-            serialization.Encoding.Raw,
-            serialization.PrivateFormat.Raw,
-            serialization.NoEncryption(),
-        )
-
-    def public_bytes(self) -> bytes:
-        """The raw 32-byte public key (what the roster pins)."""
-        return self.private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-
     def sign(self, message: bytes) -> bytes:
         """A 64-byte Ed25519 signature over ``message``."""
         return self.private.sign(bytes(message))
-
-    def __repr__(self) -> str:
-        return f"IdentityKey(public={self.public_bytes().hex()[:16]}...)"
 
 
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> None:
