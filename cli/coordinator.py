@@ -6,9 +6,14 @@ from pathlib import Path
 
 import click
 
-from secfed.cli.options import json_option, report, report_import
-
-_KIT = click.Path(exists=True, file_okay=False, path_type=Path)
+from secfed.cli.options import (
+    bundle_import_options,
+    ckks_import_options,
+    json_option,
+    report,
+    report_ckks_import,
+    report_import,
+)
 
 
 @click.group("coordinator")
@@ -35,9 +40,7 @@ def init(invitation: Path, out: Path, request: Path | None, force: bool, as_json
 
 
 @command.command("import")
-@click.option("--kit", type=_KIT, required=True, help="The coordinator's kit folder.")
-@click.option("--bundle", type=_KIT, required=True, help="The admin's bundle folder.")
-@json_option
+@bundle_import_options("The coordinator's kit folder.")
 def import_bundle(kit: Path, bundle: Path, as_json: bool) -> None:
     """Check the admin's bundle against the invitation and the coordinator's keys; install it."""
     from secfed.federation.enrol import coordinator_import
@@ -46,14 +49,10 @@ def import_bundle(kit: Path, bundle: Path, as_json: bool) -> None:
 
 
 @command.command("ckks-import")
-@click.option("--kit", type=_KIT, required=True, help="The coordinator's kit folder.")
-@click.option("--from", "source", type=_KIT, required=True,
-              help="The folder written by a site's ckks-keygen (only its public context is read).")
-@json_option
+@ckks_import_options("The coordinator's kit folder.", "The folder written by a site's "
+                     "ckks-keygen (only its public context is read).")
 def ckks_import(kit: Path, source: Path, as_json: bool) -> None:
     """Install the key-free CKKS public context after checking its sender's signature."""
     from secfed.federation.enrol import coordinator_ckks_import
 
-    sender = coordinator_ckks_import(kit, source)
-    report(as_json, {"kit": str(kit), "sender": sender},
-           f"CKKS public context from {sender} installed in {kit}")
+    report_ckks_import(kit, coordinator_ckks_import(kit, source), "CKKS public context", as_json)

@@ -6,10 +6,17 @@ from pathlib import Path
 
 import click
 
-from secfed.cli.options import json_option, report, report_import
+from secfed.cli.options import (
+    bundle_import_options,
+    ckks_import_options,
+    json_option,
+    kit_option,
+    report,
+    report_ckks_import,
+    report_import,
+)
 
 _DIR = click.Path(file_okay=False, path_type=Path)
-_KIT = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
 @click.group("site")
@@ -45,9 +52,7 @@ def init(invitation: Path, enterprise_id: str, out: Path, request: Path | None,
 
 
 @command.command("import")
-@click.option("--kit", type=_KIT, required=True, help="This site's kit folder (from site init).")
-@click.option("--bundle", type=_KIT, required=True, help="The admin's bundle folder.")
-@json_option
+@bundle_import_options("This site's kit folder (from site init).")
 def import_(kit: Path, bundle: Path, as_json: bool) -> None:
     """Check the admin's bundle against this site's invitation and keys, then install it."""
     from secfed.federation.enrol import site_import
@@ -57,7 +62,7 @@ def import_(kit: Path, bundle: Path, as_json: bool) -> None:
 
 
 @command.command("ckks-keygen")
-@click.option("--kit", type=_KIT, required=True, help="This site's kit folder.")
+@kit_option("This site's kit folder.")
 @click.option("--out", type=_DIR, required=True,
               help="Folder for the sealed copies and the public context (hand it on: nothing in "
                    "it opens without a site's own key).")
@@ -74,14 +79,9 @@ def ckks_keygen(kit: Path, out: Path, force: bool, as_json: bool) -> None:
 
 
 @command.command("ckks-import")
-@click.option("--kit", type=_KIT, required=True, help="This site's kit folder.")
-@click.option("--from", "source", type=_KIT, required=True,
-              help="The folder written by another site's ckks-keygen.")
-@json_option
+@ckks_import_options("This site's kit folder.", "The folder written by another site's ckks-keygen.")
 def ckks_import(kit: Path, source: Path, as_json: bool) -> None:
     """Open this site's sealed copy of the CKKS secret and install it."""
     from secfed.federation.enrol import site_ckks_import
 
-    sender = site_ckks_import(kit, source)
-    report(as_json, {"kit": str(kit), "sender": sender},
-           f"CKKS secret from {sender} installed in {kit}")
+    report_ckks_import(kit, site_ckks_import(kit, source), "CKKS secret", as_json)
