@@ -9,9 +9,49 @@ from pathlib import Path
 
 import click
 
-from secfed.cli.logs import json_log_sink, log_format_option
-from secfed.cli.options import json_option
+from secfed.cli.logs import json_log_for, run_options
 from secfed.transport.status_http import DEFAULT_STATUS_LISTEN
+
+# The text line of each event kind that prints as a template of its fields (rich markup).
+_LINES = {
+    "message": "  [dim]r{round} {stage:<11} <- {sender} ({bytes} B)[/dim]",
+    "round_aborted": "[bold red]round {round} aborted[/bold red]: {reason}",
+    "status_listening": "status page: {url}  metrics: {metrics}",
+    "serving_until_stopped": "the federation finished; still serving the status page and the API "
+                             "(--keep-serving): Ctrl-C or SIGTERM stops",
+    "warning": "[bold yellow]warning[/bold yellow]: {warning}",
+    "message_refused": "  [dim]r{round} {stage:<11} refused from {sender}: {kind} ({error})[/dim]",
+    "site_refused": "  [yellow]r{round} {enterprise} refused the round ({kind})[/yellow]: {reason}",
+    "site_ready": "  {enterprise} ready",
+}
+# Event kinds the text output leaves out.
+_SILENT = ("ledger_head", "confirmed", "coordinator_stopped")
+
+
+def _line(event: dict) -> str | None:
+    """The text line of one coordinator event (None: not shown)."""
+    kind = event["event"]
+    if kind in _LINES:
+        return _LINES[kind].format_map(event)
+    if kind in _SILENT:
+        return None
+    if kind == "stage_closed":
+        miss = f", missing {event['missing']}" if event["missing"] else ""
+        return (f"  r{event['round']} stage [bold]{event['stage']}[/bold] closed: "
+                f"{event['received']} received{miss} -> {event['next']}")
+    if kind == "round_opened":
+        return (f"[bold cyan]round {event['round']}[/bold cyan] opened: {event['mode']}, "
+                f"{len(event['participants'])} participants, t={event['threshold']}")
+    if kind == "awaiting_sites":
+        return (f"waiting for {len(event['roster'])} sites to report ready (round 1 opens when "
+                f"all are, at the latest in {max(0.0, event['deadline'] - event['at']):.0f} s)")
+    if kind == "sites_ready":
+        missing = f"; not ready: {', '.join(event['missing'])}" if event["missing"] else ""
+        return f"opening round 1: {event['reason']}{missing}"
+    if kind == "round_done":
+        return (f"[bold green]round {event['round']} done[/bold green]: global hash "
+                f"{(event['global_hash'] or '-')[:16]}, confirmed by {event['confirmed']}")
+    return f"{kind}: " + ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "at"))
 
 
 def _printer(as_json: bool):
@@ -22,55 +62,15 @@ def _printer(as_json: bool):
     console = Console(stderr=False, highlight=False)
 
     def show(event: dict) -> None:
-        kind = event["event"]
-        if kind == "message":
-            console.print(f"  [dim]r{event['round']} {event['stage']:<11} <- {event['sender']}"
-                          f" ({event['bytes']} B)[/dim]")
-        elif kind == "stage_closed":
-            miss = f", missing {event['missing']}" if event["missing"] else ""
-            console.print(f"  r{event['round']} stage [bold]{event['stage']}[/bold] closed: "
-                          f"{event['received']} received{miss} -> {event['next']}")
-        elif kind == "round_opened":
-            console.print(f"[bold cyan]round {event['round']}[/bold cyan] opened: {event['mode']}, "
-                          f"{len(event['participants'])} participants, t={event['threshold']}")
-        elif kind == "round_aborted":
-            console.print(f"[bold red]round {event['round']} aborted[/bold red]: {event['reason']}")
-        elif kind == "status_listening":
-            console.print(f"status page: {event['url']}  metrics: {event['metrics']}")
-        elif kind == "serving_until_stopped":
-            console.print("the federation finished; still serving the status page and the API "
-                          "(--keep-serving): Ctrl-C or SIGTERM stops")
-        elif kind == "warning":
-            console.print(f"[bold yellow]warning[/bold yellow]: {event['warning']}")
-        elif kind in ("ledger_head", "confirmed", "message_refused", "coordinator_stopped"):
-            if kind == "message_refused":
-                console.print(f"  [dim]r{event['round']} {event['stage']:<11} refused from "
-                              f"{event['sender']}: {event['kind']} ({event['error']})[/dim]")
-        elif kind == "site_refused":
-            console.print(f"  [yellow]r{event['round']} {event['enterprise']} refused the round "
-                          f"({event['kind']})[/yellow]: {event['reason']}")
-        elif kind == "awaiting_sites":
-            console.print(f"waiting for {len(event['roster'])} sites to report ready (round 1 "
-                          f"opens when all are, at the latest in "
-                          f"{max(0.0, event['deadline'] - event['at']):.0f} s)")
-        elif kind == "site_ready":
-            console.print(f"  {event['enterprise']} ready")
-        elif kind == "sites_ready":
-            missing = f"; not ready: {', '.join(event['missing'])}" if event["missing"] else ""
-            console.print(f"opening round 1: {event['reason']}{missing}")
-        elif kind == "round_done":
-            console.print(f"[bold green]round {event['round']} done[/bold green]: global hash "
-                          f"{(event['global_hash'] or '-')[:16]}, confirmed by {event['confirmed']}")
-        else:
-            console.print(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in event.items()
-                                                  if k not in ("event", "at")))
+        line = _line(event)
+        if line is not None:
+            console.print(line)
 
     return show
 
 
 @click.command("aggregate")
-@click.option("--kit", "kit_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              required=True, help="The coordinator's startup kit.")
+@run_options("The coordinator's startup kit.")
 @click.option("--fsync/--no-fsync", "durable", default=False, show_default=True,
               help="fsync every state commit (survives power loss; by default commits survive "
                    "the coordinator process being killed, without an fsync per message).")
@@ -85,8 +85,6 @@ def _printer(as_json: bool):
 @click.option("--keep-serving", is_flag=True, default=False,
               help="After the federation's last round, keep serving the status page and the "
                    "API (outcomes, aggregates) until stopped with SIGTERM or Ctrl-C.")
-@log_format_option
-@json_option
 def command(kit_dir: Path, durable: bool, status_listen: str, status_public: bool,
             keep_serving: bool, log_format: str, as_json: bool) -> None:
     """Serve the coordinator API (mutual TLS) and drive every round of the federation.
@@ -95,12 +93,8 @@ def command(kit_dir: Path, durable: bool, status_listen: str, status_public: boo
     """
     from secfed.coordinator import run_coordinator
 
-    sinks = []
-    if log_format == "json":
-        sinks.append(json_log_sink("coordinator"))
-        from secfed import progress
-
-        progress.configure("off")  # stderr carries only the JSON events
+    log = json_log_for(log_format, "coordinator")
+    sinks = [log] if log is not None else []
     if as_json or log_format == "text":
         sinks.append(_printer(as_json))
 

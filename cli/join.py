@@ -8,10 +8,8 @@ from typing import Any
 
 import click
 
-from secfed.cli.logs import json_log_sink, log_format_option
-from secfed.cli.options import json_option
-
-_dir = click.Path(exists=True, file_okay=False, path_type=Path)
+from secfed.cli.logs import json_log_for, run_options
+from secfed.cli.options import EXISTING_DIR
 
 
 def _value(v: Any) -> str:
@@ -65,10 +63,11 @@ def describe(event: dict[str, Any]) -> str | None:
 
 
 @click.command("join")
-@click.option("--kit", "kit_dir", type=_dir, required=True, help="This enterprise's startup kit.")
-@click.option("--model", "model_dir", type=_dir, default=None, help="Model directory.")
-@click.option("--data", "data_dir", type=_dir, default=None, help="This site's dataset.")
-@click.option("--test-data", "test_dir", type=_dir, default=None, help="Held-out set to report.")
+@run_options("This enterprise's startup kit.")
+@click.option("--model", "model_dir", type=EXISTING_DIR, default=None, help="Model directory.")
+@click.option("--data", "data_dir", type=EXISTING_DIR, default=None, help="This site's dataset.")
+@click.option("--test-data", "test_dir", type=EXISTING_DIR, default=None,
+              help="Held-out set to report.")
 @click.option("--synthetic", is_flag=True, hidden=True, help="Stand-in updates (tests, benches).")
 @click.option("--synthetic-train-s", type=click.FloatRange(min=0), default=0.0, hidden=True,
               help="With --synthetic: seconds of CPU work standing in for local training.")
@@ -78,8 +77,6 @@ def describe(event: dict[str, Any]) -> str | None:
 @click.option("--new-ledger", is_flag=True, default=False,
               help="Start a NEW privacy ledger if the kit has none: only for a site that never "
               "took part (refused when its state shows past rounds).")
-@log_format_option
-@json_option
 def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_dir: Path | None,
             synthetic: bool, synthetic_train_s: float, max_rounds: int | None, new_ledger: bool,
             log_format: str, as_json: bool) -> None:
@@ -99,11 +96,7 @@ def command(kit_dir: Path, model_dir: Path | None, data_dir: Path | None, test_d
     if (kit_dir / "client.pem").is_file():  # an expired certificate: refused before any state
         check_client_certificate(kit_dir / "client.pem")
 
-    log = json_log_sink("participant") if log_format == "json" else None
-    if log is not None:  # stderr carries only the JSON events
-        from secfed import progress
-
-        progress.configure("off")
+    log = json_log_for(log_format, "participant")
 
     def show(event: dict) -> None:
         if log is not None:  # the JSON log on stderr replaces the text lines

@@ -18,12 +18,24 @@ from typing import Any, TextIO
 
 import click
 
-__all__ = ["log_format_option", "json_log_sink", "LEVELS"]
+from secfed.cli.options import EXISTING_DIR, json_option, stack_options
+
+__all__ = ["log_format_option", "run_options", "json_log_sink", "json_log_for", "LEVELS"]
 
 log_format_option = click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
     help="json: one JSON event per line on stderr (ts, level, component, event, round, stage, "
          "enterprise, ...) instead of the readable text.")
+
+
+def run_options(kit_help: str) -> Callable[[Any], Any]:
+    """The options the long-running commands share: ``--kit`` (passed as ``kit_dir``),
+    ``--log-format`` and ``--json``."""
+    return stack_options(
+        click.option("--kit", "kit_dir", type=EXISTING_DIR, required=True, help=kit_help),
+        log_format_option,
+        json_option,
+    )
 
 # Events worth more than "info" to an operator.
 LEVELS = {
@@ -81,3 +93,14 @@ def json_log_sink(component: str, stream: TextIO | None = None) -> Callable[[dic
         out.flush()
 
     return sink
+
+
+def json_log_for(log_format: str, component: str) -> Callable[[dict], None] | None:
+    """The sink of ``--log-format json`` for ``component`` (None for ``text``). With JSON,
+    secfed's own progress lines are turned off: stderr carries only the JSON events."""
+    if log_format != "json":
+        return None
+    from secfed import progress
+
+    progress.configure("off")
+    return json_log_sink(component)
