@@ -35,7 +35,7 @@ import shutil
 import struct
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -567,6 +567,22 @@ def _invitation_copy(invitation: Path, out: Path) -> tuple[Invitation, str]:
     return inv, hashlib.sha256(text).hexdigest()
 
 
+def _write_request(path: Path, identity: IdentityKey, inv: Invitation,
+                   invitation_sha256: str, *, role: str, party_id: str, csr: bytes,
+                   kem_public_key: bytes | None = None,
+                   kem_signature: bytes | None = None) -> Path:
+    """A party's request for the admin, signed by its own identity key, written to ``path``
+    (returned)."""
+    unsigned = Request(role=role, id=party_id, federation=inv.name,
+                       invitation_sha256=invitation_sha256,
+                       identity_public_key=identity.public_bytes(), csr=csr,
+                       kem_public_key=kem_public_key, kem_signature=kem_signature, signature=b"")
+    req = replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(req.to_toml())
+    return path
+
+
 def site_init(invitation: str | Path, enterprise_id: str, out: str | Path, *,
               request: str | Path | None = None, budget_epsilon: float | None = None,
               min_noise_multiplier: float = 0.5, force: bool = False) -> Path:
@@ -605,15 +621,10 @@ def site_init(invitation: str | Path, enterprise_id: str, out: str | Path, *,
         min_participants=2,
     )
     (root / SITE_FILE).write_text(site_policy_to_toml(policy))
-    req = Request(role="enterprise", id=enterprise_id, federation=inv.name,
-                  invitation_sha256=digest, identity_public_key=identity.public_bytes(),
-                  csr=make_csr(tls, enterprise_id, [x509.DNSName(enterprise_id)]),
-                  kem_public_key=kem_public, kem_signature=kem_signature, signature=b"")
-    req = Request(**{**req.__dict__, "signature": identity.sign(req.signed_bytes())})
-    path = Path(request) if request is not None else root / REQUEST_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(req.to_toml())
-    return path
+    path = root / REQUEST_FILE if request is None else Path(request)
+    return _write_request(path, identity, inv, digest, role="enterprise", party_id=enterprise_id,
+                          csr=make_csr(tls, enterprise_id, [x509.DNSName(enterprise_id)]),
+                          kem_public_key=kem_public, kem_signature=kem_signature)
 
 
 def coordinator_init(invitation: str | Path, out: str | Path, *,
@@ -636,15 +647,9 @@ def coordinator_init(invitation: str | Path, out: str | Path, *,
     identity = IdentityKey.from_pem((root / COORDINATOR_IDENTITY).read_bytes())
     tls = new_tls_key()
     write_private_pem(root / SERVER_KEY, private_key_pem(tls))
-    req = Request(role="coordinator", id=COORDINATOR_ID, federation=inv.name,
-                  invitation_sha256=digest, identity_public_key=identity.public_bytes(),
-                  csr=make_csr(tls, inv.host, server_names(inv.host)),
-                  kem_public_key=None, kem_signature=None, signature=b"")
-    req = Request(**{**req.__dict__, "signature": identity.sign(req.signed_bytes())})
-    path = Path(request) if request is not None else root / REQUEST_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(req.to_toml())
-    return path
+    path = root / REQUEST_FILE if request is None else Path(request)
+    return _write_request(path, identity, inv, digest, role="coordinator", party_id=COORDINATOR_ID,
+                          csr=make_csr(tls, inv.host, server_names(inv.host)))
 
 
 # --------------------------------------------------------------------------------------------
