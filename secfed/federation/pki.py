@@ -124,10 +124,11 @@ def _sign_leaf(
     common_name: str,
     sans: list[x509.GeneralName],
     usage: x509.ObjectIdentifier,
-    not_before: dt.datetime | None,
-    not_after: dt.datetime | None,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
 ) -> bytes:
-    """A leaf certificate (PEM) for ``public_key``, signed by the CA."""
+    """A leaf certificate (PEM) for ``public_key``, signed by the CA (valid from five minutes
+    ago for :data:`DEFAULT_LEAF_VALIDITY` unless ``not_before`` / ``not_after`` say)."""
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ConfigError("CA key must be an ECDSA key (got another key type)")
@@ -153,22 +154,6 @@ def _sign_leaf(
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _issue(
-    ca: CertifiedKey,
-    *,
-    common_name: str,
-    sans: list[x509.GeneralName],
-    usage: x509.ObjectIdentifier,
-    not_before: dt.datetime | None,
-    not_after: dt.datetime | None,
-) -> CertifiedKey:
-    """A fresh key pair and its certificate (tests and tools that play every part themselves)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert_pem = _sign_leaf(ca, key.public_key(), common_name=common_name, sans=sans, usage=usage,
-                          not_before=not_before, not_after=not_after)
-    return CertifiedKey(_key_pem(key), cert_pem)
-
-
 def server_names(host: str) -> list[x509.GeneralName]:
     """The coordinator certificate's SANs: ``host``, localhost and 127.0.0.1."""
     names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
@@ -184,15 +169,10 @@ def server_names(host: str) -> list[x509.GeneralName]:
 
 def issue_server_cert(ca: CertifiedKey, host: str) -> CertifiedKey:
     """The coordinator's server certificate: SANs for ``host``, localhost and 127.0.0.1."""
-    names = server_names(host)
-    return _issue(
-        ca,
-        common_name=host,
-        sans=names,
-        usage=ExtendedKeyUsageOID.SERVER_AUTH,
-        not_before=None,
-        not_after=None,
-    )
+    key = new_tls_key()
+    cert_pem = _sign_leaf(ca, key.public_key(), common_name=host, sans=server_names(host),
+                          usage=ExtendedKeyUsageOID.SERVER_AUTH)
+    return CertifiedKey(_key_pem(key), cert_pem)
 
 
 def issue_client_cert(
@@ -203,14 +183,11 @@ def issue_client_cert(
     not_after: dt.datetime | None = None,
 ) -> CertifiedKey:
     """An enterprise's client certificate: CN and the only DNS SAN are its enterprise id."""
-    return _issue(
-        ca,
-        common_name=enterprise_id,
-        sans=[x509.DNSName(enterprise_id)],
-        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-        not_before=not_before,
-        not_after=not_after,
-    )
+    key = new_tls_key()
+    cert_pem = _sign_leaf(ca, key.public_key(), common_name=enterprise_id,
+                          sans=[x509.DNSName(enterprise_id)], usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+                          not_before=not_before, not_after=not_after)
+    return CertifiedKey(_key_pem(key), cert_pem)
 
 
 def new_tls_key() -> ec.EllipticCurvePrivateKey:
@@ -298,8 +275,7 @@ def issue_from_csr(ca: CertifiedKey, public_key: ec.EllipticCurvePublicKey, *, c
     """A certificate (PEM) for a key checked by :func:`load_csr`: names and usage come from the
     admin's own rules (``common_name``, ``sans``), never copied from the request."""
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-    return _sign_leaf(ca, public_key, common_name=common_name, sans=sans, usage=usage,
-                      not_before=None, not_after=None)
+    return _sign_leaf(ca, public_key, common_name=common_name, sans=sans, usage=usage)
 
 
 def write_private_pem(path: Path, data: bytes) -> None:
