@@ -23,6 +23,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from secfed.config import (
     Deadlines,
@@ -77,18 +78,70 @@ class KitPaths:
 
 
 @dataclass(frozen=True)
-class CoordinatorKit:
-    """The coordinator's kit, loaded and validated."""
+class _PartyKit:
+    """What the coordinator's and an enterprise's kits share: the folder, its federation.toml,
+    the CA certificate, the party's TLS certificate and key, its state and its identity key."""
 
     root: Path
     federation: FederationConfig
 
+    _WHAT: ClassVar[str]  # the party, in errors
+    _TLS_NAME: ClassVar[str]  # <name>.pem and <name>.key: the TLS certificate and key
+    _IDENTITY_FILE: ClassVar[str]  # the party's Ed25519 identity key
+
+    @classmethod
+    def _required(cls, root: Path, *more: str) -> None:
+        """Every file a kit of this party must hold exists under ``root``.
+
+        Raises:
+            ConfigError: the first file missing.
+        """
+        for name in (FEDERATION_FILE, *more, CA_FILE, f"{cls._TLS_NAME}.pem",
+                     f"{cls._TLS_NAME}.key", cls._IDENTITY_FILE):
+            if not (root / name).is_file():
+                raise ConfigError(f"{cls._WHAT} kit {root} must contain {name} (missing)")
+
+    def _pinned_identity(self, pinned: bytes, pin: str) -> IdentityKey:
+        """The party's identity key, checked against its ``pinned`` public key (``pin`` names
+        where that key is pinned).
+
+        Raises:
+            ConfigError: the file is not an Ed25519 PKCS#8 PEM key, or does not match the pin.
+        """
+        identity = IdentityKey.from_pem((self.root / self._IDENTITY_FILE).read_bytes())
+        if identity.public_bytes() != pinned:
+            raise ConfigError(f"{self._IDENTITY_FILE} must match {pin} (mismatch)")
+        return identity
+
+    @property
+    def ca(self) -> Path:
+        return self.root / CA_FILE
+
+    @property
+    def cert(self) -> Path:
+        return self.root / f"{self._TLS_NAME}.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.root / f"{self._TLS_NAME}.key"
+
+    @property
+    def state(self) -> Path:
+        return self.root / STATE_FILE
+
+
+@dataclass(frozen=True)
+class CoordinatorKit(_PartyKit):
+    """The coordinator's kit, loaded and validated."""
+
+    _WHAT = "coordinator"
+    _TLS_NAME = "server"
+    _IDENTITY_FILE = COORDINATOR_IDENTITY_FILE
+
     @classmethod
     def load(cls, root: str | Path) -> CoordinatorKit:
         r = Path(root)
-        for name in (FEDERATION_FILE, CA_FILE, "server.pem", "server.key", COORDINATOR_IDENTITY_FILE):
-            if not (r / name).is_file():
-                raise ConfigError(f"coordinator kit {r} must contain {name} (missing)")
+        cls._required(r)
         return cls(r, load_federation(r / FEDERATION_FILE))
 
     def identity(self) -> IdentityKey:
@@ -98,28 +151,8 @@ class CoordinatorKit:
         Raises:
             ConfigError: the file is not an Ed25519 PKCS#8 PEM key, or does not match the pin.
         """
-        identity = IdentityKey.from_pem((self.root / COORDINATOR_IDENTITY_FILE).read_bytes())
-        if identity.public_bytes() != self.federation.coordinator_public_key():
-            raise ConfigError(
-                "identity.key must match federation.toml's coordinator_identity_public_key (mismatch)"
-            )
-        return identity
-
-    @property
-    def ca(self) -> Path:
-        return self.root / CA_FILE
-
-    @property
-    def cert(self) -> Path:
-        return self.root / "server.pem"
-
-    @property
-    def key(self) -> Path:
-        return self.root / "server.key"
-
-    @property
-    def state(self) -> Path:
-        return self.root / STATE_FILE
+        return self._pinned_identity(self.federation.coordinator_public_key(),
+                                     "federation.toml's coordinator_identity_public_key")
 
     @property
     def ckks_public(self) -> Path:
@@ -127,19 +160,19 @@ class CoordinatorKit:
 
 
 @dataclass(frozen=True)
-class EnterpriseKit:
+class EnterpriseKit(_PartyKit):
     """An enterprise's kit, loaded and validated."""
 
-    root: Path
-    federation: FederationConfig
     policy: SitePolicy
+
+    _WHAT = "enterprise"
+    _TLS_NAME = "client"
+    _IDENTITY_FILE = "identity.pem"
 
     @classmethod
     def load(cls, root: str | Path) -> EnterpriseKit:
         r = Path(root)
-        for name in (FEDERATION_FILE, SITE_FILE, CA_FILE, "client.pem", "client.key", "identity.pem"):
-            if not (r / name).is_file():
-                raise ConfigError(f"enterprise kit {r} must contain {name} (missing)")
+        cls._required(r, SITE_FILE)
         fed = load_federation(r / FEDERATION_FILE)
         policy = load_site_policy(r / SITE_FILE)
         if policy.enterprise_id not in fed.enterprise_ids():
@@ -153,22 +186,6 @@ class EnterpriseKit:
         return self.policy.enterprise_id
 
     @property
-    def ca(self) -> Path:
-        return self.root / CA_FILE
-
-    @property
-    def cert(self) -> Path:
-        return self.root / "client.pem"
-
-    @property
-    def key(self) -> Path:
-        return self.root / "client.key"
-
-    @property
-    def state(self) -> Path:
-        return self.root / STATE_FILE
-
-    @property
     def ledger(self) -> Path:
         return self.root / LEDGER_FILE
 
@@ -177,11 +194,8 @@ class EnterpriseKit:
         return self.root / CKKS_SECRET_FILE
 
     def identity(self) -> IdentityKey:
-        identity = IdentityKey.from_pem((self.root / "identity.pem").read_bytes())
-        pinned = self.federation.public_key_of(self.enterprise_id)
-        if identity.public_bytes() != pinned:
-            raise ConfigError("identity.pem must match the roster's pinned public key (mismatch)")
-        return identity
+        return self._pinned_identity(self.federation.public_key_of(self.enterprise_id),
+                                     "the roster's pinned public key")
 
 
 def write_coordinator_identity(kit_dir: str | Path) -> bytes:
