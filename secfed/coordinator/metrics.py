@@ -8,7 +8,7 @@ Every series is named ``secfed_*``; labels take small fixed sets of values (stag
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -26,53 +26,40 @@ __all__ = ["Metrics", "CONTENT_TYPE"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+def _by_label(name: str, documentation: str, label: str,
+              counts: Mapping[str, int]) -> CounterMetricFamily:
+    """A counter with one series per value of ``label`` (sorted), counted in ``counts``."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, n in sorted(counts.items()):
+        family.add_metric([value], n)
+    return family
+
+
 class _BoardCollector(Collector):
     def __init__(self, board: StatusBoard):
         self._board = board
 
     def collect(self) -> Iterator[Metric]:
         b = self._board
-        done = CounterMetricFamily("secfed_rounds_completed", "Rounds that ended with an agreed "
-                                   "global hash.")
-        done.add_metric([], b.completed)
-        yield done
-        aborted = CounterMetricFamily("secfed_rounds_aborted", "Rounds aborted, by reason.",
-                                      labels=["reason"])
-        for reason, n in sorted(b.aborted.items()):
-            aborted.add_metric([reason], n)
-        yield aborted
+        yield CounterMetricFamily("secfed_rounds_completed", "Rounds that ended with an agreed "
+                                  "global hash.", value=b.completed)
+        yield _by_label("secfed_rounds_aborted", "Rounds aborted, by reason.", "reason", b.aborted)
         yield from self._stages(b)
-        for name, what, counts in (
-            ("secfed_bytes_received", "Protocol message bytes accepted from sites.", b.bytes_in),
-            ("secfed_bytes_sent", "Bytes served to sites (inboxes, aggregates).", b.bytes_out),
-        ):
-            fam = CounterMetricFamily(name, what, labels=["stage"])
-            for stage, n in sorted(counts.items()):
-                fam.add_metric([stage], n)
-            yield fam
-        active = GaugeMetricFamily("secfed_enterprises_active", "Participants of the open round "
-                                   "still in it.")
-        active.add_metric([], b.active())
-        yield active
-        roster = GaugeMetricFamily("secfed_enterprises", "Enterprises on the roster.")
-        roster.add_metric([], len(b.enterprises))
-        yield roster
-        refusals = CounterMetricFamily("secfed_refusals", "Messages refused by the coordinator "
-                                       "and rounds refused by a site's policy, by reason.",
-                                       labels=["reason"])
-        for reason, n in sorted(b.refusals.items()):
-            refusals.add_metric([reason], n)
-        yield refusals
-        by_site = CounterMetricFamily("secfed_site_refusals", "Rounds sites refused by their own "
-                                      "policy (signed refusals), by reason.", labels=["reason"])
-        for reason, n in sorted(b.site_refusals.items()):
-            by_site.add_metric([reason], n)
-        yield by_site
+        yield _by_label("secfed_bytes_received", "Protocol message bytes accepted from sites.",
+                        "stage", b.bytes_in)
+        yield _by_label("secfed_bytes_sent", "Bytes served to sites (inboxes, aggregates).",
+                        "stage", b.bytes_out)
+        yield GaugeMetricFamily("secfed_enterprises_active", "Participants of the open round "
+                                "still in it.", value=b.active())
+        yield GaugeMetricFamily("secfed_enterprises", "Enterprises on the roster.",
+                                value=len(b.enterprises))
+        yield _by_label("secfed_refusals", "Messages refused by the coordinator and rounds "
+                        "refused by a site's policy, by reason.", "reason", b.refusals)
+        yield _by_label("secfed_site_refusals", "Rounds sites refused by their own policy "
+                        "(signed refusals), by reason.", "reason", b.site_refusals)
         yield from self._heads(b)
-        current = GaugeMetricFamily("secfed_current_round", "Number of the newest round opened "
-                                    "(0: none).")
-        current.add_metric([], b.current or 0)
-        yield current
+        yield GaugeMetricFamily("secfed_current_round", "Number of the newest round opened "
+                                "(0: none).", value=b.current or 0)
 
     @staticmethod
     def _stages(b: StatusBoard) -> Iterator[Metric]:
@@ -88,11 +75,8 @@ class _BoardCollector(Collector):
 
     @staticmethod
     def _heads(b: StatusBoard) -> Iterator[Metric]:
-        seen = CounterMetricFamily("secfed_ledger_heads_seen", "Signed ledger heads accepted "
-                                   "(with an upload or a confirmation).", labels=["stage"])
-        for stage, n in sorted(b.heads_seen.items()):
-            seen.add_metric([stage], n)
-        yield seen
+        yield _by_label("secfed_ledger_heads_seen", "Signed ledger heads accepted (with an upload "
+                        "or a confirmation).", "stage", b.heads_seen)
         index = GaugeMetricFamily("secfed_ledger_head_index", "Newest accepted ledger-head "
                                   "index per enterprise.", labels=["enterprise"])
         eps = GaugeMetricFamily("secfed_enterprise_epsilon", "RDP epsilon attested by accepted "
