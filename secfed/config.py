@@ -17,9 +17,17 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from secfed.errors import BudgetExceeded, ConfigError
 from secfed.names import FEATURE_SCOPES, MASK_MODES, MODES, default_threshold
@@ -77,6 +85,16 @@ def check_enterprise_id(value: str, *, field: str = "enterprise id") -> str:
         raise ConfigError(f"{field} must be {ENTERPRISE_ID_RULE} (got {value!r})")
     return value
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _key_hex(v: str) -> str:
+    if not _HEX64.match(v):
+        raise ValueError(f"must be 64 lowercase hex digits (got {len(v)} characters)")
+    return v
+
+
+#: A pinned Ed25519 public key as text: 64 lowercase hex digits.
+_KeyHex = Annotated[str, AfterValidator(_key_hex)]
 
 
 # Optimizers whose per-step update norm we can bound (secfed.training.guards.delta_norm_bound):
@@ -155,20 +173,13 @@ class RosterEntry(_Frozen):
     """One enterprise: its id (= TLS client-certificate CN) and pinned Ed25519 public key."""
 
     id: str
-    identity_public_key: str = Field(description="Ed25519 public key, 64 lowercase hex digits")
+    identity_public_key: _KeyHex = Field(description="Ed25519 public key, 64 lowercase hex digits")
 
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
         if not ENTERPRISE_ID.match(v):
             raise ValueError(f"must be {ENTERPRISE_ID_RULE} (got {v!r})")
-        return v
-
-    @field_validator("identity_public_key")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        if not _HEX64.match(v):
-            raise ValueError(f"must be 64 lowercase hex digits (got {len(v)} characters)")
         return v
 
     def public_key_bytes(self) -> bytes:
@@ -265,7 +276,7 @@ class FederationConfig(_Frozen):
     # anchored under it, and a federation without it could not tell a rolled-back ledger
     # apart -- so there is no silent "unanchored" fallback. Upgrade path: generate the key with
     # ``secfed.federation.kits.write_coordinator_identity`` and add its hex to every copy.
-    coordinator_identity_public_key: str = Field(
+    coordinator_identity_public_key: _KeyHex = Field(
         description="the coordinator's Ed25519 public key (signs ledger receipts and its "
         "transcript), 64 lowercase hex digits"
     )
@@ -293,13 +304,6 @@ class FederationConfig(_Frozen):
         if not re.match(r"^https://[A-Za-z0-9.\-\[\]:]+:\d{1,5}/?$", v):
             raise ValueError(f"must be https://HOST:PORT (got {v!r})")
         return v.rstrip("/")
-
-    @field_validator("coordinator_identity_public_key")
-    @classmethod
-    def _coordinator_key(cls, v: str) -> str:
-        if not _HEX64.match(v):
-            raise ValueError(f"must be 64 lowercase hex digits (got {len(v)} characters)")
-        return v
 
     @field_validator("mode_schedule")
     @classmethod
