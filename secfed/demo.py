@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -120,29 +121,44 @@ def _prepare(out: Path, settings: DemoSettings, say: Callable[[str], None]) -> t
     return data, model
 
 
+def _prepare_instruction_task(out: Path, settings: DemoSettings, say: Callable[[str], None], *,
+                              variant: str, vision: bool, make_model: Callable[..., object],
+                              announce: str, name_base: bool = False) -> tuple[Path, Path]:
+    """A generative variant's data and model under ``data-<variant>/`` and ``model-<variant>/``:
+    instruction records (with camera frames when ``vision``) and the model directory that
+    ``make_model(folder, seed=, size=, log=)`` builds, after saying ``announce``; with
+    ``name_base``, the line saying it was built also names its base weights."""
+    from secfed.tasks.citysafety import generate_instruction_federation
+
+    data, built = out / f"data-{variant}", out / f"model-{variant}"
+    model = built / "model"
+
+    def build() -> None:
+        say(announce)
+        make_model(built, seed=settings.seed, size=settings.scale,
+                   log=lambda m: say(f"model: {m}"))
+
+    frames = " with camera frames" if vision else ""
+    base = f", base weights in {built / 'base'}" if name_base else ""
+    _build_once(data / "federation.json", data,
+                lambda: generate_instruction_federation(data, seed=settings.seed,
+                                                        scale=settings.scale, vision=vision),
+                say, f"data: instruction records{frames} under {data}")
+    _build_once(model / "secfed_model.json", built, build, say, f"model: built under {model}{base}")
+    return data, model
+
+
 def _prepare_generative(out: Path, settings: DemoSettings,
                         say: Callable[[str], None]) -> tuple[Path, Path]:
     """The generative task: instruction records per enterprise, and the small causal LM
     pre-trained here (no weights exist offline) turned into a LoRA model directory."""
-    from secfed.tasks.citysafety import generate_instruction_federation
     from secfed.tasks.citysafety.generative import prepare_generative_model
 
-    data, built = out / "data-generative", out / "model-generative"
-    model = built / "model"
-
-    def build() -> None:
-        say("model: pre-training a small causal LM on generated city-safety text (the stand-in "
-            "foundation model: no language-model weights exist offline)")
-        prepare_generative_model(built, seed=settings.seed, size=settings.scale,
-                                 log=lambda m: say(f"model: {m}"))
-
-    _build_once(data / "federation.json", data,
-                lambda: generate_instruction_federation(data, seed=settings.seed,
-                                                        scale=settings.scale),
-                say, f"data: instruction records under {data}")
-    _build_once(model / "secfed_model.json", built, build, say,
-                f"model: built under {model}, base weights in {built / 'base'}")
-    return data, model
+    return _prepare_instruction_task(
+        out, settings, say, variant="generative", vision=False,
+        make_model=prepare_generative_model, name_base=True,
+        announce="model: pre-training a small causal LM on generated city-safety text (the "
+                 "stand-in foundation model: no language-model weights exist offline)")
 
 
 def _prepare_vision_language(out: Path, settings: DemoSettings,
@@ -150,26 +166,14 @@ def _prepare_vision_language(out: Path, settings: DemoSettings,
     """The vision-language variant: records with their camera frames, and a LLaVA-style model
     assembled from the generative task's pre-trained causal LM (built first if missing) and a
     vision tower aligned on generic scenes."""
-    from secfed.tasks.citysafety import generate_instruction_federation
     from secfed.tasks.citysafety.vision_language import prepare_vision_language_model
 
     _, text_model = _prepare_generative(out, settings, say)
-    data, built = out / "data-vision-language", out / "model-vision-language"
-    model = built / "model"
-
-    def build() -> None:
-        say("model: a LLaVA-style model from the pre-trained causal LM and a vision tower "
-            "aligned on generic scenes (the stand-in vision-language foundation model)")
-        prepare_vision_language_model(built, seed=settings.seed, size=settings.scale,
-                                      lm_base=text_model.parent / "base",
-                                      log=lambda m: say(f"model: {m}"))
-
-    _build_once(data / "federation.json", data,
-                lambda: generate_instruction_federation(data, seed=settings.seed,
-                                                        scale=settings.scale, vision=True),
-                say, f"data: instruction records with camera frames under {data}")
-    _build_once(model / "secfed_model.json", built, build, say, f"model: built under {model}")
-    return data, model
+    return _prepare_instruction_task(
+        out, settings, say, variant="vision-language", vision=True,
+        make_model=partial(prepare_vision_language_model, lm_base=text_model.parent / "base"),
+        announce="model: a LLaVA-style model from the pre-trained causal LM and a vision tower "
+                 "aligned on generic scenes (the stand-in vision-language foundation model)")
 
 
 def prepare_demo(out: str | Path, *, settings: DemoSettings | None = None,
