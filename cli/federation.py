@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import click
 
-from secfed.cli.options import emit_json, json_option, report
+from secfed.cli.options import emit_json, json_option, report, stack_options
 from secfed.config import (
     Deadlines,
     DistributedDPSettings,
@@ -35,19 +35,16 @@ def command() -> None:
     """Create and inspect federations (startup kits)."""
 
 
-def _settings_options(f: Any) -> Any:
-    """The federation settings an invitation pins (every ``init`` option but the roster)."""
-    for option in reversed(_SETTINGS):
-        f = option(f)
-    return f
+def _defaults_to(model: type, field: str, *decls: str, **attrs: Any) -> Any:
+    """An option whose default (shown in ``--help``) is ``model``'s own default for ``field``."""
+    return click.option(*decls, default=default_of(model, field), show_default=True, **attrs)
 
 
 _SETTINGS = [
     click.option("--mode-schedule", default=",".join(default_of(FederationConfig, "mode_schedule")),
                  show_default=True,
                  help="Comma-separated modes per round, repeated: e.g. secagg,secagg,secagg,ckks."),
-    click.option("--rounds", type=click.IntRange(min=1), default=default_of(FederationConfig, "rounds"),
-                 show_default=True,
+    _defaults_to(FederationConfig, "rounds", "--rounds", type=click.IntRange(min=1),
                  help="Rounds the federation runs; the coordinator and every site stop after "
                       "the last (each site's σ is calibrated to its budget over them)."),
     click.option("--threshold", type=int, default=None, help="Shamir threshold: holders besides each responder (default floor(2n/3))."),
@@ -58,42 +55,33 @@ _SETTINGS = [
                  default=None, help="Model directory: the adapter length and initial hash come from it."),
     click.option("--synthetic-dim", type=int, default=None,
                  help="No model: a zero-initialised synthetic adapter of this length (tests, benches)."),
-    click.option("--epsilon", "target_epsilon", type=float,
-                 default=default_of(DPSettings, "target_epsilon"), show_default=True,
+    _defaults_to(DPSettings, "target_epsilon", "--epsilon", "target_epsilon", type=float,
                  help="Target epsilon = each site's budget."),
-    click.option("--delta", type=float, default=default_of(DPSettings, "delta"), show_default=True,
+    _defaults_to(DPSettings, "delta", "--delta", type=float,
                  help="DP delta per enterprise (each site's policy refuses a larger one)."),
     click.option("--noise-multiplier", type=float, default=None, help="sigma (default: calibrated)."),
-    click.option("--sample-rate", type=float, default=default_of(DPSettings, "sample_rate"),
-                 show_default=True,
+    _defaults_to(DPSettings, "sample_rate", "--sample-rate", type=float,
                  help="DP-SGD Poisson sampling rate q: each record joins a step's batch with "
                       "this probability."),
-    click.option("--local-steps", type=int, default=default_of(DPSettings, "local_steps"),
-                 show_default=True,
+    _defaults_to(DPSettings, "local_steps", "--local-steps", type=int,
                  help="DP-SGD steps each site takes per round."),
-    click.option("--learning-rate", type=float, default=default_of(DPSettings, "learning_rate"),
-                 show_default=True,
+    _defaults_to(DPSettings, "learning_rate", "--learning-rate", type=float,
                  help="Sites' learning rate (the start of the schedule)."),
-    click.option("--max-grad-norm", type=float, default=default_of(DPSettings, "max_grad_norm"),
-                 show_default=True,
+    _defaults_to(DPSettings, "max_grad_norm", "--max-grad-norm", type=float,
                  help="DP-SGD per-example gradient clipping norm."),
-    click.option("--optimizer", type=click.Choice(get_args(Optimizer)),
-                 default=default_of(DPSettings, "optimizer"), show_default=True,
+    _defaults_to(DPSettings, "optimizer", "--optimizer", type=click.Choice(get_args(Optimizer)),
                  help="DP-SGD update rule at the sites."),
-    click.option("--lr-schedule", type=click.Choice(get_args(LRSchedule)),
-                 default=default_of(DPSettings, "lr_schedule"), show_default=True, help="cosine: the learning rate decays over the planned rounds."),
-    click.option("--trainable", type=click.Choice(TRAINABLE_SCOPES),
-                 default=default_of(ModelSettings, "trainable"), show_default=True,
+    _defaults_to(DPSettings, "lr_schedule", "--lr-schedule",
+                 type=click.Choice(get_args(LRSchedule)), help="cosine: the learning rate decays over the planned rounds."),
+    _defaults_to(ModelSettings, "trainable", "--trainable", type=click.Choice(TRAINABLE_SCOPES),
                  help="What sites train and the federation aggregates: LoRA on both towers + the "
                       "fusion head (adapter), the head + the last layer's LoRA (top), the head "
                       "(head; towers frozen, so sites train on tower features computed once), or "
                       "the head's MLP (classifier)."),
-    click.option("--train-deadline", type=float, default=default_of(Deadlines, "train"),
-                 show_default=True,
+    _defaults_to(Deadlines, "train", "--train-deadline", type=float,
                  help="Seconds the advertise and upload stages stay open (they cover local "
                       "training)."),
-    click.option("--stage-deadline", type=float, default=default_of(Deadlines, "stage"),
-                 show_default=True,
+    _defaults_to(Deadlines, "stage", "--stage-deadline", type=float,
                  help="Seconds every other stage stays open."),
     click.option("--start-deadline", type=float, default=600.0, show_default=True,
                  help="Seconds round 1 waits for every site to report ready (model loaded, "
@@ -116,6 +104,8 @@ _SETTINGS = [
     click.option("--dp-distributed-force", is_flag=True,
                  help="Distributed DP: run even below --dp-distributed-min-participants."),
 ]
+#: The federation settings an invitation pins (every ``init`` option but the roster).
+_settings_options = stack_options(*_SETTINGS)
 
 
 def _plan(opts: dict[str, Any]) -> FederationPlan:
