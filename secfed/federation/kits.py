@@ -19,7 +19,6 @@ to their X25519 keys. A federation that never schedules ``ckks`` has no CKKS sec
 
 from __future__ import annotations
 
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ from secfed.config import (
     DPSettings,
     FederationConfig,
     ModelSettings,
-    RosterEntry,
     SitePolicy,
     check_enterprise_id,
     default_of,
@@ -46,7 +44,6 @@ from secfed.federation.enrol import (
     FEDERATION_FILE,
     RESERVED_IDS,
     SITE_FILE,
-    Invitation,
     distributed_sum_abs,
     ring_bits_for,
 )
@@ -254,16 +251,8 @@ def create_kits(
     reserved = sorted(set(enterprises) & RESERVED_IDS)
     if reserved:
         raise ConfigError(f"--enterprise must not be one of {sorted(RESERVED_IDS)} (got {reserved})")
-    draft = Invitation(name=name, coordinator_url=coordinator_url, rounds=rounds,
-                       mode_schedule=tuple(mode_schedule), threshold=threshold,
-                       min_participants=min_participants, neighbours=0,
-                       deadlines=deadlines or Deadlines(), dp=dp or DPSettings(), model=model,
-                       ca_pem=b"")
-    # every setting checked against the real roster size before any key exists
-    draft.federation(tuple(RosterEntry(id=e, identity_public_key=secrets.token_hex(32))
-                           for e in enterprises), coordinator_identity=secrets.token_bytes(32))
-
     admin, exchange = root / "ca", root / "exchange"
+    # invite checks every setting against the real roster size before any key or file exists
     enrol.invite(admin, name=name, coordinator_url=coordinator_url, model=model,
                  mode_schedule=tuple(mode_schedule), rounds=rounds, threshold=threshold,
                  min_participants=min_participants, deadlines=deadlines, dp=dp,
