@@ -37,6 +37,7 @@ def run_options(kit_help: str) -> Callable[[Any], Any]:
         json_option,
     )
 
+
 # Events worth more than "info" to an operator.
 LEVELS = {
     "round_aborted": "warning", "round_refused": "warning", "message_refused": "warning",
