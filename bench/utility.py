@@ -160,6 +160,16 @@ def dp_plan(n: int, *, epsilon: float, st: Settings) -> tuple[float, int, float,
     return q, steps, plan.noise_multiplier, plan.delta
 
 
+def dp_config(plan: tuple[float, int, float, float], r: int, st: Settings) -> DPConfig:
+    """The DP-SGD settings of round ``r`` (0-based) for a site with ``plan`` (:func:`dp_plan`):
+    its q, steps and sigma, the per-example clip, the DP learning rate decayed by
+    :func:`cosine_lr` over the rounds."""
+    q, steps, sigma, _ = plan
+    return DPConfig(noise_multiplier=sigma, sample_rate=q, local_steps=steps,
+                    max_grad_norm=st.clip, learning_rate=cosine_lr(st.dp_lr, r, st.rounds),
+                    optimizer=st.dp_optimizer)
+
+
 @functools.cache
 def ledger_epsilon(plan: tuple[float, int, float, float], rounds: int) -> dict[str, float]:
     """What a site's ledger shows after ``rounds`` rounds charged with ``plan``'s per-round
@@ -198,12 +208,7 @@ def federated(head0, datasets: dict, *, secure: bool, epsilon: float | None, st:
                             st=st, lr=cosine_lr(st.lr, r, st.rounds), anneal=False)
                 deltas.append(get_flat(local, layout) - global_vec)
             else:
-                q, steps, sigma, _ = plans[name]
-                cfg = DPConfig(noise_multiplier=sigma, sample_rate=q, local_steps=steps,
-                               max_grad_norm=st.clip,
-                               learning_rate=cosine_lr(st.dp_lr, r, st.rounds),
-                               optimizer=st.dp_optimizer)
-                deltas.append(train_local(local, ds, config=cfg).delta)
+                deltas.append(train_local(local, ds, config=dp_config(plans[name], r, st)).delta)
         plain_sum = np.sum(np.stack(deltas).astype(np.float64), axis=0)
         if secure:
             result = simulate(deltas, mode="secagg", round_number=r + 1)
@@ -348,6 +353,23 @@ def cleaned_features(noisy: FeatureDataset, data_dir: Path,
     return out, {"text removed": stripped, "relabelled": relabelled}
 
 
+def prepare_federation(work: Path, *, seed: int, scale: str, size: str):
+    """The city-safety federation in ``work/data`` and the model in ``work/model``, each made
+    once (kept for the next run); returns (the loaded classifier, its model inputs, the
+    enterprise names)."""
+    fed_dir, model_dir = work / "data", work / "model"
+    if not (fed_dir / "federation.json").exists():
+        t = time.time()
+        generate_federation(fed_dir, seed=seed, scale=scale)
+        log(f"generated federation (scale {scale}) in {fed_dir} ({time.time() - t:.0f} s)")
+    if not (model_dir / "secfed_model.json").exists():
+        log(f"preparing model (size {size})")
+        prepare_demo_model(model_dir, seed=seed, size=size, log=log)
+    base, _ = load_classifier(model_dir)
+    fed = json.loads((fed_dir / "federation.json").read_text())
+    return base, model_inputs(model_dir), fed["enterprises"]
+
+
 def main() -> int:
     progress.quiet_libraries()  # secfed's progress on stderr, not transformers' bars
     if "--task" in sys.argv:  # --task generative: the instruction-tuned causal LM's table
@@ -403,20 +425,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     md, png = args.out / "utility.md", args.out / "utility.png"
     fed_dir, model_dir, val_dir = work / "data", work / "model", work / "validation"
-    if not (fed_dir / "federation.json").exists():
-        t = time.time()
-        generate_federation(fed_dir, seed=args.seed, scale=args.scale)
-        log(f"generated federation (scale {args.scale}) in {fed_dir} ({time.time() - t:.0f} s)")
     if args.tune and not (val_dir / "records.jsonl").exists():
         # like the test set, from another seed: no record in common with it
         generate_held_out(val_dir, seed=args.seed + VALIDATION_SEED_OFFSET, scale=args.scale)
-    if not (model_dir / "secfed_model.json").exists():
-        log(f"preparing model (size {args.size})")
-        prepare_demo_model(model_dir, seed=args.seed, size=args.size, log=log)
-    base, _ = load_classifier(model_dir)
-    inputs = model_inputs(model_dir)
-    fed = json.loads((fed_dir / "federation.json").read_text())
-    names = fed["enterprises"]
+    base, inputs, names = prepare_federation(work, seed=args.seed, scale=args.scale,
+                                             size=args.size)
     feats = work / "features"
     test = cached_features(base, fed_dir / "test", feats / "test.safetensors", inputs)
     noisy, clean, quality = {}, {}, {}
