@@ -146,6 +146,15 @@ def accuracy_and_macro_f1(predicted: np.ndarray, truth: np.ndarray,
     return float(np.mean(predicted == truth)), float(np.mean(f1))
 
 
+def share_against_others(updates: list[np.ndarray], i: int) -> float:
+    """<u_i, U - u_i> / ||U||^2: the protocol's share c_i without its self term
+    ||u_i||^2 / ||U||^2 (a diagnostic computed in the clear: the protocol does not reveal
+    ||u_i||^2 exactly). Every update counted (no dropouts in this bench)."""
+    stacked = np.stack([np.asarray(u, dtype=np.float64) for u in updates])
+    total = stacked.sum(axis=0)
+    return float(stacked[i] @ (total - stacked[i]) / (total @ total))
+
+
 def two_lowest(shares: dict[str, float]) -> set[str]:
     """The names of the two lowest shares."""
     return set(sorted(shares, key=shares.__getitem__)[:2])
@@ -185,6 +194,7 @@ def run_once(seed: int, *, head0, sites: dict[str, FeatureDataset], held_out: Fe
     plans = {n: dp_plan(len(ds), epsilon=epsilon, st=st) for n, ds in sites.items()}
     recorded: list[list[np.ndarray]] = []
     shares = {n: [] for n in names}
+    others = {n: [] for n in names}  # diagnostic in the clear: the share less its self term
     excluded: list[str] = []
     share_err = 0.0
     sum_err = 0.0
@@ -211,6 +221,8 @@ def run_once(seed: int, *, head0, sites: dict[str, FeatureDataset], held_out: Fe
             if i in plain:
                 share_err = max(share_err, abs(share - plain[i]))
         total = np.asarray(res.aggregate, dtype=np.float64)
+        for i, n in enumerate(names):
+            others[n].append(share_against_others(deltas, i))
         sum_err = max(sum_err, float(np.abs(total - np.sum(np.stack(deltas).astype(np.float64),
                                                           axis=0)).max())
                       if len(res.survivors) == len(names) else 0.0)
@@ -234,6 +246,7 @@ def run_once(seed: int, *, head0, sites: dict[str, FeatureDataset], held_out: Fe
         without = utility([j for j in everyone if j != i])
         loo_acc[n], loo_f1[n] = full[0] - without[0], full[1] - without[1]
     cumulative = {n: float(np.mean(v)) for n, v in shares.items()}
+    against_others = {n: float(np.mean(v)) for n, v in others.items()}
     eps = {n: ledger_epsilon(plans[n], st.rounds) for n in names}
     lowest = two_lowest(cumulative)
     return {
@@ -242,6 +255,10 @@ def run_once(seed: int, *, head0, sites: dict[str, FeatureDataset], held_out: Fe
         "spearman_acc": spearman([cumulative[n] for n in names], [loo_acc[n] for n in names]),
         "spearman_f1": spearman([cumulative[n] for n in names], [loo_f1[n] for n in names]),
         "lowest": sorted(lowest), "last_two_ok": lowest == {FREE_RIDER, FLIPPED},
+        "against_others": against_others,
+        "spearman_others": spearman([against_others[n] for n in names],
+                                    [loo_acc[n] for n in names]),
+        "lowest_others": sorted(two_lowest(against_others)),
         "below_twin": {site: cumulative[site] < cumulative[twin]
                        for site, twin in EXTRA_SOURCES.items()},
         "plans": plans, "eps": eps, "excluded": excluded, "share_err": share_err,
@@ -289,6 +306,11 @@ def run_lines(run: dict) -> list[str]:
         + "; ".join(f"{site} {cum[site]:.4f} vs {twin} {cum[twin]:.4f} "
                     f"({'lower' if run['below_twin'][site] else 'not lower'})"
                     for site, twin in EXTRA_SOURCES.items()),
+        "- diagnostic in the clear, the share less its self term (<u_i, U - u_i> / ||U||^2, "
+        "not revealed by the protocol): "
+        + ", ".join(f"{n} {run['against_others'][n]:+.4f}" for n in names)
+        + f"; Spearman with LOO accuracy {run['spearman_others']:.3f}; two lowest "
+        f"{', '.join(run['lowest_others'])}",
         f"- largest |protocol share - share in the clear| = {run['share_err']:.1e}; largest "
         f"|secure sum - plaintext sum| = {run['sum_err']:.1e}; excluded by the probes: "
         f"{', '.join(run['excluded']) or 'none'}; {run['seconds']:.0f} s",

@@ -20,6 +20,7 @@ from contribution_ranking import (  # noqa: E402
     accuracy_and_macro_f1,
     fedavg_replay,
     flip_labels,
+    share_against_others,
     spearman,
     two_lowest,
 )
@@ -110,3 +111,13 @@ def test_accuracy_and_macro_f1_by_hand() -> None:
     # class 0: 2*1 / (2*1 + 1 + 1) = 0.5; class 1: 2*2 / (2*2 + 1) = 0.8; class 2: 0
     assert acc == pytest.approx(0.6)
     assert f1 == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_share_against_others_is_the_share_less_its_self_term() -> None:
+    u = [np.array([1.0, 0.0, 2.0]), np.array([0.5, 1.0, -1.0]), np.array([0.0, 3.0, 1.0])]
+    total = u[0] + u[1] + u[2]  # (1.5, 4, 2), ||U||^2 = 22.25
+    # <u_0, U - u_0> = <(1,0,2), (0.5,4,0)> = 0.5
+    assert share_against_others(u, 0) == pytest.approx(0.5 / 22.25)
+    for i in range(3):
+        share = float(u[i] @ total / (total @ total))
+        assert share_against_others(u, i) == pytest.approx(share - float(u[i] @ u[i]) / 22.25)
