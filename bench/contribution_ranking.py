@@ -155,6 +155,13 @@ def share_against_others(updates: list[np.ndarray], i: int) -> float:
     return float(stacked[i] @ (total - stacked[i]) / (total @ total))
 
 
+def share_along(update: np.ndarray, direction: np.ndarray) -> float:
+    """<u, v> / ||v||^2: ``update`` along ``direction`` (a diagnostic in the clear; with v the
+    earlier rounds' aggregates, no term of it holds this round's own DP noise)."""
+    v = np.asarray(direction, dtype=np.float64)
+    return float(np.asarray(update, dtype=np.float64) @ v / (v @ v))
+
+
 def two_lowest(shares: dict[str, float]) -> set[str]:
     """The names of the two lowest shares."""
     return set(sorted(shares, key=shares.__getitem__)[:2])
@@ -195,6 +202,8 @@ def run_once(seed: int, *, head0, sites: dict[str, FeatureDataset], held_out: Fe
     recorded: list[list[np.ndarray]] = []
     shares = {n: [] for n in names}
     others = {n: [] for n in names}  # diagnostic in the clear: the share less its self term
+    along_past = {n: [] for n in names}  # diagnostic: <u_i, earlier rounds' aggregates>
+    past = np.zeros_like(start, dtype=np.float64)
     excluded: list[str] = []
     share_err = 0.0
     sum_err = 0.0
@@ -223,6 +232,9 @@ def run_once(seed: int, *, head0, sites: dict[str, FeatureDataset], held_out: Fe
         total = np.asarray(res.aggregate, dtype=np.float64)
         for i, n in enumerate(names):
             others[n].append(share_against_others(deltas, i))
+            if r > 0:
+                along_past[n].append(share_along(deltas[i], past))
+        past += total
         sum_err = max(sum_err, float(np.abs(total - np.sum(np.stack(deltas).astype(np.float64),
                                                           axis=0)).max())
                       if len(res.survivors) == len(names) else 0.0)
@@ -247,6 +259,7 @@ def run_once(seed: int, *, head0, sites: dict[str, FeatureDataset], held_out: Fe
         loo_acc[n], loo_f1[n] = full[0] - without[0], full[1] - without[1]
     cumulative = {n: float(np.mean(v)) for n, v in shares.items()}
     against_others = {n: float(np.mean(v)) for n, v in others.items()}
+    with_past = {n: float(np.mean(v)) for n, v in along_past.items()}
     eps = {n: ledger_epsilon(plans[n], st.rounds) for n in names}
     lowest = two_lowest(cumulative)
     return {
@@ -259,6 +272,9 @@ def run_once(seed: int, *, head0, sites: dict[str, FeatureDataset], held_out: Fe
         "spearman_others": spearman([against_others[n] for n in names],
                                     [loo_acc[n] for n in names]),
         "lowest_others": sorted(two_lowest(against_others)),
+        "with_past": with_past,
+        "spearman_past": spearman([with_past[n] for n in names], [loo_acc[n] for n in names]),
+        "lowest_past": sorted(two_lowest(with_past)),
         "below_twin": {site: cumulative[site] < cumulative[twin]
                        for site, twin in EXTRA_SOURCES.items()},
         "plans": plans, "eps": eps, "excluded": excluded, "share_err": share_err,
@@ -311,6 +327,11 @@ def run_lines(run: dict) -> list[str]:
         + ", ".join(f"{n} {run['against_others'][n]:+.4f}" for n in names)
         + f"; Spearman with LOO accuracy {run['spearman_others']:.3f}; two lowest "
         f"{', '.join(run['lowest_others'])}",
+        "- diagnostic in the clear, each update along the earlier rounds' aggregates (<u_i^r, "
+        "U^1 + ... + U^(r-1)> / ||U^1 + ... + U^(r-1)||^2, mean over rounds 2..R): "
+        + ", ".join(f"{n} {run['with_past'][n]:+.4f}" for n in names)
+        + f"; Spearman with LOO accuracy {run['spearman_past']:.3f}; two lowest "
+        f"{', '.join(run['lowest_past'])}",
         f"- largest |protocol share - share in the clear| = {run['share_err']:.1e}; largest "
         f"|secure sum - plaintext sum| = {run['sum_err']:.1e}; excluded by the probes: "
         f"{', '.join(run['excluded']) or 'none'}; {run['seconds']:.0f} s",

@@ -21,6 +21,7 @@ from contribution_ranking import (  # noqa: E402
     fedavg_replay,
     flip_labels,
     share_against_others,
+    share_along,
     spearman,
     two_lowest,
 )
@@ -121,3 +122,10 @@ def test_share_against_others_is_the_share_less_its_self_term() -> None:
     for i in range(3):
         share = float(u[i] @ total / (total @ total))
         assert share_against_others(u, i) == pytest.approx(share - float(u[i] @ u[i]) / 22.25)
+
+
+def test_share_along_is_the_projection_coefficient() -> None:
+    v = np.array([3.0, 4.0, 0.0])  # ||v||^2 = 25
+    assert share_along(np.array([1.0, 2.0, 5.0]), v) == pytest.approx(11 / 25)
+    assert share_along(2.5 * v, v) == pytest.approx(2.5)
+    assert share_along(np.array([4.0, -3.0, 7.0]), v) == pytest.approx(0.0)
