@@ -162,6 +162,26 @@ def share_along(update: np.ndarray, direction: np.ndarray) -> float:
     return float(np.asarray(update, dtype=np.float64) @ v / (v @ v))
 
 
+def later_and_rest(recorded: list[list[np.ndarray]], totals: list[np.ndarray],
+                   names: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Diagnostics in the clear: each site's mean over rounds of its update along the LATER
+    rounds' aggregates (<u_i^r, U^(r+1) + ... + U^R> / ||.||^2, rounds 1..R-1: a direction no
+    site knows when it uploads), and along EVERY OTHER round's aggregate (the sum without round
+    r's own, rounds 1..R: none of round r's noise, the most signal)."""
+    later: dict[str, list[float]] = {n: [] for n in names}
+    rest: dict[str, list[float]] = {n: [] for n in names}
+    everything = np.sum(np.stack(totals), axis=0)
+    suffix = np.zeros_like(everything)
+    for r in range(len(totals) - 1, -1, -1):
+        for i, n in enumerate(names):
+            if r < len(totals) - 1:
+                later[n].append(share_along(recorded[r][i], suffix))
+            rest[n].append(share_along(recorded[r][i], everything - totals[r]))
+        suffix = suffix + totals[r]
+    return ({n: float(np.mean(v)) for n, v in later.items()},
+            {n: float(np.mean(v)) for n, v in rest.items()})
+
+
 def two_lowest(shares: dict[str, float]) -> set[str]:
     """The names of the two lowest shares."""
     return set(sorted(shares, key=shares.__getitem__)[:2])
@@ -204,6 +224,7 @@ def run_once(seed: int, *, head0, sites: dict[str, FeatureDataset], held_out: Fe
     others = {n: [] for n in names}  # diagnostic in the clear: the share less its self term
     along_past = {n: [] for n in names}  # diagnostic: <u_i, earlier rounds' aggregates>
     past = np.zeros_like(start, dtype=np.float64)
+    totals: list[np.ndarray] = []  # each round's aggregate, for the later-rounds diagnostics
     excluded: list[str] = []
     share_err = 0.0
     sum_err = 0.0
@@ -235,6 +256,7 @@ def run_once(seed: int, *, head0, sites: dict[str, FeatureDataset], held_out: Fe
             if r > 0:
                 along_past[n].append(share_along(deltas[i], past))
         past += total
+        totals.append(total)
         sum_err = max(sum_err, float(np.abs(total - np.sum(np.stack(deltas).astype(np.float64),
                                                           axis=0)).max())
                       if len(res.survivors) == len(names) else 0.0)
@@ -260,6 +282,7 @@ def run_once(seed: int, *, head0, sites: dict[str, FeatureDataset], held_out: Fe
     cumulative = {n: float(np.mean(v)) for n, v in shares.items()}
     against_others = {n: float(np.mean(v)) for n, v in others.items()}
     with_past = {n: float(np.mean(v)) for n, v in along_past.items()}
+    with_later, with_rest = later_and_rest(recorded, totals, names)
     eps = {n: ledger_epsilon(plans[n], st.rounds) for n in names}
     lowest = two_lowest(cumulative)
     return {
@@ -275,6 +298,11 @@ def run_once(seed: int, *, head0, sites: dict[str, FeatureDataset], held_out: Fe
         "with_past": with_past,
         "spearman_past": spearman([with_past[n] for n in names], [loo_acc[n] for n in names]),
         "lowest_past": sorted(two_lowest(with_past)),
+        **{f"{key}": value for tag, got in (("later", with_later), ("rest", with_rest))
+           for key, value in ((f"with_{tag}", got),
+                              (f"spearman_{tag}", spearman([got[n] for n in names],
+                                                           [loo_acc[n] for n in names])),
+                              (f"lowest_{tag}", sorted(two_lowest(got))))},
         "below_twin": {site: cumulative[site] < cumulative[twin]
                        for site, twin in EXTRA_SOURCES.items()},
         "plans": plans, "eps": eps, "excluded": excluded, "share_err": share_err,
@@ -332,6 +360,15 @@ def run_lines(run: dict) -> list[str]:
         + ", ".join(f"{n} {run['with_past'][n]:+.4f}" for n in names)
         + f"; Spearman with LOO accuracy {run['spearman_past']:.3f}; two lowest "
         f"{', '.join(run['lowest_past'])}",
+        *(f"- diagnostic in the clear, each update along {what}: "
+          + ", ".join(f"{n} {run[f'with_{tag}'][n]:+.4f}" for n in names)
+          + f"; Spearman with LOO accuracy {run[f'spearman_{tag}']:.3f}; two lowest "
+          f"{', '.join(run[f'lowest_{tag}'])}"
+          for tag, what in (("later", "the LATER rounds' aggregates (<u_i^r, U^(r+1) + ... + "
+                                      "U^R> / ||.||^2, mean over rounds 1..R-1; unknown to every "
+                                      "site when it uploads)"),
+                            ("rest", "every OTHER round's aggregate (<u_i^r, sum of U^s for s "
+                                     "!= r> / ||.||^2, mean over rounds 1..R)"))),
         f"- largest |protocol share - share in the clear| = {run['share_err']:.1e}; largest "
         f"|secure sum - plaintext sum| = {run['sum_err']:.1e}; excluded by the probes: "
         f"{', '.join(run['excluded']) or 'none'}; {run['seconds']:.0f} s",

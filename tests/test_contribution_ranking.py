@@ -21,6 +21,7 @@ from contribution_ranking import (  # noqa: E402
     fedavg_replay,
     flip_labels,
     share_against_others,
+    later_and_rest,
     share_along,
     spearman,
     two_lowest,
@@ -129,3 +130,19 @@ def test_share_along_is_the_projection_coefficient() -> None:
     assert share_along(np.array([1.0, 2.0, 5.0]), v) == pytest.approx(11 / 25)
     assert share_along(2.5 * v, v) == pytest.approx(2.5)
     assert share_along(np.array([4.0, -3.0, 7.0]), v) == pytest.approx(0.0)
+
+
+def test_later_and_rest_use_only_the_other_rounds_aggregates() -> None:
+    # 3 rounds, 2 sites in 2-d; round r's aggregate is the sum of its updates
+    recorded = [[np.array([1.0, 0.0]), np.array([0.0, 1.0])],
+                [np.array([2.0, 0.0]), np.array([0.0, 0.0])],
+                [np.array([0.0, 3.0]), np.array([1.0, 1.0])]]
+    totals = [a + b for a, b in recorded]
+    later, rest = later_and_rest(recorded, totals, ["a", "b"])
+    # later: round 1 along U2 + U3 = (3, 4); round 2 along U3 = (1, 4); round 3 has none
+    assert later["a"] == pytest.approx(np.mean([3 / 25, 2 / 17]))
+    assert later["b"] == pytest.approx(np.mean([4 / 25, 0.0]))
+    # rest: round 1 along U2 + U3 = (3, 4); round 2 along U1 + U3 = (2, 5); round 3 along
+    # U1 + U2 = (3, 1)
+    assert rest["a"] == pytest.approx(np.mean([3 / 25, 4 / 29, 3 / 10]))
+    assert rest["b"] == pytest.approx(np.mean([4 / 25, 0.0, 4 / 10]))
