@@ -20,6 +20,14 @@ each field, all three right, held-out perplexity of the answer tokens. Writes
 
     .venv/bin/python bench/utility.py --task generative                      # demo scale
     .venv/bin/python bench/utility.py --task generative --scale tiny --size tiny --rounds 2
+    .venv/bin/python bench/utility.py --task generative --vision             # vision-language
+
+``--vision`` runs the same rows on the vision-language variant (``secfed demo prepare --task
+generative --vision``): every record carries its incident's camera frame, the model is the
+LLaVA-style stand-in (``secfed.tasks.citysafety.vision_language``: a CLIP-shaped tower and
+projector aligned on generic captions, over the pre-trained causal LM) with LoRA on the language
+model's q/v, and the frames ride along in training, DP-SGD and the greedy answers. Writes
+``bench/results/utility_generative_vl.md``.
 """
 
 from __future__ import annotations
@@ -232,6 +240,23 @@ def model_at_rank(work: Path, args, rank: int, targets: str = "auto") -> Path:
     return out
 
 
+def vision_model(work: Path, args, log_fn=log) -> Path:
+    """The vision-language variant's secfed model directory (LoRA r of the size on the LM's
+    q/v), built once per work directory over the text variant's pre-trained causal LM."""
+    from secfed.tasks.citysafety.vision_language import prepare_vision_language_model
+
+    out = work / "model-vision-language"
+    model_dir = out / "model"
+    if (model_dir / "secfed_model.json").is_file():
+        return model_dir
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    text_model = model_at_rank(work, args, LM_SIZES[args.size].lora_rank)
+    return prepare_vision_language_model(out, seed=args.seed, size=args.size,
+                                         lm_base=text_model.parent / "base", log=log_fn)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="generative utility table")
     ap.add_argument("--task", default="generative", choices=["generative"])
@@ -254,28 +279,45 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS))
     ap.add_argument("--work", type=Path, default=Path("bench/.work-generative"))
-    ap.add_argument("--out", type=Path, default=RESULTS / "utility_generative.md")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: bench/results/utility_generative[_vl].md")
+    ap.add_argument("--vision", action="store_true",
+                    help="the vision-language variant (each record with its camera frame)")
     args = ap.parse_args(argv)
+    if args.vision and args.lora_r not in (None, LM_SIZES[args.size].lora_rank):
+        ap.error("--vision uses the size's LoRA rank (the vision-language model directory)")
+    if args.out is None:
+        args.out = RESULTS / ("utility_generative_vl.md" if args.vision
+                              else "utility_generative.md")
     torch.set_num_threads(args.threads)  # more threads than free cores thrash on a shared CPU
     torch.manual_seed(args.seed)
     work = args.work / f"{args.scale}-{args.size}-{args.seed}"
-    if not (work / "data" / "federation.json").is_file():
-        generate_instruction_federation(work / "data", seed=args.seed, scale=args.scale)
+    data = work / ("data-vision-language" if args.vision else "data")
+    if not (data / "federation.json").is_file():
+        generate_instruction_federation(data, seed=args.seed, scale=args.scale,
+                                        vision=args.vision)
     rank = args.lora_r or LM_SIZES[args.size].lora_rank
-    model_dir = model_at_rank(work, args, rank)
+    model_dir = vision_model(work, args) if args.vision else model_at_rank(work, args, rank)
     base, info = load_model(model_dir)
     tok = info.tokenizer
-    names = json.loads((work / "data" / "federation.json").read_text())["enterprises"]
-    sites = {n: load_instruction_dataset(work / "data" / n, model_dir=model_dir) for n in names}
-    test_set = load_instruction_dataset(work / "data" / "test", model_dir=model_dir)
-    test = [json.loads(line) for line in (work / "data" / "test" / "records.jsonl")
+    names = json.loads((data / "federation.json").read_text())["enterprises"]
+    sites = {n: load_instruction_dataset(data / n, model_dir=model_dir) for n in names}
+    test_set = load_instruction_dataset(data / "test", model_dir=model_dir)
+    test = [json.loads(line) for line in (data / "test" / "records.jsonl")
             .read_text().splitlines()]
+    # the vision-language model answers with each test record's frame
+    frames = ({"pixel_values": test_set.pixel_values,
+               "image": (info.image_token_id, info.image_tokens)} if args.vision else {})
     rows: list[dict] = []
     meta = {"scale": f"{args.scale} ({', '.join(f'{n} {len(d)}' for n, d in sites.items())}; "
                      f"test {len(test)})",
             "model": f"{args.size}: {LM_SIZES[args.size]}", "seed": args.seed,
             "pre-training epochs": args.pretrain_epochs or LM_SIZES[args.size].pretrain_epochs,
-            "LoRA": f"r={rank} alpha={2 * rank} on q/v (every arm)",
+            "LoRA": f"r={rank} alpha={2 * rank} on q/v (every arm)"
+                    + (" of the language model; vision tower and projector frozen"
+                       if args.vision else ""),
+            "variant": ("vision-language (each record with its camera frame, "
+                        f"{info.image_tokens} image tokens)" if args.vision else "text"),
             "non-private": f"Adam lr {args.lr}, {args.epochs} epochs, batch 32",
             "federated DP": f"{args.rounds} rounds x {args.local_epochs} local epoch(s), "
                             f"q*N = {args.dp_batch}, Adam lr {args.dp_lr} (cosine), "
@@ -283,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": command_line(argv)}
 
     def record(name: str, model, notes: str = "") -> None:
-        scores = answer_accuracy(model, tok, test)
+        scores = answer_accuracy(model, tok, test, **frames)
         scores["perplexity"] = float(evaluate(model, test_set)["perplexity"])
         rows.append({"row": name, **scores, "notes": notes})
         log(f"{name}: fields {scores['fields']:.3f} perplexity {scores['perplexity']:.3f}")
@@ -294,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     train_plain(m, torch.utils.data.ConcatDataset(list(sites.values())), epochs=args.epochs,
                 lr=args.lr, batch=32, seed=args.seed)
     record("centralized (non-private)", m)
-    if args.reference_r and args.reference_r != rank:
+    if args.reference_r and args.reference_r != rank and not args.vision:
         ref, _ = load_model(model_at_rank(work, args, args.reference_r))
         train_plain(ref, torch.utils.data.ConcatDataset(list(sites.values())),
                     epochs=args.epochs, lr=args.lr, batch=32, seed=args.seed)

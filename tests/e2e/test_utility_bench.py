@@ -67,3 +67,45 @@ def test_utility_table_on_the_tiny_scale(tmp_path) -> None:
     noisy, clean = rows["DP-SGD + SecAgg, eps=8"]
     assert 0.0 <= float(noisy) <= 1.0 and clean == "-"
     assert "trainable set `adapter`" in table
+
+
+def _generative_rows(table: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 8 and cells[0] not in ("row", "---"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vision", [False, True], ids=["text", "vision-language"])
+def test_generative_utility_table_on_the_tiny_scale(tmp_path, vision) -> None:
+    out = tmp_path / "generative.md"
+    cmd = [sys.executable, str(ROOT / "bench" / "utility.py"), "--task", "generative",
+           "--scale", "tiny", "--size", "tiny", "--rounds", "2", "--epochs", "1",
+           "--epsilons", "8", "--work", str(tmp_path / "work"), "--out", str(out),
+           *(["--vision"] if vision else [])]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = out.read_text()
+    rows = _generative_rows(table)
+    assert set(rows) == {"base (pre-trained, no fine-tuning)", "centralized (non-private)",
+                         *(f"local-only {n}" for n in ("city_operations", "energy_utility",
+                                                       "residential_security")),
+                         "federated DP + SecAgg eps=8"}
+    for fields, hazard, priority, action, exact, perplexity, _ in rows.values():
+        assert all(0.0 <= float(v) <= 1.0 for v in (fields, hazard, priority, action, exact))
+        assert 1.0 <= float(perplexity) < 1e4
+    # fine-tuning lowers the held-out perplexity of the answers below the base model's
+    base = float(rows["base (pre-trained, no fine-tuning)"][5])
+    assert float(rows["centralized (non-private)"][5]) < base
+    # the DP row's ledgers stay within epsilon, from the accountant
+    gated = re.search(r"ledger eps \(rdp\) \{([^}]*)\}", rows["federated DP + SecAgg eps=8"][6])
+    assert gated is not None
+    assert all(0 < float(v) <= 8 + 1e-9 for v in re.findall(r": ([0-9.]+)", gated.group(1)))
+    variant = re.search(r"^- variant: (.*)$", table, re.M)
+    assert variant is not None
+    assert variant.group(1).startswith("vision-language" if vision else "text")
+    if vision:  # the frames went through the model: tiny frames are 9 image tokens
+        assert "9 image tokens" in variant.group(1)
