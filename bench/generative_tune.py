@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--freeze-lora-a", action="store_true",
+                    help="train only LoRA's B matrices, A fixed at its random init (FFA-LoRA, "
+                         "Sun et al. 2024): half the noised values, and FedAvg of B is exact")
     add_server_args(ap)
     args = ap.parse_args(argv)
     if args.sigma_scale != 1.0 and not args.diagnostic:
@@ -79,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         generate_instruction_federation(args.work / "data", seed=args.seed, scale=args.scale)
     model_dir = model_at_rank(args.work, args, args.lora_r, args.lora_targets)
     base, info = load_model(model_dir)
+    if args.freeze_lora_a:
+        frozen = [n for n, p in base.named_parameters() if p.requires_grad and ".lora_A." in n]
+        if not frozen:
+            ap.error("--freeze-lora-a: the model has no LoRA A matrices")
+        for n, p in base.named_parameters():
+            if n in frozen:
+                p.requires_grad_(False)
     names = json.loads((args.work / "data" / "federation.json").read_text())["enterprises"]
     sites = {n: load_instruction_dataset(args.work / "data" / n, model_dir=model_dir)
              for n in names}
