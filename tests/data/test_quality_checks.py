@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from secfed.cli.main import cli
-from secfed.data.quality import QualitySettings, find_defects, image_statistics
+from secfed.data.quality import QualitySettings, image_statistics
 from secfed.data.quality.labels import _text_agrees
 from secfed.data.quality.probes import out_of_fold_log_probs as _out_of_fold_log_probs
 from secfed.data.quality.probes import stacked_posterior as _stacked_posterior
@@ -73,13 +73,12 @@ def test_mismatches_found_well_above_the_injected_rate(federation, quality_repor
 
 @pytest.mark.slow
 def test_checks_are_deterministic(federation, model_bundle, quality_reports):
-    from secfed.data.loading import load_dataset, model_inputs
-    from secfed.data.quality import embed_dataset
+    # the same check as the fixture's (zero-shot label descriptions included), run again
+    from secfed.data.quality import check_dataset
 
     model, model_dir = model_bundle
-    data = load_dataset(federation.enterprises["residential_security"],
-                        inputs=model_inputs(model_dir))
-    again = find_defects(data, embed_dataset(model, data))
+    again, _ = check_dataset(federation.enterprises["residential_security"],
+                             model_dir=model_dir, model=model)
     assert again.to_json() == quality_reports["residential_security"].to_json()
 
 
