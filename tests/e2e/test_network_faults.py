@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,26 @@ ROUNDS = 8
 def _rss_kib(pid: int) -> int:
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
+
+
+class _Sampler(threading.Thread):
+    """The coordinator's (time, RSS, fds) every 20 ms until it exits. Which samples fall in its
+    last round is read afterwards from the rounds' closing times: the coordinator exits as soon
+    as its last round is done (an exited process has no VmRSS), and the test's status polls can
+    see the last round only after it ended."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.samples: list[tuple[float, int, int]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.02):
+            try:
+                self.samples.append((time.time(), _rss_kib(self.pid), _fds(self.pid)))
+            except (OSError, AttributeError):  # exited (no status, or a zombie's without VmRSS)
+                return
 
 
 def _fds(pid: int) -> int:
@@ -67,12 +88,17 @@ def test_fault_matrix_rounds_finish_exactly_or_abort_cleanly(tmp_path) -> None:
     procs = Processes(kits)
     procs.start_coordinator()
     for eid in ENTERPRISES:
-        procs.start_join(eid, "--synthetic-train-s", "0.3")
+        # Training outlasts the test's lag in seeing a round open, so each fault lands in its round
+        # (with 0.3 s the rounds ran ahead and the faults hit a finished federation).
+        procs.start_join(eid, "--synthetic-train-s", "2.0")
     pid = procs.coordinator.pid  # type: ignore[union-attr]
     matrix: dict[int, str] = {}
+    struck: dict[int, float] = {}  # round -> when its fault began
     try:
         assert wait_for(lambda: _status(kits, 1) == "done", 120, 0.05), procs.log("coordinator.0")
         baseline = (_rss_kib(pid), _fds(pid))
+        sampler = _Sampler(pid)
+        sampler.start()
 
         def during(r: int, name: str) -> None:
             """Wait for round r-1 to end and round r to open: one fault per round."""
@@ -80,19 +106,22 @@ def test_fault_matrix_rounds_finish_exactly_or_abort_cleanly(tmp_path) -> None:
                 procs.log("coordinator.0")
             assert wait_for(lambda: _status(kits, r) is not None, 120, 0.02), procs.log("coordinator.0")
             matrix[r] = name
+            struck[r] = time.time()
 
         during(2, "latency 50 ms + jitter 0-100 ms")
         proxy.faults.latency_s, proxy.faults.jitter_s = 0.05, 0.1
         assert wait_for(lambda: _status(kits, 2) in ("done", "aborted"), 120, 0.05)
         proxy.faults.latency_s = proxy.faults.jitter_s = 0.0
 
-        during(3, "connections reset (RST) every 0.5 s for 4 s")
-        for _ in range(8):
+        during(3, "connections reset (RST) every 0.5 s until the round ends")
+        end = time.monotonic() + 60
+        while _status(kits, 3) not in ("done", "aborted") and time.monotonic() < end:
             proxy.reset_all()
             time.sleep(0.5)
 
-        during(4, "new connections dropped for 3 s")
+        during(4, "connections reset, new ones dropped for 3 s")
         proxy.faults.refuse = True
+        proxy.reset_all()  # kept-alive connections would otherwise never need a new one
         time.sleep(3.0)
         proxy.faults.refuse = False
 
@@ -107,11 +136,21 @@ def test_fault_matrix_rounds_finish_exactly_or_abort_cleanly(tmp_path) -> None:
 
         during(7, "clean")
         assert wait_for(lambda: _status(kits, ROUNDS) in ("done", "aborted"), 180, 0.01)
-        after = (_rss_kib(pid), _fds(pid))
         codes = procs.wait(240)
     finally:
         procs.stop()
         proxy.close()
+    sampler.halt.set()
+    sampler.join()
+    with coordinator_db(kits) as db:
+        closed = dict(db.execute("SELECT round, closed_at FROM rounds"))
+    # after every faulted round: while the last round ran
+    last_round = [(rss, fds) for at, rss, fds in sampler.samples
+                  if closed[ROUNDS - 1] <= at <= closed[ROUNDS]]
+    assert last_round, ("no sample of the coordinator while its last round ran", closed)
+    for r, at in struck.items():  # every fault began before its round ended
+        assert closed[r] > at, (r, matrix[r], at, closed)
+    after = last_round[-1]
     print(json.dumps({"baseline_rss_kib": baseline[0], "baseline_fds": baseline[1],
                       "after_rss_kib": after[0], "after_fds": after[1],
                       "proxy": {"accepted": proxy.accepted, "refused": proxy.refused,
