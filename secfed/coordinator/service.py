@@ -430,6 +430,10 @@ class Coordinator:
                 else:
                     self._close_stage(live)
             await self._notify()
+            if live.status == "open" and machine.stage is Stage.PROBE:
+                # the probe seed exists: the uploads' products run while the sites compute
+                # their reports, not after the last one
+                await asyncio.to_thread(machine.prepare_probes)
             if live.status == "open" and machine.stage is Stage.CONTRIBUTE:
                 # the sum is out: the coordinator's own part of the shares runs while the
                 # sites apply it and send their reports (with their confirmations), not after

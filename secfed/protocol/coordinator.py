@@ -224,6 +224,8 @@ class CoordinatorRound:
         self._upload_digests: dict[str, bytes] = {}  # probed rounds: hashed as each arrives
         self._probe_seed = b""
         self._probe_reports: dict[str, ProbeReport] = {}
+        # uploader -> <y_i, v_j> for the k probes: see prepare_probes; None until computed
+        self._probe_masked: dict[str, tuple[int, ...]] | None = None
         self._probe: ProbeOutcome | None = None
         self._contrib: dict[str, ContributionReport] = {}
         # (s', <U, U'>, survivor -> <upload less its known masks, U'>): see
@@ -610,10 +612,9 @@ class CoordinatorRound:
                         "them misreported its pairwise mask; the round is aborted",
                         stage="probe",
                     )
-        masked = probe_products(
-            [self._uploads[p] for p in reporters], seed=self._probe_seed, k=spec.probes,
-            ring_bits=spec.ring_bits, length=spec.vector_length, workers=self._workers,
-        )
+        self.prepare_probes()
+        assert self._probe_masked is not None
+        masked = [self._probe_masked[p] for p in reporters]
         modulus = 1 << spec.ring_bits
         estimates: dict[str, float] = {}
         revealed: dict[str, tuple[int, ...]] = {}
@@ -638,6 +639,22 @@ class CoordinatorRound:
                 # Excluded or silent: its upload leaves the sum, and it is treated as dropped.
                 np.subtract(self._acc, self._uploads.pop(p), out=self._acc)
         return self._request_consistency(tuple(keep))
+
+    def prepare_probes(self) -> None:
+        """Every upload's products with the round's k probes, ``<y_i, v_j>``, computed once the
+        probe seed exists (stage probe), so the service can run them while the sites compute
+        their reports rather than after the last one arrives. Idempotent; :meth:`close_stage`
+        computes them when not done. Reads only the uploads, which nothing changes at this
+        stage (reports are kept apart), so it may run beside :meth:`receive`."""
+        if self._probe_masked is not None or self.stage is not Stage.PROBE:
+            return
+        spec = self.spec
+        owners = [p for p in spec.participants if p in self._uploads]
+        products = probe_products(
+            [self._uploads[p] for p in owners], seed=self._probe_seed, k=spec.probes,
+            ring_bits=spec.ring_bits, length=spec.vector_length, workers=self._workers,
+        )
+        self._probe_masked = dict(zip(owners, products))
 
     def _request_consistency(self, survivors: tuple[str, ...]) -> dict[str, bytes]:
         spec = self.spec

@@ -492,6 +492,40 @@ def test_contributions_prepared_before_the_reports_arrive_give_the_shares_in_the
         assert result.probes.contributions[f"enterprise-{i:04d}"] == pytest.approx(plain[i], abs=1e-6)
 
 
+def test_probe_products_prepared_before_the_reports_arrive_exclude_the_attacker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The service computes every upload's probe products as soon as the probe seed exists, while
+    # the sites compute their reports; the probe stage's close must then use those products
+    # (products are refused once prepared, to prove it) and exclude exactly as without.
+    import secfed.protocol.coordinator as coordinator_module
+
+    real_receive = CoordinatorRound.receive
+    real_products = coordinator_module.probe_products
+    prepared: list[bool] = []
+
+    def receive(self: CoordinatorRound, sender: str, payload: bytes) -> None:
+        if self.stage is Stage.PROBE and not prepared:
+            self.prepare_probes()
+            self.prepare_probes()  # idempotent
+            prepared.append(True)
+        real_receive(self, sender, payload)
+
+    def products(*args, **kwargs):
+        assert not prepared, "the probe stage recomputed products it had prepared"
+        return real_products(*args, **kwargs)
+
+    monkeypatch.setattr(CoordinatorRound, "receive", receive)
+    monkeypatch.setattr(coordinator_module, "probe_products", products)
+    n, d = 6, 1000
+    updates = role_updates(n, d, attackers=(5,))
+    result = simulate(updates, probes=32, clip_bound=CLIP)
+    ids = [f"enterprise-{i:04d}" for i in range(n)]
+    assert prepared and result.probes is not None
+    assert result.probes.excluded == (ids[5],)
+    want = np.sum([updates[i].astype(np.float64) for i in range(5)], axis=0)
+    assert np.max(np.abs(result.aggregate - want)) < 1e-5
+
+
 def test_excluded_enterprise_is_asked_only_for_its_pairwise_key() -> None:
     h = _probed_harness(6, 800)
     cheat = h.ids[4]
