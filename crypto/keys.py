@@ -6,6 +6,7 @@ info=b"secfed/v1/<purpose>" + context)``; the purposes are the constants below, 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar
@@ -34,6 +35,7 @@ __all__ = [
     "hkdf",
     "derive_key",
     "verify_signature",
+    "share_verifications",
     "constant_time_equal",
     "ed25519_public_key_from",
 ]
@@ -191,6 +193,31 @@ class IdentityKey(_RawKeyPair[Ed25519PrivateKey]):
         return self.private.sign(bytes(message))
 
 
+# Signatures already found valid in this process (see share_verifications); None = off.
+_VERIFIED: dict[bytes, None] | None = None
+VERIFIED_ENTRIES = 1 << 17  # then forgotten all at once (about 100 bytes each)
+VERIFIED_MESSAGE_BYTES = 1 << 16  # longer messages are verified every time (one party's uploads)
+
+
+def share_verifications() -> None:
+    """From now on, remember in this process which (public key, signature, message) triples
+    verified, and answer a repeat from memory.
+
+    For a process that hosts many parties at once -- Flower's simulation engine runs every
+    virtual site in one actor (:mod:`secfed.flower.client` turns this on when it opens a
+    second site) -- where each signature a site must check is also checked by the other sites
+    that receive it (at n = 100 with SecAgg+, a consistency signature by ~56 of them, an advert
+    by its k neighbours). Ed25519 verification (RFC 8032, as pyca's OpenSSL backend runs it) is
+    a deterministic function of these bytes, so a remembered success is the answer every party
+    would compute; failures are never remembered, and the key binds the whole message (by
+    SHA-256). Nothing here is secret: keys, signatures and signed messages are all public.
+    Off by default: a site's own process hosts one party and would gain nothing.
+    """
+    global _VERIFIED
+    if _VERIFIED is None:
+        _VERIFIED = {}
+
+
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> None:
     """Verify an Ed25519 signature; returns ``None`` or raises.
 
@@ -198,6 +225,11 @@ def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> Non
         InvalidSignature: for any failure (bad key encoding, bad length, wrong signature) --
             one opaque error at the trust boundary.
     """
+    memo, tag = _VERIFIED, b""
+    if memo is not None and len(message) <= VERIFIED_MESSAGE_BYTES:
+        tag = bytes(public_key) + bytes(signature) + hashlib.sha256(bytes(message)).digest()
+        if tag in memo:
+            return
     try:
         if len(public_key) != KEY_BYTES or len(signature) != 64:
             raise InvalidSignature()
@@ -205,6 +237,10 @@ def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> Non
         key.verify(bytes(signature), bytes(message))
     except (_PycaInvalidSignature, ValueError, TypeError) as exc:
         raise InvalidSignature() from exc
+    if tag and memo is not None:
+        if len(memo) >= VERIFIED_ENTRIES:
+            memo.clear()
+        memo[tag] = None
 
 
 def constant_time_equal(a: bytes, b: bytes) -> bool:

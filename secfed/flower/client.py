@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from secfed.crypto.keys import share_verifications
 from secfed.errors import ConfigError, SecfedError
 from secfed.flower.bridge import Answer, FlowerBridge
 from secfed.flower.wire import IDENTITY, OUTCOME, STEPS, pack, sign_advert, step_of, unpack
@@ -138,6 +139,10 @@ def session_for(kit_dir: Path, *, site_factory: SiteFactory = synthetic_site,
     with _SESSIONS_LOCK:
         session = _SESSIONS.get(key)
         if session is None:
+            if _SESSIONS:
+                # this process hosts several sites (simulation: one actor for all): a signature
+                # that many of them check is verified once (secfed.crypto.keys)
+                share_verifications()
             session = SiteSession(Path(kit_dir), site_factory=site_factory, new_ledger=new_ledger)
             _SESSIONS[key] = session
         return session

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from secfed.crypto import keys
@@ -135,3 +137,54 @@ def test_ed25519_public_key_from_every_form(tmp_path) -> None:
     assert raw.hex()[:40] not in str(info.value)
     with pytest.raises(ConfigError, match="not hex, raw 32 bytes or PEM"):
         ed25519_public_key_from(b"\xff\xfe not a key", source="key file k")
+
+
+class _CountingEd25519:
+    """crypto.keys' Ed25519PublicKey, counting the verifications that really run."""
+
+    calls = 0
+
+    def __init__(self, key: Any) -> None:
+        self._key = key
+
+    @classmethod
+    def from_public_bytes(cls, data: bytes) -> _CountingEd25519:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        return cls(Ed25519PublicKey.from_public_bytes(data))
+
+    def verify(self, signature: bytes, message: bytes) -> None:
+        type(self).calls += 1
+        self._key.verify(signature, message)
+
+
+def test_shared_verifications_answer_a_repeat_from_memory_and_never_a_forgery(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A process hosting many sites (Flower's simulation actor) checks each signature once; a
+    # remembered success must be exactly that triple: another message, signature or key is
+    # verified for real, and a failure is never remembered.
+    monkeypatch.setattr(keys, "_VERIFIED", None)
+    monkeypatch.setattr(keys, "Ed25519PublicKey", _CountingEd25519)
+    _CountingEd25519.calls = 0
+    signer, other = keys.IdentityKey.generate(), keys.IdentityKey.generate()
+    message = b"consistency: survivors 0..99"
+    sig = signer.sign(message)
+    keys.verify_signature(signer.public_bytes(), sig, message)
+    keys.verify_signature(signer.public_bytes(), sig, message)
+    assert _CountingEd25519.calls == 2  # off by default: every check runs
+
+    keys.share_verifications()
+    keys.verify_signature(signer.public_bytes(), sig, message)
+    for _ in range(5):
+        keys.verify_signature(signer.public_bytes(), sig, message)
+    assert _CountingEd25519.calls == 3  # on: the repeats come from memory
+    forged = [
+        (signer.public_bytes(), sig, message + b"!"),  # another message
+        (other.public_bytes(), sig, message),  # another key
+        (signer.public_bytes(), bytes(64), message),  # another signature
+    ]
+    for _ in range(2):
+        for key, signature, msg in forged:
+            with pytest.raises(InvalidSignature):
+                keys.verify_signature(key, signature, msg)
+    assert _CountingEd25519.calls == 3 + 2 * len(forged)  # failures are checked every time
